@@ -1,0 +1,5 @@
+"""``python -m nstap``."""
+
+from .cli import main
+
+raise SystemExit(main())

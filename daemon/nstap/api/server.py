@@ -1,0 +1,127 @@
+"""HTTP listeners: /metrics for Prometheus, and the local API (bearer token) for people and the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from ..config import parse_listen
+from ..registry import ContainerRegistry
+from ..runtime.records import ContainerRecord
+from .auth import bearer_ok
+
+MAX_BODY = 64 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, message: str) -> web.Response:
+    """A JSON error answer."""
+    return web.json_response({"error": message}, status=status)
+
+
+def container_view(record: ContainerRecord, registry: ContainerRegistry, watched: set[int]) -> dict[str, Any]:
+    """One container as the API shows it; members of a shared namespace show its owner's addresses."""
+    namespace = registry.namespaces().get(record.netns)
+    owner = namespace.owner if namespace is not None else record
+    networks = record.networks or (owner.networks if owner is not record else ())
+    return {
+        "id": record.id,
+        "name": record.name,
+        "runtime": record.runtime,
+        "pid": record.pid,
+        "status": record.status,
+        "image": record.image,
+        "netns": "host" if record.host_network else record.netns,
+        "watched": namespace is not None and record.netns in watched,
+        "enabled": record.enabled,
+        "netns_owner": owner.name if namespace is not None else None,
+        "shares_netns_with": [m.name for m in namespace.members if m.id != record.id] if namespace else [],
+        "compose_project": record.compose_project,
+        "compose_service": record.compose_service,
+        "pod": record.pod,
+        "network_mode": record.network_mode,
+        "networks": [{"network": n.network, "ipv4": n.ipv4, "ipv6": n.ipv6, "mac": n.mac} for n in networks],
+        "ports": [
+            {"container_port": p.container_port, "protocol": p.protocol, "host_ip": p.host_ip, "host_port": p.host_port}
+            for p in record.ports
+        ],
+    }
+
+
+def auth_middleware(token: str) -> Callable:
+    """Require the bearer token on everything but /healthz."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/healthz" and not bearer_ok(request.headers.get("Authorization"), token):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return middleware
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn aiohttp's HTML errors (404, 405, 413) into JSON ones."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason or "error")
+
+
+class ApiServer:
+    """Serves /metrics on one listener and the token-protected API on another."""
+
+    def __init__(
+        self,
+        metrics_listen: str,
+        api_listen: str,
+        prometheus: CollectorRegistry,
+        registry: ContainerRegistry,
+        watched: Callable[[], set[int]],
+        token: str,
+    ) -> None:
+        self.metrics_listen = parse_listen(metrics_listen)
+        self.api_listen = parse_listen(api_listen)
+        self.registry = registry
+        self.watched = watched
+        self.metrics_app = web.Application()
+        self.metrics_app.router.add_get("/metrics", make_aiohttp_handler(prometheus))
+        self.metrics_app.router.add_get("/healthz", self.healthz)
+        self.api_app = web.Application(middlewares=[error_middleware, auth_middleware(token)], client_max_size=MAX_BODY)
+        self.api_app.router.add_get("/healthz", self.healthz)
+        self.api_app.router.add_get("/api/v1/containers", self.containers)
+        self._runners: list[web.AppRunner] = []
+
+    def add_routes(self, routes: list[web.RouteDef]) -> None:
+        """Add more API routes (before :meth:`start`)."""
+        self.api_app.router.add_routes(routes)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def containers(self, request: web.Request) -> web.Response:
+        watched = self.watched()
+        views = [container_view(r, self.registry, watched) for r in self.registry.containers()]
+        return web.Response(text=json.dumps({"containers": views}), content_type="application/json")
+
+    async def start(self) -> None:
+        """Bind both listeners (OSError if a port is taken)."""
+        for app, (host, port) in ((self.metrics_app, self.metrics_listen), (self.api_app, self.api_listen)):
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            self._runners.append(runner)
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+
+    async def stop(self) -> None:
+        """Close both listeners."""
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()

@@ -1,0 +1,147 @@
+"""The daemon: start-up order, the long-running tasks, signal handling and orderly shutdown.
+
+Data flows one way: runtime sources -> container registry -> watcher pool (one watcher per
+namespace) -> sample store -> exporter. Shutdown runs the other way round, and closes every
+descriptor it opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import signal
+from pathlib import Path
+
+import structlog
+
+from . import __version__
+from .api.auth import ensure_token
+from .api.server import ApiServer
+from .config import Config
+from .exporter import ContainerCollector, build_registry
+from .instruments import Instruments
+from .netns.handles import NamespaceOpener
+from .registry import ContainerRegistry
+from .runtime.exits import ProcessExits
+from .runtime.source import RuntimeSource
+from .samplers import HostLinks, SamplerContext, enabled_samplers
+from .samples import SampleStore
+from .watcher import WatcherPool
+
+log = structlog.get_logger("nstap")
+
+
+class StartupError(Exception):
+    """The daemon cannot start (a port is taken, the data dir is unusable, ...)."""
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one (each namespace keeps ~10 descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def set_child_ehash(proc_root: Path, entries: int) -> None:
+    """Give namespaces created from now on their own TCP established hash of ``entries`` buckets."""
+    path = proc_root / "sys/net/ipv4/tcp_child_ehash_entries"
+    try:
+        path.write_text(f"{entries}\n")
+    except OSError as exc:
+        log.warning("tcp_child_ehash_unavailable", path=str(path), error=exc.strerror or str(exc))
+    else:
+        log.info("tcp_child_ehash_set", entries=entries)
+
+
+class App:
+    """One nstap daemon."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = asyncio.Event()
+        self.registry = ContainerRegistry()
+        self.store = SampleStore()
+        self.prometheus = build_registry()
+        self.instruments = Instruments(self.prometheus)
+        self.sources: list[RuntimeSource] = []
+        self.pool: WatcherPool | None = None
+        self.api: ApiServer | None = None
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT (or :meth:`stop`)."""
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        fd_limit = raise_fd_limit()
+        if cfg.tcp_child_ehash_entries:
+            set_child_ehash(cfg.proc_root, cfg.tcp_child_ehash_entries)
+        try:
+            token = ensure_token(cfg.data_dir)
+        except OSError as exc:
+            raise StartupError(f"cannot use data dir {cfg.data_dir}: {exc.strerror or exc}") from None
+
+        opener = NamespaceOpener(cfg.proc_root)
+        host_links = HostLinks(opener.open_home(), max_age=cfg.interval / 2)
+        exits = ProcessExits(loop)
+        context = SamplerContext(
+            interval=cfg.interval,
+            host_links=host_links,
+            walk_budget=cfg.socket_walk.budget_ms / 1000.0,
+            max_walk_interval=cfg.socket_walk.max_interval,
+            max_listen_ports=cfg.max_listen_ports,
+        )
+        self.pool = pool = WatcherPool(self.registry, opener, enabled_samplers(cfg.samplers), context, self.store, self.instruments)
+        self.sources = [
+            RuntimeSource(
+                endpoint.name,
+                endpoint.socket,
+                self.registry,
+                exits,
+                proc_root=cfg.proc_root,
+                host_netns=opener.home_inode,
+                reconcile_interval=cfg.reconcile_interval,
+                max_backoff=cfg.reconnect_max_backoff,
+            )
+            for endpoint in cfg.runtimes
+        ]
+        self.prometheus.register(ContainerCollector(self.registry, self.store, self.sources))
+        self.api = ApiServer(cfg.metrics_listen, cfg.api_listen, self.prometheus, self.registry, lambda: set(pool.watched()), token)
+        try:
+            await self.api.start()
+        except OSError as exc:
+            await self.api.stop()
+            host_links.close()
+            opener.close()
+            raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+
+        log.info(
+            "nstap_started",
+            version=__version__,
+            interval=cfg.interval,
+            metrics_listen=cfg.metrics_listen,
+            api_listen=cfg.api_listen,
+            runtimes=[r.name for r in cfg.runtimes],
+            samplers=[s.name for s in pool.specs],
+            fd_limit=fd_limit,
+        )
+        pool.start()
+        tasks = [asyncio.create_task(source.run(), name=f"runtime-{source.name}") for source in self.sources]
+        try:
+            await self.stopping.wait()
+        finally:
+            log.info("nstap_stopping")
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await pool.stop()
+            await self.api.stop()
+            exits.forget_all()
+            host_links.close()
+            opener.close()
+            log.info("nstap_stopped")
+
+    def stop(self) -> None:
+        """Ask the daemon to shut down."""
+        self.stopping.set()

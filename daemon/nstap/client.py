@@ -1,0 +1,52 @@
+"""A small client of the local API for the CLI (blocking: the CLI does one thing and exits)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .api.auth import read_token, token_path
+from .config import Config, parse_listen
+
+
+class ApiUnavailable(Exception):
+    """The daemon's API could not be reached or refused the request."""
+
+
+class ApiClient:
+    """Talks to a running daemon's API with its bearer token."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    @classmethod
+    def from_config(cls, config: Config, api_url: str | None = None, token_file: Path | None = None) -> ApiClient:
+        """A client for the daemon that runs with ``config`` (its API address and token file)."""
+        if api_url is None:
+            host, port = parse_listen(config.api_listen)
+            if host in ("0.0.0.0", "::"):
+                host = "127.0.0.1"
+            api_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        token = read_token(token_file or token_path(config.data_dir))
+        return cls(api_url, token)
+
+    def get_json(self, path: str) -> Any:
+        """GET ``path`` and decode the JSON answer."""
+        request = urllib.request.Request(self.base_url + path, headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.load(exc).get("error", exc.reason)
+            except (ValueError, AttributeError):
+                message = exc.reason
+            raise ApiUnavailable(f"{self.base_url}{path}: HTTP {exc.code}: {message}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ApiUnavailable(f"cannot reach nstap at {self.base_url}: {reason} (is `nstap run` running?)") from None

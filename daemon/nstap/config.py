@@ -1,0 +1,167 @@
+"""Configuration: a YAML file and command-line flags, validated before anything starts.
+
+Every key has a default; the file and the flags override them (flags win). Unknown keys and bad
+values stop the daemon with exit code 2 and one line naming the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .samplers import SAMPLERS
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Split "HOST:PORT" or "[V6]:PORT" into (host, port), checking both."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError("expected HOST:PORT")
+    host, _, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port {port_text!r}")
+    if not host:
+        raise ValueError("missing host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise ValueError(f"bad host {host!r}") from None
+    return host, int(port_text)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuntimeEndpoint(Strict):
+    """A Docker-API socket to follow: dockerd, or a Podman service (rootful or rootless)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="the runtime label value")
+    socket: Path = Field(description="path of the unix socket")
+
+    @field_validator("socket")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+
+class SocketWalk(Strict):
+    """How much CPU the per-state TCP socket walks may use."""
+
+    budget_ms: float = Field(0.05, ge=0.0, le=100.0, description="average CPU ms per container-sample")
+    max_interval: float = Field(60.0, ge=1.0, le=3600.0, description="longest seconds between walks")
+
+
+DEFAULT_RUNTIMES = (
+    RuntimeEndpoint(name="docker", socket=Path("/var/run/docker.sock")),
+    RuntimeEndpoint(name="podman", socket=Path("/run/podman/podman.sock")),
+)
+
+
+class Config(Strict):
+    """Everything ``nstap run`` can be told."""
+
+    interval: float = Field(1.0, ge=0.1, le=300.0, description="seconds between samples")
+    metrics_listen: str = Field("0.0.0.0:9880", description="HOST:PORT of /metrics")
+    api_listen: str = Field("127.0.0.1:9881", description="HOST:PORT of the local API")
+    data_dir: Path = Field(Path("/var/lib/nstap"), description="state: API token, captures")
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    proc_root: Path = Path("/proc")
+    runtimes: tuple[RuntimeEndpoint, ...] = DEFAULT_RUNTIMES
+    reconcile_interval: float = Field(30.0, ge=1.0, le=3600.0)
+    reconnect_max_backoff: float = Field(5.0, ge=0.1, le=300.0)
+    samplers: dict[str, bool] = Field(default_factory=dict)
+    socket_walk: SocketWalk = SocketWalk()
+    max_listen_ports: int = Field(64, ge=1, le=10000)
+    tcp_child_ehash_entries: int = Field(0, ge=0, le=1 << 24, description="set net.ipv4.tcp_child_ehash_entries at start (0: leave it)")
+
+    @field_validator("interval", "reconcile_interval", "reconnect_max_backoff")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("metrics_listen", "api_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @field_validator("samplers")
+    @classmethod
+    def _known_samplers(cls, value: dict[str, bool]) -> dict[str, bool]:
+        unknown = sorted(set(value) - set(SAMPLERS))
+        if unknown:
+            raise ValueError(f"unknown sampler {unknown[0]!r} (known: {', '.join(SAMPLERS)})")
+        return value
+
+    @field_validator("runtimes")
+    @classmethod
+    def _unique_runtimes(cls, value: tuple[RuntimeEndpoint, ...]) -> tuple[RuntimeEndpoint, ...]:
+        names = [r.name for r in value]
+        if len(set(names)) != len(names):
+            raise ValueError("runtime names must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_listeners(self) -> Config:
+        if parse_listen(self.metrics_listen)[1] == parse_listen(self.api_listen)[1] and (
+            parse_listen(self.metrics_listen)[0] == parse_listen(self.api_listen)[0]
+        ):
+            raise ValueError("metrics_listen and api_listen must differ")
+        return self
+
+
+def _key_of(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error.get("loc", ())]
+    return ".".join(loc) or "config"
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> Config:
+    """Read the YAML file (if any), apply the flag overrides, validate; ConfigError on any problem."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1})" if where is not None else ""
+            raise ConfigError(f"config file {path} is not valid YAML{at}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = _key_of(first)
+        if first.get("type") == "extra_forbidden":
+            raise ConfigError(f"unknown config key {key!r}") from None
+        message = first.get("msg", "invalid value")
+        raise ConfigError(f"invalid value for {key!r}: {message}") from None

@@ -1,0 +1,1 @@
+"""Per-namespace handles and the netlink/procfs readers that use them."""

@@ -1,0 +1,100 @@
+"""The container registry: running containers, and the network namespaces nstap watches for them.
+
+Several containers may share one namespace (``--network container:X``, Podman pods). A namespace
+is watched once; its series carry the container that owns it (the one that did not join another's
+namespace: the pod's infra container, X), and every member is listed with the shared ``netns``.
+Host-network containers and opted-out ones are listed but never own or join a watched namespace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .runtime.records import ContainerRecord
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedNamespace:
+    """A namespace to watch: its owner (whose identity its series carry) and all its members."""
+
+    inode: int
+    owner: ContainerRecord
+    members: tuple[ContainerRecord, ...]
+
+
+def _owner_rank(record: ContainerRecord) -> tuple:
+    # Prefer the container that created the namespace, then the oldest, then a stable tie-break.
+    return (record.joins_other, record.started_at or "~", record.id)
+
+
+def group_namespaces(records: Iterable[ContainerRecord]) -> dict[int, WatchedNamespace]:
+    """Group watchable containers by namespace and elect each namespace's owner."""
+    groups: dict[int, list[ContainerRecord]] = {}
+    for record in records:
+        if record.netns and not record.host_network and record.enabled:
+            groups.setdefault(record.netns, []).append(record)
+    out = {}
+    for inode, members in groups.items():
+        members.sort(key=_owner_rank)
+        out[inode] = WatchedNamespace(inode, members[0], tuple(members))
+    return out
+
+
+class ContainerRegistry:
+    """Running containers by id, per runtime; notifies listeners after every change."""
+
+    def __init__(self) -> None:
+        self._containers: dict[str, ContainerRecord] = {}
+        self._namespaces: dict[int, WatchedNamespace] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after each change (on the event loop; it must not block)."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        self._namespaces = group_namespaces(self._containers.values())
+        for listener in self._listeners:
+            listener()
+
+    def upsert(self, record: ContainerRecord) -> None:
+        """Add or update one running container."""
+        if self._containers.get(record.id) == record:
+            return
+        self._containers[record.id] = record
+        self._changed()
+
+    def remove(self, container_id: str) -> ContainerRecord | None:
+        """Forget a container that stopped; returns its record if it was known."""
+        record = self._containers.pop(container_id, None)
+        if record is not None:
+            self._changed()
+        return record
+
+    def replace_runtime(self, runtime: str, records: Iterable[ContainerRecord]) -> None:
+        """Make ``records`` the complete set of running containers of ``runtime`` (a reconcile)."""
+        fresh = {r.id: r for r in records}
+        current = {cid: r for cid, r in self._containers.items() if r.runtime == runtime}
+        if fresh == current:
+            return
+        for cid in current.keys() - fresh.keys():
+            del self._containers[cid]
+        self._containers.update(fresh)
+        self._changed()
+
+    def get(self, container_id: str) -> ContainerRecord | None:
+        """One container by full id."""
+        return self._containers.get(container_id)
+
+    def containers(self) -> list[ContainerRecord]:
+        """Every known running container, sorted by runtime and name."""
+        return sorted(self._containers.values(), key=lambda r: (r.runtime, r.name))
+
+    def namespaces(self) -> dict[int, WatchedNamespace]:
+        """The namespaces to watch, by inode."""
+        return self._namespaces
+
+    def runtime_ids(self, runtime: str) -> set[str]:
+        """Ids of the containers a runtime has running."""
+        return {cid for cid, r in self._containers.items() if r.runtime == runtime}

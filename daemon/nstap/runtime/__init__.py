@@ -1,0 +1,1 @@
+"""Runtime sources (Docker and Podman endpoints), container records and process-exit watches."""

@@ -1,0 +1,77 @@
+"""The samplers a namespace watcher runs, registered by name with their default.
+
+The ``samplers:`` section of the config switches them on and off by these names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..netns.handles import NamespaceHandles
+from .interfaces import HostLinks, InterfaceSampler
+from .protocols import ProtocolSampler
+from .sockets import SocketSampler
+
+
+class Sampler(Protocol):
+    """Reads one part of a namespace's state; ``sample()`` must not block for long."""
+
+    name: str
+
+    def sample(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class SamplerContext:
+    """What sampler factories may use besides the namespace's own handles."""
+
+    interval: float
+    host_links: HostLinks | None
+    walk_budget: float  # CPU seconds per container-sample for per-state socket walks
+    max_walk_interval: float
+    max_listen_ports: int
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler's registration: name, on by default or not, and how to build one."""
+
+    name: str
+    default_enabled: bool
+    help: str
+    factory: Callable[[NamespaceHandles, SamplerContext], Sampler]
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    spec.name: spec
+    for spec in (
+        SamplerSpec(
+            "interfaces",
+            True,
+            "interface counters, state and MTU, container side and host-side veth peer",
+            lambda h, ctx: InterfaceSampler(h, ctx.host_links),
+        ),
+        SamplerSpec(
+            "protocols",
+            True,
+            "TCP/UDP/IP counters from /proc/net/snmp and /proc/net/netstat",
+            lambda h, ctx: ProtocolSampler(h),
+        ),
+        SamplerSpec(
+            "sockets",
+            True,
+            "socket totals, listen queues, per-state counts",
+            lambda h, ctx: SocketSampler(h, ctx.interval, ctx.walk_budget, ctx.max_walk_interval, ctx.max_listen_ports),
+        ),
+    )
+}
+
+
+def enabled_samplers(switches: dict[str, bool]) -> list[SamplerSpec]:
+    """The registered samplers that are on, given the config's switches (names already validated)."""
+    return [spec for name, spec in SAMPLERS.items() if switches.get(name, spec.default_enabled)]
+
+
+__all__ = ["SAMPLERS", "HostLinks", "Sampler", "SamplerContext", "SamplerSpec", "enabled_samplers"]

@@ -1,0 +1,129 @@
+"""Protocol sampler: TCP, UDP and IP counters from the namespace's /proc/net/snmp and /proc/net/netstat.
+
+These files hold pairs of lines, a header ("Tcp: RtoAlgorithm RtoMin ...") and its values. The
+column of each wanted field is looked up once per header layout and reused while the header bytes
+stay the same, so a sample is one ``pread`` and one ``split`` per needed line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..netns.handles import NamespaceHandles, ProcFile
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolCounter:
+    """One exported kernel counter: where it is read and what it is called."""
+
+    file: str  # "snmp" or "netstat"
+    section: str  # "Tcp", "TcpExt", ...
+    field: str  # the kernel's name
+    key: str  # nstap's name; the metric is nstap_<key>[_total]
+    help: str
+    gauge: bool = False
+
+
+PROTOCOL_COUNTERS: tuple[ProtocolCounter, ...] = (
+    ProtocolCounter("snmp", "Ip", "InHdrErrors", "ip_receive_header_errors", "IP datagrams discarded for header errors (Ip InHdrErrors)."),
+    ProtocolCounter("snmp", "Ip", "InAddrErrors", "ip_receive_address_errors", "IP datagrams discarded for a bad destination address (Ip InAddrErrors)."),
+    ProtocolCounter("snmp", "Ip", "InDiscards", "ip_receive_discards", "Received IP datagrams discarded for lack of resources (Ip InDiscards)."),
+    ProtocolCounter("snmp", "Ip", "OutDiscards", "ip_send_discards", "Outgoing IP datagrams discarded for lack of resources (Ip OutDiscards)."),
+    ProtocolCounter("snmp", "Ip", "OutNoRoutes", "ip_no_route_discards", "Outgoing IP datagrams discarded because no route was found (Ip OutNoRoutes)."),
+    ProtocolCounter("snmp", "Tcp", "ActiveOpens", "tcp_active_opens", "TCP connections opened by this namespace (Tcp ActiveOpens)."),
+    ProtocolCounter("snmp", "Tcp", "PassiveOpens", "tcp_passive_opens", "TCP connections accepted by this namespace (Tcp PassiveOpens)."),
+    ProtocolCounter("snmp", "Tcp", "AttemptFails", "tcp_attempt_fails", "TCP connection attempts that failed (Tcp AttemptFails)."),
+    ProtocolCounter("snmp", "Tcp", "EstabResets", "tcp_established_resets", "Established or close-wait TCP connections reset (Tcp EstabResets)."),
+    ProtocolCounter("snmp", "Tcp", "CurrEstab", "tcp_established_connections", "TCP connections in ESTABLISHED or CLOSE_WAIT now (Tcp CurrEstab).", gauge=True),
+    ProtocolCounter("snmp", "Tcp", "InSegs", "tcp_segments_received", "TCP segments received (Tcp InSegs)."),
+    ProtocolCounter("snmp", "Tcp", "OutSegs", "tcp_segments_sent", "TCP segments sent, excluding retransmissions (Tcp OutSegs)."),
+    ProtocolCounter("snmp", "Tcp", "RetransSegs", "tcp_retransmitted_segments", "TCP segments retransmitted (Tcp RetransSegs)."),
+    ProtocolCounter("snmp", "Tcp", "InErrs", "tcp_receive_errors", "TCP segments received in error (Tcp InErrs)."),
+    ProtocolCounter("snmp", "Tcp", "OutRsts", "tcp_resets_sent", "TCP segments sent with the RST flag (Tcp OutRsts)."),
+    ProtocolCounter("snmp", "Udp", "InDatagrams", "udp_received_datagrams", "UDP datagrams delivered (Udp InDatagrams)."),
+    ProtocolCounter("snmp", "Udp", "OutDatagrams", "udp_sent_datagrams", "UDP datagrams sent (Udp OutDatagrams)."),
+    ProtocolCounter("snmp", "Udp", "NoPorts", "udp_no_port_datagrams", "UDP datagrams received for a port nobody listens on (Udp NoPorts)."),
+    ProtocolCounter("snmp", "Udp", "InErrors", "udp_receive_errors", "UDP datagrams that could not be delivered (Udp InErrors)."),
+    ProtocolCounter("snmp", "Udp", "RcvbufErrors", "udp_receive_buffer_errors", "UDP datagrams dropped because the receive buffer was full (Udp RcvbufErrors)."),
+    ProtocolCounter("snmp", "Udp", "SndbufErrors", "udp_send_buffer_errors", "UDP datagrams dropped because the send buffer was full (Udp SndbufErrors)."),
+    ProtocolCounter("netstat", "TcpExt", "ListenOverflows", "tcp_listen_overflows", "Connections dropped because a listener's accept queue was full (TcpExt ListenOverflows)."),
+    ProtocolCounter("netstat", "TcpExt", "ListenDrops", "tcp_listen_drops", "Connection requests dropped by listeners for any reason (TcpExt ListenDrops)."),
+    ProtocolCounter("netstat", "TcpExt", "TCPBacklogDrop", "tcp_backlog_drops", "TCP segments dropped because the socket backlog was full (TcpExt TCPBacklogDrop)."),
+    ProtocolCounter("netstat", "TcpExt", "TCPTimeouts", "tcp_timeouts", "TCP retransmission timer expirations (TcpExt TCPTimeouts)."),
+    ProtocolCounter("netstat", "TcpExt", "TCPSynRetrans", "tcp_syn_retransmits", "SYN and SYN-ACK retransmissions (TcpExt TCPSynRetrans)."),
+    ProtocolCounter("netstat", "TcpExt", "TCPAbortOnTimeout", "tcp_aborts_on_timeout", "TCP connections aborted after too many retransmissions (TcpExt TCPAbortOnTimeout)."),
+    ProtocolCounter("netstat", "TcpExt", "TCPRcvQDrop", "tcp_receive_queue_drops", "TCP segments dropped because the receive queue was full (TcpExt TCPRcvQDrop)."),
+)
+
+
+class TableLayout:
+    """Where each wanted field sits in one /proc file of header/value line pairs."""
+
+    def __init__(self, data: bytes, wanted: tuple[ProtocolCounter, ...]) -> None:
+        lines = data.split(b"\n")
+        self.headers: tuple[tuple[int, bytes], ...] = ()
+        rows: dict[int, list[tuple[int, str]]] = {}
+        headers = []
+        for counter in wanted:
+            prefix = counter.section.encode() + b":"
+            for i in range(0, len(lines) - 1, 2):
+                head = lines[i]
+                if not head.startswith(prefix):
+                    continue
+                names = head.split()
+                try:
+                    col = names.index(counter.field.encode())
+                except ValueError:
+                    break  # this kernel does not have the counter: leave it out
+                rows.setdefault(i + 1, []).append((col, counter.key))
+                headers.append((i, head))
+                break
+        self.headers = tuple(dict.fromkeys(headers))
+        self.rows = tuple((i, tuple(cols)) for i, cols in sorted(rows.items()))
+
+    def matches(self, lines: list[bytes]) -> bool:
+        """True if the header lines are still where and what they were."""
+        n = len(lines)
+        return all(i < n and lines[i] == head for i, head in self.headers)
+
+    def read(self, lines: list[bytes], out: dict[str, int]) -> None:
+        """Add the wanted counters from the file's split lines to ``out``."""
+        for i, cols in self.rows:
+            values = lines[i].split()
+            for col, key in cols:
+                out[key] = int(values[col])
+
+
+def parse_tables(data: bytes, wanted: tuple[ProtocolCounter, ...], layout: TableLayout | None) -> tuple[dict[str, int], TableLayout]:
+    """Parse one snmp/netstat file, reusing ``layout`` while it still fits; returns (values, layout)."""
+    lines = data.split(b"\n")
+    if layout is None or not layout.matches(lines):
+        layout = TableLayout(data, wanted)
+    out: dict[str, int] = {}
+    layout.read(lines, out)
+    return out, layout
+
+
+_BY_FILE = {
+    name: tuple(c for c in PROTOCOL_COUNTERS if c.file == name) for name in ("snmp", "netstat")
+}
+
+
+class ProtocolSampler:
+    """The counters of :data:`PROTOCOL_COUNTERS` for one namespace."""
+
+    name = "protocols"
+
+    def __init__(self, handles: NamespaceHandles) -> None:
+        self._files: list[tuple[ProcFile, tuple[ProtocolCounter, ...]]] = [
+            (handles.proc[name], wanted) for name, wanted in _BY_FILE.items()
+        ]
+        self._layouts: list[TableLayout | None] = [None] * len(self._files)
+
+    def sample(self) -> dict[str, int]:
+        """Read both files now."""
+        out: dict[str, int] = {}
+        for n, (f, wanted) in enumerate(self._files):
+            values, self._layouts[n] = parse_tables(f.read(), wanted, self._layouts[n])
+            out.update(values)
+        return out

@@ -1,0 +1,100 @@
+"""Immutable snapshots produced by namespace watchers, and the store holding the latest per namespace.
+
+Samples are what flows from the watchers to everything downstream (the exporter now, detectors
+later). They are never mutated after creation: a consumer can keep one while the next is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceCounters:
+    """One interface's state and counters; ``side`` is "container" or "host" (the veth peer)."""
+
+    name: str
+    side: str
+    peer: str
+    up: bool
+    mtu: int
+    rx_bytes: int
+    rx_packets: int
+    rx_errors: int
+    rx_drops: int
+    tx_bytes: int
+    tx_packets: int
+    tx_errors: int
+    tx_drops: int
+
+
+@dataclass(frozen=True, slots=True)
+class ListenQueue:
+    """Accept-queue state summed over the listening TCP sockets of one port label."""
+
+    port: str
+    length: int
+    limit: int
+    sockets: int
+
+
+@dataclass(frozen=True, slots=True)
+class SocketSample:
+    """Sockets of a namespace: totals, TCP states and listeners.
+
+    ``tcp_states["listen"]`` and ``tcp_states["time_wait"]`` are exact at every sample; the other
+    states are as of ``states_at`` (see the socket sampler for why they may be older).
+    """
+
+    in_use: Mapping[str, int]  # "tcp", "tcp6", "udp", "udp6", "raw", "raw6" -> sockets in use
+    tcp_states: Mapping[str, int]
+    states_at: float
+    syn_sent_max_retransmits: int
+    listen: tuple[ListenQueue, ...]
+    walk_interval: float
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceSample:
+    """Everything sampled from one network namespace at one instant."""
+
+    netns: int
+    taken_at: float  # wall clock, seconds since the epoch
+    duration: float  # seconds of wall time the sample took
+    interfaces: tuple[InterfaceCounters, ...] | None = None
+    protocols: Mapping[str, int] | None = None
+    sockets: SocketSample | None = None
+    failed: tuple[str, ...] = field(default=())
+
+
+class SampleStore:
+    """Latest sample per namespace; a namespace's entry goes when its watcher goes."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, NamespaceSample] = {}
+        self._listeners: list[Callable[[NamespaceSample], None]] = []
+
+    def subscribe(self, listener: Callable[[NamespaceSample], None]) -> None:
+        """Call ``listener`` with every new sample (on the event loop, must not block)."""
+        self._listeners.append(listener)
+
+    def put(self, sample: NamespaceSample) -> None:
+        """Record a sample and hand it to the subscribers."""
+        self._latest[sample.netns] = sample
+        for listener in self._listeners:
+            listener(sample)
+
+    def drop(self, netns: int) -> None:
+        """Forget a namespace (its watcher stopped)."""
+        self._latest.pop(netns, None)
+
+    def get(self, netns: int) -> NamespaceSample | None:
+        """The latest sample of one namespace."""
+        return self._latest.get(netns)
+
+    def __iter__(self) -> Iterator[NamespaceSample]:
+        return iter(list(self._latest.values()))
+
+    def __len__(self) -> int:
+        return len(self._latest)
