@@ -1,0 +1,39 @@
+# nstap: the two commands of the README, and the pieces they are made of.
+#   make run    install what is missing, start the runtimes, run the daemon in the foreground
+#   make test   install what is missing, start the runtimes, run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test deps-run deps-test runtimes venv bench clean
+
+run: deps-run venv runtimes
+	$(VENV)/bin/nstap run $(ARGS)
+
+test: deps-test venv runtimes
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+deps-run:
+	deploy/install-deps.sh run
+
+deps-test:
+	deploy/install-deps.sh test
+
+runtimes:
+	deploy/start-runtimes.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+bench: deps-test venv runtimes
+	$(VENV)/bin/python bench/bench_sampling.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install the OS packages nstap needs on a Debian/Ubuntu host, only those missing. Idempotent.
+#   deploy/install-deps.sh run    what the daemon needs (and a container runtime if there is none)
+#   deploy/install-deps.sh test   that, plus everything the test suite drives for real
+set -euo pipefail
+profile=${1:-run}
+
+run_pkgs=(python3 python3-venv python3-pip tcpdump iproute2 util-linux curl ca-certificates)
+test_pkgs=(docker.io podman catatonit busybox-static prometheus prometheus-alertmanager
+           iptables nftables conntrack iputils-ping)
+
+case "$profile" in
+  run) want=("${run_pkgs[@]}") ;;
+  test) want=("${run_pkgs[@]}" "${test_pkgs[@]}") ;;
+  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+esac
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "nstap: installing packages needs root (run as root or with sudo)" >&2
+  exit 1
+fi
+if ! command -v apt-get >/dev/null; then
+  echo "nstap: this installer knows Debian/Ubuntu (apt-get) only; install: ${want[*]}" >&2
+  exit 1
+fi
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'; }
+
+# A container runtime: keep what the host has; install Docker only when there is neither.
+if [ "$profile" = run ] && ! command -v dockerd >/dev/null && ! command -v podman >/dev/null; then
+  echo "nstap: neither Docker nor Podman is installed: installing Docker (docker.io)"
+  want+=(docker.io)
+fi
+
+missing=()
+for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
+if [ "${#missing[@]}" -eq 0 ]; then
+  exit 0
+fi
+echo "nstap: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

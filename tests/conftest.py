@@ -1,0 +1,337 @@
+"""Shared fixtures: real runtimes, a locally built busybox image, and nstap daemons run as processes.
+
+Nothing here is faked: dockerd and the Podman service are started when absent (by the same
+script ``make run`` uses), the test image is a busybox-static rootfs imported into both runtimes,
+and every daemon under test is a real ``nstap run`` process scraped over HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER_IMAGE = "nstap-test-busybox:latest"
+PODMAN_IMAGE = "localhost/nstap-test-busybox:latest"
+RUN_ID = uuid.uuid4().hex[:8]
+TEST_LABEL = "nstap.test"
+# Podman 4.3 on this kind of host cannot start containers without explicit ulimits; this file
+# gives every container (pod infra containers included) the ones the tests need.
+PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "tests/podman-containers.conf")}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, message: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s: {message or predicate}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sh(*args: str, check: bool = True, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a command, capturing output; raise with its stderr if it fails and ``check``."""
+    proc = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+# -- runtimes and the test image ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def runtimes() -> None:
+    """dockerd and the Podman API service are running (started like `make run` does when absent)."""
+    sh(str(ROOT / "deploy/start-runtimes.sh"), timeout=180)
+
+
+def busybox_rootfs_tar() -> bytes:
+    """A minimal root filesystem: Debian's static busybox, its applet links, a web root."""
+    busybox = Path("/bin/busybox")
+    applets = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for d in ("bin", "etc", "tmp", "www", "proc", "sys", "dev"):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o1777 if d == "tmp" else 0o755
+            tar.addfile(info)
+        tar.add(str(busybox), arcname="bin/busybox")
+        for applet in applets:
+            if applet == "busybox":
+                continue
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type = tarfile.SYMTYPE
+            info.linkname = "busybox"
+            tar.addfile(info)
+        for name, text in (
+            ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+            ("etc/group", "root:x:0:\n"),
+            ("www/index.html", "nstap test page\n"),
+        ):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def docker_image(runtimes: None) -> str:
+    """The busybox test image in dockerd (imported if absent)."""
+    if sh("docker", "image", "inspect", DOCKER_IMAGE, check=False).returncode != 0:
+        subprocess.run(["docker", "import", "-", DOCKER_IMAGE], input=busybox_rootfs_tar(), check=True, capture_output=True)
+    return DOCKER_IMAGE
+
+
+@pytest.fixture(scope="session")
+def podman_image(runtimes: None) -> str:
+    """The busybox test image in Podman (imported if absent)."""
+    if sh("podman", "image", "exists", PODMAN_IMAGE, check=False, env=PODMAN_ENV).returncode != 0:
+        subprocess.run(["podman", "import", "-", PODMAN_IMAGE], input=busybox_rootfs_tar(), check=True, capture_output=True, env=PODMAN_ENV)
+    return PODMAN_IMAGE
+
+
+class Containers:
+    """Starts labelled test containers and removes every one of them at the end."""
+
+    def __init__(self) -> None:
+        self.label = f"{TEST_LABEL}={RUN_ID}"
+        self.created: list[tuple[str, str]] = []  # (cli, id)
+        self.pods: list[str] = []
+
+    def docker(self, *args: str, name: str | None = None) -> str:
+        """``docker run -d`` with the test label; returns the full id."""
+        return self._run("docker", args, name, None)
+
+    def podman(self, *args: str, name: str | None = None) -> str:
+        """``podman run -d`` with the test label; returns the full id."""
+        return self._run("podman", args, name, PODMAN_ENV)
+
+    def _run(self, cli: str, args: tuple[str, ...], name: str | None, env: dict | None) -> str:
+        cmd = [cli, "run", "-d", "--label", self.label]
+        if name:
+            cmd += ["--name", f"{name}-{RUN_ID}"]
+        cid = sh(*cmd, *args, env=env).stdout.strip().splitlines()[-1]
+        self.created.append((cli, cid))
+        return cid
+
+    def pod(self, name: str, *args: str) -> str:
+        """``podman pod create``; returns the pod name."""
+        full = f"{name}-{RUN_ID}"
+        sh("podman", "pod", "create", "--name", full, "--label", self.label, *args, env=PODMAN_ENV)
+        self.pods.append(full)
+        return full
+
+    @staticmethod
+    def inspect(cli: str, cid: str) -> dict:
+        """The runtime's inspect answer for one container."""
+        out = sh(cli, "inspect", cid, env=PODMAN_ENV if cli == "podman" else None).stdout
+        return json.loads(out)[0]
+
+    def pid(self, cli: str, cid: str) -> int:
+        """Host pid of the container's init process."""
+        return int(self.inspect(cli, cid)["State"]["Pid"])
+
+    def remove(self, cli: str, cid: str) -> None:
+        """Force-remove one container now."""
+        sh(cli, "rm", "-f", cid, check=False, env=PODMAN_ENV if cli == "podman" else None)
+
+    def cleanup(self) -> None:
+        for cli, cid in reversed(self.created):
+            self.remove(cli, cid)
+        for pod in self.pods:
+            sh("podman", "pod", "rm", "-f", pod, check=False, env=PODMAN_ENV)
+
+
+@pytest.fixture
+def containers(runtimes: None) -> Iterator[Containers]:
+    """Test containers, removed after the test whatever happens."""
+    c = Containers()
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+# -- the daemon under test ----------------------------------------------------------------------
+
+
+class Metrics:
+    """One scrape of /metrics, parsed."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    def find(self, name: str, **labels: str) -> list[Any]:
+        """Samples named ``name`` whose labels include ``labels``."""
+        return [s for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The value of the single matching sample (None if none; error if several)."""
+        found = self.find(name, **labels)
+        if not found:
+            return None
+        assert len(found) == 1, f"{len(found)} samples of {name} match {labels}"
+        return found[0].value
+
+
+class Daemon:
+    """An ``nstap run`` process with its own ports and data dir."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any], args: list[str]) -> None:
+        self.workdir = workdir
+        self.metrics_port = free_port()
+        self.api_port = free_port()
+        self.data_dir = workdir / "data"
+        self.config = {
+            "interval": 0.5,
+            "metrics_listen": f"127.0.0.1:{self.metrics_port}",
+            "api_listen": f"127.0.0.1:{self.api_port}",
+            "data_dir": str(self.data_dir),
+            "log_format": "json",
+            **config,
+        }
+        self.config_path = workdir / "nstap.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = workdir / "nstap.log"
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Daemon:
+        """Start the process and wait until /metrics answers."""
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nstap", "run", "--config", str(self.config_path), *self.args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        wait_until(self._answers, 20, message=f"nstap /metrics on port {self.metrics_port} (log: {self.log_path})")
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            pytest.fail(f"nstap exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+        try:
+            self.scrape()
+            return True
+        except OSError:
+            return False
+
+    def scrape(self) -> Metrics:
+        """GET /metrics now."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            return Metrics(r.read().decode())
+
+    def api(self, path: str, token: str | None = "", method: str = "GET", body: bytes | None = None) -> tuple[int, Any]:
+        """Call the local API (with the daemon's token unless ``token`` is given or None)."""
+        import urllib.error
+        import urllib.request
+
+        if token == "":
+            token = (self.data_dir / "api-token").read_text().strip()
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def logs(self) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines so far."""
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": "unparsed", "line": line})
+        return out
+
+    def events(self, name: str, **fields: Any) -> list[dict[str, Any]]:
+        """Log events called ``name`` whose fields include ``fields``."""
+        return [e for e in self.logs() if e.get("event") == name and all(e.get(k) == v for k, v in fields.items())]
+
+    def wait_metric(self, predicate: Callable[[Metrics], Any], timeout: float, message: str = "") -> Any:
+        """Scrape until ``predicate(metrics)`` is truthy."""
+        return wait_until(lambda: predicate(self.scrape()), timeout, interval=0.1, message=message)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def open_fds(self) -> int:
+        """Descriptors the daemon process holds now."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self) -> int:
+        """SIGTERM, wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def nstap(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start nstap daemons: ``nstap(config_overrides, *extra_args)``; all are stopped at the end."""
+    started: list[Daemon] = []
+
+    def start(config: dict[str, Any] | None = None, *args: str) -> Daemon:
+        workdir = tmp_path / f"nstap{len(started)}"
+        workdir.mkdir()
+        daemon = Daemon(workdir, config or {}, list(args))
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def tool(name: str) -> str:
+    """Absolute path of a required host tool (the suite's set-up installs them all)."""
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    assert path, f"{name} is not installed: run the suite through `make test`"
+    return path

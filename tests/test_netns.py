@@ -1,0 +1,251 @@
+"""Handles and samplers against real network namespaces made by the test (ip netns + a veth pair)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import sh, tool, wait_until
+from nstap.instruments import Instruments
+from nstap.netns.handles import NamespaceGone, NamespaceOpener
+from nstap.netns.links import parse_net_dev
+from nstap.registry import ContainerRegistry, WatchedNamespace
+from nstap.runtime.records import ContainerRecord
+from nstap.samplers import SAMPLERS, HostLinks, SamplerContext
+from nstap.samplers.interfaces import InterfaceSampler
+from nstap.samplers.protocols import ProtocolSampler
+from nstap.samplers.sockets import SocketSampler
+from nstap.samples import SampleStore
+from nstap.watcher import NamespaceWatcher, WatcherPool
+from prometheus_client import CollectorRegistry
+
+
+@dataclass
+class NsUnderTest:
+    name: str
+    host_if: str
+    host_ip: str
+    ns_ip: str
+    pid: int  # a process living in the namespace
+
+
+@pytest.fixture
+def netns() -> Iterator[NsUnderTest]:
+    """A namespace with eth0 veth'd to the host (10.213.x.2 <-> 10.213.x.1) and a process in it."""
+    ip = tool("ip")
+    tag = uuid.uuid4().hex[:6]
+    name, host_if = f"nstap-t-{tag}", f"nst{tag}"
+    octet = int(tag[:2], 16) % 250 + 1
+    host_ip, ns_ip = f"10.213.{octet}.1", f"10.213.{octet}.2"
+    sh(ip, "netns", "add", name)
+    proc = None
+    try:
+        sh(ip, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", name)
+        sh(ip, "addr", "add", f"{host_ip}/30", "dev", host_if)
+        sh(ip, "link", "set", host_if, "up")
+        sh(ip, "-n", name, "addr", "add", f"{ns_ip}/30", "dev", "eth0")
+        sh(ip, "-n", name, "link", "set", "eth0", "up")
+        sh(ip, "-n", name, "link", "set", "lo", "up")
+        proc = subprocess.Popen([ip, "netns", "exec", name, "sleep", "600"])
+        wait_until(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino == os.stat(f"/run/netns/{name}").st_ino, 5)
+        yield NsUnderTest(name, host_if, host_ip, ns_ip, proc.pid)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        sh(ip, "link", "del", host_if, check=False)
+        sh(ip, "netns", "del", name, check=False)
+
+
+@pytest.fixture
+def opener() -> Iterator[NamespaceOpener]:
+    o = NamespaceOpener()
+    yield o
+    o.close()
+
+
+def ping(target: str, count: int) -> None:
+    sh(tool("ping"), "-c", str(count), "-i", "0.01", "-W", "1", "-q", target)
+
+
+async def test_handles_bind_to_the_namespace_not_the_opener(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    handles = await opener.open(netns.pid)
+    try:
+        assert handles.inode == os.stat(f"/run/netns/{netns.name}").st_ino
+        seen = parse_net_dev(handles.proc["dev"].read())
+        direct = parse_net_dev(open(f"/proc/{netns.pid}/net/dev", "rb").read())
+        assert set(seen) == set(direct) == {"lo", "eth0"}
+        # The opener thread came back: our own handles still see the host's interfaces.
+        home = opener.open_home()
+        try:
+            assert netns.host_if in parse_net_dev(home.proc["dev"].read())
+        finally:
+            home.close()
+    finally:
+        handles.close()
+
+
+async def test_open_refuses_a_pid_in_another_namespace(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    with pytest.raises(NamespaceGone):
+        await opener.open(netns.pid, expect_inode=12345)
+    with pytest.raises(NamespaceGone):
+        await opener.open(2**22 + 12345)  # no such process
+
+
+async def test_interfaces_both_sides_of_the_veth_match_proc(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    handles = await opener.open(netns.pid)
+    host = HostLinks(opener.open_home(), max_age=0.0)
+    try:
+        sampler = InterfaceSampler(handles, host)
+        before = {(i.name, i.side): i for i in sampler.sample()}
+        assert before[("eth0", "container")].peer == netns.host_if
+        assert before[(netns.host_if, "host")].peer == "eth0"
+        assert before[("eth0", "container")].up and before[("eth0", "container")].mtu == 1500
+        ping(netns.ns_ip, 20)
+        after = {(i.name, i.side): i for i in sampler.sample()}
+        c0, c1 = before[("eth0", "container")], after[("eth0", "container")]
+        h0, h1 = before[(netns.host_if, "host")], after[(netns.host_if, "host")]
+        assert c1.rx_packets - c0.rx_packets >= 20 and c1.tx_packets - c0.tx_packets >= 20
+        assert h1.tx_packets - h0.tx_packets >= 20 and h1.rx_packets - h0.rx_packets >= 20
+        direct = parse_net_dev(open(f"/proc/{netns.pid}/net/dev", "rb").read())["eth0"]
+        assert direct[1] >= c1.rx_packets and direct[1] - c1.rx_packets < 5
+        # Down on the host side: seen at the next sample through the link-change notification.
+        sh(tool("ip"), "link", "set", netns.host_if, "down")
+        down = {(i.name, i.side): i for i in sampler.sample()}
+        assert not down[(netns.host_if, "host")].up
+        assert not down[("eth0", "container")].up  # carrier lost on the container side too
+    finally:
+        handles.close()
+        host.close()
+
+
+LISTENER = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8123))
+s.listen(2)
+print("listening", flush=True)
+time.sleep(120)
+"""
+
+
+async def test_accept_queue_fills_and_overflows(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    listener = subprocess.Popen([tool("ip"), "netns", "exec", netns.name, sys.executable, "-c", LISTENER], stdout=subprocess.PIPE, text=True)
+    clients: list[socket.socket] = []
+    handles = await opener.open(netns.pid)
+    try:
+        assert listener.stdout.readline().strip() == "listening"
+        sockets = SocketSampler(handles, interval=1.0, walk_budget=1.0, max_walk_interval=60.0, max_ports=64)
+        protocols = ProtocolSampler(handles)
+        first = sockets.sample()
+        assert [(q.port, q.length, q.limit) for q in first.listen] == [("8123", 0, 2)]
+        overflows_before = protocols.sample()["tcp_listen_overflows"]
+        for _ in range(8):  # a listener with backlog 2 that never accepts
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex((netns.ns_ip, 8123))
+            clients.append(c)
+        await asyncio.sleep(1.5)  # let the kernel complete (and drop) handshakes
+        sample = sockets.sample()
+        assert [(q.port, q.length, q.limit) for q in sample.listen] == [("8123", 3, 2)]  # backlog + 1
+        assert protocols.sample()["tcp_listen_overflows"] > overflows_before
+        # Sockets other than listeners exist now (request sockets): the walk is wanted and counts them.
+        assert sockets.walk_due()
+        result = sockets.walk()
+        sockets.walk_done(result)
+        assert result[0]["syn_recv"] + result[0]["established"] >= 3
+        assert sockets.sample().tcp_states["listen"] == 1
+    finally:
+        for c in clients:
+            c.close()
+        listener.kill()
+        listener.wait()
+        handles.close()
+
+
+async def test_idle_namespace_needs_no_walk(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    handles = await opener.open(netns.pid)
+    try:
+        sockets = SocketSampler(handles, interval=1.0, walk_budget=0.00005, max_walk_interval=60.0, max_ports=64)
+        sample = sockets.sample()
+        assert not sockets.walk_due()
+        assert sample.tcp_states["established"] == 0 and sample.listen == ()
+    finally:
+        handles.close()
+
+
+def make_pool(opener: NamespaceOpener, host: HostLinks | None) -> tuple[WatcherPool, SampleStore, CollectorRegistry]:
+    store = SampleStore()
+    prom = CollectorRegistry()
+    context = SamplerContext(interval=0.2, host_links=host, walk_budget=0.00005, max_walk_interval=60.0, max_listen_ports=64)
+    pool = WatcherPool(ContainerRegistry(), opener, list(SAMPLERS.values()), context, store, Instruments(prom))
+    return pool, store, prom
+
+
+def namespace_for(netns: NsUnderTest) -> WatchedNamespace:
+    record = ContainerRecord(id="ab" * 32, name="t", runtime="test", pid=netns.pid, status="running", image="i")
+    record = record.with_netns(os.stat(f"/proc/{netns.pid}/ns/net").st_ino, 0)
+    return WatchedNamespace(record.netns, record, (record,))
+
+
+async def test_vanishing_namespace_yields_skipped_samples_not_exceptions(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    """A container that disappears mid-sample: its reads fail; the sample is skipped and counted."""
+    pool, store, prom = make_pool(opener, None)
+    watcher = NamespaceWatcher(namespace_for(netns), pool)
+    watcher.handles = await opener.open(netns.pid)
+    watcher.samplers = [spec.factory(watcher.handles, pool.context) for spec in pool.specs]
+    assert watcher.sample_once() is not None
+    # Pull every descriptor out from under the samplers, as a vanished namespace would.
+    watcher.handles.close()
+    assert watcher.sample_once() is None
+    assert watcher.sample_once() is None
+    for name in ("interfaces", "protocols", "sockets"):
+        assert prom.get_sample_value("nstap_sampler_errors_total", {"sampler": name}) == 2
+
+
+async def test_attach_detach_cycles_leak_nothing(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    host = HostLinks(opener.open_home(), max_age=0.1)
+    pool, store, _ = make_pool(opener, host)
+    ns = namespace_for(netns)
+    try:
+        fds_before = len(os.listdir("/proc/self/fd"))
+        tasks_before = len(asyncio.all_tasks())
+        for _ in range(300):
+            watcher = NamespaceWatcher(ns, pool)
+            task = asyncio.create_task(watcher.run())
+            while store.get(ns.inode) is None:
+                await asyncio.sleep(0.001)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert store.get(ns.inode) is None
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+        assert len(asyncio.all_tasks()) == tasks_before
+    finally:
+        await pool.stop()
+        host.close()
+
+
+async def test_watcher_samples_on_its_interval(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    pool, store, prom = make_pool(opener, None)
+    seen: list[float] = []
+    store.subscribe(lambda s: seen.append(s.taken_at))
+    task = asyncio.create_task(NamespaceWatcher(namespace_for(netns), pool).run())
+    try:
+        await asyncio.sleep(1.05)
+        assert 5 <= len(seen) <= 7  # at 0, 0.2, ... 1.0 s
+        assert all(0.1 < b - a < 0.3 for a, b in zip(seen, seen[1:]))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert prom.get_sample_value("nstap_watcher_detaches_total") == 1
+    assert time.time() - seen[-1] < 1

@@ -1,0 +1,64 @@
+"""The registry's namespace grouping and owner election, as tables of containers."""
+
+from __future__ import annotations
+
+from nstap.registry import ContainerRegistry, group_namespaces
+from nstap.runtime.records import ContainerRecord
+
+HOST = 4026531840
+
+
+def rec(cid: str, netns: int, *, mode: str = "bridge", started: str = "2026-01-01T00:00:00Z", runtime: str = "docker", labels=None) -> ContainerRecord:
+    full = (cid * 64)[:64]
+    return ContainerRecord(
+        id=full, name=f"c-{cid}", runtime=runtime, pid=100, status="running", image="img", labels=labels or {},
+        network_mode=mode, started_at=started,
+    ).with_netns(netns, HOST)
+
+
+def test_shared_namespace_is_watched_once_under_its_creator() -> None:
+    owner = rec("a", 5, started="2026-01-01T00:00:02Z")
+    joiner = rec("b", 5, mode="container:" + "a" * 64, started="2026-01-01T00:00:01Z")  # older, but joined
+    other = rec("c", 6)
+    ns = group_namespaces([joiner, owner, other])
+    assert set(ns) == {5, 6}
+    assert ns[5].owner.id == owner.id
+    assert {m.id for m in ns[5].members} == {owner.id, joiner.id}
+
+
+def test_pod_members_without_creator_elect_the_oldest() -> None:
+    a = rec("a", 7, mode="container:" + "f" * 64, started="2026-01-01T00:00:05Z")
+    b = rec("b", 7, mode="container:" + "f" * 64, started="2026-01-01T00:00:03Z")
+    assert group_namespaces([a, b])[7].owner.id == b.id
+
+
+def test_host_network_and_opted_out_containers_are_not_watched() -> None:
+    host = rec("h", HOST, mode="host")
+    opted = rec("o", 9, labels={"nstap.enable": "false"})
+    unknown = rec("u", 0)  # its namespace could not be read
+    assert group_namespaces([host, opted, unknown]) == {}
+
+
+def test_opted_out_owner_leaves_the_namespace_to_a_member() -> None:
+    owner = rec("a", 5, labels={"nstap.enable": "false"})
+    joiner = rec("b", 5, mode="container:" + "a" * 64)
+    ns = group_namespaces([owner, joiner])
+    assert ns[5].owner.id == joiner.id and len(ns[5].members) == 1
+
+
+def test_registry_notifies_and_reconciles_per_runtime() -> None:
+    registry = ContainerRegistry()
+    changes = []
+    registry.subscribe(lambda: changes.append(set(registry.namespaces())))
+    d1, d2, p1 = rec("a", 5), rec("b", 6), rec("c", 7, runtime="podman")
+    registry.upsert(d1)
+    registry.upsert(d1)  # unchanged: no notification
+    registry.upsert(p1)
+    assert changes == [{5}, {5, 7}]
+    registry.replace_runtime("docker", [d2])  # d1 stopped while we were not looking
+    assert set(registry.namespaces()) == {6, 7}
+    assert registry.runtime_ids("podman") == {p1.id}
+    registry.replace_runtime("docker", [d2])  # same set: no notification
+    assert len(changes) == 3
+    assert registry.remove(d2.id) == d2 and registry.remove(d2.id) is None
+    assert set(registry.namespaces()) == {7}
