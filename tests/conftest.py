@@ -7,7 +7,6 @@ and every daemon under test is a real ``nstap run`` process scraped over HTTP.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -15,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,9 +24,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from images import ensure_image
+
 ROOT = Path(__file__).resolve().parents[1]
-DOCKER_IMAGE = "nstap-test-busybox:latest"
-PODMAN_IMAGE = "localhost/nstap-test-busybox:latest"
 RUN_ID = uuid.uuid4().hex[:8]
 TEST_LABEL = "nstap.test"
 # Podman 4.3 on this kind of host cannot start containers without explicit ulimits; this file
@@ -73,52 +71,16 @@ def runtimes() -> None:
     sh(str(ROOT / "deploy/start-runtimes.sh"), timeout=180)
 
 
-def busybox_rootfs_tar() -> bytes:
-    """A minimal root filesystem: Debian's static busybox, its applet links, a web root."""
-    busybox = Path("/bin/busybox")
-    applets = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=True).stdout.split()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for d in ("bin", "etc", "tmp", "www", "proc", "sys", "dev"):
-            info = tarfile.TarInfo(d)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o1777 if d == "tmp" else 0o755
-            tar.addfile(info)
-        tar.add(str(busybox), arcname="bin/busybox")
-        for applet in applets:
-            if applet == "busybox":
-                continue
-            info = tarfile.TarInfo(f"bin/{applet}")
-            info.type = tarfile.SYMTYPE
-            info.linkname = "busybox"
-            tar.addfile(info)
-        for name, text in (
-            ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
-            ("etc/group", "root:x:0:\n"),
-            ("www/index.html", "nstap test page\n"),
-        ):
-            data = text.encode()
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="session")
 def docker_image(runtimes: None) -> str:
     """The busybox test image in dockerd (imported if absent)."""
-    if sh("docker", "image", "inspect", DOCKER_IMAGE, check=False).returncode != 0:
-        subprocess.run(["docker", "import", "-", DOCKER_IMAGE], input=busybox_rootfs_tar(), check=True, capture_output=True)
-    return DOCKER_IMAGE
+    return ensure_image("docker")
 
 
 @pytest.fixture(scope="session")
 def podman_image(runtimes: None) -> str:
     """The busybox test image in Podman (imported if absent)."""
-    if sh("podman", "image", "exists", PODMAN_IMAGE, check=False, env=PODMAN_ENV).returncode != 0:
-        subprocess.run(["podman", "import", "-", PODMAN_IMAGE], input=busybox_rootfs_tar(), check=True, capture_output=True, env=PODMAN_ENV)
-    return PODMAN_IMAGE
+    return ensure_image("podman", env=PODMAN_ENV)
 
 
 class Containers:

@@ -95,10 +95,18 @@ def test_net_dev() -> None:
 
 def test_sockstat() -> None:
     in_use: dict[str, int] = {}
-    tw = parse_sockstat(b"sockets: used 9\nTCP: inuse 3 orphan 1 tw 7 alloc 5 mem 2\nUDP: inuse 2 mem 0\nUDPLITE: inuse 0\nRAW: inuse 1\nFRAG: inuse 0 memory 0\n", in_use)
+    v4 = b"sockets: used 9\nTCP: inuse 3 orphan 1 tw 7 alloc 5 mem 2\nUDP: inuse 2 mem 0\nUDPLITE: inuse 0\nRAW: inuse 1\nFRAG: inuse 0 memory 0\n"
+    tw, layout = parse_sockstat(v4, in_use)
     assert tw == 7
-    parse_sockstat(b"TCP6: inuse 4\nUDP6: inuse 5\nUDPLITE6: inuse 0\nRAW6: inuse 0\nFRAG6: inuse 0 memory 0\n", in_use)
+    _, layout6 = parse_sockstat(b"TCP6: inuse 4\nUDP6: inuse 5\nUDPLITE6: inuse 0\nRAW6: inuse 0\nFRAG6: inuse 0 memory 0\n", in_use)
     assert in_use == {"tcp": 3, "udp": 2, "raw": 1, "tcp6": 4, "udp6": 5, "raw6": 0}
+    # The layout is reused for the next read of the same shape, and rebuilt for another shape.
+    again: dict[str, int] = {}
+    tw2, layout2 = parse_sockstat(v4.replace(b"inuse 3", b"inuse 8").replace(b"tw 7", b"tw 0"), again, layout)
+    assert layout2 is layout and tw2 == 0 and again["tcp"] == 8
+    other: dict[str, int] = {}
+    tw3, layout3 = parse_sockstat(b"sockets: used 1\nTCP: inuse 5 orphan 0 tw 2 alloc 1 mem 0 extra 9\nUDP: inuse 1 mem 0\n", other, layout)
+    assert layout3 is not layout and tw3 == 2 and other == {"tcp": 5, "udp": 1}
     real: dict[str, int] = {}
     parse_sockstat((FIXTURES / "proc" / "sockstat").read_bytes(), real)
     assert real["tcp"] == 1

@@ -83,7 +83,8 @@ class App:
             raise StartupError(f"cannot use data dir {cfg.data_dir}: {exc.strerror or exc}") from None
 
         opener = NamespaceOpener(cfg.proc_root)
-        host_links = HostLinks(opener.open_home(), max_age=cfg.interval / 2)
+        # Read once per tick: every watcher samples on the same tick, right after each other.
+        host_links = HostLinks(opener.open_home(), max_age=cfg.interval * 0.8)
         exits = ProcessExits(loop)
         context = SamplerContext(
             interval=cfg.interval,
@@ -106,8 +107,10 @@ class App:
             )
             for endpoint in cfg.runtimes
         ]
-        self.prometheus.register(ContainerCollector(self.registry, self.store, self.sources))
-        self.api = ApiServer(cfg.metrics_listen, cfg.api_listen, self.prometheus, self.registry, lambda: set(pool.watched()), token)
+        collector = ContainerCollector(self.registry, self.store, self.sources)
+        self.api = ApiServer(
+            cfg.metrics_listen, cfg.api_listen, self.prometheus, collector.render, self.registry, lambda: set(pool.watched()), token
+        )
         try:
             await self.api.start()
         except OSError as exc:

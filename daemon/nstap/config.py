@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .samplers import SAMPLERS
 
@@ -122,13 +122,13 @@ class Config(Strict):
             raise ValueError("runtime names must be unique")
         return value
 
-    @model_validator(mode="after")
-    def _distinct_listeners(self) -> Config:
-        if parse_listen(self.metrics_listen)[1] == parse_listen(self.api_listen)[1] and (
-            parse_listen(self.metrics_listen)[0] == parse_listen(self.api_listen)[0]
-        ):
-            raise ValueError("metrics_listen and api_listen must differ")
-        return self
+    @field_validator("api_listen")
+    @classmethod
+    def _not_the_metrics_listener(cls, value: str, info: ValidationInfo) -> str:
+        metrics = info.data.get("metrics_listen")
+        if metrics is not None and parse_listen(metrics) == parse_listen(value):
+            raise ValueError("must differ from metrics_listen")
+        return value
 
 
 def _key_of(error: dict[str, Any]) -> str:

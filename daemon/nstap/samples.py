@@ -7,11 +7,13 @@ later). They are never mutated after creation: a consumer can keep one while the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
+
+# NamedTuples rather than frozen dataclasses: a frozen dataclass's __init__ sets every field
+# through object.__setattr__, which costs microseconds per sample on the hot path.
 
 
-@dataclass(frozen=True, slots=True)
-class InterfaceCounters:
+class InterfaceCounters(NamedTuple):
     """One interface's state and counters; ``side`` is "container" or "host" (the veth peer)."""
 
     name: str
@@ -29,8 +31,7 @@ class InterfaceCounters:
     tx_drops: int
 
 
-@dataclass(frozen=True, slots=True)
-class ListenQueue:
+class ListenQueue(NamedTuple):
     """Accept-queue state summed over the listening TCP sockets of one port label."""
 
     port: str
@@ -39,8 +40,7 @@ class ListenQueue:
     sockets: int
 
 
-@dataclass(frozen=True, slots=True)
-class SocketSample:
+class SocketSample(NamedTuple):
     """Sockets of a namespace: totals, TCP states and listeners.
 
     ``tcp_states["listen"]`` and ``tcp_states["time_wait"]`` are exact at every sample; the other
@@ -55,8 +55,7 @@ class SocketSample:
     walk_interval: float
 
 
-@dataclass(frozen=True, slots=True)
-class NamespaceSample:
+class NamespaceSample(NamedTuple):
     """Everything sampled from one network namespace at one instant."""
 
     netns: int
@@ -65,7 +64,7 @@ class NamespaceSample:
     interfaces: tuple[InterfaceCounters, ...] | None = None
     protocols: Mapping[str, int] | None = None
     sockets: SocketSample | None = None
-    failed: tuple[str, ...] = field(default=())
+    failed: tuple[str, ...] = ()
 
 
 class SampleStore:

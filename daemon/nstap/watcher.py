@@ -91,16 +91,11 @@ class NamespaceWatcher:
         raise last
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self.pool.interval
-        next_at = loop.time()
+        # The first sample is taken at once, the next ones on the pool's shared tick.
+        ticker = self.pool.ticker
         while True:
             self.sample_once()
-            next_at += interval
-            now = loop.time()
-            if next_at < now:  # fell behind (a stalled loop): skip the missed ticks, keep the grid
-                next_at += ((now - next_at) // interval + 1) * interval
-            await asyncio.sleep(next_at - now)
+            await ticker.wait()
 
     def sample_once(self) -> NamespaceSample | None:
         """Take one sample and hand it to the store; None if every sampler failed."""
@@ -121,7 +116,6 @@ class NamespaceWatcher:
                     self.log.info("sampler_recovered", sampler=sampler.name)
         self._schedule_walk()
         duration = time.perf_counter() - started
-        pool.instruments.samples.inc()
         pool.instruments.sample_duration.observe(duration)
         if not parts:
             return None
@@ -175,10 +169,50 @@ class NamespaceWatcher:
         if walk is not None and walk.done() and not walk.cancelled():
             walk.exception()  # consumed, so asyncio does not log it as never retrieved
         self.pool.store.drop(self.namespace.inode)
+        for sampler in self.samplers:
+            close = getattr(sampler, "close", None)
+            if close is not None:
+                close()
         if self.handles is not None:
             self.handles.close()
             self.pool.instruments.detaches.inc()
             self.log.info("watcher_detached")
+
+
+class Ticker:
+    """One timer for every watcher: ticks on multiples of the interval on the loop's clock.
+
+    The loop wakes once per interval and runs all the samples back to back, instead of arming
+    and firing one timer per namespace. Each waiter gets its own future, so cancelling one
+    watcher cancels nothing else.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._waiters: list[asyncio.Future] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def wait(self) -> asyncio.Future:
+        """A future that completes at the next tick."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiters.append(future)
+        if self._timer is None:
+            now = loop.time()
+            self._timer = loop.call_at((now // self.interval + 1) * self.interval, self._tick)
+        return future
+
+    def _tick(self) -> None:
+        waiters, self._waiters, self._timer = self._waiters, [], None
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    def close(self) -> None:
+        """Cancel the pending tick and wake whoever waits."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._tick()
 
 
 class WatcherPool:
@@ -201,6 +235,7 @@ class WatcherPool:
         self.store = store
         self.instruments = instruments
         self.walk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-walk")
+        self.ticker = Ticker(self.interval)
         self.watchers: dict[int, tuple[NamespaceWatcher, asyncio.Task]] = {}
         self._closed = False
 
@@ -246,4 +281,5 @@ class WatcherPool:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.watchers.clear()
+        self.ticker.close()
         self.walk_executor.shutdown(wait=True)

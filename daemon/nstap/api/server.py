@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
-from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..config import parse_listen
 from ..registry import ContainerRegistry
@@ -84,6 +84,7 @@ class ApiServer:
         metrics_listen: str,
         api_listen: str,
         prometheus: CollectorRegistry,
+        render_containers: Callable[[], str],
         registry: ContainerRegistry,
         watched: Callable[[], set[int]],
         token: str,
@@ -92,8 +93,10 @@ class ApiServer:
         self.api_listen = parse_listen(api_listen)
         self.registry = registry
         self.watched = watched
+        self.prometheus = prometheus
+        self.render_containers = render_containers
         self.metrics_app = web.Application()
-        self.metrics_app.router.add_get("/metrics", make_aiohttp_handler(prometheus))
+        self.metrics_app.router.add_get("/metrics", self.metrics)
         self.metrics_app.router.add_get("/healthz", self.healthz)
         self.api_app = web.Application(middlewares=[error_middleware, auth_middleware(token)], client_max_size=MAX_BODY)
         self.api_app.router.add_get("/healthz", self.healthz)
@@ -103,6 +106,17 @@ class ApiServer:
     def add_routes(self, routes: list[web.RouteDef]) -> None:
         """Add more API routes (before :meth:`start`)."""
         self.api_app.router.add_routes(routes)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """The daemon's own metrics (prometheus-client) followed by every per-container family."""
+        body = generate_latest(self.prometheus) + self.render_containers().encode()
+        headers = {"Content-Type": CONTENT_TYPE_LATEST}
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            # Prometheus asks for gzip. Level 1: 2 MB of text (200 containers) in ~10 ms instead
+            # of ~40 ms at the default level, still about 15 times smaller.
+            body = gzip.compress(body, compresslevel=1)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -21,6 +21,7 @@ from . import netlink
 
 CLONE_NEWNET = 0x40000000
 PROC_NET_FILES = ("dev", "snmp", "netstat", "sockstat", "sockstat6")
+RECORD_FILES = frozenset({"dev"})  # one seq_file record per line; the others are printed as one
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -35,21 +36,40 @@ def _setns(fd: int) -> None:
 
 
 class ProcFile:
-    """A /proc file kept open; :meth:`read` returns its whole current content."""
+    """A /proc file kept open; :meth:`read` returns its whole current content.
 
-    __slots__ = ("fd", "_size")
+    Two kinds of seq_file matter here. snmp, netstat and sockstat print one record (single_open):
+    one ``pread`` with a large enough buffer returns all of it, and a second ``pread`` would make
+    the kernel print it all again. dev prints one record per interface and a read stops at a page
+    (4 KiB) worth of records, so it is read on until a short chunk shows the end was reached.
+    """
 
-    def __init__(self, fd: int) -> None:
+    __slots__ = ("fd", "records", "_size")
+
+    PAGE = 4096
+    RECORD_MAX = 512  # longer than any /proc/net/dev line
+
+    def __init__(self, fd: int, records: bool = False) -> None:
         self.fd = fd
+        self.records = records
         self._size = 1 << 14
 
     def read(self) -> bytes:
-        """The file's content, read now with one ``pread`` (more only while the buffer grows)."""
+        """The file's content, read now."""
+        if not self.records:
+            while True:
+                data = os.pread(self.fd, self._size, 0)
+                if len(data) < self._size - self.PAGE:
+                    return data
+                self._size *= 2
+        chunks = []
+        offset = 0
         while True:
-            data = os.pread(self.fd, self._size, 0)
-            if len(data) < self._size - 4096:
-                return data
-            self._size *= 2
+            chunk = os.pread(self.fd, self._size, offset)
+            chunks.append(chunk)
+            offset += len(chunk)
+            if len(chunk) <= self.PAGE - self.RECORD_MAX:
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class NamespaceGone(OSError):
@@ -94,7 +114,7 @@ def _open_here(ns_fd: int, inode: int, proc_root: Path) -> NamespaceHandles:
     try:
         for name in PROC_NET_FILES:
             try:
-                proc[name] = ProcFile(os.open(proc_root / "thread-self/net" / name, os.O_RDONLY | os.O_CLOEXEC))
+                proc[name] = ProcFile(os.open(proc_root / "thread-self/net" / name, os.O_RDONLY | os.O_CLOEXEC), records=name in RECORD_FILES)
             except FileNotFoundError:
                 if name != "sockstat6":  # absent when IPv6 is disabled; everything else is required
                     raise

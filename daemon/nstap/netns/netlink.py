@@ -17,6 +17,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 NETLINK_ROUTE = 0
 NETLINK_SOCK_DIAG = 4
@@ -54,7 +55,7 @@ _NLATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _S32 = struct.Struct("=i")
 # inet_diag_msg: family, state, timer, retrans, sport, dport (network order) ... rqueue, wqueue.
-_DIAG_HEAD = struct.Struct("=BBBB")
+_DIAG_HEAD = struct.Struct("=BBBB")  # family, state, timer, retransmits
 _DIAG_PORTS = struct.Struct(">H")
 _DIAG_QUEUES = struct.Struct("=II")
 _DIAG_QUEUES_OFFSET = 56  # offsetof(struct inet_diag_msg, idiag_rqueue)
@@ -220,21 +221,89 @@ def get_nsid(sock: socket.socket, netns_fd: int) -> int:
     return -1
 
 
-def diag_request(family: int, protocol: int, states: int, seq: int) -> bytes:
-    """An inet_diag_req_v2 dump request (no bytecode filter, no extensions)."""
-    body = struct.pack("=BBBxI", family, protocol, 0, states) + bytes(48)
-    return _NLMSGHDR.pack(16 + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+def diag_request(family: int, protocol: int, states: int, seq: int, sockid: bytes = bytes(48), dump: bool = True) -> bytes:
+    """An inet_diag_req_v2 request: a dump, or (``dump=False``) the one socket that ``sockid`` names."""
+    body = struct.pack("=BBBxI", family, protocol, 0, states) + sockid
+    flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
+    return _NLMSGHDR.pack(16 + len(body), SOCK_DIAG_BY_FAMILY, flags, seq, 0) + body
 
 
-def dump_inet(sock: socket.socket, family: int, protocol: int, states: int) -> Iterator[tuple[int, int, int, int, int]]:
-    """Yield (state, local port, rqueue, wqueue, retransmits) for each matching socket."""
+class DiagSocket(NamedTuple):
+    """One socket of a sock_diag answer: state, local port, queues, retransmits, and its id.
+
+    ``sockid`` is the raw ``inet_diag_sockid`` (ports, addresses, interface, cookie): sent back in
+    a non-dump request it asks for exactly this socket again.
+    """
+
+    state: int
+    port: int
+    rqueue: int
+    wqueue: int
+    retransmits: int
+    sockid: bytes
+
+
+def _diag_socket(data: bytes, off: int) -> DiagSocket:
+    _fam, state, _timer, retrans = _DIAG_HEAD.unpack_from(data, off + 16)
+    (sport,) = _DIAG_PORTS.unpack_from(data, off + 20)
+    rq, wq = _DIAG_QUEUES.unpack_from(data, off + 16 + _DIAG_QUEUES_OFFSET)
+    return DiagSocket(state, sport, rq, wq, retrans, data[off + 20 : off + 68])
+
+
+def dump_inet(sock: socket.socket, family: int, protocol: int, states: int) -> list[DiagSocket]:
+    """Every socket of ``family``/``protocol`` in one of ``states`` (a bit mask of TCP states)."""
     seq = _next_seq()
     sock.send(diag_request(family, protocol, states, seq))
-    head = _DIAG_HEAD.unpack_from
-    port = _DIAG_PORTS.unpack_from
-    queues = _DIAG_QUEUES.unpack_from
-    for _mtype, data, off in _messages(sock, seq):
-        _fam, state, _timer, retrans = head(data, off + 16)
-        (sport,) = port(data, off + 20)
-        rq, wq = queues(data, off + 16 + _DIAG_QUEUES_OFFSET)
-        yield state, sport, rq, wq, retrans
+    return [_diag_socket(data, off) for _mtype, data, off in _messages(sock, seq)]
+
+
+class LookupRequest:
+    """Exact-socket requests for a set of sockets, built once and sent as they are every time.
+
+    Only one batch is ever in flight on a socket and every answer is read before the next send,
+    so the same sequence numbers can be reused.
+    """
+
+    __slots__ = ("data", "first", "last")
+
+    def __init__(self, family: int, protocol: int, states: int, sockids: list[bytes]) -> None:
+        self.first = _next_seq()
+        global _seq
+        _seq = self.last = self.first + len(sockids) - 1
+        self.data = b"".join(
+            diag_request(family, protocol, states, self.first + i, sockid, dump=False) for i, sockid in enumerate(sockids)
+        )
+
+
+def lookup_inet(sock: socket.socket, request: LookupRequest) -> list[DiagSocket | None]:
+    """The current state of each socket of ``request`` (None for one that is gone), asked in one send.
+
+    An exact lookup costs the kernel one hash probe, where a dump of listeners walks the whole
+    listening hash (tens of thousands of buckets, most of them cold in cache).
+    """
+    first, last = request.first, request.last
+    if last < first:
+        return []
+    sock.send(request.data)
+    answers: dict[int, DiagSocket | None] = {}
+    wanted = last - first + 1
+    while len(answers) < wanted:
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except BlockingIOError as exc:
+            raise NetlinkError(errno.EAGAIN, "sock_diag lookup stalled") from exc
+        off, end = 0, len(data)
+        while off + 16 <= end:
+            length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
+            if length < 16:
+                raise NetlinkError(errno.EPROTO, "truncated netlink message")
+            if first <= mseq <= last:
+                if mtype == NLMSG_ERROR:
+                    (code,) = _S32.unpack_from(data, off + 16)
+                    if code and code != -errno.ENOENT:
+                        raise NetlinkError(-code, "netlink: " + os.strerror(-code))
+                    answers.setdefault(mseq, None)
+                elif mtype == SOCK_DIAG_BY_FAMILY:
+                    answers[mseq] = _diag_socket(data, off)
+            off += (length + 3) & ~3
+    return [answers[seq] for seq in range(first, last + 1)]

@@ -10,6 +10,7 @@ An endpoint that is absent or down is a state (``up`` False, one log line), neve
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,14 @@ GONE_ACTIONS = frozenset({"die", "destroy", "remove", "died"})
 NETWORK_ACTIONS = frozenset({"connect", "disconnect"})
 INSPECT_CONCURRENCY = 8
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
+
+
+FINGERPRINT_KEYS = ("State", "Names", "Image", "Labels", "Ports", "NetworkSettings", "HostConfig")  # not "Status": "Up 5 minutes"
+
+
+def _fingerprint(summary: dict[str, Any]) -> str:
+    """The parts of a ``/containers/json`` entry that matter to a record, as one comparable string."""
+    return json.dumps(summary, sort_keys=True, default=str)
 
 
 class RuntimeSource:
@@ -67,6 +76,7 @@ class RuntimeSource:
         self._refreshing: dict[str, asyncio.Task] = {}
         self._dirty: set[str] = set()
         self._inspect_slots = asyncio.Semaphore(INSPECT_CONCURRENCY)
+        self._fingerprints: dict[str, str] = {}  # container id -> its list entry when last inspected
         self._log = log.bind(runtime=name, socket=str(socket_path))
         self._state = "starting"
 
@@ -114,6 +124,7 @@ class RuntimeSource:
         self.kind = "podman" if any("Podman" in c for c in components) else "docker"
         self.version = str(version.get("Version", ""))
         self._docker = docker
+        self._fingerprints = {}  # a new connection: inspect everything once
         subscriber = docker.events.subscribe(create_task=False)
         stream = asyncio.create_task(docker.events.run(filters={"type": ["container", "network"]}))
         try:
@@ -149,13 +160,22 @@ class RuntimeSource:
     # -- listing and inspecting --------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """List the running containers, inspect each, and make them the runtime's set in the registry."""
+        """List the running containers and make them the runtime's set in the registry.
+
+        A container is inspected again only when it is new or its list entry changed (state,
+        name, labels, networks, ports): a periodic reconcile of a quiet host is one list call.
+        """
         docker = self._docker
         summaries = await docker.containers.list(filters={"status": ["running", "paused"]})
-        ids = [c.id for c in summaries]
-        pods = await self._pod_names(docker, None)
-        results = await asyncio.gather(*(self._inspect(docker, cid, pods) for cid in ids))
-        records = [r for r in results if r is not None]
+        fingerprints = {c.id: _fingerprint({k: c[k] for k in FINGERPRINT_KEYS if k in c}) for c in summaries}
+        stale = [cid for cid, fp in fingerprints.items() if self._fingerprints.get(cid) != fp or self.registry.get(cid) is None]
+        pods = await self._pod_names(docker, None) if stale else {}
+        results = await asyncio.gather(*(self._inspect(docker, cid, pods) for cid in stale))
+        fresh = {r.id: r for r in results if r is not None}
+        records = [fresh.get(cid) or self.registry.get(cid) for cid in fingerprints]
+        records = [r for r in records if r is not None]
+        kept = {r.id for r in records}
+        self._fingerprints = {cid: fp for cid, fp in fingerprints.items() if cid in kept}
         before = self.registry.runtime_ids(self.name)
         self.registry.replace_runtime(self.name, records)
         for record in records:

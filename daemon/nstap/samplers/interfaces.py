@@ -8,6 +8,7 @@ IFLA_LINK is the container interface's ifindex.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -18,11 +19,15 @@ from ..samples import InterfaceCounters
 
 
 class HostLinks:
-    """The host namespace's interfaces, shared by all watchers and read at most once per ``max_age``."""
+    """The host namespace's interfaces, shared by all watchers and read at most once per ``max_age``.
+
+    Create it on the event loop: it watches the host's link-change notifications there.
+    """
 
     def __init__(self, handles: NamespaceHandles, max_age: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._handles = handles
         self._table = LinkTable(handles.rtnl, handles.rtnl_events, handles.proc["dev"])
+        self._table.follow(asyncio.get_running_loop())
         self._max_age = max_age
         self._clock = clock
         self._read_at = float("-inf")
@@ -62,6 +67,7 @@ class HostLinks:
 
     def close(self) -> None:
         """Close the host handles."""
+        self._table.close()
         self._handles.close()
 
 
@@ -73,6 +79,7 @@ class InterfaceSampler:
     def __init__(self, handles: NamespaceHandles, host: HostLinks | None) -> None:
         self._handles = handles
         self._table = LinkTable(handles.rtnl, handles.rtnl_events, handles.proc["dev"])
+        self._table.follow(asyncio.get_running_loop())
         self._host = host
         self._seen = (-1, -1)  # (container generation, host generation) the peer map was built for
         self._peer_of: dict[int, netlink.LinkInfo] = {}
@@ -89,6 +96,10 @@ class InterfaceSampler:
             peer = host.peer(nsid, link.ifindex)
             if peer is not None:
                 self._peer_of[link.ifindex] = peer
+
+    def close(self) -> None:
+        """Stop following link changes (before the handles close)."""
+        self._table.close()
 
     def sample(self) -> tuple[InterfaceCounters, ...]:
         """Read every interface now."""

@@ -8,6 +8,7 @@ stay the same, so a sample is one ``pread`` and one ``split`` per needed line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 
 from ..netns.handles import NamespaceHandles, ProcFile
 
@@ -56,6 +57,11 @@ PROTOCOL_COUNTERS: tuple[ProtocolCounter, ...] = (
 )
 
 
+def _single(col: int):
+    """Like itemgetter(col), but returning a 1-tuple as itemgetter does for several columns."""
+    return lambda values: (values[col],)
+
+
 class TableLayout:
     """Where each wanted field sits in one /proc file of header/value line pairs."""
 
@@ -79,7 +85,12 @@ class TableLayout:
                 headers.append((i, head))
                 break
         self.headers = tuple(dict.fromkeys(headers))
-        self.rows = tuple((i, tuple(cols)) for i, cols in sorted(rows.items()))
+        # Per value line: (line index, getter of the wanted columns, their keys).
+        self.rows = tuple(
+            (i, itemgetter(*(col for col, _ in cols)) if len(cols) > 1 else _single(cols[0][0]), tuple(key for _, key in cols))
+            for i, cols in sorted(rows.items())
+        )
+        self.split = max(rows) + 1 if rows else 0  # lines past the last wanted one stay unsplit
 
     def matches(self, lines: list[bytes]) -> bool:
         """True if the header lines are still where and what they were."""
@@ -88,17 +99,16 @@ class TableLayout:
 
     def read(self, lines: list[bytes], out: dict[str, int]) -> None:
         """Add the wanted counters from the file's split lines to ``out``."""
-        for i, cols in self.rows:
-            values = lines[i].split()
-            for col, key in cols:
-                out[key] = int(values[col])
+        for i, getter, keys in self.rows:
+            out.update(zip(keys, map(int, getter(lines[i].split()))))
 
 
 def parse_tables(data: bytes, wanted: tuple[ProtocolCounter, ...], layout: TableLayout | None) -> tuple[dict[str, int], TableLayout]:
     """Parse one snmp/netstat file, reusing ``layout`` while it still fits; returns (values, layout)."""
-    lines = data.split(b"\n")
+    lines = data.split(b"\n", layout.split) if layout is not None else data.split(b"\n")
     if layout is None or not layout.matches(lines):
         layout = TableLayout(data, wanted)
+        lines = data.split(b"\n")
     out: dict[str, int] = {}
     layout.read(lines, out)
     return out, layout

@@ -1,9 +1,10 @@
 """Socket sampler: listeners, accept queues and TCP sockets by state, shaped by what each read costs.
 
-A sock_diag dump of LISTEN sockets walks only the listening hash (about 25 µs per address family),
-so it runs every interval and gives each listener's accept-queue length and backlog limit.
-/proc/net/sockstat (about 3 µs) gives exact totals every interval: sockets in use per protocol and
-family, and TCP sockets in TIME_WAIT.
+Listeners and their accept queues (length and backlog limit) come from sock_diag. A dump of LISTEN
+sockets walks the whole listening hash (25-50 µs per address family, more when cold), so it is
+done only to discover listeners; every interval the known ones are asked for one by one, one hash
+probe each, all in a single send. /proc/net/sockstat (about 3 µs) gives exact totals every
+interval: sockets in use per protocol and family, and TCP sockets in TIME_WAIT.
 
 Counting the other TCP states (established, syn_sent, close_wait, ...) needs a walk of the
 established hash, and unless the namespace has its own (``net.ipv4.tcp_child_ehash_entries`` set
@@ -23,6 +24,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Mapping
+from operator import itemgetter
 
 from ..netns import netlink
 from ..netns.handles import NamespaceHandles
@@ -49,27 +51,58 @@ STATE_NAMES = ("listen", "time_wait", *WALKED_STATES)
 TCP_WALK_MASK = sum(1 << s for s in TCP_STATES if s not in (6, 10))
 TCP_LISTEN_MASK = 1 << 10
 SYN_SENT = 2
+MAX_LOOKUPS = 8  # more known listeners than this: one dump is cheaper than asking for each
+REDISCOVER_AFTER = 10.0  # seconds: dump listeners at least this often while sockets are unexplained
 
 SOCKSTAT_KEYS = {b"TCP:": "tcp", b"UDP:": "udp", b"RAW:": "raw", b"TCP6:": "tcp6", b"UDP6:": "udp6", b"RAW6:": "raw6"}
 _FAMILIES = ((socket.AF_INET, "tcp"), (socket.AF_INET6, "tcp6"))
 
 
-def parse_sockstat(data: bytes, in_use: dict[str, int]) -> int:
-    """Add "inuse" per protocol from sockstat/sockstat6 to ``in_use``; return TCP time-wait (or 0)."""
-    time_wait = 0
-    for line in data.split(b"\n"):
-        fields = line.split()
-        if not fields:
-            continue
-        key = SOCKSTAT_KEYS.get(fields[0])
-        if key is None:
-            continue
-        for i in range(1, len(fields) - 1, 2):
-            if fields[i] == b"inuse":
-                in_use[key] = int(fields[i + 1])
-            elif fields[i] == b"tw":
-                time_wait = int(fields[i + 1])
-    return time_wait
+class SockstatLayout:
+    """Token positions of the wanted numbers in one sockstat file, reused while the file's shape holds."""
+
+    __slots__ = ("count", "checks", "slots", "time_wait", "_probe", "_expected")
+
+    def __init__(self, tokens: list[bytes]) -> None:
+        self.count = len(tokens)
+        checks = []
+        slots = []
+        self.time_wait = -1
+        key = None
+        for i, token in enumerate(tokens):
+            if token.endswith(b":"):
+                key = SOCKSTAT_KEYS.get(token)
+                if key is not None:
+                    checks.append((i, token))
+            elif key is not None and i + 1 < len(tokens):
+                if token == b"inuse":
+                    slots.append((i + 1, key))
+                    checks.append((i, token))
+                elif token == b"tw" and key == "tcp":
+                    self.time_wait = i + 1
+                    checks.append((i, token))
+        self.checks = tuple(checks)
+        self.slots = tuple(slots)
+        self._probe = itemgetter(*(i for i, _ in checks)) if len(checks) > 1 else None
+        self._expected = tuple(t for _, t in checks)
+
+    def matches(self, tokens: list[bytes]) -> bool:
+        """True if ``tokens`` has the shape this layout was made from."""
+        if len(tokens) != self.count:
+            return False
+        if self._probe is None:
+            return all(tokens[i] == t for i, t in self.checks)
+        return self._probe(tokens) == self._expected
+
+
+def parse_sockstat(data: bytes, in_use: dict[str, int], layout: SockstatLayout | None = None) -> tuple[int, SockstatLayout]:
+    """Add "inuse" per protocol from sockstat/sockstat6 to ``in_use``; return (TCP time-wait or 0, layout)."""
+    tokens = data.split()
+    if layout is None or not layout.matches(tokens):
+        layout = SockstatLayout(tokens)
+    for i, key in layout.slots:
+        in_use[key] = int(tokens[i])
+    return (int(tokens[layout.time_wait]) if layout.time_wait >= 0 else 0), layout
 
 
 def port_label(port: int, ephemeral: tuple[int, int]) -> str:
@@ -89,13 +122,13 @@ def walk_tcp(diag: socket.socket, families: tuple[int, ...]) -> tuple[dict[str, 
     counts = dict.fromkeys(WALKED_STATES, 0)
     syn_retrans = 0
     for family in families:
-        for state, _port, _rq, _wq, retrans in netlink.dump_inet(diag, family, socket.IPPROTO_TCP, TCP_WALK_MASK):
-            name = TCP_STATES.get(state)
+        for sock in netlink.dump_inet(diag, family, socket.IPPROTO_TCP, TCP_WALK_MASK):
+            name = TCP_STATES.get(sock.state)
             if name is None:
                 continue
             counts[name] += 1
-            if state == SYN_SENT and retrans > syn_retrans:
-                syn_retrans = retrans
+            if sock.state == SYN_SENT and sock.retransmits > syn_retrans:
+                syn_retrans = sock.retransmits
     return counts, syn_retrans, time.thread_time() - start
 
 
@@ -137,21 +170,30 @@ class SocketSampler:
         self._next_walk = clock()
         self.walk_interval = interval
         self.walk_families: tuple[int, ...] = ()  # families to walk, set by sample()
+        self._known: dict[int, list[netlink.DiagSocket]] = {}  # family -> listeners found by the last dump
+        self._lookups: dict[int, netlink.LookupRequest] = {}
+        self._discovered_at: dict[int, float] = {}
+        self._in_use: dict[int, int] = {}
+        self._layout4: SockstatLayout | None = None
+        self._layout6: SockstatLayout | None = None
 
     def sample(self) -> SocketSample:
         """Read sockstat and the listeners now (no walk: see :meth:`walk_due`)."""
         in_use: dict[str, int] = {}
-        time_wait = parse_sockstat(self._sockstat.read(), in_use)
+        time_wait, self._layout4 = parse_sockstat(self._sockstat.read(), in_use, self._layout4)
         if self._sockstat6 is not None:
-            parse_sockstat(self._sockstat6.read(), in_use)
+            _, self._layout6 = parse_sockstat(self._sockstat6.read(), in_use, self._layout6)
         ports: dict[str, list[int]] = {}
         walk = []
         for family, proto in _FAMILIES:
             sockets = in_use.get(proto, 0)
-            if sockets:
-                listeners = self._listeners(family, ports)
-                if sockets > listeners:
-                    walk.append(family)
+            previous, self._in_use[family] = self._in_use.get(family, 0), sockets
+            if not sockets:
+                self._known[family] = []
+                continue
+            listeners = self._listeners(family, sockets, sockets > previous, ports)
+            if sockets > listeners:
+                walk.append(family)
         self.walk_families = tuple(walk)
         if not walk:  # every TCP socket in use is a listener: nothing in any other state, exactly
             self._walked = dict.fromkeys(WALKED_STATES, 0)
@@ -161,11 +203,30 @@ class SocketSampler:
         listen = tuple(ListenQueue(label, q, limit, n) for label, (q, limit, n) in ports.items())
         return SocketSample(in_use, states, self._walked_at, self._syn_retrans, listen, self.walk_interval)
 
-    def _listeners(self, family: int, ports: dict[str, list[int]]) -> int:
-        count = 0
-        for _state, port, rq, wq, _retrans in netlink.dump_inet(self._diag, family, socket.IPPROTO_TCP, TCP_LISTEN_MASK):
-            count += 1
-            label = port_label(port, self._ephemeral)
+    def _listeners(self, family: int, in_use: int, grew: bool, ports: dict[str, list[int]]) -> int:
+        """Read the family's listeners into ``ports``; returns how many there are.
+
+        Listeners known from the last dump are asked for one by one (one hash probe each); the
+        listening hash is dumped again only when one of them is gone, when there may be a new
+        one (more sockets in use than known listeners, and more than at the last sample, or
+        for longer than REDISCOVER_AFTER), or when there are too many to ask for one by one.
+        """
+        known = self._known.get(family)
+        now = self._clock()
+        current = None
+        if known is not None and len(known) <= MAX_LOOKUPS:
+            unknown = in_use > len(known)
+            if not (unknown and (grew or now - self._discovered_at.get(family, now) >= REDISCOVER_AFTER)):
+                answers = netlink.lookup_inet(self._diag, self._lookups[family]) if known else []
+                if None not in answers:
+                    current = answers
+        if current is None:
+            current = netlink.dump_inet(self._diag, family, socket.IPPROTO_TCP, TCP_LISTEN_MASK)
+            self._known[family] = current
+            self._lookups[family] = netlink.LookupRequest(family, socket.IPPROTO_TCP, TCP_LISTEN_MASK, [k.sockid for k in current])
+            self._discovered_at[family] = now
+        for sock in current:
+            label = port_label(sock.port, self._ephemeral)
             entry = ports.get(label)
             if entry is None:
                 if len(ports) >= self._max_ports:
@@ -173,10 +234,10 @@ class SocketSampler:
                     entry = ports.get(label)
                 if entry is None:
                     entry = ports[label] = [0, 0, 0]
-            entry[0] += rq
-            entry[1] += wq
+            entry[0] += sock.rqueue
+            entry[1] += sock.wqueue
             entry[2] += 1
-        return count
+        return len(current)
 
     def walk_due(self) -> bool:
         """True when the latest sample found sockets to walk and the budget allows a walk now."""
