@@ -103,7 +103,7 @@ async def test_open_refuses_a_pid_in_another_namespace(netns: NsUnderTest, opene
 
 async def test_interfaces_both_sides_of_the_veth_match_proc(netns: NsUnderTest, opener: NamespaceOpener) -> None:
     handles = await opener.open(netns.pid)
-    host = HostLinks(opener.open_home(), max_age=0.0)
+    host = HostLinks(opener.open_home())
     try:
         sampler = InterfaceSampler(handles, host)
         before = {(i.name, i.side): i for i in sampler.sample()}
@@ -111,6 +111,7 @@ async def test_interfaces_both_sides_of_the_veth_match_proc(netns: NsUnderTest, 
         assert before[(netns.host_if, "host")].peer == "eth0"
         assert before[("eth0", "container")].up and before[("eth0", "container")].mtu == 1500
         ping(netns.ns_ip, 20)
+        host.new_round()
         after = {(i.name, i.side): i for i in sampler.sample()}
         c0, c1 = before[("eth0", "container")], after[("eth0", "container")]
         h0, h1 = before[(netns.host_if, "host")], after[(netns.host_if, "host")]
@@ -121,6 +122,7 @@ async def test_interfaces_both_sides_of_the_veth_match_proc(netns: NsUnderTest, 
         # Down on the host side: seen at the next sample through the link-change notification.
         sh(tool("ip"), "link", "set", netns.host_if, "down")
         await asyncio.sleep(0.1)  # the event loop reads the notification, as between two samples
+        host.new_round()
         down = {(i.name, i.side): i for i in sampler.sample()}
         assert not down[(netns.host_if, "host")].up
         assert not down[("eth0", "container")].up  # carrier lost on the container side too
@@ -252,7 +254,7 @@ async def test_vanishing_namespace_yields_skipped_samples_not_exceptions(netns: 
 
 
 async def test_attach_detach_cycles_leak_nothing(netns: NsUnderTest, opener: NamespaceOpener) -> None:
-    host = HostLinks(opener.open_home(), max_age=0.1)
+    host = HostLinks(opener.open_home())
     pool, store, _ = make_pool(opener, host)
     ns = namespace_for(netns)
     try:

@@ -8,6 +8,7 @@ descriptor it opened.
 from __future__ import annotations
 
 import asyncio
+import gc
 import resource
 import signal
 from pathlib import Path
@@ -83,8 +84,7 @@ class App:
             raise StartupError(f"cannot use data dir {cfg.data_dir}: {exc.strerror or exc}") from None
 
         opener = NamespaceOpener(cfg.proc_root)
-        # Read once per tick: every watcher samples on the same tick, right after each other.
-        host_links = HostLinks(opener.open_home(), max_age=cfg.interval * 0.8)
+        host_links = HostLinks(opener.open_home())
         exits = ProcessExits(loop)
         context = SamplerContext(
             interval=cfg.interval,
@@ -129,6 +129,9 @@ class App:
             samplers=[s.name for s in pool.specs],
             fd_limit=fd_limit,
         )
+        # Everything allocated so far (modules, config, listeners) lives as long as the daemon:
+        # keep it out of the cyclic collector's full passes.
+        gc.freeze()
         pool.start()
         tasks = [asyncio.create_task(source.run(), name=f"runtime-{source.name}") for source in self.sources]
         try:

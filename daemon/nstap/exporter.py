@@ -101,6 +101,8 @@ class Family:
 
 
 def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
     if isinstance(value, int):
         return str(value)
     if math.isnan(value):
@@ -118,7 +120,15 @@ def render(families: Iterable[Family]) -> str:
             continue
         name = fam.name
         parts.append(f"# HELP {name} {fam.help}\n# TYPE {name} {fam.kind}\n")
-        parts.extend([f"{name}{labels.text} {_number(value)}\n" for labels, value in fam.rows])
+        # Values are ints (counters, gauges) or finite floats (timestamps, seconds), which
+        # format as Prometheus expects; anything else goes through _number.
+        parts.extend(
+            [
+                f"{name}{labels.text} {value}\n" if type(value) is int or (type(value) is float and math.isfinite(value))
+                else f"{name}{labels.text} {_number(value)}\n"
+                for labels, value in fam.rows
+            ]
+        )
     return "".join(parts)
 
 
@@ -277,7 +287,7 @@ class ContainerCollector(Collector):
                         label((okey, protocol, "open"), lambda: base.extend(("protocol", protocol), ("state", "open"))),
                         sock.in_use.get(protocol, 0) + sock.in_use.get(protocol + "6", 0),
                     )
-                states_at.add(base, sock.states_at)
+                states_at.add(base, sock.states_at or sample.taken_at)
                 walk_every.add(base, sock.walk_interval)
                 syn_retrans.add(base, sock.syn_sent_max_retransmits)
                 for queue in sock.listen:

@@ -44,7 +44,8 @@ class SocketSample(NamedTuple):
     """Sockets of a namespace: totals, TCP states and listeners.
 
     ``tcp_states["listen"]`` and ``tcp_states["time_wait"]`` are exact at every sample; the other
-    states are as of ``states_at`` (see the socket sampler for why they may be older).
+    states are as of ``states_at`` (see the socket sampler for why they may be older), or exact
+    at this sample when ``states_at`` is 0.
     """
 
     in_use: Mapping[str, int]  # "tcp", "tcp6", "udp", "udp6", "raw", "raw6" -> sockets in use

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -91,11 +92,16 @@ class NamespaceWatcher:
         raise last
 
     async def _loop(self) -> None:
-        # The first sample is taken at once, the next ones on the pool's shared tick.
+        # The first sample is taken at once; the next ones are taken by the pool's ticker, which
+        # runs every watcher's sample_once back to back on each tick. This task stays, owning the
+        # namespace's handles, until it is cancelled.
+        self.sample_once()
         ticker = self.pool.ticker
-        while True:
-            self.sample_once()
-            await ticker.wait()
+        ticker.add(self)
+        try:
+            await asyncio.get_running_loop().create_future()  # only cancellation ends it
+        finally:
+            ticker.discard(self)
 
     def sample_once(self) -> NamespaceSample | None:
         """Take one sample and hand it to the store; None if every sampler failed."""
@@ -180,39 +186,53 @@ class NamespaceWatcher:
 
 
 class Ticker:
-    """One timer for every watcher: ticks on multiples of the interval on the loop's clock.
+    """One timer for every watcher: on multiples of the interval (loop clock), samples them all.
 
-    The loop wakes once per interval and runs all the samples back to back, instead of arming
-    and firing one timer per namespace. Each waiter gets its own future, so cancelling one
-    watcher cancels nothing else.
+    The loop wakes once per interval and the samples run back to back in one callback, without
+    an asyncio task switch, future or timer per namespace; this roughly halves the sampling
+    overhead that is not reading the kernel (CPU caches stay warm from one namespace to the next).
     """
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, on_round: Callable[[], None] | None = None) -> None:
         self.interval = interval
-        self._waiters: list[asyncio.Future] = []
+        self.on_round = on_round  # called as each tick starts, before the samples
+        self._watchers: dict[NamespaceWatcher, None] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def wait(self) -> asyncio.Future:
-        """A future that completes at the next tick."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._waiters.append(future)
+    def add(self, watcher: NamespaceWatcher) -> None:
+        """Sample ``watcher`` on every tick from now on."""
+        self._watchers[watcher] = None
         if self._timer is None:
-            now = loop.time()
-            self._timer = loop.call_at((now // self.interval + 1) * self.interval, self._tick)
-        return future
+            self._arm()
+
+    def discard(self, watcher: NamespaceWatcher) -> None:
+        """Stop sampling ``watcher``."""
+        self._watchers.pop(watcher, None)
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._timer = loop.call_at((now // self.interval + 1) * self.interval, self._tick)
 
     def _tick(self) -> None:
-        waiters, self._waiters, self._timer = self._waiters, [], None
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)
+        self._timer = None
+        if self.on_round is not None:
+            self.on_round()
+        for watcher in list(self._watchers):
+            try:
+                watcher.sample_once()
+            except Exception:  # noqa: BLE001 - a bug in one namespace's sample must not stop the others
+                watcher.log.exception("sample_failed")
+                watcher.pool.instruments.sampler_errors.labels("sample").inc()
+        if self._watchers:
+            self._arm()
 
     def close(self) -> None:
-        """Cancel the pending tick and wake whoever waits."""
+        """Stop ticking."""
         if self._timer is not None:
             self._timer.cancel()
-        self._tick()
+            self._timer = None
+        self._watchers.clear()
 
 
 class WatcherPool:
@@ -235,7 +255,8 @@ class WatcherPool:
         self.store = store
         self.instruments = instruments
         self.walk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-walk")
-        self.ticker = Ticker(self.interval)
+        host = context.host_links
+        self.ticker = Ticker(self.interval, host.new_round if host is not None else None)
         self.watchers: dict[int, tuple[NamespaceWatcher, asyncio.Task]] = {}
         self._closed = False
 

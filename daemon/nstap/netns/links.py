@@ -84,6 +84,10 @@ class LinkTable:
         """Metadata of one interface by ifindex."""
         return self._by_index.get(ifindex)
 
+    def read_counters(self) -> bytes:
+        """/proc/net/dev of the namespace, read now (see :func:`parse_net_dev`)."""
+        return self._dev.read()
+
     def counters(self) -> dict[str, DevCounters]:
         """Counters of every interface, read now."""
         return parse_net_dev(self._dev.read())

@@ -264,9 +264,11 @@ class LookupRequest:
     so the same sequence numbers can be reused.
     """
 
-    __slots__ = ("data", "first", "last")
+    __slots__ = ("data", "first", "last", "reply", "answers")
 
     def __init__(self, family: int, protocol: int, states: int, sockids: list[bytes]) -> None:
+        self.reply = b""  # the previous answer, byte for byte, and what it was parsed into
+        self.answers: list[DiagSocket | None] = []
         self.first = _next_seq()
         global _seq
         _seq = self.last = self.first + len(sockids) - 1
@@ -279,7 +281,8 @@ def lookup_inet(sock: socket.socket, request: LookupRequest) -> list[DiagSocket 
     """The current state of each socket of ``request`` (None for one that is gone), asked in one send.
 
     An exact lookup costs the kernel one hash probe, where a dump of listeners walks the whole
-    listening hash (tens of thousands of buckets, most of them cold in cache).
+    listening hash (tens of thousands of buckets, most of them cold in cache). When the answer
+    is byte for byte the previous one, the previous list object is returned.
     """
     first, last = request.first, request.last
     if last < first:
@@ -287,11 +290,15 @@ def lookup_inet(sock: socket.socket, request: LookupRequest) -> list[DiagSocket 
     sock.send(request.data)
     answers: dict[int, DiagSocket | None] = {}
     wanted = last - first + 1
+    chunks = []
     while len(answers) < wanted:
         try:
             data = sock.recv(_RECV_SIZE)
         except BlockingIOError as exc:
             raise NetlinkError(errno.EAGAIN, "sock_diag lookup stalled") from exc
+        if not chunks and data == request.reply:
+            return request.answers
+        chunks.append(data)
         off, end = 0, len(data)
         while off + 16 <= end:
             length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
@@ -306,4 +313,6 @@ def lookup_inet(sock: socket.socket, request: LookupRequest) -> list[DiagSocket 
                 elif mtype == SOCK_DIAG_BY_FAMILY:
                     answers[mseq] = _diag_socket(data, off)
             off += (length + 3) & ~3
-    return [answers[seq] for seq in range(first, last + 1)]
+    request.answers = [answers[seq] for seq in range(first, last + 1)]
+    request.reply = chunks[0] if len(chunks) == 1 else b""
+    return request.answers

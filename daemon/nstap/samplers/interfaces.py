@@ -9,28 +9,26 @@ IFLA_LINK is the container interface's ifindex.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 
 from ..netns import netlink
 from ..netns.handles import NamespaceHandles
-from ..netns.links import DevCounters, LinkTable
+from ..netns.links import DevCounters, LinkTable, parse_net_dev
 from ..samples import InterfaceCounters
 
 
 class HostLinks:
-    """The host namespace's interfaces, shared by all watchers and read at most once per ``max_age``.
+    """The host namespace's interfaces, shared by all watchers and read once per sampling round.
 
-    Create it on the event loop: it watches the host's link-change notifications there.
+    The watcher pool calls :meth:`new_round` when a tick starts; the first watcher that needs
+    the host side in that round reads it, the others reuse what it read. Create it on the event
+    loop: it watches the host's link-change notifications there.
     """
 
-    def __init__(self, handles: NamespaceHandles, max_age: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, handles: NamespaceHandles) -> None:
         self._handles = handles
         self._table = LinkTable(handles.rtnl, handles.rtnl_events, handles.proc["dev"])
         self._table.follow(asyncio.get_running_loop())
-        self._max_age = max_age
-        self._clock = clock
-        self._read_at = float("-inf")
+        self._stale = True
         self._peers: dict[tuple[int, int], netlink.LinkInfo] = {}
         self._counters: dict[str, DevCounters] = {}
 
@@ -39,12 +37,15 @@ class HostLinks:
         """Changes whenever the host's interfaces changed."""
         return self._table.generation
 
+    def new_round(self) -> None:
+        """A sampling round starts: the next :meth:`refresh` reads the host again."""
+        self._stale = True
+
     def refresh(self) -> None:
-        """Re-read host counters (and metadata if it changed) unless read within ``max_age``."""
-        now = self._clock()
-        if now - self._read_at < self._max_age:
+        """Read host counters (and metadata if it changed) if not read yet this round."""
+        if not self._stale:
             return
-        self._read_at = now
+        self._stale = False
         if self._table.refresh():
             self._peers = {
                 (link.link_netnsid, link.link): link
@@ -83,6 +84,8 @@ class InterfaceSampler:
         self._host = host
         self._seen = (-1, -1)  # (container generation, host generation) the peer map was built for
         self._peer_of: dict[int, netlink.LinkInfo] = {}
+        self._last_key: tuple = ()
+        self._last: tuple[InterfaceCounters, ...] = ()
 
     def _match_peers(self) -> None:
         self._peer_of = {}
@@ -114,9 +117,14 @@ class InterfaceSampler:
         if seen != self._seen:
             self._match_peers()
             self._seen = seen
+        raw = table.read_counters()
+        host_counters = tuple(host.counters(peer.name) for peer in self._peer_of.values()) if host is not None else ()
+        key = (raw, seen, host_counters)
+        if key == self._last_key:  # nothing moved on either side: the same answer as last time
+            return self._last
         links = table.links()
         out = []
-        for name, c in table.counters().items():
+        for name, c in parse_net_dev(raw).items():
             link = links.get(name)
             if link is None:  # appeared since the last metadata dump; next sample has it
                 continue
@@ -126,4 +134,5 @@ class InterfaceSampler:
                 hc = host.counters(peer.name)
                 if hc is not None:
                     out.append(InterfaceCounters(peer.name, "host", name, peer.up, peer.mtu, *hc))
-        return tuple(out)
+        self._last_key, self._last = key, tuple(out)
+        return self._last

@@ -129,11 +129,17 @@ class ProtocolSampler:
             (handles.proc[name], wanted) for name, wanted in _BY_FILE.items()
         ]
         self._layouts: list[TableLayout | None] = [None] * len(self._files)
+        self._raw: list[bytes] = [b""] * len(self._files)
+        self._last: dict[str, int] = {}
 
     def sample(self) -> dict[str, int]:
-        """Read both files now."""
+        """Read both files now; the previous dict again when neither changed by a byte."""
+        raw = [f.read() for f, _ in self._files]
+        if raw == self._raw:
+            return self._last
         out: dict[str, int] = {}
-        for n, (f, wanted) in enumerate(self._files):
-            values, self._layouts[n] = parse_tables(f.read(), wanted, self._layouts[n])
+        for n, (_f, wanted) in enumerate(self._files):
+            values, self._layouts[n] = parse_tables(raw[n], wanted, self._layouts[n])
             out.update(values)
+        self._raw, self._last = raw, out
         return out

@@ -164,7 +164,7 @@ class SocketSampler:
         self._max_ports = max_ports
         self._clock = clock
         self._walked: Mapping[str, int] = dict.fromkeys(WALKED_STATES, 0)
-        self._walked_at = 0.0
+        self._walked_at = -1.0  # 0.0: exact as of each sample; > 0: when the last walk counted them
         self._syn_retrans = 0
         self._walk_cost: float | None = None
         self._next_walk = clock()
@@ -176,56 +176,90 @@ class SocketSampler:
         self._in_use: dict[int, int] = {}
         self._layout4: SockstatLayout | None = None
         self._layout6: SockstatLayout | None = None
+        self._raw: tuple[bytes, bytes] = (b"", b"")
+        self._last_in_use: dict[str, int] = {}
+        self._last_time_wait = 0
+        self._last: SocketSample | None = None
+        self._last_listeners: list[list[netlink.DiagSocket]] = []
 
     def sample(self) -> SocketSample:
-        """Read sockstat and the listeners now (no walk: see :meth:`walk_due`)."""
-        in_use: dict[str, int] = {}
-        time_wait, self._layout4 = parse_sockstat(self._sockstat.read(), in_use, self._layout4)
-        if self._sockstat6 is not None:
-            _, self._layout6 = parse_sockstat(self._sockstat6.read(), in_use, self._layout6)
-        ports: dict[str, list[int]] = {}
+        """Read sockstat and the listeners now (no walk: see :meth:`walk_due`).
+
+        When nothing read differs from the previous sample (byte for byte), the previous sample
+        object is returned again: most namespaces are quiet most of the time.
+        """
+        raw = (self._sockstat.read(), self._sockstat6.read() if self._sockstat6 is not None else b"")
+        if raw == self._raw:
+            in_use, time_wait, changed = self._last_in_use, self._last_time_wait, False
+        else:
+            in_use = {}
+            time_wait, self._layout4 = parse_sockstat(raw[0], in_use, self._layout4)
+            if raw[1]:
+                _, self._layout6 = parse_sockstat(raw[1], in_use, self._layout6)
+            self._raw, self._last_in_use, self._last_time_wait, changed = raw, in_use, time_wait, True
         walk = []
+        listeners: list[list[netlink.DiagSocket]] = []
         for family, proto in _FAMILIES:
             sockets = in_use.get(proto, 0)
             previous, self._in_use[family] = self._in_use.get(family, 0), sockets
             if not sockets:
                 self._known[family] = []
                 continue
-            listeners = self._listeners(family, sockets, sockets > previous, ports)
-            if sockets > listeners:
+            found = self._listeners(family, sockets, sockets > previous)
+            listeners.append(found)
+            if sockets > len(found):
                 walk.append(family)
         self.walk_families = tuple(walk)
-        if not walk:  # every TCP socket in use is a listener: nothing in any other state, exactly
+        if not walk and self._walked_at:  # every TCP socket in use is a listener: no other state, exactly
             self._walked = dict.fromkeys(WALKED_STATES, 0)
-            self._walked_at = time.time()
+            self._walked_at = 0.0  # "as of this sample"
             self._syn_retrans = 0
+            changed = True
+        last = self._last
+        if (
+            last is not None
+            and not changed
+            and last.walk_interval == self.walk_interval
+            and len(listeners) == len(self._last_listeners)
+            and all(a is b for a, b in zip(listeners, self._last_listeners))
+        ):
+            return last
+        ports: dict[str, list[int]] = {}
+        for found in listeners:
+            self._add_ports(found, ports)
         states = {"listen": sum(p[2] for p in ports.values()), "time_wait": time_wait, **self._walked}
         listen = tuple(ListenQueue(label, q, limit, n) for label, (q, limit, n) in ports.items())
-        return SocketSample(in_use, states, self._walked_at, self._syn_retrans, listen, self.walk_interval)
+        self._last = SocketSample(in_use, states, self._walked_at, self._syn_retrans, listen, self.walk_interval)
+        self._last_listeners = listeners
+        return self._last
 
-    def _listeners(self, family: int, in_use: int, grew: bool, ports: dict[str, list[int]]) -> int:
-        """Read the family's listeners into ``ports``; returns how many there are.
+    def _listeners(self, family: int, in_use: int, grew: bool) -> list[netlink.DiagSocket]:
+        """The family's listeners now.
 
         Listeners known from the last dump are asked for one by one (one hash probe each); the
         listening hash is dumped again only when one of them is gone, when there may be a new
         one (more sockets in use than known listeners, and more than at the last sample, or
         for longer than REDISCOVER_AFTER), or when there are too many to ask for one by one.
+        The answer is the very same list object as last time when nothing changed.
         """
         known = self._known.get(family)
         now = self._clock()
-        current = None
         if known is not None and len(known) <= MAX_LOOKUPS:
             unknown = in_use > len(known)
             if not (unknown and (grew or now - self._discovered_at.get(family, now) >= REDISCOVER_AFTER)):
-                answers = netlink.lookup_inet(self._diag, self._lookups[family]) if known else []
+                if not known:
+                    return known
+                answers = netlink.lookup_inet(self._diag, self._lookups[family])
                 if None not in answers:
-                    current = answers
-        if current is None:
-            current = netlink.dump_inet(self._diag, family, socket.IPPROTO_TCP, TCP_LISTEN_MASK)
-            self._known[family] = current
-            self._lookups[family] = netlink.LookupRequest(family, socket.IPPROTO_TCP, TCP_LISTEN_MASK, [k.sockid for k in current])
-            self._discovered_at[family] = now
-        for sock in current:
+                    return answers
+        current = netlink.dump_inet(self._diag, family, socket.IPPROTO_TCP, TCP_LISTEN_MASK)
+        self._known[family] = current
+        self._lookups[family] = netlink.LookupRequest(family, socket.IPPROTO_TCP, TCP_LISTEN_MASK, [k.sockid for k in current])
+        self._discovered_at[family] = now
+        return current
+
+    def _add_ports(self, listeners: list[netlink.DiagSocket], ports: dict[str, list[int]]) -> None:
+        for sock in listeners:
             label = port_label(sock.port, self._ephemeral)
             entry = ports.get(label)
             if entry is None:
@@ -237,7 +271,6 @@ class SocketSampler:
             entry[0] += sock.rqueue
             entry[1] += sock.wqueue
             entry[2] += 1
-        return len(current)
 
     def walk_due(self) -> bool:
         """True when the latest sample found sockets to walk and the budget allows a walk now."""
@@ -253,6 +286,7 @@ class SocketSampler:
         self._walked = counts
         self._walked_at = time.time()
         self._syn_retrans = syn_retrans
+        self._last = None
         self._walk_cost = cost if self._walk_cost is None else 0.7 * self._walk_cost + 0.3 * cost
         self.walk_interval = walk_interval(self._walk_cost, self._budget, self._interval, self._max_walk_interval)
         self._next_walk = self._clock() + self.walk_interval

@@ -1,0 +1,88 @@
+"""The exporter over hand-made samples: series appear, carry their owner's labels, and vanish."""
+
+from __future__ import annotations
+
+import subprocess
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import tool
+from nstap.exporter import ContainerCollector, Family, Labels, render
+from nstap.registry import ContainerRegistry
+from nstap.runtime.records import ContainerRecord
+from nstap.samples import InterfaceCounters, ListenQueue, NamespaceSample, SampleStore, SocketSample
+from nstap.samplers.sockets import STATE_NAMES
+
+
+class Runtime:
+    name, kind, version, up, events_total, reconnects_total = "docker", "docker", "28.0", True, 7, 1
+
+
+def record(cid: str, netns: int, name: str, mode: str = "bridge") -> ContainerRecord:
+    return ContainerRecord(id=cid * 32, name=name, runtime="docker", pid=1, status="running", image="img:1", network_mode=mode).with_netns(netns, 1)
+
+
+def sample(netns: int) -> NamespaceSample:
+    iface = InterfaceCounters("eth0", "container", "veth1", True, 1500, 10, 2, 0, 1, 20, 3, 0, 0)
+    host = InterfaceCounters("veth1", "host", "eth0", True, 1500, 20, 3, 0, 0, 10, 2, 0, 4)
+    states = {"listen": 1, "time_wait": 2, **{s: 0 for s in STATE_NAMES[2:]}}
+    sockets = SocketSample({"tcp": 1, "udp": 2, "udp6": 1}, states, 0.0, 0, (ListenQueue("80", 3, 9, 1),), 1.0)
+    return NamespaceSample(netns, 1_700_000_000.5, 0.0002, (iface, host), {"tcp_retransmitted_segments": 5, "tcp_established_connections": 1}, sockets)
+
+
+def parse(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_series_follow_the_registry_and_the_store() -> None:
+    registry, store = ContainerRegistry(), SampleStore()
+    collector = ContainerCollector(registry, store, [Runtime()])
+    owner, joiner = record("ab", 5, "web"), record("cd", 5, "side", mode="container:" + "ab" * 32)
+    registry.upsert(owner)
+    registry.upsert(joiner)
+    store.put(sample(5))
+    got = parse(collector.render())
+    base = (("container", "web"), ("container_id", "abababababab"), ("runtime", "docker"))
+    host_labels = tuple(sorted(base + (("interface", "veth1"), ("peer", "eth0"), ("side", "host"))))
+    assert got[("nstap_interface_transmit_drops_total", host_labels)] == 4
+    assert got[("nstap_tcp_retransmitted_segments_total", tuple(sorted(base)))] == 5
+    assert got[("nstap_tcp_established_connections", tuple(sorted(base)))] == 1
+    assert got[("nstap_sockets", tuple(sorted(base + (("protocol", "udp"), ("state", "open")))))] == 3
+    assert got[("nstap_tcp_listen_queue_length", tuple(sorted(base + (("port", "80"),))))] == 3
+    assert got[("nstap_socket_states_timestamp_seconds", tuple(sorted(base)))] == 1_700_000_000.5  # exact: as of the sample
+    # Both members are listed with the shared netns; only the owner has series.
+    infos = {dict(k[1])["container"]: dict(k[1])["netns"] for k in got if k[0] == "nstap_container_info"}
+    assert infos == {"web": "5", "side": "5"}
+    assert not [k for k in got if dict(k[1]).get("container") == "side" and k[0] != "nstap_container_info"]
+    # prometheus-client's Collector interface gives the same series.
+    via_client = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in collector.collect() for s in m.samples}
+    assert via_client == {k: v for k, v in got.items()}
+    # The container goes: every one of its series goes with it.
+    registry.remove(owner.id)
+    registry.remove(joiner.id)
+    store.drop(5)
+    left = parse(collector.render())
+    assert not [k for k in left if ("container_id", "abababababab") in k[1] or ("container_id", "cdcdcdcdcdcd") in k[1]]
+    assert left[("nstap_runtime_events_total", (("runtime", "docker"),))] == 7
+
+
+def test_rendered_text_passes_promtool() -> None:
+    registry, store = ContainerRegistry(), SampleStore()
+    registry.upsert(record("ab", 5, 'we"ird\\name'))
+    store.put(sample(5))
+    text = ContainerCollector(registry, store, [Runtime()]).render()
+    proc = subprocess.run([tool("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout + proc.stderr
+    assert parse(text)  # and it parses, label escaping included
+
+
+def test_render_formats_values() -> None:
+    fam = Family("x_total", "counter", "help")
+    for v in (5, 1.5, float("inf"), float("-inf"), float("nan"), True):
+        fam.add(Labels((("a", "1"),)), v)
+    lines = render([fam]).splitlines()[2:]
+    assert [line.split(" ")[1] for line in lines] == ["5", "1.5", "+Inf", "-Inf", "NaN", "1"]
