@@ -1,0 +1,77 @@
+"""A real Prometheus scrapes nstap: the target is healthy and per-container series can be queried."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import Containers, free_port, tool, wait_until
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path):
+    """Start Prometheus on loopback; yields a function that points it at a target."""
+    procs: list[subprocess.Popen] = []
+
+    def start(target: str) -> str:
+        port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
+                    "scrape_configs": [{"job_name": "nstap", "static_configs": [{"targets": [target]}]}],
+                }
+            )
+        )
+        log = open(tmp_path / "prometheus.log", "wb")
+        procs.append(
+            subprocess.Popen(
+                [tool("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(20)
+
+
+def query(base: str, promql: str) -> list:
+    try:
+        with urllib.request.urlopen(f"{base}/api/v1/query?query={urllib.parse.quote(promql)}", timeout=5) as r:
+            return json.load(r)["data"]["result"]
+    except OSError:
+        return []
+
+
+def test_prometheus_scrapes_nstap(nstap, prometheus, containers: Containers, docker_image: str) -> None:
+    d = nstap()
+    cid = containers.docker(docker_image, "httpd", "-f", "-p", "80", "-h", "/www", name="prom")
+    d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12]), 3)
+    base = prometheus(f"127.0.0.1:{d.metrics_port}")
+    up = wait_until(lambda: query(base, 'up{job="nstap"} == 1'), 30, 0.5, "Prometheus scraped nstap")
+    assert up[0]["metric"]["job"] == "nstap"
+    series = wait_until(lambda: query(base, f'nstap_interface_receive_packets_total{{container_id="{cid[:12]}",side="host"}}'), 15, 0.5)
+    assert series[0]["metric"]["interface"].startswith("veth")
+    joined = wait_until(
+        lambda: query(base, f'rate(nstap_interface_transmit_bytes_total{{side="container"}}[5s]) * on(container_id) group_left(image) nstap_container_info{{container_id="{cid[:12]}"}}'),
+        15,
+        0.5,
+        "a rate joined with nstap_container_info",
+    )
+    assert joined[0]["metric"]["image"] == docker_image
+    # No scrape errors and no rejected samples over the whole run.
+    assert query(base, "prometheus_target_scrapes_sample_duplicate_timestamp_total > 0") == []
+    assert query(base, "prometheus_target_scrapes_sample_out_of_order_total > 0") == []
