@@ -8,13 +8,11 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from conftest import sh, tool, wait_until
+from conftest import NsUnderTest, ping, sh, tool, wait_until
 from nstap.instruments import Instruments
 from nstap.netns.handles import NamespaceGone, NamespaceOpener
 from nstap.netns.links import parse_net_dev
@@ -29,52 +27,11 @@ from nstap.watcher import NamespaceWatcher, WatcherPool
 from prometheus_client import CollectorRegistry
 
 
-@dataclass
-class NsUnderTest:
-    name: str
-    host_if: str
-    host_ip: str
-    ns_ip: str
-    pid: int  # a process living in the namespace
-
-
-@pytest.fixture
-def netns() -> Iterator[NsUnderTest]:
-    """A namespace with eth0 veth'd to the host (10.213.x.2 <-> 10.213.x.1) and a process in it."""
-    ip = tool("ip")
-    tag = uuid.uuid4().hex[:6]
-    name, host_if = f"nstap-t-{tag}", f"nst{tag}"
-    octet = int(tag[:2], 16) % 250 + 1
-    host_ip, ns_ip = f"10.213.{octet}.1", f"10.213.{octet}.2"
-    sh(ip, "netns", "add", name)
-    proc = None
-    try:
-        sh(ip, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", name)
-        sh(ip, "addr", "add", f"{host_ip}/30", "dev", host_if)
-        sh(ip, "link", "set", host_if, "up")
-        sh(ip, "-n", name, "addr", "add", f"{ns_ip}/30", "dev", "eth0")
-        sh(ip, "-n", name, "link", "set", "eth0", "up")
-        sh(ip, "-n", name, "link", "set", "lo", "up")
-        proc = subprocess.Popen([ip, "netns", "exec", name, "sleep", "600"])
-        wait_until(lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino == os.stat(f"/run/netns/{name}").st_ino, 5)
-        yield NsUnderTest(name, host_if, host_ip, ns_ip, proc.pid)
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        sh(ip, "link", "del", host_if, check=False)
-        sh(ip, "netns", "del", name, check=False)
-
-
 @pytest.fixture
 def opener() -> Iterator[NamespaceOpener]:
     o = NamespaceOpener()
     yield o
     o.close()
-
-
-def ping(target: str, count: int) -> None:
-    sh(tool("ping"), "-c", str(count), "-i", "0.01", "-W", "1", "-q", target)
 
 
 async def test_handles_bind_to_the_namespace_not_the_opener(netns: NsUnderTest, opener: NamespaceOpener) -> None:

@@ -1,0 +1,1 @@
+"""Packet captures: tcpdump in a container's namespace, the flight recorder, the capture store."""

@@ -1,0 +1,453 @@
+"""The capture store: pcap files plus an SQLite index under the data dir.
+
+Every capture gets its row before its file exists, so nothing written is ever unaccounted for:
+a capture still "running" when the daemon stops or crashes is marked "incomplete" (with what its
+file holds) at the next start, and a pcap file without a row is indexed as an incomplete capture
+rather than deleted. Files are 0600. The store keeps to a disk budget and a maximum age by
+evicting the oldest finished captures first; an evicted capture keeps its row (state "evicted").
+
+SQLite calls are quick but blocking, so they run in one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .pcap import PcapError, read_file, sha256_file
+
+log = structlog.get_logger("nstap.capture")
+
+ID_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z-]{0,63}$")
+RUNNING, COMPLETE, INCOMPLETE, FAILED, EVICTED = "running", "complete", "incomplete", "failed", "evicted"
+FINISHED = (COMPLETE, INCOMPLETE, FAILED)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS captures (
+    id TEXT PRIMARY KEY,
+    container TEXT NOT NULL DEFAULT '',
+    container_id TEXT NOT NULL DEFAULT '',
+    runtime TEXT NOT NULL DEFAULT '',
+    netns INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL DEFAULT '',
+    anomaly_id TEXT,
+    mode TEXT NOT NULL DEFAULT '',
+    trigger_at REAL NOT NULL DEFAULT 0,
+    window_start REAL NOT NULL DEFAULT 0,
+    window_end REAL NOT NULL DEFAULT 0,
+    filter TEXT NOT NULL DEFAULT '',
+    snaplen INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    file TEXT,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    packets INTEGER NOT NULL DEFAULT 0,
+    pre_packets INTEGER NOT NULL DEFAULT 0,
+    kernel_drops INTEGER NOT NULL DEFAULT 0,
+    sha256 TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS captures_created ON captures (created_at);
+CREATE TABLE IF NOT EXISTS anomalies (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    container TEXT NOT NULL,
+    container_id TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    netns INTEGER NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    resolved_at REAL,
+    findings INTEGER NOT NULL DEFAULT 1,
+    numbers TEXT NOT NULL DEFAULT '{}',
+    summary TEXT NOT NULL DEFAULT '',
+    capture_id TEXT
+);
+CREATE INDEX IF NOT EXISTS anomalies_first ON anomalies (first_seen);
+CREATE TABLE IF NOT EXISTS alerts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at REAL NOT NULL,
+    status TEXT NOT NULL,
+    alertname TEXT NOT NULL DEFAULT '',
+    fingerprint TEXT NOT NULL DEFAULT '',
+    starts_at TEXT NOT NULL DEFAULT '',
+    labels TEXT NOT NULL DEFAULT '{}',
+    capture_id TEXT,
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS alerts_fp ON alerts (fingerprint, starts_at);
+"""
+
+
+def new_id(now: float | None = None) -> str:
+    """A sortable, URL- and path-safe id: UTC time plus randomness."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now if now is not None else time.time()))
+    return f"{stamp}-{secrets.token_hex(4)}"
+
+
+@dataclass
+class CaptureRow:
+    """One capture's index entry."""
+
+    id: str
+    state: str
+    created_at: float
+    container: str = ""
+    container_id: str = ""
+    runtime: str = ""
+    netns: int = 0
+    reason: str = ""
+    kind: str = ""
+    anomaly_id: str | None = None
+    mode: str = ""
+    trigger_at: float = 0.0
+    window_start: float = 0.0
+    window_end: float = 0.0
+    filter: str = ""
+    snaplen: int = 0
+    error: str = ""
+    file: str | None = None
+    bytes: int = 0
+    packets: int = 0
+    pre_packets: int = 0
+    kernel_drops: int = 0
+    sha256: str = ""
+    finished_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as the API shows it (without the internal file name)."""
+        out = asdict(self)
+        out.pop("file")
+        out["downloadable"] = self.file is not None and self.state != RUNNING
+        return out
+
+
+@dataclass
+class AnomalyRow:
+    """One anomaly event's index entry."""
+
+    id: str
+    kind: str
+    container: str
+    container_id: str
+    runtime: str
+    netns: int
+    first_seen: float
+    last_seen: float
+    resolved_at: float | None = None
+    findings: int = 1
+    numbers: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    capture_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as the API shows it."""
+        out = asdict(self)
+        out["active"] = self.resolved_at is None
+        return out
+
+
+_CAPTURE_FIELDS = [f.name for f in fields(CaptureRow)]
+_ANOMALY_FIELDS = [f.name for f in fields(AnomalyRow)]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much the store may keep."""
+
+    max_bytes: int
+    max_age_seconds: float
+
+
+class CaptureStore:
+    """The SQLite index and the pcap files of every capture."""
+
+    def __init__(self, data_dir: Path, retention: Retention) -> None:
+        self.dir = data_dir / "captures"
+        self.db_path = data_dir / "nstap.db"
+        self.retention = retention
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-store")
+        self._db: sqlite3.Connection | None = None
+        self.total_bytes = 0  # bytes of capture files on disk, kept current for the exporter
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> dict[str, int]:
+        """Open (creating) the store and recover from an unclean stop; returns what was recovered."""
+        return await self._run(self._open)
+
+    def _open(self) -> dict[str, int]:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.dir, 0o700)
+        db = sqlite3.connect(self.db_path, isolation_level=None)
+        os.chmod(self.db_path, 0o600)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        self._db = db
+        recovered = {"incomplete": 0, "orphans": 0, "anomalies_closed": 0}
+        now = time.time()
+        for row in self._select("SELECT * FROM captures WHERE state = ?", (RUNNING,)):
+            self._finish_from_file(row, INCOMPLETE, "daemon stopped before the capture finished", now)
+            recovered["incomplete"] += 1
+        known = {r[0] for r in db.execute("SELECT file FROM captures WHERE file IS NOT NULL")}
+        for path in sorted(self.dir.glob("*.pcap")):
+            if path.name in known:
+                continue
+            row = CaptureRow(id=new_id(path.stat().st_mtime), state=RUNNING, created_at=path.stat().st_mtime, reason="recovered", file=path.name)
+            self._insert(row)
+            self._finish_from_file(row, INCOMPLETE, "file found without an index entry", now)
+            recovered["orphans"] += 1
+        cur = db.execute("UPDATE anomalies SET resolved_at = last_seen WHERE resolved_at IS NULL")
+        recovered["anomalies_closed"] = cur.rowcount
+        self.total_bytes = self._disk_bytes()
+        return recovered
+
+    def _finish_from_file(self, row: CaptureRow, state: str, error: str, now: float) -> None:
+        path = self.dir / row.file if row.file else None
+        size = packets = 0
+        digest = ""
+        if path is not None and path.exists():
+            size = path.stat().st_size
+            digest = sha256_file(path)
+            try:
+                packets = len(read_file(path)[1])
+            except PcapError:
+                packets = 0
+        self._update(row.id, state=state, error=error, bytes=size, packets=packets, sha256=digest, finished_at=now)
+
+    async def close(self) -> None:
+        """Close the index."""
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- captures --------------------------------------------------------------------------------
+
+    def path_of(self, row: CaptureRow) -> Path | None:
+        """The pcap file of a capture, if it has one on disk."""
+        if not row.file or row.state == EVICTED:
+            return None
+        path = self.dir / row.file
+        return path if path.is_file() else None
+
+    async def create(self, row: CaptureRow) -> CaptureRow:
+        """Index a new capture (state running) and create its empty 0600 file; returns the row."""
+        return await self._run(self._create, row)
+
+    def _create(self, row: CaptureRow) -> CaptureRow:
+        row.file = f"{row.id}.pcap"
+        self._insert(row)
+        fd = os.open(self.dir / row.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        return row
+
+    async def finish(self, capture_id: str, **values: Any) -> None:
+        """Record a capture's outcome (state, bytes, packets, drops, sha256, error ...)."""
+        await self._run(self._finish, capture_id, values)
+
+    def _finish(self, capture_id: str, values: dict[str, Any]) -> None:
+        values.setdefault("finished_at", time.time())
+        self._update(capture_id, **values)
+        self.total_bytes = self._disk_bytes()
+
+    async def get(self, capture_id: str) -> CaptureRow | None:
+        """One capture by id (None for an id that is not well-formed or not known)."""
+        if not isinstance(capture_id, str) or not ID_PATTERN.match(capture_id):
+            return None
+        rows = await self._run(self._select, "SELECT * FROM captures WHERE id = ?", (capture_id,))
+        return rows[0] if rows else None
+
+    async def list(
+        self,
+        container: str | None = None,
+        kind: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[CaptureRow]:
+        """Captures, newest first, filtered."""
+        where, args = [], []
+        if container:
+            where.append("(container = ? OR container_id = ? OR substr(container_id, 1, length(?)) = ?)")
+            args += [container, container, container, container]
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        if reason:
+            where.append("reason = ?")
+            args.append(reason)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("created_at <= ?")
+            args.append(until)
+        sql = "SELECT * FROM captures" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created_at DESC LIMIT ?"
+        return await self._run(self._select, sql, (*args, limit))
+
+    def _select(self, sql: str, args: tuple) -> list[CaptureRow]:
+        assert self._db is not None
+        cur = self._db.execute(sql, args)
+        names = [d[0] for d in cur.description]
+        return [CaptureRow(**dict(zip(names, r))) for r in cur.fetchall()]
+
+    def _insert(self, row: CaptureRow) -> None:
+        assert self._db is not None
+        data = asdict(row)
+        cols = ",".join(data)
+        self._db.execute(f"INSERT INTO captures ({cols}) VALUES ({','.join('?' * len(data))})", tuple(data.values()))
+
+    def _update(self, capture_id: str, **values: Any) -> None:
+        assert self._db is not None
+        bad = set(values) - set(_CAPTURE_FIELDS)
+        if bad:
+            raise ValueError(f"unknown capture fields {bad}")
+        sets = ",".join(f"{k} = ?" for k in values)
+        self._db.execute(f"UPDATE captures SET {sets} WHERE id = ?", (*values.values(), capture_id))
+
+    # -- retention -------------------------------------------------------------------------------
+
+    async def enforce(self, now: float | None = None) -> list[str]:
+        """Evict finished captures, oldest first, past the age limit or the byte budget."""
+        return await self._run(self._enforce, now if now is not None else time.time())
+
+    def _enforce(self, now: float) -> list[str]:
+        rows = self._select("SELECT * FROM captures WHERE file IS NOT NULL AND state != ? ORDER BY created_at", (EVICTED,))
+        sizes = {r.id: self._size(r) for r in rows}
+        total = sum(sizes.values())
+        evicted = []
+        for row in rows:
+            if row.state not in FINISHED:
+                continue
+            too_old = now - row.created_at > self.retention.max_age_seconds
+            if not too_old and total <= self.retention.max_bytes:
+                continue
+            path = self.dir / row.file if row.file else None
+            if path is not None:
+                path.unlink(missing_ok=True)
+            self._update(row.id, state=EVICTED, file=None)
+            total -= sizes[row.id]
+            evicted.append(row.id)
+        self.total_bytes = self._disk_bytes()
+        return evicted
+
+    def _size(self, row: CaptureRow) -> int:
+        try:
+            return (self.dir / row.file).stat().st_size if row.file else 0
+        except OSError:
+            return 0
+
+    def _disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.glob("*.pcap") if p.is_file())
+
+    # -- anomalies and alerts -------------------------------------------------------------------
+
+    async def save_anomaly(self, row: AnomalyRow) -> None:
+        """Insert or update an anomaly event."""
+        await self._run(self._save_anomaly, row)
+
+    def _save_anomaly(self, row: AnomalyRow) -> None:
+        assert self._db is not None
+        data = asdict(row)
+        data["numbers"] = json.dumps(row.numbers, sort_keys=True)
+        cols = ",".join(data)
+        updates = ",".join(f"{k} = excluded.{k}" for k in data if k != "id")
+        self._db.execute(
+            f"INSERT INTO anomalies ({cols}) VALUES ({','.join('?' * len(data))}) ON CONFLICT(id) DO UPDATE SET {updates}",
+            tuple(data.values()),
+        )
+
+    async def anomalies(
+        self,
+        container: str | None = None,
+        kind: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        active: bool | None = None,
+        limit: int = 100,
+    ) -> list[AnomalyRow]:
+        """Anomaly events, newest first, filtered."""
+        where, args = [], []
+        if container:
+            where.append("(container = ? OR container_id = ? OR substr(container_id, 1, length(?)) = ?)")
+            args += [container, container, container, container]
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        if since is not None:
+            where.append("last_seen >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("first_seen <= ?")
+            args.append(until)
+        if active is not None:
+            where.append("resolved_at IS NULL" if active else "resolved_at IS NOT NULL")
+        sql = "SELECT * FROM anomalies" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY first_seen DESC LIMIT ?"
+        return await self._run(self._select_anomalies, sql, (*args, limit))
+
+    def _select_anomalies(self, sql: str, args: tuple) -> list[AnomalyRow]:
+        assert self._db is not None
+        cur = self._db.execute(sql, args)
+        names = [d[0] for d in cur.description]
+        out = []
+        for r in cur.fetchall():
+            data = dict(zip(names, r))
+            data["numbers"] = json.loads(data["numbers"] or "{}")
+            out.append(AnomalyRow(**data))
+        return out
+
+    async def record_alert(self, status: str, alertname: str, fingerprint: str, starts_at: str, labels: dict[str, str], capture_id: str | None, note: str) -> None:
+        """Remember one alert received from Alertmanager (firing or resolved)."""
+        await self._run(
+            self._exec,
+            "INSERT INTO alerts (received_at, status, alertname, fingerprint, starts_at, labels, capture_id, note) VALUES (?,?,?,?,?,?,?,?)",
+            (time.time(), status, alertname, fingerprint, starts_at, json.dumps(labels, sort_keys=True), capture_id, note),
+        )
+
+    async def capture_for_alert(self, fingerprint: str, starts_at: str) -> str | None:
+        """The capture an earlier notification of the same firing alert already started, if any."""
+        rows = await self._run(
+            self._fetch,
+            "SELECT capture_id FROM alerts WHERE fingerprint = ? AND starts_at = ? AND status = 'firing' AND capture_id IS NOT NULL ORDER BY seq DESC LIMIT 1",
+            (fingerprint, starts_at),
+        )
+        return rows[0][0] if rows else None
+
+    async def alerts(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The alerts received, newest first."""
+        rows = await self._run(
+            self._fetch, "SELECT received_at, status, alertname, fingerprint, starts_at, labels, capture_id, note FROM alerts ORDER BY seq DESC LIMIT ?", (limit,)
+        )
+        keys = ("received_at", "status", "alertname", "fingerprint", "starts_at", "labels", "capture_id", "note")
+        return [{**dict(zip(keys, r)), "labels": json.loads(r[5])} for r in rows]
+
+    def _exec(self, sql: str, args: Iterable) -> None:
+        assert self._db is not None
+        self._db.execute(sql, tuple(args))
+
+    def _fetch(self, sql: str, args: Iterable) -> list[tuple]:
+        assert self._db is not None
+        return self._db.execute(sql, tuple(args)).fetchall()

@@ -1,0 +1,208 @@
+"""tcpdump, run inside a container's network namespace and supervised.
+
+The container is never touched: ``nsenter --net`` puts tcpdump (the host's binary) into the
+namespace, and tcpdump writes pcap to its stdout, which nstap reads. The expression is passed
+after ``--`` as one argument, so nothing in it can be taken for an option, and it is compiled
+with ``tcpdump -d`` before any capture uses it. tcpdump runs in its own session and is stopped
+with SIGTERM, then SIGKILL if it does not go. Its kernel-drop count comes from its statistics
+(printed on SIGUSR1 and at exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .pcap import PcapHeader, Record, StreamParser
+
+MAX_FILTER_LEN = 1024
+_STATS = {
+    "captured": re.compile(r"(\d+) packets? captured"),
+    "received": re.compile(r"(\d+) packets? received by filter"),
+    "dropped": re.compile(r"(\d+) packets? dropped by kernel"),
+}
+
+
+class CaptureToolMissing(RuntimeError):
+    """tcpdump or nsenter is not installed."""
+
+
+class FilterError(ValueError):
+    """A capture filter that tcpdump does not accept."""
+
+
+@dataclass(frozen=True)
+class Tools:
+    """Where tcpdump and nsenter are, and how tcpdump is run."""
+
+    tcpdump: str
+    nsenter: str
+    snaplen: int
+    buffer_kib: int
+
+    @classmethod
+    def find(cls, snaplen: int, buffer_kib: int, tcpdump: str = "tcpdump", nsenter: str = "nsenter") -> Tools:
+        """Resolve the two binaries on PATH (and /usr/sbin, /sbin); CaptureToolMissing if absent."""
+        path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin"
+        found = {name: shutil.which(name, path=path) for name in (tcpdump, nsenter)}
+        missing = [name for name, where in found.items() if where is None]
+        if missing:
+            raise CaptureToolMissing(f"{' and '.join(missing)} not found (install tcpdump and util-linux)")
+        return cls(found[tcpdump], found[nsenter], snaplen, buffer_kib)  # type: ignore[arg-type]
+
+    def argv(self, proc_root: Path, pid: int, bpf: str = "") -> list[str]:
+        """The command that captures every interface of ``pid``'s network namespace to stdout."""
+        argv = [
+            self.nsenter,
+            f"--net={proc_root}/{pid}/ns/net",
+            "--",
+            self.tcpdump,
+            "-i", "any",
+            "-s", str(self.snaplen),
+            "-B", str(self.buffer_kib),
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-w", "-",
+        ]
+        if bpf:
+            argv += ["--", bpf]
+        return argv
+
+    async def check_filter(self, bpf: str) -> None:
+        """Compile ``bpf`` with ``tcpdump -d``; FilterError with tcpdump's message if it is refused."""
+        if not isinstance(bpf, str) or len(bpf) > MAX_FILTER_LEN:
+            raise FilterError(f"filter must be a string of at most {MAX_FILTER_LEN} characters")
+        if any(ord(c) < 32 for c in bpf):
+            raise FilterError("filter must not contain control characters")
+        if not bpf.strip():
+            return
+        proc = await asyncio.create_subprocess_exec(
+            self.tcpdump, "-i", "any", "-d", "--", bpf,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 10)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise FilterError("filter took too long to compile") from None
+        if proc.returncode != 0:
+            lines = [line for line in err.decode(errors="replace").splitlines() if "data link type" not in line]
+            raise FilterError((lines[-1] if lines else "invalid filter").removeprefix("tcpdump: "))
+
+    async def filter_file(self, src: Path, dst: Path, bpf: str) -> None:
+        """Write the packets of pcap ``src`` that match ``bpf`` to ``dst`` (tcpdump -r ... -w ...)."""
+        proc = await asyncio.create_subprocess_exec(
+            self.tcpdump, "-r", str(src), "-w", str(dst), "--", bpf,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+        )
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise FilterError(err.decode(errors="replace").strip().splitlines()[-1] if err else "tcpdump -r failed")
+
+
+def parse_stats(text: str) -> dict[str, int]:
+    """tcpdump's statistics from its stderr text (the last value of each)."""
+    out = {}
+    for key, pattern in _STATS.items():
+        found = pattern.findall(text)
+        if found:
+            out[key] = int(found[-1])
+    return out
+
+
+class TcpdumpProcess:
+    """One running tcpdump: its records as they come, its statistics, and a clean stop."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.proc: asyncio.subprocess.Process | None = None
+        self.parser = StreamParser()
+        self.stats: dict[str, int] = {}
+        self._stderr: list[str] = []
+        self._stderr_task: asyncio.Task | None = None
+        self._stats_event = asyncio.Event()
+
+    async def start(self) -> None:
+        """Start tcpdump (OSError if it cannot be executed)."""
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._stderr_task = asyncio.create_task(self._read_stderr())
+
+    async def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            text = line.decode(errors="replace").rstrip()
+            self._stderr.append(text)
+            del self._stderr[:-50]
+            found = parse_stats(text)
+            if found:
+                self.stats.update(found)
+                self._stats_event.set()
+
+    @property
+    def header(self) -> PcapHeader | None:
+        """The pcap header, once tcpdump has written it."""
+        return self.parser.header
+
+    async def records(self) -> AsyncIterator[list[Record]]:
+        """Batches of records until tcpdump's output ends."""
+        assert self.proc is not None and self.proc.stdout is not None
+        while chunk := await self.proc.stdout.read(1 << 16):
+            batch = self.parser.feed(chunk)
+            if batch or self.parser.header is not None:
+                yield batch
+
+    async def request_stats(self, timeout: float = 1.0) -> dict[str, int]:
+        """Ask a running tcpdump for its statistics (SIGUSR1); the latest known ones if it does not answer."""
+        if self.proc is None or self.proc.returncode is not None:
+            return dict(self.stats)
+        self._stats_event.clear()
+        try:
+            os.killpg(self.proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return dict(self.stats)
+        try:
+            await asyncio.wait_for(self._stats_event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return dict(self.stats)
+
+    def error_text(self) -> str:
+        """What tcpdump (or nsenter) said last, for an error message."""
+        lines = [line for line in self._stderr if line and "listening on" not in line and "data link type" not in line]
+        return "; ".join(lines[-3:])
+
+    async def stop(self, grace: float = 3.0) -> int | None:
+        """SIGTERM, wait up to ``grace`` seconds, SIGKILL; returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except asyncio.TimeoutError:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                await proc.wait()
+        if self._stderr_task is not None:
+            await asyncio.gather(self._stderr_task, return_exceptions=True)
+        return proc.returncode

@@ -1,0 +1,174 @@
+"""The pcap layer and the capture store (SQLite + files): splitting, trimming, budget, recovery."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nstap.capture.pcap import MAGIC_NS, MAGIC_US, PcapError, PcapWriter, Record, StreamParser, in_window, parse_header, read_file
+from nstap.capture.store import COMPLETE, EVICTED, INCOMPLETE, RUNNING, CaptureRow, CaptureStore, Retention, new_id
+
+
+def header(order: str = "<", magic: int = MAGIC_US, linktype: int = 276) -> bytes:
+    return struct.pack(order + "IHHiIII", magic, 2, 4, 0, 0, 256, linktype)
+
+
+def record(ts: float, payload: bytes, order: str = "<", nanos: bool = False) -> bytes:
+    sec = int(ts)
+    frac = round((ts - sec) * (1e9 if nanos else 1e6))
+    return struct.pack(order + "IIII", sec, frac, len(payload), len(payload) + 10) + payload
+
+
+def stream(n: int, order: str = "<", nanos: bool = False) -> tuple[bytes, list[float]]:
+    times = [1_700_000_000 + i * 0.25 for i in range(n)]
+    data = header(order, MAGIC_NS if nanos else MAGIC_US) + b"".join(record(t, bytes([i % 256]) * (i % 50), order, nanos) for i, t in enumerate(times))
+    return data, times
+
+
+@pytest.mark.parametrize("order, nanos", [("<", False), (">", False), ("<", True)])
+def test_stream_parser_splits_records_whatever_the_chunking(order: str, nanos: bool) -> None:
+    data, times = stream(200, order, nanos)
+    rng = random.Random(7)
+    parser = StreamParser()
+    got: list[Record] = []
+    pos = 0
+    while pos < len(data):
+        step = rng.randint(1, 97)
+        got += parser.feed(data[pos : pos + step])
+        pos += step
+    assert parser.header is not None and parser.header.nanos == nanos and parser.header.linktype == 276
+    assert [r.ts for r in got] == pytest.approx(times)
+    assert b"".join(r.data for r in got) == data[24:] and parser.pending == 0
+
+
+def test_truncated_file_keeps_complete_records(tmp_path: Path) -> None:
+    data, times = stream(10)
+    path = tmp_path / "t.pcap"
+    path.write_bytes(data[:-3])
+    head, records = read_file(path)
+    assert len(records) == 9 and head.snaplen == 256
+    assert [r.ts for r in in_window(records, times[2], times[4])] == pytest.approx(times[2:5])
+
+
+@pytest.mark.parametrize("bad", [b"", b"\0" * 24, b"GIF89a" + b"\0" * 30, header()[:10]])
+def test_not_pcap(bad: bytes) -> None:
+    with pytest.raises(PcapError):
+        parser = StreamParser()
+        parser.feed(bad)
+        if parser.header is None:
+            raise PcapError("no header")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_parser_never_crashes_on_garbage(blob: bytes) -> None:
+    parser = StreamParser()
+    try:
+        parser.feed(header() + blob)
+    except PcapError:
+        pass
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    s = CaptureStore(tmp_path, Retention(max_bytes=10_000, max_age_seconds=3600))
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def write_capture(store: CaptureStore, created: float, n: int, state: str = COMPLETE) -> CaptureRow:
+    row = await store.create(CaptureRow(id=new_id(created) + f"{random.randrange(1 << 16):04x}", state=RUNNING, created_at=created, container="web"))
+    data, _ = stream(n)
+    path = store.path_of(row)
+    path.write_bytes(data)
+    if state != RUNNING:
+        await store.finish(row.id, state=state, bytes=len(data), packets=n)
+    return (await store.get(row.id))
+
+
+async def test_files_are_private_and_ids_are_checked(store: CaptureStore) -> None:
+    row = await write_capture(store, time.time(), 5)
+    assert oct(os.stat(store.path_of(row)).st_mode & 0o777) == "0o600"
+    assert oct(os.stat(store.dir).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(store.db_path).st_mode & 0o777) == "0o600"
+    for bad in ("../nstap.db", "..", "a/b", "", "x" * 65, "%2e%2e", row.id + "/../x", None, 5):
+        assert await store.get(bad) is None  # type: ignore[arg-type]
+    assert (await store.get(row.id)).state == COMPLETE
+
+
+async def test_budget_evicts_oldest_finished_first(store: CaptureStore) -> None:
+    now = time.time()
+    small = [await write_capture(store, now - 100 + i, 40) for i in range(8)]  # ~1.6 KB each
+    running = await write_capture(store, now - 200, 40, state=RUNNING)  # the oldest, but still being written
+    big = [await write_capture(store, now - 50 + i, 100) for i in range(3)]  # ~4 KB each
+    sizes = {r.id: os.path.getsize(store.path_of(r)) for r in small + big + [running]}
+    evicted = await store.enforce(now)
+    # Oldest first until what is left fits the 10 KB budget; the running capture is never evicted.
+    expected, total = [], sum(sizes.values())
+    for r in small + big:
+        if total <= 10_000:
+            break
+        expected.append(r.id)
+        total -= sizes[r.id]
+    assert evicted == expected and running.id not in evicted and big[-1].id not in evicted
+    assert store.total_bytes == total <= 10_000
+    gone = await store.get(small[0].id)
+    assert gone.state == EVICTED and store.path_of(gone) is None and not (store.dir / f"{gone.id}.pcap").exists()
+    assert await store.enforce(now) == []  # nothing more to do
+
+
+async def test_age_limit(tmp_path: Path) -> None:
+    s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=60))
+    await s.open()
+    try:
+        now = time.time()
+        old = await write_capture(s, now - 120, 3)
+        new = await write_capture(s, now - 10, 3)
+        assert await s.enforce(now) == [old.id]
+        assert (await s.get(new.id)).state == COMPLETE
+    finally:
+        await s.close()
+
+
+async def test_restart_marks_running_incomplete_and_indexes_orphans(tmp_path: Path) -> None:
+    s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=10**6))
+    await s.open()
+    running = await write_capture(s, time.time(), 7, state=RUNNING)
+    done = await write_capture(s, time.time(), 3)
+    orphan, _ = stream(4)
+    (s.dir / "20200101T000000Z-deadbeef.pcap").write_bytes(orphan)
+    await s.close()  # as if the daemon died here
+
+    s2 = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=10**6))
+    recovered = await s2.open()
+    try:
+        assert recovered["incomplete"] == 1 and recovered["orphans"] == 1
+        row = await s2.get(running.id)
+        assert row.state == INCOMPLETE and row.packets == 7 and row.bytes > 0 and len(row.sha256) == 64
+        assert (await s2.get(done.id)).state == COMPLETE
+        orphans = [r for r in await s2.list() if r.reason == "recovered"]
+        assert len(orphans) == 1 and orphans[0].packets == 4 and orphans[0].state == INCOMPLETE
+    finally:
+        await s2.close()
+
+
+async def test_writer_counts_and_hashes(tmp_path: Path) -> None:
+    import hashlib
+
+    data, _ = stream(6)
+    head = parse_header(data)
+    path = tmp_path / "w.pcap"
+    with open(path, "wb") as f:
+        w = PcapWriter(f, head)
+        for r in StreamParser().feed(data):
+            w.add(r)
+    assert path.read_bytes() == data and w.packets == 6 and w.bytes == len(data)
+    assert w.sha256() == hashlib.sha256(data).hexdigest()
