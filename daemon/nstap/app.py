@@ -11,14 +11,20 @@ import asyncio
 import gc
 import resource
 import signal
+import sqlite3
 from pathlib import Path
 
 import structlog
 
 from . import __version__
 from .api.auth import ensure_token
+from .api.routes import CaptureApi
 from .api.server import ApiServer
+from .capture.engine import CaptureEngine, CaptureSettings
+from .capture.store import CaptureStore, Retention
 from .config import Config
+from .detect.incidents import IncidentTracker
+from .detect.pipeline import DetectionPipeline
 from .exporter import ContainerCollector, build_registry
 from .instruments import Instruments
 from .netns.handles import NamespaceOpener
@@ -83,6 +89,35 @@ class App:
         except OSError as exc:
             raise StartupError(f"cannot use data dir {cfg.data_dir}: {exc.strerror or exc}") from None
 
+        cap = cfg.capture
+        store = CaptureStore(cfg.data_dir, Retention(cap.store_max_bytes, cap.store_max_age))
+        try:
+            recovered = await store.open()
+        except (OSError, sqlite3.Error) as exc:
+            raise StartupError(f"cannot open the capture store in {cfg.data_dir}: {exc}") from None
+        if any(recovered.values()):
+            log.warning("capture_store_recovered", **recovered)
+        engine = CaptureEngine(
+            CaptureSettings(
+                snaplen=cap.snaplen,
+                buffer_kib=cap.buffer_kib,
+                pre_seconds=cap.pre_seconds,
+                post_seconds=cap.post_seconds,
+                max_seconds=cap.max_seconds,
+                max_bytes=cap.max_bytes,
+                max_concurrent=cap.max_concurrent,
+                ring=cap.ring,
+                ring_bytes=cap.ring_bytes,
+                ring_segments=cap.ring_segments,
+            ),
+            store,
+            self.registry,
+            cfg.data_dir,
+            cfg.proc_root,
+        )
+        tracker = IncidentTracker(store, engine.for_anomaly if cfg.detect.capture else None, cfg.detect.cooldown, cfg.detect.resolve_after)
+        pipeline = DetectionPipeline(self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled})
+
         opener = NamespaceOpener(cfg.proc_root)
         host_links = HostLinks(opener.open_home())
         exits = ProcessExits(loop)
@@ -107,16 +142,18 @@ class App:
             )
             for endpoint in cfg.runtimes
         ]
-        collector = ContainerCollector(self.registry, self.store, self.sources)
+        collector = ContainerCollector(self.registry, self.store, self.sources, tracker, engine)
         self.api = ApiServer(
             cfg.metrics_listen, cfg.api_listen, self.prometheus, collector.render, self.registry, lambda: set(pool.watched()), token
         )
+        self.api.add_routes(CaptureApi(self.registry, engine, store, cap.max_seconds).routes())
         try:
             await self.api.start()
         except OSError as exc:
             await self.api.stop()
             host_links.close()
             opener.close()
+            await store.close()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
 
         log.info(
@@ -132,8 +169,12 @@ class App:
         # Everything allocated so far (modules, config, listeners) lives as long as the daemon:
         # keep it out of the cyclic collector's full passes.
         gc.freeze()
+        if cfg.detect.enabled:
+            pipeline.start(self.store)
         pool.start()
+        engine.start()
         tasks = [asyncio.create_task(source.run(), name=f"runtime-{source.name}") for source in self.sources]
+        tasks.append(asyncio.create_task(self._retention(store), name="capture-retention"))
         try:
             await self.stopping.wait()
         finally:
@@ -142,11 +183,22 @@ class App:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await pool.stop()
+            await tracker.close()
+            await engine.stop()
             await self.api.stop()
+            await store.close()
             exits.forget_all()
             host_links.close()
             opener.close()
             log.info("nstap_stopped")
+
+    async def _retention(self, store: CaptureStore) -> None:
+        """Apply the capture store's age limit (the byte budget is applied after every capture)."""
+        while True:
+            evicted = await store.enforce()
+            if evicted:
+                log.info("captures_evicted", count=len(evicted), store_bytes=store.total_bytes)
+            await asyncio.sleep(300)
 
     def stop(self) -> None:
         """Ask the daemon to shut down."""

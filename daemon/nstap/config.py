@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .samplers import SAMPLERS
 
@@ -69,6 +69,66 @@ class SocketWalk(Strict):
     max_interval: float = Field(60.0, ge=1.0, le=3600.0, description="longest seconds between walks")
 
 
+class DetectConfig(Strict):
+    """Anomaly detection: which detectors, their parameters, and how events are damped."""
+
+    enabled: bool = True
+    cooldown: float = Field(60.0, ge=0.0, le=86400.0, description="seconds after an event ends during which it is reopened")
+    resolve_after: float = Field(10.0, ge=0.0, le=3600.0, description="seconds without a finding that end an event")
+    capture: bool = Field(True, description="capture packets when an event starts")
+    disabled: tuple[str, ...] = ()
+    detectors: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    @field_validator("disabled")
+    @classmethod
+    def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from .detect import DETECTORS
+
+        unknown = sorted(set(value) - set(DETECTORS))
+        if unknown:
+            raise ValueError(f"unknown detector {unknown[0]!r} (known: {', '.join(DETECTORS)})")
+        return value
+
+    @field_validator("detectors")
+    @classmethod
+    def _known_params(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        from .detect import DETECTORS
+
+        for kind, params in value.items():
+            spec = DETECTORS.get(kind)
+            if spec is None:
+                raise ValueError(f"unknown detector {kind!r} (known: {', '.join(DETECTORS)})")
+            for name, number in params.items():
+                if name not in spec.defaults:
+                    raise ValueError(f"{kind}: unknown parameter {name!r} (known: {', '.join(spec.defaults) or 'none'})")
+                if not math.isfinite(number) or number < 0:
+                    raise ValueError(f"{kind}.{name} must be a finite number >= 0")
+        return value
+
+
+class CaptureConfig(Strict):
+    """Packet captures: their limits, the store's budget, the flight recorders."""
+
+    snaplen: int = Field(256, ge=64, le=65535, description="bytes kept of each packet")
+    pre_seconds: float = Field(10.0, ge=0.0, le=600.0)
+    post_seconds: float = Field(10.0, ge=1.0, le=600.0)
+    max_seconds: float = Field(120.0, ge=1.0, le=3600.0, description="longest post-trigger window a request may ask for")
+    max_bytes: int = Field(20 * 1024 * 1024, ge=64 * 1024, le=1 << 34, description="bytes per capture")
+    max_concurrent: int = Field(4, ge=1, le=64)
+    buffer_kib: int = Field(4096, ge=256, le=1 << 20, description="tcpdump -B")
+    store_max_bytes: int = Field(1 << 30, ge=1 << 20, le=1 << 44, description="disk budget of the capture store")
+    store_max_age: float = Field(7 * 86400.0, ge=60.0, le=365 * 86400.0, description="seconds a capture is kept")
+    ring: Literal["off", "labeled", "all"] = Field("labeled", description="flight recorders: none, label nstap.capture=ring, every namespace")
+    ring_bytes: int = Field(8 * 1024 * 1024, ge=256 * 1024, le=1 << 32, description="flight-recorder bytes per namespace")
+    ring_segments: int = Field(4, ge=2, le=64)
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> CaptureConfig:
+        if self.post_seconds > self.max_seconds:
+            raise ValueError("post_seconds must not exceed max_seconds")
+        return self
+
+
 DEFAULT_RUNTIMES = (
     RuntimeEndpoint(name="docker", socket=Path("/var/run/docker.sock")),
     RuntimeEndpoint(name="podman", socket=Path("/run/podman/podman.sock")),
@@ -92,6 +152,8 @@ class Config(Strict):
     socket_walk: SocketWalk = SocketWalk()
     max_listen_ports: int = Field(64, ge=1, le=10000)
     tcp_child_ehash_entries: int = Field(0, ge=0, le=1 << 24, description="set net.ipv4.tcp_child_ehash_entries at start (0: leave it)")
+    detect: DetectConfig = DetectConfig()
+    capture: CaptureConfig = CaptureConfig()
 
     @field_validator("interval", "reconcile_interval", "reconnect_max_backoff")
     @classmethod

@@ -20,7 +20,7 @@ import asyncio
 import math
 import platform
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, disable_created_metrics
 from prometheus_client.core import Metric
@@ -31,6 +31,10 @@ from .registry import ContainerRegistry
 from .samplers.protocols import PROTOCOL_COUNTERS
 from .samplers.sockets import STATE_NAMES
 from .samples import SampleStore
+
+if TYPE_CHECKING:
+    from .capture.engine import CaptureEngine
+    from .detect.incidents import IncidentTracker
 
 # (metric name, help, InterfaceCounters attribute)
 INTERFACE_COUNTERS = (
@@ -135,10 +139,19 @@ def render(families: Iterable[Family]) -> str:
 class ContainerCollector(Collector):
     """Per-container series from the latest samples, plus the daemon's runtime and registry state."""
 
-    def __init__(self, registry: ContainerRegistry, store: SampleStore, runtimes: Sequence[RuntimeStatus]) -> None:
+    def __init__(
+        self,
+        registry: ContainerRegistry,
+        store: SampleStore,
+        runtimes: Sequence[RuntimeStatus],
+        incidents: IncidentTracker | None = None,
+        captures: CaptureEngine | None = None,
+    ) -> None:
         self.registry = registry
         self.store = store
         self.runtimes = runtimes
+        self.incidents = incidents
+        self.captures = captures
         self._labels: dict[tuple, Labels] = {}
         self._used: dict[tuple, Labels] = {}
 
@@ -165,7 +178,13 @@ class ContainerCollector(Collector):
         """Every family, built now from the registry, the runtimes and the latest samples."""
         self._used = {}
         try:
-            return [*self._daemon_families(), *self._container_info(), *self._sample_families()]
+            return [
+                *self._daemon_families(),
+                *self._container_info(),
+                *self._sample_families(),
+                *self._anomaly_families(),
+                *self._capture_families(),
+            ]
         finally:
             self._labels = self._used  # keep the label sets used this time, drop the rest
 
@@ -307,6 +326,53 @@ class ContainerCollector(Collector):
             q_limit,
             sample_ts,
         ]
+
+
+    def _current_ids(self) -> set[str]:
+        return {r.short_id for r in self.registry.containers()}
+
+    def _anomaly_families(self) -> list[Family]:
+        tracker = self.incidents
+        if tracker is None:
+            return []
+        current = self._current_ids()
+        total = Family("nstap_anomalies_total", "counter", "Anomaly events that started, by kind (an ongoing or flapping anomaly counts once).")
+        active = Family("nstap_anomaly_active", "gauge", "1 while an anomaly of this kind is going on in the container, 0 after it ended.")
+        for (name, cid, runtime, kind), count in tracker.anomalies_total.items():
+            if cid in current:
+                total.add(self._label(("anomaly", name, cid, runtime, kind), lambda: Labels(
+                    (("container", name), ("container_id", cid), ("runtime", runtime), ("kind", kind)))), count)
+        for inc in tracker.incidents.values():
+            row = inc.row
+            if row.container_id in current:
+                labels = self._label(("anomaly", row.container, row.container_id, row.runtime, row.kind), lambda: Labels(
+                    (("container", row.container), ("container_id", row.container_id), ("runtime", row.runtime), ("kind", row.kind))))
+                active.add(labels, 1 if inc.active else 0)
+        return [total, active]
+
+    def _capture_families(self) -> list[Family]:
+        engine = self.captures
+        if engine is None:
+            return []
+        current = self._current_ids()
+        total = Family("nstap_captures_total", "counter", "Captures started, by reason (anomaly, manual, alertmanager).")
+        for (name, cid, runtime, reason), count in engine.captures_total.items():
+            if cid in current:
+                total.add(Labels((("container", name), ("container_id", cid), ("runtime", runtime), ("reason", reason))), count)
+        out = [total]
+        for name, kind, help_, value in (
+            ("nstap_capture_bytes_total", "counter", "Bytes of pcap written by finished captures.", engine.bytes_total),
+            ("nstap_capture_kernel_drops_total", "counter", "Packets the kernel dropped before tcpdump read them, during captures.", engine.kernel_drops_total),
+            ("nstap_capture_failures_total", "counter", "Captures that failed (tcpdump missing, died, container gone).", engine.failed_total),
+            ("nstap_captures_refused_total", "counter", "Captures not started because the concurrency limit was reached.", engine.refused_total),
+            ("nstap_captures_running", "gauge", "Captures in progress.", engine.running_count()),
+            ("nstap_capture_store_bytes", "gauge", "Bytes of pcap files in the capture store.", engine.store.total_bytes),
+            ("nstap_flight_recorders_running", "gauge", "Namespaces with a running flight recorder.", sum(1 for r in engine.rings.values() if r.running)),
+        ):
+            family = Family(name, kind, help_)
+            family.add(NO_LABELS, value)
+            out.append(family)
+        return out
 
 
 def build_registry() -> CollectorRegistry:

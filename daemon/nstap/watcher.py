@@ -47,6 +47,7 @@ class NamespaceWatcher:
         self._sockets: SocketSampler | None = None
         self._walk: asyncio.Future | None = None
         self._failing: dict[str, str] = {}  # sampler -> last error logged, to log once per streak
+        self._syn_retransmits: int | None = None
         owner = namespace.owner
         self.log = log.bind(netns=namespace.inode, container=owner.name, container_id=owner.short_id, runtime=owner.runtime)
 
@@ -120,6 +121,13 @@ class NamespaceWatcher:
                 if sampler.name in self._failing:
                     del self._failing[sampler.name]
                     self.log.info("sampler_recovered", sampler=sampler.name)
+        protocols = parts.get("protocols")
+        if protocols is not None and self._sockets is not None:
+            syn = protocols.get("tcp_syn_retransmits")
+            if syn is not None:
+                if self._syn_retransmits is not None and syn > self._syn_retransmits:
+                    self._sockets.walk_soon()  # SYNs are being retried: see which sockets wait, now
+                self._syn_retransmits = syn
         self._schedule_walk()
         duration = time.perf_counter() - started
         pool.instruments.sample_duration.observe(duration)

@@ -7,13 +7,17 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ..capture.engine import CaptureRefused
 from ..config import parse_listen
 from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
 from .auth import bearer_ok
+
+log = structlog.get_logger("nstap.api")
 
 MAX_BODY = 64 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -22,6 +26,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def json_error(status: int, message: str) -> web.Response:
     """A JSON error answer."""
     return web.json_response({"error": message}, status=status)
+
+
+class BadRequest(Exception):
+    """A request that cannot be served as asked; becomes a JSON error with ``status``."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def container_view(record: ContainerRecord, registry: ContainerRegistry, watched: set[int]) -> dict[str, Any]:
@@ -67,13 +79,20 @@ def auth_middleware(token: str) -> Callable:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn aiohttp's HTML errors (404, 405, 413) into JSON ones."""
+    """Every error as JSON: aiohttp's own (404, 405, 413), refused requests, and — logged — bugs."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return json_error(exc.status, exc.reason or "error")
+    except BadRequest as exc:
+        return json_error(exc.status, str(exc))
+    except CaptureRefused as exc:
+        return json_error(exc.status, str(exc))
+    except Exception:  # noqa: BLE001 - a bug must answer 500 without a traceback, and be logged
+        log.exception("api_error", path=request.path, method=request.method)
+        return json_error(500, "internal error (logged)")
 
 
 class ApiServer:

@@ -27,12 +27,19 @@ import structlog
 from ..registry import ContainerRegistry, WatchedNamespace
 from .pcap import PcapError, PcapHeader, PcapWriter, Record, read_file, sha256_file
 from .ring import FlightRecorder
-from .store import COMPLETE, FAILED, INCOMPLETE, RUNNING, CaptureRow, CaptureStore, new_id
+from .store import COMPLETE, FAILED, INCOMPLETE, RUNNING, AnomalyRow, CaptureRow, CaptureStore, new_id
 from .tcpdump import CaptureToolMissing, TcpdumpProcess, Tools
 
 log = structlog.get_logger("nstap.capture")
 
 RING_LABEL = "nstap.capture"
+OFF_VALUES = ("off", "false", "no", "never")
+
+
+def capture_opted_out(labels: dict[str, str] | object) -> bool:
+    """True for a container labelled ``nstap.capture=off``: its packets are never captured."""
+    value = labels.get(RING_LABEL, "") if isinstance(labels, dict) else ""
+    return value.strip().lower() in OFF_VALUES
 
 
 class CaptureRefused(Exception):
@@ -372,6 +379,19 @@ class CaptureEngine:
         elif reader in done and not out.capped:
             error = "tcpdump stopped early: " + (proc.error_text() or f"exit code {code}")
         return proc.stats.get("dropped", 0), error
+
+    async def for_anomaly(self, namespace: WatchedNamespace, anomaly: AnomalyRow) -> str | None:
+        """Capture around an anomaly that just started; the capture id, or None if not captured."""
+        if any(capture_opted_out(m.labels) for m in namespace.members):
+            return None
+        try:
+            row = await self.capture(
+                CaptureTarget.of(namespace), "anomaly", kind=anomaly.kind, anomaly_id=anomaly.id, trigger_at=anomaly.first_seen
+            )
+        except CaptureRefused as exc:
+            log.warning("anomaly_capture_refused", anomaly_id=anomaly.id, container=anomaly.container, error=str(exc))
+            return None
+        return row.id
 
     def running_count(self) -> int:
         """Captures in progress."""

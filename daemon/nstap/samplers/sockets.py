@@ -168,6 +168,7 @@ class SocketSampler:
         self._syn_retrans = 0
         self._walk_cost: float | None = None
         self._next_walk = clock()
+        self._walked_clock = float("-inf")
         self.walk_interval = interval
         self.walk_families: tuple[int, ...] = ()  # families to walk, set by sample()
         self._known: dict[int, list[netlink.DiagSocket]] = {}  # family -> listeners found by the last dump
@@ -272,6 +273,10 @@ class SocketSampler:
             entry[1] += sock.wqueue
             entry[2] += 1
 
+    def walk_soon(self) -> None:
+        """Walk at the next sample even if the budget would wait (at most every 2 intervals)."""
+        self._next_walk = min(self._next_walk, max(self._clock(), self._walked_clock + 2 * self._interval))
+
     def walk_due(self) -> bool:
         """True when the latest sample found sockets to walk and the budget allows a walk now."""
         return bool(self.walk_families) and self._clock() >= self._next_walk
@@ -285,6 +290,7 @@ class SocketSampler:
         counts, syn_retrans, cost = result
         self._walked = counts
         self._walked_at = time.time()
+        self._walked_clock = self._clock()
         self._syn_retrans = syn_retrans
         self._last = None
         self._walk_cost = cost if self._walk_cost is None else 0.7 * self._walk_cost + 0.3 * cost

@@ -1,0 +1,281 @@
+"""API routes for anomalies and captures, and the Alertmanager webhook.
+
+Every input is checked before it is used: ids must look like ids and are only ever looked up in
+the index (a file name comes from the index, never from the request), filters are compiled by
+tcpdump before a capture starts, numbers must be finite and in range, unknown fields are refused.
+Errors are JSON with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from ..capture.engine import CaptureEngine, CaptureRefused, CaptureTarget, capture_opted_out
+from ..capture.store import EVICTED, RUNNING, CaptureStore
+from ..capture.tcpdump import FilterError
+from ..registry import ContainerRegistry
+from ..runtime.records import ContainerRecord
+from .server import BadRequest
+
+log = structlog.get_logger("nstap.api")
+
+MAX_LIMIT = 1000
+MAX_ALERTS = 500
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"{name} must be a number")
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low:g} and {high:g}")
+    return float(value)
+
+
+def _time_param(request: web.Request, name: str) -> float | None:
+    """A time query parameter: Unix seconds or an ISO 8601 / RFC 3339 timestamp."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise BadRequest(f"{name} must be Unix seconds or an ISO 8601 time") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.timestamp()
+    if not math.isfinite(value):
+        raise BadRequest(f"{name} must be finite")
+    return value
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _text_param(request: web.Request, name: str, max_len: int = 256) -> str | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if len(raw) > max_len or any(ord(c) < 32 for c in raw):
+        raise BadRequest(f"{name} is not a valid value")
+    return raw
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def download_name(row_container: str, what: str, at: float) -> str:
+    """A readable, safe file name for a capture."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at))
+    parts = [_SAFE.sub("_", p).strip("._-")[:60] for p in ("nstap", row_container, what, stamp)]
+    return "-".join(p for p in parts if p) + ".pcap"
+
+
+class CaptureApi:
+    """The /api/v1 routes that read and start captures and anomalies."""
+
+    def __init__(self, registry: ContainerRegistry, engine: CaptureEngine, store: CaptureStore, max_seconds: float) -> None:
+        self.registry = registry
+        self.engine = engine
+        self.store = store
+        self.max_seconds = max_seconds
+
+    def routes(self) -> list[web.RouteDef]:
+        """The routes, for ApiServer.add_routes."""
+        return [
+            web.get("/api/v1/anomalies", self.anomalies),
+            web.get("/api/v1/captures", self.captures),
+            web.post("/api/v1/captures", self.start_capture),
+            web.get("/api/v1/captures/{id}", self.capture),
+            web.get("/api/v1/captures/{id}/pcap", self.pcap),
+            web.post("/api/v1/alertmanager", self.alertmanager),
+            web.get("/api/v1/alerts", self.alerts),
+        ]
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def anomalies(self, request: web.Request) -> web.Response:
+        active_raw = request.query.get("active")
+        if active_raw not in (None, "", "true", "false"):
+            raise BadRequest("active must be true or false")
+        rows = await self.store.anomalies(
+            container=_text_param(request, "container"),
+            kind=_text_param(request, "kind", 64),
+            since=_time_param(request, "since"),
+            until=_time_param(request, "until"),
+            active=None if not active_raw else active_raw == "true",
+            limit=_limit(request),
+        )
+        return web.json_response({"anomalies": [r.to_json() for r in rows]})
+
+    async def captures(self, request: web.Request) -> web.Response:
+        rows = await self.store.list(
+            container=_text_param(request, "container"),
+            kind=_text_param(request, "kind", 64),
+            reason=_text_param(request, "reason", 32),
+            since=_time_param(request, "since"),
+            until=_time_param(request, "until"),
+            limit=_limit(request),
+        )
+        return web.json_response({"captures": [self._view(r) for r in rows]})
+
+    def _view(self, row) -> dict[str, Any]:
+        view = row.to_json()
+        view["links"] = {"self": f"/api/v1/captures/{row.id}", "pcap": f"/api/v1/captures/{row.id}/pcap"}
+        return view
+
+    async def capture(self, request: web.Request) -> web.Response:
+        row = await self.store.get(request.match_info["id"])
+        if row is None:
+            raise BadRequest("no such capture", 404)
+        return web.json_response(self._view(row))
+
+    async def pcap(self, request: web.Request) -> web.StreamResponse:
+        row = await self.store.get(request.match_info["id"])
+        if row is None:
+            raise BadRequest("no such capture", 404)
+        if row.state == RUNNING:
+            raise BadRequest("the capture is still running", 409)
+        path = self.store.path_of(row)
+        if row.state == EVICTED or path is None:
+            raise BadRequest("the capture's file is gone (evicted by retention)", 410)
+        name = download_name(row.container or "capture", row.kind or row.reason, row.trigger_at or row.created_at)
+        return web.FileResponse(
+            path,
+            headers={
+                "Content-Type": "application/vnd.tcpdump.pcap",
+                "Content-Disposition": f'attachment; filename="{name}"',
+                "X-Content-SHA256": row.sha256,
+            },
+        )
+
+    async def alerts(self, request: web.Request) -> web.Response:
+        return web.json_response({"alerts": await self.store.alerts(_limit(request))})
+
+    # -- starting captures -----------------------------------------------------------------------
+
+    def resolve(self, ref: Any) -> tuple[ContainerRecord, CaptureTarget]:
+        """The container a request names (name, full id or unique id prefix) and what to capture."""
+        if not isinstance(ref, str) or not 1 <= len(ref) <= 256:
+            raise BadRequest("container must be a container name or id")
+        records = self.registry.containers()
+        found = [r for r in records if r.name == ref or r.id == ref]
+        if not found and len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref):
+            found = [r for r in records if r.id.startswith(ref)]
+        if not found:
+            raise BadRequest(f"no running container {ref!r}", 404)
+        if len(found) > 1:
+            raise BadRequest(f"{ref!r} matches {len(found)} containers", 409)
+        record = found[0]
+        if capture_opted_out(record.labels):
+            raise BadRequest(f"{record.name} opted out of captures (nstap.capture=off)", 403)
+        if record.host_network:
+            raise BadRequest(f"{record.name} uses the host's network: nothing of its own to capture", 409)
+        namespace = self.registry.namespaces().get(record.netns)
+        if namespace is None:
+            raise BadRequest(f"{record.name} is not watched (opted out or not started yet)", 409)
+        target = CaptureTarget(record.name, record.short_id, record.runtime, namespace.inode, namespace.owner.pid)
+        return record, target
+
+    async def start_capture(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        unknown = sorted(set(body) - {"container", "duration", "filter", "pre_seconds"})
+        if unknown:
+            raise BadRequest(f"unknown field {unknown[0]!r}")
+        if "container" not in body:
+            raise BadRequest("container is required")
+        _record, target = self.resolve(body["container"])
+        settings = self.engine.settings
+        duration = _number(body.get("duration", settings.post_seconds), "duration", 1, self.max_seconds)
+        pre = _number(body.get("pre_seconds", settings.pre_seconds), "pre_seconds", 0, self.max_seconds)
+        bpf = body.get("filter", "")
+        if bpf is None:
+            bpf = ""
+        if not isinstance(bpf, str):
+            raise BadRequest("filter must be a string")
+        try:
+            await self.engine.check_filter(bpf)
+        except FilterError as exc:
+            raise BadRequest(f"bad filter: {exc}") from None
+        row = await self.engine.capture(target, "manual", post_seconds=duration, pre_seconds=pre, bpf=bpf)
+        return web.json_response(self._view(row), status=202)
+
+    async def alertmanager(self, request: web.Request) -> web.Response:
+        """Alertmanager webhook (v4): a capture for each firing alert naming a container."""
+        body = await _json_object(request)
+        alerts = body.get("alerts")
+        if not isinstance(alerts, list) or len(alerts) > MAX_ALERTS:
+            raise BadRequest(f"alerts must be a list of at most {MAX_ALERTS}")
+        if "version" in body and str(body["version"]) != "4":
+            raise BadRequest("only webhook payload version 4 is understood")
+        results = []
+        captures = []
+        for alert in alerts:
+            result = await self._one_alert(alert)
+            results.append(result)
+            if result.get("capture_id"):
+                captures.append(result["capture_id"])
+        return web.json_response({"captures": captures, "results": results})
+
+    async def _one_alert(self, alert: Any) -> dict[str, Any]:
+        if not isinstance(alert, dict):
+            return {"status": "skipped", "reason": "alert is not an object"}
+        labels = alert.get("labels")
+        if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            return {"status": "skipped", "reason": "labels must be strings"}
+        status = alert.get("status")
+        name = labels.get("alertname", "")[:128]
+        fingerprint = str(alert.get("fingerprint", ""))[:64]
+        starts_at = str(alert.get("startsAt", ""))[:64]
+        result: dict[str, Any] = {"alertname": name, "fingerprint": fingerprint, "status": status}
+        if status not in ("firing", "resolved"):
+            result.update(status="skipped", reason="status must be firing or resolved")
+            return result
+        ref = labels.get("container_id") or labels.get("container")
+        capture_id = None
+        note = ""
+        if status == "resolved":
+            note = "recorded"
+        elif not ref:
+            note = "no container or container_id label"
+        else:
+            capture_id = await self.store.capture_for_alert(fingerprint, starts_at) if fingerprint else None
+            if capture_id is not None:
+                note = "already captured for this alert"
+            else:
+                try:
+                    _record, target = self.resolve(ref)
+                    row = await self.engine.capture(target, "alertmanager", kind=name)
+                    capture_id, note = row.id, "capture started"
+                except BadRequest as exc:
+                    note = str(exc)
+                except CaptureRefused as exc:
+                    note = f"refused: {exc}"
+        await self.store.record_alert(status, name, fingerprint, starts_at, dict(labels), capture_id, note)
+        log.info("alert_received", alertname=name, status=status, container=ref, capture_id=capture_id, note=note)
+        result.update(capture_id=capture_id, note=note)
+        return result

@@ -1,0 +1,162 @@
+"""Findings become anomaly events: one event per container and kind while it lasts, damped.
+
+An ongoing anomaly extends its event (last seen, number of findings, latest numbers) instead of
+creating new ones. It is resolved after ``resolve_after`` seconds without a finding; a finding
+within ``cooldown`` seconds of that reopens the same event rather than starting another, so a
+flapping link makes one event, not fifty. A new event asks for a capture; reopening does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from ..capture.store import AnomalyRow, CaptureStore, new_id
+from ..registry import WatchedNamespace
+from .base import Finding
+
+log = structlog.get_logger("nstap.detect")
+
+SAVE_EVERY = 5.0  # seconds between index updates of an ongoing event
+
+CaptureStarter = Callable[[WatchedNamespace, AnomalyRow], Awaitable[str | None]]
+
+
+@dataclass
+class Incident:
+    """An anomaly event being tracked."""
+
+    row: AnomalyRow
+    active: bool = True
+    saved_at: float = 0.0
+    dirty: bool = False  # changed since its last write to the index
+    flushing: bool = False
+
+
+class IncidentTracker:
+    """Turns findings into anomaly events, persists them, and asks for their captures."""
+
+    def __init__(self, store: CaptureStore, start_capture: CaptureStarter | None, cooldown: float, resolve_after: float) -> None:
+        self.store = store
+        self.start_capture = start_capture
+        self.cooldown = cooldown
+        self.resolve_after = resolve_after
+        self.incidents: dict[tuple[int, str], Incident] = {}
+        self.anomalies_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, kind)
+        self._tasks: set[asyncio.Task] = set()
+
+    def found(self, ns: WatchedNamespace, finding: Finding, at: float) -> Incident:
+        """Record a finding in namespace ``ns`` at time ``at``."""
+        key = (ns.inode, finding.kind)
+        inc = self.incidents.get(key)
+        row_numbers = dict(finding.numbers)
+        if inc is not None and (inc.active or at - (inc.row.resolved_at or at) <= self.cooldown):
+            row = inc.row
+            row.last_seen = at
+            row.findings += 1
+            row.numbers = row_numbers
+            row.summary = finding.summary
+            if not inc.active:
+                inc.active = True
+                row.resolved_at = None
+                self._log("anomaly_reopened", row)
+                self._save(inc, at)
+            elif at - inc.saved_at >= SAVE_EVERY:
+                self._save(inc, at)
+            return inc
+        owner = ns.owner
+        row = AnomalyRow(
+            id=new_id(at),
+            kind=finding.kind,
+            container=owner.name,
+            container_id=owner.short_id,
+            runtime=owner.runtime,
+            netns=ns.inode,
+            first_seen=at,
+            last_seen=at,
+            numbers=row_numbers,
+            summary=finding.summary,
+        )
+        inc = self.incidents[key] = Incident(row)
+        self.anomalies_total[(owner.name, owner.short_id, owner.runtime, finding.kind)] += 1
+        self._log("anomaly_detected", row)
+        self._spawn(self._open(ns, inc, at))
+        return inc
+
+    async def _open(self, ns: WatchedNamespace, inc: Incident, at: float) -> None:
+        self._save(inc, at)
+        if self.start_capture is not None:
+            inc.row.capture_id = await self.start_capture(ns, inc.row)
+            self._save(inc, at)
+
+    def quiet(self, netns: int, seen: set[str], at: float) -> None:
+        """A sample of ``netns`` found only the kinds in ``seen``: resolve events quiet for long enough."""
+        for (inode, kind), inc in self.incidents.items():
+            if inode == netns and inc.active and kind not in seen and at - inc.row.last_seen >= self.resolve_after:
+                self._resolve(inc, at)
+
+    def forget(self, netns: int, at: float | None = None) -> None:
+        """The namespace is gone: resolve its events and stop tracking them."""
+        at = at if at is not None else time.time()
+        for key in [k for k in self.incidents if k[0] == netns]:
+            inc = self.incidents.pop(key)
+            if inc.active:
+                self._resolve(inc, at)
+
+    def _resolve(self, inc: Incident, at: float) -> None:
+        inc.active = False
+        inc.row.resolved_at = at
+        self._log("anomaly_resolved", inc.row)
+        self._save(inc, at)
+
+    def active(self) -> list[AnomalyRow]:
+        """The events going on now."""
+        return [inc.row for inc in self.incidents.values() if inc.active]
+
+    def _save(self, inc: Incident, at: float) -> None:
+        """Write the incident's current state soon; writes of one incident never overtake each other."""
+        inc.saved_at = at
+        inc.dirty = True
+        if not inc.flushing:
+            inc.flushing = True
+            self._spawn(self._flush(inc))
+
+    async def _flush(self, inc: Incident) -> None:
+        try:
+            while inc.dirty:
+                inc.dirty = False
+                # A snapshot of the state now: the row keeps changing while it is written.
+                await self.store.save_anomaly(AnomalyRow(**{**inc.row.__dict__, "numbers": dict(inc.row.numbers)}))
+        finally:
+            inc.flushing = False
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("anomaly_save_failed", error=repr(task.exception()))
+
+    def _log(self, event: str, row: AnomalyRow) -> None:
+        log.info(
+            event, anomaly_id=row.id, kind=row.kind, container=row.container, container_id=row.container_id,
+            runtime=row.runtime, netns=row.netns, summary=row.summary, numbers=row.numbers,
+            first_seen=row.first_seen, last_seen=row.last_seen, capture_id=row.capture_id,
+        )
+
+    async def close(self) -> None:
+        """Resolve every open event (the daemon stops) and wait until all are saved."""
+        now = time.time()
+        for inc in self.incidents.values():
+            if inc.active:
+                self._resolve(inc, now)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

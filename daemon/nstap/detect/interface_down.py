@@ -1,0 +1,32 @@
+"""An interface that was up and is not."""
+
+from __future__ import annotations
+
+from ..samples import NamespaceSample
+from .base import Finding
+
+KIND = "interface_down"
+DEFAULTS: dict[str, float] = {}
+
+
+class InterfaceDownDetector:
+    """Trips while an interface that has been seen up (container side or host side) is down."""
+
+    kind = KIND
+
+    def __init__(self) -> None:
+        self._seen_up: set[tuple[str, str]] = set()
+
+    def observe(self, sample: NamespaceSample) -> Finding | None:
+        if sample.interfaces is None:
+            return None
+        down = []
+        for i in sample.interfaces:
+            key = (i.name, i.side)
+            if i.up:
+                self._seen_up.add(key)
+            elif key in self._seen_up:
+                down.append(f"{i.name} ({i.side})")
+        if not down:
+            return None
+        return Finding(KIND, "down: " + ", ".join(down), {"interfaces": ", ".join(down)})

@@ -1,0 +1,69 @@
+"""The detection pipeline: every sample of every watched namespace through its detectors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import structlog
+
+from ..registry import ContainerRegistry
+from ..samples import NamespaceSample, SampleStore
+from . import build_detectors
+from .base import Detector
+from .incidents import IncidentTracker
+
+log = structlog.get_logger("nstap.detect")
+
+
+class DetectionPipeline:
+    """Keeps detector instances per namespace and hands their findings to the incident tracker."""
+
+    def __init__(
+        self,
+        registry: ContainerRegistry,
+        tracker: IncidentTracker,
+        params: Mapping[str, Mapping[str, float]],
+        enabled: Mapping[str, bool],
+    ) -> None:
+        self.registry = registry
+        self.tracker = tracker
+        self.params = params
+        self.enabled = enabled
+        self._detectors: dict[int, list[Detector]] = {}
+        self._broken: set[tuple[int, str]] = set()
+
+    def start(self, samples: SampleStore) -> None:
+        """Receive every sample from now on, and follow namespaces leaving the registry."""
+        samples.subscribe(self.on_sample)
+        self.registry.subscribe(self._forget_gone)
+
+    def on_sample(self, sample: NamespaceSample) -> None:
+        """Run the namespace's detectors over one sample."""
+        ns = self.registry.namespaces().get(sample.netns)
+        if ns is None:
+            return
+        detectors = self._detectors.get(sample.netns)
+        if detectors is None:
+            owner = ns.owner
+            labels = {k: v for m in reversed(ns.members) for k, v in m.labels.items()}  # the owner's win
+            detectors = self._detectors[sample.netns] = build_detectors(self.params, self.enabled, labels, owner.name)
+        seen = set()
+        for detector in detectors:
+            try:
+                finding = detector.observe(sample)
+            except Exception as exc:  # noqa: BLE001 - one detector's bug must not stop sampling or the others
+                key = (sample.netns, detector.kind)
+                if key not in self._broken:
+                    self._broken.add(key)
+                    log.exception("detector_failed", kind=detector.kind, netns=sample.netns, error=repr(exc))
+                continue
+            if finding is not None:
+                seen.add(finding.kind)
+                self.tracker.found(ns, finding, sample.taken_at)
+        self.tracker.quiet(sample.netns, seen, sample.taken_at)
+
+    def _forget_gone(self) -> None:
+        namespaces = self.registry.namespaces()
+        for netns in [n for n in self._detectors if n not in namespaces]:
+            del self._detectors[netns]
+            self.tracker.forget(netns)

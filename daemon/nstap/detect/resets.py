@@ -1,0 +1,45 @@
+"""RSTs sent, against the namespace's own baseline."""
+
+from __future__ import annotations
+
+from ..samples import NamespaceSample
+from .base import Finding, increase
+
+KIND = "tcp_reset_spike"
+DEFAULTS = {"factor": 5.0, "min_rate": 10.0, "alpha": 0.05}
+
+
+class ResetSpikeDetector:
+    """Trips when RSTs sent per second reach ``factor`` times the namespace's usual rate (an EWMA of
+    its own past, weight ``alpha``) and at least ``min_rate``. While it trips the baseline learns
+    four times slower: a short storm barely moves it, a rate that stays becomes the new normal."""
+
+    kind = KIND
+
+    def __init__(self, factor: float, min_rate: float, alpha: float) -> None:
+        self.factor = factor
+        self.min_rate = min_rate
+        self.alpha = alpha
+        self.baseline = 0.0
+        self._before: tuple[float, int] | None = None
+
+    def observe(self, sample: NamespaceSample) -> Finding | None:
+        p = sample.protocols
+        if p is None or "tcp_resets_sent" not in p:
+            return None
+        now = (sample.taken_at, p["tcp_resets_sent"])
+        before, self._before = self._before, now
+        if before is None or now[0] <= before[0]:
+            return None
+        resets = increase(now[1], before[1])
+        rate = resets / (now[0] - before[0])
+        baseline = self.baseline
+        spike = rate >= self.min_rate and rate >= self.factor * baseline
+        self.baseline += (self.alpha / 4 if spike else self.alpha) * (rate - baseline)
+        if not spike:
+            return None
+        return Finding(
+            KIND,
+            f"{rate:.0f} RST/s sent, usually {baseline:.1f}/s",
+            {"rate": round(rate, 2), "baseline": round(baseline, 3), "resets": resets},
+        )

@@ -1,0 +1,42 @@
+"""Connections stuck in SYN_SENT: the peer does not answer."""
+
+from __future__ import annotations
+
+import math
+
+from ..samples import NamespaceSample
+from .base import Finding
+
+KIND = "tcp_syn_sent_stuck"
+DEFAULTS = {"seconds": 3.0}
+
+
+def retransmits_for(seconds: float) -> int:
+    """SYN retransmits a socket has made once it has waited ``seconds`` (RTO 1 s, doubling)."""
+    return max(1, math.ceil(math.log2(seconds + 1)))
+
+
+class SynSentDetector:
+    """Trips when a SYN_SENT socket has retransmitted its SYN as often as waiting ``seconds`` takes
+    (1 s, then 2, 4 ... between tries). Read from the socket walk, which the watcher runs early when
+    TcpExt TCPSynRetrans moves."""
+
+    kind = KIND
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.min_retransmits = retransmits_for(seconds)
+
+    def observe(self, sample: NamespaceSample) -> Finding | None:
+        s = sample.sockets
+        if s is None:
+            return None
+        retrans = s.syn_sent_max_retransmits
+        if retrans < self.min_retransmits or not s.tcp_states.get("syn_sent"):
+            return None
+        waited = 2**retrans - 1
+        return Finding(
+            KIND,
+            f"{s.tcp_states['syn_sent']} socket(s) in SYN_SENT, one for at least {waited}s ({retrans} SYN retransmits)",
+            {"syn_sent": s.tcp_states["syn_sent"], "syn_retransmits": retrans, "waited_seconds": waited},
+        )

@@ -1,0 +1,194 @@
+"""Detectors over sequences of samples, label overrides, and the incident tracker's damping."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from nstap.capture.store import CaptureStore, Retention
+from nstap.detect import DETECTORS, LabelError, build_detectors, parse_override
+from nstap.detect.incidents import IncidentTracker
+from nstap.detect.interface_down import InterfaceDownDetector
+from nstap.detect.interface_errors import InterfaceErrorDetector
+from nstap.detect.listen_overflows import ListenOverflowDetector
+from nstap.detect.resets import ResetSpikeDetector
+from nstap.detect.retransmits import RetransmitDetector
+from nstap.detect.syn_sent import SynSentDetector, retransmits_for
+from nstap.detect.udp_buffers import UdpBufferDetector
+from nstap.registry import WatchedNamespace
+from nstap.runtime.records import ContainerRecord
+from nstap.samples import InterfaceCounters, ListenQueue, NamespaceSample, SocketSample
+
+
+def proto_sample(t: float, **counters: int) -> NamespaceSample:
+    return NamespaceSample(1, t, 0.0, protocols=counters)
+
+
+def run(detector, samples):
+    return [detector.observe(s) for s in samples]
+
+
+def test_retransmit_rate_over_a_window() -> None:
+    d = RetransmitDetector(threshold=0.05, window=10, min_segments=20)
+    # 10 segments/s, no retransmits for 10 s; then 2 retransmits/s on 10 segments/s.
+    seq = [proto_sample(t, tcp_retransmitted_segments=0, tcp_segments_sent=10 * t) for t in range(11)]
+    seq += [proto_sample(t, tcp_retransmitted_segments=2 * (t - 10), tcp_segments_sent=10 * t) for t in range(11, 16)]
+    found = run(d, seq)
+    assert found[:11] == [None] * 11
+    hit = next(f for f in found if f is not None)
+    assert hit.kind == "tcp_retransmits" and hit.numbers["retransmitted"] >= 2 and 0.05 <= hit.numbers["rate"] <= 0.2
+
+
+def test_retransmits_need_enough_segments() -> None:
+    d = RetransmitDetector(threshold=0.05, window=10, min_segments=20)
+    seq = [proto_sample(t, tcp_retransmitted_segments=t, tcp_segments_sent=t) for t in range(8)]  # 50% but tiny
+    assert run(d, seq) == [None] * 8
+
+
+def test_retransmits_after_counter_reset() -> None:
+    d = RetransmitDetector(threshold=0.05, window=10, min_segments=1)
+    run(d, [proto_sample(0, tcp_retransmitted_segments=100, tcp_segments_sent=1000)])
+    assert d.observe(proto_sample(1, tcp_retransmitted_segments=0, tcp_segments_sent=0)) is None
+
+
+@pytest.mark.parametrize(
+    "detector, key, kind",
+    [
+        (ListenOverflowDetector(min_increase=1), "tcp_listen_overflows", "tcp_listen_overflows"),
+        (UdpBufferDetector(min_increase=1), "udp_receive_buffer_errors", "udp_receive_buffer_errors"),
+    ],
+)
+def test_counter_increase_detectors(detector, key: str, kind: str) -> None:
+    seq = [proto_sample(0, **{key: 5}), proto_sample(1, **{key: 5}), proto_sample(2, **{key: 9}), proto_sample(3, **{key: 9})]
+    found = run(detector, seq)
+    assert found[0] is None and found[1] is None and found[3] is None
+    assert found[2].kind == kind and 4 in found[2].numbers.values()
+
+
+def test_listen_overflow_names_the_full_queue() -> None:
+    d = ListenOverflowDetector(min_increase=1)
+    full = SocketSample({}, {}, 0.0, 0, (ListenQueue("80", 10, 9, 1), ListenQueue("443", 0, 128, 1)), 1.0)
+    d.observe(NamespaceSample(1, 0, 0, protocols={"tcp_listen_overflows": 0, "tcp_listen_drops": 0}))
+    f = d.observe(NamespaceSample(1, 1, 0, protocols={"tcp_listen_overflows": 3, "tcp_listen_drops": 3}, sockets=full))
+    assert f.numbers == {"overflows": 3, "drops": 3, "full_queues": "80 (10/9)"}
+
+
+def iface(name: str, side: str, up: bool = True, **c: int) -> InterfaceCounters:
+    return InterfaceCounters(name, side, "", up, 1500, 0, 0, c.get("rx_errors", 0), c.get("rx_drops", 0), 0, 0, c.get("tx_errors", 0), c.get("tx_drops", 0))
+
+
+def test_interface_drops_either_side() -> None:
+    d = InterfaceErrorDetector(min_increase=1)
+    s0 = NamespaceSample(1, 0, 0, interfaces=(iface("eth0", "container"), iface("veth1", "host")))
+    s1 = NamespaceSample(1, 1, 0, interfaces=(iface("eth0", "container"), iface("veth1", "host", tx_drops=7)))
+    assert d.observe(s0) is None
+    f = d.observe(s1)
+    assert f.numbers["veth1.host.tx_drops"] == 7 and "veth1 (host)" in f.summary
+    assert d.observe(s1) is None  # same object again: nothing moved
+
+
+def test_interface_down_while_it_lasts() -> None:
+    d = InterfaceDownDetector()
+    up = NamespaceSample(1, 0, 0, interfaces=(iface("eth0", "container"), iface("veth1", "host")))
+    down = NamespaceSample(1, 1, 0, interfaces=(iface("eth0", "container", up=False), iface("veth1", "host", up=False)))
+    never = NamespaceSample(1, 0, 0, interfaces=(iface("eth1", "container", up=False),))
+    assert d.observe(never) is None  # never seen up: not a transition
+    assert d.observe(up) is None
+    assert d.observe(down).numbers == {"interfaces": "eth0 (container), veth1 (host)"}
+    assert d.observe(down) is not None and d.observe(up) is None
+
+
+def test_reset_spike_against_baseline() -> None:
+    d = ResetSpikeDetector(factor=5, min_rate=10, alpha=0.5)
+    seq = []
+    total = 0
+    for t in range(10):  # a busy service that always resets 20/s
+        total += 20
+        seq.append(proto_sample(t, tcp_resets_sent=total))
+    found = run(d, seq)
+    assert any(found[:3]) and not any(found[6:])  # learnt: 20/s is normal here
+    total += 400
+    assert d.observe(proto_sample(10, tcp_resets_sent=total)).numbers["rate"] == 400
+
+
+@pytest.mark.parametrize("seconds, retransmits", [(1, 1), (3, 2), (7, 3), (10, 4), (15, 4), (16, 5)])
+def test_syn_sent_thresholds(seconds: float, retransmits: int) -> None:
+    assert retransmits_for(seconds) == retransmits
+
+
+def test_syn_sent_stuck() -> None:
+    d = SynSentDetector(seconds=3)
+    states = {"syn_sent": 2}
+    assert d.observe(NamespaceSample(1, 0, 0, sockets=SocketSample({}, states, 0.0, 1, (), 1.0))) is None
+    f = d.observe(NamespaceSample(1, 1, 0, sockets=SocketSample({}, states, 0.0, 2, (), 1.0)))
+    assert f.numbers == {"syn_sent": 2, "syn_retransmits": 2, "waited_seconds": 3}
+
+
+@pytest.mark.parametrize(
+    "kind, value, expected",
+    [
+        ("tcp_retransmits", "off", (False, {})),
+        ("tcp_retransmits", " ON ", (True, {})),
+        ("tcp_retransmits", "0.2", (True, {"threshold": 0.2})),
+        ("tcp_retransmits", "threshold=0.01,min_segments=5", (True, {"threshold": 0.01, "min_segments": 5.0})),
+        ("interface_down", "off", (False, {})),
+    ],
+)
+def test_label_overrides(kind: str, value: str, expected) -> None:
+    assert parse_override(DETECTORS[kind], value) == expected
+
+
+@pytest.mark.parametrize("kind, value", [("tcp_retransmits", "bogus=1"), ("tcp_retransmits", "threshold=x"), ("interface_down", "3"), ("tcp_retransmits", "lots")])
+def test_bad_label_overrides(kind: str, value: str) -> None:
+    with pytest.raises(LabelError):
+        parse_override(DETECTORS[kind], value)
+
+
+def test_build_detectors_applies_config_then_labels() -> None:
+    labels = {"nstap.detect.tcp_retransmits": "threshold=0.5", "nstap.detect.interface_down": "off", "nstap.detect.udp_receive_buffer_errors": "nonsense"}
+    detectors = {d.kind: d for d in build_detectors({"tcp_retransmits": {"window": 30}}, {"tcp_reset_spike": False}, labels)}
+    assert "interface_down" not in detectors and "tcp_reset_spike" not in detectors
+    assert detectors["tcp_retransmits"].threshold == 0.5 and detectors["tcp_retransmits"].window == 30
+    assert "udp_receive_buffer_errors" in detectors  # a label it cannot read is ignored, not fatal
+
+
+def namespace() -> WatchedNamespace:
+    r = ContainerRecord(id="ab" * 32, name="web", runtime="docker", pid=1, status="running", image="i").with_netns(9, 1)
+    return WatchedNamespace(9, r, (r,))
+
+
+async def test_incidents_extend_resolve_reopen_and_capture_once(tmp_path: Path) -> None:
+    from nstap.detect.base import Finding
+
+    store = CaptureStore(tmp_path, Retention(10**9, 10**9))
+    await store.open()
+    captures = []
+
+    async def start_capture(ns, row):
+        captures.append(row.id)
+        return "cap-1"
+
+    tracker = IncidentTracker(store, start_capture, cooldown=30, resolve_after=5)
+    ns = namespace()
+    f = Finding("tcp_retransmits", "bad", {"rate": 0.5})
+    first = tracker.found(ns, f, 100)
+    for t in range(101, 110):  # ongoing: one event
+        assert tracker.found(ns, f, t) is first
+    tracker.quiet(9, set(), 112)  # 3 s quiet: still active
+    assert first.active
+    tracker.quiet(9, set(), 115)  # 6 s quiet: resolved
+    assert not first.active and first.row.resolved_at == 115
+    assert tracker.found(ns, f, 130) is first and first.active  # within the cooldown: the same event
+    tracker.quiet(9, set(), 140)
+    later = tracker.found(ns, f, 140 + 31)  # after the cooldown: a new one
+    assert later is not first
+    await tracker.close()
+    assert captures == [first.row.id, later.row.id]
+    rows = {r.id: r for r in await store.anomalies()}
+    assert rows[first.row.id].findings == 11 and rows[first.row.id].capture_id == "cap-1" and rows[first.row.id].resolved_at == 140
+    assert tracker.anomalies_total[("web", "abababababab", "docker", "tcp_retransmits")] == 2
+    assert rows[later.row.id].resolved_at is not None  # closed at shutdown
+    await store.close()
+    await asyncio.sleep(0)
