@@ -261,10 +261,17 @@ class Daemon:
         """Descriptors the daemon process holds now."""
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies without cleaning up, as in a crash."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
     def stop(self) -> int:
         """SIGTERM, wait; returns the exit code."""
-        if self.proc is None:
-            return 0
+        if self.proc is None or self._log.closed:
+            return self.proc.returncode if self.proc is not None else 0
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

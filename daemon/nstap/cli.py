@@ -37,6 +37,35 @@ def _parser() -> argparse.ArgumentParser:
     containers = sub.add_parser("containers", help="list what a running daemon watches")
     _client_args(containers)
     containers.add_argument("--json", action="store_true", help="print the API's JSON")
+
+    anomalies = sub.add_parser("anomalies", help="list anomaly events")
+    _client_args(anomalies)
+    anomalies.add_argument("--container", help="name or id")
+    anomalies.add_argument("--active", action="store_true", help="only those going on now")
+    anomalies.add_argument("--limit", type=int, default=50)
+    anomalies.add_argument("--json", action="store_true")
+
+    captures = sub.add_parser("captures", help="list or download captures")
+    captures_sub = captures.add_subparsers(dest="captures_command", required=True)
+    listing = captures_sub.add_parser("list", help="list captures, newest first")
+    _client_args(listing)
+    listing.add_argument("--container", help="name or id")
+    listing.add_argument("--kind", help="anomaly kind or alert name")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true")
+    get = captures_sub.add_parser("get", help="download one capture's pcap")
+    _client_args(get)
+    get.add_argument("id")
+    get.add_argument("-o", "--output", type=Path, help="file to write (default: the name the daemon suggests; - for stdout)")
+
+    capture = sub.add_parser("capture", help="capture a container's packets now")
+    _client_args(capture)
+    capture.add_argument("container", help="name or id")
+    capture.add_argument("--seconds", type=float, help="post-trigger window (default: the daemon's post_seconds)")
+    capture.add_argument("--pre", type=float, dest="pre_seconds", help="seconds before now, from the flight recorder")
+    capture.add_argument("--filter", help="tcpdump filter expression")
+    capture.add_argument("--wait", action="store_true", help="wait for the capture to finish and download it")
+    capture.add_argument("-o", "--output", type=Path, help="with --wait: file to write")
     return parser
 
 
@@ -59,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_config(args, ("metrics_listen", "api_listen", "interval", "data_dir", "log_format", "log_level")))
         if args.command == "containers":
             return _containers(args, _config(args, ("data_dir",)))
+        if args.command == "anomalies":
+            return _anomalies(args, _config(args, ("data_dir",)))
+        if args.command == "captures":
+            return _captures(args, _config(args, ("data_dir",)))
+        if args.command == "capture":
+            return _capture(args, _config(args, ("data_dir",)))
     except ConfigError as exc:
         print(f"nstap: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -118,3 +153,112 @@ def _containers(args: argparse.Namespace, config: Config) -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     return 0
+
+
+def _when(ts: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+
+
+def _query(**params: object) -> str:
+    from urllib.parse import urlencode
+
+    kept = {k: v for k, v in params.items() if v not in (None, False, "")}
+    return "?" + urlencode(kept) if kept else ""
+
+
+def _anomalies(args: argparse.Namespace, config: Config) -> int:
+    from .client import ApiUnavailable
+
+    try:
+        data = _client(args, config).get_json("/api/v1/anomalies" + _query(container=args.container, active="true" if args.active else None, limit=args.limit))
+    except ApiUnavailable as exc:
+        print(f"nstap: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [("FIRST SEEN", "LAST SEEN", "STATE", "CONTAINER", "KIND", "CAPTURE", "SUMMARY")]
+    for a in data["anomalies"]:
+        rows.append((_when(a["first_seen"]), _when(a["last_seen"]), "active" if a["active"] else "ended", a["container"], a["kind"], a["capture_id"] or "-", a["summary"]))
+    _print_table(rows)
+    return 0
+
+
+def _captures(args: argparse.Namespace, config: Config) -> int:
+    from .client import ApiUnavailable
+
+    client = _client(args, config)
+    try:
+        if args.captures_command == "list":
+            data = client.get_json("/api/v1/captures" + _query(container=args.container, kind=args.kind, limit=args.limit))
+            if args.json:
+                print(json.dumps(data, indent=2))
+                return 0
+            rows = [("ID", "TRIGGER", "CONTAINER", "REASON", "KIND", "STATE", "PACKETS", "BYTES")]
+            for c in data["captures"]:
+                rows.append((c["id"], _when(c["trigger_at"]), c["container"], c["reason"], c["kind"] or "-", c["state"], str(c["packets"]), str(c["bytes"])))
+            _print_table(rows)
+            return 0
+        return _download(client, args.id, args.output)
+    except ApiUnavailable as exc:
+        print(f"nstap: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _download(client: Any, capture_id: str, output: Path | None) -> int:
+    from urllib.parse import quote
+
+    path = f"/api/v1/captures/{quote(capture_id, safe='')}/pcap"
+    if output is not None and str(output) == "-":
+        name, size = client.download(path, sys.stdout.buffer)
+        return 0
+    tmp = Path(f".nstap-{capture_id[:64]}.part")
+    try:
+        with open(tmp, "wb") as f:
+            name, size = client.download(path, f)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dest = output or Path(name or f"{capture_id}.pcap")
+    tmp.rename(dest)
+    print(f"{dest} ({size} bytes)")
+    return 0
+
+
+def _capture(args: argparse.Namespace, config: Config) -> int:
+    import time
+
+    from .client import ApiUnavailable
+
+    client = _client(args, config)
+    body: dict[str, Any] = {"container": args.container}
+    if args.seconds is not None:
+        body["duration"] = args.seconds
+    if args.pre_seconds is not None:
+        body["pre_seconds"] = args.pre_seconds
+    if args.filter:
+        body["filter"] = args.filter
+    try:
+        row = client.post_json("/api/v1/captures", body)
+        print(f"capture {row['id']} started ({row['mode']}): {_when(row['window_start'])} to {_when(row['window_end'])}")
+        if not args.wait:
+            return 0
+        while row["state"] == "running":
+            time.sleep(0.5)
+            row = client.get_json(f"/api/v1/captures/{row['id']}")
+        print(f"capture {row['id']} {row['state']}: {row['packets']} packets, {row['bytes']} bytes" + (f" ({row['error']})" if row["error"] else ""))
+        if row["state"] in ("complete", "incomplete"):
+            return _download(client, row["id"], args.output)
+        return EXIT_FAILURE
+    except ApiUnavailable as exc:
+        print(f"nstap: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .api.auth import read_token, token_path
 from .config import Config, parse_listen
@@ -37,10 +38,34 @@ class ApiClient:
 
     def get_json(self, path: str) -> Any:
         """GET ``path`` and decode the JSON answer."""
-        request = urllib.request.Request(self.base_url + path, headers={"Authorization": f"Bearer {self.token}"})
+        return self._call(path, None, lambda response: json.load(response))
+
+    def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        """POST a JSON body to ``path`` and decode the JSON answer."""
+        return self._call(path, json.dumps(body).encode(), lambda response: json.load(response))
+
+    def download(self, path: str, dest: BinaryIO) -> tuple[str, int]:
+        """GET ``path`` into ``dest``; returns (the file name the server suggests, bytes written)."""
+
+        def copy(response) -> tuple[str, int]:
+            disposition = response.headers.get("Content-Disposition", "")
+            name = disposition.split('filename="', 1)[1].rstrip('"') if 'filename="' in disposition else ""
+            size = 0
+            while chunk := response.read(1 << 16):
+                dest.write(chunk)
+                size += len(chunk)
+            return name, size
+
+        return self._call(path, None, copy)
+
+    def _call(self, path: str, body: bytes | None, read: Callable[[Any], Any]) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base_url + path, data=body, headers=headers, method="POST" if body is not None else "GET")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.load(response)
+                return read(response)
         except urllib.error.HTTPError as exc:
             try:
                 message = json.load(exc).get("error", exc.reason)

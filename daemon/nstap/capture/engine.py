@@ -96,18 +96,25 @@ class CaptureFile:
         self.capped = False
 
     def add(self, header: PcapHeader, records: list[Record]) -> None:
-        """Write the records that fall in the window, until the byte cap."""
+        """Write the records that fall in the window, until the byte cap.
+
+        Each batch is handed to the kernel at once, so a daemon that dies mid-capture leaves
+        every packet it had received in the file (marked incomplete at the next start).
+        """
         if self.writer is None:
             self.writer = PcapWriter(self._f, header)
-        for record in records:
-            if not self.start <= record.ts <= self.end:
-                continue
-            if self.writer.bytes + len(record.data) > self.max_bytes:
-                self.capped = True
-                return
-            self.writer.add(record)
-            if record.ts < self.trigger:
-                self.pre_packets += 1
+        try:
+            for record in records:
+                if not self.start <= record.ts <= self.end:
+                    continue
+                if self.writer.bytes + len(record.data) > self.max_bytes:
+                    self.capped = True
+                    return
+                self.writer.add(record)
+                if record.ts < self.trigger:
+                    self.pre_packets += 1
+        finally:
+            self._f.flush()
 
     def close(self) -> None:
         self._f.close()

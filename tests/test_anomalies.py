@@ -1,0 +1,217 @@
+"""Anomalies induced for real in dockerd containers, detected by the daemon, and their captures.
+
+Each test breaks something in a container's namespace the way it breaks in production (a DROP
+rule, a listener that stops accepting, the host end of the veth going down, a flood of
+connections to a closed port), then checks the anomaly event, its capture, and that the pcap
+opens with tcpdump and holds the packets of the induced traffic — from before the trigger too
+when the container has a flight recorder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Containers, Daemon, sh, tool, wait_until
+from nstap.capture.pcap import read_file
+
+pytestmark = pytest.mark.docker
+
+HTTPD = ("httpd", "-f", "-p", "80", "-h", "/www")
+TICKER = ("nc", "-ll", "-p", "9000", "-e", "sh", "-c", "while true; do echo tick; sleep 0.1; done")
+RING = ("--label", "nstap.capture=ring")
+
+
+def container_ip(cid: str) -> str:
+    data = Containers.inspect("docker", cid)
+    return next(n["IPAddress"] for n in data["NetworkSettings"]["Networks"].values() if n["IPAddress"])
+
+
+def anomaly(d: Daemon, cid: str, kind: str, timeout: float = 20) -> dict:
+    def find():
+        status, body = d.api(f"/api/v1/anomalies?container={cid[:12]}&kind={kind}")
+        assert status == 200, body
+        return body["anomalies"][0] if body["anomalies"] else None
+
+    return wait_until(find, timeout, 0.2, f"{kind} anomaly in {cid[:12]}")
+
+
+def finished_capture(d: Daemon, capture_id: str, timeout: float = 40) -> dict:
+    def done():
+        status, body = d.api(f"/api/v1/captures/{capture_id}")
+        assert status == 200, body
+        return body if body["state"] != "running" else None
+
+    return wait_until(done, timeout, 0.3, f"capture {capture_id} finished")
+
+
+def download(d: Daemon, capture_id: str, dest: Path) -> Path:
+    import urllib.request
+
+    token = (d.data_dir / "api-token").read_text().strip()
+    request = urllib.request.Request(f"http://127.0.0.1:{d.api_port}/api/v1/captures/{capture_id}/pcap", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert r.headers["Content-Type"] == "application/vnd.tcpdump.pcap"
+        assert r.headers["Content-Disposition"].startswith('attachment; filename="nstap-')
+        dest.write_bytes(r.read())
+    return dest
+
+
+def tcpdump_lines(path: Path, *expr: str) -> list[str]:
+    proc = subprocess.run([tool("tcpdump"), "-nn", "-r", str(path), *expr], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def in_netns(pid: int, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh("nsenter", "-t", str(pid), "-n", *cmd, check=check)
+
+
+class Reader(threading.Thread):
+    """A client reading from a container's ticker, as long as the test needs."""
+
+    def __init__(self, ip: str, port: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection((ip, port), timeout=5)
+        self.sock.settimeout(0.5)
+        self.local_port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.received = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+                if not data:
+                    return
+                self.received += len(data)
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(2)
+        self.sock.close()
+
+
+def test_dropped_acks_make_retransmissions_and_a_capture_from_before(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
+    d = nstap()
+    cid = containers.docker(*RING, "--label", "nstap.detect.tcp_retransmits=threshold=0.02,min_segments=10", docker_image, *TICKER, name="retrans")
+    pid = containers.pid("docker", cid)
+    d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") == 1, 10, "flight recorder running")
+    reader = Reader(container_ip(cid), 9000)
+    reader.start()
+    # The client's ACKs never arrive: the container retransmits what it sent (an OUTPUT drop would
+    # not count: the kernel does not count a retransmission that its own netfilter refused).
+    rule = ("iptables", "-I", "INPUT", "-p", "tcp", "--dport", "9000", "-j", "DROP")
+    try:
+        time.sleep(3)  # healthy traffic the flight recorder keeps
+        assert reader.received > 0
+        in_netns(pid, *rule)
+        event = anomaly(d, cid, "tcp_retransmits")
+    finally:
+        in_netns(pid, "iptables", "-D", *rule[2:], check=False)
+        reader.close()
+    assert event["container_id"] == cid[:12] and event["numbers"]["retransmitted"] > 0 and event["capture_id"]
+    capture = finished_capture(d, event["capture_id"])
+    assert capture["mode"] == "ring" and capture["state"] == "complete" and capture["reason"] == "anomaly"
+    assert capture["kind"] == "tcp_retransmits" and capture["pre_packets"] > 0
+    assert capture["window_start"] < capture["trigger_at"] - 5
+    path = download(d, capture["id"], tmp_path / "retrans.pcap")
+    _, records = read_file(path)
+    assert len(records) == capture["packets"]
+    before = [r for r in records if r.ts < capture["trigger_at"]]
+    assert before, "no packet from before the trigger"
+    lines = tcpdump_lines(path, "tcp port 9000")
+    assert any(f".{reader.local_port}:" in line for line in lines)  # the reader's flow is in there
+    m = d.scrape()
+    assert m.value("nstap_anomalies_total", container_id=cid[:12], kind="tcp_retransmits") == 1
+    assert m.value("nstap_captures_total", container_id=cid[:12], reason="anomaly") >= 1
+
+
+def test_listener_that_stops_accepting(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
+    d = nstap()
+    cid = containers.docker(docker_image, *HTTPD, name="stuck")
+    ip = container_ip(cid)
+    d.wait_metric(lambda m: m.value("nstap_tcp_listen_queue_limit", container_id=cid[:12], port="80"), 5)
+    sh("docker", "pause", cid)
+    clients = []
+    try:
+        for _ in range(20):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex((ip, 80))
+            clients.append(c)
+        event = anomaly(d, cid, "tcp_listen_overflows")
+        assert event["numbers"]["overflows"] > 0 and "80 (" in event["numbers"]["full_queues"]
+        for _ in range(5):  # more SYNs the live capture sees
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex((ip, 80))
+            clients.append(c)
+            time.sleep(0.3)
+    finally:
+        for c in clients:
+            c.close()
+        sh("docker", "unpause", cid)
+    capture = finished_capture(d, event["capture_id"])
+    assert capture["mode"] == "live" and capture["state"] == "complete" and capture["packets"] > 0
+    lines = tcpdump_lines(download(d, capture["id"], tmp_path / "stuck.pcap"), "tcp port 80")
+    assert any("Flags [S]" in line for line in lines)
+
+
+def test_host_side_veth_down(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
+    d = nstap()
+    cid = containers.docker(*RING, docker_image, *HTTPD, name="linkdown")
+    m = d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12], side="host") and m, 5)
+    host_if = m.find("nstap_interface_up", container_id=cid[:12], side="host")[0].labels["interface"]
+    d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") == 1, 10)
+    ip = container_ip(cid)
+    for _ in range(3):  # traffic before the link goes down
+        sh("busybox", "wget", "-q", "-O", "/dev/null", f"http://{ip}/")
+    try:
+        sh("ip", "link", "set", host_if, "down")
+        event = anomaly(d, cid, "interface_down")
+        assert host_if in event["numbers"]["interfaces"]
+        d.wait_metric(lambda m: m.value("nstap_anomaly_active", container_id=cid[:12], kind="interface_down") == 1, 5)
+    finally:
+        sh("ip", "link", "set", host_if, "up")
+    d.wait_metric(lambda m: m.value("nstap_anomaly_active", container_id=cid[:12], kind="interface_down") == 0, 20, "resolved")
+    capture = finished_capture(d, event["capture_id"])
+    path = download(d, capture["id"], tmp_path / "down.pcap")
+    assert capture["pre_packets"] > 0 and any("HTTP" in line or ".80:" in line for line in tcpdump_lines(path, "tcp port 80"))
+    assert d.events("anomaly_resolved", kind="interface_down", container_id=cid[:12])
+
+
+def test_reset_storm_from_a_closed_port(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
+    d = nstap()
+    cid = containers.docker(*RING, docker_image, *HTTPD, name="resets")
+    ip = container_ip(cid)
+    d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") == 1, 10)
+    time.sleep(1)
+    for _ in range(150):  # nothing listens on 81: every SYN gets a RST
+        with socket.socket() as c:
+            c.settimeout(1)
+            assert c.connect_ex((ip, 81)) != 0
+    event = anomaly(d, cid, "tcp_reset_spike")
+    assert event["numbers"]["rate"] >= 10
+    capture = finished_capture(d, event["capture_id"])
+    lines = tcpdump_lines(download(d, capture["id"], tmp_path / "rst.pcap"), "tcp[tcpflags] & tcp-rst != 0")
+    assert len(lines) >= 20 and all(f"{ip}.81 >" in line for line in lines)
+    # A flapping storm is one event: more resets within the cooldown reopen it, not a new one.
+    for _ in range(150):
+        with socket.socket() as c:
+            c.settimeout(1)
+            c.connect_ex((ip, 81))
+    time.sleep(2)
+    status, body = d.api(f"/api/v1/anomalies?container={cid[:12]}&kind=tcp_reset_spike")
+    assert len(body["anomalies"]) == 1 and body["anomalies"][0]["findings"] >= 2

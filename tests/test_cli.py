@@ -1,0 +1,38 @@
+"""The CLI against a running daemon: capture, list, download, anomalies."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Containers, sh, tool
+
+pytestmark = pytest.mark.docker
+
+
+def nstap_cli(d, *args: str, check: bool = True):
+    return sh(sys.executable, "-m", "nstap", *args, "--config", str(d.config_path), check=check)
+
+
+def test_capture_list_and_get(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
+    d = nstap()
+    cid = containers.docker(docker_image, "httpd", "-f", "-p", "80", "-h", "/www", name="cli")
+    name = Containers.inspect("docker", cid)["Name"].lstrip("/")
+    d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12]), 5)
+    out = tmp_path / "now.pcap"
+    proc = nstap_cli(d, "capture", name, "--seconds", "1", "--filter", "tcp", "--wait", "-o", str(out))
+    assert "started (live)" in proc.stdout and "complete" in proc.stdout and out.stat().st_size >= 24
+    sh(tool("tcpdump"), "-r", str(out))
+    listing = nstap_cli(d, "captures", "list").stdout.splitlines()
+    assert listing[0].split()[:3] == ["ID", "TRIGGER", "CONTAINER"] and name in listing[1]
+    capture_id = listing[1].split()[0]
+    again = tmp_path / "again.pcap"
+    nstap_cli(d, "captures", "get", capture_id, "-o", str(again))
+    assert again.read_bytes() == out.read_bytes()
+    missing = nstap_cli(d, "captures", "get", "20000101T000000Z-00000000", "-o", str(tmp_path / "x.pcap"), check=False)
+    assert missing.returncode == 1 and "404" in missing.stderr and not (tmp_path / "x.pcap").exists()
+    bad = nstap_cli(d, "capture", name, "--filter", "tcp port", check=False)
+    assert bad.returncode == 1 and "bad filter" in bad.stderr
+    assert nstap_cli(d, "anomalies").stdout.split()[:2] == ["FIRST", "SEEN"]
