@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,31 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+def _watch_children_with_pidfds() -> None:
+    """Reap tcpdump children through pidfds in the event loop, not one waiting thread per child.
+
+    Python 3.11's default child watcher starts a thread per subprocess (one per flight recorder);
+    3.12 picks pidfds itself and deprecates setting a watcher, so this is only done before 3.12.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(asyncio, "PidfdChildWatcher"):
+        return
+    import warnings
+
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return  # kernel without pidfd_open: keep the threaded watcher
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+
+
 def _run(config: Config) -> int:
     from .app import App, StartupError
     from .log import configure_logging
 
     configure_logging(config.log_format, config.log_level)
+    _watch_children_with_pidfds()
     try:
         asyncio.run(App(config).run())
     except StartupError as exc:

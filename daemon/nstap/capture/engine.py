@@ -33,6 +33,7 @@ from .tcpdump import CaptureToolMissing, TcpdumpProcess, Tools
 log = structlog.get_logger("nstap.capture")
 
 RING_LABEL = "nstap.capture"
+PUMP_INTERVAL = 0.25  # seconds between reads of the flight recorders' pipes
 OFF_VALUES = ("off", "false", "no", "never")
 
 
@@ -145,6 +146,7 @@ class CaptureEngine:
         self._ring_tasks: set[asyncio.Task] = set()
         self._running: dict[str, asyncio.Task] = {}
         self._closed = False
+        self._pump_task: asyncio.Task | None = None
         # Counters for the exporter.
         self.captures_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, reason)
         self.bytes_total = 0
@@ -160,6 +162,17 @@ class CaptureEngine:
             log.warning("capture_unavailable", error=self.tools_error)
         self.registry.subscribe(self.sync_rings)
         self.sync_rings()
+        self._pump_task = asyncio.get_running_loop().create_task(self._pump_rings(), name="ring-pump")
+
+    async def _pump_rings(self) -> None:
+        """Empty every flight recorder's pipe a few times a second (one wake-up for all of them)."""
+        while True:
+            await asyncio.sleep(PUMP_INTERVAL)
+            for inode, recorder in list(self.rings.items()):
+                was_running = recorder.running
+                recorder.pump()
+                if was_running and not recorder.running:
+                    log.warning("ring_stopped", netns=inode, recorder=recorder.name, error=recorder.error)
 
     def wants_ring(self, namespace: WatchedNamespace) -> bool:
         """True if the namespace gets a flight recorder (config ``ring`` and the members' labels)."""
@@ -328,21 +341,22 @@ class CaptureEngine:
 
     async def _from_ring(self, ring: FlightRecorder, out: CaptureFile) -> tuple[int, str]:
         before = await ring.process.request_stats()
-        header = ring.process.header
 
         def take(batch: list[Record]) -> None:
             out.add(ring.process.header, batch)  # type: ignore[arg-type]
 
-        # Subscribing and reading the ring back happen without an await in between: every record
-        # is either already in the ring or handed to the listener, none is both or neither.
+        # Pumping, subscribing and reading the ring back happen without an await in between: every
+        # record is either already in the ring or handed to the listener, none is both or neither.
+        ring.pump()
         ring.subscribe(take)
         try:
             past = ring.records_between(out.start, out.end)
-            if header is not None:
-                out.add(header, past)
+            if ring.process.header is not None:
+                out.add(ring.process.header, past)
             remaining = out.end - time.time()
             if remaining > 0:
                 await asyncio.sleep(remaining + 0.2)  # +0.2 s: packets stamped before the end, still in flight
+            ring.pump()  # what arrived since the engine's last pump
         finally:
             ring.unsubscribe(take)
         if out.writer is None and ring.process.header is not None:
@@ -407,6 +421,9 @@ class CaptureEngine:
     async def stop(self) -> None:
         """Mark running captures incomplete, stop every flight recorder."""
         self._closed = True
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            await asyncio.gather(self._pump_task, return_exceptions=True)
         tasks = list(self._running.values())
         for task in tasks:
             task.cancel()

@@ -7,12 +7,18 @@ snap length), which is what lets a capture start *before* its trigger: at the tr
 records of the last ``pre`` seconds are read back from the segments, and the records that follow
 are handed to the capture as they arrive.
 
+tcpdump writes every packet to its pipe as it comes (``-U``). Handing each one to the event loop
+would cost a wake-up per packet per namespace; instead the engine pumps every recorder's pipe a
+few times a second (:meth:`FlightRecorder.pump`), and the pipe is made large enough (1 MiB) to
+hold what arrives in between.
+
 Which segments to keep and which records a window wants are pure functions, tested as tables.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 from collections.abc import Callable
@@ -28,6 +34,8 @@ from .tcpdump import TcpdumpProcess
 log = structlog.get_logger("nstap.capture")
 
 Listener = Callable[[list[Record]], None]
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031
 
 
 @dataclass
@@ -62,39 +70,69 @@ class FlightRecorder:
         self.segments: list[Segment] = []
         self._file: BinaryIO | None = None
         self._listeners: list[Listener] = []
-        self._task: asyncio.Task | None = None
+        self._fd: int | None = None
+        self.running = False
         self.started_at = 0.0
         self.error = ""
         self.records_total = 0
 
     async def start(self) -> None:
-        """Start tcpdump and the loop that files its records (OSError if tcpdump cannot run)."""
+        """Start tcpdump writing into a pipe that :meth:`pump` empties (OSError if it cannot run)."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        await self.process.start()
-        self.started_at = asyncio.get_running_loop().time()
-        self._task = asyncio.create_task(self._record(), name=f"ring-{self.name}")
-
-    @property
-    def running(self) -> bool:
-        """True while tcpdump runs and its records are filed."""
-        return self._task is not None and not self._task.done()
-
-    async def _record(self) -> None:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
-            async for batch in self.process.records():
+            try:
+                fcntl.fcntl(read_fd, F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # the default 64 KiB then; pumped often enough for light traffic
+            os.set_blocking(read_fd, False)
+            await self.process.start(stdout=write_fd)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._fd = read_fd
+        self.started_at = asyncio.get_running_loop().time()
+        self.running = True
+
+    def pump(self) -> int:
+        """File what tcpdump wrote since the last pump and hand it to the listeners; returns records read."""
+        if self._fd is None:
+            return 0
+        count = 0
+        try:
+            while True:
+                try:
+                    chunk = os.read(self._fd, PIPE_SIZE)
+                except BlockingIOError:
+                    break
+                if not chunk:  # tcpdump is gone
+                    self._ended()
+                    break
+                batch = self.process.parser.feed(chunk)
                 if batch:
                     self._file_records(batch)
                     for listener in list(self._listeners):
                         listener(batch)
-        except PcapError as exc:
+                    count += len(batch)
+        except (PcapError, OSError) as exc:
             self.error = f"unreadable tcpdump output: {exc}"
-        finally:
-            code = await self.process.stop()
-            if not self.error and code not in (0, None, -15):
-                self.error = self.process.error_text() or f"tcpdump exited with {code}"
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            self._ended()
+        if self._file is not None:
+            self._file.flush()
+        return count
+
+    def _ended(self) -> None:
+        self.running = False
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if not self.error:
+            self.error = self.process.error_text() or "tcpdump exited"
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def _file_records(self, batch: list[Record]) -> None:
         header = self.process.header
@@ -127,9 +165,7 @@ class FlightRecorder:
         return seg
 
     def records_between(self, start: float, end: float) -> list[Record]:
-        """The recorded packets with start <= ts <= end, read back from the segments."""
-        if self._file is not None:
-            self._file.flush()
+        """The recorded packets with start <= ts <= end, read back from the segments (as of the last pump)."""
         out: list[Record] = []
         for seg in segments_for_window(self.segments, start, end):
             try:
@@ -157,6 +193,7 @@ class FlightRecorder:
     async def stop(self) -> None:
         """Stop tcpdump and delete the ring's files."""
         await self.process.stop()
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+        self.pump()
+        self.error = self.error or "stopped"
+        self._ended()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -130,12 +130,16 @@ class TcpdumpProcess:
         self._stderr_task: asyncio.Task | None = None
         self._stats_event = asyncio.Event()
 
-    async def start(self) -> None:
-        """Start tcpdump (OSError if it cannot be executed)."""
+    async def start(self, stdout: int | None = None) -> None:
+        """Start tcpdump (OSError if it cannot be executed).
+
+        Its output goes to an asyncio stream read with :meth:`records`, or to ``stdout`` (the
+        write end of a pipe the caller reads itself).
+        """
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
+            stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
@@ -158,7 +162,7 @@ class TcpdumpProcess:
         return self.parser.header
 
     async def records(self) -> AsyncIterator[list[Record]]:
-        """Batches of records until tcpdump's output ends."""
+        """Batches of records until tcpdump's output ends (when started without ``stdout``)."""
         assert self.proc is not None and self.proc.stdout is not None
         while chunk := await self.proc.stdout.read(1 << 16):
             batch = self.parser.feed(chunk)
