@@ -7,7 +7,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test deps-run deps-test runtimes venv bench clean
+.PHONY: run test deps-run deps-test runtimes venv bench clean demo demo-clean
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -37,3 +37,9 @@ bench: deps-test venv runtimes
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache
+
+demo: venv runtimes
+	deploy/demo.sh up
+
+demo-clean:
+	deploy/demo.sh down

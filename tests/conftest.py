@@ -220,7 +220,7 @@ class Daemon:
             return Metrics(r.read().decode())
 
     def api(self, path: str, token: str | None = "", method: str = "GET", body: bytes | None = None) -> tuple[int, Any]:
-        """Call the local API (with the daemon's token unless ``token`` is given or None)."""
+        """Call the local API (with the daemon's token unless ``token`` is given or None); JSON decoded."""
         import urllib.error
         import urllib.request
 
@@ -230,7 +230,10 @@ class Daemon:
         request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=10) as r:
-                return r.status, json.loads(r.read() or b"null")
+                data = r.read()
+                if r.headers.get("Content-Type", "").startswith("application/json"):
+                    return r.status, json.loads(data or b"null")
+                return r.status, data
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
 

@@ -8,7 +8,7 @@ from ..samples import NamespaceSample
 from .base import Finding
 
 KIND = "tcp_retransmits"
-DEFAULTS = {"threshold": 0.05, "window": 10.0, "min_segments": 20.0}
+DEFAULTS = {"threshold": 0.05, "window": 10.0, "min_segments": 10.0}
 
 
 class RetransmitDetector:
