@@ -170,3 +170,57 @@ async def test_byte_cap(engine, netns: NsUnderTest) -> None:
     done = await wait_done(store, row.id)
     assert done.state == COMPLETE and "byte cap" in done.error and done.bytes <= 2000
     assert tcpdump_read(store.path_of(done))
+
+
+async def wait_ring(eng: CaptureEngine, inode: int, timeout: float = 10.0, other_than=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ring = eng.rings.get(inode)
+        if ring is not None and ring.running and ring is not other_than:
+            return ring
+        await asyncio.sleep(0.1)
+    pytest.fail("no running flight recorder")
+
+
+async def test_a_flight_recorder_whose_tcpdump_dies_is_replaced(engine, netns: NsUnderTest, monkeypatch) -> None:
+    monkeypatch.setattr("nstap.capture.engine.RING_RESTART_DELAY", 1.0)
+    eng, _registry, store, record = engine
+    eng.start()
+    first = await wait_ring(eng, record.netns)
+    first.process.proc.kill()  # tcpdump (under nsenter) killed from outside
+    for _ in range(20):
+        if not first.running:
+            break
+        await asyncio.sleep(0.1)
+    assert not first.running and first.error
+    # Meanwhile a capture falls back to a live one instead of failing.
+    row = await eng.capture(target_of(record), "manual", post_seconds=1)
+    assert row.mode == "live"
+    assert (await wait_done(store, row.id)).state == COMPLETE
+    second = await wait_ring(eng, record.netns, other_than=first)
+    assert eng.ring_restarts_total == 1 and second.dir != first.dir
+    for _ in range(30):  # the dead ring's files are removed
+        if not first.dir.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert not first.dir.exists()
+
+
+async def test_no_flight_recorder_for_a_container_that_opted_out(tmp_path: Path, netns: NsUnderTest) -> None:
+    registry = ContainerRegistry()
+    record = ContainerRecord(
+        id="ef" * 32, name="private", runtime="test", pid=netns.pid, status="running", image="none", labels={"nstap.capture": "off"}
+    ).with_netns(os.stat(f"/proc/{netns.pid}/ns/net").st_ino, 0)
+    registry.upsert(record)
+    store = CaptureStore(tmp_path, Retention(max_bytes=1 << 20, max_age_seconds=3600))
+    await store.open()
+    eng = CaptureEngine(CaptureSettings(ring="all"), store, registry, tmp_path, Path("/proc"))
+    (tmp_path / "ring" / "123-1").mkdir(parents=True)  # left by a daemon that died
+    try:
+        eng.start()
+        await asyncio.sleep(0.5)
+        assert eng.rings == {} and list((tmp_path / "ring").iterdir()) == []
+        assert oct((tmp_path / "ring").stat().st_mode & 0o777) == "0o700"
+    finally:
+        await eng.stop()
+        await store.close()

@@ -368,6 +368,7 @@ class ContainerCollector(Collector):
             ("nstap_captures_running", "gauge", "Captures in progress.", engine.running_count()),
             ("nstap_capture_store_bytes", "gauge", "Bytes of pcap files in the capture store.", engine.store.total_bytes),
             ("nstap_flight_recorders_running", "gauge", "Namespaces with a running flight recorder.", sum(1 for r in engine.rings.values() if r.running)),
+            ("nstap_flight_recorder_restarts_total", "counter", "Flight recorders started again after their tcpdump died.", engine.ring_restarts_total),
         ):
             family = Family(name, kind, help_)
             family.add(NO_LABELS, value)

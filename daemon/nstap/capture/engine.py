@@ -16,7 +16,9 @@ is missing or dies makes the capture "failed" with what it said; the daemon carr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ log = structlog.get_logger("nstap.capture")
 
 RING_LABEL = "nstap.capture"
 PUMP_INTERVAL = 0.25  # seconds between reads of the flight recorders' pipes
+RING_RESTART_DELAY = 10.0  # seconds before a flight recorder whose tcpdump died is started again
 OFF_VALUES = ("off", "false", "no", "never")
 
 
@@ -147,6 +150,8 @@ class CaptureEngine:
         self._running: dict[str, asyncio.Task] = {}
         self._closed = False
         self._pump_task: asyncio.Task | None = None
+        self._ring_serial = itertools.count(1)
+        self.ring_restarts_total = 0
         # Counters for the exporter.
         self.captures_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, reason)
         self.bytes_total = 0
@@ -160,23 +165,39 @@ class CaptureEngine:
         """Follow the registry: a flight recorder for every namespace that wants one."""
         if self.tools is None:
             log.warning("capture_unavailable", error=self.tools_error)
+        # Rings left by a daemon that died hold old packets nobody can reach any more: gone.
+        shutil.rmtree(self.ring_dir, ignore_errors=True)
+        self.ring_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.registry.subscribe(self.sync_rings)
         self.sync_rings()
         self._pump_task = asyncio.get_running_loop().create_task(self._pump_rings(), name="ring-pump")
 
     async def _pump_rings(self) -> None:
-        """Empty every flight recorder's pipe a few times a second (one wake-up for all of them)."""
+        """Empty every flight recorder's pipe a few times a second (one wake-up for all of them);
+        a recorder whose tcpdump died is replaced after RING_RESTART_DELAY."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(PUMP_INTERVAL)
+            now = loop.time()
+            dead = []
             for inode, recorder in list(self.rings.items()):
                 was_running = recorder.running
                 recorder.pump()
                 if was_running and not recorder.running:
                     log.warning("ring_stopped", netns=inode, recorder=recorder.name, error=recorder.error)
+                if recorder.ended_at and now - recorder.ended_at >= RING_RESTART_DELAY:
+                    dead.append(inode)
+            for inode in dead:
+                self._spawn(self.rings.pop(inode).stop())
+                self.ring_restarts_total += 1
+            if dead:
+                self.sync_rings()
 
     def wants_ring(self, namespace: WatchedNamespace) -> bool:
         """True if the namespace gets a flight recorder (config ``ring`` and the members' labels)."""
         mode = self.settings.ring
+        if any(capture_opted_out(m.labels) for m in namespace.members):
+            return False
         if mode == "all":
             return True
         if mode == "labeled":
@@ -197,7 +218,7 @@ class CaptureEngine:
                 recorder = FlightRecorder(
                     f"{target.container}-{inode}",
                     self.tools.argv(self.proc_root, target.pid),
-                    self.ring_dir / str(inode),
+                    self.ring_dir / f"{inode}-{next(self._ring_serial)}",
                     self.settings.ring_bytes,
                     self.settings.ring_segments,
                 )
@@ -209,6 +230,7 @@ class CaptureEngine:
             await recorder.start()
         except OSError as exc:
             recorder.error = str(exc)
+            recorder.ended_at = asyncio.get_running_loop().time()  # tried again after RING_RESTART_DELAY
             log.warning("ring_failed", container=target.container, container_id=target.container_id, error=str(exc))
             return
         log.info("ring_started", container=target.container, container_id=target.container_id, netns=target.netns, ring_bytes=self.settings.ring_bytes)

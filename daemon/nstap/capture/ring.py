@@ -73,6 +73,7 @@ class FlightRecorder:
         self._fd: int | None = None
         self.running = False
         self.started_at = 0.0
+        self.ended_at = 0.0  # event-loop time tcpdump's output ended, 0 while it runs
         self.error = ""
         self.records_total = 0
 
@@ -124,6 +125,8 @@ class FlightRecorder:
         return count
 
     def _ended(self) -> None:
+        if self.running:
+            self.ended_at = asyncio.get_running_loop().time()
         self.running = False
         if self._fd is not None:
             os.close(self._fd)
