@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -215,3 +216,61 @@ def test_reset_storm_from_a_closed_port(nstap, containers: Containers, docker_im
     time.sleep(2)
     status, body = d.api(f"/api/v1/anomalies?container={cid[:12]}&kind=tcp_reset_spike")
     assert len(body["anomalies"]) == 1 and body["anomalies"][0]["findings"] >= 2
+
+
+def test_connections_stuck_in_syn_sent(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
+    d = nstap()
+    server = containers.docker(docker_image, *HTTPD, name="synserver")
+    ip = container_ip(server)
+    # The client keeps trying to connect; once its namespace drops the SYN-ACKs, its SYNs get no answer.
+    client = containers.docker(
+        docker_image, "sh", "-c", f"while true; do nc -w 20 {ip} 80 </dev/null >/dev/null 2>&1; sleep 0.5; done", name="synclient"
+    )
+    pid = containers.pid("docker", client)
+    d.wait_metric(lambda m: m.value("nstap_sample_timestamp_seconds", container_id=client[:12]), 5)
+    rule = ("iptables", "-I", "INPUT", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP")
+    in_netns(pid, *rule)
+    try:
+        event = anomaly(d, client, "tcp_syn_sent_stuck")
+        assert event["numbers"]["syn_sent"] >= 1 and event["numbers"]["syn_retransmits"] >= 2
+        capture = finished_capture(d, event["capture_id"])
+    finally:
+        in_netns(pid, "iptables", "-D", *rule[2:], check=False)
+    lines = tcpdump_lines(download(d, capture["id"], tmp_path / "syn.pcap"), "tcp[tcpflags] == tcp-syn")
+    assert any(f"> {ip}.80: Flags [S]" in line for line in lines)  # the SYNs that got no answer
+
+
+def test_udp_receiver_that_stops_reading(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
+    d = nstap()
+    cid = containers.docker(*RING, docker_image, *HTTPD, name="udpsink")
+    pid = containers.pid("docker", cid)
+    ip = container_ip(cid)
+    d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") == 1, 10, "flight recorder running")
+    # An application in the container's namespace that binds a UDP port with a small buffer and
+    # never reads it (busybox has no UDP server; the socket and its overflow are the kernel's).
+    sink = subprocess.Popen(
+        ["nsenter", "-t", str(pid), "-n", sys.executable, "-c",
+         "import socket, sys, time\n"
+         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+         "s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\n"
+         "s.bind(('0.0.0.0', 5000))\n"
+         "print('ready', flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert sink.stdout.readline().strip() == "ready"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for _ in range(200):
+                tx.sendto(b"x" * 512, (ip, 5000))
+        event = anomaly(d, cid, "udp_receive_buffer_errors")
+    finally:
+        sink.kill()
+        sink.wait()
+    assert event["numbers"]["errors"] > 0
+    m = d.scrape()
+    assert m.value("nstap_udp_receive_buffer_errors_total", container_id=cid[:12]) > 0
+    capture = finished_capture(d, event["capture_id"])
+    assert capture["state"] == "complete" and capture["pre_packets"] > 0
+    lines = tcpdump_lines(download(d, capture["id"], tmp_path / "udp.pcap"), "udp port 5000")
+    assert len(lines) >= 10 and all(f"> {ip}.5000: UDP" in line for line in lines)  # the flood, from the ring
