@@ -7,7 +7,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test deps-run deps-test runtimes venv bench clean demo demo-clean
+.PHONY: run test deps-run deps-test runtimes venv bench bench-capture clean demo demo-clean
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -34,6 +34,9 @@ $(VENV)/.installed: pyproject.toml
 
 bench: deps-test venv runtimes
 	$(VENV)/bin/python bench/bench_sampling.py $(ARGS)
+
+bench-capture: deps-test venv runtimes
+	$(VENV)/bin/python bench/bench_capture.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache
