@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,3 +37,14 @@ def test_capture_list_and_get(nstap, containers: Containers, docker_image: str, 
     bad = nstap_cli(d, "capture", name, "--filter", "tcp port", check=False)
     assert bad.returncode == 1 and "bad filter" in bad.stderr
     assert nstap_cli(d, "anomalies").stdout.split()[:2] == ["FIRST", "SEEN"]
+
+
+def test_an_opted_out_member_vetoes_captures_of_its_namespace(nstap, containers: Containers, docker_image: str) -> None:
+    d = nstap()
+    owner = containers.docker(docker_image, "httpd", "-f", "-p", "80", "-h", "/www", name="shared-owner")
+    private = containers.docker("--network", f"container:{owner}", "--label", "nstap.capture=off", docker_image, "sleep", "600", name="private")
+    netns = str(os.stat(f"/proc/{containers.pid('docker', owner)}/ns/net").st_ino)
+    d.wait_metric(lambda m: len(m.find("nstap_container_info", netns=netns)) == 2, 5)
+    for ref in (owner[:12], private[:12]):
+        proc = nstap_cli(d, "capture", ref, "--seconds", "1", check=False)
+        assert proc.returncode == 1 and "403" in proc.stderr and "opted out" in proc.stderr, proc.stderr

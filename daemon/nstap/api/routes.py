@@ -198,6 +198,10 @@ class CaptureApi:
         namespace = self.registry.namespaces().get(record.netns)
         if namespace is None:
             raise BadRequest(f"{record.name} is not watched (opted out or not started yet)", 409)
+        # A capture of the namespace records every member's packets: one that opted out vetoes it.
+        private = [m.name for m in namespace.members if capture_opted_out(m.labels)]
+        if private:
+            raise BadRequest(f"{record.name} shares its network with {', '.join(private)}, which opted out of captures", 403)
         target = CaptureTarget(record.name, record.short_id, record.runtime, namespace.inode, namespace.owner.pid)
         return record, target
 
