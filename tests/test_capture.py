@@ -142,6 +142,7 @@ async def test_filter_is_checked_and_applied(engine, netns: NsUnderTest) -> None
     done = await wait_done(store, row.id)
     lines = tcpdump_read(store.path_of(done))
     assert len(lines) == 3 and all("echo reply" in line for line in lines)
+    assert done.error == ""  # a live capture that was not asked for pre-trigger packets
 
 
 async def test_limits_and_failures(engine, netns: NsUnderTest, tmp_path: Path) -> None:
@@ -224,3 +225,18 @@ async def test_no_flight_recorder_for_a_container_that_opted_out(tmp_path: Path,
     finally:
         await eng.stop()
         await store.close()
+
+
+async def test_filtered_flight_recorder_capture_is_private(engine, netns: NsUnderTest) -> None:
+    eng, _registry, store, record = engine
+    eng.start()
+    await wait_ring(eng, record.netns)
+    await asyncio.to_thread(ping, netns.ns_ip, 2)
+    row = await eng.capture(target_of(record), "manual", post_seconds=1, bpf="icmp[icmptype] == icmp-echo")
+    assert row.mode == "ring"
+    done = await wait_done(store, row.id)
+    path = store.path_of(done)
+    lines = tcpdump_read(path)
+    assert done.state == COMPLETE and done.error == "" and len(lines) == 2 and all("echo request" in line for line in lines)
+    st = path.stat()
+    assert (st.st_uid, oct(st.st_mode & 0o777)) == (0, "0o600")

@@ -291,7 +291,8 @@ class CaptureEngine:
             snaplen=s.snaplen,
         )
         row = await self.store.create(row)
-        task = asyncio.create_task(self._run(row, target, ring if ring_ok else None, bpf))
+        asked_pre = pre_seconds is not None and pre > 0  # said so: a capture without it tells why
+        task = asyncio.create_task(self._run(row, target, ring if ring_ok else None, bpf, asked_pre))
         self._running[row.id] = task
         self.captures_total[(target.container, target.container_id, target.runtime, reason)] += 1
         log.info(
@@ -300,7 +301,7 @@ class CaptureEngine:
         )
         return row
 
-    async def _run(self, row: CaptureRow, target: CaptureTarget, ring: FlightRecorder | None, bpf: str) -> None:
+    async def _run(self, row: CaptureRow, target: CaptureTarget, ring: FlightRecorder | None, bpf: str, asked_pre: bool) -> None:
         path = self.store.dir / row.file  # type: ignore[operator]
         # With a filter, the ring's unfiltered records are written aside and filtered by tcpdump.
         raw_path = path.with_suffix(".unfiltered") if (ring is not None and bpf) else path
@@ -331,7 +332,7 @@ class CaptureEngine:
                 state, error = FAILED, f"filtering failed: {exc}"
             raw_path.unlink(missing_ok=True)
         size, packets, digest, pre_packets = self._summary(path, out)
-        if ring is None and row.window_start == row.trigger_at and not error:
+        if ring is None and asked_pre and not error:
             error = "no flight recorder for this container: the capture starts at the trigger"
         await self.store.finish(
             row.id, state=state, error=error, bytes=size, packets=packets, pre_packets=pre_packets, kernel_drops=drops, sha256=digest
@@ -375,9 +376,9 @@ class CaptureEngine:
             past = ring.records_between(out.start, out.end)
             if ring.process.header is not None:
                 out.add(ring.process.header, past)
-            remaining = out.end - time.time()
-            if remaining > 0:
-                await asyncio.sleep(remaining + 0.2)  # +0.2 s: packets stamped before the end, still in flight
+            # Until the end (+0.2 s: packets stamped before it, still in flight), or the byte cap.
+            while not out.capped and (remaining := out.end + 0.2 - time.time()) > 0:
+                await asyncio.sleep(min(remaining, PUMP_INTERVAL))
             ring.pump()  # what arrived since the engine's last pump
         finally:
             ring.unsubscribe(take)

@@ -100,7 +100,7 @@ class Tools:
     async def filter_file(self, src: Path, dst: Path, bpf: str) -> None:
         """Write the packets of pcap ``src`` that match ``bpf`` to ``dst`` (tcpdump -r ... -w ...)."""
         proc = await asyncio.create_subprocess_exec(
-            self.tcpdump, "-r", str(src), "-w", str(dst), "--", bpf,
+            self.tcpdump, "-Z", "root", "-r", str(src), "-w", str(dst), "--", bpf,  # -Z: the file stays root's
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
         )
         _, err = await proc.communicate()
