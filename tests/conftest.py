@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +264,17 @@ class Daemon:
     def open_fds(self) -> int:
         """Descriptors the daemon process holds now."""
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def fd_kinds(self) -> Counter:
+        """What the daemon's descriptors point at, counted (socket:[...] and pipe:[...] by kind)."""
+        kinds: Counter = Counter()
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            except OSError:
+                continue
+            kinds[target.split(":[", 1)[0]] += 1
+        return kinds
 
     def kill(self) -> None:
         """SIGKILL: the daemon dies without cleaning up, as in a crash."""
