@@ -7,7 +7,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test deps-run deps-test runtimes venv bench bench-capture clean demo demo-clean
+.PHONY: run test deps-run deps-test deps-demo runtimes venv bench bench-capture clean demo demo-clean
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -20,6 +20,9 @@ deps-run:
 
 deps-test:
 	deploy/install-deps.sh test
+
+deps-demo:
+	deploy/install-deps.sh demo
 
 runtimes:
 	deploy/start-runtimes.sh
@@ -41,7 +44,7 @@ bench-capture: deps-test venv runtimes
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache
 
-demo: venv runtimes
+demo: deps-demo venv runtimes
 	deploy/demo.sh up
 
 demo-clean:

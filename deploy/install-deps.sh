@@ -2,17 +2,20 @@
 # Install the OS packages nstap needs on a Debian/Ubuntu host, only those missing. Idempotent.
 #   deploy/install-deps.sh run    what the daemon needs (and a container runtime if there is none)
 #   deploy/install-deps.sh test   that, plus everything the test suite drives for real
+#   deploy/install-deps.sh demo   that of run, plus what make demo uses (Docker, busybox, iptables)
 set -euo pipefail
 profile=${1:-run}
 
 run_pkgs=(python3 python3-venv python3-pip tcpdump iproute2 util-linux curl ca-certificates)
 test_pkgs=(docker.io podman catatonit busybox-static prometheus prometheus-alertmanager
            iptables nftables conntrack iputils-ping)
+demo_pkgs=(busybox-static iptables)
 
 case "$profile" in
   run) want=("${run_pkgs[@]}") ;;
   test) want=("${run_pkgs[@]}" "${test_pkgs[@]}") ;;
-  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+  demo) want=("${run_pkgs[@]}" "${demo_pkgs[@]}") ;;
+  *) echo "usage: $0 run|test|demo" >&2; exit 2 ;;
 esac
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -29,6 +32,11 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install 
 # A container runtime: keep what the host has; install Docker only when there is neither.
 if [ "$profile" = run ] && ! command -v dockerd >/dev/null && ! command -v podman >/dev/null; then
   echo "nstap: neither Docker nor Podman is installed: installing Docker (docker.io)"
+  want+=(docker.io)
+fi
+# The demo drives the docker CLI.
+if [ "$profile" = demo ] && ! command -v docker >/dev/null; then
+  echo "nstap: the demo runs on Docker: installing Docker (docker.io)"
   want+=(docker.io)
 fi
 
