@@ -1,8 +1,11 @@
 """The daemon: start-up order, the long-running tasks, signal handling and orderly shutdown.
 
 Data flows one way: runtime sources -> container registry -> watcher pool (one watcher per
-namespace) -> sample store -> exporter. Shutdown runs the other way round, and closes every
-descriptor it opened.
+namespace, holding its descriptors) -> sample store -> detectors -> incidents -> captures (which
+enter a namespace only through the descriptor its watcher holds), with the exporter reading the
+registry, the latest samples, the incidents and the captures at scrape time. Every task is created
+through one :class:`~nstap.supervisor.TaskSupervisor`, so none dies silently. Shutdown runs the
+other way round, and closes every descriptor it opened.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 import structlog
 
 from . import __version__
-from .api.auth import ensure_token
+from .api.auth import TokenError, ensure_token
 from .api.routes import CaptureApi
 from .api.server import ApiServer
 from .capture.engine import CaptureEngine, CaptureSettings
@@ -33,9 +36,16 @@ from .runtime.exits import ProcessExits
 from .runtime.source import RuntimeSource
 from .samplers import HostLinks, SamplerContext, enabled_samplers
 from .samples import SampleStore
+from .supervisor import TaskSupervisor
 from .watcher import WatcherPool
 
 log = structlog.get_logger("nstap")
+
+RETENTION_INTERVAL = 60.0  # seconds between passes of the store's age limit (and retries of unsaved outcomes)
+KNOWN_TASKS = (
+    "capture-retention", "ring-pump", "capture", "ring", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
+    "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api",
+)
 
 
 class StartupError(Exception):
@@ -67,10 +77,14 @@ class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stopping = asyncio.Event()
-        self.registry = ContainerRegistry()
-        self.store = SampleStore()
         self.prometheus = build_registry()
         self.instruments = Instruments(self.prometheus)
+        failures = self.instruments.task_failures
+        self.supervisor = TaskSupervisor(lambda task: failures.labels(task).inc())
+        for task in (*KNOWN_TASKS, *(f"runtime-{r.name}" for r in config.runtimes)):
+            failures.labels(task)  # every series from the start, at 0: alert rules see them exist
+        self.registry = ContainerRegistry(self.supervisor.failed)
+        self.store = SampleStore(self.supervisor.failed)
         self.sources: list[RuntimeSource] = []
         self.pool: WatcherPool | None = None
         self.api: ApiServer | None = None
@@ -88,35 +102,18 @@ class App:
             token = ensure_token(cfg.data_dir)
         except OSError as exc:
             raise StartupError(f"cannot use data dir {cfg.data_dir}: {exc.strerror or exc}") from None
+        except TokenError as exc:
+            raise StartupError(str(exc)) from None
 
         cap = cfg.capture
         store = CaptureStore(cfg.data_dir, Retention(cap.store_max_bytes, cap.store_max_age))
         try:
             recovered = await store.open()
         except (OSError, sqlite3.Error) as exc:
+            await store.close()
             raise StartupError(f"cannot open the capture store in {cfg.data_dir}: {exc}") from None
         if any(recovered.values()):
             log.warning("capture_store_recovered", **recovered)
-        engine = CaptureEngine(
-            CaptureSettings(
-                snaplen=cap.snaplen,
-                buffer_kib=cap.buffer_kib,
-                pre_seconds=cap.pre_seconds,
-                post_seconds=cap.post_seconds,
-                max_seconds=cap.max_seconds,
-                max_bytes=cap.max_bytes,
-                max_concurrent=cap.max_concurrent,
-                ring=cap.ring,
-                ring_bytes=cap.ring_bytes,
-                ring_segments=cap.ring_segments,
-            ),
-            store,
-            self.registry,
-            cfg.data_dir,
-            cfg.proc_root,
-        )
-        tracker = IncidentTracker(store, engine.for_anomaly if cfg.detect.capture else None, cfg.detect.cooldown, cfg.detect.resolve_after)
-        pipeline = DetectionPipeline(self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled})
 
         opener = NamespaceOpener(cfg.proc_root)
         host_links = HostLinks(opener.open_home())
@@ -127,8 +124,36 @@ class App:
             walk_budget=cfg.socket_walk.budget_ms / 1000.0,
             max_walk_interval=cfg.socket_walk.max_interval,
             max_listen_ports=cfg.max_listen_ports,
+            max_interfaces=cfg.max_interfaces,
+            sample_budget=cfg.sample_budget_ms / 1000.0,
         )
-        self.pool = pool = WatcherPool(self.registry, opener, enabled_samplers(cfg.samplers), context, self.store, self.instruments)
+        self.pool = pool = WatcherPool(
+            self.registry, opener, enabled_samplers(cfg.samplers), context, self.store, self.instruments, self.supervisor
+        )
+        engine = CaptureEngine(
+            CaptureSettings(
+                snaplen=cap.snaplen,
+                buffer_kib=cap.buffer_kib,
+                pre_seconds=cap.pre_seconds,
+                post_seconds=cap.post_seconds,
+                max_seconds=cap.max_seconds,
+                max_bytes=cap.max_bytes,
+                max_concurrent=cap.max_concurrent,
+                max_per_container_per_hour=cap.max_per_container_per_hour,
+                ring=cap.ring,
+                ring_bytes=cap.ring_bytes,
+                ring_segments=cap.ring_segments,
+            ),
+            store,
+            pool,
+            self.registry,
+            cfg.data_dir,
+            self.supervisor,
+        )
+        tracker = IncidentTracker(
+            store, engine.for_anomaly if cfg.detect.capture else None, cfg.detect.cooldown, cfg.detect.resolve_after, self.supervisor
+        )
+        pipeline = DetectionPipeline(self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled}, self.supervisor)
         self.sources = [
             RuntimeSource(
                 endpoint.name,
@@ -139,12 +164,13 @@ class App:
                 host_netns=opener.home_inode,
                 reconcile_interval=cfg.reconcile_interval,
                 max_backoff=cfg.reconnect_max_backoff,
+                supervisor=self.supervisor,
             )
             for endpoint in cfg.runtimes
         ]
-        collector = ContainerCollector(self.registry, self.store, self.sources, tracker, engine)
+        collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine)
         self.api = ApiServer(
-            cfg.metrics_listen, cfg.api_listen, self.prometheus, collector.render, self.registry, lambda: set(pool.watched()), token
+            cfg.metrics_listen, cfg.api_listen, self.prometheus, collector, self.registry, lambda: set(pool.watched()), token, self.supervisor.failed
         )
         self.api.add_routes(CaptureApi(self.registry, engine, store, cap.max_seconds).routes())
         try:
@@ -173,32 +199,38 @@ class App:
             pipeline.start(self.store)
         pool.start()
         engine.start()
-        tasks = [asyncio.create_task(source.run(), name=f"runtime-{source.name}") for source in self.sources]
-        tasks.append(asyncio.create_task(self._retention(store), name="capture-retention"))
+        for source in self.sources:
+            self.supervisor.service(f"runtime-{source.name}", source.run)
+        self.supervisor.service("capture-retention", lambda: self._retention(store, engine))
         try:
             await self.stopping.wait()
         finally:
             log.info("nstap_stopping")
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.supervisor.stop_services()
             await pool.stop()
             await tracker.close()
             await engine.stop()
             await self.api.stop()
+            await self.supervisor.stop()
             await store.close()
             exits.forget_all()
             host_links.close()
             opener.close()
             log.info("nstap_stopped")
 
-    async def _retention(self, store: CaptureStore) -> None:
-        """Apply the capture store's age limit (the byte budget is applied after every capture)."""
+    async def _retention(self, store: CaptureStore, engine: CaptureEngine) -> None:
+        """Apply the capture store's age limit (the byte budget is applied after every capture), and
+        write the capture outcomes the index could not take before."""
         while True:
-            evicted = await store.enforce()
-            if evicted:
-                log.info("captures_evicted", count=len(evicted), store_bytes=store.total_bytes)
-            await asyncio.sleep(300)
+            await engine.retry_unsaved()
+            try:
+                evicted = await store.enforce()
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("capture_retention_failed", error=str(exc))
+            else:
+                if evicted:
+                    log.info("captures_evicted", count=len(evicted), store_bytes=store.total_bytes)
+            await asyncio.sleep(RETENTION_INTERVAL)
 
     def stop(self) -> None:
         """Ask the daemon to shut down."""

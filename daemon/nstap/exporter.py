@@ -1,8 +1,10 @@
 """The Prometheus exporter: every per-container series, built at scrape time from the latest samples.
 
 Series are made fresh from the latest sample of each watched namespace, so a container's series
-vanish with it by construction (no stale series, nothing to unregister). Building them does no
-I/O: the aiohttp handler runs it on the event loop.
+vanish with it by construction (no stale series, nothing to unregister). A scrape takes a
+:class:`ScrapeState` on the event loop (references to immutable samples and records, copies of
+the few mutable counters: well under a millisecond), and the families are built, rendered and
+gzipped from it in a worker thread, so a scrape of hundreds of containers never holds up a tick.
 
 The families are rendered to the text format here, with each container's and interface's label
 string built once and reused by all of its series: prometheus-client's generic encoder spends
@@ -19,18 +21,19 @@ from __future__ import annotations
 import asyncio
 import math
 import platform
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, disable_created_metrics
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .registry import ContainerRegistry
+from .registry import ContainerRegistry, WatchedNamespace
+from .runtime.records import ContainerRecord
 from .samplers.protocols import PROTOCOL_COUNTERS
 from .samplers.sockets import STATE_NAMES
-from .samples import SampleStore
+from .samples import NamespaceSample, SampleStore
 
 if TYPE_CHECKING:
     from .capture.engine import CaptureEngine
@@ -58,6 +61,26 @@ class RuntimeStatus(Protocol):
     up: bool
     events_total: int
     reconnects_total: int
+
+
+class WatchedSource(Protocol):
+    """What the exporter reads from the watcher pool."""
+
+    def watched(self) -> Mapping[int, WatchedNamespace]: ...
+
+
+class ScrapeState(NamedTuple):
+    """Everything one scrape reads, taken on the event loop; rendered from in a worker thread."""
+
+    containers: list[ContainerRecord]
+    namespaces: Mapping[int, WatchedNamespace]  # the registry's (replaced, never mutated, on change)
+    watched: dict[int, WatchedNamespace]
+    samples: list[NamespaceSample]
+    runtimes: list[tuple[str, str, str, bool, int, int]]  # name, kind, version, up, events, reconnects
+    tasks: int | None
+    anomalies_total: dict[tuple[str, str, str, str], int]
+    incidents: list[tuple[str, str, str, str, bool]]  # container, id, runtime, kind, active
+    captures: dict[str, Any] | None
 
 
 def _escape(value: str) -> str:
@@ -144,12 +167,14 @@ class ContainerCollector(Collector):
         registry: ContainerRegistry,
         store: SampleStore,
         runtimes: Sequence[RuntimeStatus],
+        watchers: WatchedSource | None = None,
         incidents: IncidentTracker | None = None,
         captures: CaptureEngine | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
         self.runtimes = runtimes
+        self.watchers = watchers
         self.incidents = incidents
         self.captures = captures
         self._labels: dict[tuple, Labels] = {}
@@ -159,13 +184,49 @@ class ContainerCollector(Collector):
         return []  # built per scrape; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        for fam in self.families():
+        for fam in self.families(self.snapshot()):
             if fam.rows:
                 yield fam.to_metric()
 
-    def render(self) -> str:
-        """The text exposition of every family."""
-        return render(self.families())
+    def snapshot(self) -> ScrapeState:
+        """What a scrape reads, now (call on the event loop: it is what mutates these)."""
+        namespaces = self.registry.namespaces()
+        try:
+            tasks: int | None = len(asyncio.all_tasks())
+        except RuntimeError:  # outside the event loop (tests, tools)
+            tasks = None
+        captures = None
+        engine = self.captures
+        if engine is not None:
+            captures = {
+                "total": dict(engine.captures_total),
+                "refused": dict(engine.refused_total),
+                "bytes": engine.bytes_total,
+                "kernel_drops": engine.kernel_drops_total,
+                "failed": engine.failed_total,
+                "running": engine.running_count(),
+                "store_bytes": engine.store.total_bytes,
+                "rings": sum(1 for r in engine.rings.values() if r.running),
+                "ring_restarts": engine.ring_restarts_total,
+            }
+        tracker = self.incidents
+        return ScrapeState(
+            containers=self.registry.containers(),
+            namespaces=namespaces,
+            watched=dict(self.watchers.watched()) if self.watchers is not None else dict(namespaces),
+            samples=list(self.store),
+            runtimes=[(rt.name, rt.kind, rt.version, rt.up, rt.events_total, rt.reconnects_total) for rt in self.runtimes],
+            tasks=tasks,
+            anomalies_total=dict(tracker.anomalies_total) if tracker is not None else {},
+            incidents=[(i.row.container, i.row.container_id, i.row.runtime, i.row.kind, i.active) for i in tracker.incidents.values()]
+            if tracker is not None
+            else [],
+            captures=captures,
+        )
+
+    def render(self, scrape: ScrapeState | None = None) -> str:
+        """The text exposition of every family (from ``scrape``, or a snapshot taken now)."""
+        return render(self.families(scrape if scrape is not None else self.snapshot()))
 
     def _label(self, key: tuple, make) -> Labels:
         labels = self._used.get(key)
@@ -174,61 +235,57 @@ class ContainerCollector(Collector):
             self._used[key] = labels
         return labels
 
-    def families(self) -> list[Family]:
-        """Every family, built now from the registry, the runtimes and the latest samples."""
+    def families(self, scrape: ScrapeState) -> list[Family]:
+        """Every family, built from one scrape's state (one render at a time: the label cache)."""
         self._used = {}
         try:
             return [
-                *self._daemon_families(),
-                *self._container_info(),
-                *self._sample_families(),
-                *self._anomaly_families(),
-                *self._capture_families(),
+                *self._daemon_families(scrape),
+                *self._container_info(scrape),
+                *self._sample_families(scrape),
+                *self._anomaly_families(scrape),
+                *self._capture_families(scrape),
             ]
         finally:
             self._labels = self._used  # keep the label sets used this time, drop the rest
 
-    def _daemon_families(self) -> list[Family]:
+    def _daemon_families(self, scrape: ScrapeState) -> list[Family]:
         build = Family("nstap_build_info", "gauge", "nstap version and the Python it runs on; always 1.")
         build.add(Labels((("version", __version__), ("python", platform.python_version()))), 1)
         up = Family("nstap_runtime_up", "gauge", "1 if the runtime endpoint answers and its event stream is followed.")
         info = Family("nstap_runtime_info", "gauge", "Kind and version of each runtime endpoint once reached; always 1.")
         events = Family("nstap_runtime_events_total", "counter", "Events received from the runtime's event stream.")
         reconnects = Family("nstap_runtime_reconnects_total", "counter", "Times the runtime's event stream was lost after being followed.")
-        watched = Family("nstap_containers_watched", "gauge", "Running containers whose network namespace is watched.")
-        namespaces = self.registry.namespaces()
-        per_runtime = {rt.name: 0 for rt in self.runtimes}
-        for ns in namespaces.values():
+        watched = Family("nstap_containers_watched", "gauge", "Running containers whose network namespace has an attached watcher.")
+        per_runtime = {rt[0]: 0 for rt in scrape.runtimes}
+        for ns in scrape.watched.values():
             for member in ns.members:
                 per_runtime[member.runtime] = per_runtime.get(member.runtime, 0) + 1
-        for rt in self.runtimes:
-            labels = Labels((("runtime", rt.name),))
-            up.add(labels, 1 if rt.up else 0)
-            if rt.kind:
-                info.add(labels.extend(("kind", rt.kind), ("version", rt.version)), 1)
-            events.add(labels, rt.events_total)
-            reconnects.add(labels, rt.reconnects_total)
+        for name, kind, version, is_up, events_total, reconnects_total in scrape.runtimes:
+            labels = Labels((("runtime", name),))
+            up.add(labels, 1 if is_up else 0)
+            if kind:
+                info.add(labels.extend(("kind", kind), ("version", version)), 1)
+            events.add(labels, events_total)
+            reconnects.add(labels, reconnects_total)
         for name, count in per_runtime.items():
             watched.add(Labels((("runtime", name),)), count)
-        ns_count = Family("nstap_namespaces_watched", "gauge", "Network namespaces with a watcher (shared namespaces count once).")
-        ns_count.add(NO_LABELS, len(namespaces))
+        ns_count = Family("nstap_namespaces_watched", "gauge", "Network namespaces with an attached watcher (shared namespaces count once).")
+        ns_count.add(NO_LABELS, len(scrape.watched))
         out = [build, up, info, events, reconnects, watched, ns_count]
-        try:
-            tasks = len(asyncio.all_tasks())
-        except RuntimeError:  # collected outside the event loop (tests, tools)
-            return out
-        task_count = Family("nstap_asyncio_tasks", "gauge", "asyncio tasks alive in the daemon (one per watched namespace plus a few).")
-        task_count.add(NO_LABELS, tasks)
-        out.append(task_count)
+        if scrape.tasks is not None:
+            task_count = Family("nstap_asyncio_tasks", "gauge", "asyncio tasks alive in the daemon (one per watched namespace plus a few).")
+            task_count.add(NO_LABELS, scrape.tasks)
+            out.append(task_count)
         return out
 
-    def _container_info(self) -> list[Family]:
+    def _container_info(self, scrape: ScrapeState) -> list[Family]:
         info = Family(
             "nstap_container_info",
             "gauge",
             "One series per running container; netns is shared by containers in one namespace ('host' for host network).",
         )
-        for r in self.registry.containers():
+        for r in scrape.containers:
             if not r.enabled:
                 continue
             netns = "host" if r.host_network else str(r.netns)
@@ -249,8 +306,8 @@ class ContainerCollector(Collector):
             )
         return [info]
 
-    def _sample_families(self) -> list[Family]:
-        namespaces = self.registry.namespaces()
+    def _sample_families(self, scrape: ScrapeState) -> list[Family]:
+        namespaces = scrape.namespaces
         iface_counters = [(Family(name, "counter", help_), attr) for name, help_, attr in INTERFACE_COUNTERS]
         iface_up = Family("nstap_interface_up", "gauge", "1 if the interface is administratively up and operationally running.")
         iface_mtu = Family("nstap_interface_mtu_bytes", "gauge", "MTU of the interface.")
@@ -274,9 +331,12 @@ class ContainerCollector(Collector):
         )
         q_limit = Family("nstap_tcp_listen_queue_limit", "gauge", "Accept-queue limit (backlog) of the port's listening sockets, summed over them.")
         sample_ts = Family("nstap_sample_timestamp_seconds", "gauge", "When the namespace was last sampled.")
+        sample_every = Family(
+            "nstap_sample_interval_seconds", "gauge", "Seconds between samples of the namespace (longer than the interval while its samples cost more than the budget)."
+        )
         label = self._label
 
-        for sample in self.store:
+        for sample in scrape.samples:
             ns = namespaces.get(sample.netns)
             if ns is None:  # its watcher is being cancelled
                 continue
@@ -284,6 +344,7 @@ class ContainerCollector(Collector):
             okey = (owner.name, owner.short_id, owner.runtime)
             base = label(okey, lambda: Labels((("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))))
             sample_ts.add(base, sample.taken_at)
+            sample_every.add(base, sample.interval)
             if sample.interfaces is not None:
                 for iface in sample.interfaces:
                     il = label((okey, iface.name, iface.side, iface.peer), lambda: base.extend(("interface", iface.name), ("side", iface.side), ("peer", iface.peer)))
@@ -325,50 +386,52 @@ class ContainerCollector(Collector):
             q_len,
             q_limit,
             sample_ts,
+            sample_every,
         ]
 
 
-    def _current_ids(self) -> set[str]:
-        return {r.short_id for r in self.registry.containers()}
-
-    def _anomaly_families(self) -> list[Family]:
-        tracker = self.incidents
-        if tracker is None:
+    def _anomaly_families(self, scrape: ScrapeState) -> list[Family]:
+        if self.incidents is None:
             return []
-        current = self._current_ids()
+        current = {r.short_id for r in scrape.containers}
         total = Family("nstap_anomalies_total", "counter", "Anomaly events that started, by kind (an ongoing or flapping anomaly counts once).")
         active = Family("nstap_anomaly_active", "gauge", "1 while an anomaly of this kind is going on in the container, 0 after it ended.")
-        for (name, cid, runtime, kind), count in tracker.anomalies_total.items():
+        for (name, cid, runtime, kind), count in scrape.anomalies_total.items():
             if cid in current:
                 total.add(self._label(("anomaly", name, cid, runtime, kind), lambda: Labels(
                     (("container", name), ("container_id", cid), ("runtime", runtime), ("kind", kind)))), count)
-        for inc in tracker.incidents.values():
-            row = inc.row
-            if row.container_id in current:
-                labels = self._label(("anomaly", row.container, row.container_id, row.runtime, row.kind), lambda: Labels(
-                    (("container", row.container), ("container_id", row.container_id), ("runtime", row.runtime), ("kind", row.kind))))
-                active.add(labels, 1 if inc.active else 0)
+        for name, cid, runtime, kind, is_active in scrape.incidents:
+            if cid in current:
+                labels = self._label(("anomaly", name, cid, runtime, kind), lambda: Labels(
+                    (("container", name), ("container_id", cid), ("runtime", runtime), ("kind", kind))))
+                active.add(labels, 1 if is_active else 0)
         return [total, active]
 
-    def _capture_families(self) -> list[Family]:
-        engine = self.captures
-        if engine is None:
+    def _capture_families(self, scrape: ScrapeState) -> list[Family]:
+        c = scrape.captures
+        if c is None:
             return []
-        current = self._current_ids()
+        current = {r.short_id for r in scrape.containers}
         total = Family("nstap_captures_total", "counter", "Captures started, by reason (anomaly, manual, alertmanager).")
-        for (name, cid, runtime, reason), count in engine.captures_total.items():
+        for (name, cid, runtime, reason), count in c["total"].items():
             if cid in current:
                 total.add(Labels((("container", name), ("container_id", cid), ("runtime", runtime), ("reason", reason))), count)
-        out = [total]
+        refused = Family(
+            "nstap_captures_refused_total",
+            "counter",
+            "Captures not started: concurrency limit, per-container anomaly capture limit, or the store could not take them.",
+        )
+        for why, count in c["refused"].items():
+            refused.add(Labels((("reason", why),)), count)
+        out = [total, refused]
         for name, kind, help_, value in (
-            ("nstap_capture_bytes_total", "counter", "Bytes of pcap written by finished captures.", engine.bytes_total),
-            ("nstap_capture_kernel_drops_total", "counter", "Packets the kernel dropped before tcpdump read them, during captures.", engine.kernel_drops_total),
-            ("nstap_capture_failures_total", "counter", "Captures that failed (tcpdump missing, died, container gone).", engine.failed_total),
-            ("nstap_captures_refused_total", "counter", "Captures not started because the concurrency limit was reached.", engine.refused_total),
-            ("nstap_captures_running", "gauge", "Captures in progress.", engine.running_count()),
-            ("nstap_capture_store_bytes", "gauge", "Bytes of pcap files in the capture store.", engine.store.total_bytes),
-            ("nstap_flight_recorders_running", "gauge", "Namespaces with a running flight recorder.", sum(1 for r in engine.rings.values() if r.running)),
-            ("nstap_flight_recorder_restarts_total", "counter", "Flight recorders started again after their tcpdump died.", engine.ring_restarts_total),
+            ("nstap_capture_bytes_total", "counter", "Bytes of pcap written by finished captures.", c["bytes"]),
+            ("nstap_capture_kernel_drops_total", "counter", "Packets the kernel dropped before tcpdump read them, during captures.", c["kernel_drops"]),
+            ("nstap_capture_failures_total", "counter", "Captures that failed (tcpdump missing, died, container gone, disk full).", c["failed"]),
+            ("nstap_captures_running", "gauge", "Captures in progress.", c["running"]),
+            ("nstap_capture_store_bytes", "gauge", "Bytes of pcap files in the capture store.", c["store_bytes"]),
+            ("nstap_flight_recorders_running", "gauge", "Namespaces with a running flight recorder.", c["rings"]),
+            ("nstap_flight_recorder_restarts_total", "counter", "Flight recorders started again after their tcpdump died.", c["ring_restarts"]),
         ):
             family = Family(name, kind, help_)
             family.add(NO_LABELS, value)

@@ -39,12 +39,15 @@ class LoopHistogram(Collector):
         return sum(self.counts)
 
     def collect(self) -> Iterator[Metric]:
+        # Called from the metrics thread while the loop observes: copy first (one C-level copy
+        # under the GIL), so the buckets, count and sum belong together.
+        counts, total_sum = list(self.counts), self.sum
         cumulative = []
         total = 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts):
+        for bound, n in zip((*self.bounds, float("inf")), counts):
             total += n
             cumulative.append((str(bound) if bound != float("inf") else "+Inf", total))
-        yield HistogramMetricFamily(self.name, self.help, buckets=cumulative, sum_value=self.sum)
+        yield HistogramMetricFamily(self.name, self.help, buckets=cumulative, sum_value=total_sum)
 
 
 class Instruments:
@@ -62,6 +65,18 @@ class Instruments:
             "CPU time of one per-state TCP socket-table walk (run in a worker thread).",
             (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
             registry,
+        )
+        self.tick_lag = LoopHistogram(
+            "nstap_tick_lag_seconds",
+            "How late each sampling tick started (event-loop lateness: anything that blocks the loop shows here).",
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry,
+        )
+        self.task_failures = Counter(
+            "nstap_task_failures",
+            "Failures of the daemon's supervised tasks and listeners (each logged with its traceback; services are restarted).",
+            ["task"],
+            registry=registry,
         )
         self.sampler_errors = Counter(
             "nstap_sampler_errors",

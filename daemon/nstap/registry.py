@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .runtime.records import ContainerRecord
+from .supervisor import FailureReport, log_failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +43,17 @@ def group_namespaces(records: Iterable[ContainerRecord]) -> dict[int, WatchedNam
 
 
 class ContainerRegistry:
-    """Running containers by id, per runtime; notifies listeners after every change."""
+    """Running containers by id, per runtime; notifies listeners after every change.
 
-    def __init__(self) -> None:
+    Listeners are isolated from each other: one that raises is reported (``on_error``, which the
+    daemon points at its task supervisor) and the others are still called.
+    """
+
+    def __init__(self, on_error: FailureReport = log_failure) -> None:
         self._containers: dict[str, ContainerRecord] = {}
         self._namespaces: dict[int, WatchedNamespace] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._on_error = on_error
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` after each change (on the event loop; it must not block)."""
@@ -56,7 +62,10 @@ class ContainerRegistry:
     def _changed(self) -> None:
         self._namespaces = group_namespaces(self._containers.values())
         for listener in self._listeners:
-            listener()
+            try:
+                listener()
+            except Exception as exc:  # noqa: BLE001 - one listener's bug must not starve the others
+                self._on_error("registry-listener", exc)
 
     def upsert(self, record: ContainerRecord) -> None:
         """Add or update one running container."""

@@ -1,13 +1,16 @@
 """Immutable snapshots produced by namespace watchers, and the store holding the latest per namespace.
 
-Samples are what flows from the watchers to everything downstream (the exporter now, detectors
-later). They are never mutated after creation: a consumer can keep one while the next is taken.
+Samples are what flows from the watchers to everything downstream: the detectors, which see every
+sample as it is stored, and the exporter, which reads the latest one of each namespace at scrape
+time. They are never mutated after creation: a consumer can keep one while the next is taken.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
+
+from .supervisor import FailureReport, log_failure
 
 # NamedTuples rather than frozen dataclasses: a frozen dataclass's __init__ sets every field
 # through object.__setattr__, which costs microseconds per sample on the hot path.
@@ -66,14 +69,20 @@ class NamespaceSample(NamedTuple):
     protocols: Mapping[str, int] | None = None
     sockets: SocketSample | None = None
     failed: tuple[str, ...] = ()
+    interval: float = 0.0  # seconds until this namespace's next sample (see the watcher's budget)
 
 
 class SampleStore:
-    """Latest sample per namespace; a namespace's entry goes when its watcher goes."""
+    """Latest sample per namespace; a namespace's entry goes when its watcher goes.
 
-    def __init__(self) -> None:
+    Subscribers are isolated like the registry's listeners: one that raises is reported and the
+    others still get the sample.
+    """
+
+    def __init__(self, on_error: FailureReport = log_failure) -> None:
         self._latest: dict[int, NamespaceSample] = {}
         self._listeners: list[Callable[[NamespaceSample], None]] = []
+        self._on_error = on_error
 
     def subscribe(self, listener: Callable[[NamespaceSample], None]) -> None:
         """Call ``listener`` with every new sample (on the event loop, must not block)."""
@@ -83,7 +92,10 @@ class SampleStore:
         """Record a sample and hand it to the subscribers."""
         self._latest[sample.netns] = sample
         for listener in self._listeners:
-            listener(sample)
+            try:
+                listener(sample)
+            except Exception as exc:  # noqa: BLE001 - one subscriber's bug must not starve the others
+                self._on_error("sample-listener", exc)
 
     def drop(self, netns: int) -> None:
         """Forget a namespace (its watcher stopped)."""

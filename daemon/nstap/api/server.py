@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -15,7 +17,11 @@ from ..capture.engine import CaptureRefused
 from ..config import parse_listen
 from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
+from ..supervisor import FailureReport, log_failure
 from .auth import bearer_ok
+
+if TYPE_CHECKING:
+    from ..exporter import ContainerCollector, ScrapeState
 
 log = structlog.get_logger("nstap.api")
 
@@ -77,22 +83,27 @@ def auth_middleware(token: str) -> Callable:
     return middleware
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error as JSON: aiohttp's own (404, 405, 413), refused requests, and — logged — bugs."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return json_error(exc.status, exc.reason or "error")
-    except BadRequest as exc:
-        return json_error(exc.status, str(exc))
-    except CaptureRefused as exc:
-        return json_error(exc.status, str(exc))
-    except Exception:  # noqa: BLE001 - a bug must answer 500 without a traceback, and be logged
-        log.exception("api_error", path=request.path, method=request.method)
-        return json_error(500, "internal error (logged)")
+def error_middleware(task: str, on_error: FailureReport) -> Callable:
+    """Every error as JSON: aiohttp's own (404, 405, 413), refused requests, and — logged, counted
+    as failures of ``task`` — bugs."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return json_error(exc.status, exc.reason or "error")
+        except BadRequest as exc:
+            return json_error(exc.status, str(exc))
+        except CaptureRefused as exc:
+            return json_error(exc.status, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must answer 500 without a traceback, and be reported
+            on_error(task, exc)
+            return json_error(500, "internal error (logged)")
+
+    return middleware
 
 
 class ApiServer:
@@ -103,21 +114,24 @@ class ApiServer:
         metrics_listen: str,
         api_listen: str,
         prometheus: CollectorRegistry,
-        render_containers: Callable[[], str],
+        collector: ContainerCollector,
         registry: ContainerRegistry,
         watched: Callable[[], set[int]],
         token: str,
+        on_error: FailureReport = log_failure,
     ) -> None:
         self.metrics_listen = parse_listen(metrics_listen)
         self.api_listen = parse_listen(api_listen)
         self.registry = registry
         self.watched = watched
         self.prometheus = prometheus
-        self.render_containers = render_containers
-        self.metrics_app = web.Application()
+        self.collector = collector
+        # One thread renders every scrape: the collector's label cache is not shared between two.
+        self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-metrics")
+        self.metrics_app = web.Application(middlewares=[error_middleware("metrics", on_error)])
         self.metrics_app.router.add_get("/metrics", self.metrics)
         self.metrics_app.router.add_get("/healthz", self.healthz)
-        self.api_app = web.Application(middlewares=[error_middleware, auth_middleware(token)], client_max_size=MAX_BODY)
+        self.api_app = web.Application(middlewares=[error_middleware("api", on_error), auth_middleware(token)], client_max_size=MAX_BODY)
         self.api_app.router.add_get("/healthz", self.healthz)
         self.api_app.router.add_get("/api/v1/containers", self.containers)
         self._runners: list[web.AppRunner] = []
@@ -127,15 +141,24 @@ class ApiServer:
         self.api_app.router.add_routes(routes)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        """The daemon's own metrics (prometheus-client) followed by every per-container family."""
-        body = generate_latest(self.prometheus) + self.render_containers().encode()
+        """The daemon's own metrics (prometheus-client) followed by every per-container family.
+
+        The state is taken on the event loop; text and gzip are made in the render thread, so a
+        scrape of hundreds of containers (tens of milliseconds) does not delay the next tick.
+        """
+        scrape = self.collector.snapshot()
+        compress = "gzip" in request.headers.get("Accept-Encoding", "")
+        body = await asyncio.get_running_loop().run_in_executor(self._render_thread, self._render, scrape, compress)
         headers = {"Content-Type": CONTENT_TYPE_LATEST}
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            # Prometheus asks for gzip. Level 1: 2 MB of text (200 containers) in ~10 ms instead
-            # of ~40 ms at the default level, still about 15 times smaller.
-            body = gzip.compress(body, compresslevel=1)
+        if compress:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
+
+    def _render(self, scrape: ScrapeState, compress: bool) -> bytes:
+        body = generate_latest(self.prometheus) + self.collector.render(scrape).encode()
+        # Prometheus asks for gzip. Level 1: 2 MB of text (200 containers) in ~10 ms instead of
+        # ~40 ms at the default level, still about 15 times smaller.
+        return gzip.compress(body, compresslevel=1) if compress else body
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -158,3 +181,4 @@ class ApiServer:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        self._render_thread.shutdown(wait=True)

@@ -9,6 +9,7 @@ flapping link makes one event, not fifty. A new event asks for a capture; reopen
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ import structlog
 
 from ..capture.store import AnomalyRow, CaptureStore, new_id
 from ..registry import WatchedNamespace
+from ..supervisor import TaskSupervisor
 from .base import Finding
 
 log = structlog.get_logger("nstap.detect")
@@ -41,11 +43,19 @@ class Incident:
 class IncidentTracker:
     """Turns findings into anomaly events, persists them, and asks for their captures."""
 
-    def __init__(self, store: CaptureStore, start_capture: CaptureStarter | None, cooldown: float, resolve_after: float) -> None:
+    def __init__(
+        self,
+        store: CaptureStore,
+        start_capture: CaptureStarter | None,
+        cooldown: float,
+        resolve_after: float,
+        supervisor: TaskSupervisor | None = None,
+    ) -> None:
         self.store = store
         self.start_capture = start_capture
         self.cooldown = cooldown
         self.resolve_after = resolve_after
+        self.supervisor = supervisor or TaskSupervisor()
         self.incidents: dict[tuple[int, str], Incident] = {}
         self.anomalies_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, kind)
         self._tasks: set[asyncio.Task] = set()
@@ -85,13 +95,15 @@ class IncidentTracker:
         inc = self.incidents[key] = Incident(row)
         self.anomalies_total[(owner.name, owner.short_id, owner.runtime, finding.kind)] += 1
         self._log("anomaly_detected", row)
-        self._spawn(self._open(ns, inc, at))
-        return inc
-
-    async def _open(self, ns: WatchedNamespace, inc: Incident, at: float) -> None:
         self._save(inc, at)
         if self.start_capture is not None:
-            inc.row.capture_id = await self.start_capture(ns, inc.row)
+            self._spawn("anomaly-capture", self._capture(ns, inc, at))
+        return inc
+
+    async def _capture(self, ns: WatchedNamespace, inc: Incident, at: float) -> None:
+        assert self.start_capture is not None
+        inc.row.capture_id = await self.start_capture(ns, inc.row)
+        if inc.row.capture_id is not None:
             self._save(inc, at)
 
     def quiet(self, netns: int, seen: set[str], at: float) -> None:
@@ -107,6 +119,11 @@ class IncidentTracker:
             inc = self.incidents.pop(key)
             if inc.active:
                 self._resolve(inc, at)
+
+    def prune(self, current: set[str]) -> None:
+        """Forget the event counts of containers (by short id) that are not in ``current`` any more."""
+        for key in [k for k in self.anomalies_total if k[1] not in current]:
+            del self.anomalies_total[key]
 
     def _resolve(self, inc: Incident, at: float) -> None:
         inc.active = False
@@ -124,26 +141,29 @@ class IncidentTracker:
         inc.dirty = True
         if not inc.flushing:
             inc.flushing = True
-            self._spawn(self._flush(inc))
+            self._spawn("anomaly-save", self._flush(inc))
 
     async def _flush(self, inc: Incident) -> None:
         try:
             while inc.dirty:
                 inc.dirty = False
                 # A snapshot of the state now: the row keeps changing while it is written.
-                await self.store.save_anomaly(AnomalyRow(**{**inc.row.__dict__, "numbers": dict(inc.row.numbers)}))
+                row = AnomalyRow(**{**inc.row.__dict__, "numbers": dict(inc.row.numbers)})
+                try:
+                    await self.store.save_anomaly(row)
+                except (OSError, sqlite3.Error) as exc:
+                    # The index cannot take it now (a full disk): the event stays in memory, dirty,
+                    # and is written again at its next change.
+                    inc.dirty = True
+                    log.warning("anomaly_save_failed", anomaly_id=row.id, kind=row.kind, container=row.container, error=str(exc))
+                    return
         finally:
             inc.flushing = False
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, kind: str, coro) -> None:
+        task = self.supervisor.spawn(kind, coro)
         self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("anomaly_save_failed", error=repr(task.exception()))
+        task.add_done_callback(self._tasks.discard)
 
     def _log(self, event: str, row: AnomalyRow) -> None:
         log.info(

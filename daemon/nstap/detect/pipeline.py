@@ -8,6 +8,7 @@ import structlog
 
 from ..registry import ContainerRegistry
 from ..samples import NamespaceSample, SampleStore
+from ..supervisor import TaskSupervisor
 from . import build_detectors
 from .base import Detector
 from .incidents import IncidentTracker
@@ -24,13 +25,15 @@ class DetectionPipeline:
         tracker: IncidentTracker,
         params: Mapping[str, Mapping[str, float]],
         enabled: Mapping[str, bool],
+        supervisor: TaskSupervisor | None = None,
     ) -> None:
         self.registry = registry
         self.tracker = tracker
         self.params = params
         self.enabled = enabled
+        self.supervisor = supervisor or TaskSupervisor()
         self._detectors: dict[int, list[Detector]] = {}
-        self._broken: set[tuple[int, str]] = set()
+        self._broken: set[tuple[int, str]] = set()  # (netns, kind) whose failure was logged already
 
     def start(self, samples: SampleStore) -> None:
         """Receive every sample from now on, and follow namespaces leaving the registry."""
@@ -53,9 +56,11 @@ class DetectionPipeline:
                 finding = detector.observe(sample)
             except Exception as exc:  # noqa: BLE001 - one detector's bug must not stop sampling or the others
                 key = (sample.netns, detector.kind)
-                if key not in self._broken:
+                if key not in self._broken:  # logged once per namespace and kind, counted every time
                     self._broken.add(key)
-                    log.exception("detector_failed", kind=detector.kind, netns=sample.netns, error=repr(exc))
+                    self.supervisor.failed("detector", exc, kind=detector.kind, netns=sample.netns)
+                else:
+                    self.supervisor.count("detector")
                 continue
             if finding is not None:
                 seen.add(finding.kind)
@@ -67,3 +72,5 @@ class DetectionPipeline:
         for netns in [n for n in self._detectors if n not in namespaces]:
             del self._detectors[netns]
             self.tracker.forget(netns)
+        self._broken = {key for key in self._broken if key[0] in namespaces}
+        self.tracker.prune({r.short_id for r in self.registry.containers()})

@@ -5,6 +5,9 @@ each one makes the source re-inspect that container and put the answer in the re
 duplicated, reordered or lost event cannot leave the registry wrong for long — and a full list
 after every reconnect and every ``reconcile_interval`` repairs anything a lost event broke.
 An endpoint that is absent or down is a state (``up`` False, one log line), never an error.
+Anything else that goes wrong is a bug or a hostile answer: one event or one reconcile that fails
+that way is reported to the task supervisor (logged with its traceback, counted) and the source
+carries on; a session that fails that way ends, and the supervisor starts the source again.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import aiohttp
 import structlog
 
 from ..registry import ContainerRegistry
+from ..supervisor import TaskSupervisor
 from .exits import ProcessExits
 from .records import ContainerRecord, RecordError, netns_inode, record_from_inspect
 
@@ -32,6 +37,7 @@ GONE_ACTIONS = frozenset({"die", "destroy", "remove", "died"})
 NETWORK_ACTIONS = frozenset({"connect", "disconnect"})
 INSPECT_CONCURRENCY = 8
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
+LIBPOD_VERSION = re.compile(r"^\d{1,3}\.\d{1,3}(\.\d{1,3})?$")
 
 
 FINGERPRINT_KEYS = ("State", "Names", "Image", "Labels", "Ports", "NetworkSettings", "HostConfig")  # not "Status": "Up 5 minutes"
@@ -57,8 +63,10 @@ class RuntimeSource:
         reconcile_interval: float,
         max_backoff: float,
         docker_factory: Callable[[str], Any] | None = None,
+        supervisor: TaskSupervisor | None = None,
     ) -> None:
         self.name = name
+        self.supervisor = supervisor or TaskSupervisor()
         self.socket_path = socket_path
         self.registry = registry
         self.exits = exits
@@ -79,6 +87,7 @@ class RuntimeSource:
         self._fingerprints: dict[str, str] = {}  # container id -> its list entry when last inspected
         self._log = log.bind(runtime=name, socket=str(socket_path))
         self._state = "starting"
+        self._libpod_api = "4.0.0"
 
     # -- connection loop ---------------------------------------------------------------------
 
@@ -120,9 +129,16 @@ class RuntimeSource:
     async def _session(self, docker: Any) -> bool:
         """One connection: subscribe, reconcile, apply events until the stream ends. True if it connected."""
         version = await docker.version()
-        components = [c.get("Name", "") for c in version.get("Components") or [] if isinstance(c, dict)]
-        self.kind = "podman" if any("Podman" in c for c in components) else "docker"
-        self.version = str(version.get("Version", ""))
+        if not isinstance(version, dict):
+            raise ValueError("the endpoint's /version answer is not an object: not a Docker API")
+        components = [c for c in version.get("Components") or () if isinstance(c, dict)] if isinstance(version.get("Components"), list) else []
+        podman = [c for c in components if "Podman" in str(c.get("Name", ""))]
+        self.kind = "podman" if podman else "docker"
+        self.version = str(version.get("Version", ""))[:64]
+        if podman:  # libpod's endpoints want their own API version in the path
+            details = podman[0].get("Details")
+            api = str(details.get("APIVersion", "")) if isinstance(details, dict) else ""
+            self._libpod_api = api if LIBPOD_VERSION.match(api) else "4.0.0"
         self._docker = docker
         self._fingerprints = {}  # a new connection: inspect everything once
         subscriber = docker.events.subscribe(create_task=False)
@@ -136,7 +152,10 @@ class RuntimeSource:
             try:
                 while (event := await subscriber.get()) is not None:
                     self.events_total += 1
-                    self.handle_event(event)
+                    try:
+                        self.handle_event(event)
+                    except Exception as exc:  # noqa: BLE001 - one event that breaks the code must not end the stream
+                        self.supervisor.failed(f"runtime-{self.name}", exc, event_type=str(event.get("Type"))[:32] if isinstance(event, dict) else "")
                 if stream.done() and not stream.cancelled() and stream.exception() is not None:
                     self._log.warning("event_stream_failed", error=str(stream.exception()))
             finally:
@@ -156,6 +175,8 @@ class RuntimeSource:
             except (aiodocker.DockerError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
                 # The event stream decides whether the endpoint is gone; a failed list is retried.
                 self._log.warning("reconcile_failed", error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - one broken reconcile must not end the periodic ones
+                self.supervisor.failed(f"runtime-{self.name}", exc)
 
     # -- listing and inspecting --------------------------------------------------------------
 
@@ -187,15 +208,22 @@ class RuntimeSource:
         """Podman only: container id -> pod name, from libpod's list (the compat API has no pod name)."""
         if self.kind != "podman":
             return {}
-        params: dict[str, Any] = {"all": True}
+        params: dict[str, str] = {"all": "true"}
         if container_id:
-            params["filters"] = {"id": [container_id]}
+            params["filters"] = json.dumps({"id": [container_id]})
+        # libpod's own endpoint, through aiodocker's public session and host.
+        url = f"{docker.docker_host}/v{self._libpod_api}/libpod/containers/json"
         try:
-            listing = await docker._query_json("libpod/containers/json", params=params)
-        except (aiodocker.DockerError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            async with docker.session.get(url, params=params, timeout=REQUEST_TIMEOUT) as response:
+                if response.status != 200:
+                    raise aiodocker.DockerError(response.status, {"message": f"libpod list answered {response.status}"})
+                listing = await response.json()
+        except (aiodocker.DockerError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             self._log.warning("pod_names_unavailable", error=str(exc))
             return {}
-        return {c["Id"]: c.get("PodName") or "" for c in listing if isinstance(c, dict) and "Id" in c}
+        if not isinstance(listing, list):
+            return {}
+        return {str(c["Id"]): str(c.get("PodName") or "") for c in listing if isinstance(c, dict) and "Id" in c}
 
     async def _inspect(self, docker: Any, container_id: str, pods: dict[str, str]) -> ContainerRecord | None:
         """Inspect one container; None if it is not running (or vanished, or makes no sense)."""
@@ -260,7 +288,7 @@ class RuntimeSource:
         if container_id in self._refreshing:
             self._dirty.add(container_id)
             return
-        self._refreshing[container_id] = asyncio.create_task(self._refresh(container_id))
+        self._refreshing[container_id] = self.supervisor.spawn("runtime-refresh", self._refresh(container_id))
 
     async def _refresh(self, container_id: str) -> None:
         try:
@@ -297,9 +325,4 @@ class RuntimeSource:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._refreshing.clear()
         self._dirty.clear()
-
-    def close(self) -> None:
-        """Forget this runtime's exit watches (the registry keeps its records)."""
-        for cid in self.registry.runtime_ids(self.name):
-            self.exits.forget(cid)
 
