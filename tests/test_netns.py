@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import NsUnderTest, ping, sh, tool, wait_until
+from conftest import NsUnderTest, ping, sh, tool
 from nstap.instruments import Instruments
 from nstap.netns.handles import NamespaceGone, NamespaceOpener
 from nstap.netns.links import parse_net_dev
@@ -247,3 +247,83 @@ async def test_watcher_samples_on_its_interval(netns: NsUnderTest, opener: Names
         await asyncio.gather(task, return_exceptions=True)
     assert prom.get_sample_value("nstap_watcher_detaches_total") == 1
     assert time.time() - seen[-1] < 1
+
+
+class FailingOpener(NamespaceOpener):
+    """The real opener, made to fail its first ``failures`` opens with ``errno`` (fault injection:
+    a host out of descriptors cannot be arranged for one namespace only)."""
+
+    def __init__(self, failures: int, err: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.err = err
+        self.calls = 0
+
+    async def open(self, pid: int, expect_inode: int | None = None):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError(self.err, os.strerror(self.err))
+        return await super().open(pid, expect_inode)
+
+
+async def test_a_watcher_that_could_not_attach_is_retried(netns: NsUnderTest) -> None:
+    """Defect: a failed attach returned for good, and reconciliation skipped the namespace after."""
+    import errno
+
+    opener = FailingOpener(failures=3, err=errno.EMFILE)  # every attempt of the first watcher fails
+    pool, store, prom = make_pool(opener, None)
+    ns = namespace_for(netns)
+    pool.registry.upsert(ns.owner)
+    pool.start()
+    try:
+        for _ in range(60):
+            if store.get(ns.inode) is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert store.get(ns.inode) is not None, "the namespace was never attached after its first watcher failed"
+        assert opener.calls == 4 and ns.inode in pool.watched() and pool.netns_fd(ns.inode) is not None
+        assert prom.get_sample_value("nstap_sampler_errors_total", {"sampler": "attach"}) == 1
+    finally:
+        await pool.stop()
+        opener.close()
+
+
+class BrokenOnce:
+    """A sampler that raises an unexpected error on its first sample (fault injection: a bug)."""
+
+    name = "broken"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def sample(self):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug in the first sample")
+        return None
+
+
+async def test_the_first_sample_is_guarded_like_the_others(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    """Defect: the first sample ran outside the ticker's guard; a bug in it killed the watcher."""
+    from nstap.samplers import SamplerSpec
+    from nstap.supervisor import TaskSupervisor
+
+    store = SampleStore()
+    prom = CollectorRegistry()
+    context = SamplerContext(interval=0.2, host_links=None, walk_budget=0.00005, max_walk_interval=60.0, max_listen_ports=64)
+    broken = BrokenOnce()
+    specs = [*SAMPLERS.values(), SamplerSpec("broken", True, "fails once", lambda h, ctx: broken)]
+    supervisor = TaskSupervisor()
+    pool = WatcherPool(ContainerRegistry(), opener, specs, context, store, Instruments(prom), supervisor)
+    ns = namespace_for(netns)
+    pool.registry.upsert(ns.owner)
+    pool.start()
+    try:
+        for _ in range(50):
+            if broken.calls >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert broken.calls >= 3 and ns.inode in pool.watched()  # sampled on after the first failed
+        assert supervisor.failures["sample"] == 1
+    finally:
+        await pool.stop()

@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import structlog
 
-from .instruments import Instruments
+from .instruments import Instruments, LoopHistogram
 from .netns.handles import NamespaceGone, NamespaceHandles, NamespaceOpener
 from .registry import ContainerRegistry, WatchedNamespace
 from .samplers import Sampler, SamplerContext, SamplerSpec
 from .samplers.sockets import SocketSampler
 from .samples import NamespaceSample, SampleStore
+from .supervisor import TaskSupervisor
 
 log = structlog.get_logger("nstap.watcher")
 
 ATTACH_RETRIES = (0.2, 1.0)
+RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds before a watcher that ended is started again (doubling)
+RETRY_HEALTHY = 60.0
+MAX_SAMPLE_EVERY = 60.0  # seconds: the longest interval of a namespace whose samples cost too much  # a watcher that lived this long starts its next backoff from RETRY_MIN
 # Errors that mean "this namespace or its process went away" or "the kernel refused one read":
 # the sample part is skipped and counted, the watcher carries on.
 SAMPLE_ERRORS = (OSError, ValueError, IndexError, KeyError)
@@ -48,11 +54,20 @@ class NamespaceWatcher:
         self._walk: asyncio.Future | None = None
         self._failing: dict[str, str] = {}  # sampler -> last error logged, to log once per streak
         self._syn_retransmits: int | None = None
+        self._sample_failing = False
+        self.cost = 0.0  # smoothed wall time of one sample, seconds
+        self.every = 1  # sampled on every ``every``-th tick (more than 1 when its samples cost too much)
+        self.skip = 0  # ticks to skip before the next sample
         owner = namespace.owner
         self.log = log.bind(netns=namespace.inode, container=owner.name, container_id=owner.short_id, runtime=owner.runtime)
 
     async def run(self) -> None:
-        """Attach, sample until cancelled, detach."""
+        """Attach, sample until cancelled, detach.
+
+        Returns early when the namespace cannot be attached (its process went away, or the host
+        is out of descriptors); the pool then tries again with backoff for as long as the
+        namespace is in the registry.
+        """
         pool = self.pool
         try:
             self.handles = await self._attach()
@@ -71,6 +86,7 @@ class NamespaceWatcher:
                     self._sockets = sampler
             pool.instruments.attaches.inc()
             self.log.info("watcher_attached", members=len(self.namespace.members), pid=self.namespace.owner.pid)
+            pool.attached(self)
             await self._loop()
         finally:
             await self._detach()
@@ -94,15 +110,33 @@ class NamespaceWatcher:
 
     async def _loop(self) -> None:
         # The first sample is taken at once; the next ones are taken by the pool's ticker, which
-        # runs every watcher's sample_once back to back on each tick. This task stays, owning the
-        # namespace's handles, until it is cancelled.
-        self.sample_once()
+        # runs every watcher's sample_guarded back to back on each tick. This task stays, owning
+        # the namespace's handles, until it is cancelled.
+        self.sample_guarded()
         ticker = self.pool.ticker
         ticker.add(self)
         try:
             await asyncio.get_running_loop().create_future()  # only cancellation ends it
         finally:
             ticker.discard(self)
+
+    def sample_guarded(self) -> None:
+        """:meth:`sample_once`, with a failure that no sampler expected reported instead of raised.
+
+        A bug in one namespace's sample must not stop the others, nor this namespace's next
+        sample. Every such failure is counted; the first of a streak is logged with its traceback.
+        """
+        try:
+            self.sample_once()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self.pool.instruments.sampler_errors.labels("sample").inc()
+            if not self._sample_failing:
+                self._sample_failing = True
+                self.pool.supervisor.failed("sample", exc, netns=self.namespace.inode, container=self.namespace.owner.name)
+            else:
+                self.pool.supervisor.count("sample")
+        else:
+            self._sample_failing = False
 
     def sample_once(self) -> NamespaceSample | None:
         """Take one sample and hand it to the store; None if every sampler failed."""
@@ -131,6 +165,7 @@ class NamespaceWatcher:
         self._schedule_walk()
         duration = time.perf_counter() - started
         pool.instruments.sample_duration.observe(duration)
+        self._account(duration)
         if not parts:
             return None
         sample = NamespaceSample(
@@ -141,9 +176,26 @@ class NamespaceWatcher:
             protocols=parts.get("protocols"),
             sockets=parts.get("sockets"),
             failed=tuple(failed),
+            interval=self.every * pool.interval,
         )
         pool.store.put(sample)
         return sample
+
+    def _account(self, duration: float) -> None:
+        """Sample this namespace less often while its samples cost more than the budget.
+
+        A namespace whose state is expensive to read (a container with thousands of listeners or
+        interfaces, link changes on every tick) would otherwise take the event loop from all the
+        others: it is sampled every ``cost / budget`` intervals instead (at most every
+        MAX_SAMPLE_EVERY seconds), so its average cost stays within the budget.
+        """
+        self.cost = duration if not self.cost else 0.7 * self.cost + 0.3 * duration
+        pool = self.pool
+        budget = pool.context.sample_budget
+        every = 1 if self.cost <= budget else min(math.ceil(self.cost / budget), pool.max_every)
+        if every != self.every:
+            self.log.info("sample_interval_changed", interval=every * pool.interval, cost_ms=round(self.cost * 1000, 3))
+            self.every = every
 
     def _sampler_failed(self, name: str, exc: BaseException) -> None:
         self.pool.instruments.sampler_errors.labels(name).inc()
@@ -188,6 +240,7 @@ class NamespaceWatcher:
             if close is not None:
                 close()
         if self.handles is not None:
+            self.pool.detached(self)
             self.handles.close()
             self.pool.instruments.detaches.inc()
             self.log.info("watcher_detached")
@@ -201,11 +254,13 @@ class Ticker:
     overhead that is not reading the kernel (CPU caches stay warm from one namespace to the next).
     """
 
-    def __init__(self, interval: float, on_round: Callable[[], None] | None = None) -> None:
+    def __init__(self, interval: float, on_round: Callable[[], None] | None = None, lag: LoopHistogram | None = None) -> None:
         self.interval = interval
         self.on_round = on_round  # called as each tick starts, before the samples
+        self.lag = lag  # how late each tick started, in seconds (a blocked event loop shows here)
         self._watchers: dict[NamespaceWatcher, None] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
 
     def add(self, watcher: NamespaceWatcher) -> None:
         """Sample ``watcher`` on every tick from now on."""
@@ -218,20 +273,24 @@ class Ticker:
         self._watchers.pop(watcher, None)
 
     def _arm(self) -> None:
+        # The next multiple of the interval after now: a loop that was blocked (or a daemon that
+        # was stopped) for several intervals takes one late sample, not a burst of catch-up ones.
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._timer = loop.call_at((now // self.interval + 1) * self.interval, self._tick)
+        self._due = (loop.time() // self.interval + 1) * self.interval
+        self._timer = loop.call_at(self._due, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
+        if self.lag is not None:
+            self.lag.observe(max(asyncio.get_running_loop().time() - self._due, 0.0))
         if self.on_round is not None:
             self.on_round()
         for watcher in list(self._watchers):
-            try:
-                watcher.sample_once()
-            except Exception:  # noqa: BLE001 - a bug in one namespace's sample must not stop the others
-                watcher.log.exception("sample_failed")
-                watcher.pool.instruments.sampler_errors.labels("sample").inc()
+            if watcher.skip:
+                watcher.skip -= 1
+                continue
+            watcher.sample_guarded()
+            watcher.skip = watcher.every - 1
         if self._watchers:
             self._arm()
 
@@ -243,8 +302,26 @@ class Ticker:
         self._watchers.clear()
 
 
+@dataclass
+class WatcherSlot:
+    """The watcher of one namespace, and how often attaching it has failed in a row."""
+
+    watcher: NamespaceWatcher
+    task: asyncio.Task
+    failures: int = 0
+    retry_at: float = 0.0  # loop time before which a watcher that ended is not started again
+    started_at: float = 0.0
+
+
 class WatcherPool:
-    """Runs one :class:`NamespaceWatcher` per namespace in the registry, no more, no less."""
+    """Runs one :class:`NamespaceWatcher` per namespace in the registry, no more, no less.
+
+    A watcher that could not attach, or that failed, is started again with a backoff that doubles
+    with each consecutive failure (RETRY_MIN to RETRY_MAX seconds) for as long as its namespace is
+    in the registry. Others can follow which namespaces are attached (:meth:`subscribe`) and use
+    the namespace descriptor an attached watcher holds (:meth:`netns_fd`): that is the only way
+    the rest of the daemon enters a container's namespace.
+    """
 
     def __init__(
         self,
@@ -254,18 +331,24 @@ class WatcherPool:
         context: SamplerContext,
         store: SampleStore,
         instruments: Instruments,
+        supervisor: TaskSupervisor | None = None,
     ) -> None:
         self.registry = registry
         self.opener = opener
         self.specs = specs
         self.context = context
         self.interval = context.interval
+        self.max_every = max(1, int(MAX_SAMPLE_EVERY / context.interval))
         self.store = store
         self.instruments = instruments
+        self.supervisor = supervisor or TaskSupervisor()
         self.walk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-walk")
         host = context.host_links
-        self.ticker = Ticker(self.interval, host.new_round if host is not None else None)
-        self.watchers: dict[int, tuple[NamespaceWatcher, asyncio.Task]] = {}
+        self.ticker = Ticker(self.interval, host.new_round if host is not None else None, instruments.tick_lag)
+        self.watchers: dict[int, WatcherSlot] = {}
+        self._attached: dict[int, NamespaceWatcher] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._retry: asyncio.TimerHandle | None = None
         self._closed = False
 
     def start(self) -> None:
@@ -273,39 +356,113 @@ class WatcherPool:
         self.registry.subscribe(self.reconcile)
         self.reconcile()
 
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever a namespace was attached or detached (on the event loop)."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception as exc:  # noqa: BLE001 - one listener's bug must not starve the others
+                self.supervisor.failed("watcher-listener", exc)
+
+    def attached(self, watcher: NamespaceWatcher) -> None:
+        """Called by a watcher once its handles are open."""
+        self._attached[watcher.namespace.inode] = watcher
+        self._notify()
+
+    def detached(self, watcher: NamespaceWatcher) -> None:
+        """Called by a watcher before it closes its handles."""
+        if self._attached.get(watcher.namespace.inode) is watcher:
+            del self._attached[watcher.namespace.inode]
+            self._notify()
+
     def reconcile(self) -> None:
-        """Start watchers for new namespaces, cancel those whose namespace left the registry."""
+        """Start watchers for new namespaces (and again for those whose watcher ended, once their
+        backoff is over); cancel those whose namespace left the registry."""
         if self._closed:
             return
         wanted = self.registry.namespaces()
-        for inode, (watcher, task) in list(self.watchers.items()):
+        for inode, slot in list(self.watchers.items()):
             if inode not in wanted:
-                task.cancel()
+                slot.task.cancel()
                 del self.watchers[inode]
             else:
-                watcher.namespace = wanted[inode]  # owner or members may have changed
+                slot.watcher.namespace = wanted[inode]  # owner or members may have changed
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         for inode, namespace in wanted.items():
-            if inode not in self.watchers:
-                watcher = NamespaceWatcher(namespace, self)
-                task = asyncio.get_running_loop().create_task(watcher.run(), name=f"watch-netns-{inode}")
-                self.watchers[inode] = (watcher, task)
-                task.add_done_callback(self._finished)
+            slot = self.watchers.get(inode)
+            if slot is None:
+                self.watchers[inode] = self._start(namespace, 0)
+            elif slot.task.done() and now >= slot.retry_at:
+                self.watchers[inode] = self._start(namespace, slot.failures)
 
-    def _finished(self, task: asyncio.Task) -> None:
-        if task.cancelled():
+    def _start(self, namespace: WatchedNamespace, failures: int) -> WatcherSlot:
+        loop = asyncio.get_running_loop()
+        watcher = NamespaceWatcher(namespace, self)
+        task = loop.create_task(watcher.run(), name=f"watch-netns-{namespace.inode}")
+        slot = WatcherSlot(watcher, task, failures, started_at=loop.time())
+        task.add_done_callback(lambda t: self._ended(slot, t))
+        return slot
+
+    def _ended(self, slot: WatcherSlot, task: asyncio.Task) -> None:
+        if task.cancelled() or self._closed:
             return
+        inode = slot.watcher.namespace.inode
         exc = task.exception()
         if exc is not None:
-            log.error("watcher_crashed", task=task.get_name(), error=repr(exc), exc_info=exc)
+            self.supervisor.failed("watcher", exc, netns=inode, container=slot.watcher.namespace.owner.name)
+        if self.watchers.get(inode) is not slot:
+            return  # its namespace left the registry meanwhile
+        loop = asyncio.get_running_loop()
+        if loop.time() - slot.started_at >= RETRY_HEALTHY:
+            slot.failures = 0
+        delay = min(RETRY_MIN * 2**slot.failures, RETRY_MAX)
+        slot.failures += 1
+        slot.retry_at = loop.time() + delay
+        slot.watcher.log.info("watcher_retry_scheduled", retry_in=delay, failures=slot.failures)
+        self._schedule_retry(delay)
+
+    def _schedule_retry(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        if self._retry is not None and self._retry.when() <= when:
+            return
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = loop.call_at(when, self._retry_due)
+
+    def _retry_due(self) -> None:
+        self._retry = None
+        self.reconcile()
+        pending = [slot.retry_at for slot in self.watchers.values() if slot.task.done()]
+        if pending:
+            self._schedule_retry(max(min(pending) - asyncio.get_running_loop().time(), 0.0))
 
     def watched(self) -> dict[int, WatchedNamespace]:
         """The namespaces with an attached watcher."""
-        return {inode: w.namespace for inode, (w, t) in self.watchers.items() if w.handles is not None and not t.done()}
+        return {inode: w.namespace for inode, w in self._attached.items()}
+
+    def netns_fd(self, inode: int) -> int | None:
+        """The descriptor of namespace ``inode`` held by its attached watcher (None if not attached).
+
+        Valid until the watcher detaches, which happens on the event loop: a caller that needs it
+        across an ``await`` must ``os.dup`` it first.
+        """
+        watcher = self._attached.get(inode)
+        if watcher is None or watcher.handles is None or watcher.handles.closed:
+            return None
+        return watcher.handles.ns_fd
 
     async def stop(self) -> None:
         """Cancel every watcher and wait until their handles are closed."""
         self._closed = True
-        tasks = [task for _w, task in self.watchers.values()]
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        tasks = [slot.task for slot in self.watchers.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -90,11 +90,6 @@ class NamespaceHandles:
     local_port_range: tuple[int, int]
     closed: bool = field(default=False)
 
-    def fds(self) -> list[int]:
-        """Every descriptor these handles hold (for leak tests)."""
-        socks = (self.rtnl, self.rtnl_events, self.diag, self.diag_walk)
-        return [self.ns_fd, *(f.fd for f in self.proc.values()), *(s.fileno() for s in socks)]
-
     def close(self) -> None:
         """Close every descriptor; safe to call twice."""
         if self.closed:

@@ -43,7 +43,6 @@ class LinkTable:
         self._events = rtnl_events
         self._dev = dev
         self._by_name: dict[str, netlink.LinkInfo] = {}
-        self._by_index: dict[int, netlink.LinkInfo] = {}
         self.generation = 0  # bumped whenever the metadata changed
         self._fresh = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -71,7 +70,6 @@ class LinkTable:
         netlink.drain(self._events)  # what is queued now is covered by the dump below
         links = netlink.dump_links(self._rtnl)
         self._by_name = {link.name: link for link in links}
-        self._by_index = {link.ifindex: link for link in links}
         self._fresh = True
         self.generation += 1
         return True
@@ -79,10 +77,6 @@ class LinkTable:
     def links(self) -> dict[str, netlink.LinkInfo]:
         """Current metadata by interface name (call :meth:`refresh` first)."""
         return self._by_name
-
-    def by_index(self, ifindex: int) -> netlink.LinkInfo | None:
-        """Metadata of one interface by ifindex."""
-        return self._by_index.get(ifindex)
 
     def read_counters(self) -> bytes:
         """/proc/net/dev of the namespace, read now (see :func:`parse_net_dev`)."""

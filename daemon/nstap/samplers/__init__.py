@@ -32,6 +32,8 @@ class SamplerContext:
     walk_budget: float  # CPU seconds per container-sample for per-state socket walks
     max_walk_interval: float
     max_listen_ports: int
+    max_interfaces: int = 64
+    sample_budget: float = 0.002  # wall seconds one namespace's sample may cost on average
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "interfaces",
             True,
             "interface counters, state and MTU, container side and host-side veth peer",
-            lambda h, ctx: InterfaceSampler(h, ctx.host_links),
+            lambda h, ctx: InterfaceSampler(h, ctx.host_links, ctx.max_interfaces),
         ),
         SamplerSpec(
             "protocols",

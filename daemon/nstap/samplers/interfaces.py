@@ -4,6 +4,9 @@ Drops on the host side of a veth (the bridge end) are the ones people miss with 
 inside the container. The host side is matched exactly, not by name or by ``@ifN`` guesswork: the
 host veth whose IFLA_LINK_NETNSID is the id the host gave the container's namespace and whose
 IFLA_LINK is the container interface's ifindex.
+
+What a container controls is bounded: past ``max_interfaces`` interfaces (by ifindex, so the first
+ones — lo, eth0 — keep their names), the rest are summed into one ``interface="other"``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from ..netns import netlink
 from ..netns.handles import NamespaceHandles
 from ..netns.links import DevCounters, LinkTable, parse_net_dev
 from ..samples import InterfaceCounters
+
+OTHER = "other"  # the interface label of the interfaces past max_interfaces, summed
 
 
 class HostLinks:
@@ -77,8 +82,9 @@ class InterfaceSampler:
 
     name = "interfaces"
 
-    def __init__(self, handles: NamespaceHandles, host: HostLinks | None) -> None:
+    def __init__(self, handles: NamespaceHandles, host: HostLinks | None, max_interfaces: int = 64) -> None:
         self._handles = handles
+        self._max = max_interfaces
         self._table = LinkTable(handles.rtnl, handles.rtnl_events, handles.proc["dev"])
         self._table.follow(asyncio.get_running_loop())
         self._host = host
@@ -124,9 +130,19 @@ class InterfaceSampler:
             return self._last
         links = table.links()
         out = []
+        named = []
         for name, c in parse_net_dev(raw).items():
             link = links.get(name)
-            if link is None:  # appeared since the last metadata dump; next sample has it
+            if link is not None:  # else it appeared since the last metadata dump; next sample has it
+                named.append((link.ifindex, name, link, c))
+        if len(named) > self._max:
+            named.sort(key=lambda item: item[0])
+        other: list[int] | None = None
+        other_up = True
+        for i, (_ifindex, name, link, c) in enumerate(named):
+            if i >= self._max:
+                other = [a + b for a, b in zip(other, c)] if other is not None else list(c)
+                other_up = other_up and link.up
                 continue
             peer = self._peer_of.get(link.ifindex)
             out.append(InterfaceCounters(name, "container", peer.name if peer else "", link.up, link.mtu, *c))
@@ -134,5 +150,7 @@ class InterfaceSampler:
                 hc = host.counters(peer.name)
                 if hc is not None:
                     out.append(InterfaceCounters(peer.name, "host", name, peer.up, peer.mtu, *hc))
+        if other is not None:
+            out.append(InterfaceCounters(OTHER, "container", "", other_up, 0, *other))
         self._last_key, self._last = key, tuple(out)
         return self._last

@@ -119,16 +119,14 @@ def walk_tcp(diag: socket.socket, families: tuple[int, ...]) -> tuple[dict[str, 
     (counts, highest SYN retransmit count of a SYN_SENT socket, CPU seconds spent).
     """
     start = time.thread_time()
-    counts = dict.fromkeys(WALKED_STATES, 0)
+    by_state = [0] * 16
     syn_retrans = 0
     for family in families:
-        for sock in netlink.dump_inet(diag, family, socket.IPPROTO_TCP, TCP_WALK_MASK):
-            name = TCP_STATES.get(sock.state)
-            if name is None:
-                continue
-            counts[name] += 1
-            if sock.state == SYN_SENT and sock.retransmits > syn_retrans:
-                syn_retrans = sock.retransmits
+        syn_retrans = max(syn_retrans, netlink.count_inet(diag, family, socket.IPPROTO_TCP, TCP_WALK_MASK, by_state, SYN_SENT))
+    counts = dict.fromkeys(WALKED_STATES, 0)
+    for state, name in TCP_STATES.items():
+        if name in counts:
+            counts[name] += by_state[state]
     return counts, syn_retrans, time.thread_time() - start
 
 
