@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampling import ROOT, Traffic, container_ips, cpu_seconds, ensure_image, metric, rss_mib, scrape, sh, start_container  # noqa: E402
+from bench_sampling import ROOT, Traffic, container_ips, cpu_seconds, ensure_image, metric, rss_mib, scrape, start_container  # noqa: E402
 
 
 def children_cpu(pid: int) -> dict[int, float]:

@@ -1,12 +1,14 @@
 """The capture engine with real tcpdump in a namespace made by the test: live, flight recorder, limits.
 
 The registry entry that points the engine at the namespace is built by hand (there is no
-container runtime involved here); everything else — tcpdump, nsenter, the kernel — is real.
+container runtime involved here); everything else — the watcher pool holding the namespace's
+descriptor, tcpdump, nsenter, the kernel — is real.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import time
@@ -14,14 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NsUnderTest, ping, tool
+from conftest import NsUnderTest, ping, sh, tool
 from nstap.capture.engine import CaptureEngine, CaptureRefused, CaptureSettings, CaptureTarget
 from nstap.capture.pcap import read_file, sha256_file
 from nstap.capture.ring import Segment, segments_for_window, segments_to_drop
-from nstap.capture.store import COMPLETE, FAILED, CaptureStore, Retention
+from nstap.capture.store import COMPLETE, CaptureStore, Retention
 from nstap.capture.tcpdump import FilterError, Tools, parse_stats
+from nstap.instruments import Instruments
+from nstap.netns.handles import NamespaceOpener
 from nstap.registry import ContainerRegistry
 from nstap.runtime.records import ContainerRecord
+from nstap.samplers import SAMPLERS, SamplerContext
+from nstap.samples import SampleStore
+from nstap.watcher import WatcherPool
+from prometheus_client import CollectorRegistry
 
 
 def tcpdump_read(path: Path, *args: str) -> list[str]:
@@ -51,21 +59,54 @@ def test_stats_lines() -> None:
     assert parse_stats("12 packets captured\n24 packets received by filter\n0 packets dropped by kernel\n")["dropped"] == 0
 
 
+class Bench:
+    """A registry, the real watcher pool over it, a store and an engine, for one test namespace."""
+
+    def __init__(self, tmp_path: Path, netns: NsUnderTest, labels: dict[str, str], settings: CaptureSettings) -> None:
+        self.registry = ContainerRegistry()
+        self.opener = NamespaceOpener()
+        context = SamplerContext(interval=0.5, host_links=None, walk_budget=0.00005, max_walk_interval=60.0, max_listen_ports=64)
+        self.pool = WatcherPool(self.registry, self.opener, list(SAMPLERS.values()), context, SampleStore(), Instruments(CollectorRegistry()))
+        self.record = ContainerRecord(
+            id="cd" * 32, name="ringed", runtime="test", pid=netns.pid, status="running", image="none", labels=labels
+        ).with_netns(os.stat(f"/proc/{netns.pid}/ns/net").st_ino, 0)
+        self.store = CaptureStore(tmp_path, Retention(max_bytes=50 * 1024 * 1024, max_age_seconds=3600))
+        self.engine = CaptureEngine(settings, self.store, self.pool, self.registry, tmp_path)
+        self.tmp_path = tmp_path
+
+    async def open(self) -> None:
+        await self.store.open()
+        self.pool.start()
+
+    async def attach(self) -> None:
+        """Put the container in the registry and wait until its watcher holds the namespace."""
+        self.registry.upsert(self.record)
+        for _ in range(100):
+            if self.pool.netns_fd(self.record.netns) is not None:
+                return
+            await asyncio.sleep(0.05)
+        pytest.fail("the watcher did not attach")
+
+    async def close(self) -> None:
+        await self.engine.stop()
+        await self.pool.stop()
+        await self.store.close()
+        self.opener.close()
+
+
 @pytest.fixture
-async def engine(tmp_path: Path, netns: NsUnderTest):
-    """An engine whose registry holds the test namespace, labelled for a flight recorder."""
-    registry = ContainerRegistry()
-    record = ContainerRecord(
-        id="cd" * 32, name="ringed", runtime="test", pid=netns.pid, status="running", image="none", labels={"nstap.capture": "ring"}
-    ).with_netns(os.stat(f"/proc/{netns.pid}/ns/net").st_ino, 0)
-    registry.upsert(record)
-    store = CaptureStore(tmp_path, Retention(max_bytes=50 * 1024 * 1024, max_age_seconds=3600))
-    await store.open()
-    settings = CaptureSettings(pre_seconds=3, post_seconds=2, max_concurrent=2, ring="labeled", ring_bytes=1024 * 1024)
-    engine = CaptureEngine(settings, store, registry, tmp_path, Path("/proc"))
-    yield engine, registry, store, record
-    await engine.stop()
-    await store.close()
+async def bench(tmp_path: Path, netns: NsUnderTest):
+    """A bench whose namespace is labelled for a flight recorder, attached."""
+    b = Bench(tmp_path, netns, {"nstap.capture": "ring"}, CaptureSettings(pre_seconds=3, post_seconds=2, max_concurrent=2, ring="labeled", ring_bytes=1024 * 1024))
+    await b.open()
+    await b.attach()
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+async def engine(bench: Bench):
+    yield bench.engine, bench.registry, bench.store, bench.record
 
 
 async def wait_done(store: CaptureStore, capture_id: str, timeout: float = 20):
@@ -79,7 +120,7 @@ async def wait_done(store: CaptureStore, capture_id: str, timeout: float = 20):
 
 
 def target_of(record: ContainerRecord) -> CaptureTarget:
-    return CaptureTarget(record.name, record.short_id, record.runtime, record.netns, record.pid)
+    return CaptureTarget(record.name, record.short_id, record.runtime, record.netns)
 
 
 async def test_live_capture_holds_the_traffic_of_its_window(engine, netns: NsUnderTest) -> None:
@@ -153,10 +194,10 @@ async def test_limits_and_failures(engine, netns: NsUnderTest, tmp_path: Path) -
     assert refused.value.status == 429
     for row in rows:
         assert (await wait_done(store, row.id)).state == COMPLETE
-    # A process that is gone: nsenter fails, the capture fails with what it said.
-    gone = CaptureTarget("gone", "000000000000", "test", 1, 2**22 + 17)
-    failed = await wait_done(store, (await eng.capture(gone, "manual", post_seconds=1)).id)
-    assert failed.state == FAILED and "nsenter" in failed.error
+    # A namespace nobody watches: refused, nothing entered.
+    with pytest.raises(CaptureRefused, match="not watched") as unwatched:
+        await eng.capture(CaptureTarget("gone", "000000000000", "test", 1), "manual", post_seconds=1)
+    assert unwatched.value.status == 409
     # No tcpdump at all: a clear refusal, not a crash.
     with pytest.raises(Exception, match="not found"):
         Tools.find(256, 1024, tcpdump="tcpdump-that-does-not-exist")
@@ -208,23 +249,20 @@ async def test_a_flight_recorder_whose_tcpdump_dies_is_replaced(engine, netns: N
 
 
 async def test_no_flight_recorder_for_a_container_that_opted_out(tmp_path: Path, netns: NsUnderTest) -> None:
-    registry = ContainerRegistry()
-    record = ContainerRecord(
-        id="ef" * 32, name="private", runtime="test", pid=netns.pid, status="running", image="none", labels={"nstap.capture": "off"}
-    ).with_netns(os.stat(f"/proc/{netns.pid}/ns/net").st_ino, 0)
-    registry.upsert(record)
-    store = CaptureStore(tmp_path, Retention(max_bytes=1 << 20, max_age_seconds=3600))
-    await store.open()
-    eng = CaptureEngine(CaptureSettings(ring="all"), store, registry, tmp_path, Path("/proc"))
+    b = Bench(tmp_path, netns, {"nstap.capture": "OFF"}, CaptureSettings(ring="all"))  # the switch vocabulary, any case
+    await b.open()
     (tmp_path / "ring" / "123-1").mkdir(parents=True)  # left by a daemon that died
     try:
-        eng.start()
+        await b.attach()
+        b.engine.start()
         await asyncio.sleep(0.5)
-        assert eng.rings == {} and list((tmp_path / "ring").iterdir()) == []
+        assert b.engine.rings == {} and list((tmp_path / "ring").iterdir()) == []
         assert oct((tmp_path / "ring").stat().st_mode & 0o777) == "0o700"
+        with pytest.raises(CaptureRefused) as refused:  # the engine vetoes it too, not only the API
+            await b.engine.capture(target_of(b.record), "manual", post_seconds=1)
+        assert refused.value.status == 403
     finally:
-        await eng.stop()
-        await store.close()
+        await b.close()
 
 
 async def test_filtered_flight_recorder_capture_is_private(engine, netns: NsUnderTest) -> None:
@@ -240,3 +278,98 @@ async def test_filtered_flight_recorder_capture_is_private(engine, netns: NsUnde
     assert done.state == COMPLETE and done.error == "" and len(lines) == 2 and all("echo request" in line for line in lines)
     st = path.stat()
     assert (st.st_uid, oct(st.st_mode & 0o777)) == (0, "0o600")
+
+
+def tcpdump_children() -> list[int]:
+    """tcpdump processes that are children of this test process (nsenter execs tcpdump in place)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == os.getpid() and comm in ("tcpdump", "nsenter"):
+            out.append(int(entry))
+    return out
+
+
+async def test_ring_whose_namespace_leaves_before_its_tcpdump_started_is_stopped(tmp_path: Path, netns: NsUnderTest) -> None:
+    """Defect: the recorder's start ran as its own task, and a stop that came first found no process."""
+    b = Bench(tmp_path, netns, {"nstap.capture": "ring"}, CaptureSettings(ring="labeled"))
+    await b.open()
+    try:
+        b.engine.start()
+        before = set(tcpdump_children())
+        # The moment the engine has decided to start the ring (on attach, before its tcpdump
+        # runs), the container goes away.
+        b.pool.subscribe(lambda: b.registry.remove(b.record.id) if b.record.netns in b.engine.rings else None)
+        b.registry.upsert(b.record)
+        for _ in range(100):
+            if b.engine.rings or b.registry.get(b.record.id) is None:
+                break
+            await asyncio.sleep(0.02)
+        assert b.registry.get(b.record.id) is None, "the container was not removed at the ring's start"
+        for _ in range(100):  # the ring's start and stop tasks run their course
+            if not b.engine._ring_tasks and not b.engine.rings:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert b.engine.rings == {}
+        assert set(tcpdump_children()) - before == set(), "a flight recorder's tcpdump was left running"
+    finally:
+        await b.close()
+
+
+async def test_capture_enters_the_watched_namespace_even_after_pid_reuse(bench: Bench, netns: NsUnderTest) -> None:
+    """Defect: tcpdump entered /proc/<pid>/ns/net; a reused pid pointed it at another namespace."""
+    eng, registry, store, record = bench.engine, bench.registry, bench.store, bench.record
+    # The container's pid now belongs to a process of the host's namespace (this one), as after
+    # pid reuse; the registry entry still names the watched namespace.
+    registry.upsert(dataclasses.replace(record, pid=os.getpid()))
+    row = await eng.capture(target_of(record), "manual", post_seconds=2)
+    assert row.mode == "live"
+    await asyncio.sleep(0.5)
+    # Traffic only the container's namespace sees: pings to its own loopback, of a size nothing
+    # else on this host sends.
+    await asyncio.to_thread(sh, "ip", "netns", "exec", netns.name, "ping", "-c", "3", "-i", "0.2", "-s", "1234", "-q", "127.0.0.1")
+    done = await wait_done(store, row.id)
+    lines = tcpdump_read(store.path_of(done), "icmp")
+    assert sum("echo request" in line and "length 1242" in line for line in lines) == 3, lines
+
+
+async def test_concurrent_requests_never_exceed_max_concurrent(bench: Bench) -> None:
+    """Defect: the limit was checked before an await on the store and taken after it."""
+    eng, store, record = bench.engine, bench.store, bench.record  # max_concurrent 2
+    results = await asyncio.gather(*(eng.capture(target_of(record), "manual", post_seconds=1) for _ in range(10)), return_exceptions=True)
+    started = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, CaptureRefused)]
+    assert len(started) == 2 and len(refused) == 8 and all(r.status == 429 for r in refused), results
+    assert eng.refused_total["concurrency"] == 8
+    assert len(await store.list()) == 2
+    for row in started:
+        assert (await wait_done(store, row.id)).state == COMPLETE
+
+
+async def test_anomaly_captures_per_container_are_limited(tmp_path: Path, netns: NsUnderTest) -> None:
+    b = Bench(tmp_path, netns, {}, CaptureSettings(post_seconds=1, max_concurrent=8, max_per_container_per_hour=3))
+    await b.open()
+    try:
+        await b.attach()
+        ns = b.pool.watched()[b.record.netns]
+        from nstap.capture.store import AnomalyRow
+
+        def anomaly(i: int) -> AnomalyRow:
+            now = time.time()
+            return AnomalyRow(f"a{i}", "tcp_reset_spike", "ringed", b.record.short_id, "test", ns.inode, now, now)
+
+        ids = await asyncio.gather(*(b.engine.for_anomaly(ns, anomaly(i)) for i in range(5)))  # in one tick
+        assert sum(i is not None for i in ids) == 3
+        assert b.engine.refused_total["per_container_limit"] == 2
+        for capture_id in filter(None, ids):
+            await wait_done(b.store, capture_id)
+    finally:
+        await b.close()

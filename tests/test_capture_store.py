@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nstap.capture.pcap import MAGIC_NS, MAGIC_US, PcapError, PcapWriter, Record, StreamParser, in_window, parse_header, read_file
+from nstap.capture.pcap import MAGIC_NS, MAGIC_US, PcapError, PcapWriter, Record, StreamParser, parse_header, read_file
+from nstap.capture.retention import HeldCapture, plan_evictions
 from nstap.capture.store import COMPLETE, EVICTED, INCOMPLETE, RUNNING, CaptureRow, CaptureStore, Retention, new_id
 
 
@@ -45,7 +46,7 @@ def test_stream_parser_splits_records_whatever_the_chunking(order: str, nanos: b
         pos += step
     assert parser.header is not None and parser.header.nanos == nanos and parser.header.linktype == 276
     assert [r.ts for r in got] == pytest.approx(times)
-    assert b"".join(r.data for r in got) == data[24:] and parser.pending == 0
+    assert b"".join(r.data for r in got) == data[24:]
 
 
 def test_truncated_file_keeps_complete_records(tmp_path: Path) -> None:
@@ -54,7 +55,7 @@ def test_truncated_file_keeps_complete_records(tmp_path: Path) -> None:
     path.write_bytes(data[:-3])
     head, records = read_file(path)
     assert len(records) == 9 and head.snaplen == 256
-    assert [r.ts for r in in_window(records, times[2], times[4])] == pytest.approx(times[2:5])
+    assert [r.ts for r in records if times[2] <= r.ts <= times[4]] == pytest.approx(times[2:5])
 
 
 @pytest.mark.parametrize("bad", [b"", b"\0" * 24, b"GIF89a" + b"\0" * 30, header()[:10]])
@@ -172,3 +173,123 @@ async def test_writer_counts_and_hashes(tmp_path: Path) -> None:
             w.add(r)
     assert path.read_bytes() == data and w.packets == 6 and w.bytes == len(data)
     assert w.sha256() == hashlib.sha256(data).hexdigest()
+
+
+H = HeldCapture  # id, container_id, created_at, size, finished
+
+
+@pytest.mark.parametrize(
+    "held, max_bytes, max_age, expected",
+    [
+        # Under budget, young: nothing goes.
+        ([H("a", "q", 1, 10, True), H("b", "n", 2, 10, True)], 100, 1000, []),
+        # Oldest first within one container.
+        ([H("a", "n", 1, 50, True), H("b", "n", 2, 50, True), H("c", "n", 3, 50, True)], 100, 1000, ["a"]),
+        # A noisy container pays for its own captures: the quiet one's only (and oldest) capture stays.
+        ([H("q1", "q", 0, 40, True), H("n1", "n", 1, 40, True), H("n2", "n", 2, 40, True), H("n3", "n", 3, 40, True)], 100, 1000, ["n1", "n2"]),
+        # When every container is down to one, last captures go, oldest first.
+        ([H("q1", "q", 0, 60, True), H("r1", "r", 1, 60, True), H("n1", "n", 2, 60, True)], 100, 1000, ["q1", "r1"]),
+        # A running capture is never evicted, but it counts as its container's capture.
+        ([H("q1", "q", 0, 60, True), H("q2", "q", 5, 60, False), H("n1", "n", 1, 60, True), H("n2", "n", 2, 60, True)], 150, 1000, ["q1", "n1"]),
+        # The age limit applies to every capture, a container's last one too.
+        ([H("q1", "q", 0, 1, True), H("n1", "n", 990, 1, True)], 100, 50, ["q1"]),
+        # Nothing finished to evict: over budget, nothing to do.
+        ([H("a", "n", 1, 500, False)], 100, 1000, []),
+    ],
+)
+def test_eviction_plan(held, max_bytes: int, max_age: float, expected: list[str]) -> None:
+    assert plan_evictions(held, max_bytes, max_age, now=1000) == expected
+
+
+async def test_budget_never_takes_a_quiet_containers_last_capture(tmp_path: Path) -> None:
+    s = CaptureStore(tmp_path, Retention(max_bytes=6_000, max_age_seconds=3600))
+    await s.open()
+    try:
+        now = time.time()
+        quiet = await write_capture_of(s, "quietquietqu", now - 100, 40)  # ~1.6 KB, the oldest of all
+        noisy = [await write_capture_of(s, "noisynoisyno", now - 50 + i, 40) for i in range(5)]
+        evicted = await s.enforce(now)
+        assert quiet.id not in evicted and evicted == [r.id for r in noisy[: len(evicted)]] and evicted
+        assert (await s.get(quiet.id)).state == COMPLETE and s.total_bytes <= 6_000
+    finally:
+        await s.close()
+
+
+async def write_capture_of(store: CaptureStore, container_id: str, created: float, n: int) -> CaptureRow:
+    row = await store.create(CaptureRow(id=new_id(created) + f"{random.randrange(1 << 16):04x}", state=RUNNING, created_at=created, container_id=container_id))
+    data, _ = stream(n)
+    store.path_of(row).write_bytes(data)
+    await store.finish(row.id, state=COMPLETE, bytes=len(data), packets=n)
+    return await store.get(row.id)
+
+
+async def test_an_existing_data_dir_and_its_files_are_made_private(tmp_path: Path) -> None:
+    """Defect: an existing data dir was not tightened, nor the index's WAL and SHM files."""
+    import sqlite3
+
+    from nstap.api.auth import ensure_token
+
+    data = tmp_path / "data"
+    (data / "captures").mkdir(parents=True)
+    os.chmod(data, 0o755)
+    os.chmod(data / "captures", 0o755)
+    db = sqlite3.connect(data / "nstap.db")  # an index left by an older daemon, world-readable
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t (x)")
+    for name in ("nstap.db", "nstap.db-wal", "nstap.db-shm"):
+        os.chmod(data / name, 0o644)
+    (data / "api-token").write_text("x" * 40 + "\n")
+    os.chmod(data / "api-token", 0o644)
+    s = CaptureStore(data, Retention(10**9, 10**9))
+    await s.open()
+    try:
+        await write_capture(s, time.time(), 2)
+        ensure_token(data)
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (data, data / "captures", *data.iterdir())}
+        db.close()
+        assert modes.pop("data") == "0o700" and modes.pop("captures") == "0o700"
+        assert {"nstap.db", "nstap.db-wal", "nstap.db-shm", "api-token"} <= set(modes)
+        assert set(modes.values()) == {"0o600"}, modes
+    finally:
+        await s.close()
+
+
+def test_an_empty_token_file_is_replaced_not_fatal(tmp_path: Path) -> None:
+    """Defect: a crash between creating and writing the token left an empty file, and every later
+    start failed with a traceback."""
+    from nstap.api.auth import ensure_token, read_token
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "api-token").write_text("")
+    token = ensure_token(data)
+    assert len(token) >= 32 and read_token(data / "api-token") == token
+    assert ensure_token(data) == token  # kept from then on
+    assert [p.name for p in data.iterdir()] == ["api-token"]  # no temporary file left
+    assert oct((data / "api-token").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_daemon_starts_over_an_empty_token_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "api-token").write_text("")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nstap", "run", "--data-dir", str(data), "--metrics-listen", f"127.0.0.1:{free_port()}",
+         "--api-listen", f"127.0.0.1:{free_port()}", "--log-format", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for _ in range(100):
+            if len((data / "api-token").read_text().strip()) >= 32 or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert proc.returncode == 0 and "Traceback" not in out and "api_token_replaced" in out, out

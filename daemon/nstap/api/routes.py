@@ -18,8 +18,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from ..capture.engine import CaptureEngine, CaptureRefused, CaptureTarget, capture_opted_out
-from ..capture.store import EVICTED, RUNNING, CaptureStore
+from .. import labels as nstap_labels
+from ..capture.engine import CaptureEngine, CaptureRefused, CaptureTarget
+from ..capture.store import EVICTED, RUNNING, CaptureRow, CaptureStore
 from ..capture.tcpdump import FilterError
 from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
@@ -143,21 +144,32 @@ class CaptureApi:
         )
         return web.json_response({"captures": [self._view(r) for r in rows]})
 
-    def _view(self, row) -> dict[str, Any]:
-        view = row.to_json()
+    def _current(self, row: CaptureRow) -> CaptureRow:
+        """The row as it is: a finished capture whose outcome the index could not take yet (a full
+        disk) is shown finished, not running for good."""
+        if row.state == RUNNING:
+            outcome = self.engine.unsaved(row.id)
+            if outcome is not None:
+                for key, value in outcome.items():
+                    setattr(row, key, value)
+        return row
+
+    async def _row(self, request: web.Request) -> CaptureRow:
+        row = await self.store.get(request.match_info["id"])
+        if row is None:
+            raise BadRequest("no such capture", 404)
+        return self._current(row)
+
+    def _view(self, row: CaptureRow) -> dict[str, Any]:
+        view = self._current(row).to_json()
         view["links"] = {"self": f"/api/v1/captures/{row.id}", "pcap": f"/api/v1/captures/{row.id}/pcap"}
         return view
 
     async def capture(self, request: web.Request) -> web.Response:
-        row = await self.store.get(request.match_info["id"])
-        if row is None:
-            raise BadRequest("no such capture", 404)
-        return web.json_response(self._view(row))
+        return web.json_response(self._view(await self._row(request)))
 
     async def pcap(self, request: web.Request) -> web.StreamResponse:
-        row = await self.store.get(request.match_info["id"])
-        if row is None:
-            raise BadRequest("no such capture", 404)
+        row = await self._row(request)
         if row.state == RUNNING:
             raise BadRequest("the capture is still running", 409)
         path = self.store.path_of(row)
@@ -191,7 +203,7 @@ class CaptureApi:
         if len(found) > 1:
             raise BadRequest(f"{ref!r} matches {len(found)} containers", 409)
         record = found[0]
-        if capture_opted_out(record.labels):
+        if nstap_labels.capture_opted_out(record.labels):
             raise BadRequest(f"{record.name} opted out of captures (nstap.capture=off)", 403)
         if record.host_network:
             raise BadRequest(f"{record.name} uses the host's network: nothing of its own to capture", 409)
@@ -199,10 +211,10 @@ class CaptureApi:
         if namespace is None:
             raise BadRequest(f"{record.name} is not watched (opted out or not started yet)", 409)
         # A capture of the namespace records every member's packets: one that opted out vetoes it.
-        private = [m.name for m in namespace.members if capture_opted_out(m.labels)]
+        private = [m.name for m in namespace.members if nstap_labels.capture_opted_out(m.labels)]
         if private:
             raise BadRequest(f"{record.name} shares its network with {', '.join(private)}, which opted out of captures", 403)
-        target = CaptureTarget(record.name, record.short_id, record.runtime, namespace.inode, namespace.owner.pid)
+        target = CaptureTarget(record.name, record.short_id, record.runtime, namespace.inode)
         return record, target
 
     async def start_capture(self, request: web.Request) -> web.Response:

@@ -8,9 +8,17 @@ Two ways to get the packets of [trigger - pre, trigger + post]:
 * otherwise a tcpdump is started in the namespace for the post window (nothing can come from
   before the trigger, and the capture says so).
 
+tcpdump enters a namespace only through the descriptor its watcher holds (see
+:meth:`nstap.watcher.WatcherPool.netns_fd`), duplicated for the child: a namespace that is not
+watched is not captured, and a reused pid can never point a capture at another namespace.
+
 Limits that always hold: snap length, a byte cap and a time cap per capture, a maximum of
-concurrent captures, the store's disk budget (oldest evicted first), files 0600. A tcpdump that
-is missing or dies makes the capture "failed" with what it said; the daemon carries on.
+concurrent captures (a slot is taken before the first ``await``, so simultaneous requests cannot
+all pass), at most ``max_per_container_per_hour`` anomaly captures of one container, the store's
+disk budget (see :mod:`.retention`), files 0600. A tcpdump that is missing or dies, or a disk
+that is full, makes the capture "failed" with what it said; every capture ends with a state,
+whatever goes wrong; the daemon carries on. Reading a ring back, hashing and filtering run off
+the event loop.
 """
 
 from __future__ import annotations
@@ -19,31 +27,45 @@ import asyncio
 import itertools
 import os
 import shutil
+import sqlite3
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 
+from .. import labels as nstap_labels
 from ..registry import ContainerRegistry, WatchedNamespace
+from ..supervisor import TaskSupervisor
 from .pcap import PcapError, PcapHeader, PcapWriter, Record, read_file, sha256_file
-from .ring import FlightRecorder
+from .ring import FlightRecorder, read_window
 from .store import COMPLETE, FAILED, INCOMPLETE, RUNNING, AnomalyRow, CaptureRow, CaptureStore, new_id
 from .tcpdump import CaptureToolMissing, TcpdumpProcess, Tools
 
 log = structlog.get_logger("nstap.capture")
 
-RING_LABEL = "nstap.capture"
 PUMP_INTERVAL = 0.25  # seconds between reads of the flight recorders' pipes
 RING_RESTART_DELAY = 10.0  # seconds before a flight recorder whose tcpdump died is started again
-OFF_VALUES = ("off", "false", "no", "never")
+ANOMALY_CAPTURE_PERIOD = 3600.0  # the window of capture.max_per_container_per_hour
+MAX_UNSAVED = 1000  # finished captures whose index update failed, kept to be retried
 
 
-def capture_opted_out(labels: dict[str, str] | object) -> bool:
-    """True for a container labelled ``nstap.capture=off``: its packets are never captured."""
-    value = labels.get(RING_LABEL, "") if isinstance(labels, dict) else ""
-    return value.strip().lower() in OFF_VALUES
+def capture_opted_out(namespace: WatchedNamespace) -> bool:
+    """True if a member of the namespace is labelled ``nstap.capture=off`` (it vetoes captures of it)."""
+    return any(nstap_labels.capture_opted_out(m.labels) for m in namespace.members)
+
+
+class NamespaceHolder(Protocol):
+    """Who holds the watched namespaces' descriptors (the watcher pool)."""
+
+    def watched(self) -> Mapping[int, WatchedNamespace]: ...
+
+    def netns_fd(self, inode: int) -> int | None: ...
+
+    def subscribe(self, listener: Callable[[], None]) -> None: ...
 
 
 class CaptureRefused(Exception):
@@ -65,6 +87,7 @@ class CaptureSettings:
     max_seconds: float = 120.0
     max_bytes: int = 20 * 1024 * 1024
     max_concurrent: int = 4
+    max_per_container_per_hour: int = 6
     ring: str = "labeled"  # "off", "labeled" (nstap.capture=ring), "all"
     ring_bytes: int = 8 * 1024 * 1024
     ring_segments: int = 4
@@ -78,17 +101,20 @@ class CaptureTarget:
     container_id: str
     runtime: str
     netns: int
-    pid: int
 
     @classmethod
     def of(cls, namespace: WatchedNamespace) -> CaptureTarget:
         """The target for a watched namespace (named after its owner)."""
         owner = namespace.owner
-        return cls(owner.name, owner.short_id, owner.runtime, namespace.inode, owner.pid)
+        return cls(owner.name, owner.short_id, owner.runtime, namespace.inode)
 
 
 class CaptureFile:
-    """The pcap being written for one capture: the window, the byte cap, the counts."""
+    """The pcap being written for one capture: the window, the byte cap, the counts.
+
+    A write that fails (a full disk) is not raised: the file keeps what it got, ``write_error``
+    says why, and later records are not written.
+    """
 
     def __init__(self, path: Path, start: float, end: float, trigger: float, max_bytes: int) -> None:
         self.path = path
@@ -98,6 +124,12 @@ class CaptureFile:
         self.writer: PcapWriter | None = None
         self.pre_packets = 0
         self.capped = False
+        self.write_error = ""
+
+    @property
+    def packets(self) -> int:
+        """Records written so far."""
+        return self.writer.packets if self.writer is not None else 0
 
     def add(self, header: PcapHeader, records: list[Record]) -> None:
         """Write the records that fall in the window, until the byte cap.
@@ -105,9 +137,11 @@ class CaptureFile:
         Each batch is handed to the kernel at once, so a daemon that dies mid-capture leaves
         every packet it had received in the file (marked incomplete at the next start).
         """
-        if self.writer is None:
-            self.writer = PcapWriter(self._f, header)
+        if self.write_error:
+            return
         try:
+            if self.writer is None:
+                self.writer = PcapWriter(self._f, header)
             for record in records:
                 if not self.start <= record.ts <= self.end:
                     continue
@@ -117,11 +151,20 @@ class CaptureFile:
                 self.writer.add(record)
                 if record.ts < self.trigger:
                     self.pre_packets += 1
+        except OSError as exc:
+            self.write_error = exc.strerror or str(exc)
         finally:
-            self._f.flush()
+            if not self.write_error:
+                try:
+                    self._f.flush()
+                except OSError as exc:
+                    self.write_error = exc.strerror or str(exc)
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as exc:  # the last flush failed: what was written before stays
+            self.write_error = self.write_error or exc.strerror or str(exc)
 
 
 class CaptureEngine:
@@ -131,14 +174,16 @@ class CaptureEngine:
         self,
         settings: CaptureSettings,
         store: CaptureStore,
+        namespaces: NamespaceHolder,
         registry: ContainerRegistry,
         data_dir: Path,
-        proc_root: Path,
+        supervisor: TaskSupervisor | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.namespaces = namespaces
         self.registry = registry
-        self.proc_root = proc_root
+        self.supervisor = supervisor or TaskSupervisor()
         self.ring_dir = data_dir / "ring"
         try:
             self.tools: Tools | None = Tools.find(settings.snaplen, settings.buffer_kib)
@@ -148,29 +193,36 @@ class CaptureEngine:
         self.rings: dict[int, FlightRecorder] = {}
         self._ring_tasks: set[asyncio.Task] = set()
         self._running: dict[str, asyncio.Task] = {}
+        self._reserved = 0  # slots taken by captures being created (between the check and the task)
+        self._anomaly_captures: dict[str, deque[float]] = {}  # container id -> when its anomaly captures started
+        self._unsaved: dict[str, dict[str, Any]] = {}  # capture id -> outcome the index could not take yet
         self._closed = False
-        self._pump_task: asyncio.Task | None = None
         self._ring_serial = itertools.count(1)
         self.ring_restarts_total = 0
         # Counters for the exporter.
         self.captures_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, reason)
+        self.refused_total: Counter[str] = Counter({"concurrency": 0, "per_container_limit": 0, "store": 0})
         self.bytes_total = 0
         self.kernel_drops_total = 0
         self.failed_total = 0
-        self.refused_total = 0
 
     # -- flight recorders ----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Follow the registry: a flight recorder for every namespace that wants one."""
+        """Follow the watched namespaces: a flight recorder for every one that wants one."""
         if self.tools is None:
             log.warning("capture_unavailable", error=self.tools_error)
         # Rings left by a daemon that died hold old packets nobody can reach any more: gone.
         shutil.rmtree(self.ring_dir, ignore_errors=True)
         self.ring_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.registry.subscribe(self.sync_rings)
+        self.namespaces.subscribe(self.sync_rings)  # attached and detached namespaces
+        self.registry.subscribe(self._registry_changed)  # members (and their labels) of attached ones
         self.sync_rings()
-        self._pump_task = asyncio.get_running_loop().create_task(self._pump_rings(), name="ring-pump")
+        self.supervisor.service("ring-pump", self._pump_rings)
+
+    def _registry_changed(self) -> None:
+        self._prune()
+        self.sync_rings()
 
     async def _pump_rings(self) -> None:
         """Empty every flight recorder's pipe a few times a second (one wake-up for all of them);
@@ -188,7 +240,7 @@ class CaptureEngine:
                 if recorder.ended_at and now - recorder.ended_at >= RING_RESTART_DELAY:
                     dead.append(inode)
             for inode in dead:
-                self._spawn(self.rings.pop(inode).stop())
+                self._stop_ring(self.rings.pop(inode))
                 self.ring_restarts_total += 1
             if dead:
                 self.sync_rings()
@@ -196,49 +248,60 @@ class CaptureEngine:
     def wants_ring(self, namespace: WatchedNamespace) -> bool:
         """True if the namespace gets a flight recorder (config ``ring`` and the members' labels)."""
         mode = self.settings.ring
-        if any(capture_opted_out(m.labels) for m in namespace.members):
+        if capture_opted_out(namespace):
             return False
         if mode == "all":
             return True
         if mode == "labeled":
-            return any(m.labels.get(RING_LABEL, "").strip().lower() == "ring" for m in namespace.members)
+            return any(nstap_labels.wants_ring(m.labels) for m in namespace.members)
         return False
 
     def sync_rings(self) -> None:
-        """Start and stop flight recorders so that exactly the namespaces that want one have one."""
+        """Start and stop flight recorders so that exactly the watched namespaces that want one have one."""
         if self._closed or self.tools is None:
             return
-        wanted = {inode: ns for inode, ns in self.registry.namespaces().items() if self.wants_ring(ns)}
+        wanted = {inode: ns for inode, ns in self.namespaces.watched().items() if self.wants_ring(ns)}
         for inode in list(self.rings):
             if inode not in wanted:
-                self._spawn(self.rings.pop(inode).stop())
+                self._stop_ring(self.rings.pop(inode))
         for inode, ns in wanted.items():
-            if inode not in self.rings:
-                target = CaptureTarget.of(ns)
-                recorder = FlightRecorder(
-                    f"{target.container}-{inode}",
-                    self.tools.argv(self.proc_root, target.pid),
-                    self.ring_dir / f"{inode}-{next(self._ring_serial)}",
-                    self.settings.ring_bytes,
-                    self.settings.ring_segments,
-                )
-                self.rings[inode] = recorder
-                self._spawn(self._start_ring(recorder, target))
+            if inode in self.rings:
+                continue
+            held = self.namespaces.netns_fd(inode)
+            if held is None:
+                continue
+            target = CaptureTarget.of(ns)
+            fd = os.dup(held)  # the child's way in, kept open until it has started
+            recorder = FlightRecorder(
+                f"{target.container}-{inode}",
+                self.tools.argv(fd),
+                self.ring_dir / f"{inode}-{next(self._ring_serial)}",
+                self.settings.ring_bytes,
+                self.settings.ring_segments,
+            )
+            recorder.on_listener_error = lambda exc: self.supervisor.failed("capture", exc)
+            self.rings[inode] = recorder
+            task = self._track(self.supervisor.spawn("ring", self._start_ring(recorder, target, fd)))
+            task.add_done_callback(lambda _task, fd=fd: os.close(fd))
 
-    async def _start_ring(self, recorder: FlightRecorder, target: CaptureTarget) -> None:
+    async def _start_ring(self, recorder: FlightRecorder, target: CaptureTarget, fd: int) -> None:
         try:
-            await recorder.start()
+            started = await recorder.start(pass_fds=(fd,))
         except OSError as exc:
             recorder.error = str(exc)
             recorder.ended_at = asyncio.get_running_loop().time()  # tried again after RING_RESTART_DELAY
             log.warning("ring_failed", container=target.container, container_id=target.container_id, error=str(exc))
             return
-        log.info("ring_started", container=target.container, container_id=target.container_id, netns=target.netns, ring_bytes=self.settings.ring_bytes)
+        if started:
+            log.info("ring_started", container=target.container, container_id=target.container_id, netns=target.netns, ring_bytes=self.settings.ring_bytes)
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _stop_ring(self, recorder: FlightRecorder) -> None:
+        self._track(self.supervisor.spawn("ring", recorder.stop()))
+
+    def _track(self, task: asyncio.Task) -> asyncio.Task:
         self._ring_tasks.add(task)
         task.add_done_callback(self._ring_tasks.discard)
+        return task
 
     # -- captures --------------------------------------------------------------------------------
 
@@ -247,6 +310,10 @@ class CaptureEngine:
         if self.tools is None:
             raise CaptureRefused(self.tools_error, 503)
         await self.tools.check_filter(bpf)
+
+    def _refuse(self, why: str, message: str, status: int) -> CaptureRefused:
+        self.refused_total[why] += 1
+        return CaptureRefused(message, status)
 
     async def capture(
         self,
@@ -264,14 +331,24 @@ class CaptureEngine:
         s = self.settings
         if self.tools is None:
             raise CaptureRefused(self.tools_error, 503)
-        if len(self._running) >= s.max_concurrent:
-            self.refused_total += 1
-            raise CaptureRefused(f"{s.max_concurrent} captures are already running", 429)
+        namespace = self.namespaces.watched().get(target.netns)
+        if namespace is None:
+            raise CaptureRefused(f"the network namespace of {target.container} is not watched (yet, or any more)", 409)
+        if capture_opted_out(namespace):
+            raise CaptureRefused(f"the network namespace of {target.container} opted out of captures (nstap.capture=off)", 403)
+        if len(self._running) + self._reserved >= s.max_concurrent:
+            raise self._refuse("concurrency", f"{s.max_concurrent} captures are already running", 429)
         post = min(max(post_seconds if post_seconds is not None else s.post_seconds, 0.0), s.max_seconds)
         pre = min(max(pre_seconds if pre_seconds is not None else s.pre_seconds, 0.0), s.max_seconds)
         trigger = trigger_at if trigger_at is not None else time.time()
         ring = self.rings.get(target.netns)
         ring_ok = ring is not None and ring.running
+        fd = None
+        if not ring_ok:
+            held = self.namespaces.netns_fd(target.netns)
+            if held is None:
+                raise CaptureRefused(f"the network namespace of {target.container} is not watched (yet, or any more)", 409)
+            fd = os.dup(held)  # the live tcpdump's way in, whatever happens to the watcher meanwhile
         row = CaptureRow(
             id=new_id(trigger),
             state=RUNNING,
@@ -290,9 +367,24 @@ class CaptureEngine:
             filter=bpf,
             snaplen=s.snaplen,
         )
-        row = await self.store.create(row)
+        self._reserved += 1  # this slot is taken from here on, across the await below
+        try:
+            row = await self.store.create(row)
+        except (OSError, sqlite3.Error) as exc:
+            if fd is not None:
+                os.close(fd)
+            log.warning("capture_store_failed", container=target.container, container_id=target.container_id, error=str(exc))
+            raise self._refuse("store", f"cannot create the capture in the store: {exc}", 507) from None
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        finally:
+            self._reserved -= 1
         asked_pre = pre_seconds is not None and pre > 0  # said so: a capture without it tells why
-        task = asyncio.create_task(self._run(row, target, ring if ring_ok else None, bpf, asked_pre))
+        task = self.supervisor.spawn("capture", self._run(row, ring if ring_ok else None, bpf, asked_pre, fd))
+        if fd is not None:
+            task.add_done_callback(lambda _task: os.close(fd))
         self._running[row.id] = task
         self.captures_total[(target.container, target.container_id, target.runtime, reason)] += 1
         log.info(
@@ -301,83 +393,146 @@ class CaptureEngine:
         )
         return row
 
-    async def _run(self, row: CaptureRow, target: CaptureTarget, ring: FlightRecorder | None, bpf: str, asked_pre: bool) -> None:
+    async def _run(self, row: CaptureRow, ring: FlightRecorder | None, bpf: str, asked_pre: bool, fd: int | None) -> None:
+        """Take the capture and record its outcome; the row always ends with a state, whatever fails."""
+        try:
+            outcome = await self._take(row, ring, bpf, asked_pre, fd)
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the capture "running" for good
+            self._running.pop(row.id, None)
+            self.supervisor.failed("capture", exc, capture_id=row.id)
+            outcome = {"state": FAILED, "error": f"internal error: {type(exc).__name__}: {exc}"}
+        await self._record(row, outcome)
+
+    async def _take(self, row: CaptureRow, ring: FlightRecorder | None, bpf: str, asked_pre: bool, fd: int | None) -> dict[str, Any]:
         path = self.store.dir / row.file  # type: ignore[operator]
         # With a filter, the ring's unfiltered records are written aside and filtered by tcpdump.
         raw_path = path.with_suffix(".unfiltered") if (ring is not None and bpf) else path
-        if raw_path != path:
-            os.close(os.open(raw_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
-        out = CaptureFile(raw_path, row.window_start, row.window_end, row.trigger_at, self.settings.max_bytes)
         state, error, drops = COMPLETE, "", 0
+        out: CaptureFile | None = None
         try:
+            if raw_path != path:
+                os.close(os.open(raw_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            out = CaptureFile(raw_path, row.window_start, row.window_end, row.trigger_at, self.settings.max_bytes)
             if ring is not None:
                 drops, error = await self._from_ring(ring, out)
             else:
-                drops, error = await self._live(target, bpf, out)
-                if error and (out.writer is None or out.writer.packets == 0):
+                assert fd is not None
+                drops, error = await self._live(fd, bpf, out)
+                if error and out.packets == 0:
                     state = FAILED
         except asyncio.CancelledError:
             state, error = INCOMPLETE, "daemon stopped before the capture finished"
         except (OSError, PcapError) as exc:
             state, error = FAILED, str(exc)
         finally:
-            out.close()
+            if out is not None:
+                out.close()
             self._running.pop(row.id, None)
+        if out is None:
+            return {"state": state, "error": error}
+        if out.write_error:
+            error = f"cannot write the capture: {out.write_error}"
+            state = FAILED if out.packets == 0 else state
         if out.capped and not error:
             error = f"byte cap of {self.settings.max_bytes} reached"
-        if raw_path != path and state != FAILED:
-            try:
-                await self.tools.filter_file(raw_path, path, bpf)  # type: ignore[union-attr]
-            except (OSError, ValueError) as exc:
-                state, error = FAILED, f"filtering failed: {exc}"
+        if raw_path != path:
+            if state != FAILED:
+                try:
+                    await self.tools.filter_file(raw_path, path, bpf)  # type: ignore[union-attr]
+                except (OSError, ValueError) as exc:
+                    state, error = FAILED, f"filtering failed: {exc}"
             raw_path.unlink(missing_ok=True)
-        size, packets, digest, pre_packets = self._summary(path, out)
+        size, packets, digest, pre_packets = await asyncio.to_thread(self._summary, path, out)
         if ring is None and asked_pre and not error:
             error = "no flight recorder for this container: the capture starts at the trigger"
-        await self.store.finish(
-            row.id, state=state, error=error, bytes=size, packets=packets, pre_packets=pre_packets, kernel_drops=drops, sha256=digest
-        )
-        self.bytes_total += size
-        self.kernel_drops_total += drops
+        return {"state": state, "error": error, "bytes": size, "packets": packets, "pre_packets": pre_packets, "kernel_drops": drops, "sha256": digest}
+
+    async def _record(self, row: CaptureRow, outcome: dict[str, Any]) -> None:
+        """Write a capture's outcome to the index (kept and retried if the index cannot take it now)."""
+        outcome.setdefault("finished_at", time.time())
+        state = outcome["state"]
+        self.bytes_total += outcome.get("bytes", 0)
+        self.kernel_drops_total += outcome.get("kernel_drops", 0)
         if state == FAILED:
             self.failed_total += 1
-        evicted = await self.store.enforce()
+        saved = await self._save_outcome(row.id, outcome)
+        evicted: list[str] = []
+        if saved:
+            await self.retry_unsaved()
+            try:
+                evicted = await self.store.enforce()
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("capture_retention_failed", error=str(exc))
         log.info(
             "capture_finished", capture_id=row.id, container=row.container, container_id=row.container_id, state=state,
-            packets=packets, pre_packets=pre_packets, bytes=size, kernel_drops=drops, error=error, evicted=len(evicted),
+            packets=outcome.get("packets", 0), pre_packets=outcome.get("pre_packets", 0), bytes=outcome.get("bytes", 0),
+            kernel_drops=outcome.get("kernel_drops", 0), error=outcome.get("error", ""), evicted=len(evicted),
         )
 
-    def _summary(self, path: Path, out: CaptureFile) -> tuple[int, int, str, int]:
+    async def _save_outcome(self, capture_id: str, outcome: dict[str, Any]) -> bool:
+        try:
+            await self.store.finish(capture_id, **outcome)
+        except (OSError, sqlite3.Error) as exc:
+            if capture_id not in self._unsaved:
+                log.warning("capture_index_failed", capture_id=capture_id, error=str(exc))
+            if len(self._unsaved) < MAX_UNSAVED or capture_id in self._unsaved:
+                self._unsaved[capture_id] = outcome
+            return False
+        self._unsaved.pop(capture_id, None)
+        return True
+
+    async def retry_unsaved(self) -> None:
+        """Write the outcomes the index could not take before (a full disk that has room again)."""
+        for capture_id, outcome in list(self._unsaved.items()):
+            if not await self._save_outcome(capture_id, outcome):
+                return
+
+    def unsaved(self, capture_id: str) -> dict[str, Any] | None:
+        """The outcome of a finished capture the index has not taken yet, if any."""
+        return self._unsaved.get(capture_id)
+
+    @staticmethod
+    def _summary(path: Path, out: CaptureFile) -> tuple[int, int, str, int]:
+        """Size, packets, sha256 and pre-trigger packets of the finished file (blocking: a thread)."""
         try:
             size = path.stat().st_size
         except OSError:
             return 0, 0, "", 0
         if size == 0:
             return 0, 0, "", 0
-        if path == out.path and out.writer is not None:
+        if path == out.path and out.writer is not None and not out.write_error:
             return size, out.writer.packets, out.writer.sha256(), out.pre_packets
         try:
-            _, records = read_file(path)  # filtered: count what tcpdump kept
-        except PcapError:
+            _, records = read_file(path)  # filtered or cut short: count what the file holds
+        except (OSError, PcapError):
             records = []
         return size, len(records), sha256_file(path), sum(1 for r in records if r.ts < out.trigger)
 
     async def _from_ring(self, ring: FlightRecorder, out: CaptureFile) -> tuple[int, str]:
         before = await ring.process.request_stats()
+        pending: list[Record] | None = []  # records that arrive while the ring is read back
 
         def take(batch: list[Record]) -> None:
-            out.add(ring.process.header, batch)  # type: ignore[arg-type]
+            if pending is not None:
+                pending.extend(batch)
+            elif ring.process.header is not None:
+                out.add(ring.process.header, batch)
 
-        # Pumping, subscribing and reading the ring back happen without an await in between: every
-        # record is either already in the ring or handed to the listener, none is both or neither.
+        # Pumping, subscribing and opening the ring's segments happen without an await in between:
+        # every record is either in the segments as far as they are read back, or handed to the
+        # listener, none is both or neither.
         ring.pump()
         ring.subscribe(take)
         try:
-            past = ring.records_between(out.start, out.end)
-            if ring.process.header is not None:
-                out.add(ring.process.header, past)
+            snapshot = ring.window(out.start, out.end)
+            header = ring.process.header
+            past = await asyncio.to_thread(read_window, snapshot, out.start, out.end)
+            if header is not None:
+                await asyncio.to_thread(out.add, header, past)  # the listener only buffers meanwhile
+                out.add(header, pending)
+            pending = None
             # Until the end (+0.2 s: packets stamped before it, still in flight), or the byte cap.
-            while not out.capped and (remaining := out.end + 0.2 - time.time()) > 0:
+            while not out.capped and not out.write_error and (remaining := out.end + 0.2 - time.time()) > 0:
                 await asyncio.sleep(min(remaining, PUMP_INTERVAL))
             ring.pump()  # what arrived since the engine's last pump
         finally:
@@ -390,11 +545,11 @@ class CaptureEngine:
             return drops, ring.error or "the flight recorder stopped during the capture"
         return drops, ""
 
-    async def _live(self, target: CaptureTarget, bpf: str, out: CaptureFile) -> tuple[int, str]:
+    async def _live(self, fd: int, bpf: str, out: CaptureFile) -> tuple[int, str]:
         assert self.tools is not None
-        proc = TcpdumpProcess(self.tools.argv(self.proc_root, target.pid, bpf))
+        proc = TcpdumpProcess(self.tools.argv(fd, bpf))
         try:
-            await proc.start()
+            await proc.start(pass_fds=(fd,))
         except OSError as exc:
             return 0, f"cannot start tcpdump: {exc}"
 
@@ -402,10 +557,10 @@ class CaptureEngine:
             async for batch in proc.records():
                 if batch:
                     out.add(proc.header, batch)  # type: ignore[arg-type]
-                if out.capped:
+                if out.capped or out.write_error:
                     return
 
-        reader = asyncio.create_task(read())
+        reader = asyncio.create_task(read())  # awaited below, whatever happens
         try:
             remaining = out.end - time.time()
             done, _ = await asyncio.wait({reader}, timeout=max(remaining, 0) + 0.2)
@@ -420,22 +575,50 @@ class CaptureEngine:
         error = ""
         if out.writer is None:
             error = proc.error_text() or f"tcpdump exited with {code} before writing anything"
-        elif reader in done and not out.capped:
+        elif reader in done and not out.capped and not out.write_error:
             error = "tcpdump stopped early: " + (proc.error_text() or f"exit code {code}")
         return proc.stats.get("dropped", 0), error
 
     async def for_anomaly(self, namespace: WatchedNamespace, anomaly: AnomalyRow) -> str | None:
-        """Capture around an anomaly that just started; the capture id, or None if not captured."""
-        if any(capture_opted_out(m.labels) for m in namespace.members):
+        """Capture around an anomaly that just started; the capture id, or None if not captured.
+
+        At most ``max_per_container_per_hour`` anomaly captures per container: a container that
+        keeps tripping cannot hold every capture slot or fill the store for the others.
+        """
+        if capture_opted_out(namespace):
             return None
-        try:
-            row = await self.capture(
-                CaptureTarget.of(namespace), "anomaly", kind=anomaly.kind, anomaly_id=anomaly.id, trigger_at=anomaly.first_seen
+        target = CaptureTarget.of(namespace)
+        now = time.time()
+        history = self._anomaly_captures.setdefault(target.container_id, deque())
+        while history and now - history[0] > ANOMALY_CAPTURE_PERIOD:
+            history.popleft()
+        limit = self.settings.max_per_container_per_hour
+        if len(history) >= limit:
+            self.refused_total["per_container_limit"] += 1
+            log.warning(
+                "anomaly_capture_refused", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container,
+                container_id=anomaly.container_id, error=f"{limit} anomaly captures of this container in the last hour",
             )
+            return None
+        history.append(now)  # before the await: anomalies in the same tick count too
+        try:
+            row = await self.capture(target, "anomaly", kind=anomaly.kind, anomaly_id=anomaly.id, trigger_at=anomaly.first_seen)
         except CaptureRefused as exc:
-            log.warning("anomaly_capture_refused", anomaly_id=anomaly.id, container=anomaly.container, error=str(exc))
+            history.remove(now)
+            log.warning(
+                "anomaly_capture_refused", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container,
+                container_id=anomaly.container_id, error=str(exc),
+            )
             return None
         return row.id
+
+    def _prune(self) -> None:
+        """Forget the per-container counts of containers that are gone (they would grow for ever)."""
+        current = {r.short_id for r in self.registry.containers()}
+        for key in [k for k in self.captures_total if k[1] not in current]:
+            del self.captures_total[key]
+        for cid in [c for c in self._anomaly_captures if c not in current]:
+            del self._anomaly_captures[cid]
 
     def running_count(self) -> int:
         """Captures in progress."""
@@ -444,14 +627,11 @@ class CaptureEngine:
     async def stop(self) -> None:
         """Mark running captures incomplete, stop every flight recorder."""
         self._closed = True
-        if self._pump_task is not None:
-            self._pump_task.cancel()
-            await asyncio.gather(self._pump_task, return_exceptions=True)
         tasks = list(self._running.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(r.stop() for r in self.rings.values()), return_exceptions=True)
         self.rings.clear()
-        await asyncio.gather(*self._ring_tasks, return_exceptions=True)
-
+        while self._ring_tasks:
+            await asyncio.gather(*list(self._ring_tasks), return_exceptions=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -94,11 +93,6 @@ class StreamParser:
             del buf[:off]
         return out
 
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete record still waiting for more."""
-        return len(self._buf)
-
 
 def read_records(data: bytes) -> tuple[PcapHeader, list[Record]]:
     """All complete records of a pcap file's bytes (a truncated last record is left out)."""
@@ -137,11 +131,6 @@ class PcapWriter:
     def sha256(self) -> str:
         """Hex digest of everything written so far."""
         return self._hash.hexdigest()
-
-
-def in_window(records: Iterable[Record], start: float, end: float) -> Iterator[Record]:
-    """The records with start <= ts <= end."""
-    return (r for r in records if start <= r.ts <= end)
 
 
 def sha256_file(path: Path) -> str:

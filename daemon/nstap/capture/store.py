@@ -3,8 +3,11 @@
 Every capture gets its row before its file exists, so nothing written is ever unaccounted for:
 a capture still "running" when the daemon stops or crashes is marked "incomplete" (with what its
 file holds) at the next start, and a pcap file without a row is indexed as an incomplete capture
-rather than deleted. Files are 0600. The store keeps to a disk budget and a maximum age by
-evicting the oldest finished captures first; an evicted capture keeps its row (state "evicted").
+rather than deleted. The data dir and its directories are 0700 and every file in them 0600 (the
+index's WAL and shared-memory files included), tightened at every start if they were not. The
+store keeps to a disk budget and a maximum age by evicting finished captures oldest first, never
+the last capture of one container to make room for another's (see :mod:`.retention`); an
+evicted capture keeps its row (state "evicted").
 
 SQLite calls are quick but blocking, so they run in one dedicated thread.
 """
@@ -27,6 +30,7 @@ from typing import Any
 import structlog
 
 from .pcap import PcapError, read_file, sha256_file
+from .retention import HeldCapture, plan_evictions
 
 log = structlog.get_logger("nstap.capture")
 
@@ -191,10 +195,16 @@ class CaptureStore:
         return await self._run(self._open)
 
     def _open(self) -> dict[str, int]:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.dir, 0o700)
+        for directory in (self.dir.parent, self.dir):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(directory, 0o700)
+        # Created 0600 before SQLite opens it (SQLite gives its -wal and -shm files the database's
+        # mode); files an older daemon left with a wider mode are tightened.
+        os.close(os.open(self.db_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for path in (self.db_path, *(self.db_path.with_name(self.db_path.name + s) for s in ("-wal", "-shm"))):
+            if path.exists():
+                os.chmod(path, 0o600)
         db = sqlite3.connect(self.db_path, isolation_level=None)
-        os.chmod(self.db_path, 0o600)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
@@ -336,21 +346,14 @@ class CaptureStore:
 
     def _enforce(self, now: float) -> list[str]:
         rows = self._select("SELECT * FROM captures WHERE file IS NOT NULL AND state != ? ORDER BY created_at", (EVICTED,))
-        sizes = {r.id: self._size(r) for r in rows}
-        total = sum(sizes.values())
-        evicted = []
-        for row in rows:
-            if row.state not in FINISHED:
-                continue
-            too_old = now - row.created_at > self.retention.max_age_seconds
-            if not too_old and total <= self.retention.max_bytes:
-                continue
-            path = self.dir / row.file if row.file else None
-            if path is not None:
-                path.unlink(missing_ok=True)
-            self._update(row.id, state=EVICTED, file=None)
-            total -= sizes[row.id]
-            evicted.append(row.id)
+        by_id = {r.id: r for r in rows}
+        held = [HeldCapture(r.id, r.container_id, r.created_at, self._size(r), r.state in FINISHED) for r in rows]
+        evicted = plan_evictions(held, self.retention.max_bytes, self.retention.max_age_seconds, now)
+        for capture_id in evicted:
+            row = by_id[capture_id]
+            if row.file:
+                (self.dir / row.file).unlink(missing_ok=True)
+            self._update(capture_id, state=EVICTED, file=None)
         self.total_bytes = self._disk_bytes()
         return evicted
 

@@ -1,7 +1,10 @@
 """tcpdump, run inside a container's network namespace and supervised.
 
 The container is never touched: ``nsenter --net`` puts tcpdump (the host's binary) into the
-namespace, and tcpdump writes pcap to its stdout, which nstap reads. The expression is passed
+namespace, and tcpdump writes pcap to its stdout, which nstap reads. nsenter enters through a
+descriptor of the namespace that nstap holds and passes to it (``--net=/proc/self/fd/N``), never
+through ``/proc/<pid>/ns/net``: a pid can be reused by a process of another namespace (the host's,
+another container's), and a path resolved again by pid would capture that one instead. The expression is passed
 after ``--`` as one argument, so nothing in it can be taken for an option, and it is compiled
 with ``tcpdump -d`` before any capture uses it. tcpdump runs in its own session and is stopped
 with SIGTERM, then SIGKILL if it does not go. Its kernel-drop count comes from its statistics
@@ -56,11 +59,14 @@ class Tools:
             raise CaptureToolMissing(f"{' and '.join(missing)} not found (install tcpdump and util-linux)")
         return cls(found[tcpdump], found[nsenter], snaplen, buffer_kib)  # type: ignore[arg-type]
 
-    def argv(self, proc_root: Path, pid: int, bpf: str = "") -> list[str]:
-        """The command that captures every interface of ``pid``'s network namespace to stdout."""
+    def argv(self, netns_fd: int, bpf: str = "") -> list[str]:
+        """The command that captures every interface of the namespace behind ``netns_fd`` to stdout.
+
+        The child must inherit ``netns_fd`` under the same number (``pass_fds``).
+        """
         argv = [
             self.nsenter,
-            f"--net={proc_root}/{pid}/ns/net",
+            f"--net=/proc/self/fd/{netns_fd}",
             "--",
             self.tcpdump,
             "-i", "any",
@@ -130,11 +136,11 @@ class TcpdumpProcess:
         self._stderr_task: asyncio.Task | None = None
         self._stats_event = asyncio.Event()
 
-    async def start(self, stdout: int | None = None) -> None:
+    async def start(self, stdout: int | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         """Start tcpdump (OSError if it cannot be executed).
 
         Its output goes to an asyncio stream read with :meth:`records`, or to ``stdout`` (the
-        write end of a pipe the caller reads itself).
+        write end of a pipe the caller reads itself). ``pass_fds`` are inherited by the child.
         """
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
@@ -142,6 +148,7 @@ class TcpdumpProcess:
             stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
         self._stderr_task = asyncio.create_task(self._read_stderr())
 
