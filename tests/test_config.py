@@ -32,6 +32,12 @@ def run_nstap(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
         ("runtimes: [{name: d, socket: /a.sock, tls: true}]\n", "runtimes.0.tls"),
         ("socket_walk: {budget_ms: -1}\n", "socket_walk.budget_ms"),
         ("tcp_child_ehash_entries: 99999999999\n", "tcp_child_ehash_entries"),
+        ("detect: {detectors: {tcp_listen_overflows: {min_increase: 0}}}\n", "detect.detectors"),
+        ("detect: {detectors: {tcp_retransmits: {threshold: .nan}}}\n", "detect.detectors"),
+        ("detect: {detectors: {tcp_retransmits: {threshold: true}}}\n", "detect.detectors"),
+        ("capture: {max_per_container_per_hour: 0}\n", "capture.max_per_container_per_hour"),
+        ("max_interfaces: 0\n", "max_interfaces"),
+        ("sample_budget_ms: .inf\n", "sample_budget_ms"),
     ],
 )
 def test_bad_config_file_exits_2_naming_the_key(tmp_path: Path, yaml_text: str, key: str) -> None:

@@ -140,10 +140,64 @@ def test_label_overrides(kind: str, value: str, expected) -> None:
     assert parse_override(DETECTORS[kind], value) == expected
 
 
-@pytest.mark.parametrize("kind, value", [("tcp_retransmits", "bogus=1"), ("tcp_retransmits", "threshold=x"), ("interface_down", "3"), ("tcp_retransmits", "lots")])
+# Values a container could use to make itself trip endlessly (on a healthy, idle namespace) or
+# to break a detector: refused by labels exactly as by the config.
+HOSTILE_VALUES = [
+    ("tcp_listen_overflows", "0"),  # an increase of 0 trips every sample
+    ("tcp_listen_overflows", "min_increase=0"),
+    ("interface_drops", "-1"),
+    ("udp_receive_buffer_errors", "0.5"),
+    ("tcp_retransmits", "0"),  # a ratio of 0
+    ("tcp_retransmits", "threshold=-0.1"),
+    ("tcp_retransmits", "threshold=nan"),
+    ("tcp_retransmits", "threshold=inf"),
+    ("tcp_retransmits", "window=0"),
+    ("tcp_retransmits", "min_segments=0"),
+    ("tcp_reset_spike", "min_rate=0"),
+    ("tcp_reset_spike", "alpha=0"),
+    ("tcp_reset_spike", "alpha=2"),
+    ("tcp_reset_spike", "factor=1e999"),
+    ("tcp_syn_sent_stuck", "0"),
+    ("tcp_syn_sent_stuck", "-inf"),
+]
+
+
+@pytest.mark.parametrize(
+    "kind, value",
+    [("tcp_retransmits", "bogus=1"), ("tcp_retransmits", "threshold=x"), ("interface_down", "3"), ("tcp_retransmits", "lots"), ("tcp_retransmits", "0.1,"), *HOSTILE_VALUES],
+)
 def test_bad_label_overrides(kind: str, value: str) -> None:
     with pytest.raises(LabelError):
         parse_override(DETECTORS[kind], value)
+
+
+@pytest.mark.parametrize("kind, value", HOSTILE_VALUES)
+def test_the_config_refuses_what_labels_refuse(kind: str, value: str) -> None:
+    from nstap.config import ConfigError, load_config
+
+    spec = DETECTORS[kind]
+    name, _, number = value.rpartition("=")
+    params = {name or spec.main: float(number)}
+    with pytest.raises(ConfigError, match=f"'detect.detectors'.*{kind}"):
+        load_config(None, {"detect": {"detectors": {kind: params}}})
+
+
+def test_no_default_trips_on_an_idle_namespace() -> None:
+    """Every detector, with its defaults and at the edge of every range, stays quiet on an idle namespace."""
+    idle = [
+        NamespaceSample(
+            1, float(t), 0.0,
+            interfaces=(iface("eth0", "container"), iface("veth1", "host")),
+            protocols={k: 5 for k in ("tcp_retransmitted_segments", "tcp_segments_sent", "tcp_listen_overflows", "tcp_listen_drops", "tcp_resets_sent", "udp_receive_buffer_errors")},
+            sockets=SocketSample({}, {"syn_sent": 0}, 0.0, 0, (), 1.0),
+        )
+        for t in range(30)
+    ]
+    for spec in DETECTORS.values():
+        edges = [{}] + [{name: (p.low if not p.low_open else p.low + 1e-9)} for name, p in spec.params.items()] + [{name: p.high} for name, p in spec.params.items()]
+        for edge in edges:
+            detector = spec.factory(**{**spec.defaults, **edge})
+            assert [f for f in run(detector, idle) if f is not None] == [], (spec.kind, edge)
 
 
 def test_build_detectors_applies_config_then_labels() -> None:

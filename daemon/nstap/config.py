@@ -77,7 +77,7 @@ class DetectConfig(Strict):
     resolve_after: float = Field(10.0, ge=0.0, le=3600.0, description="seconds without a finding that end an event")
     capture: bool = Field(True, description="capture packets when an event starts")
     disabled: tuple[str, ...] = ()
-    detectors: dict[str, dict[str, float]] = Field(default_factory=dict)
+    detectors: dict[str, dict[str, Any]] = Field(default_factory=dict, description="parameters by detector kind (the same ranges as labels)")
 
     @field_validator("disabled")
     @classmethod
@@ -91,19 +91,16 @@ class DetectConfig(Strict):
 
     @field_validator("detectors")
     @classmethod
-    def _known_params(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        from .detect import DETECTORS
+    def _known_params(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+        from .detect import DETECTORS, check_params
 
+        out = {}
         for kind, params in value.items():
             spec = DETECTORS.get(kind)
             if spec is None:
                 raise ValueError(f"unknown detector {kind!r} (known: {', '.join(DETECTORS)})")
-            for name, number in params.items():
-                if name not in spec.defaults:
-                    raise ValueError(f"{kind}: unknown parameter {name!r} (known: {', '.join(spec.defaults) or 'none'})")
-                if not math.isfinite(number) or number < 0:
-                    raise ValueError(f"{kind}.{name} must be a finite number >= 0")
-        return value
+            out[kind] = check_params(spec, params)
+        return out
 
 
 class CaptureConfig(Strict):
@@ -115,6 +112,7 @@ class CaptureConfig(Strict):
     max_seconds: float = Field(120.0, ge=1.0, le=3600.0, description="longest post-trigger window a request may ask for")
     max_bytes: int = Field(20 * 1024 * 1024, ge=64 * 1024, le=1 << 34, description="bytes per capture")
     max_concurrent: int = Field(4, ge=1, le=64)
+    max_per_container_per_hour: int = Field(6, ge=1, le=3600, description="anomaly captures of one container per hour")
     buffer_kib: int = Field(4096, ge=256, le=1 << 20, description="tcpdump -B")
     store_max_bytes: int = Field(1 << 30, ge=1 << 20, le=1 << 44, description="disk budget of the capture store")
     store_max_age: float = Field(7 * 86400.0, ge=60.0, le=365 * 86400.0, description="seconds a capture is kept")
@@ -150,12 +148,14 @@ class Config(Strict):
     reconnect_max_backoff: float = Field(5.0, ge=0.1, le=300.0)
     samplers: dict[str, bool] = Field(default_factory=dict)
     socket_walk: SocketWalk = SocketWalk()
-    max_listen_ports: int = Field(64, ge=1, le=10000)
+    max_listen_ports: int = Field(64, ge=1, le=10000, description="listener ports per container before port=\"other\"")
+    sample_budget_ms: float = Field(2.0, ge=0.1, le=1000.0, description="average ms one namespace's sample may take before it is sampled less often")
+    max_interfaces: int = Field(64, ge=1, le=10000, description="interfaces per container before interface=\"other\"")
     tcp_child_ehash_entries: int = Field(0, ge=0, le=1 << 24, description="set net.ipv4.tcp_child_ehash_entries at start (0: leave it)")
     detect: DetectConfig = DetectConfig()
     capture: CaptureConfig = CaptureConfig()
 
-    @field_validator("interval", "reconcile_interval", "reconnect_max_backoff")
+    @field_validator("interval", "reconcile_interval", "reconnect_max_backoff", "sample_budget_ms")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):

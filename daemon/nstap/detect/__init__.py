@@ -1,14 +1,17 @@
-"""Detectors, registered by kind with their parameters and defaults.
+"""Detectors, registered by kind with their parameters and the values each accepts.
 
 Each namespace gets its own detector instances, with the parameters of the config
 (``detect.detectors.<kind>``) overridden per container by the label ``nstap.detect.<kind>``:
 
-* ``off`` (or ``false``, ``no``, ``disabled``) switches the detector off for that container,
-  ``on`` back on;
+* ``off`` (or ``false``, ``no``, ``disabled``: the vocabulary of every nstap switch) switches the
+  detector off for that container, ``on`` back on;
 * a number sets the detector's main parameter (its threshold);
 * ``name=value,name=value`` sets named parameters.
 
-A label that cannot be understood is ignored (and logged once), never fatal.
+Config and labels go through the same validation (:func:`check_params`): a value that is not a
+finite number in the parameter's range is refused — by the config with exit code 2, in a label by
+ignoring the label (logged once). The ranges exclude every value that would make a detector trip
+on a healthy, idle namespace, so a container cannot make itself trip endlessly.
 """
 
 from __future__ import annotations
@@ -18,37 +21,41 @@ from dataclasses import dataclass
 
 import structlog
 
+from .. import labels as nstap_labels
 from . import interface_down, interface_errors, listen_overflows, resets, retransmits, syn_sent, udp_buffers
-from .base import Detector, Finding
+from .base import Detector, Finding, Param
 
 log = structlog.get_logger("nstap.detect")
 
-LABEL_PREFIX = "nstap.detect."
-OFF = {"off", "false", "no", "disabled"}
-ON = {"on", "true", "yes", "enabled"}
+LABEL_PREFIX = nstap_labels.DETECT_PREFIX
 
 
 @dataclass(frozen=True)
 class DetectorSpec:
-    """A detector's registration: kind, parameters with defaults, the one a bare number sets."""
+    """A detector's registration: kind, parameters (defaults and ranges), the one a bare number sets."""
 
     kind: str
-    defaults: Mapping[str, float]
+    params: Mapping[str, Param]
     main: str | None
     help: str
     factory: Callable[..., Detector]
+
+    @property
+    def defaults(self) -> dict[str, float]:
+        """Every parameter's default."""
+        return {name: p.default for name, p in self.params.items()}
 
 
 DETECTORS: dict[str, DetectorSpec] = {
     spec.kind: spec
     for spec in (
-        DetectorSpec(retransmits.KIND, retransmits.DEFAULTS, "threshold", "TCP retransmission rate over a window", retransmits.RetransmitDetector),
-        DetectorSpec(listen_overflows.KIND, listen_overflows.DEFAULTS, "min_increase", "listen overflows or drops", listen_overflows.ListenOverflowDetector),
-        DetectorSpec(interface_errors.KIND, interface_errors.DEFAULTS, "min_increase", "interface errors or drops, either veth end", interface_errors.InterfaceErrorDetector),
-        DetectorSpec(resets.KIND, resets.DEFAULTS, "factor", "RSTs sent against the namespace's baseline", resets.ResetSpikeDetector),
-        DetectorSpec(interface_down.KIND, interface_down.DEFAULTS, None, "an interface went down", interface_down.InterfaceDownDetector),
-        DetectorSpec(syn_sent.KIND, syn_sent.DEFAULTS, "seconds", "sockets stuck in SYN_SENT", syn_sent.SynSentDetector),
-        DetectorSpec(udp_buffers.KIND, udp_buffers.DEFAULTS, "min_increase", "UDP receive-buffer errors", udp_buffers.UdpBufferDetector),
+        DetectorSpec(retransmits.KIND, retransmits.PARAMS, "threshold", "TCP retransmission rate over a window", retransmits.RetransmitDetector),
+        DetectorSpec(listen_overflows.KIND, listen_overflows.PARAMS, "min_increase", "listen overflows or drops", listen_overflows.ListenOverflowDetector),
+        DetectorSpec(interface_errors.KIND, interface_errors.PARAMS, "min_increase", "interface errors or drops, either veth end", interface_errors.InterfaceErrorDetector),
+        DetectorSpec(resets.KIND, resets.PARAMS, "factor", "RSTs sent against the namespace's baseline", resets.ResetSpikeDetector),
+        DetectorSpec(interface_down.KIND, interface_down.PARAMS, None, "an interface went down", interface_down.InterfaceDownDetector),
+        DetectorSpec(syn_sent.KIND, syn_sent.PARAMS, "seconds", "sockets stuck in SYN_SENT", syn_sent.SynSentDetector),
+        DetectorSpec(udp_buffers.KIND, udp_buffers.PARAMS, "min_increase", "UDP receive-buffer errors", udp_buffers.UdpBufferDetector),
     )
 }
 
@@ -57,32 +64,45 @@ class LabelError(ValueError):
     """A ``nstap.detect.*`` label value that makes no sense."""
 
 
-def parse_override(spec: DetectorSpec, value: str) -> tuple[bool | None, dict[str, float]]:
-    """Parse one label value into (enabled or None for unchanged, parameter overrides)."""
-    text = value.strip().lower()
-    if text in OFF:
-        return False, {}
-    if text in ON:
-        return True, {}
+def check_params(spec: DetectorSpec, params: Mapping[str, object]) -> dict[str, float]:
+    """The parameters as floats if every name is known and every value allowed; ValueError otherwise."""
+    out = {}
+    for name, value in params.items():
+        param = spec.params.get(name)
+        if param is None:
+            raise ValueError(f"{spec.kind}: unknown parameter {name!r} (known: {', '.join(spec.params) or 'none'})")
+        out[name] = param.check(f"{spec.kind}.{name}", value)  # type: ignore[arg-type]
+    return out
+
+
+def _number(text: str) -> float:
     try:
-        number = float(text)
+        return float(text)
     except ValueError:
-        pass
-    else:
+        raise LabelError(f"{text.strip()!r} is not a number") from None
+
+
+def parse_override(spec: DetectorSpec, value: str) -> tuple[bool | None, dict[str, float]]:
+    """Parse one label value into (enabled or None for unchanged, checked parameter overrides)."""
+    on = nstap_labels.switch(value)
+    if on is not None:
+        return on, {}
+    text = value.strip().lower()
+    if "=" not in text:
         if spec.main is None:
-            raise LabelError(f"{spec.kind} takes no number")
-        return True, {spec.main: number}
-    params = {}
-    for part in text.split(","):
-        key, sep, raw = part.partition("=")
-        key = key.strip()
-        if not sep or key not in spec.defaults:
-            raise LabelError(f"{spec.kind}: unknown parameter {key!r} (known: {', '.join(spec.defaults) or 'none'})")
-        try:
-            params[key] = float(raw)
-        except ValueError:
-            raise LabelError(f"{spec.kind}: {key} must be a number") from None
-    return True, params
+            raise LabelError(f"{spec.kind} takes no parameter: only on or off")
+        params: dict[str, object] = {spec.main: _number(text)}
+    else:
+        params = {}
+        for part in text.split(","):
+            key, sep, raw = part.partition("=")
+            if not sep:
+                raise LabelError(f"{spec.kind}: expected name=value, not {part.strip()!r}")
+            params[key.strip()] = _number(raw)
+    try:
+        return True, check_params(spec, params)
+    except ValueError as exc:
+        raise LabelError(str(exc)) from None
 
 
 def build_detectors(
@@ -110,4 +130,4 @@ def build_detectors(
     return out
 
 
-__all__ = ["DETECTORS", "Detector", "DetectorSpec", "Finding", "LabelError", "build_detectors", "parse_override"]
+__all__ = ["DETECTORS", "Detector", "DetectorSpec", "Finding", "LabelError", "Param", "build_detectors", "check_params", "parse_override"]

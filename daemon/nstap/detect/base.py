@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..samples import NamespaceSample
+
+
+@dataclass(frozen=True)
+class Param:
+    """One detector parameter: its default and the values it accepts.
+
+    The bounds exclude every value that would make the detector trip on a healthy, idle
+    namespace (an increase of 0, a ratio of 0): they hold for the config and for labels alike.
+    """
+
+    default: float
+    low: float
+    high: float
+    low_open: bool = False  # True: ``low`` itself is refused (a ratio must be > 0, not >= 0)
+    help: str = ""
+
+    def check(self, name: str, value: float) -> float:
+        """``value`` as a float if it is allowed; ValueError saying what is allowed otherwise."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number")
+        too_low = value <= self.low if self.low_open else value < self.low
+        if too_low or value > self.high:
+            left = "(" if self.low_open else "["
+            raise ValueError(f"{name} must be in {left}{self.low:g}, {self.high:g}]")
+        return float(value)
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..samples import NamespaceSample
-from .base import Finding
+from .base import Finding, Param
 
 KIND = "interface_down"
-DEFAULTS: dict[str, float] = {}
+PARAMS: dict[str, Param] = {}
 
 
 class InterfaceDownDetector:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..samples import NamespaceSample
-from .base import Finding, increase
+from .base import Finding, Param, increase
 
 KIND = "tcp_listen_overflows"
-DEFAULTS = {"min_increase": 1.0}
+PARAMS = {"min_increase": Param(1.0, 1.0, 1e12, help="overflows or drops since the last sample")}
 
 
 class ListenOverflowDetector:

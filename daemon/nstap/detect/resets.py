@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from ..samples import NamespaceSample
-from .base import Finding, increase
+from .base import Finding, Param, increase
 
 KIND = "tcp_reset_spike"
-DEFAULTS = {"factor": 5.0, "min_rate": 10.0, "alpha": 0.05}
+PARAMS = {
+    "factor": Param(5.0, 1.0, 1e6, help="times the namespace's usual rate"),
+    "min_rate": Param(10.0, 0.0, 1e9, low_open=True, help="RSTs sent per second, at least"),
+    "alpha": Param(0.05, 0.0, 1.0, low_open=True, help="weight of each new rate in the baseline"),
+}
 
 
 class ResetSpikeDetector:

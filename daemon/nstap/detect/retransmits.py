@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections import deque
 
 from ..samples import NamespaceSample
-from .base import Finding
+from .base import Finding, Param
 
 KIND = "tcp_retransmits"
-DEFAULTS = {"threshold": 0.05, "window": 10.0, "min_segments": 10.0}
+PARAMS = {
+    "threshold": Param(0.05, 0.0, 1.0, low_open=True, help="share of segments that were retransmissions"),
+    "window": Param(10.0, 1.0, 3600.0, help="seconds"),
+    "min_segments": Param(10.0, 1.0, 1e12, help="segments over the window, at least"),
+}
 
 
 class RetransmitDetector:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 from ..samples import NamespaceSample
-from .base import Finding
+from .base import Finding, Param
 
 KIND = "tcp_syn_sent_stuck"
-DEFAULTS = {"seconds": 3.0}
+PARAMS = {"seconds": Param(3.0, 1.0, 3600.0, help="seconds a socket has waited in SYN_SENT")}
 
 
 def retransmits_for(seconds: float) -> int:

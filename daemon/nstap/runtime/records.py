@@ -12,11 +12,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-OPT_OUT_LABEL = "nstap.enable"
-COMPOSE_PROJECT = "com.docker.compose.project"
-COMPOSE_SERVICE = "com.docker.compose.service"
-PODMAN_COMPOSE_PROJECT = "io.podman.compose.project"
-PODMAN_COMPOSE_SERVICE = "io.podman.compose.service"
+from .. import labels as nstap_labels
+from ..labels import COMPOSE_PROJECT, COMPOSE_SERVICE, PODMAN_COMPOSE_PROJECT, PODMAN_COMPOSE_SERVICE
+
+
+MAX_PORTS = 256  # published ports kept per container (a runtime answer is input like any other)
+MAX_NETWORKS = 64
 
 
 class RecordError(ValueError):
@@ -53,7 +54,7 @@ class ContainerRecord:
     pid: int
     status: str
     image: str
-    labels: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)  # only those nstap uses: see nstap.labels
     compose_project: str = ""
     compose_service: str = ""
     pod: str = ""
@@ -71,8 +72,8 @@ class ContainerRecord:
 
     @property
     def enabled(self) -> bool:
-        """False when the container opted out with the label ``nstap.enable=false``."""
-        return self.labels.get(OPT_OUT_LABEL, "true").strip().lower() not in ("false", "0", "no", "off")
+        """False when the container opted out with the label ``nstap.enable=off``."""
+        return nstap_labels.watch_enabled(self.labels)
 
     @property
     def joins_other(self) -> bool:
@@ -107,7 +108,7 @@ def record_from_inspect(data: Mapping[str, Any], runtime: str, pod: str = "") ->
     if state.get("Paused"):
         status = "paused"
     config = _dict(data.get("Config"))
-    labels = {str(k): str(v) for k, v in _dict(config.get("Labels")).items()}
+    labels = nstap_labels.kept(_dict(config.get("Labels")))
     host_config = _dict(data.get("HostConfig"))
     settings = _dict(data.get("NetworkSettings"))
     networks = tuple(
@@ -117,7 +118,7 @@ def record_from_inspect(data: Mapping[str, Any], runtime: str, pod: str = "") ->
             _str(net.get("GlobalIPv6Address")),
             _str(net.get("MacAddress")),
         )
-        for name, net in sorted(_dict(settings.get("Networks")).items())
+        for name, net in sorted(_dict(settings.get("Networks")).items())[:MAX_NETWORKS]
         if isinstance(net, dict)
     )
     return ContainerRecord(
@@ -138,17 +139,28 @@ def record_from_inspect(data: Mapping[str, Any], runtime: str, pod: str = "") ->
     )
 
 
+def _port_number(text: str) -> int | None:
+    """A port number from text the runtime sent, or None (``isdigit`` alone accepts "²")."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5):
+        return None
+    number = int(text)
+    return number if number <= 65535 else None
+
+
 def _ports(ports: Mapping[str, Any]) -> tuple[PortBinding, ...]:
     out = []
     for key, bindings in ports.items():
-        port, _, proto = str(key).partition("/")
-        if not port.isdigit():
+        port_text, _, proto = str(key).partition("/")
+        port = _port_number(port_text)
+        if port is None or not isinstance(bindings, (list, tuple)):
             continue
-        for binding in bindings or ():
+        for binding in bindings:
             if not isinstance(binding, dict):
                 continue
-            host_port = _str(binding.get("HostPort"))
-            out.append(PortBinding(int(port), proto or "tcp", _str(binding.get("HostIp")), int(host_port) if host_port.isdigit() else 0))
+            host_port = _port_number(_str(binding.get("HostPort")))
+            out.append(PortBinding(port, proto[:16] or "tcp", _str(binding.get("HostIp"))[:64], host_port or 0))
+            if len(out) >= MAX_PORTS:
+                break
     return tuple(sorted(out, key=lambda p: (p.container_port, p.protocol, p.host_ip, p.host_port)))
 
 
