@@ -170,6 +170,33 @@ class Metrics:
         return found[0].value
 
 
+# What no daemon under test may log, unless the test says it expects it (see daemon_log_allows).
+LOG_MARKERS = ("Traceback (most recent call last)", "Task exception was never retrieved", "Exception in callback", "Exception ignored in")
+LOG_ERROR_LEVELS = ("error", "critical", "exception")
+
+
+def log_problems(lines: list[str], allowed: set[str] = frozenset()) -> list[str]:
+    """What is wrong in a daemon's log: tracebacks, unretrieved task exceptions, error-level events
+    (a supervised task's failure among them), lines that are not JSON; events in ``allowed`` pass."""
+    problems = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if line.strip():
+                problems.append(f"line {number} is not a JSON log record: {line[:300]}")
+            continue
+        event = str(record.get("event", ""))
+        if event in allowed:
+            continue
+        text = line if len(line) < 20000 else line[:20000]
+        if record.get("level") in LOG_ERROR_LEVELS or "exception" in record or any(marker in text for marker in LOG_MARKERS):
+            problems.append(f"line {number}: {event}: {str(record.get('error') or record.get('exception') or '')[:600]}")
+    return problems
+
+
 class Daemon:
     """An ``nstap run`` process with its own ports and data dir."""
 
@@ -191,9 +218,11 @@ class Daemon:
         self.log_path = workdir / "nstap.log"
         self.args = args
         self.proc: subprocess.Popen | None = None
+        self.killed = False  # the last run ended with kill(): its exit code is not checked
 
     def start(self) -> Daemon:
         """Start the process and wait until /metrics answers."""
+        self.killed = False
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nstap", "run", "--config", str(self.config_path), *self.args],
@@ -281,6 +310,7 @@ class Daemon:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+        self.killed = True
         self._log.close()
 
     def stop(self) -> int:
@@ -299,9 +329,16 @@ class Daemon:
 
 
 @pytest.fixture
-def nstap(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Start nstap daemons: ``nstap(config_overrides, *extra_args)``; all are stopped at the end."""
+def nstap(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Daemon]]:
+    """Start nstap daemons: ``nstap(config_overrides, *extra_args)``; all are stopped at the end.
+
+    At the end every daemon must have exited 0 on SIGTERM (unless the test killed it last) and its
+    log must hold no traceback, unretrieved task exception or error-level event, except the events
+    the test names with ``@pytest.mark.daemon_log_allows("event", ...)``.
+    """
     started: list[Daemon] = []
+    marker = request.node.get_closest_marker("daemon_log_allows")
+    allowed = set(marker.args) if marker else set()
 
     def start(config: dict[str, Any] | None = None, *args: str) -> Daemon:
         workdir = tmp_path / f"nstap{len(started)}"
@@ -311,8 +348,15 @@ def nstap(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         return daemon.start()
 
     yield start
+    problems = []
     for daemon in started:
-        daemon.stop()
+        killed = daemon.killed
+        code = daemon.stop()
+        if code != 0 and not killed:
+            problems.append(f"{daemon.workdir.name} exited with {code} on SIGTERM")
+        problems += [f"{daemon.workdir.name} {p}" for p in log_problems(daemon.log_path.read_text().splitlines(), allowed)]
+    if problems:
+        pytest.fail("the daemon's log or exit is not clean:\n" + "\n".join(problems[:20]), pytrace=False)
 
 
 def tool(name: str) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path

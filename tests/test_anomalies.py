@@ -9,8 +9,6 @@ when the container has a flight recorder.
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 import subprocess
 import sys
@@ -193,29 +191,38 @@ def test_host_side_veth_down(nstap, containers: Containers, docker_image: str, t
     assert d.events("anomaly_resolved", kind="interface_down", container_id=cid[:12])
 
 
+def reset_burst(ip: str, count: int = 150) -> None:
+    for _ in range(count):  # nothing listens on 81: every SYN gets a RST
+        with socket.socket() as c:
+            c.settimeout(1)
+            assert c.connect_ex((ip, 81)) != 0
+
+
 def test_reset_storm_from_a_closed_port(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
-    d = nstap()
+    d = nstap({"detect": {"resolve_after": 2, "cooldown": 60}})
     cid = containers.docker(*RING, docker_image, *HTTPD, name="resets")
     ip = container_ip(cid)
     d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") == 1, 10)
     time.sleep(1)
-    for _ in range(150):  # nothing listens on 81: every SYN gets a RST
-        with socket.socket() as c:
-            c.settimeout(1)
-            assert c.connect_ex((ip, 81)) != 0
+    reset_burst(ip)
     event = anomaly(d, cid, "tcp_reset_spike")
     assert event["numbers"]["rate"] >= 10
     capture = finished_capture(d, event["capture_id"])
     lines = tcpdump_lines(download(d, capture["id"], tmp_path / "rst.pcap"), "tcp[tcpflags] & tcp-rst != 0")
     assert len(lines) >= 20 and all(f"{ip}.81 >" in line for line in lines)
-    # A flapping storm is one event: more resets within the cooldown reopen it, not a new one.
-    for _ in range(150):
-        with socket.socket() as c:
-            c.settimeout(1)
-            c.connect_ex((ip, 81))
-    time.sleep(2)
+    # The storm stops: the event ends. It starts again within the cooldown: the same event is
+    # reopened (one event, not two), and says so.
+    wait_until(lambda: d.events("anomaly_resolved", anomaly_id=event["id"]), 15, 0.2, "the reset storm's event resolved")
+    assert not d.events("anomaly_reopened", anomaly_id=event["id"])
+    reset_burst(ip)
+    reopened = wait_until(lambda: d.events("anomaly_reopened", anomaly_id=event["id"]), 10, 0.2, "the same event reopened")
+    assert reopened[0]["kind"] == "tcp_reset_spike"
     status, body = d.api(f"/api/v1/anomalies?container={cid[:12]}&kind=tcp_reset_spike")
-    assert len(body["anomalies"]) == 1 and body["anomalies"][0]["findings"] >= 2
+    assert [a["id"] for a in body["anomalies"]] == [event["id"]]
+    again = body["anomalies"][0]
+    assert again["active"] and again["resolved_at"] is None and again["findings"] > event["findings"]
+    assert d.scrape().value("nstap_anomalies_total", container_id=cid[:12], kind="tcp_reset_spike") == 1
+    assert len(d.events("anomaly_detected", kind="tcp_reset_spike", container_id=cid[:12])) == 1
 
 
 def test_connections_stuck_in_syn_sent(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, Containers, Daemon, Metrics, sh, tool, wait_until
+from conftest import ROOT, Containers, Metrics, sh, tool, wait_until
 from nstap.netns.links import parse_net_dev
 
 pytestmark = pytest.mark.docker
@@ -160,7 +160,7 @@ def test_containers_cli_and_api_token(nstap, containers: Containers, docker_imag
     cid = containers.docker("-p", "127.0.0.1::80", docker_image, *HTTPD, name="cli")
     d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12]), 3)
     out = sh(sys.executable, "-m", "nstap", "containers", "--config", str(d.config_path)).stdout
-    line = next(line for line in out.splitlines() if line.startswith(f"cli-"))
+    line = next(line for line in out.splitlines() if line.startswith("cli-"))
     pid = containers.pid("docker", cid)
     for expected in ("docker", str(pid), str(os.stat(f"/proc/{pid}/ns/net").st_ino), "yes", container_ip(cid), "->80/tcp"):
         assert expected in line, (expected, line)

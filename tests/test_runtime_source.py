@@ -26,7 +26,7 @@ async def until(predicate, timeout: float) -> None:
 
 
 @pytest.fixture
-async def docker_source(runtimes):
+async def docker_source(runtimes, request):
     registry = ContainerRegistry()
     exits = ProcessExits(asyncio.get_running_loop())
     source = RuntimeSource(
@@ -36,7 +36,7 @@ async def docker_source(runtimes):
         exits,
         proc_root=Path("/proc"),
         host_netns=os.stat("/proc/self/ns/net").st_ino,
-        reconcile_interval=1.0,
+        reconcile_interval=getattr(request, "param", 1.0),
         max_backoff=0.5,
     )
     task = asyncio.create_task(source.run())
@@ -88,14 +88,27 @@ async def test_injected_events(docker_source, containers: Containers, docker_ima
     assert registry.get(cid) == record
 
 
+@pytest.mark.parametrize("docker_source", [3600.0], indirect=True)  # no periodic reconcile during the test
 async def test_process_exit_seen_without_events(docker_source, containers: Containers, docker_image: str) -> None:
     source, registry, exits = docker_source
-    cid = await asyncio.to_thread(containers.docker, docker_image, "sleep", "600", name="exit")
-    await until(lambda: registry.get(cid) is not None, 3)
-    # Stop following events: only the kernel can tell us now.
+    # Stop following events before the container starts: it is found by the list at connect
+    # only if it exists then, so reconcile once by hand; from then on only the kernel can tell.
     source.handle_event = lambda event: None  # type: ignore[method-assign]
+    cid = await asyncio.to_thread(containers.docker, docker_image, "sleep", "600", name="exit")
+    await source.reconcile()
+    assert registry.get(cid) is not None and len(exits) >= 1
+    reconciles = 0
+    real_reconcile = source.reconcile
+
+    async def counted() -> None:
+        nonlocal reconciles
+        reconciles += 1
+        await real_reconcile()
+
+    source.reconcile = counted  # type: ignore[method-assign]
     os.kill(registry.get(cid).pid, 9)
-    await until(lambda: registry.get(cid) is None, 2)
+    await until(lambda: registry.get(cid) is None, 1)
+    assert reconciles == 0  # it was the pidfd, not a list
 
 
 async def test_process_exits_fires_once() -> None:
