@@ -18,6 +18,14 @@ pytestmark = pytest.mark.docker
 BIG_WEB = ("sh", "-c", "dd if=/dev/urandom of=/www/big bs=1024 count=8192 2>/dev/null; exec httpd -f -p 80 -h /www")
 
 
+def dead(pid: int) -> bool:
+    """True if the process is gone or a zombie waiting to be reaped."""
+    try:
+        return "State:\tZ" in open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return True
+
+
 def downloads(ip: str, seconds: float) -> threading.Thread:
     """Fetch an 8 MiB file over and over for ``seconds``, in the background."""
 
@@ -78,7 +86,11 @@ def test_budget_evicts_oldest_and_restart_keeps_the_rest(nstap, containers: Cont
     assert status == 202, body
     running = body["id"]
     sh("ping", "-c", "15", "-i", "0.2", "-q", container_ip(cid))
+    tcpdumps = d.children("tcpdump")
+    assert tcpdumps
     d.kill()
+    # Its tcpdumps die with it (parent-death signal), instead of holding the namespace open.
+    wait_until(lambda: all(dead(p) for p in tcpdumps), 5, 0.1, "the killed daemon's tcpdumps are gone")
     d.start()
     status, row = d.api(f"/api/v1/captures/{running}")
     assert status == 200 and row["state"] == "incomplete" and row["bytes"] > 24 and row["packets"] > 0

@@ -4,7 +4,11 @@ The container is never touched: ``nsenter --net`` puts tcpdump (the host's binar
 namespace, and tcpdump writes pcap to its stdout, which nstap reads. nsenter enters through a
 descriptor of the namespace that nstap holds and passes to it (``--net=/proc/self/fd/N``), never
 through ``/proc/<pid>/ns/net``: a pid can be reused by a process of another namespace (the host's,
-another container's), and a path resolved again by pid would capture that one instead. The expression is passed
+another container's), and a path resolved again by pid would capture that one instead. Every
+tcpdump is started under ``setpriv --pdeathsig KILL`` and stays root (``-Z root``; dropping to
+another user would clear the parent-death signal): if the daemon is killed, its tcpdumps die with
+it instead of holding namespaces open. tcpdump only writes raw packets (``-w -``), it never
+dissects them, so staying root adds nothing a packet can reach. The expression is passed
 after ``--`` as one argument, so nothing in it can be taken for an option, and it is compiled
 with ``tcpdump -d`` before any capture uses it. tcpdump runs in its own session and is stopped
 with SIGTERM, then SIGKILL if it does not go. Its kernel-drop count comes from its statistics
@@ -33,7 +37,7 @@ _STATS = {
 
 
 class CaptureToolMissing(RuntimeError):
-    """tcpdump or nsenter is not installed."""
+    """tcpdump, nsenter or setpriv is not installed."""
 
 
 class FilterError(ValueError):
@@ -42,22 +46,23 @@ class FilterError(ValueError):
 
 @dataclass(frozen=True)
 class Tools:
-    """Where tcpdump and nsenter are, and how tcpdump is run."""
+    """Where tcpdump, nsenter and setpriv are, and how tcpdump is run."""
 
     tcpdump: str
     nsenter: str
+    setpriv: str
     snaplen: int
     buffer_kib: int
 
     @classmethod
-    def find(cls, snaplen: int, buffer_kib: int, tcpdump: str = "tcpdump", nsenter: str = "nsenter") -> Tools:
-        """Resolve the two binaries on PATH (and /usr/sbin, /sbin); CaptureToolMissing if absent."""
+    def find(cls, snaplen: int, buffer_kib: int, tcpdump: str = "tcpdump", nsenter: str = "nsenter", setpriv: str = "setpriv") -> Tools:
+        """Resolve the binaries on PATH (and /usr/sbin, /sbin); CaptureToolMissing if absent."""
         path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin"
-        found = {name: shutil.which(name, path=path) for name in (tcpdump, nsenter)}
+        found = {name: shutil.which(name, path=path) for name in (tcpdump, nsenter, setpriv)}
         missing = [name for name, where in found.items() if where is None]
         if missing:
             raise CaptureToolMissing(f"{' and '.join(missing)} not found (install tcpdump and util-linux)")
-        return cls(found[tcpdump], found[nsenter], snaplen, buffer_kib)  # type: ignore[arg-type]
+        return cls(found[tcpdump], found[nsenter], found[setpriv], snaplen, buffer_kib)  # type: ignore[arg-type]
 
     def argv(self, netns_fd: int, bpf: str = "") -> list[str]:
         """The command that captures every interface of the namespace behind ``netns_fd`` to stdout.
@@ -65,10 +70,10 @@ class Tools:
         The child must inherit ``netns_fd`` under the same number (``pass_fds``).
         """
         argv = [
-            self.nsenter,
-            f"--net=/proc/self/fd/{netns_fd}",
-            "--",
+            self.setpriv, "--pdeathsig", "KILL", "--",
+            self.nsenter, f"--net=/proc/self/fd/{netns_fd}", "--",
             self.tcpdump,
+            "-Z", "root",
             "-i", "any",
             "-s", str(self.snaplen),
             "-B", str(self.buffer_kib),
@@ -192,8 +197,11 @@ class TcpdumpProcess:
         return dict(self.stats)
 
     def error_text(self) -> str:
-        """What tcpdump (or nsenter) said last, for an error message."""
-        lines = [line for line in self._stderr if line and "listening on" not in line and "data link type" not in line]
+        """What tcpdump (or nsenter) said last, for an error message (not its statistics)."""
+        lines = [
+            line for line in self._stderr
+            if line and "listening on" not in line and "data link type" not in line and not parse_stats(line)
+        ]
         return "; ".join(lines[-3:])
 
     async def stop(self, grace: float = 3.0) -> int | None:
