@@ -366,10 +366,34 @@ async def test_anomaly_captures_per_container_are_limited(tmp_path: Path, netns:
             now = time.time()
             return AnomalyRow(f"a{i}", "tcp_reset_spike", "ringed", b.record.short_id, "test", ns.inode, now, now)
 
+        b.engine.start()
         ids = await asyncio.gather(*(b.engine.for_anomaly(ns, anomaly(i)) for i in range(5)))  # in one tick
         assert sum(i is not None for i in ids) == 3
         assert b.engine.refused_total["per_container_limit"] == 2
         for capture_id in filter(None, ids):
             await wait_done(b.store, capture_id)
+        # The container goes: its per-container counts go with it (they would grow for ever).
+        assert b.engine.captures_total and b.engine._anomaly_captures
+        b.registry.remove(b.record.id)
+        assert not b.engine.captures_total and not b.engine._anomaly_captures
+    finally:
+        await b.close()
+
+
+async def test_one_container_holds_at_most_half_the_capture_slots(tmp_path: Path, netns: NsUnderTest) -> None:
+    from nstap.capture.store import AnomalyRow
+
+    b = Bench(tmp_path, netns, {}, CaptureSettings(post_seconds=1, max_concurrent=4, max_per_container_per_hour=100))
+    await b.open()
+    try:
+        await b.attach()
+        ns = b.pool.watched()[b.record.netns]
+        now = time.time()
+        rows = [AnomalyRow(f"a{i}", f"kind{i}", "ringed", b.record.short_id, "test", ns.inode, now, now) for i in range(5)]
+        ids = await asyncio.gather(*(b.engine.for_anomaly(ns, row) for row in rows))
+        assert sum(i is not None for i in ids) == 2  # two slots stay free for the other containers
+        for capture_id in filter(None, ids):
+            await wait_done(b.store, capture_id)
+        assert await b.engine.for_anomaly(ns, AnomalyRow("a9", "k", "ringed", b.record.short_id, "test", ns.inode, now, now))  # freed again
     finally:
         await b.close()

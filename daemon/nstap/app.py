@@ -15,6 +15,7 @@ import gc
 import resource
 import signal
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -41,6 +42,7 @@ from .watcher import WatcherPool
 
 log = structlog.get_logger("nstap")
 
+IO_THREADS = 2
 RETENTION_INTERVAL = 60.0  # seconds between passes of the store's age limit (and retries of unsaved outcomes)
 KNOWN_TASKS = (
     "capture-retention", "ring-pump", "capture", "ring", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
@@ -95,6 +97,9 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        # asyncio.to_thread work (reading a ring back, summarising a pcap) on two threads at most:
+        # with the opener, walk, store and render threads, the daemon's threads are a fixed set.
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="nstap-io"))
         fd_limit = raise_fd_limit()
         if cfg.tcp_child_ehash_entries:
             set_child_ehash(cfg.proc_root, cfg.tcp_child_ehash_entries)

@@ -208,6 +208,7 @@ class ContainerCollector(Collector):
                 "store_bytes": engine.store.total_bytes,
                 "rings": sum(1 for r in engine.rings.values() if r.running),
                 "ring_restarts": engine.ring_restarts_total,
+                "ring_lost": engine.ring_lost_total,
             }
         tracker = self.incidents
         return ScrapeState(
@@ -432,6 +433,10 @@ class ContainerCollector(Collector):
             ("nstap_capture_store_bytes", "gauge", "Bytes of pcap files in the capture store.", c["store_bytes"]),
             ("nstap_flight_recorders_running", "gauge", "Namespaces with a running flight recorder.", c["rings"]),
             ("nstap_flight_recorder_restarts_total", "counter", "Flight recorders started again after their tcpdump died.", c["ring_restarts"]),
+            (
+                "nstap_flight_recorder_lost_packets_total", "counter",
+                "Packets flight recorders received but could not write to their ring (the data dir's disk was full).", c["ring_lost"],
+            ),
         ):
             family = Family(name, kind, help_)
             family.add(NO_LABELS, value)

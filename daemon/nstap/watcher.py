@@ -193,9 +193,10 @@ class NamespaceWatcher:
         pool = self.pool
         budget = pool.context.sample_budget
         every = 1 if self.cost <= budget else min(math.ceil(self.cost / budget), pool.max_every)
-        if every != self.every:
-            self.log.info("sample_interval_changed", interval=every * pool.interval, cost_ms=round(self.cost * 1000, 3))
-            self.every = every
+        if (every > 1) != (self.every > 1):  # logged on entering and leaving, not on every change
+            event = "sampling_slowed" if every > 1 else "sampling_restored"
+            self.log.info(event, interval=every * pool.interval, cost_ms=round(self.cost * 1000, 3), budget_ms=round(budget * 1000, 3))
+        self.every = every
 
     def _sampler_failed(self, name: str, exc: BaseException) -> None:
         self.pool.instruments.sampler_errors.labels(name).inc()

@@ -195,10 +195,12 @@ class CaptureEngine:
         self._running: dict[str, asyncio.Task] = {}
         self._reserved = 0  # slots taken by captures being created (between the check and the task)
         self._anomaly_captures: dict[str, deque[float]] = {}  # container id -> when its anomaly captures started
+        self._anomaly_running: dict[str, int] = {}  # container id -> its anomaly captures running now
         self._unsaved: dict[str, dict[str, Any]] = {}  # capture id -> outcome the index could not take yet
         self._closed = False
         self._ring_serial = itertools.count(1)
         self.ring_restarts_total = 0
+        self.ring_lost_stopped = 0  # records lost by recorders that were stopped since
         # Counters for the exporter.
         self.captures_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, reason)
         self.refused_total: Counter[str] = Counter({"concurrency": 0, "per_container_limit": 0, "store": 0})
@@ -296,7 +298,13 @@ class CaptureEngine:
             log.info("ring_started", container=target.container, container_id=target.container_id, netns=target.netns, ring_bytes=self.settings.ring_bytes)
 
     def _stop_ring(self, recorder: FlightRecorder) -> None:
+        self.ring_lost_stopped += recorder.records_lost  # its count is final: it is not pumped again
         self._track(self.supervisor.spawn("ring", recorder.stop()))
+
+    @property
+    def ring_lost_total(self) -> int:
+        """Packets flight recorders read but could not write to their ring (a full disk), ever."""
+        return self.ring_lost_stopped + sum(r.records_lost for r in self.rings.values())
 
     def _track(self, task: asyncio.Task) -> asyncio.Task:
         self._ring_tasks.add(task)
@@ -582,8 +590,9 @@ class CaptureEngine:
     async def for_anomaly(self, namespace: WatchedNamespace, anomaly: AnomalyRow) -> str | None:
         """Capture around an anomaly that just started; the capture id, or None if not captured.
 
-        At most ``max_per_container_per_hour`` anomaly captures per container: a container that
-        keeps tripping cannot hold every capture slot or fill the store for the others.
+        At most ``max_per_container_per_hour`` anomaly captures per container, and at most half
+        the concurrent slots at a time: a container that keeps tripping cannot hold every capture
+        slot or fill the store for the others.
         """
         if capture_opted_out(namespace):
             return None
@@ -593,24 +602,44 @@ class CaptureEngine:
         while history and now - history[0] > ANOMALY_CAPTURE_PERIOD:
             history.popleft()
         limit = self.settings.max_per_container_per_hour
+        share = max(1, self.settings.max_concurrent // 2)
+        running = self._anomaly_running.get(target.container_id, 0)
+        why = ""
         if len(history) >= limit:
+            why = f"{limit} anomaly captures of this container in the last hour"
+        elif running >= share:
+            why = f"{running} anomaly captures of this container are running (at most {share} at a time)"
+        if why:
             self.refused_total["per_container_limit"] += 1
             log.warning(
                 "anomaly_capture_refused", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container,
-                container_id=anomaly.container_id, error=f"{limit} anomaly captures of this container in the last hour",
+                container_id=anomaly.container_id, error=why,
             )
             return None
         history.append(now)  # before the await: anomalies in the same tick count too
+        self._anomaly_running[target.container_id] = running + 1
         try:
             row = await self.capture(target, "anomaly", kind=anomaly.kind, anomaly_id=anomaly.id, trigger_at=anomaly.first_seen)
         except CaptureRefused as exc:
             history.remove(now)
+            self._anomaly_ended(target.container_id)
             log.warning(
                 "anomaly_capture_refused", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container,
                 container_id=anomaly.container_id, error=str(exc),
             )
             return None
+        except BaseException:
+            self._anomaly_ended(target.container_id)
+            raise
+        self._running[row.id].add_done_callback(lambda _task: self._anomaly_ended(target.container_id))
         return row.id
+
+    def _anomaly_ended(self, container_id: str) -> None:
+        left = self._anomaly_running.get(container_id, 0) - 1
+        if left > 0:
+            self._anomaly_running[container_id] = left
+        else:
+            self._anomaly_running.pop(container_id, None)
 
     def _prune(self) -> None:
         """Forget the per-container counts of containers that are gone (they would grow for ever)."""
