@@ -1,19 +1,26 @@
 # nstap: the two commands of the README, and the pieces they are made of.
 #   make run    install what is missing, start the runtimes, run the daemon in the foreground
 #   make test   install what is missing, start the runtimes, run the whole test suite
+#   make soak   the chaos and soak tests at full size (1,000 cycles, 100,000 sockets, 10,000 inputs)
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test deps-run deps-test deps-demo runtimes venv bench bench-capture clean demo demo-clean
+.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture clean demo demo-clean
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
 
 test: deps-test venv runtimes
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+soak: deps-test venv runtimes
+	mkdir -p bench/results
+	rm -f bench/results/soak.jsonl
+	NSTAP_SOAK=1 NSTAP_SOAK_REPORT=bench/results/soak.jsonl $(VENV)/bin/python -m pytest -m soak -s $(PYTEST_ARGS)
+	@echo "figures: bench/results/soak.jsonl"
 
 deps-run:
 	deploy/install-deps.sh run

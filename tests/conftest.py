@@ -24,12 +24,15 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import configuration as hypothesis_configuration
 from prometheus_client.parser import text_string_to_metric_families
 
 from images import ensure_image
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = uuid.uuid4().hex[:8]
+# Hypothesis keeps caches in the working directory unless told otherwise: not in the clone.
+hypothesis_configuration.set_hypothesis_home_dir(Path("/var/cache/nstap-test/hypothesis"))
 TEST_LABEL = "nstap.test"
 # Podman 4.3 on this kind of host cannot start containers without explicit ulimits; this file
 # gives every container (pod infra containers included) the ones the tests need.
@@ -204,14 +207,14 @@ class Daemon:
         self.workdir = workdir
         self.metrics_port = free_port()
         self.api_port = free_port()
-        self.data_dir = workdir / "data"
+        self.data_dir = Path(config["data_dir"]) if "data_dir" in config else workdir / "data"
         self.config = {
             "interval": 0.5,
             "metrics_listen": f"127.0.0.1:{self.metrics_port}",
             "api_listen": f"127.0.0.1:{self.api_port}",
-            "data_dir": str(self.data_dir),
             "log_format": "json",
             **config,
+            "data_dir": str(self.data_dir),
         }
         self.config_path = workdir / "nstap.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
@@ -289,6 +292,34 @@ class Daemon:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def children(self, comm: str | None = None) -> list[int]:
+        """Pids of the daemon's child processes (named ``comm``, if given)."""
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if ppid == self.pid and (comm is None or name == comm):
+                out.append(int(entry))
+        return out
+
+    def status(self, key: str) -> int:
+        """A number from /proc/<pid>/status (``Threads``, ``VmRSS`` in KiB, ...)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the daemon (all its threads) so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def open_fds(self) -> int:
         """Descriptors the daemon process holds now."""

@@ -34,10 +34,11 @@ def container_ip(cid: str) -> str:
 
 
 def anomaly(d: Daemon, cid: str, kind: str, timeout: float = 20) -> dict:
+    """The container's first event of ``kind``, once its capture has been started (its id is set)."""
     def find():
         status, body = d.api(f"/api/v1/anomalies?container={cid[:12]}&kind={kind}")
         assert status == 200, body
-        return body["anomalies"][0] if body["anomalies"] else None
+        return body["anomalies"][0] if body["anomalies"] and body["anomalies"][0]["capture_id"] else None
 
     return wait_until(find, timeout, 0.2, f"{kind} anomaly in {cid[:12]}")
 

@@ -164,10 +164,18 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
-# Each field is valid about half the time, so that requests get past one check to the next.
+# Each family of generated bodies aims at one check: the fields before it valid, its own field
+# generated (strictly invalid where it aims at a refusal), so every check is reached every run.
 valid_seconds = st.one_of(st.integers(1, 30), st.floats(0.5, 30))
-bad_numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6), json_values)
-numbers = st.one_of(valid_seconds, bad_numbers)
+bad_seconds = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).filter(lambda x: not 0 <= x <= 120),
+    st.integers(max_value=-1),
+    st.integers(min_value=100_000),
+    st.text(max_size=10),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+)
 filters = st.one_of(
     st.sampled_from(["tcp", "udp port 53", "icmp", "tcp port", "icmp and", "-w /tmp/x", "port 99999", "", "host 1.2.3", "tcp[13] & 2 != 0"]),
     st.text(max_size=60),
@@ -175,12 +183,11 @@ filters = st.one_of(
 )
 capture_bodies = st.one_of(
     json_values,
-    st.fixed_dictionaries(
-        {"container": st.one_of(st.just(NAME), st.sampled_from(["nope", "", "../x"]), st.text(max_size=20), st.integers())},
-        optional={"duration": numbers, "filter": filters, "pre_seconds": numbers},
-    ),
-    st.fixed_dictionaries({"container": st.just(NAME), "duration": valid_seconds, "pre_seconds": numbers, "filter": filters}),
-    st.fixed_dictionaries({"container": st.just(NAME), "duration": numbers, "zzz": json_values}),
+    st.fixed_dictionaries({"container": st.one_of(st.sampled_from(["nope", "", "../x"]), st.text(max_size=20), st.integers())}),
+    st.fixed_dictionaries({"container": st.just(NAME), "duration": bad_seconds}),
+    st.fixed_dictionaries({"container": st.just(NAME), "duration": valid_seconds, "pre_seconds": bad_seconds}),
+    st.fixed_dictionaries({"container": st.just(NAME), "duration": valid_seconds, "pre_seconds": valid_seconds, "filter": filters}),
+    st.fixed_dictionaries({"container": st.just(NAME)}, optional={"duration": valid_seconds, "zzz": json_values, "extra": st.integers()}),
 )
 label_values = st.one_of(st.just(NAME), st.text(max_size=20))
 alert = st.one_of(

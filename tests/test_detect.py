@@ -19,7 +19,7 @@ from nstap.detect.syn_sent import SynSentDetector, retransmits_for
 from nstap.detect.udp_buffers import UdpBufferDetector
 from nstap.registry import WatchedNamespace
 from nstap.runtime.records import ContainerRecord
-from nstap.samples import InterfaceCounters, ListenQueue, NamespaceSample, SocketSample
+from nstap.samples import InterfaceCounters, ListenQueue, NamespaceSample, SampleStore, SocketSample
 
 
 def proto_sample(t: float, **counters: int) -> NamespaceSample:
@@ -246,3 +246,38 @@ async def test_incidents_extend_resolve_reopen_and_capture_once(tmp_path: Path) 
     assert rows[later.row.id].resolved_at is not None  # closed at shutdown
     await store.close()
     await asyncio.sleep(0)
+
+
+def test_counts_of_containers_that_left_are_pruned() -> None:
+    """Defect: per-container counters and broken-detector sets grew with every container ever seen."""
+    from nstap.detect.base import Finding
+    from nstap.detect.pipeline import DetectionPipeline
+    from nstap.registry import ContainerRegistry
+
+    class Broken:
+        kind = "broken"
+
+        def observe(self, sample):
+            raise RuntimeError("a detector bug")
+
+    registry = ContainerRegistry()
+    tracker = IncidentTracker(None, None, cooldown=0, resolve_after=5)  # type: ignore[arg-type]
+    tracker._save = lambda inc, at: None  # no store in this test: only the counts matter
+    pipeline = DetectionPipeline(registry, tracker, {}, {})
+    pipeline.start(SampleStore())
+    records = [
+        ContainerRecord(id=f"{i:02x}" * 32, name=f"c{i}", runtime="docker", pid=1, status="running", image="i").with_netns(100 + i, 1)
+        for i in range(50)
+    ]
+    for r in records:
+        registry.upsert(r)
+        ns = registry.namespaces()[r.netns]
+        tracker.found(ns, Finding("tcp_retransmits", "x"), 1.0)
+        pipeline._detectors[r.netns] = [Broken()]
+        pipeline.on_sample(NamespaceSample(r.netns, 1.0, 0.0))
+    assert len(tracker.anomalies_total) == 50 and len(pipeline._broken) == 50
+    for r in records[:-1]:
+        registry.remove(r.id)
+    assert list(tracker.anomalies_total) == [("c49", records[-1].short_id, "docker", "tcp_retransmits")]
+    assert pipeline._broken == {(records[-1].netns, "broken")}
+    assert set(tracker.incidents) == {(records[-1].netns, "tcp_retransmits")}

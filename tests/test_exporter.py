@@ -86,3 +86,45 @@ def test_render_formats_values() -> None:
         fam.add(Labels((("a", "1"),)), v)
     lines = render([fam]).splitlines()[2:]
     assert [line.split(" ")[1] for line in lines] == ["5", "1.5", "+Inf", "-Inf", "NaN", "1"]
+
+
+class Watched:
+    """What the exporter reads from the watcher pool: the namespaces with an attached watcher."""
+
+    def __init__(self) -> None:
+        self.attached: dict = {}
+
+    def watched(self) -> dict:
+        return self.attached
+
+
+def test_containers_watched_counts_attached_namespaces_only() -> None:
+    """Defect: it counted containers eligible for a watcher, attached or not."""
+    registry, store, pool = ContainerRegistry(), SampleStore(), Watched()
+    collector = ContainerCollector(registry, store, [Runtime()], pool)
+    owner, joiner = record("ab", 5, "web"), record("cd", 5, "side", mode="container:" + "ab" * 32)
+    registry.upsert(owner)
+    registry.upsert(joiner)
+    registry.upsert(record("ef", 6, "other"))
+    got = parse(collector.render())
+    assert got[("nstap_containers_watched", (("runtime", "docker"),))] == 0 and got[("nstap_namespaces_watched", ())] == 0
+    pool.attached = {5: registry.namespaces()[5]}
+    got = parse(collector.render())
+    assert got[("nstap_containers_watched", (("runtime", "docker"),))] == 2 and got[("nstap_namespaces_watched", ())] == 1
+
+
+def test_hostile_interface_and_port_counts_stay_bounded() -> None:
+    """A sample with many interfaces and listener ports renders a bounded number of series."""
+    registry, store = ContainerRegistry(), SampleStore()
+    registry.upsert(record("ab", 5, "web"))
+    collector = ContainerCollector(registry, store, [Runtime()])
+    ifaces = tuple(InterfaceCounters(f"d{i}", "container", "", True, 1500, *([i] * 8)) for i in range(65)) + (
+        InterfaceCounters("other", "container", "", True, 0, *([1] * 8)),
+    )
+    states = {"listen": 1, "time_wait": 0, **{s: 0 for s in STATE_NAMES[2:]}}
+    listen = tuple(ListenQueue(str(p), 0, 128, 1) for p in range(1000, 1064)) + (ListenQueue("other", 5, 900, 900),)
+    store.put(NamespaceSample(5, 1.0, 0.001, ifaces, {}, SocketSample({"tcp": 1000}, states, 0.0, 0, listen, 1.0)))
+    got = parse(collector.render())
+    mine = [k for k in got if ("container_id", "abababababab") in k[1]]
+    assert len(mine) < 66 * 10 + 65 * 2 + 40
+    assert got[("nstap_tcp_listen_queue_limit", tuple(sorted((("container", "web"), ("container_id", "abababababab"), ("runtime", "docker"), ("port", "other")))))] == 900
