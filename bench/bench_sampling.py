@@ -9,11 +9,19 @@ window while scraping it every 15 s like Prometheus would, and reports:
   by the samples it took), next to the lower bound of ``../shared/tools/nslimit.c`` (C, kept
   descriptors, no parsing) measured on the same containers;
 * RSS, /metrics scrape time and size;
-* time from ``docker run`` returning to the container's first sample in /metrics.
+* time from ``docker run`` returning to the container's first sample in /metrics;
+* how late the sampling ticks started (``nstap_tick_lag_seconds``, p50/p99/max bucket): what
+  anything blocking the event loop costs.
+
+With ``--capture-load``, one more container has a flight recorder and is downloaded from without
+pause (its 8 MiB ring stays full), and every 5 s a capture with 10 s of pre-trigger packets is
+taken from it: the ring is read back while the ticks go on. ``--scrape-every 1`` scrapes every
+second instead of every 15.
 
     make bench                          # 50 containers, 60 s
     make bench ARGS="--containers 200"  # or --large
     make bench ARGS="--child-ehash 1024" # namespaces with their own TCP hash (see README)
+    make bench ARGS="--large --scrape-every 1 --capture-load"   # tick lateness under load
 
 Everything it starts is removed at the end, and tcp_child_ehash_entries is restored.
 """
@@ -79,8 +87,66 @@ def metric(text: str, name: str) -> float:
     raise KeyError(name)
 
 
-def start_container(image: str, name: str) -> str:
-    return sh("docker", "run", "-d", "--label", LABEL, "--name", name, image, "httpd", "-f", "-p", "80", "-h", "/www")
+def start_container(image: str, name: str, *extra: str) -> str:
+    return sh("docker", "run", "-d", "--label", LABEL, *extra, "--name", name, image, "httpd", "-f", "-p", "80", "-h", "/www")
+
+
+BIG_WEB = ("sh", "-c", "dd if=/dev/urandom of=/www/big bs=1024 count=4096 2>/dev/null; exec httpd -f -p 80 -h /www")
+
+
+class CaptureLoad(threading.Thread):
+    """Downloads from a flight-recorded container without pause and takes a capture with 10 s of
+    pre-trigger packets from it every 5 s (each reads its ring back)."""
+
+    def __init__(self, ip: str, name: str, api_port: int, token: str) -> None:
+        super().__init__(daemon=True)
+        self.ip, self.name, self.api_port, self.token = ip, name, api_port, token
+        self.stop = threading.Event()
+        self.captures: list[str] = []
+        self.downloader = threading.Thread(target=self._download, daemon=True)
+
+    def _download(self) -> None:
+        while not self.stop.is_set():
+            subprocess.run(["busybox", "wget", "-q", "-O", "/dev/null", f"http://{self.ip}/big"], capture_output=True, timeout=60)
+
+    def run(self) -> None:
+        self.downloader.start()
+        while not self.stop.wait(5):
+            body = json.dumps({"container": self.name, "duration": 3, "pre_seconds": 10}).encode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{self.api_port}/api/v1/captures", data=body, method="POST",
+                headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    self.captures.append(json.load(r)["mode"])
+            except OSError:
+                self.captures.append("refused")
+
+
+def lag_quantiles(before: str, after: str) -> dict[str, float]:
+    """p50, p99 and the largest bucket of nstap_tick_lag_seconds between two scrapes (bucket bounds, ms)."""
+    def buckets(text: str) -> dict[float, float]:
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("nstap_tick_lag_seconds_bucket{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                out[float(le)] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    b0, b1 = buckets(before), buckets(after)
+    if not b1:
+        return {}
+    bounds = sorted(b1)
+    total = b1[float("inf")] - b0.get(float("inf"), 0.0)
+    out = {}
+    for name, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
+        for bound in bounds:
+            if total and (b1[bound] - b0.get(bound, 0.0)) / total >= q:
+                out[name] = bound * 1000
+                break
+    out["ticks"] = total
+    return out
 
 
 def container_ips(ids: list[str]) -> list[str]:
@@ -129,6 +195,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="measured seconds")
     parser.add_argument("--child-ehash", type=int, default=0, help="set tcp_child_ehash_entries before starting containers")
     parser.add_argument("--first-sample-probes", type=int, default=5)
+    parser.add_argument("--scrape-every", type=float, default=15.0, help="seconds between scrapes during the measured window")
+    parser.add_argument("--capture-load", action="store_true", help="a flight-recorded container downloaded from, captured every 5 s")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     n = 200 if args.large else args.containers
@@ -137,6 +205,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="nstap-bench-"))
     daemon = None
     traffic = None
+    load = None
     ids: list[str] = []
     try:
         if args.child_ehash and old_ehash is not None:
@@ -146,6 +215,8 @@ def main() -> int:
             ids.append(start_container(image, f"nstap-bench-{i}"))
         ips = container_ips(ids)
         pids = [int(p) for p in sh("docker", "inspect", "-f", "{{.State.Pid}}", *ids).split()]
+        if args.capture_load:
+            ids.append(sh("docker", "run", "-d", "--label", LABEL, "--label", "nstap.capture=ring", "--name", "nstap-bench-ring", image, *BIG_WEB))
         port = 19880 + os.getpid() % 1000
         config = workdir / "nstap.yaml"
         config.write_text(
@@ -158,7 +229,7 @@ def main() -> int:
         while True:
             try:
                 _, text = scrape(port)
-                if metric(text, "nstap_namespaces_watched") >= n:
+                if metric(text, "nstap_namespaces_watched") >= n + (1 if args.capture_load else 0):
                     break
             except (OSError, KeyError):
                 pass
@@ -167,9 +238,15 @@ def main() -> int:
             time.sleep(0.2)
         traffic = Traffic(ips)
         traffic.start()
+        if args.capture_load:
+            token = (workdir / "data/api-token").read_text().strip()
+            load = CaptureLoad(container_ips([ids[-1]])[0], "nstap-bench-ring", port + 1, token)
+            load.start()
+            time.sleep(10)  # the ring fills
         time.sleep(5)  # warm-up: the first walks and layouts are done, traffic is flowing
 
         _, text = scrape(port)
+        lag_text0 = text
         samples0, cpu0, t0 = metric(text, "nstap_sample_duration_seconds_count"), cpu_seconds(daemon.pid), time.monotonic()
         scrapes: list[tuple[float, int]] = []
         next_scrape = t0
@@ -177,11 +254,14 @@ def main() -> int:
             if time.monotonic() >= next_scrape:
                 seconds, text = scrape(port)
                 scrapes.append((seconds, len(text.encode())))
-                next_scrape += 15
+                next_scrape += args.scrape_every
             time.sleep(0.2)
         cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
         traffic.stop.set()
+        if load is not None:
+            load.stop.set()
         _, text = scrape(port)
+        lag = lag_quantiles(lag_text0, text)
         samples1 = metric(text, "nstap_sample_duration_seconds_count")
         samples = samples1 - samples0
         per_sample_ms = (cpu1 - cpu0) / samples * 1000
@@ -222,6 +302,9 @@ def main() -> int:
             "first_sample_s_max": round(max(first_sample), 2),
             "http_requests": traffic.requests,
             "child_ehash": args.child_ehash,
+            "scrape_every_s": args.scrape_every,
+            "tick_lag_ms": lag,
+            "captures": dict((m, load.captures.count(m)) for m in set(load.captures)) if load is not None else None,
         }
         print(json.dumps(result))
         print()
@@ -233,6 +316,8 @@ def main() -> int:
             f"{result['rss_mib']} MiB | {result['scrape_ms_median']} / {result['scrape_ms_max']} ms | {result['scrape_kib']} KiB | "
             f"{result['first_sample_s_median']} / {result['first_sample_s_max']} s |"
         )
+        if lag:
+            print(f"\ntick lag (ms, bucket bounds): p50 {lag.get('p50')}  p99 {lag.get('p99')}  max {lag.get('max')}  over {int(lag['ticks'])} ticks")
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
         return 0
@@ -240,6 +325,8 @@ def main() -> int:
         if traffic is not None:
             traffic.stop.set()
             traffic.join()
+        if load is not None:
+            load.stop.set()
         if daemon is not None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
