@@ -178,6 +178,56 @@ LOG_MARKERS = ("Traceback (most recent call last)", "Task exception was never re
 LOG_ERROR_LEVELS = ("error", "critical", "exception")
 
 
+def children_of(parent: int, names: tuple[str, ...] | None = None) -> list[int]:
+    """Pids of the live (not zombie) children of ``parent`` (named one of ``names``, if given)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        if int(ppid) == parent and state != "Z" and (names is None or name in names):
+            out.append(int(entry))
+    return out
+
+
+def reap_docker_orphans() -> list[str]:
+    """Remove what a dockerd killed in the middle of ``docker run`` leaves behind, which the dockerd
+    started after it does not know: containers whose containerd shim outlived it (still holding an
+    address on docker0, which the next container gets too), and veth pairs never moved into a
+    container. Returns what it removed."""
+    known = set(sh("docker", "ps", "-aq", "--no-trunc").stdout.split())
+    removed = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv[0].endswith(b"containerd-shim-runc-v2") or b"moby" not in argv or b"-id" not in argv:
+            continue
+        cid = argv[argv.index(b"-id") + 1].decode()
+        if cid in known:
+            continue
+        sh("runc", "--root", "/var/run/docker/runtime-runc/moby", "delete", "-f", cid, check=False)
+        try:
+            os.kill(int(entry), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        removed.append(f"container {cid[:12]}")
+    for line in sh("ip", "-o", "link", "show", "master", "docker0", check=False).stdout.splitlines():
+        name = line.split(":")[1].strip()
+        if "@veth" in name:  # its peer is in this namespace too: never reached a container
+            sh("ip", "link", "del", name.split("@")[0], check=False)
+            removed.append(f"veth {name}")
+    return removed
+
+
 def log_problems(lines: list[str], allowed: set[str] = frozenset()) -> list[str]:
     """What is wrong in a daemon's log: tracebacks, unretrieved task exceptions, error-level events
     (a supervised task's failure among them), lines that are not JSON; events in ``allowed`` pass."""
@@ -295,19 +345,7 @@ class Daemon:
 
     def children(self, comm: str | None = None) -> list[int]:
         """Pids of the daemon's child processes (named ``comm``, if given)."""
-        out = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if ppid == self.pid and (comm is None or name == comm):
-                out.append(int(entry))
-        return out
+        return children_of(self.pid, (comm,) if comm else None)
 
     def status(self, key: str) -> int:
         """A number from /proc/<pid>/status (``Threads``, ``VmRSS`` in KiB, ...)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NsUnderTest, ping, sh, tool
+from conftest import NsUnderTest, children_of, ping, sh, tool
 from nstap.capture.engine import CaptureEngine, CaptureRefused, CaptureSettings, CaptureTarget
 from nstap.capture.pcap import read_file, sha256_file
 from nstap.capture.ring import Segment, segments_for_window, segments_to_drop
@@ -281,20 +281,8 @@ async def test_filtered_flight_recorder_capture_is_private(engine, netns: NsUnde
 
 
 def tcpdump_children() -> list[int]:
-    """tcpdump processes that are children of this test process (nsenter execs tcpdump in place)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == os.getpid() and comm in ("tcpdump", "nsenter"):
-            out.append(int(entry))
-    return out
+    """tcpdumps started by this test process (setpriv and nsenter exec it in place)."""
+    return children_of(os.getpid(), ("tcpdump", "nsenter", "setpriv"))
 
 
 async def test_ring_whose_namespace_leaves_before_its_tcpdump_started_is_stopped(tmp_path: Path, netns: NsUnderTest) -> None:
@@ -372,10 +360,20 @@ async def test_anomaly_captures_per_container_are_limited(tmp_path: Path, netns:
         assert b.engine.refused_total["per_container_limit"] == 2
         for capture_id in filter(None, ids):
             await wait_done(b.store, capture_id)
-        # The container goes: its per-container counts go with it (they would grow for ever).
+        # The container goes: its per-container counts go with it (they would grow for ever) ...
         assert b.engine.captures_total and b.engine._anomaly_captures
         b.registry.remove(b.record.id)
-        assert not b.engine.captures_total and not b.engine._anomaly_captures
+        assert not b.engine.captures_total
+        # ... but not its quota of the hour: a container that crash-loops comes back with the same
+        # id and must not get a fresh one each time.
+        await b.attach()
+        ns = b.pool.watched()[b.record.netns]
+        assert await b.engine.for_anomaly(ns, anomaly(9)) is None
+        # An hour later it is forgotten.
+        history = b.engine._anomaly_captures[b.record.short_id]
+        history.extend([t - 3700 for t in [history.popleft() for _ in range(len(history))]])
+        b.registry.remove(b.record.id)
+        assert not b.engine._anomaly_captures
     finally:
         await b.close()
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nstap.capture.pcap import MAGIC_NS, MAGIC_US, PcapError, PcapWriter, Record, StreamParser, parse_header, read_file
+from nstap.capture.engine import CaptureEngine
 from nstap.capture.retention import HeldCapture, plan_evictions
 from nstap.capture.store import COMPLETE, EVICTED, INCOMPLETE, RUNNING, CaptureRow, CaptureStore, Retention, new_id
 
@@ -187,10 +188,15 @@ H = HeldCapture  # id, container_id, created_at, size, finished
         ([H("a", "n", 1, 50, True), H("b", "n", 2, 50, True), H("c", "n", 3, 50, True)], 100, 1000, ["a"]),
         # A noisy container pays for its own captures: the quiet one's only (and oldest) capture stays.
         ([H("q1", "q", 0, 40, True), H("n1", "n", 1, 40, True), H("n2", "n", 2, 40, True), H("n3", "n", 3, 40, True)], 100, 1000, ["n1", "n2"]),
+        # Even when the quiet one has a spare that is older: the container with the most bytes pays first.
+        ([H("q1", "q", 0, 10, True), H("q2", "q", 1, 10, True), *(H(f"n{i}", "n", 10 + i, 30, True) for i in range(5))], 100, 1000, ["n0", "n1", "n2"]),
         # When every container is down to one, last captures go, oldest first.
         ([H("q1", "q", 0, 60, True), H("r1", "r", 1, 60, True), H("n1", "n", 2, 60, True)], 100, 1000, ["q1", "r1"]),
-        # A running capture is never evicted, but it counts as its container's capture.
-        ([H("q1", "q", 0, 60, True), H("q2", "q", 5, 60, False), H("n1", "n", 1, 60, True), H("n2", "n", 2, 60, True)], 150, 1000, ["q1", "n1"]),
+        # A running capture is never evicted, and no other container's last capture makes room for it.
+        ([H("q1", "q", 0, 60, True), H("q2", "q", 5, 60, False), H("n1", "n", 1, 60, True), H("n2", "n", 2, 60, True)], 150, 1000, ["n1"]),
+        ([H("a1", "a", 0, 60, True), H("a2", "a", 5, 60, False), H("a3", "a", 6, 60, False), H("b1", "b", 1, 60, True)], 130, 1000, []),
+        # An empty (failed) capture is not a capture worth keeping: it does not make another one a spare.
+        ([H("b1", "b", 0, 400, True), H("b2", "b", 1, 0, True), H("a1", "a", 2, 300, True), H("a2", "a", 3, 300, True)], 800, 1000, ["a1"]),
         # The age limit applies to every capture, a container's last one too.
         ([H("q1", "q", 0, 1, True), H("n1", "n", 990, 1, True)], 100, 50, ["q1"]),
         # Nothing finished to evict: over budget, nothing to do.
@@ -293,3 +299,113 @@ def test_a_daemon_starts_over_an_empty_token_file(tmp_path: Path) -> None:
         proc.terminate()
         out = proc.communicate(timeout=20)[0]
     assert proc.returncode == 0 and "Traceback" not in out and "api_token_replaced" in out, out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cuts=st.lists(st.integers(1, 39), min_size=0, max_size=4, unique=True),
+    start=st.floats(1_699_999_999, 1_700_000_011),
+    length=st.floats(0, 12),
+    trigger=st.floats(1_699_999_999, 1_700_000_011),
+)
+def test_ring_read_back_equals_filtering_every_record(tmp_path_factory, cuts, start: float, length: float, trigger: float) -> None:
+    """Whole segments are copied as they are, the others parsed: the result is always exactly the
+    records in the window, in order, with the right count before the trigger."""
+    from nstap.capture.ring import SegmentView, WholeSegment, read_window
+
+    data, _ = stream(40)  # records every 0.25 s from 1_700_000_000
+    head = parse_header(data)
+    records = StreamParser().feed(data)
+    bounds = [0, *sorted(cuts), len(records)]
+    directory = tmp_path_factory.mktemp("ring")
+    views = []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if a == b:
+            continue
+        seg = records[a:b]
+        path = directory / f"s{i}.pcap"
+        path.write_bytes(head.raw + b"".join(r.data for r in seg))
+        views.append(SegmentView(os.open(path, os.O_RDONLY), sum(len(r.data) for r in seg), len(seg), seg[0].ts, seg[-1].ts))
+    end = start + length
+    parts = read_window(head, views, start, end, trigger)
+    got = b""
+    for part in parts:  # a whole segment is handed on as its descriptor: read it as a copy would
+        got += os.pread(part.fd, part.bytes, len(head.raw)) if isinstance(part, WholeSegment) else part.data
+        if isinstance(part, WholeSegment):
+            os.close(part.fd)
+    expected = [r for r in records if start <= r.ts <= end]
+    assert got == b"".join(r.data for r in expected)
+    assert sum(p.records for p in parts) == len(expected)
+    assert sum(p.pre for p in parts) == sum(1 for r in expected if r.ts < trigger)
+
+
+def test_a_window_is_written_whole_or_cut_at_the_byte_cap(tmp_path: Path) -> None:
+    """Whole segments are copied by the kernel, parsed parts appended, the cap ends on a record, and
+    the digest is that of the file."""
+    import hashlib
+
+    from nstap.capture.engine import CaptureFile
+    from nstap.capture.ring import SegmentView, read_window
+
+    data, _ = stream(40)
+    head = parse_header(data)
+    records = StreamParser().feed(data)
+    views = []
+    for i, seg in enumerate((records[:15], records[15:30], records[30:])):
+        path = tmp_path / f"s{i}.pcap"
+        path.write_bytes(head.raw + b"".join(r.data for r in seg))
+        views.append(SegmentView(os.open(path, os.O_RDONLY), sum(len(r.data) for r in seg), len(seg), seg[0].ts, seg[-1].ts))
+    trigger = records[20].ts
+    for cap, expected in ((1 << 20, records[2:]), (24 + sum(len(r.data) for r in records[2:25]) + 3, records[2:25])):
+        fds = [SegmentView(os.dup(v.fd), *v[1:]) for v in views]
+        out = CaptureFile(tmp_path / f"out{cap}.pcap", records[2].ts, records[-1].ts + 1, trigger, cap)
+        out.add_window(head, read_window(head, fds, out.start, out.end, trigger))
+        out.close()
+        written = (tmp_path / f"out{cap}.pcap").read_bytes()
+        assert written == head.raw + b"".join(r.data for r in expected)
+        assert out.packets == len(expected) and out.pre_packets == sum(1 for r in expected if r.ts < trigger)
+        assert out.capped == (cap < 1 << 20)
+        assert CaptureEngine._summary(out.path, out)[2] == hashlib.sha256(written).hexdigest()
+    for v in views:
+        os.close(v.fd)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path):
+    """A 192 KiB tmpfs, unmounted at the end."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "nstap-tiny", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_ring_on_a_full_disk_keeps_exact_books(tiny_fs: Path) -> None:
+    """Defect: the ring counted records as written when they only reached a write buffer, so after
+    a full disk its segments claimed records they did not hold, and captures read from it failed."""
+    from nstap.capture.ring import FlightRecorder, WholeSegment, read_window
+
+    ring = FlightRecorder("full", ["true"], tiny_fs / "ring", ring_bytes=400 * 1024, segments=4)
+    ring.dir.mkdir()
+    head = header()
+    ring.process.parser.feed(head)  # as if tcpdump had written its header
+    records = [Record(1_700_000_000 + i * 0.01, record(1_700_000_000 + i * 0.01, bytes([i % 251]) * 300)) for i in range(1500)]
+    for i in range(0, len(records), 50):
+        ring._file_records(records[i : i + 50])
+    assert ring.write_error and 0 < ring.records_lost < len(records)
+    views = ring.window(0, 2e9)
+    parts = read_window(parse_header(head), views, 0, 2e9, 2e9)
+    got = b""
+    for part in parts:
+        got += os.pread(part.fd, part.bytes, 24) if isinstance(part, WholeSegment) else part.data
+        if isinstance(part, WholeSegment):
+            os.close(part.fd)
+    kept = sum(p.records for p in parts)
+    # What the ring says it holds is exactly what its files hold: whole records, in order.
+    assert kept + ring.records_lost == len(records)
+    assert got == b"".join(r.data for r in records[:kept])
+    assert sum(s.records for s in ring.segments) == kept
+    assert all(s.path.stat().st_size == 24 + s.bytes for s in ring.segments)
+    ring._close_file()

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, Containers, Metrics, sh, tool, wait_until
+from conftest import ROOT, Containers, Metrics, reap_docker_orphans, sh, tool, wait_until
 from nstap.netns.links import parse_net_dev
 
 pytestmark = pytest.mark.docker
@@ -208,6 +208,7 @@ def test_dockerd_killed_and_restarted(nstap, containers: Containers, docker_imag
     finally:
         wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), 10)
         sh(str(ROOT / "deploy/start-runtimes.sh"), timeout=120)  # leaves dockerd running, as found
+        reap_docker_orphans()
     d.wait_metric(lambda m: m.value("nstap_runtime_up", runtime="docker") == 1, 15, "runtime back")
     assert len(d.events("runtime_connected", runtime="docker")) == 2
     after = containers.docker(docker_image, "sleep", "600", name="after")

@@ -46,6 +46,19 @@ def test_opted_out_owner_leaves_the_namespace_to_a_member() -> None:
     assert ns[5].owner.id == joiner.id and len(ns[5].members) == 1
 
 
+def test_junk_labels_cannot_push_an_opt_out_out() -> None:
+    """Defect (found in review): the first 64 labels were kept, and Docker sorts them by key."""
+    from nstap import labels
+
+    junk = {f"nstap.a{i:04d}": "x" for i in range(5000)}
+    detect = {f"nstap.detect.k{i:04d}": "1" for i in range(5000)}
+    hostile = {**junk, **detect, "nstap.capture": "OFF", "nstap.enable": "No", "other.label": "y" * 10, "nstap.z": "v" * 300}
+    kept = labels.kept(dict(sorted(hostile.items())))
+    assert labels.capture_opted_out(kept) and not labels.watch_enabled(kept)
+    assert len(kept) <= 2 + 2 * labels.MAX_KEPT and "other.label" not in kept and "nstap.z" not in kept
+    assert labels.switch("maybe") is None and labels.switch(" Enabled ") is True and labels.switch("0") is None
+
+
 def test_registry_notifies_and_reconciles_per_runtime() -> None:
     registry = ContainerRegistry()
     changes = []

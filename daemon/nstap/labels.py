@@ -2,7 +2,9 @@
 
 Labels are set by whoever starts the container, so they are hostile input: only ``nstap.*`` and the
 compose labels are kept at all (a container with ten thousand labels costs no more than one with
-none), at most MAX_KEPT of them, each value at most MAX_VALUE characters. Every switch speaks the
+none), each value at most MAX_VALUE characters. ``nstap.enable``, ``nstap.capture`` and the compose
+labels are always kept; of the others, at most MAX_KEPT ``nstap.detect.*`` and MAX_KEPT other
+``nstap.*`` ones (so no number of junk labels can push an opt-out out). Every switch speaks the
 same vocabulary: ``off``/``false``/``no``/``disabled`` and ``on``/``true``/``yes``/``enabled``,
 in any case; anything else is not a switch.
 
@@ -24,7 +26,7 @@ COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
 PODMAN_COMPOSE_PROJECT = "io.podman.compose.project"
 PODMAN_COMPOSE_SERVICE = "io.podman.compose.service"
-OTHER_KEPT = frozenset({COMPOSE_PROJECT, COMPOSE_SERVICE, PODMAN_COMPOSE_PROJECT, PODMAN_COMPOSE_SERVICE})
+ALWAYS_KEPT = frozenset({ENABLE, CAPTURE, COMPOSE_PROJECT, COMPOSE_SERVICE, PODMAN_COMPOSE_PROJECT, PODMAN_COMPOSE_SERVICE})
 
 OFF = frozenset({"off", "false", "no", "disabled"})
 ON = frozenset({"on", "true", "yes", "enabled"})
@@ -48,13 +50,19 @@ def switch(value: str | None) -> bool | None:
 def kept(labels: Mapping[object, object]) -> dict[str, str]:
     """The labels nstap uses, out of all of a container's labels, bounded in number and size."""
     out: dict[str, str] = {}
+    detect = other = 0
     for key, value in labels.items():
-        if not isinstance(key, str) or not isinstance(value, str) or len(value) > MAX_VALUE:
+        if not isinstance(key, str) or not isinstance(value, str) or len(value) > MAX_VALUE or len(key) > MAX_VALUE:
             continue
-        if key in OTHER_KEPT or (key.startswith(PREFIX) and len(key) <= MAX_VALUE):
+        if key in ALWAYS_KEPT:
             out[key] = value
-            if len(out) >= MAX_KEPT:
-                break
+        elif key.startswith(DETECT_PREFIX):
+            if detect < MAX_KEPT:
+                out[key] = value
+                detect += 1
+        elif key.startswith(PREFIX) and other < MAX_KEPT:
+            out[key] = value
+            other += 1
     return out
 
 

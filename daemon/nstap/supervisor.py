@@ -95,20 +95,18 @@ class TaskSupervisor:
         service.task.add_done_callback(lambda task: self._service_ended(service, task))
 
     def _service_ended(self, service: Service, task: asyncio.Task) -> None:
-        if task.cancelled() or self._stopping:
-            return
-        exc = task.exception() or RuntimeError("returned, although it should run until the daemon stops")
+        if self._stopping:
+            return  # only the supervisor cancels its services, when the daemon stops
+        if task.cancelled():
+            exc: BaseException = RuntimeError("cancelled, although only the supervisor stops it")
+        else:
+            exc = task.exception() or RuntimeError("returned, although it should run until the daemon stops")
         if time.monotonic() - service.started_at >= self.healthy_after:
             service.failures = 0
         delay = min(self.min_backoff * 2**service.failures, self.max_backoff)
         service.failures += 1
         self.failed(service.name, exc, restart_in=round(delay, 3))
         service.restart = asyncio.get_running_loop().call_later(delay, self._start, service)
-
-    def running(self, name: str) -> bool:
-        """True while the service ``name`` has a task that has not ended."""
-        service = self._services.get(name)
-        return service is not None and service.task is not None and not service.task.done()
 
     # -- one-shot tasks --------------------------------------------------------------------------
 
@@ -126,11 +124,6 @@ class TaskSupervisor:
         exc = task.exception()
         if exc is not None:
             self.failed(kind, exc)
-
-    async def drain(self) -> None:
-        """Wait until every spawned task has ended (they may spawn more)."""
-        while self._spawned:
-            await asyncio.gather(*list(self._spawned), return_exceptions=True)
 
     # -- shutdown --------------------------------------------------------------------------------
 

@@ -31,8 +31,8 @@ log = structlog.get_logger("nstap.watcher")
 
 ATTACH_RETRIES = (0.2, 1.0)
 RETRY_MIN, RETRY_MAX = 0.5, 30.0  # seconds before a watcher that ended is started again (doubling)
-RETRY_HEALTHY = 60.0
-MAX_SAMPLE_EVERY = 60.0  # seconds: the longest interval of a namespace whose samples cost too much  # a watcher that lived this long starts its next backoff from RETRY_MIN
+RETRY_HEALTHY = 60.0  # a watcher that lived this long starts its next backoff from RETRY_MIN
+MAX_SAMPLE_EVERY = 60.0  # seconds: the longest interval of a namespace whose samples cost too much
 # Errors that mean "this namespace or its process went away" or "the kernel refused one read":
 # the sample part is skipped and counted, the watcher carries on.
 SAMPLE_ERRORS = (OSError, ValueError, IndexError, KeyError)
@@ -235,7 +235,8 @@ class NamespaceWatcher:
                 pass
         if walk is not None and walk.done() and not walk.cancelled():
             walk.exception()  # consumed, so asyncio does not log it as never retrieved
-        self.pool.store.drop(self.namespace.inode)
+        if self.pool.owns_samples(self):
+            self.pool.store.drop(self.namespace.inode)
         for sampler in self.samplers:
             close = getattr(sampler, "close", None)
             if close is not None:
@@ -312,6 +313,7 @@ class WatcherSlot:
     failures: int = 0
     retry_at: float = 0.0  # loop time before which a watcher that ended is not started again
     started_at: float = 0.0
+    ended: bool = False  # its end was handled (failure counted, backoff set): it may be started again
 
 
 class WatcherPool:
@@ -397,7 +399,7 @@ class WatcherPool:
             slot = self.watchers.get(inode)
             if slot is None:
                 self.watchers[inode] = self._start(namespace, 0)
-            elif slot.task.done() and now >= slot.retry_at:
+            elif slot.ended and now >= slot.retry_at:
                 self.watchers[inode] = self._start(namespace, slot.failures)
 
     def _start(self, namespace: WatchedNamespace, failures: int) -> WatcherSlot:
@@ -411,6 +413,7 @@ class WatcherPool:
     def _ended(self, slot: WatcherSlot, task: asyncio.Task) -> None:
         if task.cancelled() or self._closed:
             return
+        slot.ended = True
         inode = slot.watcher.namespace.inode
         exc = task.exception()
         if exc is not None:
@@ -438,9 +441,14 @@ class WatcherPool:
     def _retry_due(self) -> None:
         self._retry = None
         self.reconcile()
-        pending = [slot.retry_at for slot in self.watchers.values() if slot.task.done()]
+        pending = [slot.retry_at for slot in self.watchers.values() if slot.ended]
         if pending:
             self._schedule_retry(max(min(pending) - asyncio.get_running_loop().time(), 0.0))
+
+    def owns_samples(self, watcher: NamespaceWatcher) -> bool:
+        """False if another watcher of the same namespace has been started since (its samples are its own)."""
+        slot = self.watchers.get(watcher.namespace.inode)
+        return slot is None or slot.watcher is watcher
 
     def watched(self) -> dict[int, WatchedNamespace]:
         """The namespaces with an attached watcher."""

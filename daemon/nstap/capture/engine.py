@@ -24,6 +24,7 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import shutil
@@ -40,8 +41,8 @@ import structlog
 from .. import labels as nstap_labels
 from ..registry import ContainerRegistry, WatchedNamespace
 from ..supervisor import TaskSupervisor
-from .pcap import PcapError, PcapHeader, PcapWriter, Record, read_file, sha256_file
-from .ring import FlightRecorder, read_window
+from .pcap import HEADER_LEN, PcapError, PcapHeader, PcapWriter, Record, StreamParser, read_file, sha256_file
+from .ring import FlightRecorder, Span, WholeSegment, read_window
 from .store import COMPLETE, FAILED, INCOMPLETE, RUNNING, AnomalyRow, CaptureRow, CaptureStore, new_id
 from .tcpdump import CaptureToolMissing, TcpdumpProcess, Tools
 
@@ -160,11 +161,65 @@ class CaptureFile:
                 except OSError as exc:
                     self.write_error = exc.strerror or str(exc)
 
+    def add_window(self, header: PcapHeader, parts: list[Span | WholeSegment]) -> None:
+        """Write what :func:`read_window` found, until the byte cap (blocking: a worker thread).
+
+        Whole segments are copied from the ring's file into this one by the kernel
+        (``copy_file_range``): a full ring never passes through the daemon's memory. Closes the
+        segments' descriptors.
+        """
+        try:
+            for part in parts:
+                if self.write_error or self.capped:
+                    return
+                if self.writer is None:
+                    self.writer = PcapWriter(self._f, header)
+                size = part.bytes if isinstance(part, WholeSegment) else len(part.data)
+                try:
+                    if self.writer.bytes + size > self.max_bytes:
+                        # The byte cap falls inside this part: record by record, up to it.
+                        data = os.pread(part.fd, part.bytes, HEADER_LEN) if isinstance(part, WholeSegment) else part.data
+                        self.add(header, StreamParser.with_header(header).feed(data))
+                        continue
+                    if isinstance(part, WholeSegment):
+                        if os.fstat(part.fd).st_size < HEADER_LEN + part.bytes:  # never, unless someone cut it
+                            self.add(header, StreamParser.with_header(header).feed(os.pread(part.fd, part.bytes, HEADER_LEN)))
+                            continue
+                        self._f.flush()
+                        _copy(part.fd, self._f.fileno(), HEADER_LEN, part.bytes)
+                        self.writer.add_copied(part.bytes, part.records)
+                    else:
+                        self.writer.add_records(part.data, part.records)
+                        self._f.flush()
+                except OSError as exc:
+                    self.write_error = exc.strerror or str(exc)
+                    return
+                self.pre_packets += part.pre
+        finally:
+            for part in parts:
+                if isinstance(part, WholeSegment):
+                    os.close(part.fd)
+
     def close(self) -> None:
         try:
             self._f.close()
         except OSError as exc:  # the last flush failed: what was written before stays
             self.write_error = self.write_error or exc.strerror or str(exc)
+
+
+def _copy(src: int, dst: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst``, in the kernel when it can."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(src, dst, count, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            done = os.write(dst, os.pread(src, min(count, 1 << 20), offset))
+        if done == 0:
+            raise OSError(errno.EIO, "the ring segment is shorter than it was")
+        offset += done
+        count -= done
 
 
 class CaptureEngine:
@@ -389,6 +444,11 @@ class CaptureEngine:
             raise
         finally:
             self._reserved -= 1
+        if self._closed:  # the daemon began to stop while the row was created
+            if fd is not None:
+                os.close(fd)
+            await self._mark_incomplete(row)
+            raise CaptureRefused("the daemon is stopping", 503)
         asked_pre = pre_seconds is not None and pre > 0  # said so: a capture without it tells why
         task = self.supervisor.spawn("capture", self._run(row, ring if ring_ok else None, bpf, asked_pre, fd))
         if fd is not None:
@@ -402,14 +462,30 @@ class CaptureEngine:
         return row
 
     async def _run(self, row: CaptureRow, ring: FlightRecorder | None, bpf: str, asked_pre: bool, fd: int | None) -> None:
-        """Take the capture and record its outcome; the row always ends with a state, whatever fails."""
+        """Take the capture and record its outcome; the row always ends with a state, whatever fails.
+
+        Its concurrency slot is held until the outcome is recorded (filtering and hashing included).
+        """
         try:
-            outcome = await self._take(row, ring, bpf, asked_pre, fd)
-        except Exception as exc:  # noqa: BLE001 - a bug must not leave the capture "running" for good
+            try:
+                outcome = await self._take(row, ring, bpf, asked_pre, fd)
+            except asyncio.CancelledError:
+                # Stopped after the packets were in (while filtering, hashing or recording): the
+                # file is kept and indexed as incomplete with what it holds, then the cancel goes on.
+                await asyncio.shield(self._mark_incomplete(row))
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug must not leave the capture "running" for good
+                self.supervisor.failed("capture", exc, capture_id=row.id)
+                outcome = {"state": FAILED, "error": f"internal error: {type(exc).__name__}: {exc}"}
+            await self._record(row, outcome)
+        finally:
             self._running.pop(row.id, None)
-            self.supervisor.failed("capture", exc, capture_id=row.id)
-            outcome = {"state": FAILED, "error": f"internal error: {type(exc).__name__}: {exc}"}
-        await self._record(row, outcome)
+
+    async def _mark_incomplete(self, row: CaptureRow) -> None:
+        try:
+            await self.store.mark_incomplete(row.id, "daemon stopped before the capture finished")
+        except (OSError, sqlite3.Error) as exc:  # the next start marks it incomplete then
+            log.warning("capture_index_failed", capture_id=row.id, error=str(exc))
 
     async def _take(self, row: CaptureRow, ring: FlightRecorder | None, bpf: str, asked_pre: bool, fd: int | None) -> dict[str, Any]:
         path = self.store.dir / row.file  # type: ignore[operator]
@@ -426,8 +502,8 @@ class CaptureEngine:
             else:
                 assert fd is not None
                 drops, error = await self._live(fd, bpf, out)
-                if error and out.packets == 0:
-                    state = FAILED
+            if error and out.packets == 0:
+                state = FAILED
         except asyncio.CancelledError:
             state, error = INCOMPLETE, "daemon stopped before the capture finished"
         except (OSError, PcapError) as exc:
@@ -435,7 +511,6 @@ class CaptureEngine:
         finally:
             if out is not None:
                 out.close()
-            self._running.pop(row.id, None)
         if out is None:
             return {"state": state, "error": error}
         if out.write_error:
@@ -509,7 +584,8 @@ class CaptureEngine:
         if size == 0:
             return 0, 0, "", 0
         if path == out.path and out.writer is not None and not out.write_error:
-            return size, out.writer.packets, out.writer.sha256(), out.pre_packets
+            digest = out.writer.sha256() if out.writer.hashed else sha256_file(path)
+            return size, out.writer.packets, digest, out.pre_packets
         try:
             _, records = read_file(path)  # filtered or cut short: count what the file holds
         except (OSError, PcapError):
@@ -534,10 +610,21 @@ class CaptureEngine:
         try:
             snapshot = ring.window(out.start, out.end)
             header = ring.process.header
-            past = await asyncio.to_thread(read_window, snapshot, out.start, out.end)
             if header is not None:
-                await asyncio.to_thread(out.add, header, past)  # the listener only buffers meanwhile
+                # In a worker thread; the listener only buffers meanwhile. Shielded: a cancel (the
+                # daemon stopping) waits for the thread, which writes the file the caller closes.
+                work = asyncio.get_running_loop().run_in_executor(
+                    None, lambda: out.add_window(header, read_window(header, snapshot, out.start, out.end, out.trigger))
+                )
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    await asyncio.gather(work, return_exceptions=True)
+                    raise
                 out.add(header, pending)
+            else:
+                for view in snapshot:
+                    os.close(view.fd)
             pending = None
             # Until the end (+0.2 s: packets stamped before it, still in flight), or the byte cap.
             while not out.capped and not out.write_error and (remaining := out.end + 0.2 - time.time()) > 0:
@@ -642,11 +729,17 @@ class CaptureEngine:
             self._anomaly_running.pop(container_id, None)
 
     def _prune(self) -> None:
-        """Forget the per-container counts of containers that are gone (they would grow for ever)."""
+        """Forget the per-container counts of containers that are gone (they would grow for ever).
+
+        The anomaly-capture history of a container that left is kept while it is within the hour:
+        a container that crash-loops leaves and comes back with the same id, and must not get a
+        fresh quota each time.
+        """
         current = {r.short_id for r in self.registry.containers()}
         for key in [k for k in self.captures_total if k[1] not in current]:
             del self.captures_total[key]
-        for cid in [c for c in self._anomaly_captures if c not in current]:
+        horizon = time.time() - ANOMALY_CAPTURE_PERIOD
+        for cid in [c for c, h in self._anomaly_captures.items() if c not in current and (not h or h[-1] < horizon)]:
             del self._anomaly_captures[cid]
 
     def running_count(self) -> int:

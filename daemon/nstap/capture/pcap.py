@@ -63,6 +63,18 @@ class StreamParser:
         self._rec: struct.Struct | None = None
         self._scale = 1e-6
 
+    @classmethod
+    def with_header(cls, header: PcapHeader) -> StreamParser:
+        """A parser for records that follow ``header`` (the header itself is not in the bytes fed)."""
+        parser = cls()
+        parser._start(header)
+        return parser
+
+    def _start(self, header: PcapHeader) -> None:
+        self.header = header
+        self._rec = struct.Struct(header.order + "IIII")
+        self._scale = 1e-9 if header.nanos else 1e-6
+
     def feed(self, chunk: bytes) -> list[Record]:
         """Add bytes; return the records they completed."""
         buf = self._buf
@@ -70,9 +82,7 @@ class StreamParser:
         if self.header is None:
             if len(buf) < HEADER_LEN:
                 return []
-            self.header = parse_header(bytes(buf[:HEADER_LEN]))
-            self._rec = struct.Struct(self.header.order + "IIII")
-            self._scale = 1e-9 if self.header.nanos else 1e-6
+            self._start(parse_header(bytes(buf[:HEADER_LEN])))
             del buf[:HEADER_LEN]
         rec = self._rec
         assert rec is not None
@@ -115,6 +125,7 @@ class PcapWriter:
         self.f = f
         self.bytes = 0
         self.packets = 0
+        self.hashed = True  # False once bytes were written past this writer (see add_copied)
         self._hash = hashlib.sha256()
         self._write(header.raw)
 
@@ -128,8 +139,20 @@ class PcapWriter:
         self._write(record.data)
         self.packets += 1
 
+    def add_records(self, data: bytes, count: int) -> None:
+        """Append ``count`` whole records given as their bytes, as written by another writer."""
+        self._write(data)
+        self.packets += count
+
+    def add_copied(self, nbytes: int, count: int) -> None:
+        """Account for ``count`` records (``nbytes``) copied into the file past this writer (it
+        must have been flushed first); :meth:`sha256` then no longer covers the file."""
+        self.bytes += nbytes
+        self.packets += count
+        self.hashed = False
+
     def sha256(self) -> str:
-        """Hex digest of everything written so far."""
+        """Hex digest of everything written so far (only while ``hashed``)."""
         return self._hash.hexdigest()
 
 

@@ -18,17 +18,18 @@ Which segments to keep and which records a window wants are pure functions, test
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import NamedTuple
 
 import structlog
 
-from .pcap import HEADER_LEN, PcapError, Record, read_records
+from .pcap import HEADER_LEN, PcapError, PcapHeader, Record, StreamParser
 from .tcpdump import TcpdumpProcess
 
 log = structlog.get_logger("nstap.capture")
@@ -45,7 +46,22 @@ class Segment:
     path: Path
     first_ts: float = float("inf")
     last_ts: float = float("-inf")
-    bytes: int = 0
+    bytes: int = 0  # of records, the file's header not included
+    records: int = 0
+
+
+def _account(seg: Segment, records: list[Record], size: int) -> None:
+    """Count whole records written to ``seg``."""
+    if not records:
+        return
+    seg.bytes += size
+    seg.records += len(records)
+    first = min(r.ts for r in records)
+    last = max(r.ts for r in records)
+    if first < seg.first_ts:
+        seg.first_ts = first
+    if last > seg.last_ts:
+        seg.last_ts = last
 
 
 def segments_to_drop(segments: list[Segment], keep: int) -> list[Segment]:
@@ -58,21 +74,64 @@ def segments_for_window(segments: list[Segment], start: float, end: float) -> li
     return [s for s in segments if s.bytes and s.last_ts >= start and s.first_ts <= end]
 
 
-def read_window(snapshot: list[tuple[int, int]], start: float, end: float) -> list[Record]:
+class Span(NamedTuple):
+    """Whole records read back from a ring: their bytes as written, how many, how many before the trigger."""
+
+    data: bytes
+    records: int
+    pre: int
+
+
+class SegmentView(NamedTuple):
+    """A segment as :meth:`FlightRecorder.window` saw it: an open descriptor and what it held then."""
+
+    fd: int
+    bytes: int
+    records: int
+    first_ts: float
+    last_ts: float
+
+
+class WholeSegment(NamedTuple):
+    """A segment whose records all belong to a capture: copied as it is, never read into memory.
+
+    The receiver closes ``fd``; the records start right after the file's header.
+    """
+
+    fd: int
+    bytes: int
+    records: int
+    pre: int
+
+
+def read_window(header: PcapHeader, snapshot: list[SegmentView], start: float, end: float, trigger: float) -> list[Span | WholeSegment]:
     """The records with start <= ts <= end in the segments of a :meth:`FlightRecorder.window` snapshot.
 
-    Blocking (it reads and parses up to ``ring_bytes``): run it in a worker thread. Closes the
-    snapshot's descriptors.
+    A segment whose records all fall in the window, on one side of the trigger (in a full ring,
+    nearly all of them), is handed on whole, to be copied by the kernel without looking at its
+    records; only a segment that straddles a window edge or the trigger is read and parsed
+    (blocking: run this in a worker thread). Closes the descriptors of the segments it read.
     """
-    out: list[Record] = []
-    for fd, length in snapshot:
+    out: list[Span | WholeSegment] = []
+    for view in snapshot:
+        inside = start <= view.first_ts and view.last_ts <= end
+        one_side = view.last_ts < trigger or view.first_ts >= trigger
+        if inside and one_side:
+            out.append(WholeSegment(view.fd, view.bytes, view.records, view.records if view.last_ts < trigger else 0))
+            continue
         try:
-            _, records = read_records(os.pread(fd, length, 0))
-        except (OSError, PcapError):
+            data = os.pread(view.fd, view.bytes, HEADER_LEN)
+        except OSError:
             continue  # a segment that cannot be read holds nothing usable
         finally:
-            os.close(fd)
-        out.extend(r for r in records if start <= r.ts <= end)
+            os.close(view.fd)
+        try:
+            records = StreamParser.with_header(header).feed(data)
+        except PcapError:
+            continue
+        kept = [r for r in records if start <= r.ts <= end]
+        if kept:
+            out.append(Span(b"".join(r.data for r in kept), len(kept), sum(1 for r in kept if r.ts < trigger)))
     return out
 
 
@@ -93,7 +152,7 @@ class FlightRecorder:
         self.keep = max(segments, 2)
         self.process = TcpdumpProcess(argv)
         self.segments: list[Segment] = []
-        self._file: BinaryIO | None = None
+        self._wfd: int | None = None  # the newest segment, written with os.write (no buffer)
         self._listeners: list[Listener] = []
         self._fd: int | None = None
         self._lock = asyncio.Lock()
@@ -174,11 +233,6 @@ class FlightRecorder:
                         if self.on_listener_error is not None:
                             self.on_listener_error(exc)
                 count += len(batch)
-        if self._file is not None:
-            try:
-                self._file.flush()
-            except OSError as exc:
-                self._write_failed(exc, 0)
         return count
 
     def _ended(self) -> None:
@@ -193,41 +247,68 @@ class FlightRecorder:
         self._close_file()
 
     def _close_file(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass  # what the buffer held is lost; write_error already says why
-            self._file = None
+        if self._wfd is not None:
+            os.close(self._wfd)
+            self._wfd = None
 
     def _file_records(self, batch: list[Record]) -> None:
+        """Append a batch to the ring, one ``os.write`` per run of records that fits a segment.
+
+        Without a write buffer the ring knows exactly what reached its files: a segment's byte
+        and record counts and time span only ever describe whole records on disk. A write that
+        fails or falls short (a full disk) keeps the whole records that made it, cuts the partial
+        one, counts the rest as lost, and the next attempt (a second later) appends to the same
+        segment: retrying never rotates good segments away.
+        """
         if self.write_error and asyncio.get_running_loop().time() - self._write_failed_at < self.WRITE_RETRY:
             self.records_lost += len(batch)
             return
         header = self.process.header
         assert header is not None
-        for i, record in enumerate(batch):
+        i, n = 0, len(batch)
+        while i < n:
+            seg = self.segments[-1] if self.segments else None
             try:
-                seg = self.segments[-1] if self.segments else None
-                if seg is None or self._file is None or seg.bytes + len(record.data) > self.segment_bytes:
+                if seg is None or self._wfd is None or seg.bytes + len(batch[i].data) > self.segment_bytes:
                     seg = self._rotate(header.raw)
-                self._file.write(record.data)  # type: ignore[union-attr]
             except OSError as exc:
-                self._write_failed(exc, len(batch) - i)
+                self._write_failed(exc, n - i)
                 return
-            seg.bytes += len(record.data)
-            if record.ts < seg.first_ts:
-                seg.first_ts = record.ts
-            if record.ts > seg.last_ts:
-                seg.last_ts = record.ts
+            room = self.segment_bytes - seg.bytes
+            j, size = i, 0
+            while j < n and (size + len(batch[j].data) <= room or j == i):
+                size += len(batch[j].data)
+                j += 1
+            run = batch[i:j]
+            data = b"".join(r.data for r in run)
+            try:
+                written = os.write(self._wfd, data)  # type: ignore[arg-type]
+                error = None if written == len(data) else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as exc:
+                written, error = 0, exc
+            if error is None:
+                _account(seg, run, size)
+                i = j
+                continue
+            whole = kept = 0
+            for record in run:
+                if kept + len(record.data) > written:
+                    break
+                kept += len(record.data)
+                whole += 1
+            _account(seg, run[:whole], kept)
+            if written != kept:  # a partial record at the end: cut it, or give the segment up
+                try:
+                    os.ftruncate(self._wfd, HEADER_LEN + seg.bytes)  # type: ignore[arg-type]
+                except OSError:
+                    self._close_file()
+            self._write_failed(error, n - i - whole)
+            return
         if self.write_error:
             log.info("ring_write_recovered", recorder=self.name, records_lost=self.records_lost)
             self.write_error = ""
 
     def _write_failed(self, exc: OSError, lost: int) -> None:
-        # The segment being written may end in a partial record: close it, so that the next write
-        # starts a new segment (a reader skips the truncated end of the old one).
-        self._close_file()
         self.records_lost += lost
         self._write_failed_at = asyncio.get_running_loop().time()
         if not self.write_error:
@@ -241,19 +322,25 @@ class FlightRecorder:
         for old in segments_to_drop([*self.segments, Segment(path)], self.keep):
             old.path.unlink(missing_ok=True)  # the oldest goes first: room for the new one
             self.segments.remove(old)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        self._file = os.fdopen(fd, "wb", buffering=64 * 1024)
-        seg = Segment(path, bytes=0)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            if os.write(fd, header) != len(header):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        self._wfd = fd
+        seg = Segment(path)
         self.segments.append(seg)
-        self._file.write(header)
         return seg
 
-    def window(self, start: float, end: float) -> list[tuple[int, int]]:
+    def window(self, start: float, end: float) -> list[SegmentView]:
         """Open the segments that may hold records of [start, end], as of the last pump.
 
-        Returns (descriptor, bytes written so far) for each, for :func:`read_window` to read in
-        a worker thread: the descriptors keep rotated-away segments readable, and the lengths
-        exclude what is written after this call (a capture gets those records from its listener).
+        For :func:`read_window` to read in a worker thread: the descriptors keep rotated-away
+        segments readable, and the lengths and counts exclude what is written after this call
+        (a capture gets those records from its listener).
         """
         out = []
         for seg in segments_for_window(self.segments, start, end):
@@ -261,7 +348,7 @@ class FlightRecorder:
                 fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 continue
-            out.append((fd, HEADER_LEN + seg.bytes))
+            out.append(SegmentView(fd, seg.bytes, seg.records, seg.first_ts, seg.last_ts))
         return out
 
     def subscribe(self, listener: Listener) -> None:

@@ -282,6 +282,15 @@ class CaptureStore:
         self._update(capture_id, **values)
         self.total_bytes = self._disk_bytes()
 
+    async def mark_incomplete(self, capture_id: str, error: str) -> None:
+        """End a capture that was interrupted: incomplete, with what its file holds."""
+        await self._run(self._mark_incomplete, capture_id, error)
+
+    def _mark_incomplete(self, capture_id: str, error: str) -> None:
+        for row in self._select("SELECT * FROM captures WHERE id = ? AND state = ?", (capture_id, RUNNING)):
+            self._finish_from_file(row, INCOMPLETE, error, time.time())
+        self.total_bytes = self._disk_bytes()
+
     async def get(self, capture_id: str) -> CaptureRow | None:
         """One capture by id (None for an id that is not well-formed or not known)."""
         if not isinstance(capture_id, str) or not ID_PATTERN.match(capture_id):

@@ -101,9 +101,11 @@ class Tools:
         try:
             _, err = await asyncio.wait_for(proc.communicate(), 10)
         except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+            await _kill(proc)
             raise FilterError("filter took too long to compile") from None
+        except asyncio.CancelledError:  # the request went away: so does tcpdump
+            await asyncio.shield(_kill(proc))
+            raise
         if proc.returncode != 0:
             lines = [line for line in err.decode(errors="replace").splitlines() if "data link type" not in line]
             raise FilterError((lines[-1] if lines else "invalid filter").removeprefix("tcpdump: "))
@@ -114,9 +116,22 @@ class Tools:
             self.tcpdump, "-Z", "root", "-r", str(src), "-w", str(dst), "--", bpf,  # -Z: the file stays root's
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
         )
-        _, err = await proc.communicate()
+        try:
+            _, err = await proc.communicate()
+        except asyncio.CancelledError:  # the daemon stops: so does tcpdump
+            await asyncio.shield(_kill(proc))
+            raise
         if proc.returncode != 0:
             raise FilterError(err.decode(errors="replace").strip().splitlines()[-1] if err else "tcpdump -r failed")
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+        await proc.wait()
 
 
 def parse_stats(text: str) -> dict[str, int]:

@@ -136,6 +136,11 @@ def _read_port_range(proc_root: Path) -> tuple[int, int]:
         return 32768, 60999
 
 
+def _close_unclaimed(opening: asyncio.Future) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
 class NamespaceOpener:
     """Opens :class:`NamespaceHandles` from one thread that enters each namespace and comes back."""
 
@@ -146,9 +151,18 @@ class NamespaceOpener:
         self.home_inode = os.fstat(self._home_fd).st_ino
 
     async def open(self, pid: int, expect_inode: int | None = None) -> NamespaceHandles:
-        """Handles for the network namespace of ``pid`` (checked against ``expect_inode``)."""
+        """Handles for the network namespace of ``pid`` (checked against ``expect_inode``).
+
+        A caller cancelled while the thread opens them (its container went away at once) does not
+        leak them: they are closed as soon as the thread is done.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._open_in, pid, expect_inode)
+        opening = loop.run_in_executor(self._executor, self._open_in, pid, expect_inode)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_unclaimed)
+            raise
 
     def open_home(self) -> NamespaceHandles:
         """Handles for nstap's own (the host's) namespace, opened in the calling thread."""

@@ -135,12 +135,13 @@ class InterfaceSampler:
             link = links.get(name)
             if link is not None:  # else it appeared since the last metadata dump; next sample has it
                 named.append((link.ifindex, name, link, c))
-        if len(named) > self._max:
+        overflow = len(named) > self._max
+        if overflow:
             named.sort(key=lambda item: item[0])
         other: list[int] | None = None
         other_up = True
         for i, (_ifindex, name, link, c) in enumerate(named):
-            if i >= self._max:
+            if overflow and (i >= self._max or name == OTHER):  # an interface called "other" joins them
                 other = [a + b for a, b in zip(other, c)] if other is not None else list(c)
                 other_up = other_up and link.up
                 continue
