@@ -13,10 +13,10 @@ window while scraping it every 15 s like Prometheus would, and reports:
 * how late the sampling ticks started (``nstap_tick_lag_seconds``, p50/p99/max bucket): what
   anything blocking the event loop costs.
 
-With ``--capture-load``, one more container has a flight recorder and is downloaded from without
-pause (its 8 MiB ring stays full), and every 5 s a capture with 10 s of pre-trigger packets is
-taken from it: the ring is read back while the ticks go on. ``--scrape-every 1`` scrapes every
-second instead of every 15.
+With ``--capture-load``, one more container has a flight recorder (``--ring-bytes``, 8 MiB) and is
+downloaded from without pause, so its ring stays full, and every 3-7 s a capture with 60 s of
+pre-trigger packets is taken from it: the whole ring is read back while the ticks go on.
+``--scrape-every 1`` scrapes every second (jittered) instead of every 15.
 
     make bench                          # 50 containers, 60 s
     make bench ARGS="--containers 200"  # or --large
@@ -32,6 +32,7 @@ import argparse
 import gzip
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -95,8 +96,8 @@ BIG_WEB = ("sh", "-c", "dd if=/dev/urandom of=/www/big bs=1024 count=4096 2>/dev
 
 
 class CaptureLoad(threading.Thread):
-    """Downloads from a flight-recorded container without pause and takes a capture with 10 s of
-    pre-trigger packets from it every 5 s (each reads its ring back)."""
+    """Downloads from a flight-recorded container without pause and takes a capture with 60 s of
+    pre-trigger packets from it every 3-7 s (each reads its whole ring back)."""
 
     def __init__(self, ip: str, name: str, api_port: int, token: str) -> None:
         super().__init__(daemon=True)
@@ -111,8 +112,8 @@ class CaptureLoad(threading.Thread):
 
     def run(self) -> None:
         self.downloader.start()
-        while not self.stop.wait(5):
-            body = json.dumps({"container": self.name, "duration": 3, "pre_seconds": 10}).encode()
+        while not self.stop.wait(random.uniform(3, 7)):  # jittered, like the scrapes
+            body = json.dumps({"container": self.name, "duration": 3, "pre_seconds": 60}).encode()
             request = urllib.request.Request(
                 f"http://127.0.0.1:{self.api_port}/api/v1/captures", data=body, method="POST",
                 headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
@@ -146,6 +147,12 @@ def lag_quantiles(before: str, after: str) -> dict[str, float]:
                 out[name] = bound * 1000
                 break
     out["ticks"] = total
+    previous = 0.0
+    out["histogram"] = {}
+    for bound in bounds:
+        count = b1[bound] - b0.get(bound, 0.0)
+        out["histogram"][f"<={bound * 1000:g}ms"] = count - previous
+        previous = count
     return out
 
 
@@ -197,6 +204,7 @@ def main() -> int:
     parser.add_argument("--first-sample-probes", type=int, default=5)
     parser.add_argument("--scrape-every", type=float, default=15.0, help="seconds between scrapes during the measured window")
     parser.add_argument("--capture-load", action="store_true", help="a flight-recorded container downloaded from, captured every 5 s")
+    parser.add_argument("--ring-bytes", type=int, default=8 * 1024 * 1024, help="capture.ring_bytes (with --capture-load)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     n = 200 if args.large else args.containers
@@ -222,6 +230,7 @@ def main() -> int:
         config.write_text(
             f"interval: 1\nmetrics_listen: 127.0.0.1:{port}\napi_listen: 127.0.0.1:{port + 1}\n"
             f"data_dir: {workdir}/data\nlog_format: json\nlog_level: warning\n"
+            f"capture: {{ring_bytes: {args.ring_bytes}, pre_seconds: 60, max_seconds: 120}}\n"
         )
         log = open(workdir / "nstap.log", "wb")
         daemon = subprocess.Popen([str(ROOT / ".venv/bin/nstap"), "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
@@ -242,7 +251,7 @@ def main() -> int:
             token = (workdir / "data/api-token").read_text().strip()
             load = CaptureLoad(container_ips([ids[-1]])[0], "nstap-bench-ring", port + 1, token)
             load.start()
-            time.sleep(10)  # the ring fills
+            time.sleep(20)  # the ring fills
         time.sleep(5)  # warm-up: the first walks and layouts are done, traffic is flowing
 
         _, text = scrape(port)
@@ -254,8 +263,9 @@ def main() -> int:
             if time.monotonic() >= next_scrape:
                 seconds, text = scrape(port)
                 scrapes.append((seconds, len(text.encode())))
-                next_scrape += args.scrape_every
-            time.sleep(0.2)
+                # Jittered: a scraper at a fixed phase to the 1 s ticks would meet them always or never.
+                next_scrape += args.scrape_every * random.uniform(0.5, 1.5)
+            time.sleep(0.01)
         cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
         traffic.stop.set()
         if load is not None:
