@@ -38,8 +38,8 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	deploy/pip-install.sh $(VENV) --upgrade pip
+	deploy/pip-install.sh $(VENV) -e '.[test]'
 	touch $@
 
 bench: deps-test venv runtimes
