@@ -5,6 +5,12 @@ rule, a listener that stops accepting, the host end of the veth going down, a fl
 connections to a closed port), then checks the anomaly event, its capture, and that the pcap
 opens with tcpdump and holds the packets of the induced traffic — from before the trigger too
 when the container has a flight recorder.
+
+Each test notes when it injected the fault and checks the event's onset against it
+(``started_at`` within 1.5 s of the injection), that the fault was detected within two samples
+(plus what the kernel itself needs: TCP's minimum retransmission timeout, the SYN_SENT detector's
+``seconds``), and, for a flight-recorder container under steady traffic, that the pcap starts at
+least ``pre_seconds`` before the fault.
 """
 
 from __future__ import annotations
@@ -26,6 +32,59 @@ pytestmark = pytest.mark.docker
 HTTPD = ("httpd", "-f", "-p", "80", "-h", "/www")
 TICKER = ("nc", "-ll", "-p", "9000", "-e", "sh", "-c", "while true; do echo tick; sleep 0.1; done")
 RING = ("--label", "nstap.capture=ring")
+INTERVAL = 0.5  # the test daemon's sampling interval (conftest)
+PRE = 2.0  # capture.pre_seconds of the daemons here: the pcap must reach this far before the fault
+ONSET_CONFIG = {"capture": {"pre_seconds": PRE}}
+JITTER = 0.4  # a sample may come this much after its slot on a loaded 2-core machine
+
+
+def check_onset(event: dict, injected: float, kernel_delay: float = 0.0, takes_effect_later: bool = False) -> None:
+    """The event's onset is the injected fault (within 1.5 s), detected within two samples of it
+    (after ``kernel_delay``, the time the kernel itself takes to show it). A fault that takes effect
+    at some later moment (the next connection attempt) is checked from its onset instead."""
+    started, detected = event["started_at"], event["first_seen"]
+    assert started is not None and started <= detected, event
+    assert event["detected_after"] == pytest.approx(detected - started, abs=0.002)
+    if takes_effect_later:
+        assert started >= injected - 1.5, (started - injected, event)
+        injected = started
+    assert abs(started - injected) <= 1.5, (started - injected, event)
+    assert detected - injected <= kernel_delay + 2 * INTERVAL + JITTER, (detected - injected, event)
+
+
+def check_pre_fault(path: Path, capture: dict, event: dict, injected: float) -> None:
+    """A flight-recorder capture reaches back from the onset: its first packet is at least
+    ``pre_seconds`` before the injected fault, and it says it was not cut short."""
+    _, records = read_file(path)
+    assert records and records[0].ts <= injected - PRE, (injected - records[0].ts if records else None, capture)
+    assert capture["onset_at"] == event["started_at"] and capture["window_start"] <= event["started_at"] - PRE
+    assert capture["pre_truncated"] is False
+
+
+class Traffic(threading.Thread):
+    """Steady HTTP requests to a container (one every ``period`` s), until closed or 120 s passed."""
+
+    def __init__(self, ip: str, port: int = 80, period: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.ip, self.port, self.period = ip, port, period
+        self.stop = threading.Event()
+        self.answered = 0
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                with socket.create_connection((self.ip, self.port), timeout=1) as c:
+                    c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    if c.recv(4096):
+                        self.answered += 1
+            except OSError:
+                pass
+            self.stop.wait(self.period)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(5)
 
 
 def container_ip(cid: str) -> str:
@@ -104,7 +163,7 @@ class Reader(threading.Thread):
 
 
 def test_dropped_acks_make_retransmissions_and_a_capture_from_before(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
-    d = nstap()
+    d = nstap(ONSET_CONFIG)
     cid = containers.docker(*RING, "--label", "nstap.detect.tcp_retransmits=threshold=0.02,min_segments=10", docker_image, *TICKER, name="retrans")
     pid = containers.pid("docker", cid)
     d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") == 1, 10, "flight recorder running")
@@ -114,19 +173,22 @@ def test_dropped_acks_make_retransmissions_and_a_capture_from_before(nstap, cont
     # not count: the kernel does not count a retransmission that its own netfilter refused).
     rule = ("iptables", "-I", "INPUT", "-p", "tcp", "--dport", "9000", "-j", "DROP")
     try:
-        time.sleep(3)  # healthy traffic the flight recorder keeps
+        time.sleep(PRE + 3)  # healthy traffic the flight recorder keeps
         assert reader.received > 0
+        injected = time.time()
         in_netns(pid, *rule)
         event = anomaly(d, cid, "tcp_retransmits")
     finally:
         in_netns(pid, "iptables", "-D", *rule[2:], check=False)
         reader.close()
     assert event["container_id"] == cid[:12] and event["numbers"]["retransmitted"] > 0 and event["capture_id"]
+    check_onset(event, injected, kernel_delay=0.2)  # a lost segment is resent 200 ms later at the earliest
     capture = finished_capture(d, event["capture_id"])
     assert capture["mode"] == "ring" and capture["state"] == "complete" and capture["reason"] == "anomaly"
     assert capture["kind"] == "tcp_retransmits" and capture["pre_packets"] > 0
-    assert capture["window_start"] < capture["trigger_at"] - 5
+    assert capture["window_start"] < capture["trigger_at"] - PRE  # from the onset, not the detection
     path = download(d, capture["id"], tmp_path / "retrans.pcap")
+    check_pre_fault(path, capture, event, injected)
     _, records = read_file(path)
     assert len(records) == capture["packets"]
     before = [r for r in records if r.ts < capture["trigger_at"]]
@@ -145,6 +207,7 @@ def test_listener_that_stops_accepting(nstap, containers: Containers, docker_ima
     d.wait_metric(lambda m: m.value("nstap_tcp_listen_queue_limit", container_id=cid[:12], port="80"), 5)
     sh("docker", "pause", cid)
     clients = []
+    injected = time.time()
     try:
         for _ in range(20):
             c = socket.socket()
@@ -153,6 +216,7 @@ def test_listener_that_stops_accepting(nstap, containers: Containers, docker_ima
             clients.append(c)
         event = anomaly(d, cid, "tcp_listen_overflows")
         assert event["numbers"]["overflows"] > 0 and "80 (" in event["numbers"]["full_queues"]
+        check_onset(event, injected)
         for _ in range(5):  # more SYNs the live capture sees
             c = socket.socket()
             c.setblocking(False)
@@ -170,24 +234,30 @@ def test_listener_that_stops_accepting(nstap, containers: Containers, docker_ima
 
 
 def test_host_side_veth_down(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
-    d = nstap()
+    d = nstap(ONSET_CONFIG)
     cid = containers.docker(*RING, docker_image, *HTTPD, name="linkdown")
     m = d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12], side="host") and m, 5)
     host_if = m.find("nstap_interface_up", container_id=cid[:12], side="host")[0].labels["interface"]
     d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") == 1, 10)
     ip = container_ip(cid)
-    for _ in range(3):  # traffic before the link goes down
-        sh("busybox", "wget", "-q", "-O", "/dev/null", f"http://{ip}/")
+    traffic = Traffic(ip)
+    traffic.start()
     try:
+        time.sleep(PRE + 2)  # traffic before the link goes down
+        assert traffic.answered > 0
+        injected = time.time()
         sh("ip", "link", "set", host_if, "down")
         event = anomaly(d, cid, "interface_down")
         assert host_if in event["numbers"]["interfaces"]
+        check_onset(event, injected)
         d.wait_metric(lambda m: m.value("nstap_anomaly_active", container_id=cid[:12], kind="interface_down") == 1, 5)
     finally:
+        traffic.close()
         sh("ip", "link", "set", host_if, "up")
     d.wait_metric(lambda m: m.value("nstap_anomaly_active", container_id=cid[:12], kind="interface_down") == 0, 20, "resolved")
     capture = finished_capture(d, event["capture_id"])
     path = download(d, capture["id"], tmp_path / "down.pcap")
+    check_pre_fault(path, capture, event, injected)
     assert capture["pre_packets"] > 0 and any("HTTP" in line or ".80:" in line for line in tcpdump_lines(path, "tcp port 80"))
     assert d.events("anomaly_resolved", kind="interface_down", container_id=cid[:12])
 
@@ -200,17 +270,26 @@ def reset_burst(ip: str, count: int = 150) -> None:
 
 
 def test_reset_storm_from_a_closed_port(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
-    d = nstap({"detect": {"resolve_after": 2, "cooldown": 60}})
+    d = nstap({"detect": {"resolve_after": 2, "cooldown": 60}, **ONSET_CONFIG})
     cid = containers.docker(*RING, docker_image, *HTTPD, name="resets")
     ip = container_ip(cid)
     d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") == 1, 10)
-    time.sleep(1)
-    reset_burst(ip)
-    event = anomaly(d, cid, "tcp_reset_spike")
+    traffic = Traffic(ip)
+    traffic.start()
+    try:
+        time.sleep(PRE + 2)
+        injected = time.time()
+        reset_burst(ip)
+        event = anomaly(d, cid, "tcp_reset_spike")
+    finally:
+        traffic.close()
     assert event["numbers"]["rate"] >= 10
+    check_onset(event, injected)
     capture = finished_capture(d, event["capture_id"])
-    lines = tcpdump_lines(download(d, capture["id"], tmp_path / "rst.pcap"), "tcp[tcpflags] & tcp-rst != 0")
-    assert len(lines) >= 20 and all(f"{ip}.81 >" in line for line in lines)
+    path = download(d, capture["id"], tmp_path / "rst.pcap")
+    check_pre_fault(path, capture, event, injected)
+    lines = tcpdump_lines(path, f"src host {ip} and tcp[tcpflags] & tcp-rst != 0")  # the container's RSTs
+    assert len([line for line in lines if f"{ip}.81 >" in line]) >= 20
     # The storm stops: the event ends. It starts again within the cooldown: the same event is
     # reopened (one event, not two), and says so.
     wait_until(lambda: d.events("anomaly_resolved", anomaly_id=event["id"]), 15, 0.2, "the reset storm's event resolved")
@@ -237,10 +316,13 @@ def test_connections_stuck_in_syn_sent(nstap, containers: Containers, docker_ima
     pid = containers.pid("docker", client)
     d.wait_metric(lambda m: m.value("nstap_sample_timestamp_seconds", container_id=client[:12]), 5)
     rule = ("iptables", "-I", "INPUT", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP")
+    injected = time.time()
     in_netns(pid, *rule)
     try:
         event = anomaly(d, client, "tcp_syn_sent_stuck")
         assert event["numbers"]["syn_sent"] >= 1 and event["numbers"]["syn_retransmits"] >= 2
+        # The fault bites at the client's next try (the onset: its SYN); the detector waits its 3 s.
+        check_onset(event, injected, kernel_delay=3, takes_effect_later=True)
         capture = finished_capture(d, event["capture_id"])
     finally:
         in_netns(pid, "iptables", "-D", *rule[2:], check=False)
@@ -249,7 +331,7 @@ def test_connections_stuck_in_syn_sent(nstap, containers: Containers, docker_ima
 
 
 def test_udp_receiver_that_stops_reading(nstap, containers: Containers, docker_image: str, tmp_path: Path) -> None:
-    d = nstap()
+    d = nstap(ONSET_CONFIG)
     cid = containers.docker(*RING, docker_image, *HTTPD, name="udpsink")
     pid = containers.pid("docker", cid)
     ip = container_ip(cid)
@@ -266,19 +348,27 @@ def test_udp_receiver_that_stops_reading(nstap, containers: Containers, docker_i
          "time.sleep(60)\n"],
         stdout=subprocess.PIPE, text=True,
     )
+    traffic = Traffic(ip)
+    traffic.start()
     try:
         assert sink.stdout.readline().strip() == "ready"
+        time.sleep(PRE + 2)
+        injected = time.time()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
             for _ in range(200):
                 tx.sendto(b"x" * 512, (ip, 5000))
         event = anomaly(d, cid, "udp_receive_buffer_errors")
     finally:
+        traffic.close()
         sink.kill()
         sink.wait()
     assert event["numbers"]["errors"] > 0
+    check_onset(event, injected)
     m = d.scrape()
     assert m.value("nstap_udp_receive_buffer_errors_total", container_id=cid[:12]) > 0
     capture = finished_capture(d, event["capture_id"])
     assert capture["state"] == "complete" and capture["pre_packets"] > 0
-    lines = tcpdump_lines(download(d, capture["id"], tmp_path / "udp.pcap"), "udp port 5000")
+    path = download(d, capture["id"], tmp_path / "udp.pcap")
+    check_pre_fault(path, capture, event, injected)
+    lines = tcpdump_lines(path, "udp port 5000")
     assert len(lines) >= 10 and all(f"> {ip}.5000: UDP" in line for line in lines)  # the flood, from the ring

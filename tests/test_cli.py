@@ -36,7 +36,7 @@ def test_capture_list_and_get(nstap, containers: Containers, docker_image: str, 
     assert missing.returncode == 1 and "404" in missing.stderr and not (tmp_path / "x.pcap").exists()
     bad = nstap_cli(d, "capture", name, "--filter", "tcp port", check=False)
     assert bad.returncode == 1 and "bad filter" in bad.stderr
-    assert nstap_cli(d, "anomalies").stdout.split()[:2] == ["FIRST", "SEEN"]
+    assert nstap_cli(d, "anomalies").stdout.split()[:2] == ["STARTED", "DETECTED"]
 
 
 def test_an_opted_out_member_vetoes_captures_of_its_namespace(nstap, containers: Containers, docker_image: str) -> None:

@@ -123,7 +123,7 @@ def test_syn_sent_stuck() -> None:
     states = {"syn_sent": 2}
     assert d.observe(NamespaceSample(1, 0, 0, sockets=SocketSample({}, states, 0.0, 1, (), 1.0))) is None
     f = d.observe(NamespaceSample(1, 1, 0, sockets=SocketSample({}, states, 0.0, 2, (), 1.0)))
-    assert f.numbers == {"syn_sent": 2, "syn_retransmits": 2, "waited_seconds": 3}
+    assert f.numbers == {"syn_sent": 2, "syn_retransmits": 2, "waited_seconds": 2.0} and f.started_at == -1.0
 
 
 @pytest.mark.parametrize(
@@ -220,14 +220,18 @@ async def test_incidents_extend_resolve_reopen_and_capture_once(tmp_path: Path) 
     await store.open()
     captures = []
 
-    async def start_capture(ns, row):
+    margins = []
+
+    async def start_capture(ns, row, margin):
         captures.append(row.id)
+        margins.append(margin)
         return "cap-1"
 
     tracker = IncidentTracker(store, start_capture, cooldown=30, resolve_after=5)
     ns = namespace()
-    f = Finding("tcp_retransmits", "bad", {"rate": 0.5})
-    first = tracker.found(ns, f, 100)
+    f = Finding("tcp_retransmits", "bad", {"rate": 0.5}, started_at=98.5)
+    first = tracker.found(ns, f, 100, interval=1.0)
+    assert first.row.started_at == 98.5 and first.row.to_json()["detected_after"] == 1.5
     for t in range(101, 110):  # ongoing: one event
         assert tracker.found(ns, f, t) is first
     tracker.quiet(9, set(), 112)  # 3 s quiet: still active
@@ -236,11 +240,12 @@ async def test_incidents_extend_resolve_reopen_and_capture_once(tmp_path: Path) 
     assert not first.active and first.row.resolved_at == 115
     assert tracker.found(ns, f, 130) is first and first.active  # within the cooldown: the same event
     tracker.quiet(9, set(), 140)
-    later = tracker.found(ns, f, 140 + 31)  # after the cooldown: a new one
+    later = tracker.found(ns, Finding("tcp_retransmits", "bad", {"rate": 0.5}), 140 + 31)  # after the cooldown: a new one
     assert later is not first
     await tracker.close()
-    assert captures == [first.row.id, later.row.id]
+    assert captures == [first.row.id, later.row.id] and margins == [2.0, 0.0]
     rows = {r.id: r for r in await store.anomalies()}
+    assert rows[first.row.id].started_at == 98.5 and rows[later.row.id].started_at == 171  # no onset: detection
     assert rows[first.row.id].findings == 11 and rows[first.row.id].capture_id == "cap-1" and rows[first.row.id].resolved_at == 140
     assert tracker.anomalies_total[("web", "abababababab", "docker", "tcp_retransmits")] == 2
     assert rows[later.row.id].resolved_at is not None  # closed at shutdown
@@ -281,3 +286,85 @@ def test_counts_of_containers_that_left_are_pruned() -> None:
     assert list(tracker.anomalies_total) == [("c49", records[-1].short_id, "docker", "tcp_retransmits")]
     assert pipeline._broken == {(records[-1].netns, "broken")}
     assert set(tracker.incidents) == {(records[-1].netns, "tcp_retransmits")}
+
+
+# -- onsets and detection latency: a fault at t=10 under steady traffic, sampled once a second ------
+
+FAULT = 10.0
+
+
+def steady(t: int, faulty: bool, **extra: int) -> NamespaceSample:
+    """Steady traffic: 100 segments/s; from the fault on, 20 retransmits/s, listen overflows,
+    UDP buffer errors and 50 RST/s."""
+    after = max(0, t - int(FAULT)) if faulty else 0
+    return proto_sample(
+        t, tcp_segments_sent=100 * t, tcp_retransmitted_segments=20 * after, tcp_listen_overflows=3 * after, tcp_listen_drops=3 * after,
+        udp_receive_buffer_errors=7 * after, tcp_resets_sent=t // 5 + 50 * after, **extra,
+    )
+
+
+@pytest.mark.parametrize(
+    "detector",
+    [
+        RetransmitDetector(threshold=0.05, window=10, min_segments=10),
+        ListenOverflowDetector(min_increase=1),
+        UdpBufferDetector(min_increase=1),
+        ResetSpikeDetector(factor=5, min_rate=10, alpha=0.05),
+    ],
+    ids=lambda d: d.kind,
+)
+def test_a_fault_under_steady_traffic_is_detected_within_two_samples_with_its_onset(detector) -> None:
+    findings = [(t, detector.observe(steady(t, faulty=True))) for t in range(30)]
+    hits = [(t, f) for t, f in findings if f is not None]
+    assert hits, detector.kind
+    t, first = hits[0]
+    assert FAULT < t <= FAULT + 2, (detector.kind, t)
+    assert first.started_at is not None and FAULT - 1.5 <= first.started_at <= FAULT, (detector.kind, first.started_at)
+    healthy = type(detector)(**{k: getattr(detector, k) for k in ("threshold", "window", "min_segments", "min_increase", "factor", "min_rate", "alpha") if hasattr(detector, k)})
+    assert [f for f in (healthy.observe(steady(t, faulty=False)) for t in range(30)) if f] == []
+
+
+def test_the_long_window_alone_would_be_late() -> None:
+    """Defect: a 10 s ratio diluted by the healthy segments before the fault tripped 9 s late."""
+    slow = RetransmitDetector(threshold=0.05, window=10, min_segments=10, short_window=600, short_min_segments=1e12)
+    fast = RetransmitDetector(threshold=0.05, window=10, min_segments=10)
+    seq = [proto_sample(t, tcp_segments_sent=100 * t, tcp_retransmitted_segments=6 * max(0, t - 10)) for t in range(30)]
+    first = lambda d: next(t for t, s in enumerate(seq) if d.observe(s))  # noqa: E731
+    assert first(fast) <= 12 and first(slow) >= 15
+
+
+def test_one_retransmit_on_an_idle_connection_is_not_an_incident() -> None:
+    d = RetransmitDetector(threshold=0.05, window=10, min_segments=10)
+    seq = [proto_sample(t, tcp_segments_sent=2 * t, tcp_retransmitted_segments=1 if t >= 20 else 0) for t in range(30)]
+    assert [f for f in run(d, seq) if f] == []
+
+
+def test_retransmit_onset_ignores_an_old_isolated_retransmit() -> None:
+    d = RetransmitDetector(threshold=0.05, window=10, min_segments=10)
+    seq = [proto_sample(t, tcp_segments_sent=100 * t, tcp_retransmitted_segments=(1 if t >= 3 else 0) + 20 * max(0, t - 10)) for t in range(14)]
+    hit = next(f for f in run(d, seq) if f)
+    assert hit.started_at == pytest.approx(10 - 0.2)
+
+
+def test_state_detector_onsets() -> None:
+    down = InterfaceDownDetector()
+    seq = [NamespaceSample(1, float(t), 0.0, interfaces=(iface("eth0", "container", up=t < 10),)) for t in range(14)]
+    hits = [f for f in run(down, seq) if f]
+    assert hits and all(f.started_at == 10.0 for f in hits)
+    syn = SynSentDetector(seconds=3)
+    # A SYN sent at t=10.2 and never answered: retransmitted at 11.2, 13.2, 17.2.
+    seq = [
+        NamespaceSample(1, float(t), 0.0, sockets=SocketSample({}, {"syn_sent": 1 if t >= 11 else 0}, 0.0, sum(t >= x for x in (11.2, 13.2, 17.2)), (), 1.0))
+        for t in range(10, 20)
+    ]
+    first = next((t, f) for t, f in zip(range(10, 20), run(syn, seq)) if f)
+    assert first[0] <= 3 + 10.2 + 2 and 9.5 <= first[1].started_at <= 11.2
+
+
+def test_interface_drop_onset_is_the_sample_before() -> None:
+    d = InterfaceErrorDetector(min_increase=1)
+    same = (iface("eth0", "container"), iface("veth1", "host"))
+    seq = [NamespaceSample(1, float(t), 0, interfaces=same) for t in range(5)]  # unchanged: the same tuple
+    seq.append(NamespaceSample(1, 5.0, 0, interfaces=(iface("eth0", "container"), iface("veth1", "host", rx_drops=3))))
+    hit = run(d, seq)[-1]
+    assert hit is not None and hit.started_at == 4.0 and hit.numbers["veth1.host.rx_drops"] == 3

@@ -140,6 +140,7 @@ class App:
                 snaplen=cap.snaplen,
                 buffer_kib=cap.buffer_kib,
                 pre_seconds=cap.pre_seconds,
+                max_pre_seconds=cap.max_pre_seconds,
                 post_seconds=cap.post_seconds,
                 max_seconds=cap.max_seconds,
                 max_bytes=cap.max_bytes,
@@ -148,12 +149,15 @@ class App:
                 ring=cap.ring,
                 ring_bytes=cap.ring_bytes,
                 ring_segments=cap.ring_segments,
+                ring_seconds=cap.ring_seconds,
+                evidence=cap.evidence,
             ),
             store,
             pool,
             self.registry,
             cfg.data_dir,
             self.supervisor,
+            self.store,
         )
         tracker = IncidentTracker(
             store, engine.for_anomaly if cfg.detect.capture else None, cfg.detect.cooldown, cfg.detect.resolve_after, self.supervisor

@@ -54,9 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--kind", help="anomaly kind or alert name")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true")
-    get = captures_sub.add_parser("get", help="download one capture's pcap")
+    get = captures_sub.add_parser("get", help="download one capture's pcap (or its bundle)")
     _client_args(get)
     get.add_argument("id")
+    get.add_argument("--bundle", action="store_true", help="the .tar.gz with the pcap, the evidence and a summary")
     get.add_argument("-o", "--output", type=Path, help="file to write (default: the name the daemon suggests; - for stdout)")
 
     capture = sub.add_parser("capture", help="capture a container's packets now")
@@ -65,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     capture.add_argument("--seconds", type=float, help="post-trigger window (default: the daemon's post_seconds)")
     capture.add_argument("--pre", type=float, dest="pre_seconds", help="seconds before now, from the flight recorder")
     capture.add_argument("--filter", help="tcpdump filter expression")
+    capture.add_argument("--side", choices=["container", "host"], help="host: the host end of the container's veth")
+    capture.add_argument("--interface", help="with --side host: which host-side interface (default: the first)")
     capture.add_argument("--wait", action="store_true", help="wait for the capture to finish and download it")
     capture.add_argument("-o", "--output", type=Path, help="with --wait: file to write")
     return parser
@@ -206,9 +209,14 @@ def _anomalies(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    rows = [("FIRST SEEN", "LAST SEEN", "STATE", "CONTAINER", "KIND", "CAPTURE", "SUMMARY")]
+    rows = [("STARTED", "DETECTED", "LAST SEEN", "STATE", "CONTAINER", "KIND", "CAPTURE", "SUMMARY")]
     for a in data["anomalies"]:
-        rows.append((_when(a["first_seen"]), _when(a["last_seen"]), "active" if a["active"] else "ended", a["container"], a["kind"], a["capture_id"] or "-", a["summary"]))
+        after = a.get("detected_after")
+        detected = _when(a["first_seen"]) + (f" (+{after:.1f}s)" if after is not None else "")
+        rows.append((
+            _when(a.get("started_at")), detected, _when(a["last_seen"]), "active" if a["active"] else "ended",
+            a["container"], a["kind"], a["capture_id"] or "-", a["summary"],
+        ))
     _print_table(rows)
     return 0
 
@@ -228,16 +236,16 @@ def _captures(args: argparse.Namespace, config: Config) -> int:
                 rows.append((c["id"], _when(c["trigger_at"]), c["container"], c["reason"], c["kind"] or "-", c["state"], str(c["packets"]), str(c["bytes"])))
             _print_table(rows)
             return 0
-        return _download(client, args.id, args.output)
+        return _download(client, args.id, args.output, "bundle" if args.bundle else "pcap")
     except ApiUnavailable as exc:
         print(f"nstap: {exc}", file=sys.stderr)
         return EXIT_FAILURE
 
 
-def _download(client: Any, capture_id: str, output: Path | None) -> int:
+def _download(client: Any, capture_id: str, output: Path | None, what: str = "pcap") -> int:
     from urllib.parse import quote
 
-    path = f"/api/v1/captures/{quote(capture_id, safe='')}/pcap"
+    path = f"/api/v1/captures/{quote(capture_id, safe='')}/{what}"
     if output is not None and str(output) == "-":
         name, size = client.download(path, sys.stdout.buffer)
         return 0
@@ -248,7 +256,7 @@ def _download(client: Any, capture_id: str, output: Path | None) -> int:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dest = output or Path(name or f"{capture_id}.pcap")
+    dest = output or Path(name or f"{capture_id}.{'tar.gz' if what == 'bundle' else 'pcap'}")
     tmp.rename(dest)
     print(f"{dest} ({size} bytes)")
     return 0
@@ -267,6 +275,10 @@ def _capture(args: argparse.Namespace, config: Config) -> int:
         body["pre_seconds"] = args.pre_seconds
     if args.filter:
         body["filter"] = args.filter
+    if args.side:
+        body["side"] = args.side
+    if args.interface:
+        body["interface"] = args.interface
     try:
         row = client.post_json("/api/v1/captures", body)
         print(f"capture {row['id']} started ({row['mode']}): {_when(row['window_start'])} to {_when(row['window_end'])}")

@@ -108,6 +108,7 @@ class CaptureConfig(Strict):
 
     snaplen: int = Field(256, ge=64, le=65535, description="bytes kept of each packet")
     pre_seconds: float = Field(10.0, ge=0.0, le=600.0)
+    max_pre_seconds: float = Field(60.0, ge=0.0, le=3600.0, description="how far before its trigger an anomaly capture may start (from the onset)")
     post_seconds: float = Field(10.0, ge=1.0, le=600.0)
     max_seconds: float = Field(120.0, ge=1.0, le=3600.0, description="longest post-trigger window a request may ask for")
     max_bytes: int = Field(20 * 1024 * 1024, ge=64 * 1024, le=1 << 34, description="bytes per capture")
@@ -118,12 +119,16 @@ class CaptureConfig(Strict):
     store_max_age: float = Field(7 * 86400.0, ge=60.0, le=365 * 86400.0, description="seconds a capture is kept")
     ring: Literal["off", "labeled", "all"] = Field("labeled", description="flight recorders: none, label nstap.capture=ring, every namespace")
     ring_bytes: int = Field(8 * 1024 * 1024, ge=256 * 1024, le=1 << 32, description="flight-recorder bytes per namespace")
-    ring_segments: int = Field(4, ge=2, le=64)
+    ring_segments: int = Field(16, ge=2, le=64)
+    ring_seconds: float = Field(60.0, ge=1.0, le=86400.0, description="reach a flight recorder should have; a shorter one is logged")
+    evidence: bool = Field(True, description="record the namespace's state (sockets, interfaces, routes, firewall) with every capture")
 
     @model_validator(mode="after")
     def _windows_fit(self) -> CaptureConfig:
         if self.post_seconds > self.max_seconds:
             raise ValueError("post_seconds must not exceed max_seconds")
+        if self.pre_seconds > self.max_pre_seconds:
+            raise ValueError("pre_seconds must not exceed max_pre_seconds")
         return self
 
 

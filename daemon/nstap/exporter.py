@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import platform
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -184,7 +185,15 @@ class ContainerCollector:
         captures = None
         engine = self.captures
         if engine is not None:
+            reach = []
+            now = time.time()
+            for inode, recorder in engine.rings.items():
+                ns = namespaces.get(inode)
+                if ns is not None and recorder.running:
+                    owner = ns.owner
+                    reach.append((owner.name, owner.short_id, owner.runtime, recorder.reach(now)))
             captures = {
+                "reach": reach,
                 "total": dict(engine.captures_total),
                 "refused": dict(engine.refused_total),
                 "bytes": engine.bytes_total,
@@ -410,7 +419,14 @@ class ContainerCollector:
         )
         for why, count in c["refused"].items():
             refused.add(Labels((("reason", why),)), count)
-        out = [total, refused]
+        reach = Family(
+            "nstap_flight_recorder_reach_seconds", "gauge",
+            "How far back the container's flight recorder holds every packet now (size ring_bytes to the reach you need).",
+        )
+        for name, cid, runtime, seconds in c["reach"]:
+            if cid in current:
+                reach.add(Labels((("container", name), ("container_id", cid), ("runtime", runtime))), round(seconds, 1))
+        out = [total, refused, reach]
         for name, kind, help_, value in (
             ("nstap_capture_bytes_total", "counter", "Bytes of pcap written by finished captures.", c["bytes"]),
             ("nstap_capture_kernel_drops_total", "counter", "Packets the kernel dropped before tcpdump read them, during captures.", c["kernel_drops"]),

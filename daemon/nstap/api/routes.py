@@ -8,6 +8,7 @@ Errors are JSON with a 4xx status.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
@@ -19,7 +20,8 @@ import structlog
 from aiohttp import web
 
 from .. import labels as nstap_labels
-from ..capture.engine import CaptureEngine, CaptureRefused, CaptureTarget
+from ..capture.bundle import build_bundle, bundle_name
+from ..capture.engine import SIDES, CaptureEngine, CaptureRefused, CaptureTarget
 from ..capture.store import EVICTED, RUNNING, CaptureRow, CaptureStore
 from ..capture.tcpdump import FilterError
 from ..registry import ContainerRegistry
@@ -31,6 +33,7 @@ log = structlog.get_logger("nstap.api")
 MAX_LIMIT = 1000
 MAX_ALERTS = 500
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
@@ -113,6 +116,8 @@ class CaptureApi:
             web.post("/api/v1/captures", self.start_capture),
             web.get("/api/v1/captures/{id}", self.capture),
             web.get("/api/v1/captures/{id}/pcap", self.pcap),
+            web.get("/api/v1/captures/{id}/evidence", self.evidence),
+            web.get("/api/v1/captures/{id}/bundle", self.bundle),
             web.post("/api/v1/alertmanager", self.alertmanager),
             web.get("/api/v1/alerts", self.alerts),
         ]
@@ -162,7 +167,12 @@ class CaptureApi:
 
     def _view(self, row: CaptureRow) -> dict[str, Any]:
         view = self._current(row).to_json()
-        view["links"] = {"self": f"/api/v1/captures/{row.id}", "pcap": f"/api/v1/captures/{row.id}/pcap"}
+        view["links"] = {
+            "self": f"/api/v1/captures/{row.id}",
+            "pcap": f"/api/v1/captures/{row.id}/pcap",
+            "evidence": f"/api/v1/captures/{row.id}/evidence",
+            "bundle": f"/api/v1/captures/{row.id}/bundle",
+        }
         return view
 
     async def capture(self, request: web.Request) -> web.Response:
@@ -183,6 +193,29 @@ class CaptureApi:
                 "Content-Disposition": f'attachment; filename="{name}"',
                 "X-Content-SHA256": row.sha256,
             },
+        )
+
+    async def evidence(self, request: web.Request) -> web.StreamResponse:
+        row = await self._row(request)
+        path = self.store.evidence_path(row)
+        if path is None:
+            if row.state == EVICTED:
+                raise BadRequest("the capture's evidence is gone (evicted by retention)", 410)
+            raise BadRequest("no evidence recorded for this capture (yet)", 404)
+        return web.FileResponse(path, headers={"Content-Type": "application/json"})
+
+    async def bundle(self, request: web.Request) -> web.Response:
+        row = await self._row(request)
+        if row.state == RUNNING:
+            raise BadRequest("the capture is still running", 409)
+        pcap = self.store.path_of(row)
+        if row.state == EVICTED or pcap is None:
+            raise BadRequest("the capture's file is gone (evicted by retention)", 410)
+        anomaly = await self.store.anomaly(row.anomaly_id) if row.anomaly_id else None
+        data = await asyncio.to_thread(build_bundle, row, anomaly, pcap, self.store.evidence_path(row))
+        return web.Response(
+            body=data,
+            headers={"Content-Type": "application/gzip", "Content-Disposition": f'attachment; filename="{bundle_name(row)}"'},
         )
 
     async def alerts(self, request: web.Request) -> web.Response:
@@ -219,7 +252,7 @@ class CaptureApi:
 
     async def start_capture(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
-        unknown = sorted(set(body) - {"container", "duration", "filter", "pre_seconds"})
+        unknown = sorted(set(body) - {"container", "duration", "filter", "pre_seconds", "side", "interface"})
         if unknown:
             raise BadRequest(f"unknown field {unknown[0]!r}")
         if "container" not in body:
@@ -233,11 +266,17 @@ class CaptureApi:
             bpf = ""
         if not isinstance(bpf, str):
             raise BadRequest("filter must be a string")
+        side = body.get("side", "container")
+        if side not in SIDES:
+            raise BadRequest(f"side must be one of {', '.join(SIDES)}")
+        interface = body.get("interface")
+        if interface is not None and (side != "host" or not isinstance(interface, str) or not _IFNAME.match(interface)):
+            raise BadRequest("interface must be a host-side interface name, with side host")
         try:
             await self.engine.check_filter(bpf)
         except FilterError as exc:
             raise BadRequest(f"bad filter: {exc}") from None
-        row = await self.engine.capture(target, "manual", post_seconds=duration, pre_seconds=pre, bpf=bpf)
+        row = await self.engine.capture(target, "manual", post_seconds=duration, pre_seconds=pre, bpf=bpf, side=side, interface=interface)
         return web.json_response(self._view(row), status=202)
 
     async def alertmanager(self, request: web.Request) -> web.Response:

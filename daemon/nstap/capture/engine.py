@@ -8,6 +8,16 @@ Two ways to get the packets of [trigger - pre, trigger + post]:
 * otherwise a tcpdump is started in the namespace for the post window (nothing can come from
   before the trigger, and the capture says so).
 
+An anomaly's capture window starts from the anomaly's onset, not its detection:
+``[min(onset - margin, trigger) - pre, trigger + post]``, where the margin (two sample intervals)
+covers the onset estimate's own error; it reaches back at most ``max_pre_seconds`` before the
+trigger. A ring that no longer holds the window's start makes the capture ``pre_truncated``.
+
+A capture may also be taken on the host side (``side="host"``): a live tcpdump in nstap's own
+namespace on the host end of the container's veth, where packets dropped before they enter the
+namespace are seen. Every capture records an evidence snapshot of the namespace when it starts
+and when it ends (:mod:`.evidence`).
+
 tcpdump enters a namespace only through the descriptor its watcher holds (see
 :meth:`nstap.watcher.WatcherPool.netns_fd`), duplicated for the child: a namespace that is not
 watched is not captured, and a reused pid can never point a capture at another namespace.
@@ -40,7 +50,9 @@ import structlog
 
 from .. import labels as nstap_labels
 from ..registry import ContainerRegistry, WatchedNamespace
+from ..samples import SampleStore
 from ..supervisor import TaskSupervisor
+from .evidence import EvidenceRecorder
 from .pcap import HEADER_LEN, PcapError, PcapHeader, PcapWriter, Record, StreamParser, read_file, sha256_file
 from .ring import FlightRecorder, Span, WholeSegment, read_window
 from .store import COMPLETE, FAILED, INCOMPLETE, RUNNING, AnomalyRow, CaptureRow, CaptureStore, new_id
@@ -52,6 +64,8 @@ PUMP_INTERVAL = 0.25  # seconds between reads of the flight recorders' pipes
 RING_RESTART_DELAY = 10.0  # seconds before a flight recorder whose tcpdump died is started again
 ANOMALY_CAPTURE_PERIOD = 3600.0  # the window of capture.max_per_container_per_hour
 MAX_UNSAVED = 1000  # finished captures whose index update failed, kept to be retried
+SIDES = ("container", "host")
+HOST_SIDE_KIND = "interface_drops"  # an anomaly of this kind on a host end captures there too
 
 
 def capture_opted_out(namespace: WatchedNamespace) -> bool:
@@ -85,13 +99,16 @@ class CaptureSettings:
     buffer_kib: int = 4096
     pre_seconds: float = 10.0
     post_seconds: float = 10.0
+    max_pre_seconds: float = 60.0  # how far before the trigger an anomaly's window may start
     max_seconds: float = 120.0
     max_bytes: int = 20 * 1024 * 1024
     max_concurrent: int = 4
     max_per_container_per_hour: int = 6
     ring: str = "labeled"  # "off", "labeled" (nstap.capture=ring), "all"
     ring_bytes: int = 8 * 1024 * 1024
-    ring_segments: int = 4
+    ring_segments: int = 16
+    ring_seconds: float = 60.0  # the reach a ring should have; a shorter one is logged
+    evidence: bool = True
 
 
 @dataclass(frozen=True)
@@ -233,8 +250,10 @@ class CaptureEngine:
         registry: ContainerRegistry,
         data_dir: Path,
         supervisor: TaskSupervisor | None = None,
+        samples: SampleStore | None = None,
     ) -> None:
         self.settings = settings
+        self.samples = samples
         self.store = store
         self.namespaces = namespaces
         self.registry = registry
@@ -245,6 +264,10 @@ class CaptureEngine:
             self.tools_error = ""
         except CaptureToolMissing as exc:
             self.tools, self.tools_error = None, str(exc)
+        self.evidence = EvidenceRecorder(store) if settings.evidence else None
+        self._evidence_tasks: set[asyncio.Task] = set()
+        self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # host-side captures
+        self._short_logged: set[str] = set()  # recorders whose short reach was logged
         self.rings: dict[int, FlightRecorder] = {}
         self._ring_tasks: set[asyncio.Task] = set()
         self._running: dict[str, asyncio.Task] = {}
@@ -294,6 +317,7 @@ class CaptureEngine:
                 recorder.pump()
                 if was_running and not recorder.running:
                     log.warning("ring_stopped", netns=inode, recorder=recorder.name, error=recorder.error)
+                self._check_reach(recorder)
                 if recorder.ended_at and now - recorder.ended_at >= RING_RESTART_DELAY:
                     dead.append(inode)
             for inode in dead:
@@ -301,6 +325,21 @@ class CaptureEngine:
                 self.ring_restarts_total += 1
             if dead:
                 self.sync_rings()
+
+    def _check_reach(self, recorder: FlightRecorder) -> None:
+        """Log once per recorder when traffic makes its ring reach back less than ``ring_seconds``."""
+        want = self.settings.ring_seconds
+        if not recorder.running or not recorder.dropped_until or recorder.name in self._short_logged:
+            return
+        reach = recorder.reach()
+        if reach >= want:
+            return
+        self._short_logged.add(recorder.name)
+        suggested = int(self.settings.ring_bytes * want / max(reach, 0.1))
+        log.warning(
+            "flight_recorder_short", recorder=recorder.name, reach_seconds=round(reach, 1), ring_seconds=want,
+            ring_bytes=self.settings.ring_bytes, suggested_ring_bytes=suggested,
+        )
 
     def wants_ring(self, namespace: WatchedNamespace) -> bool:
         """True if the namespace gets a flight recorder (config ``ring`` and the members' labels)."""
@@ -389,9 +428,21 @@ class CaptureEngine:
         pre_seconds: float | None = None,
         bpf: str = "",
         trigger_at: float | None = None,
+        onset_at: float | None = None,
+        margin: float = 0.0,
+        side: str = "container",
+        interface: str | None = None,
+        anomaly: AnomalyRow | None = None,
     ) -> CaptureRow:
-        """Start a capture now; returns its row (state "running"). CaptureRefused if it cannot start."""
+        """Start a capture now; returns its row (state "running"). CaptureRefused if it cannot start.
+
+        ``onset_at`` (an anomaly's onset) moves the window's start back to ``onset_at - margin -
+        pre``, within ``max_pre_seconds`` of the trigger. ``side="host"`` captures the host end of
+        the container's veth (``interface``, by default its first one).
+        """
         s = self.settings
+        if side not in SIDES:
+            raise CaptureRefused(f"side must be one of {', '.join(SIDES)}", 400)
         if self.tools is None:
             raise CaptureRefused(self.tools_error, 503)
         namespace = self.namespaces.watched().get(target.netns)
@@ -404,10 +455,22 @@ class CaptureEngine:
         post = min(max(post_seconds if post_seconds is not None else s.post_seconds, 0.0), s.max_seconds)
         pre = min(max(pre_seconds if pre_seconds is not None else s.pre_seconds, 0.0), s.max_seconds)
         trigger = trigger_at if trigger_at is not None else time.time()
-        ring = self.rings.get(target.netns)
+        anchor = trigger if onset_at is None else min(trigger, onset_at - max(margin, 0.0))
+        earliest = trigger - max(s.max_pre_seconds, pre)
+        host_if = ""
+        if side == "host":
+            peers = self.host_peers(target.netns)
+            if interface is not None and interface not in peers:
+                raise CaptureRefused(f"{interface!r} is not a host-side interface of {target.container} (known: {', '.join(peers) or 'none'})", 400)
+            if not peers:
+                raise CaptureRefused(f"no host-side interface of {target.container} is known (no veth, or not sampled yet)", 409)
+            host_if = interface or peers[0]
+        ring = self.rings.get(target.netns) if side == "container" else None
         ring_ok = ring is not None and ring.running
         fd = None
-        if not ring_ok:
+        if side == "host":
+            fd = os.dup(self._home_fd)
+        elif not ring_ok:
             held = self.namespaces.netns_fd(target.netns)
             if held is None:
                 raise CaptureRefused(f"the network namespace of {target.container} is not watched (yet, or any more)", 409)
@@ -425,11 +488,17 @@ class CaptureEngine:
             anomaly_id=anomaly_id,
             mode="ring" if ring_ok else "live",
             trigger_at=trigger,
-            window_start=trigger - pre if ring_ok else trigger,
+            window_start=max(anchor - pre, earliest) if ring_ok else trigger,
             window_end=trigger + post,
             filter=bpf,
             snaplen=s.snaplen,
+            onset_at=onset_at,
+            side=side,
+            interface=host_if,
         )
+        if ring_ok:
+            assert ring is not None
+            row.pre_truncated = ring.holds_since() > row.window_start + 0.05
         self._reserved += 1  # this slot is taken from here on, across the await below
         try:
             row = await self.store.create(row)
@@ -455,11 +524,33 @@ class CaptureEngine:
             task.add_done_callback(lambda _task: os.close(fd))
         self._running[row.id] = task
         self.captures_total[(target.container, target.container_id, target.runtime, reason)] += 1
+        self._start_evidence(row, anomaly, task)
         log.info(
             "capture_started", capture_id=row.id, container=target.container, container_id=target.container_id,
-            reason=reason, kind=kind, mode=row.mode, window_start=row.window_start, window_end=row.window_end,
+            reason=reason, kind=kind, mode=row.mode, side=side, interface=host_if, window_start=row.window_start,
+            window_end=row.window_end, onset_at=onset_at, pre_truncated=row.pre_truncated,
         )
         return row
+
+    def host_peers(self, netns: int) -> list[str]:
+        """The host ends of the namespace's veths, as its latest sample saw them."""
+        sample = self.samples.get(netns) if self.samples is not None else None
+        if sample is None or not sample.interfaces:
+            return []
+        return [i.name for i in sample.interfaces if i.side == "host"]
+
+    def _start_evidence(self, row: CaptureRow, anomaly: AnomalyRow | None, capture: asyncio.Task) -> None:
+        """Snapshot the namespace now and when ``capture`` ends (a task of its own; the capture never waits)."""
+        if self.evidence is None:
+            return
+        held = self.namespaces.netns_fd(row.netns)
+        if held is None:
+            return
+        fd = os.dup(held)
+        task = self.supervisor.spawn("evidence", self.evidence.record(row, anomaly, fd, self.host_peers(row.netns), lambda: asyncio.wait({capture})))
+        self._evidence_tasks.add(task)
+        task.add_done_callback(self._evidence_tasks.discard)
+        task.add_done_callback(lambda _task: os.close(fd))
 
     async def _run(self, row: CaptureRow, ring: FlightRecorder | None, bpf: str, asked_pre: bool, fd: int | None) -> None:
         """Take the capture and record its outcome; the row always ends with a state, whatever fails.
@@ -501,7 +592,7 @@ class CaptureEngine:
                 drops, error = await self._from_ring(ring, out)
             else:
                 assert fd is not None
-                drops, error = await self._live(fd, bpf, out)
+                drops, error = await self._live(fd, bpf, out, row.interface or "any")
             if error and out.packets == 0:
                 state = FAILED
         except asyncio.CancelledError:
@@ -640,9 +731,9 @@ class CaptureEngine:
             return drops, ring.error or "the flight recorder stopped during the capture"
         return drops, ""
 
-    async def _live(self, fd: int, bpf: str, out: CaptureFile) -> tuple[int, str]:
+    async def _live(self, fd: int, bpf: str, out: CaptureFile, interface: str = "any") -> tuple[int, str]:
         assert self.tools is not None
-        proc = TcpdumpProcess(self.tools.argv(fd, bpf))
+        proc = TcpdumpProcess(self.tools.argv(fd, bpf, interface))
         try:
             await proc.start(pass_fds=(fd,))
         except OSError as exc:
@@ -674,8 +765,10 @@ class CaptureEngine:
             error = "tcpdump stopped early: " + (proc.error_text() or f"exit code {code}")
         return proc.stats.get("dropped", 0), error
 
-    async def for_anomaly(self, namespace: WatchedNamespace, anomaly: AnomalyRow) -> str | None:
-        """Capture around an anomaly that just started; the capture id, or None if not captured.
+    async def for_anomaly(self, namespace: WatchedNamespace, anomaly: AnomalyRow, margin: float = 0.0) -> str | None:
+        """Capture around an anomaly that just started, from its onset (less ``margin``); the
+        capture id, or None if not captured. Drops on the host end of a veth are captured there
+        too (a second capture, under the same limits).
 
         At most ``max_per_container_per_hour`` anomaly captures per container, and at most half
         the concurrent slots at a time: a container that keeps tripping cannot hold every capture
@@ -706,7 +799,10 @@ class CaptureEngine:
         history.append(now)  # before the await: anomalies in the same tick count too
         self._anomaly_running[target.container_id] = running + 1
         try:
-            row = await self.capture(target, "anomaly", kind=anomaly.kind, anomaly_id=anomaly.id, trigger_at=anomaly.first_seen)
+            row = await self.capture(
+                target, "anomaly", kind=anomaly.kind, anomaly_id=anomaly.id, trigger_at=anomaly.first_seen,
+                onset_at=anomaly.started_at, margin=margin, anomaly=anomaly,
+            )
         except CaptureRefused as exc:
             history.remove(now)
             self._anomaly_ended(target.container_id)
@@ -719,7 +815,29 @@ class CaptureEngine:
             self._anomaly_ended(target.container_id)
             raise
         self._running[row.id].add_done_callback(lambda _task: self._anomaly_ended(target.container_id))
+        for interface in self._host_side_too(anomaly, target.netns):
+            try:
+                host = await self.capture(
+                    target, "anomaly", kind=anomaly.kind, anomaly_id=anomaly.id, trigger_at=anomaly.first_seen,
+                    side="host", interface=interface, anomaly=anomaly,
+                )
+            except CaptureRefused as exc:
+                log.warning("anomaly_capture_refused", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container, side="host", error=str(exc))
+            else:
+                log.info("anomaly_host_capture", anomaly_id=anomaly.id, capture_id=host.id, interface=interface)
         return row.id
+
+    def _host_side_too(self, anomaly: AnomalyRow, netns: int) -> list[str]:
+        """The host-side interfaces whose drops tripped an ``interface_drops`` anomaly."""
+        if anomaly.kind != HOST_SIDE_KIND:
+            return []
+        peers = self.host_peers(netns)
+        tripped = set()
+        for key, value in anomaly.numbers.items():  # "<interface>.<side>.<counter>"; names may hold dots
+            parts = key.rsplit(".", 2)
+            if len(parts) == 3 and parts[1] == "host" and value:
+                tripped.add(parts[0])
+        return [p for p in peers if p in tripped][:1]
 
     def _anomaly_ended(self, container_id: str) -> None:
         left = self._anomaly_running.get(container_id, 0) - 1
@@ -757,3 +875,9 @@ class CaptureEngine:
         self.rings.clear()
         while self._ring_tasks:
             await asyncio.gather(*list(self._ring_tasks), return_exceptions=True)
+        for task in list(self._evidence_tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._evidence_tasks), return_exceptions=True)
+        if self.evidence is not None:
+            self.evidence.close()
+        os.close(self._home_fd)

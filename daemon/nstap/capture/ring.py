@@ -12,6 +12,12 @@ would cost a wake-up per packet per namespace; instead the engine pumps every re
 few times a second (:meth:`FlightRecorder.pump`), and the pipe is made large enough (1 MiB) to
 hold what arrives in between.
 
+How far back a ring reaches (:meth:`FlightRecorder.holds_since`) is exact: everything since
+tcpdump started, until the first segment is rotated away; from then on, everything after the
+newest record of the segments that were dropped. A capture whose window starts earlier says so
+(``pre_truncated``), and the exporter shows each ring's reach so that ``ring_bytes`` can be sized
+to the traffic.
+
 Which segments to keep and which records a window wants are pure functions, tested as tables.
 """
 
@@ -22,6 +28,7 @@ import errno
 import fcntl
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +166,8 @@ class FlightRecorder:
         self.stopped = False
         self.running = False
         self.started_at = 0.0
+        self.started_wall = 0.0  # wall-clock time tcpdump was started (records are stamped in it)
+        self.dropped_until = 0.0  # the newest record of the segments rotated away so far
         self.ended_at = 0.0  # event-loop time tcpdump's output ended, 0 while it runs
         self.error = ""
         self.write_error = ""  # why the ring cannot be written now (disk full ...); "" once it can
@@ -191,6 +200,7 @@ class FlightRecorder:
                 os.close(write_fd)
             self._fd = read_fd
             self.started_at = asyncio.get_running_loop().time()
+            self.started_wall = time.time()
             self.running = True
             return True
 
@@ -322,6 +332,8 @@ class FlightRecorder:
         for old in segments_to_drop([*self.segments, Segment(path)], self.keep):
             old.path.unlink(missing_ok=True)  # the oldest goes first: room for the new one
             self.segments.remove(old)
+            if old.records:
+                self.dropped_until = max(self.dropped_until, old.last_ts)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             if os.write(fd, header) != len(header):
@@ -334,6 +346,16 @@ class FlightRecorder:
         seg = Segment(path)
         self.segments.append(seg)
         return seg
+
+    def holds_since(self) -> float:
+        """The wall-clock time from which the ring holds every packet tcpdump saw (0 before it started)."""
+        return max(self.started_wall, self.dropped_until)
+
+    def reach(self, now: float | None = None) -> float:
+        """Seconds back from ``now`` the ring reaches (0 if it is not running)."""
+        if not self.running or not self.started_wall:
+            return 0.0
+        return max(0.0, (now if now is not None else time.time()) - self.holds_since())
 
     def window(self, start: float, end: float) -> list[SegmentView]:
         """Open the segments that may hold records of [start, end], as of the last pump.

@@ -63,7 +63,12 @@ CREATE TABLE IF NOT EXISTS captures (
     kernel_drops INTEGER NOT NULL DEFAULT 0,
     sha256 TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    finished_at REAL
+    finished_at REAL,
+    onset_at REAL,
+    pre_truncated INTEGER NOT NULL DEFAULT 0,
+    side TEXT NOT NULL DEFAULT 'container',
+    interface TEXT NOT NULL DEFAULT '',
+    evidence TEXT
 );
 CREATE INDEX IF NOT EXISTS captures_created ON captures (created_at);
 CREATE TABLE IF NOT EXISTS anomalies (
@@ -79,7 +84,8 @@ CREATE TABLE IF NOT EXISTS anomalies (
     findings INTEGER NOT NULL DEFAULT 1,
     numbers TEXT NOT NULL DEFAULT '{}',
     summary TEXT NOT NULL DEFAULT '',
-    capture_id TEXT
+    capture_id TEXT,
+    started_at REAL
 );
 CREATE INDEX IF NOT EXISTS anomalies_first ON anomalies (first_seen);
 CREATE TABLE IF NOT EXISTS alerts (
@@ -95,6 +101,17 @@ CREATE TABLE IF NOT EXISTS alerts (
 );
 CREATE INDEX IF NOT EXISTS alerts_fp ON alerts (fingerprint, starts_at);
 """
+# Columns added since the first release: an index made by an older daemon gets them at open.
+MIGRATIONS = {
+    "captures": {
+        "onset_at": "REAL",
+        "pre_truncated": "INTEGER NOT NULL DEFAULT 0",
+        "side": "TEXT NOT NULL DEFAULT 'container'",
+        "interface": "TEXT NOT NULL DEFAULT ''",
+        "evidence": "TEXT",
+    },
+    "anomalies": {"started_at": "REAL"},
+}
 
 
 def new_id(now: float | None = None) -> str:
@@ -131,12 +148,20 @@ class CaptureRow:
     kernel_drops: int = 0
     sha256: str = ""
     finished_at: float | None = None
+    onset_at: float | None = None  # the anomaly's onset, for an anomaly capture
+    pre_truncated: bool = False  # the ring no longer reached back to window_start
+    side: str = "container"  # "container", or "host": the host end of the container's veths
+    interface: str = ""  # the host-side interfaces captured ("" on the container side)
+    evidence: str | None = None  # the evidence file's name, once recorded
 
     def to_json(self) -> dict[str, Any]:
-        """The row as the API shows it (without the internal file name)."""
+        """The row as the API shows it (without the internal file names)."""
         out = asdict(self)
         out.pop("file")
+        out.pop("evidence")
+        out["pre_truncated"] = bool(self.pre_truncated)
         out["downloadable"] = self.file is not None and self.state != RUNNING
+        out["has_evidence"] = self.evidence is not None and self.state != EVICTED
         return out
 
 
@@ -157,11 +182,13 @@ class AnomalyRow:
     numbers: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
     capture_id: str | None = None
+    started_at: float | None = None  # the onset: when the fault began, as the detector estimates it
 
     def to_json(self) -> dict[str, Any]:
         """The row as the API shows it."""
         out = asdict(self)
         out["active"] = self.resolved_at is None
+        out["detected_after"] = round(self.first_seen - self.started_at, 3) if self.started_at is not None else None
         return out
 
 
@@ -208,6 +235,11 @@ class CaptureStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
+        for table, columns in MIGRATIONS.items():
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
         self._db = db
         recovered = {"incomplete": 0, "orphans": 0, "anomalies_closed": 0}
         now = time.time()
@@ -261,6 +293,35 @@ class CaptureStore:
             return None
         path = self.dir / row.file
         return path if path.is_file() else None
+
+    def evidence_path(self, row: CaptureRow) -> Path | None:
+        """The evidence file of a capture, if it has one on disk."""
+        if not row.evidence or row.state == EVICTED:
+            return None
+        path = self.dir / row.evidence
+        return path if path.is_file() else None
+
+    async def save_evidence(self, capture_id: str, data: bytes) -> None:
+        """Store a capture's evidence (JSON) next to its pcap, 0600, written whole or not at all."""
+        await self._run(self._save_evidence, capture_id, data)
+
+    def _save_evidence(self, capture_id: str, data: bytes) -> None:
+        name = f"{capture_id}.evidence.json"
+        tmp = self.dir / (name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, self.dir / name)
+        self._update(capture_id, evidence=name)
+        self.total_bytes = self._disk_bytes()
 
     async def create(self, row: CaptureRow) -> CaptureRow:
         """Index a new capture (state running) and create its empty 0600 file; returns the row."""
@@ -360,20 +421,32 @@ class CaptureStore:
         evicted = plan_evictions(held, self.retention.max_bytes, self.retention.max_age_seconds, now)
         for capture_id in evicted:
             row = by_id[capture_id]
-            if row.file:
-                (self.dir / row.file).unlink(missing_ok=True)
-            self._update(capture_id, state=EVICTED, file=None)
+            for name in (row.file, row.evidence):
+                if name:
+                    (self.dir / name).unlink(missing_ok=True)
+            self._update(capture_id, state=EVICTED, file=None, evidence=None)
         self.total_bytes = self._disk_bytes()
         return evicted
 
     def _size(self, row: CaptureRow) -> int:
-        try:
-            return (self.dir / row.file).stat().st_size if row.file else 0
-        except OSError:
-            return 0
+        """Bytes a capture holds on disk: its pcap and its evidence."""
+        size = 0
+        for name in (row.file, row.evidence):
+            try:
+                size += (self.dir / name).stat().st_size if name else 0
+            except OSError:
+                pass
+        return size
 
     def _disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.glob("*.pcap") if p.is_file())
+        total = 0
+        for pattern in ("*.pcap", "*.evidence.json"):
+            for p in self.dir.glob(pattern):
+                try:
+                    total += p.stat().st_size
+                except OSError:
+                    pass  # evicted meanwhile
+        return total
 
     # -- anomalies and alerts -------------------------------------------------------------------
 
@@ -391,6 +464,13 @@ class CaptureStore:
             f"INSERT INTO anomalies ({cols}) VALUES ({','.join('?' * len(data))}) ON CONFLICT(id) DO UPDATE SET {updates}",
             tuple(data.values()),
         )
+
+    async def anomaly(self, anomaly_id: str) -> AnomalyRow | None:
+        """One anomaly event by id (None for an id that is not well-formed or not known)."""
+        if not isinstance(anomaly_id, str) or not ID_PATTERN.match(anomaly_id):
+            return None
+        rows = await self._run(self._select_anomalies, "SELECT * FROM anomalies WHERE id = ?", (anomaly_id,))
+        return rows[0] if rows else None
 
     async def anomalies(
         self,

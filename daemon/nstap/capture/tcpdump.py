@@ -64,8 +64,9 @@ class Tools:
             raise CaptureToolMissing(f"{' and '.join(missing)} not found (install tcpdump and util-linux)")
         return cls(found[tcpdump], found[nsenter], found[setpriv], snaplen, buffer_kib)  # type: ignore[arg-type]
 
-    def argv(self, netns_fd: int, bpf: str = "") -> list[str]:
-        """The command that captures every interface of the namespace behind ``netns_fd`` to stdout.
+    def argv(self, netns_fd: int, bpf: str = "", interface: str = "any") -> list[str]:
+        """The command that captures ``interface`` (by default every interface) of the namespace
+        behind ``netns_fd`` to stdout.
 
         The child must inherit ``netns_fd`` under the same number (``pass_fds``).
         """
@@ -74,7 +75,7 @@ class Tools:
             self.nsenter, f"--net=/proc/self/fd/{netns_fd}", "--",
             self.tcpdump,
             "-Z", "root",
-            "-i", "any",
+            "-i", interface,
             "-s", str(self.snaplen),
             "-B", str(self.buffer_kib),
             "-n",

@@ -37,11 +37,20 @@ class Param:
 
 @dataclass(frozen=True)
 class Finding:
-    """A detector saw something wrong in one sample: what, in one line, and the numbers that tripped it."""
+    """A detector saw something wrong in one sample: what, in one line, the numbers that tripped it,
+    and its onset.
+
+    ``started_at`` is the detector's estimate of when the fault began (wall clock): the sample
+    from which the counters that tripped it departed from their baseline — for a counter, the
+    last sample before it grew; for a state, when the state was first seen. None means "at this
+    sample". Captures start their window from it, so the pcap holds the packets from before the
+    fault began, not only from before it was noticed.
+    """
 
     kind: str
     summary: str
     numbers: Mapping[str, Any] = field(default_factory=dict)
+    started_at: float | None = None
 
 
 class Detector(Protocol):

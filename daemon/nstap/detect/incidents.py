@@ -4,6 +4,9 @@ An ongoing anomaly extends its event (last seen, number of findings, latest numb
 creating new ones. It is resolved after ``resolve_after`` seconds without a finding; a finding
 within ``cooldown`` seconds of that reopens the same event rather than starting another, so a
 flapping link makes one event, not fifty. A new event asks for a capture; reopening does not.
+
+Every event carries its onset (``started_at``, the detector's estimate of when the fault began)
+beside its detection (``first_seen``); its capture's window starts from the onset.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from .base import Finding
 log = structlog.get_logger("nstap.detect")
 
 SAVE_EVERY = 5.0  # seconds between index updates of an ongoing event
+MARGIN_SAMPLES = 2  # sample intervals a capture reaches back before the onset (its estimate's error)
 
-CaptureStarter = Callable[[WatchedNamespace, AnomalyRow], Awaitable[str | None]]
+CaptureStarter = Callable[[WatchedNamespace, AnomalyRow, float], Awaitable[str | None]]
 
 
 @dataclass
@@ -60,8 +64,9 @@ class IncidentTracker:
         self.anomalies_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, kind)
         self._tasks: set[asyncio.Task] = set()
 
-    def found(self, ns: WatchedNamespace, finding: Finding, at: float) -> Incident:
-        """Record a finding in namespace ``ns`` at time ``at``."""
+    def found(self, ns: WatchedNamespace, finding: Finding, at: float, interval: float = 0.0) -> Incident:
+        """Record a finding in namespace ``ns`` at time ``at`` (``interval``: the namespace's sampling
+        interval, which sets how far before the onset its capture reaches)."""
         key = (ns.inode, finding.kind)
         inc = self.incidents.get(key)
         row_numbers = dict(finding.numbers)
@@ -91,18 +96,19 @@ class IncidentTracker:
             last_seen=at,
             numbers=row_numbers,
             summary=finding.summary,
+            started_at=min(finding.started_at, at) if finding.started_at is not None else at,
         )
         inc = self.incidents[key] = Incident(row)
         self.anomalies_total[(owner.name, owner.short_id, owner.runtime, finding.kind)] += 1
         self._log("anomaly_detected", row)
         self._save(inc, at)
         if self.start_capture is not None:
-            self._spawn("anomaly-capture", self._capture(ns, inc, at))
+            self._spawn("anomaly-capture", self._capture(ns, inc, at, MARGIN_SAMPLES * interval))
         return inc
 
-    async def _capture(self, ns: WatchedNamespace, inc: Incident, at: float) -> None:
+    async def _capture(self, ns: WatchedNamespace, inc: Incident, at: float, margin: float) -> None:
         assert self.start_capture is not None
-        inc.row.capture_id = await self.start_capture(ns, inc.row)
+        inc.row.capture_id = await self.start_capture(ns, inc.row, margin)
         if inc.row.capture_id is not None:
             self._save(inc, at)
 
@@ -169,7 +175,7 @@ class IncidentTracker:
         log.info(
             event, anomaly_id=row.id, kind=row.kind, container=row.container, container_id=row.container_id,
             runtime=row.runtime, netns=row.netns, summary=row.summary, numbers=row.numbers,
-            first_seen=row.first_seen, last_seen=row.last_seen, capture_id=row.capture_id,
+            started_at=row.started_at, first_seen=row.first_seen, last_seen=row.last_seen, capture_id=row.capture_id,
         )
 
     async def close(self) -> None:

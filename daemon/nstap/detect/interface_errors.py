@@ -11,7 +11,8 @@ PARAMS = {"min_increase": Param(1.0, 1.0, 1e12, help="errors and drops, summed o
 
 class InterfaceErrorDetector:
     """Trips when any interface's receive/transmit errors or drops went up by ``min_increase``,
-    the host end of the container's veths included (drops there are the ones people miss)."""
+    the host end of the container's veths included (drops there are the ones people miss). The
+    onset is the last sample before they went up."""
 
     kind = KIND
 
@@ -19,11 +20,13 @@ class InterfaceErrorDetector:
         self.min_increase = min_increase
         self._before: dict[tuple[str, str], tuple[int, int, int, int]] = {}
         self._last = None
+        self._last_at = 0.0  # the previous sample's time (an unchanged sample included)
 
     def observe(self, sample: NamespaceSample) -> Finding | None:
         interfaces = sample.interfaces
         if interfaces is None:
             return None
+        before_at, self._last_at = self._last_at, sample.taken_at
         if interfaces is self._last:  # nothing moved anywhere since the last sample
             return None
         self._last = interfaces
@@ -44,4 +47,4 @@ class InterfaceErrorDetector:
             return None
         parts = [f"{name} ({side}): rx_err +{d[0]} rx_drop +{d[1]} tx_err +{d[2]} tx_drop +{d[3]}" for name, side, d in moved]
         numbers = {f"{name}.{side}.{what}": d[k] for name, side, d in moved for k, what in enumerate(("rx_errors", "rx_drops", "tx_errors", "tx_drops"))}
-        return Finding(KIND, "; ".join(parts), numbers)
+        return Finding(KIND, "; ".join(parts), numbers, started_at=before_at)

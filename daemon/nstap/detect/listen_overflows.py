@@ -10,13 +10,15 @@ PARAMS = {"min_increase": Param(1.0, 1.0, 1e12, help="overflows or drops since t
 
 
 class ListenOverflowDetector:
-    """Trips when TcpExt ListenOverflows or ListenDrops went up by ``min_increase`` since the last sample."""
+    """Trips when TcpExt ListenOverflows or ListenDrops went up by ``min_increase`` since the last
+    sample; the onset is that last sample."""
 
     kind = KIND
 
     def __init__(self, min_increase: float) -> None:
         self.min_increase = min_increase
         self._before: tuple[int, int] | None = None
+        self._before_at = 0.0
 
     def observe(self, sample: NamespaceSample) -> Finding | None:
         p = sample.protocols
@@ -24,6 +26,7 @@ class ListenOverflowDetector:
             return None
         now = (p["tcp_listen_overflows"], p.get("tcp_listen_drops", 0))
         before, self._before = self._before, now
+        before_at, self._before_at = self._before_at, sample.taken_at
         if before is None:
             return None
         overflows, drops = increase(now[0], before[0]), increase(now[1], before[1])
@@ -36,4 +39,5 @@ class ListenOverflowDetector:
             KIND,
             f"{overflows} listen overflows, {drops} listen drops" + (f"; full accept queue on port {', '.join(full)}" if full else ""),
             {"overflows": overflows, "drops": drops, "full_queues": ", ".join(full)},
+            started_at=before_at,
         )

@@ -64,7 +64,7 @@ class DetectionPipeline:
                 continue
             if finding is not None:
                 seen.add(finding.kind)
-                self.tracker.found(ns, finding, sample.taken_at)
+                self.tracker.found(ns, finding, sample.taken_at, sample.interval)
         self.tracker.quiet(sample.netns, seen, sample.taken_at)
 
     def _forget_gone(self) -> None:

@@ -16,7 +16,9 @@ PARAMS = {
 class ResetSpikeDetector:
     """Trips when RSTs sent per second reach ``factor`` times the namespace's usual rate (an EWMA of
     its own past, weight ``alpha``) and at least ``min_rate``. While it trips the baseline learns
-    four times slower: a short storm barely moves it, a rate that stays becomes the new normal."""
+    four times slower: a short storm barely moves it, a rate that stays becomes the new normal.
+    The onset is the last sample before the storm: the one before the first sample of a run of
+    spiking samples."""
 
     kind = KIND
 
@@ -26,6 +28,7 @@ class ResetSpikeDetector:
         self.alpha = alpha
         self.baseline = 0.0
         self._before: tuple[float, int] | None = None
+        self._spike_since: float | None = None  # the sample before the current run of spikes
 
     def observe(self, sample: NamespaceSample) -> Finding | None:
         p = sample.protocols
@@ -41,9 +44,13 @@ class ResetSpikeDetector:
         spike = rate >= self.min_rate and rate >= self.factor * baseline
         self.baseline += (self.alpha / 4 if spike else self.alpha) * (rate - baseline)
         if not spike:
+            self._spike_since = None
             return None
+        if self._spike_since is None:
+            self._spike_since = before[0]
         return Finding(
             KIND,
             f"{rate:.0f} RST/s sent, usually {baseline:.1f}/s",
             {"rate": round(rate, 2), "baseline": round(baseline, 3), "resets": resets},
+            started_at=self._spike_since,
         )

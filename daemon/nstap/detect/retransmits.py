@@ -1,4 +1,4 @@
-"""TCP retransmission rate: retransmitted / sent segments over a sliding window."""
+"""TCP retransmission rate: retransmitted / sent segments, over a long and a short sliding window."""
 
 from __future__ import annotations
 
@@ -10,21 +10,38 @@ from .base import Finding, Param
 KIND = "tcp_retransmits"
 PARAMS = {
     "threshold": Param(0.05, 0.0, 1.0, low_open=True, help="share of segments that were retransmissions"),
-    "window": Param(10.0, 1.0, 3600.0, help="seconds"),
-    "min_segments": Param(10.0, 1.0, 1e12, help="segments over the window, at least"),
+    "window": Param(10.0, 1.0, 3600.0, help="seconds of the long window"),
+    "min_segments": Param(10.0, 1.0, 1e12, help="segments over the long window, at least"),
+    "short_window": Param(2.0, 0.5, 600.0, help="seconds of the short window (a fault that just began)"),
+    "short_min_segments": Param(30.0, 1.0, 1e12, help="segments over the short window, at least"),
 }
+TCP_RTO_MIN = 0.2  # seconds: a lost segment is retransmitted at least this long after it was sent
+SHORT_SLACK = 1.25  # the short window's reference sample may be this much older (sampling jitter)
 
 
 class RetransmitDetector:
-    """Trips when at least ``threshold`` of the segments sent over ``window`` seconds were retransmissions
-    (and at least ``min_segments`` were sent, so two retransmits of three segments are not an incident)."""
+    """Trips when at least ``threshold`` of the segments sent were retransmissions, over the long
+    window (``window`` seconds, at least ``min_segments`` segments) or the short one (the last
+    ``short_window`` seconds, at least ``short_min_segments`` segments).
+
+    The long window catches a steady, moderate loss; the short one catches a fault that just
+    began under steady traffic, whose retransmissions the healthy segments of the long window
+    would dilute for seconds. Both need a minimum of segments, so two retransmits of three
+    segments on an idle connection are not an incident.
+
+    The onset is the last sample before the run of samples in which the retransmission counter
+    kept growing, less TCP's minimum retransmission timeout (the segments it resends were sent
+    that much earlier).
+    """
 
     kind = KIND
 
-    def __init__(self, threshold: float, window: float, min_segments: float) -> None:
+    def __init__(self, threshold: float, window: float, min_segments: float, short_window: float = 2.0, short_min_segments: float = 30.0) -> None:
         self.threshold = threshold
         self.window = window
         self.min_segments = min_segments
+        self.short_window = short_window
+        self.short_min_segments = short_min_segments
         self._points: deque[tuple[float, int, int]] = deque()  # (time, retransmitted, sent)
 
     def observe(self, sample: NamespaceSample) -> Finding | None:
@@ -32,26 +49,60 @@ class RetransmitDetector:
         if p is None or "tcp_retransmitted_segments" not in p or "tcp_segments_sent" not in p:
             return None
         now = sample.taken_at
+        retrans_now, sent_now = p["tcp_retransmitted_segments"], p["tcp_segments_sent"]
         points = self._points
-        points.append((now, p["tcp_retransmitted_segments"], p["tcp_segments_sent"]))
-        # Keep one point at or before the window's start, to measure the whole window.
+        if points and (retrans_now < points[-1][1] or sent_now < points[-1][2]):
+            points.clear()  # counters went back: start again
+        points.append((now, retrans_now, sent_now))
+        # Keep one point at or before the long window's start, to measure the whole window.
         while len(points) > 2 and points[1][0] <= now - self.window:
             points.popleft()
-        t0, r0, s0 = points[0]
-        retrans = p["tcp_retransmitted_segments"] - r0
-        sent = p["tcp_segments_sent"] - s0
-        if retrans < 0 or sent < 0:  # counters went back: start again
-            points.clear()
-            points.append((now, p["tcp_retransmitted_segments"], p["tcp_segments_sent"]))
+        if len(points) < 2:
             return None
+        tripped = self._rate(points[0], "long") or self._rate(self._short_reference(now), "short")
+        if tripped is None:
+            return None
+        rate, retrans, total, seconds, which = tripped
+        return Finding(
+            KIND,
+            f"{rate:.1%} of TCP segments retransmitted over {seconds:.0f}s ({retrans} of {total})",
+            {"rate": round(rate, 4), "retransmitted": retrans, "segments": total, "seconds": round(seconds, 1), "window": which},
+            started_at=self._onset(),
+        )
+
+    def _short_reference(self, now: float) -> tuple[float, int, int]:
+        """The oldest point within the short window (with slack for jitter); at least the previous one."""
+        earliest = now - self.short_window * SHORT_SLACK
+        points = self._points
+        for i in range(len(points) - 2, -1, -1):
+            if points[i][0] < earliest:
+                return points[min(i + 1, len(points) - 2)]
+        return points[0]
+
+    def _rate(self, ref: tuple[float, int, int], which: str) -> tuple[float, int, int, float, str] | None:
+        t0, r0, s0 = ref
+        t1, r1, s1 = self._points[-1]
+        retrans, sent = r1 - r0, s1 - s0
         total = sent + retrans
-        if total < self.min_segments or retrans == 0:
+        least = self.min_segments if which == "long" else self.short_min_segments
+        if total < least or retrans == 0:
             return None
         rate = retrans / total
         if rate < self.threshold:
             return None
-        return Finding(
-            KIND,
-            f"{rate:.1%} of TCP segments retransmitted over {now - t0:.0f}s ({retrans} of {total})",
-            {"rate": round(rate, 4), "retransmitted": retrans, "segments": total, "seconds": round(now - t0, 1)},
-        )
+        return rate, retrans, total, t1 - t0, which
+
+    def _onset(self) -> float:
+        """The last sample before the counter began to grow (one quiet interval inside the run is
+        allowed: backed-off retransmission timers skip samples), less TCP_RTO_MIN."""
+        points = self._points
+        start = len(points) - 1
+        quiet = 0
+        for i in range(len(points) - 1, 0, -1):
+            if points[i][1] > points[i - 1][1]:
+                start, quiet = i - 1, 0
+            else:
+                quiet += 1
+                if quiet > 1:
+                    break
+        return points[start][0] - TCP_RTO_MIN

@@ -10,13 +10,15 @@ PARAMS = {"min_increase": Param(1.0, 1.0, 1e12, help="errors since the last samp
 
 
 class UdpBufferDetector:
-    """Trips when Udp RcvbufErrors went up by ``min_increase`` since the last sample."""
+    """Trips when Udp RcvbufErrors went up by ``min_increase`` since the last sample; the onset is
+    that last sample."""
 
     kind = KIND
 
     def __init__(self, min_increase: float) -> None:
         self.min_increase = min_increase
         self._before: int | None = None
+        self._before_at = 0.0
 
     def observe(self, sample: NamespaceSample) -> Finding | None:
         p = sample.protocols
@@ -24,7 +26,8 @@ class UdpBufferDetector:
             return None
         now = p["udp_receive_buffer_errors"]
         before, self._before = self._before, now
+        before_at, self._before_at = self._before_at, sample.taken_at
         errors = increase(now, before)
         if before is None or errors < self.min_increase:
             return None
-        return Finding(KIND, f"{errors} UDP datagrams dropped for a full receive buffer", {"errors": errors})
+        return Finding(KIND, f"{errors} UDP datagrams dropped for a full receive buffer", {"errors": errors}, started_at=before_at)

@@ -1,0 +1,97 @@
+"""A capture's bundle: the pcap, its evidence and a short text summary in one ``.tar.gz``.
+
+What an on-call engineer attaches to the incident: everything about one capture in one file that
+unpacks anywhere (``tar xzf``), with a summary that answers the first questions without a tool:
+what tripped, when it started, when it was detected, what the capture holds.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import time
+from pathlib import Path
+
+from .store import AnomalyRow, CaptureRow
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + f".{int((ts % 1) * 1000):03d} UTC"
+
+
+def summary_text(row: CaptureRow, anomaly: AnomalyRow | None) -> str:
+    """The bundle's SUMMARY.txt."""
+    lines = [f"nstap capture {row.id}", ""]
+    lines.append(f"container:     {row.container} ({row.container_id}, {row.runtime}), network namespace {row.netns}")
+    if anomaly is not None:
+        lines += [
+            f"anomaly:       {anomaly.kind} ({anomaly.id})",
+            f"what tripped:  {anomaly.summary}",
+            f"started:       {_when(anomaly.started_at)}",
+            f"detected:      {_when(anomaly.first_seen)}"
+            + (f" ({anomaly.first_seen - anomaly.started_at:.1f} s after it started)" if anomaly.started_at is not None else ""),
+            f"last seen:     {_when(anomaly.last_seen)}",
+            f"resolved:      {_when(anomaly.resolved_at)}",
+        ]
+        for key, value in sorted(anomaly.numbers.items()):
+            lines.append(f"  {key}: {value}")
+    else:
+        lines.append(f"reason:        {row.reason}")
+    lines += [
+        "",
+        f"capture:       {row.state}, {row.packets} packets ({row.pre_packets} before the trigger), {row.bytes} bytes, {row.mode} mode, {row.side} side"
+        + (f" ({row.interface})" if row.interface else ""),
+        f"window:        {_when(row.window_start)} .. {_when(row.window_end)}",
+        f"trigger:       {_when(row.trigger_at)}",
+    ]
+    if row.pre_truncated:
+        lines.append("               the flight recorder no longer reached back to the window's start (pre_truncated)")
+    if row.kernel_drops:
+        lines.append(f"               {row.kernel_drops} packets dropped by the kernel during the capture")
+    if row.error:
+        lines.append(f"note:          {row.error}")
+    if row.filter:
+        lines.append(f"filter:        {row.filter}")
+    lines += ["", f"sha256:        {row.sha256}", "", "capture.pcap   the packets (tcpdump -r capture.pcap, or Wireshark)",
+              "evidence.json  sockets, interfaces of both veth ends, routes, neighbours, firewall, counter deltas", ""]
+    return "\n".join(lines)
+
+
+def build_bundle(row: CaptureRow, anomaly: AnomalyRow | None, pcap: Path | None, evidence: Path | None) -> bytes:
+    """The bundle's bytes (blocking: run it in a worker thread). Files that are gone are left out."""
+    buf = io.BytesIO()
+    prefix = f"nstap-{row.id}"
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
+
+        def add(name: str, data: bytes | None = None, path: Path | None = None) -> None:
+            info = tarfile.TarInfo(f"{prefix}/{name}")
+            info.mtime = int(row.finished_at or row.created_at)
+            info.mode = 0o600
+            if path is not None:
+                try:
+                    with open(path, "rb") as f:
+                        info.size = path.stat().st_size
+                        tar.addfile(info, f)
+                except OSError:
+                    return
+            else:
+                assert data is not None
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+        add("SUMMARY.txt", summary_text(row, anomaly).encode())
+        if pcap is not None:
+            add("capture.pcap", path=pcap)
+        if evidence is not None:
+            add("evidence.json", path=evidence)
+    return buf.getvalue()
+
+
+def bundle_name(row: CaptureRow) -> str:
+    """The download's file name (the container's name is the container's: only safe characters)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", row.container)[:64].lstrip(".") or "capture"
+    return f"nstap-{safe}-{row.id}.tar.gz"
+
