@@ -8,7 +8,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture clean demo demo-clean
+.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture bench-evidence clean demo demo-clean
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -48,11 +48,17 @@ bench: deps-test venv runtimes
 bench-capture: deps-test venv runtimes
 	$(VENV)/bin/python bench/bench_capture.py $(ARGS)
 
+bench-evidence: deps-test venv
+	$(VENV)/bin/python bench/bench_evidence.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache
 
 demo: deps-demo venv runtimes
 	deploy/demo.sh up
 
-demo-clean:
+demo-bench-evidence: deps-test venv
+	$(VENV)/bin/python bench/bench_evidence.py $(ARGS)
+
+clean:
 	deploy/demo.sh down

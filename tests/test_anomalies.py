@@ -62,16 +62,16 @@ def check_pre_fault(path: Path, capture: dict, event: dict, injected: float) -> 
 
 
 class Traffic(threading.Thread):
-    """Steady HTTP requests to a container (one every ``period`` s), until closed or 120 s passed."""
+    """Steady HTTP requests to a container (one every ``period`` s), until closed or ``limit`` s passed."""
 
-    def __init__(self, ip: str, port: int = 80, period: float = 0.05) -> None:
+    def __init__(self, ip: str, port: int = 80, period: float = 0.05, limit: float = 120) -> None:
         super().__init__(daemon=True)
-        self.ip, self.port, self.period = ip, port, period
+        self.ip, self.port, self.period, self.limit = ip, port, period, limit
         self.stop = threading.Event()
         self.answered = 0
 
     def run(self) -> None:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + self.limit
         while not self.stop.is_set() and time.monotonic() < deadline:
             try:
                 with socket.create_connection((self.ip, self.port), timeout=1) as c:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PODMAN_ENV, ROOT, RUN_ID, Containers, Metrics, reap_docker_orphans, sh, wait_until
-from test_anomalies import HTTPD, container_ip, finished_capture, reset_burst
+from test_anomalies import HTTPD, Traffic, container_ip, finished_capture, reset_burst
 from test_docker import dockerd_pids
 
 pytestmark = [pytest.mark.docker, pytest.mark.soak]
@@ -575,3 +575,31 @@ def test_fuzz_api_webhook_and_config(nstap, containers: Containers, docker_image
     assert set(os.listdir("/tmp")) - tmp_before == set()
     assert {p: p.stat().st_mtime for p in outside} == mtimes
     assert inputs >= (10_000 if SOAK else 1_000)
+
+
+def test_healthy_traffic_makes_no_anomaly(nstap, containers: Containers, docker_image: str) -> None:
+    """20 busybox containers serving steady HTTP traffic (a new connection every 0.1 s each, half of
+    them with a flight recorder) for 40 s here, 10 minutes in ``make soak``: not one anomaly, with
+    every detector at its defaults (the short retransmission window included)."""
+    seconds = scale(40, 600)
+    d = nstap()
+    cids = [containers.docker(*(("--label", "nstap.capture=ring") if i % 2 else ()), docker_image, *HTTPD) for i in range(20)]
+    d.wait_metric(lambda m: m.value("nstap_containers_watched", runtime="docker") >= 20, 30, "20 containers watched")
+    traffic = [Traffic(container_ip(cid), period=0.1, limit=seconds + 30) for cid in cids]
+    for t in traffic:
+        t.start()
+    started = time.time()
+    try:
+        while time.time() - started < seconds:
+            time.sleep(5)
+            status, body = d.api("/api/v1/anomalies")
+            assert status == 200 and body["anomalies"] == [], body["anomalies"][:3]
+    finally:
+        for t in traffic:
+            t.close()
+    answered = sum(t.answered for t in traffic)
+    m = d.scrape()
+    samples = sum(x.value for x in m.find("nstap_sample_duration_seconds_count"))
+    report("healthy", containers=len(cids), seconds=round(time.time() - started), requests=answered, anomalies=0, samples=samples)
+    assert answered >= 20 * seconds * 5  # at least half the requests were answered: traffic, not an idle host
+    assert not m.find("nstap_anomalies_total")
