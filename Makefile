@@ -8,7 +8,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture bench-evidence clean demo demo-clean
+.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture bench-evidence bench-detect clean demo demo-clean
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -57,8 +57,8 @@ clean:
 demo: deps-demo venv runtimes
 	deploy/demo.sh up
 
-demo-bench-evidence: deps-test venv
-	$(VENV)/bin/python bench/bench_evidence.py $(ARGS)
+bench-detect: deps-test venv runtimes
+	$(VENV)/bin/python bench/bench_detect.py $(ARGS)
 
-clean:
+demo-clean:
 	deploy/demo.sh down
