@@ -368,3 +368,12 @@ def test_interface_drop_onset_is_the_sample_before() -> None:
     seq.append(NamespaceSample(1, 5.0, 0, interfaces=(iface("eth0", "container"), iface("veth1", "host", rx_drops=3))))
     hit = run(d, seq)[-1]
     assert hit is not None and hit.started_at == 4.0 and hit.numbers["veth1.host.rx_drops"] == 3
+
+
+def test_retransmit_onset_is_where_the_ratio_left_its_baseline() -> None:
+    """A namespace that always retransmits a little (0.5 %): the onset is where the ratio rose, not
+    the start of the window (the counter grows at every sample)."""
+    d = RetransmitDetector(threshold=0.05, window=10, min_segments=10)
+    seq = [proto_sample(t, tcp_segments_sent=1000 * t, tcp_retransmitted_segments=5 * t + 150 * max(0, t - 20)) for t in range(25)]
+    hit = next(f for f in run(d, seq) if f)
+    assert hit.started_at == pytest.approx(20 - 0.2)

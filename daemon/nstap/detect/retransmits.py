@@ -29,9 +29,9 @@ class RetransmitDetector:
     would dilute for seconds. Both need a minimum of segments, so two retransmits of three
     segments on an idle connection are not an incident.
 
-    The onset is the last sample before the run of samples in which the retransmission counter
-    kept growing, less TCP's minimum retransmission timeout (the segments it resends were sent
-    that much earlier).
+    The onset is the last sample before the run of intervals whose own retransmission ratio
+    reached the threshold, less TCP's minimum retransmission timeout (the segments it resends were
+    sent that much earlier).
     """
 
     kind = KIND
@@ -93,13 +93,18 @@ class RetransmitDetector:
         return rate, retrans, total, t1 - t0, which
 
     def _onset(self) -> float:
-        """The last sample before the counter began to grow (one quiet interval inside the run is
-        allowed: backed-off retransmission timers skip samples), less TCP_RTO_MIN."""
+        """The last sample before the run of intervals whose own retransmission ratio reached the
+        threshold (one interval below it inside the run is allowed: backed-off retransmission
+        timers skip samples), less TCP_RTO_MIN. Measured against the threshold, not against zero:
+        a namespace that always retransmits a little has a baseline, and the fault is where it
+        departed from it."""
         points = self._points
         start = len(points) - 1
         quiet = 0
         for i in range(len(points) - 1, 0, -1):
-            if points[i][1] > points[i - 1][1]:
+            retrans = points[i][1] - points[i - 1][1]
+            total = retrans + points[i][2] - points[i - 1][2]
+            if retrans > 0 and retrans >= self.threshold * total:
                 start, quiet = i - 1, 0
             else:
                 quiet += 1
