@@ -364,14 +364,31 @@ class Daemon:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
     def fd_kinds(self) -> Counter:
-        """What the daemon's descriptors point at, counted (socket:[...] and pipe:[...] by kind)."""
+        """What the daemon's descriptors point at, counted: pipes, anon inodes by kind, files, and
+        sockets by protocol as the daemon's own namespace lists them (``socket:unix``,
+        ``socket:netlink``, ``socket:tcp`` ...); a socket that none of those tables lists lives in
+        another namespace (a watcher's netlink sockets): ``socket:elsewhere``."""
+        protocols: dict[str, str] = {}
+        for proto in ("unix", "netlink", "tcp", "tcp6", "udp", "udp6", "raw", "packet"):
+            try:
+                lines = Path(f"/proc/{self.pid}/net/{proto}").read_text().splitlines()[1:]
+            except OSError:
+                continue
+            column = {"unix": 6, "packet": 8}.get(proto, 9)  # the Inode column
+            for line in lines:
+                fields = line.split()
+                if len(fields) > column:
+                    protocols[fields[column]] = proto.rstrip("6")
         kinds: Counter = Counter()
         for fd in os.listdir(f"/proc/{self.pid}/fd"):
             try:
                 target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
             except OSError:
                 continue
-            kinds[target.split(":[", 1)[0]] += 1
+            kind, _, rest = target.partition(":[")
+            if kind == "socket":
+                kind = "socket:" + protocols.get(rest.rstrip("]"), "elsewhere")
+            kinds[kind] += 1
         return kinds
 
     def kill(self) -> None:
