@@ -7,6 +7,7 @@ what tripped, when it started, when it was detected, what the capture holds.
 
 from __future__ import annotations
 
+import gzip
 import io
 import re
 import tarfile
@@ -61,14 +62,17 @@ def summary_text(row: CaptureRow, anomaly: AnomalyRow | None) -> str:
 
 
 def build_bundle(row: CaptureRow, anomaly: AnomalyRow | None, pcap: Path | None, evidence: Path | None) -> bytes:
-    """The bundle's bytes (blocking: run it in a worker thread). Files that are gone are left out."""
+    """The bundle's bytes (blocking: run it in a worker thread), the same for the same capture.
+    Files that are gone are left out."""
     buf = io.BytesIO()
     prefix = f"nstap-{row.id}"
-    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=6) as tar:
+    stamp = int(row.finished_at or row.created_at)
+    # The gzip header's time too is the capture's: the same capture always gives the same bytes.
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=stamp) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
 
         def add(name: str, data: bytes | None = None, path: Path | None = None) -> None:
             info = tarfile.TarInfo(f"{prefix}/{name}")
-            info.mtime = int(row.finished_at or row.created_at)
+            info.mtime = stamp
             info.mode = 0o600
             if path is not None:
                 try:
