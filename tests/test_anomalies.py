@@ -197,6 +197,7 @@ def test_dropped_acks_make_retransmissions_and_a_capture_from_before(nstap, cont
     assert any(f".{reader.local_port}:" in line for line in lines)  # the reader's flow is in there
     m = d.scrape()
     assert m.value("nstap_anomalies_total", container_id=cid[:12], kind="tcp_retransmits") == 1
+    assert m.value("nstap_flight_recorder_reach_seconds", container_id=cid[:12]) > PRE + 3  # since it started: its ring never rotated
     assert m.value("nstap_captures_total", container_id=cid[:12], reason="anomaly") >= 1
 
 

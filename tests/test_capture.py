@@ -163,6 +163,19 @@ async def test_flight_recorder_capture_starts_before_its_trigger(engine, netns: 
     assert all(done.window_start <= r.ts <= done.window_end for r in records)
     lines = tcpdump_read(store.path_of(done), "icmp")
     assert sum("echo request" in line for line in lines) == 7
+    assert not done.pre_truncated  # the ring held the whole window
+    # An onset long before the ring started: the window reaches back max_pre_seconds at most, and
+    # says the ring did not hold all of it; the ring's reach is how long it has run.
+    ring = eng.rings[record.netns]
+    now = time.time()
+    assert 3 < ring.reach(now) < 60 and ring.holds_since() == ring.started_wall
+    early = await eng.capture(target_of(record), "anomaly", kind="test", trigger_at=now, onset_at=now - 100, margin=1.0, post_seconds=0.5)
+    assert early.onset_at == now - 100 and early.pre_truncated
+    assert early.window_start == pytest.approx(now - eng.settings.max_pre_seconds)
+    recent = await eng.capture(target_of(record), "anomaly", kind="test", trigger_at=now, onset_at=now - 1.5, margin=0.5, post_seconds=0.5)
+    assert not recent.pre_truncated and recent.window_start == pytest.approx(now - 1.5 - 0.5 - eng.settings.pre_seconds)
+    for row in (early, recent):
+        assert (await wait_done(store, row.id)).state == COMPLETE
 
 
 async def test_filter_is_checked_and_applied(engine, netns: NsUnderTest) -> None:
