@@ -865,8 +865,14 @@ class CaptureEngine:
         return len(self._running)
 
     async def stop(self) -> None:
-        """Mark running captures incomplete, stop every flight recorder."""
+        """Mark running captures incomplete, stop every flight recorder.
+
+        Evidence goes first: a capture that ends because the daemon stops must not set off its
+        end snapshot (child processes started while everything is being torn down)."""
         self._closed = True
+        for task in list(self._evidence_tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._evidence_tasks), return_exceptions=True)
         tasks = list(self._running.values())
         for task in tasks:
             task.cancel()
@@ -875,9 +881,6 @@ class CaptureEngine:
         self.rings.clear()
         while self._ring_tasks:
             await asyncio.gather(*list(self._ring_tasks), return_exceptions=True)
-        for task in list(self._evidence_tasks):
-            task.cancel()
-        await asyncio.gather(*list(self._evidence_tasks), return_exceptions=True)
         if self.evidence is not None:
             self.evidence.close()
         os.close(self._home_fd)

@@ -258,12 +258,23 @@ async def run_tool(argv: list[str], ns_fd: int | None = None) -> tuple[str, str]
             return "", "nsenter is not installed"
         full = [nsenter, f"--net=/proc/self/fd/{ns_fd}", "--", *full]
         pass_fds = (ns_fd,)
+    creating = asyncio.ensure_future(asyncio.create_subprocess_exec(
+        *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds,
+    ))
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds,
-        )
+        proc = await asyncio.shield(creating)
     except OSError as exc:
         return "", f"cannot run {argv[0]}: {exc}"
+    except asyncio.CancelledError:
+        # Cancelled while the child was being started (the daemon stops): it still starts, and
+        # must be reaped before the loop goes, or its transport outlives the loop.
+        try:
+            late = await creating
+        except OSError:
+            raise asyncio.CancelledError from None
+        late.kill()
+        await late.wait()
+        raise
     try:
         out, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT)
     except asyncio.TimeoutError:
