@@ -24,6 +24,7 @@ import pytest
 
 from conftest import ROOT, Containers, Daemon, sh, tool, wait_until
 from nstap.capture.bundle import bundle_name, summary_text
+from nstap.capture.pcap import read_records
 from nstap.capture.store import AnomalyRow, CaptureRow
 from nstap.netns.evidence import counter_deltas, parse_counter_file, parse_udp_table
 
@@ -209,3 +210,7 @@ def test_host_side_capture_holds_the_traffic_to_the_container(nstap, containers:
     assert proc.returncode == 0, proc.stderr
     seen = {p for p in ports if f".{p} > {ip}.80:" in proc.stdout}
     assert seen == set(ports), proc.stdout[:2000]
+    # Taken on that one Ethernet interface in the host's namespace, not on "any" inside the
+    # container's (whose pcap would be Linux cooked capture, link type 113 or 276).
+    header, _ = read_records(data)
+    assert header.linktype == 1  # DLT_EN10MB
