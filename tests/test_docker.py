@@ -132,7 +132,8 @@ def test_shared_namespace_is_watched_once(nstap, containers: Containers, docker_
     netns = {m.find("nstap_container_info", container_id=c[:12])[0].labels["netns"] for c in (owner, joiner)}
     assert len(netns) == 1
     assert series_of(m, owner) and not [s for s in series_of(m, joiner) if s.name != "nstap_container_info"]
-    attached = [e for e in d.events("watcher_attached") if e["netns"] == int(netns.pop())]
+    inode = int(netns.pop())
+    attached = [e for e in d.events("watcher_attached") if e["netns"] == inode]
     assert len(attached) == 1 and attached[0]["container_id"] == owner[:12]
     assert m.value("nstap_namespaces_watched") == m0.value("nstap_namespaces_watched")
     assert m.value("nstap_containers_watched", runtime="docker") == m0.value("nstap_containers_watched", runtime="docker") + 1

@@ -31,6 +31,7 @@ from .detect.incidents import IncidentTracker
 from .detect.pipeline import DetectionPipeline
 from .exporter import ContainerCollector, build_registry
 from .instruments import Instruments
+from .nat.monitor import NatMonitor
 from .netns.handles import NamespaceOpener
 from .registry import ContainerRegistry
 from .runtime.exits import ProcessExits
@@ -46,7 +47,7 @@ IO_THREADS = 2
 RETENTION_INTERVAL = 60.0  # seconds between passes of the store's age limit (and retries of unsaved outcomes)
 KNOWN_TASKS = (
     "capture-retention", "ring-pump", "capture", "ring", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
-    "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api",
+    "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall",
 )
 
 
@@ -162,6 +163,13 @@ class App:
         tracker = IncidentTracker(
             store, engine.for_anomaly if cfg.detect.capture else None, cfg.detect.cooldown, cfg.detect.resolve_after, self.supervisor
         )
+        nat = None
+        if cfg.nat.enabled:
+            nat = NatMonitor(
+                cfg.nat, cfg.interval, self.registry, pool.netns_fd, opener.home_inode, self.supervisor,
+                tracker if cfg.detect.enabled else None, frozenset(cfg.detect.disabled), cfg.proc_root,
+            )
+            engine.nat = nat
         pipeline = DetectionPipeline(self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled}, self.supervisor)
         self.sources = [
             RuntimeSource(
@@ -177,11 +185,11 @@ class App:
             )
             for endpoint in cfg.runtimes
         ]
-        collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine)
+        collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine, nat)
         self.api = ApiServer(
             cfg.metrics_listen, cfg.api_listen, self.prometheus, collector, self.registry, lambda: set(pool.watched()), token, self.supervisor.failed
         )
-        self.api.add_routes(CaptureApi(self.registry, engine, store, cap.max_seconds).routes())
+        self.api.add_routes(CaptureApi(self.registry, engine, store, cap.max_seconds, nat).routes())
         try:
             await self.api.start()
         except OSError as exc:
@@ -208,6 +216,8 @@ class App:
             pipeline.start(self.store)
         pool.start()
         engine.start()
+        if nat is not None:
+            nat.start(self.store)
         for source in self.sources:
             self.supervisor.service(f"runtime-{source.name}", source.run)
         self.supervisor.service("capture-retention", lambda: self._retention(store, engine))
@@ -219,6 +229,8 @@ class App:
             await pool.stop()
             await tracker.close()
             await engine.stop()
+            if nat is not None:
+                await nat.close()
             await self.api.stop()
             await self.supervisor.stop()
             await store.close()

@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     anomalies.add_argument("--limit", type=int, default=50)
     anomalies.add_argument("--json", action="store_true")
 
+    nat = sub.add_parser("nat", help="published ports and their verified state, with counters")
+    _client_args(nat)
+    nat.add_argument("container", nargs="?", help="name or id (default: every forward on the host)")
+    nat.add_argument("--json", action="store_true", help="print the API's JSON")
+
     captures = sub.add_parser("captures", help="list or download captures")
     captures_sub = captures.add_subparsers(dest="captures_command", required=True)
     listing = captures_sub.add_parser("list", help="list captures, newest first")
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return _containers(args, _config(args, ("data_dir",)))
         if args.command == "anomalies":
             return _anomalies(args, _config(args, ("data_dir",)))
+        if args.command == "nat":
+            return _nat(args, _config(args, ("data_dir",)))
         if args.command == "captures":
             return _captures(args, _config(args, ("data_dir",)))
         if args.command == "capture":
@@ -218,6 +225,40 @@ def _anomalies(args: argparse.Namespace, config: Config) -> int:
             a["container"], a["kind"], a["capture_id"] or "-", a["summary"],
         ))
     _print_table(rows)
+    return 0
+
+
+def _nat(args: argparse.Namespace, config: Config) -> int:
+    from urllib.parse import quote
+
+    from .client import ApiUnavailable
+
+    path = f"/api/v1/containers/{quote(args.container, safe='')}/nat" if args.container else "/api/v1/nat"
+    try:
+        data = _client(args, config).get_json(path)
+    except ApiUnavailable as exc:
+        print(f"nstap: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [("CONTAINER", "PROTO", "HOST", "CONTAINER ADDRESS", "BACKEND", "STATE", "NEW CONNS", "WHY")]
+    for f in data.get("forwards", []):
+        host = f"{f['host_ip'] or '*'}:{f['host_port']}"
+        dest = f"{f['container_ip'] or '?'}:{f['container_port']}"
+        why = f["detail"] + (f"  [{f['rule']}]" if f["state"] != "ok" and f["rule"] else "")
+        rows.append((f["container"] or "(none)", f["protocol"], host, dest, f["backend"], f["state"], str(f["new_connections"]), why or "-"))
+    _print_table(rows)
+    for m in data.get("masquerade", []):
+        if m["state"] != "ok":
+            print(f"masquerade {m['network']} {m['subnet']}: {m['state']}: {m['detail']}")
+    fw = data.get("firewall")
+    if fw:
+        for r in fw["drop_rules"]:
+            print(f"firewall {r['table']} {r['chain']}:{r['position']} {r['target']} {r['packets']} packets  {r['rule']}")
+    conntrack = data.get("conntrack")
+    if conntrack:
+        print("conntrack " + ", ".join(f"{k}={v}" for k, v in conntrack.items()))
     return 0
 
 

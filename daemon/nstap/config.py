@@ -83,10 +83,12 @@ class DetectConfig(Strict):
     @classmethod
     def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         from .detect import DETECTORS
+        from .detect.nat import KINDS
 
-        unknown = sorted(set(value) - set(DETECTORS))
+        known = (*DETECTORS, *KINDS)
+        unknown = sorted(set(value) - set(known))
         if unknown:
-            raise ValueError(f"unknown detector {unknown[0]!r} (known: {', '.join(DETECTORS)})")
+            raise ValueError(f"unknown detector {unknown[0]!r} (known: {', '.join(known)})")
         return value
 
     @field_validator("detectors")
@@ -132,6 +134,19 @@ class CaptureConfig(Strict):
         return self
 
 
+class NatConfig(Strict):
+    """NAT rules, conntrack and the containers' own firewalls."""
+
+    enabled: bool = True
+    interval: float = Field(15.0, ge=1.0, le=3600.0, description="longest seconds between reads of the NAT rules (their counters); a change is read at once")
+    conntrack_interval: float = Field(30.0, ge=1.0, le=3600.0, description="seconds between per-container conntrack passes (longer when a pass costs more than conntrack_budget)")
+    conntrack_budget: float = Field(0.01, gt=0.0, le=0.5, description="share of one core the per-container conntrack pass may use")
+    conntrack_full_ratio: float = Field(0.9, gt=0.0, le=1.0, description="conntrack_full above this share of nf_conntrack_max")
+    userland_proxy: Literal["auto", "on", "off"] = Field("auto", description="check Docker's docker-proxy listeners (auto: unless /etc/docker/daemon.json turns userland-proxy off)")
+    max_firewall_rules: int = Field(32, ge=1, le=1000, description="DROP/REJECT rules exported per container")
+    read_timeout: float = Field(10.0, ge=1.0, le=300.0, description="seconds a rule read (iptables-save, nft) may take")
+
+
 DEFAULT_RUNTIMES = (
     RuntimeEndpoint(name="docker", socket=Path("/var/run/docker.sock")),
     RuntimeEndpoint(name="podman", socket=Path("/run/podman/podman.sock")),
@@ -159,6 +174,7 @@ class Config(Strict):
     tcp_child_ehash_entries: int = Field(0, ge=0, le=1 << 24, description="set net.ipv4.tcp_child_ehash_entries at start (0: leave it)")
     detect: DetectConfig = DetectConfig()
     capture: CaptureConfig = CaptureConfig()
+    nat: NatConfig = NatConfig()
 
     @field_validator("interval", "reconcile_interval", "reconnect_max_backoff", "sample_budget_ms")
     @classmethod

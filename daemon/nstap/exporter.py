@@ -37,6 +37,9 @@ from .samples import NamespaceSample, SampleStore
 if TYPE_CHECKING:
     from .capture.engine import CaptureEngine
     from .detect.incidents import IncidentTracker
+    from .nat.monitor import NatMonitor
+
+HOST_ID = "host"  # nstap.detect.incidents.HOST_ID (not imported: the exporter stays free of the detection modules)
 
 # (metric name, help, InterfaceCounters attribute)
 INTERFACE_COUNTERS = (
@@ -80,6 +83,7 @@ class ScrapeState(NamedTuple):
     anomalies_total: dict[tuple[str, str, str, str], int]
     incidents: list[tuple[str, str, str, str, bool]]  # container, id, runtime, kind, active
     captures: dict[str, Any] | None
+    nat: dict[str, Any] | None = None
 
 
 def _escape(value: str) -> str:
@@ -165,6 +169,7 @@ class ContainerCollector:
         watchers: WatchedSource | None = None,
         incidents: IncidentTracker | None = None,
         captures: CaptureEngine | None = None,
+        nat: NatMonitor | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -172,6 +177,7 @@ class ContainerCollector:
         self.watchers = watchers
         self.incidents = incidents
         self.captures = captures
+        self.nat = nat
         self._labels: dict[tuple, Labels] = {}
         self._used: dict[tuple, Labels] = {}
 
@@ -218,7 +224,20 @@ class ContainerCollector:
             if tracker is not None
             else [],
             captures=captures,
+            nat=self._nat_snapshot(),
         )
+
+    def _nat_snapshot(self) -> dict[str, Any] | None:
+        monitor = self.nat
+        if monitor is None:
+            return None
+        return {
+            "state": monitor.state,  # immutable
+            "up": dict(monitor.up),
+            "reads": monitor.reads_total,
+            "read_errors": monitor.read_errors_total,
+            "firewalls": [(inode, fw.rules, fw.changes) for inode, fw in monitor.firewalls.items()],
+        }
 
     def render(self, scrape: ScrapeState | None = None) -> str:
         """The text exposition of every family (from ``scrape``, or a snapshot taken now)."""
@@ -241,6 +260,7 @@ class ContainerCollector:
                 *self._sample_families(scrape),
                 *self._anomaly_families(scrape),
                 *self._capture_families(scrape),
+                *self._nat_families(scrape),
             ]
         finally:
             self._labels = self._used  # keep the label sets used this time, drop the rest
@@ -389,7 +409,7 @@ class ContainerCollector:
     def _anomaly_families(self, scrape: ScrapeState) -> list[Family]:
         if self.incidents is None:
             return []
-        current = {r.short_id for r in scrape.containers}
+        current = {r.short_id for r in scrape.containers} | {HOST_ID}  # the host's own events (conntrack)
         total = Family("nstap_anomalies_total", "counter", "Anomaly events that started, by kind (an ongoing or flapping anomaly counts once).")
         active = Family("nstap_anomaly_active", "gauge", "1 while an anomaly of this kind is going on in the container, 0 after it ended.")
         for (name, cid, runtime, kind), count in scrape.anomalies_total.items():
@@ -443,6 +463,78 @@ class ContainerCollector:
             family = Family(name, kind, help_)
             family.add(NO_LABELS, value)
             out.append(family)
+        return out
+
+
+    def _nat_families(self, scrape: ScrapeState) -> list[Family]:
+        nat = scrape.nat
+        if nat is None:
+            return []
+        state = nat["state"]
+        ids = {r.id: r for r in scrape.containers}
+        info = Family(
+            "nstap_nat_port_forward_info", "gauge",
+            "A published port and its verified state: ok, missing, stale (points at an address no container has) or shadowed (an earlier rule decides first).",
+        )
+        new = Family(
+            "nstap_nat_port_forward_new_connections_total", "counter",
+            "Connections the forward's DNAT rule translated (its packet counter: NAT rules see a connection's first packet only).",
+        )
+        for f in state.forwards:
+            record = ids.get(f.container_id)
+            name, cid, runtime = (record.name, record.short_id, record.runtime) if record is not None and f.container else ("", f.container_id[:12], "")
+            base = (("container", name), ("container_id", cid), ("runtime", runtime), ("protocol", f.protocol), ("host_ip", f.host_ip), ("host_port", str(f.host_port)))
+            info.add(Labels((*base, ("container_ip", f.container_ip), ("container_port", str(f.container_port)), ("backend", f.backend), ("state", f.state))), 1)
+            if f.container:
+                new.add(Labels(base), f.new_connections)
+        up = Family("nstap_collector_up", "gauge", "1 when the collector can read what it needs (nat: the NAT rules; conntrack: the table; firewall: the containers' rules).")
+        for collector, value in sorted(nat["up"].items()):
+            up.add(Labels((("collector", collector),)), value)
+        out = [info, new, up]
+        rules = Family("nstap_nat_rules", "gauge", "Rules in the host's nat tables at the last read, by back end and family.")
+        for key, count in sorted(state.rules.items()):
+            rules.add(Labels((("source", key),)), count)
+        out.append(rules)
+        for name, kind, help_, value in (
+            ("nstap_nat_reads_total", "counter", "Reads of the host's NAT rules.", nat["reads"]),
+            ("nstap_nat_read_errors_total", "counter", "Reads of the NAT rules that failed or could not parse some of the output.", nat["read_errors"]),
+            ("nstap_nat_read_seconds", "gauge", "Wall time of the last read of the NAT rules (tools, parse and verification).", round(state.read_seconds, 6)),
+            ("nstap_nat_last_read_timestamp_seconds", "gauge", "When the NAT rules were last read.", round(state.read_at, 3)),
+        ):
+            family = Family(name, kind, help_)
+            family.add(NO_LABELS, value)
+            out.append(family)
+        ct = state.conntrack
+        if ct is not None:
+            for name, kind, help_, value in (
+                ("nstap_conntrack_entries", "gauge", "Entries in the host's conntrack table.", ct.entries),
+                ("nstap_conntrack_limit", "gauge", "nf_conntrack_max: the table's size limit.", ct.limit),
+                *((f"nstap_conntrack_{key}_total", "counter", f"conntrack's {key} statistic, summed over CPUs.", ct.stats.get(key, 0))
+                  for key in ("insert_failed", "drop", "early_drop", "invalid", "search_restart")),
+            ):
+                family = Family(name, kind, help_)
+                family.add(NO_LABELS, value)
+                out.append(family)
+        flows = Family("nstap_container_conntrack_entries", "gauge", "Conntrack entries of the container (it opened or answers them), by protocol and state.")
+        for cid, counts in state.flows.items():
+            record = ids.get(cid)
+            if record is None:
+                continue
+            for (protocol, st), count in sorted(counts.items()):
+                flows.add(Labels((("container", record.name), ("container_id", record.short_id), ("runtime", record.runtime), ("protocol", protocol), ("state", st))), count)
+        out.append(flows)
+        packets = Family("nstap_firewall_rule_packets_total", "counter", "Packets matched by a DROP or REJECT rule of the container's own firewall (rule: its position in the chain).")
+        changes = Family("nstap_firewall_changes_total", "counter", "Changes of the container's own firewall seen by nstap.")
+        for inode, fw_rules, changed in nat["firewalls"]:
+            ns = scrape.namespaces.get(inode)
+            if ns is None:
+                continue
+            owner = ns.owner
+            base = (("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))
+            changes.add(Labels(base), changed)
+            for rule in fw_rules:
+                packets.add(Labels((*base, ("table", rule.table), ("chain", rule.chain), ("target", rule.target), ("rule", str(rule.position)))), rule.packets)
+        out += [packets, changes]
         return out
 
 

@@ -59,6 +59,14 @@ class SocketSample(NamedTuple):
     walk_interval: float
 
 
+class FirewallSample(NamedTuple):
+    """Whether the namespace's own firewall changed: its nftables generation id (1: nothing ever
+    committed; 0: no nf_tables) and whether it holds legacy iptables tables."""
+
+    generation: int
+    legacy: bool
+
+
 class NamespaceSample(NamedTuple):
     """Everything sampled from one network namespace at one instant."""
 
@@ -69,7 +77,8 @@ class NamespaceSample(NamedTuple):
     protocols: Mapping[str, int] | None = None
     sockets: SocketSample | None = None
     failed: tuple[str, ...] = ()
-    interval: float = 0.0  # seconds until this namespace's next sample (see the watcher's budget)
+    interval: float = 0.0
+    firewall: FirewallSample | None = None  # seconds until this namespace's next sample (see the watcher's budget)
 
 
 class SampleStore:

@@ -177,6 +177,7 @@ class NamespaceWatcher:
             sockets=parts.get("sockets"),
             failed=tuple(failed),
             interval=self.every * pool.interval,
+            firewall=parts.get("firewall"),
         )
         pool.store.put(sample)
         return sample

@@ -24,6 +24,7 @@ from ..capture.bundle import build_bundle, bundle_name
 from ..capture.engine import SIDES, CaptureEngine, CaptureRefused, CaptureTarget
 from ..capture.store import EVICTED, RUNNING, CaptureRow, CaptureStore
 from ..capture.tcpdump import FilterError
+from ..nat.monitor import NatMonitor
 from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
 from .server import BadRequest
@@ -102,11 +103,12 @@ def download_name(row_container: str, what: str, at: float) -> str:
 class CaptureApi:
     """The /api/v1 routes that read and start captures and anomalies."""
 
-    def __init__(self, registry: ContainerRegistry, engine: CaptureEngine, store: CaptureStore, max_seconds: float) -> None:
+    def __init__(self, registry: ContainerRegistry, engine: CaptureEngine, store: CaptureStore, max_seconds: float, nat: NatMonitor | None = None) -> None:
         self.registry = registry
         self.engine = engine
         self.store = store
         self.max_seconds = max_seconds
+        self.nat = nat
 
     def routes(self) -> list[web.RouteDef]:
         """The routes, for ApiServer.add_routes."""
@@ -120,6 +122,8 @@ class CaptureApi:
             web.get("/api/v1/captures/{id}/bundle", self.bundle),
             web.post("/api/v1/alertmanager", self.alertmanager),
             web.get("/api/v1/alerts", self.alerts),
+            web.get("/api/v1/nat", self.nat_all),
+            web.get("/api/v1/containers/{name}/nat", self.nat_of),
         ]
 
     # -- reading ---------------------------------------------------------------------------------
@@ -221,10 +225,31 @@ class CaptureApi:
     async def alerts(self, request: web.Request) -> web.Response:
         return web.json_response({"alerts": await self.store.alerts(_limit(request))})
 
+    # -- NAT ---------------------------------------------------------------------------------------
+
+    def _monitor(self) -> NatMonitor:
+        if self.nat is None:
+            raise BadRequest("the NAT monitor is off (nat.enabled: false)", 409)
+        return self.nat
+
+    async def nat_all(self, request: web.Request) -> web.Response:
+        monitor = self._monitor()
+        state = monitor.state
+        return web.json_response({
+            "read_at": state.read_at, "rules": dict(state.rules), "errors": list(state.errors),
+            "forwards": [f.to_json() for f in state.forwards],
+            "conntrack": monitor.conntrack_json(),
+        })
+
+    async def nat_of(self, request: web.Request) -> web.Response:
+        monitor = self._monitor()
+        record = self.find(request.match_info["name"])
+        return web.json_response(monitor.container_json(record))
+
     # -- starting captures -----------------------------------------------------------------------
 
-    def resolve(self, ref: Any) -> tuple[ContainerRecord, CaptureTarget]:
-        """The container a request names (name, full id or unique id prefix) and what to capture."""
+    def find(self, ref: Any) -> ContainerRecord:
+        """The container a request names: name, full id or unique id prefix."""
         if not isinstance(ref, str) or not 1 <= len(ref) <= 256:
             raise BadRequest("container must be a container name or id")
         records = self.registry.containers()
@@ -235,7 +260,11 @@ class CaptureApi:
             raise BadRequest(f"no running container {ref!r}", 404)
         if len(found) > 1:
             raise BadRequest(f"{ref!r} matches {len(found)} containers", 409)
-        record = found[0]
+        return found[0]
+
+    def resolve(self, ref: Any) -> tuple[ContainerRecord, CaptureTarget]:
+        """The container a request names (name, full id or unique id prefix) and what to capture."""
+        record = self.find(ref)
         if nstap_labels.capture_opted_out(record.labels):
             raise BadRequest(f"{record.name} opted out of captures (nstap.capture=off)", 403)
         if record.host_network:

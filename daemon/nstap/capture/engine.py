@@ -44,7 +44,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -57,6 +57,9 @@ from .pcap import HEADER_LEN, PcapError, PcapHeader, PcapWriter, Record, StreamP
 from .ring import FlightRecorder, Span, WholeSegment, read_window
 from .store import COMPLETE, FAILED, INCOMPLETE, RUNNING, AnomalyRow, CaptureRow, CaptureStore, new_id
 from .tcpdump import CaptureToolMissing, TcpdumpProcess, Tools
+
+if TYPE_CHECKING:
+    from ..nat.monitor import NatMonitor
 
 log = structlog.get_logger("nstap.capture")
 
@@ -265,6 +268,7 @@ class CaptureEngine:
         except CaptureToolMissing as exc:
             self.tools, self.tools_error = None, str(exc)
         self.evidence = EvidenceRecorder(store) if settings.evidence else None
+        self.nat: NatMonitor | None = None  # set by the daemon: its view joins each capture's evidence
         self._evidence_tasks: set[asyncio.Task] = set()
         self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # host-side captures
         self._short_logged: set[str] = set()  # recorders whose short reach was logged
@@ -547,7 +551,12 @@ class CaptureEngine:
         if held is None:
             return
         fd = os.dup(held)
-        task = self.supervisor.spawn("evidence", self.evidence.record(row, anomaly, fd, self.host_peers(row.netns), lambda: asyncio.wait({capture})))
+        nat = self.nat
+        namespace = self.registry.namespaces().get(row.netns)
+        extra = (lambda: nat.evidence(namespace)) if nat is not None and namespace is not None else None
+        task = self.supervisor.spawn(
+            "evidence", self.evidence.record(row, anomaly, fd, self.host_peers(row.netns), lambda: asyncio.wait({capture}), extra)
+        )
         self._evidence_tasks.add(task)
         task.add_done_callback(self._evidence_tasks.discard)
         task.add_done_callback(lambda _task: os.close(fd))
@@ -828,7 +837,11 @@ class CaptureEngine:
         return row.id
 
     def _host_side_too(self, anomaly: AnomalyRow, netns: int) -> list[str]:
-        """The host-side interfaces whose drops tripped an ``interface_drops`` anomaly."""
+        """The host-side interfaces whose drops tripped an ``interface_drops`` anomaly, and the host
+        end of a container whose port forward or masquerade broke (the NAT happens on the host: the
+        packets that do not make it through show there)."""
+        if anomaly.kind.startswith("nat_"):
+            return self.host_peers(netns)[:1]
         if anomaly.kind != HOST_SIDE_KIND:
             return []
         peers = self.host_peers(netns)

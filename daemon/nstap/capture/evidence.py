@@ -18,7 +18,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -40,7 +40,7 @@ class EvidenceRecorder:
         self.runner = ns_evidence.NamespaceRunner()
         self.failed_total = 0
 
-    async def snapshot(self, ns_fd: int, host_peers: list[str]) -> dict[str, Any]:
+    async def snapshot(self, ns_fd: int, host_peers: list[str], extra: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> dict[str, Any]:
         """One snapshot of the namespace behind ``ns_fd`` (kept open by the caller until this returns)."""
         taken_at = time.time()
         limit = self.socket_limit
@@ -54,6 +54,8 @@ class EvidenceRecorder:
         )
         snap: dict[str, Any] = {"taken_at": taken_at, **inside, **ip, "host_interfaces": host, "firewall": firewall}
         snap["failed_neighbours"] = ns_evidence.interesting_neighbours(ip.get("neighbours", []))
+        if extra is not None:
+            snap["nat"] = await extra()  # the container's forwards, own firewall and conntrack entries
         return snap
 
     async def record(
@@ -63,6 +65,7 @@ class EvidenceRecorder:
         ns_fd: int,
         host_peers: list[str],
         capture_done: Callable[[], Any],
+        extra: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         """Snapshot now, file it, wait for ``capture_done()`` (an awaitable), snapshot again, file
         the whole. ``ns_fd`` stays the caller's to close. Never raises (but a cancel)."""
@@ -72,10 +75,10 @@ class EvidenceRecorder:
                 "capture": {k: v for k, v in row.to_json().items() if k not in ("downloadable", "has_evidence")},
                 "anomaly": anomaly.to_json() if anomaly is not None else None,
             }
-            doc["start"] = await self.snapshot(ns_fd, host_peers)
+            doc["start"] = await self.snapshot(ns_fd, host_peers, extra)
             await self._save(row.id, doc)
             await capture_done()
-            doc["end"] = await self.snapshot(ns_fd, host_peers)
+            doc["end"] = await self.snapshot(ns_fd, host_peers, extra)
             before, after = doc["start"].get("counters"), doc["end"].get("counters")
             if before and after:
                 doc["counter_deltas"] = ns_evidence.counter_deltas(before, after)

@@ -15,7 +15,7 @@ import asyncio
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 import structlog
@@ -29,6 +29,8 @@ log = structlog.get_logger("nstap.detect")
 
 SAVE_EVERY = 5.0  # seconds between index updates of an ongoing event
 MARGIN_SAMPLES = 2  # sample intervals a capture reaches back before the onset (its estimate's error)
+
+HOST_ID = "host"  # the container_id of the host's own events (conntrack pressure)
 
 CaptureStarter = Callable[[WatchedNamespace, AnomalyRow, float], Awaitable[str | None]]
 
@@ -64,9 +66,10 @@ class IncidentTracker:
         self.anomalies_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, kind)
         self._tasks: set[asyncio.Task] = set()
 
-    def found(self, ns: WatchedNamespace, finding: Finding, at: float, interval: float = 0.0) -> Incident:
+    def found(self, ns: WatchedNamespace, finding: Finding, at: float, interval: float = 0.0, capture: bool = True) -> Incident:
         """Record a finding in namespace ``ns`` at time ``at`` (``interval``: the namespace's sampling
-        interval, which sets how far before the onset its capture reaches)."""
+        interval, which sets how far before the onset its capture reaches; ``capture`` False for
+        findings of the host, which has no namespace of its own to capture)."""
         key = (ns.inode, finding.kind)
         inc = self.incidents.get(key)
         row_numbers = dict(finding.numbers)
@@ -102,7 +105,7 @@ class IncidentTracker:
         self.anomalies_total[(owner.name, owner.short_id, owner.runtime, finding.kind)] += 1
         self._log("anomaly_detected", row)
         self._save(inc, at)
-        if self.start_capture is not None:
+        if self.start_capture is not None and capture:
             self._spawn("anomaly-capture", self._capture(ns, inc, at, MARGIN_SAMPLES * interval))
         return inc
 
@@ -112,9 +115,12 @@ class IncidentTracker:
         if inc.row.capture_id is not None:
             self._save(inc, at)
 
-    def quiet(self, netns: int, seen: set[str], at: float) -> None:
-        """A sample of ``netns`` found only the kinds in ``seen``: resolve events quiet for long enough."""
+    def quiet(self, netns: int, seen: set[str], at: float, kinds: Collection[str] | None = None) -> None:
+        """A look at ``netns`` found only the kinds in ``seen`` (of those in ``kinds``, or of every
+        kind): resolve its events of those kinds that were quiet for long enough."""
         for (inode, kind), inc in self.incidents.items():
+            if kinds is not None and kind not in kinds:
+                continue
             if inode == netns and inc.active and kind not in seen and at - inc.row.last_seen >= self.resolve_after:
                 self._resolve(inc, at)
 
@@ -127,8 +133,9 @@ class IncidentTracker:
                 self._resolve(inc, at)
 
     def prune(self, current: set[str]) -> None:
-        """Forget the event counts of containers (by short id) that are not in ``current`` any more."""
-        for key in [k for k in self.anomalies_total if k[1] not in current]:
+        """Forget the event counts of containers (by short id) that are not in ``current`` any more
+        (the host's own events are kept)."""
+        for key in [k for k in self.anomalies_total if k[1] not in current and k[1] != HOST_ID]:
             del self.anomalies_total[key]
 
     def _resolve(self, inc: Incident, at: float) -> None:

@@ -9,7 +9,7 @@ import structlog
 from ..registry import ContainerRegistry
 from ..samples import NamespaceSample, SampleStore
 from ..supervisor import TaskSupervisor
-from . import build_detectors
+from . import DETECTORS, build_detectors
 from .base import Detector
 from .incidents import IncidentTracker
 
@@ -65,7 +65,7 @@ class DetectionPipeline:
             if finding is not None:
                 seen.add(finding.kind)
                 self.tracker.found(ns, finding, sample.taken_at, sample.interval)
-        self.tracker.quiet(sample.netns, seen, sample.taken_at)
+        self.tracker.quiet(sample.netns, seen, sample.taken_at, DETECTORS)
 
     def _forget_gone(self) -> None:
         namespaces = self.registry.namespaces()

@@ -244,9 +244,9 @@ def _tool(name: str) -> str | None:
     return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin")
 
 
-async def run_tool(argv: list[str], ns_fd: int | None = None) -> tuple[str, str]:
+async def run_tool(argv: list[str], ns_fd: int | None = None, timeout: float = TOOL_TIMEOUT, cap: int = TOOL_OUTPUT_CAP) -> tuple[str, str]:
     """Run a tool (in the namespace behind ``ns_fd``, through nsenter); (stdout, error) with a time
-    limit and an output cap."""
+    limit and an output cap (output beyond it is an error: a truncated ruleset would lie)."""
     tool = _tool(argv[0])
     if tool is None:
         return "", f"{argv[0]} is not installed"
@@ -276,17 +276,19 @@ async def run_tool(argv: list[str], ns_fd: int | None = None) -> tuple[str, str]
         await late.wait()
         raise
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), TOOL_TIMEOUT)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
-        return "", f"{argv[0]} took longer than {TOOL_TIMEOUT:g}s"
+        return "", f"{argv[0]} took longer than {timeout:g}s"
     except asyncio.CancelledError:
         if proc.returncode is None:
             proc.kill()
             await asyncio.shield(proc.wait())
         raise
-    text = out[:TOOL_OUTPUT_CAP].decode("utf-8", "replace")
+    text = out[:cap].decode("utf-8", "replace")
+    if len(out) > cap:
+        return text, f"{argv[0]} printed more than {cap} bytes"
     if proc.returncode != 0:
         return text, (err.decode("utf-8", "replace").strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:500]
     return text, ""

@@ -20,7 +20,8 @@ from pathlib import Path
 from . import netlink
 
 CLONE_NEWNET = 0x40000000
-PROC_NET_FILES = ("dev", "snmp", "netstat", "sockstat", "sockstat6")
+PROC_NET_FILES = ("dev", "snmp", "netstat", "sockstat", "sockstat6", "ip_tables_names", "ip6_tables_names")
+OPTIONAL_PROC_FILES = frozenset({"sockstat6", "ip_tables_names", "ip6_tables_names"})  # no IPv6, no legacy iptables
 RECORD_FILES = frozenset({"dev"})  # one seq_file record per line; the others are printed as one
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -88,6 +89,7 @@ class NamespaceHandles:
     diag: socket.socket
     diag_walk: socket.socket
     local_port_range: tuple[int, int]
+    nfnl: socket.socket | None = None  # nfnetlink: the namespace's nftables generation id
     closed: bool = field(default=False)
 
     def close(self) -> None:
@@ -95,8 +97,9 @@ class NamespaceHandles:
         if self.closed:
             return
         self.closed = True
-        for sock in (self.rtnl, self.rtnl_events, self.diag, self.diag_walk):
-            sock.close()
+        for sock in (self.rtnl, self.rtnl_events, self.diag, self.diag_walk, self.nfnl):
+            if sock is not None:
+                sock.close()
         for f in self.proc.values():
             os.close(f.fd)
         os.close(self.ns_fd)
@@ -111,12 +114,18 @@ def _open_here(ns_fd: int, inode: int, proc_root: Path) -> NamespaceHandles:
             try:
                 proc[name] = ProcFile(os.open(proc_root / "thread-self/net" / name, os.O_RDONLY | os.O_CLOEXEC), records=name in RECORD_FILES)
             except FileNotFoundError:
-                if name != "sockstat6":  # absent when IPv6 is disabled; everything else is required
+                if name not in OPTIONAL_PROC_FILES:
                     raise
         socks.append(netlink.open_socket(netlink.NETLINK_ROUTE))
         socks.append(netlink.open_socket(netlink.NETLINK_ROUTE, netlink.RTMGRP_LINK))
         socks.append(netlink.open_socket(netlink.NETLINK_SOCK_DIAG))
         socks.append(netlink.open_socket(netlink.NETLINK_SOCK_DIAG))
+        try:
+            nfnl: socket.socket | None = netlink.open_socket(netlink.NETLINK_NETFILTER)
+        except OSError:  # no nf_tables in this kernel: the firewall sampler reports it
+            nfnl = None
+        else:
+            socks.append(nfnl)
         port_range = _read_port_range(proc_root)
     except BaseException:
         for sock in socks:
@@ -124,7 +133,7 @@ def _open_here(ns_fd: int, inode: int, proc_root: Path) -> NamespaceHandles:
         for f in proc.values():
             os.close(f.fd)
         raise
-    return NamespaceHandles(inode, ns_fd, proc, socks[0], socks[1], socks[2], socks[3], port_range)
+    return NamespaceHandles(inode, ns_fd, proc, socks[0], socks[1], socks[2], socks[3], port_range, nfnl)
 
 
 def _read_port_range(proc_root: Path) -> tuple[int, int]:

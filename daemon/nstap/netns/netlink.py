@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 NETLINK_ROUTE = 0
 NETLINK_SOCK_DIAG = 4
+NETLINK_NETFILTER = 12
 
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
@@ -115,6 +116,42 @@ def _messages(sock: socket.socket, seq: int) -> Iterator[tuple[int, bytes, int]]
                     return  # an ACK
                 yield mtype, data, off
             off += (length + 3) & ~3
+
+
+def request(sock: socket.socket, mtype: int, body: bytes, flags: int = NLM_F_REQUEST | NLM_F_DUMP) -> Iterator[tuple[int, bytes, int]]:
+    """Send one request and yield (type, buffer, offset) of every answer message. Read it to the
+    end: a dump left half-read makes the socket's next dump fail (EBUSY)."""
+    seq = _next_seq()
+    sock.send(_NLMSGHDR.pack(16 + len(body), mtype, flags, seq, 0) + body)
+    yield from _messages(sock, seq)
+
+
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 15
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
+_GETGEN = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
+_NFGENMSG = struct.pack("=BBH", 0, 0, 0)
+
+
+def nft_generation(sock: socket.socket) -> int:
+    """The nftables generation id of the socket's namespace: it moves on every ruleset commit
+    (not on counter updates); 1 in a namespace nothing was ever committed to. About 5 µs here,
+    against 130 µs through pyroute2's NFTSocket: per namespace and sample, that difference is
+    the whole per-sample budget."""
+    for mtype, data, off in request(sock, _GETGEN, _NFGENMSG, NLM_F_REQUEST):
+        if mtype & 0xFF != NFT_MSG_NEWGEN:
+            continue
+        end = off + _NLMSGHDR.unpack_from(data, off)[0]
+        pos = off + 20
+        while pos + 4 <= end:
+            length, kind = _NLATTR.unpack_from(data, pos)
+            if length < 4:
+                break
+            if kind & 0x3FFF == NFTA_GEN_ID and length >= 8:
+                return struct.unpack_from(">I", data, pos + 4)[0]
+            pos += (length + 3) & ~3
+    raise NetlinkError(errno.EPROTO, "no nftables generation id in the answer")
 
 
 def drain(sock: socket.socket) -> bool:

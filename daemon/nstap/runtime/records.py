@@ -32,6 +32,8 @@ class NetworkAttachment:
     ipv4: str
     ipv6: str
     mac: str
+    ipv4_prefix: int = 0  # prefix length of the network's subnet (0: unknown)
+    ipv6_prefix: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,8 @@ def record_from_inspect(data: Mapping[str, Any], runtime: str, pod: str = "") ->
             _str(net.get("IPAddress")),
             _str(net.get("GlobalIPv6Address")),
             _str(net.get("MacAddress")),
+            _prefix(net.get("IPPrefixLen"), 32),
+            _prefix(net.get("GlobalIPv6PrefixLen"), 128),
         )
         for name, net in sorted(_dict(settings.get("Networks")).items())[:MAX_NETWORKS]
         if isinstance(net, dict)
@@ -137,6 +141,10 @@ def record_from_inspect(data: Mapping[str, Any], runtime: str, pod: str = "") ->
         ports=_ports(_dict(settings.get("Ports"))),
         started_at=_str(state.get("StartedAt")),
     )
+
+
+def _prefix(value: Any, most: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most else 0
 
 
 def _port_number(text: str) -> int | None:

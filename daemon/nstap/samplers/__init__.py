@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..netns.handles import NamespaceHandles
+from .firewall import FirewallSampler
 from .interfaces import HostLinks, InterfaceSampler
 from .protocols import ProtocolSampler
 from .sockets import SocketSampler
@@ -66,6 +67,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
             True,
             "socket totals, listen queues, per-state counts",
             lambda h, ctx: SocketSampler(h, ctx.interval, ctx.walk_budget, ctx.max_walk_interval, ctx.max_listen_ports),
+        ),
+        SamplerSpec(
+            "firewall",
+            True,
+            "whether the namespace's own firewall changed (nftables generation id, legacy tables)",
+            lambda h, ctx: FirewallSampler(h),
         ),
     )
 }

@@ -1,0 +1,1 @@
+"""NAT rules, conntrack and the containers' own firewalls: readers, parsers and the verdicts on them."""

@@ -1,0 +1,576 @@
+"""The NAT monitor: the host's NAT rules, conntrack and the containers' own firewalls, kept current.
+
+Once per sampling interval, in its own worker thread (pyroute2 sockets stay with the thread that
+made them; nothing here runs on the event loop but the bookkeeping):
+
+* the nftables generation id (pyroute2, ~0.13 ms) says whether any ruleset changed; the rules are
+  read again (``iptables-save -t nat -c`` for both families and back ends, ``nft -j`` for native
+  tables) on a change, when the containers changed, and at least every ``nat.interval`` for the
+  counters; changes made with iptables-legacy do not move the id, so those tables are polled;
+* conntrack's size and statistics (pyroute2) every interval; its flows per container (one dump
+  parsed by hand) every ``nat.conntrack_interval``, or less often when a pass costs more than
+  ``nat.conntrack_budget`` of a core;
+* each namespace's own firewall is read (through the watcher's namespace descriptor) when its
+  sampled generation id moves, and every ``nat.interval`` while it has rules.
+
+One parse serves every container. What it finds goes to the exporter as an immutable
+:class:`NatState`, and to the incident tracker as findings of the kinds in :mod:`nstap.detect.nat`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import json
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ..config import NatConfig
+from ..detect.base import Finding
+from ..detect.incidents import HOST_ID, IncidentTracker
+from ..detect.nat import CONTAINER_KINDS, HOST_KINDS, conntrack_findings, forward_findings
+from ..netns import netlink
+from ..netns.evidence import run_tool
+from ..registry import ContainerRegistry, WatchedNamespace
+from ..runtime.records import ContainerRecord
+from ..samples import NamespaceSample, SampleStore
+from ..supervisor import TaskSupervisor
+from .conntrack import ConntrackReader, ConntrackTotals, ConntrackUnavailable, Flow, flows_by_container, flows_of, pack
+from .forwards import DEFAULT_NETWORKS, Forward, HostRules, Masquerade, verify_all, verify_masquerades
+from .nft import IPTABLES_TABLES, NativeRuleset, parse_nft_json
+from .rules import Ruleset, parse_save
+
+log = structlog.get_logger("nstap.nat")
+
+READ_CAP = 64 << 20  # bytes of one iptables-save/nft output (10,000 rules print about 1 MB)
+DIFF_LINES = 20
+FIREWALL_TARGETS = frozenset({"DROP", "REJECT"})
+HOST_RECORD = ContainerRecord(id=HOST_ID, name="host", runtime="host", pid=1, status="running", image="")
+TCP_LISTEN = 1 << 10
+ALL_STATES = 0xFFFFFFFF
+_NFPROTO = {2: "ip", 10: "ip6", 1: "inet", 3: "arp", 7: "bridge", 5: "netdev"}
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallRule:
+    """A DROP or REJECT rule of a container's own firewall, with its counters."""
+
+    table: str
+    chain: str
+    position: int
+    target: str
+    packets: int
+    text: str
+
+
+@dataclass(slots=True)
+class FirewallState:
+    """What nstap last read of one namespace's firewall."""
+
+    generation: int = -1
+    read_at: float = 0.0
+    text: str = ""
+    rules: tuple[FirewallRule, ...] = ()
+    total_rules: int = 0
+    changes: int = 0
+    error: str = ""
+    legacy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NatState:
+    """One consistent view for the exporter and the API."""
+
+    read_at: float = 0.0
+    read_seconds: float = 0.0
+    rules: Mapping[str, int] = field(default_factory=dict)  # "iptables-nft ipv4" -> rules read
+    errors: tuple[str, ...] = ()
+    forwards: tuple[Forward, ...] = ()
+    masquerades: tuple[Masquerade, ...] = ()
+    conntrack: ConntrackTotals | None = None
+    conntrack_error: str = ""
+    flows: Mapping[str, Counter[tuple[str, str]]] = field(default_factory=dict)  # container id -> (protocol, state) -> n
+    flows_at: float = 0.0
+    flows_seconds: float = 0.0
+
+    def forwards_of(self, ids: set[str]) -> list[Forward]:
+        """The forwards of the containers whose full ids are in ``ids``."""
+        return [f for f in self.forwards if f.container_id in ids and f.container]
+
+
+def userland_proxy_on(setting: str, daemon_json: Path = Path("/etc/docker/daemon.json")) -> bool:
+    """Whether Docker's published ports are also served by docker-proxy (its default)."""
+    if setting != "auto":
+        return setting == "on"
+    try:
+        value = json.loads(daemon_json.read_text()).get("userland-proxy", True)
+    except (OSError, ValueError, AttributeError):
+        return True
+    return value is not False
+
+
+class NatMonitor:
+    """Reads the host's NAT rules and conntrack, and the containers' firewalls; see the module doc."""
+
+    def __init__(
+        self,
+        config: NatConfig,
+        interval: float,
+        registry: ContainerRegistry,
+        netns_fd: Callable[[int], int | None],
+        host_inode: int,
+        supervisor: TaskSupervisor,
+        tracker: IncidentTracker | None = None,
+        disabled: frozenset[str] = frozenset(),
+        proc_root: Path = Path("/proc"),
+    ) -> None:
+        self.config = config
+        self.interval = interval
+        self.registry = registry
+        self.netns_fd = netns_fd
+        self.supervisor = supervisor
+        self.tracker = tracker
+        self.disabled = disabled
+        self.proc_root = proc_root
+        self.host = WatchedNamespace(host_inode, HOST_RECORD, (HOST_RECORD,))
+        self.state = NatState()
+        self.firewalls: dict[int, FirewallState] = {}
+        self.up = {"nat": 0, "conntrack": 0, "firewall": 1}
+        self.reads_total = 0
+        self.read_errors_total = 0
+        self.proxied = frozenset({"docker"}) if userland_proxy_on(config.userland_proxy) else frozenset()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-nat")
+        self._nft: Any = None
+        self._diag: socket.socket | None = None
+        self._conntrack = ConntrackReader(proc_root)
+        self._generation = -1
+        self._dirty = True
+        self._rules: HostRules | None = None
+        self._rules_at = 0.0
+        self._flows_due = 0.0
+        self._last_stats: tuple[float, Mapping[str, int]] | None = None
+        self._ok_at: dict[tuple[str, str], float] = {}
+        self._masq_seen: set[str] = set()
+        self._fw_pending: dict[int, None] = {}
+        self._fw_wake = asyncio.Event()
+        self._logged: set[str] = set()
+
+    def start(self, samples: SampleStore) -> None:
+        """Follow the registry and the samples, and run the two long-lived tasks."""
+        self.registry.subscribe(self._registry_changed)
+        samples.subscribe(self._on_sample)
+        self.supervisor.service("nat", self._run)
+        self.supervisor.service("firewall", self._firewall_loop)
+
+    def _registry_changed(self) -> None:
+        self._dirty = True
+        watched = self.registry.namespaces()
+        for inode in [i for i in self.firewalls if i not in watched]:
+            del self.firewalls[inode]
+            self._fw_pending.pop(inode, None)
+
+    async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- the host ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await self.tick()
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
+
+    async def tick(self) -> None:
+        """One round: rules if they changed (or are due), conntrack, findings."""
+        now = time.time()
+        try:
+            generation, native, legacy = await self._thread(self._probe)
+        except Exception as exc:  # noqa: BLE001 - pyroute2 raises its own errors; the rules are then polled
+            self._once("nat_generation_unavailable", error=f"{type(exc).__name__}: {exc}")
+            generation, native, legacy = -1, None, False
+        # Legacy tables do not move the generation id: like a host without nf_tables, they are
+        # polled every nat.interval.
+        due = self._dirty or (generation >= 0 and generation != self._generation) or now - self._rules_at >= self.config.interval
+        if due:
+            self._dirty = False
+            await self._read_rules(generation, native or [], legacy, now)
+        await self._read_conntrack(now)
+        self._report(now)
+
+    def _probe(self) -> tuple[int, list[tuple[str, str]], bool]:
+        """(generation id, native tables, whether legacy nat tables exist); runs in the thread."""
+        if self._nft is None:
+            from pyroute2.netlink.nfnetlink.nftsocket import NFTSocket  # noqa: PLC0415 - this thread only
+
+            self._nft = NFTSocket()
+        from pyroute2.netlink import NLM_F_REQUEST  # noqa: PLC0415
+        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFT_MSG_GETTABLE, nft_gen_msg, nft_table_msg  # noqa: PLC0415
+
+        try:
+            generation = self._nft.request_get(nft_gen_msg(), NFT_MSG_GETGEN, NLM_F_REQUEST)[0].get_attr("NFTA_GEN_ID")
+            tables = []
+            for msg in self._nft.request_get(nft_table_msg(), NFT_MSG_GETTABLE):
+                family = _NFPROTO.get(msg["nfgen_family"], "")
+                name = msg.get_attr("NFTA_TABLE_NAME")
+                if family in ("ip", "ip6", "inet") and not (family in ("ip", "ip6") and name in IPTABLES_TABLES):
+                    tables.append((family, name))
+        except Exception:
+            self._nft.close()
+            self._nft = None
+            raise
+        legacy = False
+        for name in ("ip_tables_names", "ip6_tables_names"):
+            try:
+                legacy = legacy or "nat" in (self.proc_root / "net" / name).read_text().split()
+            except OSError:
+                continue
+        return int(generation), tables, legacy
+
+    async def _read_rules(self, generation: int, native_tables: list[tuple[str, str]], legacy: bool, now: float) -> None:
+        started = time.perf_counter()
+        timeout, cap = self.config.read_timeout, READ_CAP
+        runs = [("iptables-save", 4), ("ip6tables-save", 6)]
+        if legacy:
+            runs += [("iptables-legacy-save", 4), ("ip6tables-legacy-save", 6)]
+        outputs = await asyncio.gather(*(run_tool([tool, "-t", "nat", "-c"], None, timeout, cap) for tool, _ in runs))
+        nft_outputs = await asyncio.gather(*(run_tool(["nft", "-j", "list", "table", f, n], None, timeout, cap) for f, n in native_tables))
+        errors = [f"{tool}: {err}" for (tool, _), (_, err) in zip(runs, outputs) if err]
+        errors += [f"nft list table {f} {n}: {err}" for (f, n), (_, err) in zip(native_tables, nft_outputs) if err]
+        records = self.registry.containers()
+        texts = [(text, family) for (_, family), (text, err) in zip(runs, outputs) if text and not err]
+        nft_texts = [text for text, err in nft_outputs if text and not err]
+        try:
+            result = await self._thread(self._evaluate, texts, nft_texts, records)
+        except Exception as exc:  # noqa: BLE001 - one bad read must not stop the monitor; the next one retries
+            self.read_errors_total += 1
+            self.supervisor.failed("nat", exc)
+            return
+        rules, forwards, masquerades, counts, parse_errors = result
+        errors += parse_errors
+        ok_reads = len(texts)
+        self.up["nat"] = 1 if ok_reads else 0
+        if errors:
+            self.read_errors_total += 1
+            for error in errors[:5]:
+                self._once("nat_read_error", error=error)
+        if not ok_reads:
+            return
+        self.reads_total += 1
+        self._rules = rules
+        self._rules_at = now
+        self._generation = generation
+        self.state = NatState(
+            read_at=now, read_seconds=time.perf_counter() - started, rules=counts, errors=tuple(errors[:20]),
+            forwards=tuple(forwards), masquerades=tuple(masquerades), conntrack=self.state.conntrack,
+            conntrack_error=self.state.conntrack_error, flows=self.state.flows, flows_at=self.state.flows_at,
+            flows_seconds=self.state.flows_seconds,
+        )
+
+    def _evaluate(
+        self, texts: list[tuple[str, int]], nft_texts: list[str], records: list[ContainerRecord]
+    ) -> tuple[HostRules, list[Forward], list[Masquerade], dict[str, int], list[str]]:
+        """Parse and verify (in the thread)."""
+        rulesets: list[Ruleset] = [parse_save(text, family) for text, family in texts]
+        native = NativeRuleset()
+        for text in nft_texts:
+            part = parse_nft_json(text)
+            native.chains.update(part.chains)
+            native.bases.extend(part.bases)
+            native.tables.extend(part.tables)
+            native.errors.extend(part.errors)
+        rules = HostRules(rulesets, native if native.chains else None)
+        listening = self._listening()
+        forwards = verify_all(records, rules, listening, self.proxied)
+        masquerades = verify_masquerades(records, rules)
+        counts = {f"{r.backend} ipv{r.family}": len(r.rules("nat")) for r in rulesets}
+        if native.chains:
+            counts["nftables"] = sum(len(c.rules) for c in native.chains.values())
+        errors = [f"{r.backend} ipv{r.family}: {e}" for r in rulesets for e in r.errors[:5]] + native.errors[:5]
+        return rules, forwards, masquerades, counts, errors
+
+    def _listening(self) -> set[tuple[str, int]] | None:
+        """(protocol, port) of every TCP listener and UDP socket of the host; None if unknown."""
+        try:
+            if self._diag is None:
+                self._diag = netlink.open_socket(netlink.NETLINK_SOCK_DIAG)
+            out = set()
+            for family in (socket.AF_INET, socket.AF_INET6):
+                out.update(("tcp", s.port) for s in netlink.dump_inet(self._diag, family, socket.IPPROTO_TCP, TCP_LISTEN))
+                out.update(("udp", s.port) for s in netlink.dump_inet(self._diag, family, socket.IPPROTO_UDP, ALL_STATES))
+            return out
+        except OSError as exc:
+            if self._diag is not None:
+                self._diag.close()
+                self._diag = None
+            self._once("nat_listeners_unavailable", error=str(exc))
+            return None
+
+    async def _read_conntrack(self, now: float) -> None:
+        try:
+            totals = await self._thread(self._conntrack.totals)
+        except ConntrackUnavailable as exc:
+            self.up["conntrack"] = 0
+            self._once("conntrack_unavailable", error=str(exc), fix="modprobe nf_conntrack, and run nstap as root (CAP_NET_ADMIN)")
+            self.state = _with(self.state, conntrack=None, conntrack_error=str(exc))
+            return
+        self.up["conntrack"] = 1
+        flows, flows_at, flows_seconds = self.state.flows, self.state.flows_at, self.state.flows_seconds
+        if now >= self._flows_due:
+            owners = self._owners()
+            try:
+                flows, flows_seconds = await self._thread(self._flows, owners)
+            except OSError as exc:
+                self._once("conntrack_dump_failed", error=str(exc))
+            else:
+                flows_at = now
+            # A pass that costs more than its budget share of a core spaces the next one out.
+            every = max(self.config.conntrack_interval, flows_seconds / self.config.conntrack_budget)
+            self._flows_due = now + every
+        self.state = _with(self.state, conntrack=totals, conntrack_error="", flows=flows, flows_at=flows_at, flows_seconds=flows_seconds)
+
+    def _owners(self) -> dict[bytes, str]:
+        owners = {}
+        for ns in self.registry.namespaces().values():
+            for member in ns.members:
+                for net in member.networks:
+                    for address in (net.ipv4, net.ipv6):
+                        if address:
+                            try:
+                                owners[pack(address)] = ns.owner.id
+                            except OSError:
+                                continue
+        return owners
+
+    def _flows(self, owners: dict[bytes, str]) -> tuple[dict[str, Counter[tuple[str, str]]], float]:
+        started = time.thread_time()
+        flows = self._conntrack.dump()
+        return flows_by_container(flows, owners), time.thread_time() - started
+
+    async def conntrack_of(self, addresses: list[str], limit: int) -> dict[str, Any]:
+        """The conntrack entries from or to ``addresses`` now (for a capture's evidence)."""
+        def read() -> dict[str, Any]:
+            flows: list[Flow] = self._conntrack.dump()
+            listed, count = flows_of(flows, {pack(a) for a in addresses}, limit)
+            return {"count": count, "listed": listed}
+        try:
+            return await self._thread(read)
+        except OSError as exc:
+            return {"error": str(exc)}
+
+    # -- views (API, evidence) -------------------------------------------------------------------
+
+    def conntrack_json(self) -> dict[str, Any]:
+        """The host's conntrack totals."""
+        ct = self.state.conntrack
+        if ct is None:
+            return {"error": self.state.conntrack_error or "not read yet"}
+        return {"entries": ct.entries, "limit": ct.limit, **ct.stats}
+
+    def container_json(self, record: ContainerRecord) -> dict[str, Any]:
+        """Everything the monitor knows of one container: forwards, masquerade, flows, firewall."""
+        ns = self.registry.namespaces().get(record.netns)
+        ids = {m.id for m in ns.members} if ns is not None else {record.id}
+        owner = ns.owner.id if ns is not None else record.id
+        state = self.state
+        fw = self.firewalls.get(record.netns) if ns is not None else None
+        return {
+            "container": record.name, "container_id": record.short_id, "runtime": record.runtime,
+            "read_at": state.read_at,
+            "forwards": [f.to_json() for f in state.forwards_of(ids)],
+            "masquerade": [
+                {"network": m.network, "subnet": m.subnet, "source": m.source, "state": m.state, "rule": m.rule, "detail": m.detail}
+                for m in state.masquerades if m.container_id in ids
+            ],
+            "conntrack": {f"{p} {s}": n for (p, s), n in sorted(state.flows.get(owner, Counter()).items())},
+            "conntrack_at": state.flows_at,
+            "firewall": None if fw is None else {
+                "read_at": fw.read_at, "rules": fw.total_rules, "changes": fw.changes, "error": fw.error,
+                "drop_rules": [_rule_json(r) for r in fw.rules],
+            },
+        }
+
+    async def evidence(self, ns: WatchedNamespace, limit: int = 500) -> dict[str, Any]:
+        """The NAT part of a capture's evidence: forwards, firewall, conntrack entries now."""
+        view = self.container_json(ns.owner)
+        addresses = [a for m in ns.members for n in m.networks for a in (n.ipv4, n.ipv6) if a]
+        view["conntrack_entries"] = await self.conntrack_of(addresses, limit) if addresses else {"count": 0, "listed": []}
+        return view
+
+    # -- findings ------------------------------------------------------------------------------
+
+    def _report(self, now: float) -> None:
+        tracker = self.tracker
+        state = self.state
+        by_container: dict[str, list[Forward]] = {}
+        for forward in state.forwards:
+            by_container.setdefault(forward.container_id, []).append(forward)
+        masq: dict[str, list[Masquerade]] = {}
+        for m in state.masquerades:
+            if m.state == "ok":
+                self._masq_seen.add(m.subnet)
+            elif m.network in DEFAULT_NETWORKS or m.subnet in self._masq_seen:
+                masq.setdefault(m.container_id, []).append(m)
+        for ns in self.registry.namespaces().values():
+            ids = [m.id for m in ns.members]
+            forwards = [f for i in ids for f in by_container.get(i, [])]
+            masquerades = [m for i in ids for m in masq.get(i, [])]
+            onset = {kind: self._ok_at.get((ns.owner.id, kind)) for kind in CONTAINER_KINDS}
+            findings = [f for f in forward_findings(forwards, masquerades, onset) if f.kind not in self.disabled]
+            seen = {f.kind for f in findings}
+            for kind in CONTAINER_KINDS:
+                if kind not in seen and state.read_at:
+                    self._ok_at[(ns.owner.id, kind)] = state.read_at
+            if tracker is not None:
+                for finding in findings:
+                    tracker.found(ns, finding, now, self.interval)
+                tracker.quiet(ns.inode, seen, now, CONTAINER_KINDS)
+        live = {ns.owner.id for ns in self.registry.namespaces().values()}
+        for key in [k for k in self._ok_at if k[0] not in live]:
+            del self._ok_at[key]
+        totals = state.conntrack
+        if totals is None:
+            return
+        before = self._last_stats
+        host_findings = [
+            f for f in conntrack_findings(totals.entries, totals.limit, totals.stats, before[1] if before else None,
+                                          self.config.conntrack_full_ratio, before[0] if before else None)
+            if f.kind not in self.disabled
+        ]
+        self._last_stats = (now, totals.stats)
+        if tracker is not None:
+            for finding in host_findings:
+                tracker.found(self.host, finding, now, self.interval, capture=False)
+            tracker.quiet(self.host.inode, {f.kind for f in host_findings}, now, HOST_KINDS)
+
+    # -- the containers' own firewalls ---------------------------------------------------------
+
+    def _on_sample(self, sample: NamespaceSample) -> None:
+        fw = sample.firewall
+        if fw is None:
+            return
+        state = self.firewalls.get(sample.netns)
+        if state is None:
+            state = self.firewalls[sample.netns] = FirewallState()
+        moved = fw.generation != state.generation and fw.generation > 1
+        stale = (state.total_rules or fw.legacy) and sample.taken_at - state.read_at >= self.config.interval
+        state.legacy = fw.legacy
+        first_legacy = fw.legacy and not state.read_at
+        if not state.read_at and 0 < fw.generation <= 1 and not fw.legacy:
+            state.read_at = sample.taken_at  # nothing was ever committed there: known empty, so its first rules are a change
+        # The generation is taken as read now: a commit while the tools run moves it again.
+        state.generation = fw.generation
+        if (moved or stale or first_legacy) and sample.netns not in self._fw_pending:
+            self._fw_pending[sample.netns] = None
+            self._fw_wake.set()
+
+    async def _firewall_loop(self) -> None:
+        while True:
+            await self._fw_wake.wait()
+            self._fw_wake.clear()
+            while self._fw_pending:
+                inode = next(iter(self._fw_pending))
+                del self._fw_pending[inode]
+                await self._read_firewall(inode)
+
+    async def _read_firewall(self, inode: int) -> None:
+        ns = self.registry.namespaces().get(inode)
+        state = self.firewalls.get(inode)
+        fd = self.netns_fd(inode)
+        if ns is None or state is None or fd is None:
+            return
+        fd = os.dup(fd)  # the watcher may close its own while the tools run
+        try:
+            tools = [["iptables-save", "-c"], ["ip6tables-save", "-c"], ["nft", "-j", "list", "ruleset"]]
+            if state.legacy:
+                tools += [["iptables-legacy-save", "-c"], ["ip6tables-legacy-save", "-c"]]
+            outputs = await asyncio.gather(*(run_tool(argv, fd, self.config.read_timeout, READ_CAP) for argv in tools))
+        finally:
+            os.close(fd)
+        if self.firewalls.get(inode) is not state:
+            return  # the namespace went while the tools ran
+        errors = [f"{argv[0]}: {err}" for argv, (_, err) in zip(tools, outputs) if err and "not installed" not in err]
+        saves = [(text, 6 if argv[0].startswith("ip6") else 4) for argv, (text, err) in zip(tools, outputs) if argv[0] != "nft" and text and not err]
+        nft_text = outputs[2][0] if not outputs[2][1] else ""
+        rules, total, text = await self._thread(_firewall_rules, saves, nft_text, self.config.max_firewall_rules)
+        self.up["firewall"] = 0 if errors and not saves else 1
+        state.error = "; ".join(errors)[:500]
+        owner = ns.owner
+        if state.read_at and text != state.text:
+            state.changes += 1
+            diff = list(difflib.unified_diff(state.text.splitlines(), text.splitlines(), lineterm="", n=0))[2:]
+            diff = [line for line in diff if not line.startswith("@@")]
+            log.info("firewall_changed", container=owner.name, container_id=owner.short_id, runtime=owner.runtime, netns=inode,
+                     rules=total, diff=diff[:DIFF_LINES], more=max(0, len(diff) - DIFF_LINES))
+        state.text = text
+        state.rules = tuple(rules)
+        state.total_rules = total
+        state.read_at = time.time()
+
+    def _once(self, event: str, **fields: Any) -> None:
+        key = event + str(fields.get("error", ""))
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning(event, **fields)
+
+    async def close(self) -> None:
+        """Close the sockets in their thread and stop it."""
+        def close_all() -> None:
+            if self._nft is not None:
+                try:
+                    self._nft.close()
+                except Exception:  # noqa: BLE001, S110 - closing a broken pyroute2 socket may raise anything
+                    pass
+            if self._diag is not None:
+                self._diag.close()
+            self._conntrack.close()
+        await self._thread(close_all)
+        self._executor.shutdown(wait=True)
+
+
+def _rule_json(rule: FirewallRule) -> dict[str, Any]:
+    return {"table": rule.table, "chain": rule.chain, "position": rule.position, "target": rule.target, "packets": rule.packets, "rule": rule.text}
+
+
+def _with(state: NatState, **changes: Any) -> NatState:
+    values = {name: getattr(state, name) for name in NatState.__slots__}  # type: ignore[attr-defined]
+    values.update(changes)
+    return NatState(**values)
+
+
+def _firewall_rules(saves: list[tuple[str, int]], nft_text: str, limit: int) -> tuple[list[FirewallRule], int, str]:
+    """The DROP/REJECT rules (first ``limit``), how many rules there are in all, and the ruleset as
+    comparable text (without counters and dates)."""
+    out: list[FirewallRule] = []
+    total = 0
+    lines: list[str] = []
+    for text, family in saves:
+        rules = parse_save(text, family)
+        for table, chains in rules.tables.items():
+            for chain in chains.values():
+                lines.append(f"ipv{family} {table} :{chain.name} {chain.policy}")
+                for rule in chain.rules:
+                    total += 1
+                    lines.append(f"ipv{family} {table} {rule.text}")
+                    if rule.target in FIREWALL_TARGETS and len(out) < limit:
+                        out.append(FirewallRule(f"ipv{family}-{table}", chain.name, rule.position, rule.target, rule.packets, rule.text))
+    if nft_text:
+        native = parse_nft_json(nft_text)
+        for key, chain in native.chains.items():
+            lines.append(f"nft {key} {chain.policy}")
+            for rule in chain.rules:
+                total += 1
+                lines.append(rule.text.split(" handle ", 1)[0] + " " + rule.text.split(": ", 1)[-1])
+                if rule.target in FIREWALL_TARGETS and len(out) < limit:
+                    family, table, name = key.split(" ", 2)
+                    out.append(FirewallRule(f"{family}-{table}", name, rule.position, rule.target, rule.packets, rule.text))
+    return out, total, "\n".join(lines)

@@ -1,0 +1,401 @@
+"""NAT rules, conntrack and the containers' own firewalls.
+
+The parsers and the path evaluator are tested on iptables-save and ``nft -j`` outputs recorded on
+this machine with a Docker and a Podman container publishing ports (tests/fixtures/nat), on
+malformed and on 10,000-rule inputs. Then against a real daemon, dockerd, podman, iptables and
+conntrack: published ports verified ``ok``, connections counted, forwards broken by hand in each
+way (and repaired), a MASQUERADE removed, a DROP rule inside a container, a full conntrack table.
+Every rule or sysctl a test changes is restored in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import RUN_ID, Containers, Daemon, sh, wait_until
+from nstap.detect.nat import conntrack_findings
+from nstap.nat.forwards import HostRules, verify_all, verify_masquerades
+from nstap.nat.monitor import _firewall_rules
+from nstap.nat.nft import parse_nft_json
+from nstap.nat.paths import Packet, verify_forward
+from nstap.nat.rules import parse_dnat, parse_save
+from nstap.runtime.records import record_from_inspect
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nat"
+RECORDED = (FIXTURES / "docker-podman.iptables-save").read_text()
+DOCKER = record_from_inspect(json.loads((FIXTURES / "docker-inspect.json").read_text())[0], "docker")
+PODMAN = record_from_inspect(json.loads((FIXTURES / "podman-inspect.json").read_text())[0], "podman")
+LISTENING = {("tcp", 18080), ("udp", 18081), ("tcp", 18090), ("udp", 18091)}
+NAT_CONFIG = {"nat": {"interval": 2.0, "conntrack_interval": 1.0}, "detect": {"resolve_after": 2.0}}
+
+
+def forwards(text: str, listening: set | None = LISTENING, records=(DOCKER, PODMAN)) -> dict:
+    rules = HostRules([parse_save(text)])
+    return {(f.container, f.protocol, f.host_ip, f.host_port): f for f in verify_all(list(records), rules, listening)}
+
+
+def with_line(text: str, after: str, line: str) -> str:
+    """``text`` with ``line`` inserted after the first line starting with ``after``."""
+    out = []
+    done = False
+    for current in text.splitlines():
+        out.append(current)
+        if not done and current.startswith(after):
+            out.append(line)
+            done = True
+    assert done, after
+    return "\n".join(out) + "\n"
+
+
+def without(text: str, fragment: str) -> str:
+    lines = text.splitlines()
+    kept = [line for line in lines if fragment not in line]
+    assert len(kept) < len(lines), fragment
+    return "\n".join(kept) + "\n"
+
+
+# -- parsers and the evaluator, on recorded rules ---------------------------------------------
+
+
+def test_recorded_rules_of_both_runtimes_are_ok() -> None:
+    rules = parse_save(RECORDED)
+    assert rules.family == 4 and rules.backend == "iptables-nft" and not rules.errors
+    found = forwards(RECORDED)
+    d_ip = DOCKER.networks[0].ipv4
+    p_ip = PODMAN.networks[0].ipv4
+    tcp = found[(DOCKER.name, "tcp", "0.0.0.0", 18080)]
+    assert (tcp.state, tcp.container_ip, tcp.container_port, tcp.backend, tcp.chain) == ("ok", d_ip, 80, "iptables-nft", "DOCKER")
+    udp = found[(DOCKER.name, "udp", "127.0.0.1", 18081)]
+    assert (udp.state, udp.container_ip, udp.container_port) == ("ok", d_ip, 81)
+    six = found[(DOCKER.name, "tcp", "::", 18080)]  # Docker without IPv6: only docker-proxy serves it
+    assert (six.state, six.backend) == ("ok", "userland-proxy")
+    for proto, port, cport in (("tcp", 18090, 80), ("udp", 18091, 81)):
+        f = found[(PODMAN.name, proto, "", port)]
+        assert (f.state, f.container_ip, f.container_port, f.backend) == ("ok", p_ip, cport, "iptables-nft")
+        assert f.chain.startswith("CNI-DN-")
+    masq = {m.container_id: m for m in verify_masquerades([DOCKER, PODMAN], HostRules([rules]))}
+    assert masq[DOCKER.id].state == "ok" and "172.17.0.0/16" in masq[DOCKER.id].rule
+    assert masq[PODMAN.id].state == "ok" and PODMAN.id in masq[PODMAN.id].rule
+
+
+def test_each_way_of_breaking_a_forward() -> None:
+    d_ip = DOCKER.networks[0].ipv4
+    key = (DOCKER.name, "tcp", "0.0.0.0", 18080)
+    dnat = f"-A DOCKER ! -i docker0 -p tcp -m tcp --dport 18080 -j DNAT --to-destination {d_ip}:80"
+    # removed
+    f = forwards(without(RECORDED, dnat))[key]
+    assert f.state == "missing" and "no DNAT rule" in f.detail
+    # an earlier rule to another container
+    shadow = f"[0:0] -A PREROUTING -p tcp -m tcp --dport 18080 -j DNAT --to-destination {PODMAN.networks[0].ipv4}:80"
+    f = forwards(with_line(RECORDED, ":DOCKER", shadow))[key]
+    assert f.state == "shadowed" and f.chain == "PREROUTING" and PODMAN.networks[0].ipv4 in f.rule
+    # a rule to an address no container has any more, before the right one
+    stale = "[0:0] -A DOCKER ! -i docker0 -p tcp -m tcp --dport 18080 -j DNAT --to-destination 172.17.0.99:80"
+    text = with_line(RECORDED, "[0:0] -A DOCKER -i docker0 -j RETURN", stale)
+    f = forwards(text)[key]
+    assert f.state == "stale" and "172.17.0.99" in f.detail
+    # the same leftover rule alone is also listed as a forward of no container
+    orphans = [x for x in forwards(text).values() if not x.container]
+    assert [(o.container_ip, o.state) for o in orphans] == [("172.17.0.99", "stale")]
+    # the right rule, but nothing jumps to its chain
+    f = forwards(without(RECORDED, "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER"))[key]
+    assert f.state == "missing" and "nothing leads to it" in f.detail
+    # an ACCEPT ending NAT before the DNAT
+    f = forwards(with_line(RECORDED, ":DOCKER", "[0:0] -A PREROUTING -p tcp -j ACCEPT"))[key]
+    assert f.state == "shadowed"
+    # a rule that only may match (a mark nstap cannot know) never shadows
+    maybe = f"[0:0] -A PREROUTING -p tcp -m conntrack --ctstate NEW -m tcp --dport 18080 -j DNAT --to-destination {PODMAN.networks[0].ipv4}:80"
+    assert forwards(with_line(RECORDED, ":DOCKER", maybe))[key].state == "ok"
+    # docker-proxy gone while the DNAT rule is fine
+    f = forwards(RECORDED, LISTENING - {("tcp", 18080)})[key]
+    assert f.state == "missing" and "userland-proxy" in f.detail
+    # podman's chain emptied
+    p_key = (PODMAN.name, "tcp", "", 18090)
+    assert forwards(without(RECORDED, "--dport 18090 -j DNAT"))[p_key].state == "missing"
+
+
+def test_masquerade_missing() -> None:
+    text = without(RECORDED, "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE")
+    masq = {m.container_id: m for m in verify_masquerades([DOCKER, PODMAN], HostRules([parse_save(text)]))}
+    assert masq[DOCKER.id].state == "missing"
+    assert masq[PODMAN.id].state == "ok"  # podman's own MASQUERADE, not the mark-based one, serves it
+
+
+def test_native_nftables_chain_shadows_and_is_parsed() -> None:
+    native = parse_nft_json((FIXTURES / "native.nft.json").read_text())
+    assert not native.errors and native.tables == ["inet fw"]
+    texts = [r.text for c in native.chains.values() for r in c.rules]
+    assert "dport 18080 dnat to 10.0.0.5:80" in texts[0] and texts[-1].endswith("dport 9 drop")
+    before, after = native.nat_bases(4, "prerouting")
+    assert [b.key for b in before] == ["inet fw pre"] and not after  # priority dstnat-10 runs first
+    # its DNAT for port 18080 only matches iifname eth0: "may match", so the forward stays ok ...
+    rules = HostRules([parse_save(RECORDED)], native)
+    f = {(x.container, x.host_port, x.host_ip): x for x in verify_all([DOCKER], rules, LISTENING)}
+    assert f[(DOCKER.name, 18080, "0.0.0.0")].state == "ok"
+    # ... while a rule for every interface shadows it
+    doc = json.loads((FIXTURES / "native.nft.json").read_text())
+    for item in doc["nftables"]:
+        rule = item.get("rule")
+        if rule and rule["handle"] == 3:
+            rule["expr"] = rule["expr"][1:]  # drop the iifname match
+    rules = HostRules([parse_save(RECORDED)], parse_nft_json(json.dumps(doc)))
+    f = {(x.container, x.host_port, x.host_ip): x for x in verify_all([DOCKER], rules, LISTENING)}
+    got = f[(DOCKER.name, 18080, "0.0.0.0")]
+    assert got.state == "stale" and got.backend == "nftables" and "10.0.0.5" in got.detail
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "garbage\n\x00\x01",
+        "*nat\n-A\n-A X -p\n[1:2] -A X -d notanip -j DNAT\n-A X -j DNAT --to-destination 1.2.3.4:99999\n-A X -m comment --comment \"unbalanced\nCOMMIT\n",
+        "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j PREROUTING\n-A PREROUTING -j LOOP\n-A LOOP -j PREROUTING\nCOMMIT\n",
+        RECORDED.replace("DNAT", "DNAT --to-destination [::1:80"),
+    ],
+)
+def test_malformed_input_gives_errors_not_crashes(text: str) -> None:
+    rules = parse_save(text)
+    assert len(rules.errors) <= 20
+    found = forwards(text)
+    assert all(f.state in ("ok", "missing", "stale", "shadowed") for f in found.values())
+    native = parse_nft_json(text)
+    assert native.errors and not native.chains
+    assert parse_nft_json('{"nftables": [{"rule": {"family": "inet", "table": "t", "chain": "c", "expr": [{"dnat": 7}]}}, 5, {"chain": {}}]}').errors
+
+
+def test_bad_dnat_destinations() -> None:
+    assert parse_dnat("10.0.0.1:80") == ("10.0.0.1", 80, 80)
+    assert parse_dnat("[fd00::1]:8080-8090") == ("fd00::1", 8080, 8090)
+    assert parse_dnat("fd00::1") == ("fd00::1", 0, 0)
+    for bad in ("10.0.0.300:80", "x:1", "10.0.0.1:70000"):
+        with pytest.raises(ValueError):
+            parse_dnat(bad)
+
+
+def test_ten_thousand_rules() -> None:
+    extra = "\n".join(
+        f"[{i}:{i * 60}] -A DOCKER ! -i docker0 -p tcp -m tcp --dport {20000 + i} -j DNAT --to-destination 10.99.{i // 250}.{i % 250 + 1}:80"
+        for i in range(10_000)
+    )
+    text = with_line(RECORDED, "[0:0] -A DOCKER -i docker0 -j RETURN", extra)
+    rules = parse_save(text)
+    assert len(rules.rules("nat")) == 10_000 + len(parse_save(RECORDED).rules("nat")) and not rules.errors
+    found = forwards(text)
+    assert found[(DOCKER.name, "tcp", "0.0.0.0", 18080)].state == "ok"
+    assert found[(PODMAN.name, "tcp", "", 18090)].state == "ok"
+
+
+def test_evaluator_sureness() -> None:
+    rules = parse_save(RECORDED).tables["nat"]
+    pkt = Packet(4, "tcp", None, ipaddress.ip_address("192.0.2.7"), 18080)
+    assert verify_forward(rules, pkt, DOCKER.networks[0].ipv4, 80, lambda a: True).state == "ok"
+    assert verify_forward(rules, pkt._replace(proto="udp"), DOCKER.networks[0].ipv4, 80, lambda a: True).state == "missing"
+
+
+def test_conntrack_findings_table() -> None:
+    assert [f.kind for f in conntrack_findings(95, 100, {}, None, 0.9, None)] == ["conntrack_full"]
+    assert conntrack_findings(80, 100, {}, None, 0.9, None) == []
+    grew = conntrack_findings(1, 100, {"drop": 5, "insert_failed": 1}, {"drop": 2, "insert_failed": 1}, 0.9, 10.0)
+    assert [(f.kind, dict(f.numbers), f.started_at) for f in grew] == [("conntrack_drops", {"drop": 3}, 10.0)]
+    assert conntrack_findings(1, 0, {"drop": 5}, {"drop": 5}, 0.9, 10.0) == []
+
+
+def test_firewall_rules_and_diff_text() -> None:
+    save = "*filter\n:INPUT ACCEPT [0:0]\n[7:420] -A INPUT -p tcp -m tcp --dport 9 -j DROP\n[0:0] -A INPUT -j ACCEPT\nCOMMIT\n"
+    rules, total, text = _firewall_rules([(save, 4)], "", 32)
+    assert total == 2 and [(r.table, r.chain, r.position, r.target, r.packets) for r in rules] == [("ipv4-filter", "INPUT", 1, "DROP", 7)]
+    same = save.replace("[7:420]", "[9:540]")
+    assert _firewall_rules([(same, 4)], "", 32)[2] == text  # counters are not a change
+    native = (FIXTURES / "native.nft.json").read_text()
+    rules, total, _ = _firewall_rules([], native, 32)
+    assert [(r.table, r.chain, r.target) for r in rules] == [("inet-fw", "sub", "DROP")] and total == 6
+
+
+# -- the real thing ----------------------------------------------------------------------------
+
+
+def nstap_cli(d: Daemon, *args: str) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "nstap", *args, "--config", str(d.config_path))
+
+
+def _gateway() -> str:
+    out = sh("ip", "-4", "-o", "addr", "show", "docker0").stdout
+    return out.split("inet ", 1)[1].split("/", 1)[0]
+
+
+def _connect(host: str, port: int, count: int) -> None:
+    for _ in range(count):
+        with socket.create_connection((host, port), timeout=3) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            s.recv(100)
+
+
+def _forward(m, cid: str, port: int):
+    found = [s for s in m.find("nstap_nat_port_forward_info", container_id=cid[:12]) if s.labels["host_port"] == str(port)]
+    return found[0].labels if found else None
+
+
+def _ipt(*args: str) -> None:
+    sh("iptables", "-t", "nat", *args)
+
+
+@pytest.mark.daemon_log_allows("anomaly_capture_refused")
+def test_docker_forwards_verified_broken_and_repaired(nstap, containers: Containers, docker_image: str) -> None:
+    d: Daemon = nstap(NAT_CONFIG)
+    port = 28000 + int(time.time()) % 1000
+    cid = containers.docker("-p", f"{port}:80", docker_image, "httpd", "-f", "-p", "80", "-h", "/", name="natweb")
+    other = containers.docker(docker_image, "sleep", "600", name="natother")
+    ip = containers.inspect("docker", cid)["NetworkSettings"]["IPAddress"]
+    other_ip = containers.inspect("docker", other)["NetworkSettings"]["IPAddress"]
+    m = d.wait_metric(lambda m: _forward(m, cid, port) and m, 10, "the forward is listed")
+    f = _forward(m, cid, port)
+    assert (f["state"], f["protocol"], f["host_ip"], f["container_ip"], f["container_port"], f["backend"]) == ("ok", "tcp", "0.0.0.0", ip, "80", "iptables-nft")
+
+    # Connections through the DNAT (from the host to its docker0 address: OUTPUT -> DOCKER).
+    _connect(_gateway(), port, 5)
+    labels = dict(container_id=cid[:12], host_port=str(port), host_ip="0.0.0.0")
+    d.wait_metric(lambda m: (m.value("nstap_nat_port_forward_new_connections_total", **labels) or 0) >= 5, 10, "5 new connections counted")
+    d.wait_metric(lambda m: sum(s.value for s in m.find("nstap_container_conntrack_entries", container_id=cid[:12], protocol="tcp")) >= 5, 10, "its flows")
+    status, view = d.api(f"/api/v1/containers/{cid[:12]}/nat")
+    assert status == 200 and view["forwards"][0]["state"] == "ok" and view["forwards"][0]["new_connections"] >= 5
+    assert sum(n for k, n in view["conntrack"].items() if k.startswith("tcp ")) >= 5
+    table = nstap_cli(d, "nat", cid[:12]).stdout.splitlines()
+    assert table[0].split()[:3] == ["CONTAINER", "PROTO", "HOST"]
+    assert [line.split()[:6] for line in table[1:2]] == [[f"natweb-{RUN_ID}", "tcp", f"0.0.0.0:{port}", f"{ip}:80", "iptables-nft", "ok"]]
+    assert d.api("/api/v1/containers/no-such-container/nat")[0] == 404
+
+    rule = f"DOCKER ! -i docker0 -p tcp -m tcp --dport {port} -j DNAT --to-destination {ip}:80"
+    shadow = f"PREROUTING 1 -p tcp -m tcp --dport {port} -j DNAT --to-destination {other_ip}:80"
+    stale = f"DOCKER 1 ! -i docker0 -p tcp -m tcp --dport {port} -j DNAT --to-destination 172.17.255.254:80"
+    try:
+        for broken, undo, state in (
+            (("-D", *rule.split()), ("-A", *rule.split()), "missing"),
+            (("-I", *shadow.split()), ("-D", "PREROUTING", *shadow.split()[2:]), "shadowed"),
+            (("-I", *stale.split()), ("-D", "DOCKER", *stale.split()[2:]), "stale"),
+        ):
+            started = time.time()
+            _ipt(*broken)
+            try:
+                m = d.wait_metric(lambda m: (_forward(m, cid, port) or {}).get("state") == state and m, 5, f"state {state}")
+                event = wait_until(lambda: [e for e in d.events("anomaly_detected", kind=f"nat_{state}") if e["container_id"] == cid[:12]], 5, message=f"nat_{state}")[-1]
+                assert event["started_at"] <= time.time() and event["first_seen"] - started < 3.0
+                assert port == int(event["numbers"]["broken"][0].split(":")[1].split()[0])
+                assert event["numbers"]["rules"][0] == ("" if state == "missing" else _text_of(broken))
+                if state == "shadowed":
+                    assert f"{port}" in nstap_cli(d, "nat").stdout and "shadowed" in nstap_cli(d, "nat", cid[:12]).stdout
+            finally:
+                _ipt(*undo)
+            d.wait_metric(lambda m: (_forward(m, cid, port) or {}).get("state") == "ok", 5, "repaired")
+            wait_until(lambda: [e for e in d.events("anomaly_resolved", kind=f"nat_{state}") if e["container_id"] == cid[:12]], 10, message="resolved")
+    finally:
+        for args in (("-D", *rule.split()), ("-D", "PREROUTING", *shadow.split()[2:]), ("-D", "DOCKER", *stale.split()[2:])):
+            sh("iptables", "-t", "nat", *args, check=False)
+        if sh("iptables", "-t", "nat", "-C", *rule.split(), check=False).returncode != 0:
+            _ipt("-A", *rule.split())
+    # The anomaly captures ran on the host end of the veth too.
+    captures = wait_until(lambda: [c for c in d.api(f"/api/v1/captures?container={cid[:12]}")[1]["captures"] if c.get("side") == "host"], 20, message="host-side capture")
+    assert captures[0]["kind"].startswith("nat_")
+    # Its evidence holds the container's forwards, firewall and conntrack entries at capture time.
+    done = wait_until(lambda: [c for c in d.api(f"/api/v1/captures?container={cid[:12]}")[1]["captures"]
+                               if c["state"] != "running" and c.get("has_evidence") and c.get("side") != "host"], 40, message="capture done")
+    status, evidence = d.api(f"/api/v1/captures/{done[0]['id']}/evidence")
+    nat = evidence["start"]["nat"]
+    assert status == 200 and nat["forwards"][0]["host_port"] == port and nat["firewall"] is not None
+    assert nat["conntrack_entries"]["count"] >= 1 and all(ip in (e["src"], e["reply_src"]) for e in nat["conntrack_entries"]["listed"])
+
+
+def _text_of(args: tuple[str, ...]) -> str:
+    words = list(args[1:])
+    if len(words) > 1 and words[1].isdigit():
+        del words[1]  # the insert position
+    return "-A " + " ".join(words)
+
+
+@pytest.mark.daemon_log_allows("anomaly_capture_refused")
+def test_podman_forward_and_masquerade(nstap, containers: Containers, podman_image: str, docker_image: str) -> None:
+    d: Daemon = nstap(NAT_CONFIG)
+    port = 29000 + int(time.time()) % 1000
+    cid = containers.podman("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "-p", f"{port}:80", podman_image,
+                            "httpd", "-f", "-p", "80", "-h", "/", name="natpod")
+    ip = containers.inspect("podman", cid)["NetworkSettings"]["IPAddress"]
+    m = d.wait_metric(lambda m: _forward(m, cid, port) and m, 10, "the podman forward")
+    f = _forward(m, cid, port)
+    assert (f["state"], f["runtime"], f["host_ip"], f["container_ip"], f["container_port"]) == ("ok", "podman", "", ip, "80")
+    save = sh("iptables-save", "-t", "nat").stdout
+    line = next(x for x in save.splitlines() if f"--dport {port} -j DNAT --to-destination {ip}:80" in x)
+    chain = line.split()[1]
+    try:
+        _ipt("-D", *line.split()[1:])
+        d.wait_metric(lambda m: (_forward(m, cid, port) or {}).get("state") == "missing", 5, "podman missing")
+        wait_until(lambda: d.events("anomaly_detected", kind="nat_missing", container_id=cid[:12]), 5, message="nat_missing")
+    finally:
+        if sh("iptables", "-t", "nat", "-C", *line.split()[1:], check=False).returncode != 0:
+            _ipt("-A", *line.split()[1:])
+    d.wait_metric(lambda m: (_forward(m, cid, port) or {}).get("state") == "ok", 5, "podman repaired")
+    assert chain.startswith("CNI-DN-")
+
+    # Docker's MASQUERADE for its default bridge, removed and put back.
+    web = containers.docker(docker_image, "sleep", "600", name="natmasq")
+    d.wait_metric(lambda m: m.find("nstap_container_info", container_id=web[:12]), 10, "watched")
+    masq = next(x for x in sh("iptables-save", "-t", "nat").stdout.splitlines() if x.startswith("-A POSTROUTING -s 172.17.0.0/16") and "MASQUERADE" in x)
+    try:
+        _ipt("-D", *masq.split()[1:])
+        wait_until(lambda: d.events("anomaly_detected", kind="nat_masquerade_missing", container_id=web[:12]), 8, message="masquerade missing")
+    finally:
+        if sh("iptables", "-t", "nat", "-C", *masq.split()[1:], check=False).returncode != 0:
+            _ipt("-I", "POSTROUTING", "1", *masq.split()[2:])
+    wait_until(lambda: d.events("anomaly_resolved", kind="nat_masquerade_missing", container_id=web[:12]), 10, message="masquerade back")
+
+
+def test_drop_rule_inside_a_container(nstap, containers: Containers, docker_image: str) -> None:
+    d: Daemon = nstap(NAT_CONFIG)
+    cid = containers.docker(docker_image, "sleep", "600", name="natfw")
+    pid = containers.pid("docker", cid)
+    ip = containers.inspect("docker", cid)["NetworkSettings"]["IPAddress"]
+    d.wait_metric(lambda m: m.find("nstap_firewall_changes_total", container_id=cid[:12]), 10, "firewall watched")
+    sh("nsenter", "-t", str(pid), "-n", "iptables", "-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "DROP")
+    m = d.wait_metric(lambda m: m.find("nstap_firewall_rule_packets_total", container_id=cid[:12]) and m, 5, "the DROP rule exported")
+    rule = m.find("nstap_firewall_rule_packets_total", container_id=cid[:12])[0].labels
+    assert (rule["table"], rule["chain"], rule["target"], rule["rule"]) == ("ipv4-filter", "INPUT", "DROP", "1")
+    event = wait_until(lambda: d.events("firewall_changed", container_id=cid[:12]), 5, message="firewall_changed")[0]
+    assert "+ipv4 filter -A INPUT -p udp -m udp --dport 9 -j DROP" in event["diff"]
+    assert all(line.startswith("+ipv4 filter") for line in event["diff"])  # the filter table appeared with its rule
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _ in range(7):
+            s.sendto(b"x", (ip, 9))
+    d.wait_metric(lambda m: (m.value("nstap_firewall_rule_packets_total", container_id=cid[:12], rule="1") or 0) >= 7, 8, "7 packets dropped, counted")
+    status, view = d.api(f"/api/v1/containers/{cid[:12]}/nat")
+    assert status == 200 and view["firewall"]["drop_rules"][0]["packets"] >= 7
+
+
+def test_conntrack_full_raises_and_resolves(nstap) -> None:
+    d: Daemon = nstap(NAT_CONFIG)
+    d.wait_metric(lambda m: m.value("nstap_conntrack_limit"), 10, "conntrack read")
+    path = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+    original = path.read_text().strip()
+    inserted = 0
+    try:
+        for i in range(60):  # entries of the test's own, in a documentation range, that expire by themselves
+            r = sh("conntrack", "-I", "-p", "udp", "-s", "198.51.100.1", "-d", "198.51.100.2", "--sport", str(40000 + i), "--dport", "53",
+                   "--timeout", "60", check=False)
+            inserted += r.returncode == 0
+        assert inserted == 60
+        count = int(Path("/proc/sys/net/netfilter/nf_conntrack_count").read_text())
+        path.write_text(f"{count + 4}\n")
+        event = wait_until(lambda: d.events("anomaly_detected", kind="conntrack_full"), 5, message="conntrack_full")[0]
+        assert event["container"] == "host" and event["numbers"]["limit"] == count + 4
+        m = d.wait_metric(lambda m: m.value("nstap_anomaly_active", kind="conntrack_full") == 1 and m, 5, "active in /metrics")
+        assert m.value("nstap_conntrack_limit") == count + 4
+    finally:
+        path.write_text(original + "\n")
+        sh("conntrack", "-D", "-s", "198.51.100.1", "-d", "198.51.100.2", check=False)
+    wait_until(lambda: d.events("anomaly_resolved", kind="conntrack_full"), 10, message="resolved")
