@@ -244,8 +244,9 @@ def _nat(args: argparse.Namespace, config: Config) -> int:
         return 0
     rows = [("CONTAINER", "PROTO", "HOST", "CONTAINER ADDRESS", "BACKEND", "STATE", "NEW CONNS", "WHY")]
     for f in data.get("forwards", []):
-        host = f"{f['host_ip'] or '*'}:{f['host_port']}"
-        dest = f"{f['container_ip'] or '?'}:{f['container_port']}"
+        host_ip, dest_ip = f["host_ip"] or "*", f["container_ip"] or "?"
+        host = f"[{host_ip}]:{f['host_port']}" if ":" in host_ip else f"{host_ip}:{f['host_port']}"
+        dest = f"[{dest_ip}]:{f['container_port']}" if ":" in dest_ip else f"{dest_ip}:{f['container_port']}"
         why = f["detail"] + (f"  [{f['rule']}]" if f["state"] != "ok" and f["rule"] else "")
         rows.append((f["container"] or "(none)", f["protocol"], host, dest, f["backend"], f["state"], str(f["new_connections"]), why or "-"))
     _print_table(rows)

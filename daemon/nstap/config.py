@@ -140,7 +140,7 @@ class NatConfig(Strict):
     enabled: bool = True
     interval: float = Field(15.0, ge=1.0, le=3600.0, description="longest seconds between reads of the NAT rules (their counters); a change is read at once")
     conntrack_interval: float = Field(30.0, ge=1.0, le=3600.0, description="seconds between per-container conntrack passes (longer when a pass costs more than conntrack_budget)")
-    conntrack_budget: float = Field(0.01, gt=0.0, le=0.5, description="share of one core the per-container conntrack pass may use")
+    conntrack_budget: float = Field(0.005, gt=0.0, le=0.5, description="share of one core the per-container conntrack pass may use")
     conntrack_full_ratio: float = Field(0.9, gt=0.0, le=1.0, description="conntrack_full above this share of nf_conntrack_max")
     userland_proxy: Literal["auto", "on", "off"] = Field("auto", description="check Docker's docker-proxy listeners (auto: unless /etc/docker/daemon.json turns userland-proxy off)")
     max_firewall_rules: int = Field(32, ge=1, le=1000, description="DROP/REJECT rules exported per container")

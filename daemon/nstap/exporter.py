@@ -515,6 +515,14 @@ class ContainerCollector:
                 family = Family(name, kind, help_)
                 family.add(NO_LABELS, value)
                 out.append(family)
+        if state.flows_at:
+            for name, help_, value in (
+                ("nstap_conntrack_flows_pass_seconds", "CPU seconds of the last per-container conntrack pass (one dump of the whole table).", round(state.flows_seconds, 6)),
+                ("nstap_conntrack_flows_timestamp_seconds", "When the per-container conntrack flows were last counted.", round(state.flows_at, 3)),
+            ):
+                family = Family(name, "gauge", help_)
+                family.add(NO_LABELS, value)
+                out.append(family)
         flows = Family("nstap_container_conntrack_entries", "gauge", "Conntrack entries of the container (it opened or answers them), by protocol and state.")
         for cid, counts in state.flows.items():
             record = ids.get(cid)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..runtime.records import ContainerRecord, PortBinding
 from .nft import NativeRuleset
-from .paths import Packet, Verdict, verify_forward, verify_masquerade
+from .paths import Packet, Verdict, dnat_targets, verify_forward, verify_masquerade
 from .rules import Chain, Rule, Ruleset
 
 MAX_ORPHANS = 256  # forwards of no container listed (a host can hold any number of leftover rules)
@@ -54,6 +55,7 @@ class Forward:
     chain: str
     detail: str
     new_connections: int  # the DNAT rule's packet counter: it counts a connection's first packet only
+    counter: tuple[int, int] = (-1, -1)  # (iptables ruleset, counter line) of that rule: refreshed without a parse
 
     def to_json(self) -> dict[str, object]:
         """The forward as the API and the evidence show it."""
@@ -92,6 +94,13 @@ class HostRules:
 
     iptables: list[Ruleset] = field(default_factory=list)
     native: NativeRuleset | None = None
+    _origin: dict[int, int] | None = None
+
+    def origin(self, rule: Rule) -> int:
+        """Index in ``iptables`` of the ruleset a rule was read from; -1 for a native rule."""
+        if self._origin is None:
+            self._origin = {id(r): i for i, rules in enumerate(self.iptables) for r in rules.rules("nat")}
+        return self._origin.get(id(rule), -1)
 
     def nat_chains(self, family: int, hook: str) -> dict[str, Chain]:
         """The chains a packet of ``family`` meets at ``hook`` (PREROUTING or POSTROUTING), composed
@@ -129,10 +138,8 @@ class HostRules:
 
     def backend_of(self, rule: Rule) -> str:
         """The back end a rule was read from."""
-        for rules in self.iptables:
-            if rule.chain in rules.tables.get("nat", {}) and rule in rules.tables["nat"][rule.chain].rules:
-                return rules.backend
-        return "nftables"
+        index = self.origin(rule)
+        return self.iptables[index].backend if index >= 0 else "nftables"
 
 
 def _jump(chain: str, target: str) -> Rule:
@@ -145,6 +152,17 @@ def _renamed(chain: Chain, prefix: str, table: dict[str, Chain]) -> Chain:
     for rule in chain.rules:
         target = prefix + rule.target if rule.target in table else rule.target
         out.rules.append(Rule(rule.table, rule.chain, rule.position, rule.text, rule.packets, rule.bytes, rule.conds, target, rule.goto, rule.dnat, rule.comment))
+    return out
+
+
+def refresh_counters(forwards: Iterable[Forward], counts: list[list[tuple[int, int]]]) -> list[Forward]:
+    """The forwards with their rules' packet counters from a later read of the same rules."""
+    out = []
+    for f in forwards:
+        index, line = f.counter
+        if 0 <= index < len(counts) and 0 <= line < len(counts[index]):
+            f = replace(f, new_connections=counts[index][line][0])
+        out.append(f)
     return out
 
 
@@ -195,12 +213,13 @@ def verify_all(
     records = [r for r in records if not r.host_network]
     live = {a for r in records for n in r.networks for a in (n.ipv4, n.ipv6) if a}
     chains = {4: rules.nat_chains(4, "PREROUTING"), 6: rules.nat_chains(6, "PREROUTING")}
+    targets = {family: dnat_targets(c) for family, c in chains.items()}
     out: list[Forward] = []
     for record in records:
         if record.joins_other:
             continue  # its namespace's owner publishes the ports
         for binding in record.ports:
-            out.append(_verify(record, binding, chains, rules, live, listening, record.runtime in proxied_runtimes))
+            out.append(_verify(record, binding, chains, targets, rules, live, listening, record.runtime in proxied_runtimes))
     out.extend(_orphans(records, rules, live))
     return out
 
@@ -209,6 +228,7 @@ def _verify(
     record: ContainerRecord,
     binding: PortBinding,
     chains: Mapping[int, dict[str, Chain]],
+    targets: Mapping[int, dict[str, list[Rule]]],
     rules: HostRules,
     live: set[str],
     listening: set[tuple[str, int]] | None,
@@ -234,7 +254,7 @@ def _verify(
     pkt = Packet(family, proto, None, _host_address(binding.host_ip), binding.host_port)
     verdict: Verdict | None = None
     for address in addresses:
-        verdict = verify_forward(chains[family], pkt, address, binding.container_port, live.__contains__)
+        verdict = verify_forward(chains[family], pkt, address, binding.container_port, live.__contains__, targets[family])
         if verdict.state == "ok":
             break
     assert verdict is not None
@@ -243,39 +263,55 @@ def _verify(
     if state == "ok" and proxied and listener is False:
         state, detail = "missing", f"no userland-proxy socket holds {proto} port {binding.host_port} on the host"
     dest = rule.dnat.address if state == "ok" and rule is not None and rule.dnat is not None else addresses[0]
-    counted = rule if state == "ok" else _correct_rule(chains[family], addresses, binding.container_port)
+    counted = rule if state == "ok" else _correct_rule(targets[family], addresses, binding.container_port)
     return Forward(
         **base, container_ip=dest or "", backend=rules.backend_of(rule) if rule is not None else "none", state=state,
         rule=rule.text if rule is not None else "", chain=rule.chain if rule is not None else "", detail=detail,
         new_connections=counted.packets if counted is not None else 0,
+        counter=(rules.origin(counted), counted.counted) if counted is not None and rules.origin(counted) >= 0 else (-1, -1),
     )
 
 
-def _correct_rule(chains: dict[str, Chain], addresses: list[str], port: int) -> Rule | None:
-    for chain in chains.values():
-        for rule in chain.rules:
+def _correct_rule(targets: dict[str, list[Rule]], addresses: list[str], port: int) -> Rule | None:
+    for address in addresses:
+        for rule in targets.get(address, ()):
             d = rule.dnat
-            if d is not None and d.address in addresses and (d.port_low == 0 or d.port_low <= port <= d.port_high):
+            if d is not None and (d.port_low == 0 or d.port_low <= port <= d.port_high):
                 return rule
     return None
 
 
 def _orphans(records: list[ContainerRecord], rules: HostRules, live: set[str]) -> list[Forward]:
-    subnets = container_subnets(records)
+    # Subnets as (family, network, mask) integers: ipaddress costs ~7 µs per address, and a host
+    # may hold 10,000 DNAT rules.
+    ranges = [
+        (socket.AF_INET6 if n.version == 6 else socket.AF_INET, int(n.network_address), int(n.netmask))
+        for n in container_subnets(records)
+    ]
     out = []
+    inside: dict[str, bool] = {}
     for backend, rule in rules.all_nat_rules():
         d = rule.dnat
         if d is None or d.address is None or d.address in live or rule.target not in ("DNAT", "NETMAP"):
             continue
-        addr = ipaddress.ip_address(d.address)
-        if not any(addr in net for net in subnets if net.version == addr.version):
+        known = inside.get(d.address)
+        if known is None:
+            family = socket.AF_INET6 if ":" in d.address else socket.AF_INET
+            try:
+                value = int.from_bytes(socket.inet_pton(family, d.address), "big")
+            except OSError:
+                continue
+            known = inside[d.address] = any(value & mask == net for f, net, mask in ranges if f == family)
+        if not known:
             continue
         proto, host_port = _proto_port(rule)
         owner = _CONTAINER_ID.search(rule.comment)
+        index = rules.origin(rule)
         out.append(Forward(
             container_id=owner.group(1) if owner else "", container="", runtime="", protocol=proto, host_ip="", host_port=host_port,
             container_ip=d.address, container_port=d.port_low, backend=backend, state="stale", rule=rule.text, chain=rule.chain,
             detail=f"points at {d.address}, which no running container has", new_connections=rule.packets,
+            counter=(index, rule.counted) if index >= 0 else (-1, -1),
         ))
         if len(out) >= MAX_ORPHANS:
             break

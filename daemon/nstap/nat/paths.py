@@ -13,6 +13,7 @@ Pure functions over :mod:`nstap.nat.rules`; tested with tables of recorded rules
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 from collections.abc import Callable
 from typing import NamedTuple
@@ -136,6 +137,41 @@ def matches(rule: Rule, pkt: Packet) -> bool | None:
     return result
 
 
+MAX_INDEXED_RANGE = 16  # a rule for a port range wider than this is looked at by every walk
+
+
+def _port_index(chain: Chain) -> tuple[list[Rule], dict[int, list[Rule]]]:
+    """The chain's rules split into those any destination port may reach and those for a few
+    ports only, by port: a walk for one port looks at the first and at its own entry of the
+    second, not at thousands of other ports' DNAT rules."""
+    wild: list[Rule] = []
+    by_port: dict[int, list[Rule]] = {}
+    for rule in chain.rules:
+        ports = [value for negated, key, value in rule.conds if key == "dport" and not negated]
+        span = sum(high - low + 1 for low, high in ports[0]) if ports else 0  # type: ignore[union-attr]
+        if not ports or span > MAX_INDEXED_RANGE:
+            wild.append(rule)
+            continue
+        for low, high in ports[0]:  # type: ignore[union-attr]
+            for port in range(low, high + 1):
+                by_port.setdefault(port, []).append(rule)
+    return wild, by_port
+
+
+def candidates(chain: Chain, dport: int) -> list[Rule]:
+    """The rules of ``chain`` a packet to ``dport`` may match, in order."""
+    index = chain.index
+    if index is None:
+        index = chain.index = _port_index(chain)
+    wild, by_port = index
+    hits = by_port.get(dport)
+    if not hits:
+        return wild
+    if not wild:
+        return hits
+    return list(heapq.merge(wild, hits, key=lambda r: r.position))
+
+
 def walk(chains: dict[str, Chain], start: str, pkt: Packet) -> list[Step]:
     """The deciding rules met from chain ``start`` in order, up to the first the packet surely
     reaches and matches (the last element then has ``certain`` True)."""
@@ -146,7 +182,7 @@ def walk(chains: dict[str, Chain], start: str, pkt: Packet) -> list[Step]:
         chain = chains.get(name)
         if chain is None:
             return False
-        for rule in chain.rules:
+        for rule in candidates(chain, pkt.dport):
             budget[0] -= 1
             if budget[0] < 0:
                 return True
@@ -196,6 +232,7 @@ def verify_forward(
     address: str,
     port: int,
     live: Callable[[str], bool],
+    targets: dict[str, list[Rule]] | None = None,
 ) -> Verdict:
     """Does the packet reach ``address:port`` through ``chains`` (a nat table)?
 
@@ -217,20 +254,31 @@ def verify_forward(
             if to is not None and not live(to):
                 return Verdict("stale", rule, f"sends it to {where}, which no running container has")
             return Verdict("shadowed", rule, f"an earlier rule sends it to {where}")
-        if _exists(chains, address, port):
+        if _exists(chains, address, port, targets):
             return Verdict("shadowed", rule, f"an earlier rule ({rule.target}) ends its NAT before the DNAT")
         return Verdict("missing", rule, f"no DNAT rule: {rule.target} decides it first")
-    existing = _exists(chains, address, port)
+    existing = _exists(chains, address, port, targets)
     if existing is not None:
         return Verdict("missing", existing, f"a DNAT rule exists in {existing.chain} but nothing leads to it from PREROUTING")
     return Verdict("missing", None, "no DNAT rule for it")
 
 
-def _exists(chains: dict[str, Chain], address: str, port: int) -> Rule | None:
+def dnat_targets(chains: dict[str, Chain]) -> dict[str, list[Rule]]:
+    """Every DNAT/NETMAP rule of the chains, by the address it sends packets to (built once per
+    read: a host with 10,000 rules is not searched once per forward)."""
+    out: dict[str, list[Rule]] = {}
     for chain in chains.values():
         for rule in chain.rules:
-            if _leads_to(rule, address, port):
-                return rule
+            if rule.dnat is not None and rule.dnat.address is not None and rule.target in NAT_TARGETS:
+                out.setdefault(rule.dnat.address, []).append(rule)
+    return out
+
+
+def _exists(chains: dict[str, Chain], address: str, port: int, targets: dict[str, list[Rule]] | None = None) -> Rule | None:
+    rules = (targets if targets is not None else dnat_targets(chains)).get(address, ())
+    for rule in rules:
+        if _leads_to(rule, address, port):
+            return rule
     return None
 
 

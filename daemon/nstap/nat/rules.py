@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 MAX_ERRORS = 20  # parse errors kept per read (a garbage input could have millions of lines)
@@ -68,6 +68,7 @@ class Rule:
     goto: bool = False  # -g: a RETURN from the called chain returns past this rule
     dnat: Dnat | None = None
     comment: str = ""
+    counted: int = -1  # its place among the counter-bearing lines of the output (see counters())
 
 
 @dataclass(slots=True)
@@ -77,6 +78,7 @@ class Chain:
     name: str
     policy: str
     rules: list[Rule] = field(default_factory=list)
+    index: tuple | None = None  # built by nstap.nat.paths on first use: rules by destination port
 
 
 @dataclass(slots=True)
@@ -88,6 +90,7 @@ class Ruleset:
     tables: dict[str, dict[str, Chain]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     lines: int = 0
+    shape: str = ""  # the output without counters and comments: equal shapes, equal rules
 
     def chain(self, table: str, name: str) -> Chain | None:
         """One chain, or None."""
@@ -245,9 +248,26 @@ def _find(words: list[str], option: str) -> str:
     return ""
 
 
+_COUNTER_ANYWHERE = re.compile(r"^\[(\d+):(\d+)\] ", re.M)
+_COMMENT_LINE = re.compile(r"^#.*\n?", re.M)
+
+
+def shape_of(text: str) -> str:
+    """iptables-save output without its counters and comment lines (dates)."""
+    return _COUNTER_ANYWHERE.sub("", _COMMENT_LINE.sub("", text))
+
+
+def counters(text: str) -> list[tuple[int, int]]:
+    """The (packets, bytes) of each counter-bearing line, in order: with the shape unchanged,
+    these are the rules' new counters without parsing anything else (a 10,000-rule read costs
+    milliseconds instead of a parse)."""
+    return [(int(p), int(b)) for p, b in _COUNTER_ANYWHERE.findall(text)]
+
+
 def parse_save(text: str, family: int = 4, backend: str = "") -> Ruleset:
     """Parse a whole iptables-save output; lines that cannot be used are skipped and noted."""
-    rules = Ruleset(family, backend)
+    rules = Ruleset(family, backend, shape=shape_of(text))
+    counted = 0
     table: dict[str, Chain] | None = None
     table_name = ""
     for line_no, raw in enumerate(text.splitlines(), 1):
@@ -279,10 +299,13 @@ def parse_save(text: str, family: int = 4, backend: str = "") -> Ruleset:
                 rules.error(line_no, "bad chain line")
             continue
         packets = byte_count = 0
-        counters = _COUNTERS.match(line)
-        if counters:
-            packets, byte_count = int(counters.group(1)), int(counters.group(2))
-            line = line[counters.end():]
+        index = -1
+        found = _COUNTERS.match(line)
+        if found:
+            packets, byte_count = int(found.group(1)), int(found.group(2))
+            line = line[found.end():]
+            index = counted
+            counted += 1
         try:
             chain_name = line.split(None, 2)[1] if line.startswith("-A ") else ""
             chain = table.get(chain_name)
@@ -290,10 +313,11 @@ def parse_save(text: str, family: int = 4, backend: str = "") -> Ruleset:
                 if not chain_name:
                     raise ParseError("expected -A CHAIN")
                 chain = table[chain_name] = Chain(chain_name, "-")
-            chain.rules.append(parse_rule(table_name, len(chain.rules) + 1, line, packets, byte_count))
+            rule = parse_rule(table_name, len(chain.rules) + 1, line, packets, byte_count)
+            chain.rules.append(replace(rule, counted=index) if index >= 0 else rule)
         except (ParseError, ValueError, IndexError) as exc:
             rules.error(line_no, str(exc))
     return rules
 
 
-__all__ = ["Chain", "Cond", "Dnat", "Network", "ParseError", "Rule", "Ruleset", "parse_dnat", "parse_rule", "parse_save", "tokens"]
+__all__ = ["Chain", "Cond", "Dnat", "Network", "ParseError", "Rule", "Ruleset", "counters", "parse_dnat", "parse_rule", "parse_save", "shape_of", "tokens"]
