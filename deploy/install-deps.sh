@@ -6,9 +6,10 @@
 set -euo pipefail
 profile=${1:-run}
 
-run_pkgs=(python3 python3-venv python3-pip tcpdump iproute2 util-linux curl ca-certificates)
+# iptables and nftables: the NAT monitor reads the rules with iptables-save and nft.
+run_pkgs=(python3 python3-venv python3-pip tcpdump iproute2 util-linux curl ca-certificates iptables nftables)
 test_pkgs=(docker.io podman catatonit busybox-static prometheus prometheus-alertmanager
-           iptables nftables conntrack iputils-ping)
+           conntrack iputils-ping)
 demo_pkgs=(busybox-static iptables)
 
 case "$profile" in

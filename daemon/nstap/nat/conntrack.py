@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,22 +212,22 @@ class ConntrackReader:
         except (OSError, ValueError):
             return 0
 
-    def dump(self) -> list[Flow]:
-        """Every entry of the table (both families), parsed by hand."""
+    def dump(self) -> Iterator[Flow]:
+        """Every entry of the table (both families), parsed by hand as the dump is read: a caller
+        that counts them never holds 50,000 objects. Consume it to the end."""
         if self._sock is None:
             self._sock = netlink.open_socket(netlink.NETLINK_NETFILTER)
         body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
         mtype = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
-        flows = []
         try:
             for kind, data, off in netlink.request(self._sock, mtype, body):
                 if kind & 0xFF == IPCTNL_MSG_CT_NEW:
-                    flows.append(parse_flow(data, off))
-        except OSError:
-            self._sock.close()  # a half-read dump would make the next one fail: start afresh
-            self._sock = None
+                    yield parse_flow(data, off)
+        except BaseException:
+            if self._sock is not None:
+                self._sock.close()  # a half-read dump would make the next one fail: start afresh
+                self._sock = None
             raise
-        return flows
 
     def close(self) -> None:
         """Close the sockets (reopened at the next call)."""
@@ -242,7 +242,7 @@ class ConntrackReader:
             self._sock = None
 
 
-def flows_by_container(flows: list[Flow], owners: Mapping[bytes, str]) -> dict[str, Counter[tuple[str, str]]]:
+def flows_by_container(flows: Iterable[Flow], owners: Mapping[bytes, str]) -> dict[str, Counter[tuple[str, str]]]:
     """Per container id, its flows counted by (protocol, state). ``owners``: packed address -> id.
 
     A flow counts for the container that opened it (original source) and for the one that
@@ -262,7 +262,7 @@ def flows_by_container(flows: list[Flow], owners: Mapping[bytes, str]) -> dict[s
     return out
 
 
-def flows_of(flows: list[Flow], addresses: set[bytes], limit: int = EVIDENCE_LIMIT) -> tuple[list[dict[str, Any]], int]:
+def flows_of(flows: Iterable[Flow], addresses: set[bytes], limit: int = EVIDENCE_LIMIT) -> tuple[list[dict[str, Any]], int]:
     """The flows from or to ``addresses`` (first ``limit`` listed) and how many there are."""
     listed = []
     count = 0

@@ -44,7 +44,7 @@ from ..registry import ContainerRegistry, WatchedNamespace
 from ..runtime.records import ContainerRecord
 from ..samples import NamespaceSample, SampleStore
 from ..supervisor import TaskSupervisor
-from .conntrack import ConntrackReader, ConntrackTotals, ConntrackUnavailable, Flow, flows_by_container, flows_of, pack
+from .conntrack import ConntrackReader, ConntrackTotals, ConntrackUnavailable, flows_by_container, flows_of, pack
 from .forwards import DEFAULT_NETWORKS, Forward, HostRules, Masquerade, refresh_counters, verify_all, verify_masquerades
 from .nft import IPTABLES_TABLES, NativeRuleset, parse_nft_json
 from .rules import Ruleset, counters, parse_save, shape_of
@@ -374,14 +374,12 @@ class NatMonitor:
 
     def _flows(self, owners: dict[bytes, str]) -> tuple[dict[str, Counter[tuple[str, str]]], float]:
         started = time.thread_time()
-        flows = self._conntrack.dump()
-        return flows_by_container(flows, owners), time.thread_time() - started
+        return flows_by_container(self._conntrack.dump(), owners), time.thread_time() - started
 
     async def conntrack_of(self, addresses: list[str], limit: int) -> dict[str, Any]:
         """The conntrack entries from or to ``addresses`` now (for a capture's evidence)."""
         def read() -> dict[str, Any]:
-            flows: list[Flow] = self._conntrack.dump()
-            listed, count = flows_of(flows, {pack(a) for a in addresses}, limit)
+            listed, count = flows_of(self._conntrack.dump(), {pack(a) for a in addresses}, limit)
             return {"count": count, "listed": listed}
         try:
             return await self._thread(read)
