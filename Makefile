@@ -35,6 +35,7 @@ runtimes:
 	deploy/start-runtimes.sh
 
 venv: $(VENV)/.installed
+	deploy/link-bcc.sh $(VENV)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

@@ -7,9 +7,12 @@ set -euo pipefail
 profile=${1:-run}
 
 # iptables and nftables: the NAT monitor reads the rules with iptables-save and nft.
-run_pkgs=(python3 python3-venv python3-pip tcpdump iproute2 util-linux curl ca-certificates iptables nftables)
+# python3-bpfcc and bpftool: the eBPF drop-reason collector (bcc compiles against kernel headers,
+# which deploy/kernel-headers.sh provides).
+run_pkgs=(python3 python3-venv python3-pip tcpdump iproute2 util-linux curl ca-certificates iptables nftables
+          python3-bpfcc bpftool)
 test_pkgs=(docker.io podman catatonit busybox-static prometheus prometheus-alertmanager
-           conntrack iputils-ping)
+           conntrack iputils-ping iperf3)
 demo_pkgs=(busybox-static iptables)
 
 case "$profile" in
@@ -43,10 +46,10 @@ fi
 
 missing=()
 for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
-if [ "${#missing[@]}" -eq 0 ]; then
-  exit 0
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "nstap: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-echo "nstap: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+"$(dirname "$0")/kernel-headers.sh"

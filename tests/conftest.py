@@ -268,6 +268,9 @@ class Daemon:
         self.data_dir = Path(config["data_dir"]) if "data_dir" in config else workdir / "data"
         self.config = {
             "interval": 0.5,
+            # Off unless a test turns it on (tests/test_ebpf.py, the healthy-traffic chaos test):
+            # compiling the program costs every daemon start a second of CPU.
+            "ebpf": "off",
             "metrics_listen": f"127.0.0.1:{self.metrics_port}",
             "api_listen": f"127.0.0.1:{self.api_port}",
             "log_format": "json",

@@ -584,9 +584,10 @@ def test_fuzz_api_webhook_and_config(nstap, containers: Containers, docker_image
 def test_healthy_traffic_makes_no_anomaly(nstap, containers: Containers, docker_image: str) -> None:
     """20 busybox containers serving steady HTTP traffic (a new connection every 0.1 s each, half of
     them with a flight recorder) for 40 s here, 10 minutes in ``make soak``: not one anomaly, with
-    every detector at its defaults (the short retransmission window included)."""
+    every detector at its defaults (the short retransmission window and the kernel's drop reasons
+    included: the eBPF collector is on)."""
     seconds = scale(40, 600)
-    d = nstap()
+    d = nstap({"ebpf": "on"})
     cids = [containers.docker(*(("--label", "nstap.capture=ring") if i % 2 else ()), docker_image, *HTTPD) for i in range(20)]
     d.wait_metric(lambda m: m.value("nstap_containers_watched", runtime="docker") >= 20, 30, "20 containers watched")
     traffic = [Traffic(container_ip(cid), period=0.1, limit=seconds + 30) for cid in cids]
@@ -607,3 +608,4 @@ def test_healthy_traffic_makes_no_anomaly(nstap, containers: Containers, docker_
     report("healthy", containers=len(cids), seconds=round(time.time() - started), requests=answered, anomalies=0, samples=samples)
     assert answered >= 20 * seconds * 5  # at least half the requests were answered: traffic, not an idle host
     assert not m.find("nstap_anomalies_total")
+    assert m.value("nstap_collector_up", collector="ebpf_drops") == 1

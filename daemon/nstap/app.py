@@ -30,6 +30,8 @@ from .config import Config
 from .detect.incidents import IncidentTracker
 from .detect.pipeline import DetectionPipeline
 from .exporter import ContainerCollector, build_registry
+from .ebpf.collector import EbpfUnavailable
+from .ebpf.service import EbpfService
 from .instruments import Instruments
 from .nat.monitor import NatMonitor
 from .netns.handles import NamespaceOpener
@@ -47,12 +49,17 @@ IO_THREADS = 2
 RETENTION_INTERVAL = 60.0  # seconds between passes of the store's age limit (and retries of unsaved outcomes)
 KNOWN_TASKS = (
     "capture-retention", "ring-pump", "capture", "ring", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
-    "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall",
+    "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall", "ebpf-load",
 )
 
 
 class StartupError(Exception):
-    """The daemon cannot start (a port is taken, the data dir is unusable, ...)."""
+    """The daemon cannot start (a port is taken, the data dir is unusable, ...); ``code`` is the
+    exit code (2 for a configuration that cannot be honoured, such as ``ebpf: on`` without bcc)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def raise_fd_limit() -> int:
@@ -110,6 +117,13 @@ class App:
             raise StartupError(f"cannot use data dir {cfg.data_dir}: {exc.strerror or exc}") from None
         except TokenError as exc:
             raise StartupError(str(exc)) from None
+
+        ebpf = self.ebpf = EbpfService(cfg.ebpf)
+        if cfg.ebpf == "on":
+            try:
+                await ebpf.load()
+            except EbpfUnavailable as exc:
+                raise StartupError(f"ebpf: on, but {exc}", 2) from None
 
         cap = cfg.capture
         store = CaptureStore(cfg.data_dir, Retention(cap.store_max_bytes, cap.store_max_age))
@@ -170,6 +184,10 @@ class App:
                 tracker if cfg.detect.enabled else None, frozenset(cfg.detect.disabled), cfg.proc_root,
             )
             engine.nat = nat
+        engine.ebpf = ebpf
+        pool.ticker.hooks.append(ebpf.new_round)
+        no_drops: dict[str, int] = {}  # a namespace without drops since the program loaded: counted, none
+        pool.kernel_drops = lambda inode: ebpf.counts.get(inode, no_drops) if ebpf.up else None
         pipeline = DetectionPipeline(self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled}, self.supervisor)
         self.sources = [
             RuntimeSource(
@@ -185,11 +203,11 @@ class App:
             )
             for endpoint in cfg.runtimes
         ]
-        collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine, nat)
+        collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine, nat, ebpf)
         self.api = ApiServer(
             cfg.metrics_listen, cfg.api_listen, self.prometheus, collector, self.registry, lambda: set(pool.watched()), token, self.supervisor.failed
         )
-        self.api.add_routes(CaptureApi(self.registry, engine, store, cap.max_seconds, nat).routes())
+        self.api.add_routes(CaptureApi(self.registry, engine, store, cap.max_seconds, nat, ebpf).routes())
         try:
             await self.api.start()
         except OSError as exc:
@@ -218,6 +236,8 @@ class App:
         engine.start()
         if nat is not None:
             nat.start(self.store)
+        if cfg.ebpf == "auto":
+            self.supervisor.spawn("ebpf-load", ebpf.load())  # about a second, in a thread: sampling starts meanwhile
         for source in self.sources:
             self.supervisor.service(f"runtime-{source.name}", source.run)
         self.supervisor.service("capture-retention", lambda: self._retention(store, engine))
@@ -231,6 +251,7 @@ class App:
             await engine.stop()
             if nat is not None:
                 await nat.close()
+            ebpf.close()
             await self.api.stop()
             await self.supervisor.stop()
             await store.close()

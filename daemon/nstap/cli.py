@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     anomalies.add_argument("--limit", type=int, default=50)
     anomalies.add_argument("--json", action="store_true")
 
+    doctor = sub.add_parser("doctor", help="check every prerequisite of every feature on this host")
+    doctor.add_argument("--config", type=Path, help="the daemon's YAML config file (which features are on)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable")
+
     nat = sub.add_parser("nat", help="published ports and their verified state, with counters")
     _client_args(nat)
     nat.add_argument("container", nargs="?", help="name or id (default: every forward on the host)")
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             return _containers(args, _config(args, ("data_dir",)))
         if args.command == "anomalies":
             return _anomalies(args, _config(args, ("data_dir",)))
+        if args.command == "doctor":
+            return _doctor(args, _config(args, ()))
         if args.command == "nat":
             return _nat(args, _config(args, ("data_dir",)))
         if args.command == "captures":
@@ -140,7 +146,7 @@ def _run(config: Config) -> int:
         asyncio.run(App(config).run())
     except StartupError as exc:
         print(f"nstap: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return exc.code
     return 0
 
 
@@ -226,6 +232,14 @@ def _anomalies(args: argparse.Namespace, config: Config) -> int:
         ))
     _print_table(rows)
     return 0
+
+
+def _doctor(args: argparse.Namespace, config: Config) -> int:
+    from .doctor import MISSING, report, run_checks
+
+    checks = run_checks(config)
+    print(report(checks, args.json))
+    return EXIT_FAILURE if any(c.status == MISSING for c in checks) else 0
 
 
 def _nat(args: argparse.Namespace, config: Config) -> int:

@@ -175,6 +175,7 @@ class Config(Strict):
     detect: DetectConfig = DetectConfig()
     capture: CaptureConfig = CaptureConfig()
     nat: NatConfig = NatConfig()
+    ebpf: Literal["auto", "on", "off"] = Field("auto", description="kernel drop reasons and retransmitted flows (bcc): on = required (exit 2 without)")
 
     @field_validator("interval", "reconcile_interval", "reconnect_max_backoff", "sample_budget_ms")
     @classmethod

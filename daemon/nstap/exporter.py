@@ -37,6 +37,7 @@ from .samples import NamespaceSample, SampleStore
 if TYPE_CHECKING:
     from .capture.engine import CaptureEngine
     from .detect.incidents import IncidentTracker
+    from .ebpf.service import EbpfService
     from .nat.monitor import NatMonitor
 
 HOST_ID = "host"  # nstap.detect.incidents.HOST_ID (not imported: the exporter stays free of the detection modules)
@@ -84,6 +85,7 @@ class ScrapeState(NamedTuple):
     incidents: list[tuple[str, str, str, str, bool]]  # container, id, runtime, kind, active
     captures: dict[str, Any] | None
     nat: dict[str, Any] | None = None
+    ebpf: tuple[int, dict[str, int]] | None = None  # collector up, the host's drops by reason
 
 
 def _escape(value: str) -> str:
@@ -170,6 +172,7 @@ class ContainerCollector:
         incidents: IncidentTracker | None = None,
         captures: CaptureEngine | None = None,
         nat: NatMonitor | None = None,
+        ebpf: EbpfService | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -178,6 +181,7 @@ class ContainerCollector:
         self.incidents = incidents
         self.captures = captures
         self.nat = nat
+        self.ebpf = ebpf
         self._labels: dict[tuple, Labels] = {}
         self._used: dict[tuple, Labels] = {}
 
@@ -225,6 +229,7 @@ class ContainerCollector:
             else [],
             captures=captures,
             nat=self._nat_snapshot(),
+            ebpf=(self.ebpf.up, self.ebpf.host_counts(set(namespaces))) if self.ebpf is not None else None,
         )
 
     def _nat_snapshot(self) -> dict[str, Any] | None:
@@ -261,6 +266,8 @@ class ContainerCollector:
                 *self._anomaly_families(scrape),
                 *self._capture_families(scrape),
                 *self._nat_families(scrape),
+                *self._ebpf_families(scrape),
+                *self._collector_up(scrape),
             ]
         finally:
             self._labels = self._used  # keep the label sets used this time, drop the rest
@@ -466,6 +473,36 @@ class ContainerCollector:
         return out
 
 
+    def _ebpf_families(self, scrape: ScrapeState) -> list[Family]:
+        if scrape.ebpf is None:
+            return []
+        _up, host = scrape.ebpf
+        drops = Family("nstap_kernel_drops_total", "counter", "Packets the kernel dropped in the container's namespace, by the kernel's drop reason (eBPF, kfree_skb).")
+        for sample in scrape.samples:
+            counts = sample.kernel_drops
+            ns = scrape.namespaces.get(sample.netns)
+            if not counts or ns is None:
+                continue
+            owner = ns.owner
+            for reason, count in sorted(counts.items()):
+                drops.add(Labels((("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime), ("reason", reason))), count)
+        host_drops = Family("nstap_host_kernel_drops_total", "counter", "Packets the kernel dropped outside container namespaces, by drop reason (eBPF).")
+        for reason, count in sorted(host.items()):
+            host_drops.add(Labels((("reason", reason),)), count)
+        return [drops, host_drops]
+
+    def _collector_up(self, scrape: ScrapeState) -> list[Family]:
+        up = Family(
+            "nstap_collector_up", "gauge",
+            "1 when the collector can read what it needs (nat: the NAT rules; conntrack: the table; firewall: the containers' rules; ebpf_drops: the eBPF program).",
+        )
+        values = dict(scrape.nat["up"]) if scrape.nat is not None else {}
+        if scrape.ebpf is not None:
+            values["ebpf_drops"] = scrape.ebpf[0]
+        for collector, value in sorted(values.items()):
+            up.add(Labels((("collector", collector),)), value)
+        return [up] if values else []
+
     def _nat_families(self, scrape: ScrapeState) -> list[Family]:
         nat = scrape.nat
         if nat is None:
@@ -487,10 +524,7 @@ class ContainerCollector:
             info.add(Labels((*base, ("container_ip", f.container_ip), ("container_port", str(f.container_port)), ("backend", f.backend), ("state", f.state))), 1)
             if f.container:
                 new.add(Labels(base), f.new_connections)
-        up = Family("nstap_collector_up", "gauge", "1 when the collector can read what it needs (nat: the NAT rules; conntrack: the table; firewall: the containers' rules).")
-        for collector, value in sorted(nat["up"].items()):
-            up.add(Labels((("collector", collector),)), value)
-        out = [info, new, up]
+        out = [info, new]
         rules = Family("nstap_nat_rules", "gauge", "Rules in the host's nat tables at the last read, by back end and family.")
         for key, count in sorted(state.rules.items()):
             rules.add(Labels((("source", key),)), count)

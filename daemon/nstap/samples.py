@@ -78,7 +78,8 @@ class NamespaceSample(NamedTuple):
     sockets: SocketSample | None = None
     failed: tuple[str, ...] = ()
     interval: float = 0.0
-    firewall: FirewallSample | None = None  # seconds until this namespace's next sample (see the watcher's budget)
+    firewall: FirewallSample | None = None
+    kernel_drops: Mapping[str, int] | None = None  # drops so far by kernel reason (eBPF), None without the collector  # seconds until this namespace's next sample (see the watcher's budget)
 
 
 class SampleStore:

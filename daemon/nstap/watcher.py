@@ -13,7 +13,7 @@ import asyncio
 import errno
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -178,6 +178,7 @@ class NamespaceWatcher:
             failed=tuple(failed),
             interval=self.every * pool.interval,
             firewall=parts.get("firewall"),
+            kernel_drops=pool.kernel_drops(self.namespace.inode),
         )
         pool.store.put(sample)
         return sample
@@ -260,6 +261,7 @@ class Ticker:
     def __init__(self, interval: float, on_round: Callable[[], None] | None = None, lag: LoopHistogram | None = None) -> None:
         self.interval = interval
         self.on_round = on_round  # called as each tick starts, before the samples
+        self.hooks: list[Callable[[], None]] = []  # more of those (the eBPF map read)
         self.lag = lag  # how late each tick started, in seconds (a blocked event loop shows here)
         self._watchers: dict[NamespaceWatcher, None] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -288,6 +290,8 @@ class Ticker:
             self.lag.observe(max(asyncio.get_running_loop().time() - self._due, 0.0))
         if self.on_round is not None:
             self.on_round()
+        for hook in self.hooks:
+            hook()
         for watcher in list(self._watchers):
             if watcher.skip:
                 watcher.skip -= 1
@@ -354,6 +358,8 @@ class WatcherPool:
         self._listeners: list[Callable[[], None]] = []
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
+        # The kernel's drop counts of a namespace by reason (the eBPF collector), or None.
+        self.kernel_drops: Callable[[int], Mapping[str, int] | None] = lambda inode: None
 
     def start(self) -> None:
         """Follow the registry from now on."""

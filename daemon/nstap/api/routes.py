@@ -24,6 +24,7 @@ from ..capture.bundle import build_bundle, bundle_name
 from ..capture.engine import SIDES, CaptureEngine, CaptureRefused, CaptureTarget
 from ..capture.store import EVICTED, RUNNING, CaptureRow, CaptureStore
 from ..capture.tcpdump import FilterError
+from ..ebpf.service import EbpfService
 from ..nat.monitor import NatMonitor
 from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
@@ -103,12 +104,16 @@ def download_name(row_container: str, what: str, at: float) -> str:
 class CaptureApi:
     """The /api/v1 routes that read and start captures and anomalies."""
 
-    def __init__(self, registry: ContainerRegistry, engine: CaptureEngine, store: CaptureStore, max_seconds: float, nat: NatMonitor | None = None) -> None:
+    def __init__(
+        self, registry: ContainerRegistry, engine: CaptureEngine, store: CaptureStore, max_seconds: float,
+        nat: NatMonitor | None = None, ebpf: EbpfService | None = None,
+    ) -> None:
         self.registry = registry
         self.engine = engine
         self.store = store
         self.max_seconds = max_seconds
         self.nat = nat
+        self.ebpf = ebpf
 
     def routes(self) -> list[web.RouteDef]:
         """The routes, for ApiServer.add_routes."""
@@ -124,6 +129,7 @@ class CaptureApi:
             web.get("/api/v1/alerts", self.alerts),
             web.get("/api/v1/nat", self.nat_all),
             web.get("/api/v1/containers/{name}/nat", self.nat_of),
+            web.get("/api/v1/containers/{name}/retransmits", self.retransmits),
         ]
 
     # -- reading ---------------------------------------------------------------------------------
@@ -245,6 +251,20 @@ class CaptureApi:
         monitor = self._monitor()
         record = self.find(request.match_info["name"])
         return web.json_response(monitor.container_json(record))
+
+    async def retransmits(self, request: web.Request) -> web.Response:
+        record = self.find(request.match_info["name"])
+        ebpf = self.ebpf
+        if ebpf is None or not ebpf.up:
+            raise BadRequest(f"the eBPF collector is not running: {ebpf.error if ebpf is not None else 'off'}", 409)
+        namespace = self.registry.namespaces().get(record.netns)
+        if namespace is None:
+            raise BadRequest(f"{record.name} is not watched (host network, opted out or not started yet)", 409)
+        return web.json_response({
+            "container": record.name, "container_id": record.short_id, "runtime": record.runtime, "window_seconds": 60,
+            "flows": ebpf.retransmits({namespace.inode}),
+            "kernel_drops": dict(ebpf.counts.get(namespace.inode, {})),
+        })
 
     # -- starting captures -----------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ from .store import COMPLETE, FAILED, INCOMPLETE, RUNNING, AnomalyRow, CaptureRow
 from .tcpdump import CaptureToolMissing, TcpdumpProcess, Tools
 
 if TYPE_CHECKING:
+    from ..ebpf.service import EbpfService
     from ..nat.monitor import NatMonitor
 
 log = structlog.get_logger("nstap.capture")
@@ -269,6 +270,7 @@ class CaptureEngine:
             self.tools, self.tools_error = None, str(exc)
         self.evidence = EvidenceRecorder(store) if settings.evidence else None
         self.nat: NatMonitor | None = None  # set by the daemon: its view joins each capture's evidence
+        self.ebpf: EbpfService | None = None  # likewise
         self._evidence_tasks: set[asyncio.Task] = set()
         self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # host-side captures
         self._short_logged: set[str] = set()  # recorders whose short reach was logged
@@ -551,9 +553,18 @@ class CaptureEngine:
         if held is None:
             return
         fd = os.dup(held)
-        nat = self.nat
+        nat, ebpf = self.nat, self.ebpf
         namespace = self.registry.namespaces().get(row.netns)
-        extra = (lambda: nat.evidence(namespace)) if nat is not None and namespace is not None else None
+        netns = row.netns
+
+        async def extra() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            if nat is not None and namespace is not None:
+                out["nat"] = await nat.evidence(namespace)  # forwards, own firewall, conntrack entries
+            if ebpf is not None:
+                out["ebpf"] = ebpf.evidence(netns)  # drop reasons so far, top retransmitting flows
+            return out
+
         task = self.supervisor.spawn(
             "evidence", self.evidence.record(row, anomaly, fd, self.host_peers(row.netns), lambda: asyncio.wait({capture}), extra)
         )

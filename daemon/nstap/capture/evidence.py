@@ -55,7 +55,7 @@ class EvidenceRecorder:
         snap: dict[str, Any] = {"taken_at": taken_at, **inside, **ip, "host_interfaces": host, "firewall": firewall}
         snap["failed_neighbours"] = ns_evidence.interesting_neighbours(ip.get("neighbours", []))
         if extra is not None:
-            snap["nat"] = await extra()  # the container's forwards, own firewall and conntrack entries
+            snap.update(await extra())  # the NAT monitor's and the eBPF collector's views
         return snap
 
     async def record(
@@ -83,6 +83,13 @@ class EvidenceRecorder:
             if before and after:
                 doc["counter_deltas"] = ns_evidence.counter_deltas(before, after)
                 doc["counter_seconds"] = round(doc["end"]["taken_at"] - doc["start"]["taken_at"], 3)
+            drops_before = (doc["start"].get("ebpf") or {}).get("kernel_drops")
+            drops_after = (doc["end"].get("ebpf") or {}).get("kernel_drops")
+            if drops_before is not None and drops_after is not None:
+                # The drop reasons the kernel counted in the namespace during the capture's window.
+                doc["kernel_drop_deltas"] = {
+                    r: n - drops_before.get(r, 0) for r, n in sorted(drops_after.items()) if n > drops_before.get(r, 0)
+                }
             await self._save(row.id, doc)
         except asyncio.CancelledError:
             raise

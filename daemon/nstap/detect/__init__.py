@@ -17,12 +17,12 @@ on a healthy, idle namespace, so a container cannot make itself trip endlessly.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from .. import labels as nstap_labels
-from . import interface_down, interface_errors, listen_overflows, resets, retransmits, syn_sent, udp_buffers
+from . import interface_down, interface_errors, kernel_drops, listen_overflows, resets, retransmits, syn_sent, udp_buffers
 from .base import Detector, Finding, Param
 
 log = structlog.get_logger("nstap.detect")
@@ -39,7 +39,7 @@ class DetectorSpec:
     main: str | None
     help: str
     factory: Callable[..., Detector]
-
+    extras: Mapping[str, Callable[[object], object]] = field(default_factory=dict)  # config-only parameters that are not numbers
     @property
     def defaults(self) -> dict[str, float]:
         """Every parameter's default."""
@@ -56,6 +56,10 @@ DETECTORS: dict[str, DetectorSpec] = {
         DetectorSpec(interface_down.KIND, interface_down.PARAMS, None, "an interface went down", interface_down.InterfaceDownDetector),
         DetectorSpec(syn_sent.KIND, syn_sent.PARAMS, "seconds", "sockets stuck in SYN_SENT", syn_sent.SynSentDetector),
         DetectorSpec(udp_buffers.KIND, udp_buffers.PARAMS, "min_increase", "UDP receive-buffer errors", udp_buffers.UdpBufferDetector),
+        DetectorSpec(
+            kernel_drops.KIND, kernel_drops.PARAMS, "min_increase", "kernel drops by reason (eBPF)", kernel_drops.KernelDropDetector,
+            {"reasons": kernel_drops.check_reasons},
+        ),
     )
 }
 
@@ -68,6 +72,9 @@ def check_params(spec: DetectorSpec, params: Mapping[str, object]) -> dict[str, 
     """The parameters as floats if every name is known and every value allowed; ValueError otherwise."""
     out = {}
     for name, value in params.items():
+        if name in spec.extras:
+            out[name] = spec.extras[name](value)  # type: ignore[assignment]
+            continue
         param = spec.params.get(name)
         if param is None:
             raise ValueError(f"{spec.kind}: unknown parameter {name!r} (known: {', '.join(spec.params) or 'none'})")

@@ -1,0 +1,339 @@
+"""Why the kernel dropped it, per container, and to whom TCP retransmitted: one bcc program for the host.
+
+Two tracepoints, aggregated **in the kernel** (no per-packet event reaches user space):
+
+* ``skb:kfree_skb`` counts drops in a hash map keyed by (network namespace inode, drop reason).
+  The namespace is the skb's socket's (``sk->__sk_common.skc_net``) or, without a socket, its
+  device's (``dev->nd_net``), read at offsets taken from the running kernel's BTF (the installed
+  headers need not match it). Reason names come from the tracepoint's own format file, so a
+  kernel that adds reasons needs no change here.
+* ``tcp:tcp_retransmit_skb`` counts retransmissions in an LRU map keyed by (namespace, local
+  port, remote address, remote port): the top flows of the last minute answer "to whom?".
+
+The daemon reads the drop map once per sampling round (one batched lookup for every namespace)
+and the flow map every ``FLOW_EVERY`` seconds. Everything that can be missing (bcc, the headers
+it compiles against, BTF, the tracepoints, reasons on kernels before 5.17, privileges) raises
+:class:`EbpfUnavailable` with what is missing and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import btf as btf_mod
+
+TRACING = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+MAX_DROP_KEYS = 16384  # (namespace, reason) pairs
+MAX_FLOWS = 4096  # retransmitting flows kept (least recently used go first)
+FLOW_EVERY = 10.0  # seconds between reads of the flow map
+FLOW_WINDOW = 60.0  # "the last minute"
+TOP_FLOWS = 20
+
+_SYMBOL = re.compile(r"\{\s*(\d+),\s*\"(\w+)\"\s*\}")
+_FIELD = re.compile(r"field:([^;]+);\s*offset:(\d+);\s*size:(\d+);")
+# (tracepoint, field) -> the #define its offset goes to: read from the format files, not headers.
+TP_FIELDS = {
+    ("skb/kfree_skb", "skbaddr"): "TP_DROP_SKBADDR",
+    ("skb/kfree_skb", "reason"): "TP_DROP_REASON",
+    ("tcp/tcp_retransmit_skb", "skaddr"): "TP_RETR_SKADDR",
+    ("tcp/tcp_retransmit_skb", "sport"): "TP_RETR_SPORT",
+    ("tcp/tcp_retransmit_skb", "dport"): "TP_RETR_DPORT",
+    ("tcp/tcp_retransmit_skb", "family"): "TP_RETR_FAMILY",
+    ("tcp/tcp_retransmit_skb", "daddr"): "TP_RETR_DADDR",
+    ("tcp/tcp_retransmit_skb", "daddr_v6"): "TP_RETR_DADDR_V6",
+}
+
+PROGRAM = r"""
+#include <uapi/linux/ptrace.h>
+#include <linux/socket.h>
+
+struct drop_key { u32 netns; u32 reason; };
+BPF_HASH(drops, struct drop_key, u64, MAX_DROP_KEYS);
+
+struct flow_key { u32 netns; u16 sport; u16 dport; u16 family; u16 pad; u8 daddr[16]; };
+struct flow_val { u64 count; u64 last_ns; };
+BPF_TABLE("lru_hash", struct flow_key, struct flow_val, retrans, MAX_FLOWS);
+
+static __always_inline u32 net_inum(void *net) {
+    u32 inum = 0;
+    if (net)
+        bpf_probe_read_kernel(&inum, sizeof(inum), net + NET_INUM);
+    return inum;
+}
+
+static __always_inline void *sock_net_of(void *sk) {
+    void *net = NULL;
+    if (sk)
+        bpf_probe_read_kernel(&net, sizeof(net), sk + SK_NET);
+    return net;
+}
+
+int on_drop(void *ctx) {
+    struct drop_key key = {};
+    void *skb = *(void **)((char *)ctx + TP_DROP_SKBADDR);
+    void *sk = NULL, *dev = NULL, *net = NULL;
+    key.reason = *(u32 *)((char *)ctx + TP_DROP_REASON);
+    bpf_probe_read_kernel(&sk, sizeof(sk), skb + SKB_SK);
+    net = sock_net_of(sk);
+    if (!net) {
+        bpf_probe_read_kernel(&dev, sizeof(dev), skb + SKB_DEV);
+        if (dev)
+            bpf_probe_read_kernel(&net, sizeof(net), dev + DEV_NET);
+    }
+    key.netns = net_inum(net);
+    u64 zero = 0;
+    u64 *count = drops.lookup_or_try_init(&key, &zero);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    return 0;
+}
+
+int on_retransmit(void *ctx) {
+    struct flow_key key = {};
+    void *sk = *(void **)((char *)ctx + TP_RETR_SKADDR);
+    key.netns = net_inum(sock_net_of(sk));
+    key.sport = *(u16 *)((char *)ctx + TP_RETR_SPORT);
+    key.dport = *(u16 *)((char *)ctx + TP_RETR_DPORT);
+    key.family = *(u16 *)((char *)ctx + TP_RETR_FAMILY);
+    if (key.family == AF_INET)
+        bpf_probe_read_kernel(key.daddr, 4, (char *)ctx + TP_RETR_DADDR);
+    else
+        bpf_probe_read_kernel(key.daddr, 16, (char *)ctx + TP_RETR_DADDR_V6);
+    struct flow_val zero = {};
+    struct flow_val *value = retrans.lookup_or_try_init(&key, &zero);
+    if (value) {
+        __sync_fetch_and_add(&value->count, 1);
+        value->last_ns = bpf_ktime_get_ns();
+    }
+    return 0;
+}
+"""
+
+
+class EbpfUnavailable(Exception):
+    """What the collector needs is missing; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A flow that retransmitted: in which namespace, to whom, how often in the window."""
+
+    netns: int
+    local_port: int
+    remote: str
+    remote_port: int
+    retransmits: int
+    last_seen: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The flow as the API and the evidence list it."""
+        return {"local_port": self.local_port, "remote": self.remote, "remote_port": self.remote_port,
+                "retransmits": self.retransmits, "last_seen": round(self.last_seen, 3)}
+
+
+def tracing_dir() -> Path | None:
+    """Where tracefs is mounted, if anywhere."""
+    for path in TRACING:
+        if (path / "events").is_dir():
+            return path
+    return None
+
+
+def reason_names(tracing: Path) -> dict[int, str]:
+    """The running kernel's drop reasons, from the kfree_skb tracepoint's format file."""
+    fmt = tracing / "events/skb/kfree_skb/format"
+    try:
+        text = fmt.read_text()
+    except OSError as exc:
+        raise EbpfUnavailable(f"cannot read {fmt} ({exc.strerror or exc}): mount tracefs (mount -t tracefs nodev /sys/kernel/tracing)") from None
+    if "field:enum skb_drop_reason reason" not in text:
+        raise EbpfUnavailable("this kernel's kfree_skb tracepoint has no drop reason (Linux 5.17 or later has it)")
+    start = text.find("__print_symbolic(REC->reason")
+    names = {int(n): name for n, name in _SYMBOL.findall(text[start:])} if start >= 0 else {}
+    if not names:
+        raise EbpfUnavailable(f"no reason names in {fmt}")
+    return names
+
+
+def field_offsets(tracing: Path) -> dict[str, int]:
+    """The offsets of the tracepoint fields the program reads, from their format files."""
+    out: dict[str, int] = {}
+    for event in sorted({e for e, _ in TP_FIELDS}):
+        fmt = tracing / "events" / event / "format"
+        try:
+            text = fmt.read_text()
+        except OSError as exc:
+            raise EbpfUnavailable(f"cannot read {fmt}: {exc.strerror or exc}") from None
+        fields = {}
+        for decl, offset, _size in _FIELD.findall(text):
+            name = decl.split("[")[0].split()[-1].lstrip("*")
+            fields[name] = int(offset)
+        for (ev, name), define in TP_FIELDS.items():
+            if ev != event:
+                continue
+            if name not in fields:
+                raise EbpfUnavailable(f"the {event} tracepoint has no field {name!r} on this kernel")
+            out[define] = fields[name]
+    return out
+
+
+def need_root() -> str:
+    """Loading eBPF needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)."""
+    if os.geteuid() != 0:
+        raise EbpfUnavailable("not running as root: loading eBPF needs CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (or root)")
+    return "root"
+
+
+def need_bcc() -> Any:
+    """The bcc module."""
+    try:
+        import bcc  # noqa: PLC0415 - optional: only this collector needs it
+    except ImportError as exc:
+        raise EbpfUnavailable(f"bcc is not importable ({exc}): apt-get install python3-bpfcc, and link it into nstap's venv (make run does both)") from None
+    return bcc
+
+
+def need_headers() -> str:
+    """The kernel headers bcc compiles against."""
+    release = os.uname().release
+    build = Path("/lib/modules") / release / "build"
+    if not build.exists():
+        raise EbpfUnavailable(f"{build} is missing: bcc compiles against kernel headers; install linux-headers-{release} or link a linux-headers tree there (make run does)")
+    return str(build.resolve())
+
+
+def need_tracepoints() -> Path:
+    """tracefs, with the two tracepoints the program attaches to."""
+    tracing = tracing_dir()
+    if tracing is None:
+        raise EbpfUnavailable("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
+    for event in ("skb/kfree_skb", "tcp/tcp_retransmit_skb"):
+        if not (tracing / "events" / event).is_dir():
+            raise EbpfUnavailable(f"the kernel has no {event} tracepoint")
+    return tracing
+
+
+def need_offsets() -> btf_mod.Offsets:
+    """The struct offsets, from the running kernel's BTF."""
+    try:
+        return btf_mod.offsets(btf_mod.load())
+    except btf_mod.BtfError as exc:
+        raise EbpfUnavailable(f"kernel BTF: {exc}") from None
+
+
+def check_prerequisites() -> tuple[Any, Path, btf_mod.Offsets]:
+    """(the bcc module, tracefs, offsets), or EbpfUnavailable naming the first thing missing."""
+    need_root()
+    bcc = need_bcc()
+    need_headers()
+    tracing = need_tracepoints()
+    reason_names(tracing)
+    return bcc, tracing, need_offsets()
+
+
+class DropCollector:
+    """The loaded program and what was last read from its maps."""
+
+    def __init__(self) -> None:
+        self.bpf: Any = None
+        self.reasons: dict[int, str] = {}
+        self.compile_seconds = 0.0
+        self.counts: dict[int, dict[str, int]] = {}  # netns inode -> reason name -> drops so far
+        self.read_at = 0.0
+        self.read_errors = 0
+        self._flow_history: deque[tuple[float, dict[tuple, int]]] = deque()
+        self._flows_at = 0.0
+        self._flows: dict[tuple, tuple[int, float]] = {}
+        self._boot_offset = 0.0
+
+    def load(self) -> None:
+        """Check, compile and attach (seconds: call it from a thread)."""
+        bcc, tracing, off = check_prerequisites()
+        self.reasons = reason_names(tracing)
+        defines = {
+            "MAX_DROP_KEYS": MAX_DROP_KEYS, "MAX_FLOWS": MAX_FLOWS, "SKB_DEV": off.skb_dev, "SKB_SK": off.skb_sk,
+            "DEV_NET": off.dev_net, "SK_NET": off.sk_net, "NET_INUM": off.net_inum,
+        }
+        defines.update(field_offsets(tracing))
+        text = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + PROGRAM
+        started = time.monotonic()
+        try:
+            self.bpf = bcc.BPF(text=text)
+            self.bpf.attach_tracepoint(tp="skb:kfree_skb", fn_name="on_drop")
+            self.bpf.attach_tracepoint(tp="tcp:tcp_retransmit_skb", fn_name="on_retransmit")
+        except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception on a failed compile or load
+            raise EbpfUnavailable(f"the eBPF program did not compile or load: {exc}") from None
+        self.compile_seconds = time.monotonic() - started
+        # bpf_ktime_get_ns is CLOCK_MONOTONIC: wall = monotonic + this
+        self._boot_offset = time.time() - time.monotonic()
+
+    def read(self) -> dict[int, dict[str, int]]:
+        """One batched read of the drop map: drops so far by namespace and reason name."""
+        out: dict[int, dict[str, int]] = {}
+        table = self.bpf["drops"]
+        try:
+            items = list(table.items_lookup_batch())
+        except Exception:  # noqa: BLE001 - kernels without BPF_MAP_LOOKUP_BATCH: one lookup per key
+            items = list(table.items())
+        names = self.reasons
+        for key, value in items:
+            name = names.get(key.reason, str(key.reason))
+            out.setdefault(key.netns, {})[name] = int(getattr(value, "value", value))
+        self.counts = out
+        self.read_at = time.time()
+        return out
+
+    def read_flows(self, now: float | None = None) -> None:
+        """Read the flow map (every FLOW_EVERY seconds) and keep a minute of history."""
+        now = time.time() if now is None else now
+        flows: dict[tuple, tuple[int, float]] = {}
+        for key, value in self.bpf["retrans"].items():
+            family = socket.AF_INET if key.family == socket.AF_INET else socket.AF_INET6
+            raw = bytes(key.daddr)[: 4 if family == socket.AF_INET else 16]
+            remote = socket.inet_ntop(family, raw)
+            flows[(key.netns, key.sport, remote, key.dport)] = (int(value.count), value.last_ns / 1e9 + self._boot_offset)
+        self._flows = flows
+        self._flows_at = now
+        self._flow_history.append((now, {k: v[0] for k, v in flows.items()}))
+        while self._flow_history and now - self._flow_history[0][0] > FLOW_WINDOW + FLOW_EVERY:
+            self._flow_history.popleft()
+
+    def flows_due(self, now: float) -> bool:
+        """Whether the flow map should be read again."""
+        return now - self._flows_at >= FLOW_EVERY
+
+    def top_flows(self, netns: set[int], now: float | None = None, limit: int = TOP_FLOWS) -> list[Flow]:
+        """The flows of namespaces ``netns`` that retransmitted in the last minute, most first."""
+        now = time.time() if now is None else now
+        base: dict[tuple, int] = {}
+        for at, counts in self._flow_history:
+            if now - at <= FLOW_WINDOW:
+                base = counts
+                break
+        out = []
+        for key, (count, last) in self._flows.items():
+            if key[0] not in netns or now - last > FLOW_WINDOW:
+                continue
+            grew = count - base.get(key, 0) if base.get(key, 0) <= count else count
+            if grew > 0:
+                out.append(Flow(key[0], key[1], key[2], key[3], grew, last))
+        out.sort(key=lambda f: (-f.retransmits, -f.last_seen))
+        return out[:limit]
+
+    def close(self) -> None:
+        """Detach and free the program."""
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            except Exception:  # noqa: BLE001, S110 - bcc's cleanup may fail on a half-loaded program
+                pass
+            self.bpf = None
+
+
