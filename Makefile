@@ -8,7 +8,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture bench-evidence bench-detect bench-nat clean demo demo-clean
+.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture bench-evidence bench-detect bench-nat bench-ebpf clean demo demo-clean
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -57,6 +57,9 @@ clean:
 
 demo: deps-demo venv runtimes
 	deploy/demo.sh up
+
+bench-ebpf: deps-test venv runtimes
+	$(VENV)/bin/python bench/bench_ebpf.py $(ARGS)
 
 bench-nat: deps-test venv runtimes
 	$(VENV)/bin/python bench/bench_nat.py $(ARGS)
