@@ -16,7 +16,13 @@ if [ ! -e "$dir/build" ]; then
     echo "nstap: installed linux-headers-$release"
   else
     arch=$(dpkg --print-architecture)
-    apt-get install -y -qq --no-install-recommends "linux-headers-$arch" >/dev/null
+    if ! apt-get install -y -qq --no-install-recommends "linux-headers-$arch" >/dev/null 2>&1; then
+      apt-get update -qq
+      apt-get install -y -qq --no-install-recommends "linux-headers-$arch" >/dev/null || {
+        echo "nstap: cannot install linux-headers-$arch (eBPF drop reasons will be off)" >&2
+        exit 0
+      }
+    fi
     tree=$(ls -d /usr/src/linux-headers-*-"$arch" 2>/dev/null | sort -V | tail -1 || true)
     common=${tree%-"$arch"}-common
     if [ -z "$tree" ] || [ ! -d "$common" ]; then

@@ -309,7 +309,9 @@ def test_a_hostile_container_cannot_starve_the_others(nstap, containers: Contain
     # Its capture storm was capped (and once at the cap, refused); the victim still got its capture
     # (checked above). Its expensive samples were spaced out (sampling_slowed) when they cost
     # more than the budget.
-    assert hostile_captures <= 6 and (hostile_captures < 6 or refused >= 1), (hostile_captures, refused)
+    # (Reaching exactly 6 needs no refusal: only a 7th event would be refused.)
+    events = sum(s.value for s in m1.find("nstap_anomalies_total", container_id=hostile[:12]))
+    assert hostile_captures <= 6 and (events <= 6 or refused >= 1), (hostile_captures, events, refused)
     assert every == 0.5 or d.events("sampling_slowed", container=f"hostile-{RUN_ID}")
     # The daemon stayed within its budget: the loop was never held up, and the hostile namespace
     # cost what a few ordinary ones do.
