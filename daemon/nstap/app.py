@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import resource
 import signal
 import sqlite3
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,13 +29,15 @@ from .api.routes import CaptureApi
 from .api.server import ApiServer
 from .capture.engine import CaptureEngine, CaptureSettings
 from .capture.store import CaptureStore, Retention
-from .config import Config
+from .config import Config, ConfigError
 from .detect.incidents import IncidentTracker
 from .detect.pipeline import DetectionPipeline
 from .exporter import ContainerCollector, build_registry
 from .ebpf.collector import EbpfUnavailable
 from .ebpf.service import EbpfService
 from .instruments import Instruments
+from .log import configure_logging
+from .systemd import Notifier
 from .nat.monitor import NatMonitor
 from .netns.handles import NamespaceOpener
 from .registry import ContainerRegistry
@@ -46,10 +51,12 @@ from .watcher import WatcherPool
 log = structlog.get_logger("nstap")
 
 IO_THREADS = 2
+READY_WAIT = 30.0  # seconds READY=1 waits for every watcher before it is sent anyway (logged)
+STATUS_EVERY = 10.0  # seconds between STATUS= updates
 RETENTION_INTERVAL = 60.0  # seconds between passes of the store's age limit (and retries of unsaved outcomes)
 KNOWN_TASKS = (
     "capture-retention", "ring-pump", "capture", "ring", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
-    "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall", "ebpf-load",
+    "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall", "ebpf-load", "systemd",
 )
 
 
@@ -84,8 +91,11 @@ def set_child_ehash(proc_root: Path, entries: int) -> None:
 class App:
     """One nstap daemon."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reread: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reread = reread  # reads the configuration again (SIGHUP), raising ConfigError
+        self.notifier = Notifier()
+        self._parts: tuple | None = None
         self.stopping = asyncio.Event()
         self.prometheus = build_registry()
         self.instruments = Instruments(self.prometheus)
@@ -105,6 +115,7 @@ class App:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         # asyncio.to_thread work (reading a ring back, summarising a pcap) on two threads at most:
         # with the opener, walk, store and render threads, the daemon's threads are a fixed set.
         loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="nstap-io"))
@@ -241,10 +252,14 @@ class App:
         for source in self.sources:
             self.supervisor.service(f"runtime-{source.name}", source.run)
         self.supervisor.service("capture-retention", lambda: self._retention(store, engine))
+        self._parts = (pool, tracker, pipeline, nat)
+        if self.notifier.enabled:
+            self.supervisor.service("systemd", self._systemd)
         try:
             await self.stopping.wait()
         finally:
             log.info("nstap_stopping")
+            self.notifier.send(stopping=1, status="stopping")
             await self.supervisor.stop_services()
             await pool.stop()
             await tracker.close()
@@ -277,3 +292,86 @@ class App:
     def stop(self) -> None:
         """Ask the daemon to shut down."""
         self.stopping.set()
+
+    # -- systemd -----------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Every runtime tried, the running containers' watchers attached (or given up on for now),
+        both listeners up: what READY=1 promises."""
+        pool = self.pool
+        if pool is None or self.api is None or not all(s.tried for s in self.sources):
+            return False
+        return all(inode in pool.watched() or pool.attach_failed(inode) for inode in self.registry.namespaces())
+
+    def status_line(self) -> str:
+        """What it watches, for STATUS= (systemctl status shows it)."""
+        runtimes = ", ".join(f"{s.name} {'up' if s.up else 'down'}" for s in self.sources)
+        watched = len(self.pool.watched()) if self.pool is not None else 0
+        return f"watching {watched} namespaces of {len(self.registry.containers())} containers ({runtimes})"
+
+    async def _systemd(self) -> None:
+        """READY=1 once ready, then STATUS= on change and WATCHDOG=1 from the event loop: a loop
+        that is stuck stops pinging, and systemd kills and restarts the daemon."""
+        notifier = self.notifier
+        ping = notifier.watchdog_seconds / 3 if notifier.watchdog_seconds else 0.0
+        started = time.monotonic()
+        while not self.ready() and time.monotonic() - started < READY_WAIT:
+            if ping:
+                notifier.send(watchdog=1)
+            await asyncio.sleep(0.1)
+        if not self.ready():
+            log.warning("ready_without_every_watcher", waited_seconds=READY_WAIT)
+        status = self.status_line()
+        notifier.send(ready=1, status=status, mainpid=os.getpid())
+        log.info("systemd_ready", status=status, watchdog_seconds=notifier.watchdog_seconds)
+        while True:
+            await asyncio.sleep(min(ping, STATUS_EVERY) if ping else STATUS_EVERY)
+            now = self.status_line()
+            fields: dict[str, object] = {"watchdog": 1} if ping else {}
+            if now != status:
+                status = fields["status"] = now
+            if fields:
+                notifier.send(**fields)
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again, apply what can change now, log what needs a restart."""
+        if self.reread is None or self._parts is None:
+            log.warning("config_reload_skipped", reason="not started yet" if self.reread else "no configuration source to read again")
+            return
+        self.notifier.send(reloading=1, monotonic_usec=int(time.monotonic() * 1e6))
+        try:
+            try:
+                new = self.reread()
+            except ConfigError as exc:
+                log.error("config_reload_failed", error=str(exc))
+                return
+            applied, restart = self._apply(new)
+            log.info("config_reloaded", applied=applied, needs_restart=restart)
+        finally:
+            self.notifier.send(ready=1, status=self.status_line() if self.pool is not None else "reloaded")
+
+    def _apply(self, new: Config) -> tuple[list[str], list[str]]:
+        old = self.config
+        pool, tracker, pipeline, nat = self._parts
+        applied: list[str] = []
+        changed = [k for k in Config.model_fields if getattr(old, k) != getattr(new, k)]
+        for key in changed:
+            if key == "interval":
+                pool.set_interval(new.interval)
+                if nat is not None:
+                    nat.interval = new.interval
+            elif key in ("log_level", "log_format"):
+                configure_logging(new.log_format, new.log_level)
+            elif key == "detect" and (old.detect.enabled, old.detect.capture) == (new.detect.enabled, new.detect.capture):
+                tracker.cooldown, tracker.resolve_after = new.detect.cooldown, new.detect.resolve_after
+                pipeline.reconfigure(new.detect.detectors, {kind: False for kind in new.detect.disabled})
+                if nat is not None:
+                    nat.disabled = frozenset(new.detect.disabled)
+            elif key == "nat" and nat is not None and old.nat.enabled == new.nat.enabled:
+                nat.config = new.nat
+            else:
+                continue
+            applied.append(key)
+        restart = [k for k in changed if k not in applied]
+        self.config = new.model_copy(update={k: getattr(old, k) for k in restart})  # what runs now
+        return applied, restart

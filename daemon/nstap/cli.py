@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--api-listen", metavar="HOST:PORT", help="where the local API listens (default 127.0.0.1:9881)")
     run.add_argument("--interval", metavar="SECONDS", type=float, help="seconds between samples (default 1)")
     run.add_argument("--data-dir", metavar="DIR", type=Path, help="state directory (default /var/lib/nstap)")
-    run.add_argument("--log-format", choices=["auto", "json", "console"], help="default: json unless stderr is a TTY")
+    run.add_argument("--log-format", choices=["auto", "json", "console", "journald"], help="default: journald under systemd, else json unless stderr is a TTY")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     containers = sub.add_parser("containers", help="list what a running daemon watches")
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            return _run(_config(args, ("metrics_listen", "api_listen", "interval", "data_dir", "log_format", "log_level")))
+            keys = ("metrics_listen", "api_listen", "interval", "data_dir", "log_format", "log_level")
+            return _run(_config(args, keys), lambda: _config(args, keys))
         if args.command == "containers":
             return _containers(args, _config(args, ("data_dir",)))
         if args.command == "anomalies":
@@ -136,14 +137,14 @@ def _watch_children_with_pidfds() -> None:
         asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, reread: Any = None) -> int:
     from .app import App, StartupError
     from .log import configure_logging
 
     configure_logging(config.log_format, config.log_level)
     _watch_children_with_pidfds()
     try:
-        asyncio.run(App(config).run())
+        asyncio.run(App(config, reread).run())
     except StartupError as exc:
         print(f"nstap: {exc}", file=sys.stderr)
         return exc.code

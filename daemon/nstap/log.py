@@ -15,24 +15,27 @@ import structlog
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: str = "info") -> None:
-    """Route structlog and stdlib logging to stderr in the chosen format."""
+def configure_logging(fmt: Literal["auto", "json", "console", "journald"] = "auto", level: str = "info") -> None:
+    """Route structlog and stdlib logging to stderr in the chosen format, or to journald with
+    structured fields (``auto`` does that when stderr is the journal stream systemd connected)."""
+    from .systemd import JOURNAL_SOCKET, JournalHandler, under_journal
+
     if fmt == "auto":
-        fmt = "console" if sys.stderr.isatty() else "json"
+        fmt = "journald" if under_journal() and JOURNAL_SOCKET.exists() else "console" if sys.stderr.isatty() else "json"
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    renderer = structlog.processors.JSONRenderer() if fmt in ("json", "journald") else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = JournalHandler() if fmt == "journald" else logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -44,6 +47,8 @@ def configure_logging(fmt: Literal["auto", "json", "console"] = "auto", level: s
         )
     )
     root = logging.getLogger()
+    for old in root.handlers:  # a reload configures again
+        old.close()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS.get(level, logging.INFO))
     # Access logs of every scrape would drown everything else.

@@ -361,6 +361,17 @@ class WatcherPool:
         # The kernel's drop counts of a namespace by reason (the eBPF collector), or None.
         self.kernel_drops: Callable[[int], Mapping[str, int] | None] = lambda inode: None
 
+    def attach_failed(self, inode: int) -> bool:
+        """Whether attaching the namespace's watcher failed at least once (it is retried)."""
+        slot = self.watchers.get(inode)
+        return slot is not None and slot.failures > 0
+
+    def set_interval(self, interval: float) -> None:
+        """Sample every ``interval`` seconds from the next tick on (a configuration reload)."""
+        self.interval = interval
+        self.max_every = max(1, int(MAX_SAMPLE_EVERY / interval))
+        self.ticker.interval = interval
+
     def start(self) -> None:
         """Follow the registry from now on."""
         self.registry.subscribe(self.reconcile)

@@ -35,6 +35,13 @@ class DetectionPipeline:
         self._detectors: dict[int, list[Detector]] = {}
         self._broken: set[tuple[int, str]] = set()  # (netns, kind) whose failure was logged already
 
+    def reconfigure(self, params: Mapping[str, Mapping[str, float]], enabled: Mapping[str, bool]) -> None:
+        """New parameters (a configuration reload): every namespace's detectors are built again at
+        its next sample (their baselines start afresh)."""
+        self.params = params
+        self.enabled = enabled
+        self._detectors.clear()
+
     def start(self, samples: SampleStore) -> None:
         """Receive every sample from now on, and follow namespaces leaving the registry."""
         samples.subscribe(self.on_sample)

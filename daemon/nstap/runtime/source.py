@@ -99,6 +99,7 @@ class RuntimeSource:
         self.reconcile_interval = reconcile_interval
         self.max_backoff = max_backoff
         self.up = False
+        self.tried = False  # the first connection attempt ended (either way): readiness waits for it
         self.kind = ""  # "docker" or "podman", from the endpoint's /version
         self.version = ""
         self.events_total = 0
@@ -146,6 +147,7 @@ class RuntimeSource:
 
     def _set_down(self, state: str, event: str, level: str = "warning", **fields: Any) -> None:
         self.up = False
+        self.tried = True
         if self._state != state:  # one line per change of state, not one per retry
             self._state = state
             getattr(self._log, level)(event, **fields)
@@ -170,6 +172,7 @@ class RuntimeSource:
         try:
             await self.reconcile()
             self.up = True
+            self.tried = True
             self._state = "up"
             self._log.info("runtime_connected", kind=self.kind, version=self.version, containers=len(self.registry.runtime_ids(self.name)))
             reconciler = asyncio.create_task(self._reconcile_forever())
