@@ -8,7 +8,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture bench-evidence bench-detect bench-nat bench-ebpf clean demo demo-clean
+.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture bench-evidence bench-detect bench-nat bench-ebpf clean demo demo-clean install uninstall
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -69,3 +69,9 @@ bench-detect: deps-test venv runtimes
 
 demo-clean:
 	deploy/demo.sh down
+
+install: deps-run
+	deploy/install.sh
+
+uninstall:
+	deploy/uninstall.sh

@@ -12,7 +12,7 @@ profile=${1:-run}
 run_pkgs=(python3 python3-venv python3-pip tcpdump iproute2 util-linux curl ca-certificates iptables nftables
           python3-bpfcc bpftool)
 test_pkgs=(docker.io podman catatonit busybox-static prometheus prometheus-alertmanager
-           conntrack iputils-ping iperf3)
+           conntrack iputils-ping iperf3 mmdebstrap)
 demo_pkgs=(busybox-static iptables)
 
 case "$profile" in

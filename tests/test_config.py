@@ -112,3 +112,23 @@ def test_listen_addresses(value: str) -> None:
 def test_same_listener_twice_refused() -> None:
     with pytest.raises(ConfigError, match="'api_listen'.*differ"):
         load_config(None, {"metrics_listen": "127.0.0.1:9999", "api_listen": "127.0.0.1:9999"})
+
+
+def test_the_example_config_names_every_key_with_its_default(tmp_path) -> None:
+    """``nstap config-example`` (the installed /etc/nstap/config.yaml): uncommented, it is a valid
+    configuration equal to the defaults, and it names every key of every section."""
+    from nstap.config import Config, example_yaml, load_config
+
+    text = example_yaml()
+    assert all(line.startswith("#") for line in text.splitlines())
+    uncommented = "\n".join(line[2:] if line.startswith("# ") else line.replace("#   ", "  ", 1) for line in text.splitlines())
+    uncommented = "\n".join(line.replace("#   ", "  ") for line in uncommented.splitlines())
+    path = tmp_path / "config.yaml"
+    path.write_text(uncommented)
+    assert load_config(path, {}) == Config()
+    for name, field in Config.model_fields.items():
+        assert f"# {name}:" in text
+        sub = field.annotation
+        if isinstance(sub, type) and hasattr(sub, "model_fields"):
+            for key in sub.model_fields:
+                assert f"#   {key}:" in text, (name, key)

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     anomalies.add_argument("--limit", type=int, default=50)
     anomalies.add_argument("--json", action="store_true")
 
+    sub.add_parser("config-example", help="print every configuration key with its default, commented (/etc/nstap/config.yaml)")
+
     doctor = sub.add_parser("doctor", help="check every prerequisite of every feature on this host")
     doctor.add_argument("--config", type=Path, help="the daemon's YAML config file (which features are on)")
     doctor.add_argument("--json", action="store_true", help="machine-readable")
@@ -104,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             return _containers(args, _config(args, ("data_dir",)))
         if args.command == "anomalies":
             return _anomalies(args, _config(args, ("data_dir",)))
+        if args.command == "config-example":
+            from .config import example_yaml
+
+            print(example_yaml())
+            return 0
         if args.command == "doctor":
             return _doctor(args, _config(args, ()))
         if args.command == "nat":

@@ -249,3 +249,32 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> Config:
             raise ConfigError(f"unknown config key {key!r}") from None
         message = first.get("msg", "invalid value")
         raise ConfigError(f"invalid value for {key!r}: {message}") from None
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, tuple):
+        value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
+    text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return text[:-4].strip() if text.endswith("\n...") else text
+
+
+def example_yaml(model: type[BaseModel] = None, indent: str = "") -> str:  # type: ignore[assignment]
+    """Every key of the configuration with its default and description, commented out: the
+    example ``/etc/nstap/config.yaml`` (``nstap config-example``)."""
+    model = model or Config
+    lines = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        default = field.get_default(call_default_factory=True)
+        help_ = field.description or ""
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(f"{indent}# {name}:" + (f"  # {annotation.__doc__.strip().splitlines()[0]}" if annotation.__doc__ else ""))
+            lines.append(example_yaml(annotation, indent + "#   ").replace(f"{indent}#   # ", f"{indent}#   "))
+            continue
+        comment = f"  # {help_}" if help_ else ""
+        lines.append(f"{indent}# {name}: {_yaml_value(default)}{comment}")
+    return "\n".join(lines)
