@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nstap.registry import ContainerRegistry, group_namespaces
 from nstap.runtime.records import ContainerRecord
 
@@ -75,3 +77,23 @@ def test_registry_notifies_and_reconciles_per_runtime() -> None:
     assert len(changes) == 3
     assert registry.remove(d2.id) == d2 and registry.remove(d2.id) is None
     assert set(registry.namespaces()) == {7}
+
+
+def test_own_container_is_listed_but_not_watched(tmp_path) -> None:
+    from nstap.registry import ContainerRegistry, own_container_id
+    from nstap.runtime.records import ContainerRecord
+
+    cid = "ab" * 32
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self/mountinfo").write_text(
+        f"612 600 0:48 /docker/containers/{cid}/hostname /etc/hostname rw - ext4 /dev/vda1 rw\n"
+        f"613 600 0:48 /docker/containers/{cid}/resolv.conf /etc/resolv.conf rw - ext4 /dev/vda1 rw\n"
+    )
+    assert own_container_id(tmp_path, {"NSTAP_IN_CONTAINER": "1"}) == cid
+    assert own_container_id(tmp_path, {}) == "" or Path("/.dockerenv").exists()  # on a host: no marker, no id
+    registry = ContainerRegistry(own_id=cid)
+    me = ContainerRecord(id=cid, name="nstap", runtime="docker", pid=10, status="running", image="nstap", netns=4026532999)
+    other = ContainerRecord(id="cd" * 32, name="web", runtime="docker", pid=11, status="running", image="b", netns=4026533000)
+    registry.replace_runtime("docker", [me, other])
+    assert {r.name for r in registry.containers()} == {"nstap", "web"}
+    assert [ns.owner.name for ns in registry.namespaces().values()] == ["web"]

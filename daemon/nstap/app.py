@@ -40,7 +40,7 @@ from .log import configure_logging
 from .systemd import Notifier
 from .nat.monitor import NatMonitor
 from .netns.handles import NamespaceOpener
-from .registry import ContainerRegistry
+from .registry import ContainerRegistry, own_container_id
 from .runtime.exits import ProcessExits
 from .runtime.source import RuntimeSource
 from .samplers import HostLinks, SamplerContext, enabled_samplers
@@ -103,7 +103,7 @@ class App:
         self.supervisor = TaskSupervisor(lambda task: failures.labels(task).inc())
         for task in (*KNOWN_TASKS, *(f"runtime-{r.name}" for r in config.runtimes)):
             failures.labels(task)  # every series from the start, at 0: alert rules see them exist
-        self.registry = ContainerRegistry(self.supervisor.failed)
+        self.registry = ContainerRegistry(self.supervisor.failed, own_container_id(config.proc_root))
         self.store = SampleStore(self.supervisor.failed)
         self.sources: list[RuntimeSource] = []
         self.pool: WatcherPool | None = None
@@ -228,6 +228,8 @@ class App:
             await store.close()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
 
+        if self.registry.own_id:
+            log.info("own_container_not_watched", container_id=self.registry.own_id[:12])
         log.info(
             "nstap_started",
             version=__version__,

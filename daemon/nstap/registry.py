@@ -11,6 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from . import labels as nstap_labels
 from .runtime.records import ContainerRecord
 from .supervisor import FailureReport, log_failure
 
@@ -27,6 +33,24 @@ class WatchedNamespace:
 def _owner_rank(record: ContainerRecord) -> tuple:
     # Prefer the container that created the namespace, then the oldest, then a stable tie-break.
     return (record.joins_other, record.started_at or "~", record.id)
+
+
+_CONTAINER_PATH = re.compile(r"/(?:containers|overlay-containers)/([0-9a-f]{64})/")
+_CONTAINER_MARKERS = (Path("/.dockerenv"), Path("/run/.containerenv"))
+
+
+def own_container_id(proc_root: Path = Path("/proc"), env: dict[str, str] | None = None) -> str:
+    """The id of the container nstap itself runs in ("" on a host): Docker and Podman bind the
+    container's own hostname/resolv.conf files from a directory named after its id."""
+    env = os.environ if env is None else env
+    if not (env.get("NSTAP_IN_CONTAINER") or any(p.exists() for p in _CONTAINER_MARKERS)):
+        return ""
+    try:
+        text = (proc_root / "self/mountinfo").read_text()
+    except OSError:
+        return ""
+    found = {m.group(1) for m in _CONTAINER_PATH.finditer(text)}
+    return found.pop() if len(found) == 1 else ""
 
 
 def group_namespaces(records: Iterable[ContainerRecord]) -> dict[int, WatchedNamespace]:
@@ -49,7 +73,8 @@ class ContainerRegistry:
     daemon points at its task supervisor) and the others are still called.
     """
 
-    def __init__(self, on_error: FailureReport = log_failure) -> None:
+    def __init__(self, on_error: FailureReport = log_failure, own_id: str = "") -> None:
+        self.own_id = own_id  # nstap's own container: listed, never watched or captured
         self._containers: dict[str, ContainerRecord] = {}
         self._namespaces: dict[int, WatchedNamespace] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -67,8 +92,14 @@ class ContainerRegistry:
             except Exception as exc:  # noqa: BLE001 - one listener's bug must not starve the others
                 self._on_error("registry-listener", exc)
 
+    def _own(self, record: ContainerRecord) -> ContainerRecord:
+        if record.id != self.own_id:
+            return record
+        return replace(record, labels={**record.labels, nstap_labels.ENABLE: "off"})
+
     def upsert(self, record: ContainerRecord) -> None:
         """Add or update one running container."""
+        record = self._own(record)
         if self._containers.get(record.id) == record:
             return
         self._containers[record.id] = record
@@ -83,7 +114,7 @@ class ContainerRegistry:
 
     def replace_runtime(self, runtime: str, records: Iterable[ContainerRecord]) -> None:
         """Make ``records`` the complete set of running containers of ``runtime`` (a reconcile)."""
-        fresh = {r.id: r for r in records}
+        fresh = {r.id: self._own(r) for r in records}
         current = {cid: r for cid, r in self._containers.items() if r.runtime == runtime}
         if fresh == current:
             return
