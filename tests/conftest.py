@@ -150,7 +150,10 @@ class Containers:
 
 @pytest.fixture
 def containers(runtimes: None) -> Iterator[Containers]:
-    """Test containers, removed after the test whatever happens."""
+    """Test containers, removed after the test whatever happens. Before it starts, what a dockerd
+    killed by an earlier test left running is removed: a namespace that still holds an address on
+    docker0 would answer for this test's container of the same address."""
+    reap_docker_orphans()
     c = Containers()
     try:
         yield c
@@ -206,9 +209,10 @@ def children_of(parent: int, names: tuple[str, ...] | None = None) -> list[int]:
 def reap_docker_orphans() -> list[str]:
     """Remove what a dockerd killed in the middle of ``docker run`` leaves behind, which the dockerd
     started after it does not know: containers whose containerd shim outlived it (still holding an
-    address on docker0, which the next container gets too), and veth pairs never moved into a
-    container. Returns what it removed."""
-    known = set(sh("docker", "ps", "-aq", "--no-trunc").stdout.split())
+    address on docker0, which the next container gets too), also when the new dockerd lists the
+    container as exited (its address is then free in dockerd's books while the shim's namespace
+    still answers on it), and veth pairs never moved into a container. Returns what it removed."""
+    known = set(sh("docker", "ps", "-q", "--no-trunc").stdout.split())  # running, as dockerd sees it
     removed = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
