@@ -59,6 +59,35 @@ def test_stats_lines() -> None:
     assert parse_stats("12 packets captured\n24 packets received by filter\n0 packets dropped by kernel\n")["dropped"] == 0
 
 
+
+async def test_stats_asked_the_moment_tcpdump_starts_do_not_kill_it(netns: NsUnderTest) -> None:
+    """SIGUSR1 before tcpdump has set its handlers (or while nsenter still runs) would kill it: a
+    ring restarted and asked for a capture at once stopped again (seen in CI). Real tcpdump."""
+    from nstap.capture.tcpdump import TcpdumpProcess
+
+    fd = os.open(f"/proc/{netns.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for _ in range(5):
+            proc = TcpdumpProcess(Tools.find(snaplen=128, buffer_kib=256).argv(fd))
+            await proc.start(pass_fds=(fd,))
+            try:
+                await proc.request_stats(timeout=0.2)  # before "listening on": latest known, no signal
+                assert proc.proc.returncode is None
+                for _ in range(100):
+                    if proc.listening:
+                        break
+                    await asyncio.sleep(0.02)
+                assert proc.listening, proc.error_text()
+                ping(netns.ns_ip, 2)
+                stats = await proc.request_stats(timeout=2)  # now asked for real, and answered
+                assert stats.get("received", 0) >= 0 and "captured" in stats
+                assert proc.proc.returncode is None
+            finally:
+                await proc.stop()
+    finally:
+        os.close(fd)
+
+
 class Bench:
     """A registry, the real watcher pool over it, a store and an engine, for one test namespace."""
 

@@ -127,6 +127,19 @@ async def test_budget_evicts_oldest_finished_first(store: CaptureStore) -> None:
     assert await store.enforce(now) == []  # nothing more to do
 
 
+
+async def test_evidence_that_arrives_after_the_budget_was_applied_is_counted(store: CaptureStore) -> None:
+    """A finished capture's evidence is written after its pcap was budgeted (seen in CI: the store
+    stayed 1.5 KB over its budget until the next hourly pass): saving it applies the budget again."""
+    now = time.time()
+    rows = [await write_capture(store, now - 10 + i, 100) for i in range(2)]  # ~8 KB of pcaps, under 10 KB
+    assert await store.enforce(now) == []
+    running = await write_capture(store, now, 5, state=RUNNING)
+    assert await store.save_evidence(running.id, b"{}" * 10) == []  # a running capture's: no pass
+    assert await store.save_evidence(rows[1].id, b"{}" * 2000) == [rows[0].id]  # 4 KB more: over
+    assert store.total_bytes <= 10_000 and (await store.get(rows[0].id)).state == EVICTED
+    assert store.evidence_path(await store.get(rows[1].id)) is not None
+
 async def test_age_limit(tmp_path: Path) -> None:
     s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=60))
     await s.open()

@@ -100,10 +100,13 @@ class EvidenceRecorder:
     async def _save(self, capture_id: str, doc: dict[str, Any]) -> None:
         data = json.dumps(doc, separators=(",", ":"), default=str).encode()
         try:
-            await self.store.save_evidence(capture_id, data)
+            evicted = await self.store.save_evidence(capture_id, data)
         except (OSError, sqlite3.Error) as exc:
             self.failed_total += 1
             log.warning("evidence_save_failed", capture_id=capture_id, error=str(exc))
+            return
+        if evicted:
+            log.info("captures_evicted", count=len(evicted), store_bytes=self.store.total_bytes)
 
     def close(self) -> None:
         self.runner.close()

@@ -301,11 +301,15 @@ class CaptureStore:
         path = self.dir / row.evidence
         return path if path.is_file() else None
 
-    async def save_evidence(self, capture_id: str, data: bytes) -> None:
-        """Store a capture's evidence (JSON) next to its pcap, 0600, written whole or not at all."""
-        await self._run(self._save_evidence, capture_id, data)
+    async def save_evidence(self, capture_id: str, data: bytes) -> list[str]:
+        """Store a capture's evidence (JSON) next to its pcap, 0600, written whole or not at all.
 
-    def _save_evidence(self, capture_id: str, data: bytes) -> None:
+        Evidence counts against the byte budget, and a finished capture's arrives after the
+        budget was applied for its pcap: applied again then. Returns the ids this evicted.
+        """
+        return await self._run(self._save_evidence, capture_id, data)
+
+    def _save_evidence(self, capture_id: str, data: bytes) -> list[str]:
         name = f"{capture_id}.evidence.json"
         tmp = self.dir / (name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -321,7 +325,11 @@ class CaptureStore:
         os.close(fd)
         os.replace(tmp, self.dir / name)
         self._update(capture_id, evidence=name)
+        rows = self._select("SELECT * FROM captures WHERE id = ?", (capture_id,))
+        if rows and rows[0].state in FINISHED:
+            return self._enforce(time.time())
         self.total_bytes = self._disk_bytes()
+        return []
 
     async def create(self, row: CaptureRow) -> CaptureRow:
         """Index a new capture (state running) and create its empty 0600 file; returns the row."""

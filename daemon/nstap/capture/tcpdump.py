@@ -156,6 +156,9 @@ class TcpdumpProcess:
         self._stderr: list[str] = []
         self._stderr_task: asyncio.Task | None = None
         self._stats_event = asyncio.Event()
+        # tcpdump says "listening on" once its signal handlers are set: SIGUSR1 before that (or
+        # to nsenter, before it has exec'ed tcpdump) would kill it instead of asking for stats.
+        self.listening = False
 
     async def start(self, stdout: int | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         """Start tcpdump (OSError if it cannot be executed).
@@ -179,6 +182,8 @@ class TcpdumpProcess:
             text = line.decode(errors="replace").rstrip()
             self._stderr.append(text)
             del self._stderr[:-50]
+            if "listening on " in text:
+                self.listening = True
             found = parse_stats(text)
             if found:
                 self.stats.update(found)
@@ -198,8 +203,9 @@ class TcpdumpProcess:
                 yield batch
 
     async def request_stats(self, timeout: float = 1.0) -> dict[str, int]:
-        """Ask a running tcpdump for its statistics (SIGUSR1); the latest known ones if it does not answer."""
-        if self.proc is None or self.proc.returncode is not None:
+        """Ask a running tcpdump for its statistics (SIGUSR1); the latest known ones if it does not
+        answer, or has not said yet that it listens (until then the signal would kill it)."""
+        if self.proc is None or self.proc.returncode is not None or not self.listening:
             return dict(self.stats)
         self._stats_event.clear()
         try:
