@@ -8,7 +8,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture bench-evidence bench-detect bench-nat bench-ebpf clean demo demo-clean install uninstall
+.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture bench-evidence bench-detect bench-nat bench-ebpf dashboards clean demo demo-clean install uninstall
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -69,6 +69,9 @@ bench-detect: deps-test venv runtimes
 
 demo-clean:
 	deploy/demo.sh down
+
+dashboards: venv
+	$(VENV)/bin/python grafana/dashboards.py
 
 install: deps-run
 	deploy/install.sh

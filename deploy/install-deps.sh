@@ -11,8 +11,9 @@ profile=${1:-run}
 # which deploy/kernel-headers.sh provides).
 run_pkgs=(python3 python3-venv python3-pip tcpdump iproute2 util-linux curl ca-certificates iptables nftables
           python3-bpfcc bpftool)
+# chromium and chromium-driver: the end-to-end test drives the capture page in a headless browser.
 test_pkgs=(docker.io podman catatonit busybox-static prometheus prometheus-alertmanager
-           conntrack iputils-ping iperf3 mmdebstrap)
+           conntrack iputils-ping iperf3 mmdebstrap chromium chromium-driver)
 demo_pkgs=(busybox-static iptables)
 
 case "$profile" in

@@ -26,6 +26,7 @@ import structlog
 from . import __version__
 from .api.auth import TokenError, ensure_token
 from .api.routes import CaptureApi
+from .api.ui import CapturePage
 from .api.server import ApiServer
 from .capture.engine import CaptureEngine, CaptureSettings
 from .capture.store import CaptureStore, Retention
@@ -218,7 +219,9 @@ class App:
         self.api = ApiServer(
             cfg.metrics_listen, cfg.api_listen, self.prometheus, collector, self.registry, lambda: set(pool.watched()), token, self.supervisor.failed
         )
-        self.api.add_routes(CaptureApi(self.registry, engine, store, cap.max_seconds, nat, ebpf).routes())
+        capture_api = CaptureApi(self.registry, engine, store, cap.max_seconds, nat, ebpf)
+        self.api.add_routes(capture_api.routes())
+        self.api.add_routes(CapturePage(capture_api, store, token).routes())
         try:
             await self.api.start()
         except OSError as exc:

@@ -211,6 +211,8 @@ class ContainerCollector:
                 "failed": engine.failed_total,
                 "running": engine.running_count(),
                 "store_bytes": engine.store.total_bytes,
+                "store_max_bytes": engine.store.retention.max_bytes,
+                "recent": [(cid, list(q)) for cid, q in engine.recent.items()],
                 "rings": sum(1 for r in engine.rings.values() if r.running),
                 "ring_restarts": engine.ring_restarts_total,
                 "ring_lost": engine.ring_lost_total,
@@ -453,13 +455,24 @@ class ContainerCollector:
         for name, cid, runtime, seconds in c["reach"]:
             if cid in current:
                 reach.add(Labels((("container", name), ("container_id", cid), ("runtime", runtime))), round(seconds, 1))
-        out = [total, refused, reach]
+        info = Family(
+            "nstap_capture_info", "gauge",
+            "The container's latest finished captures (at most 10, since nstap started): when each was started (unix time), "
+            "its id (the capture page's /ui/captures/<id>), why and how it ended.",
+        )
+        for cid, rows in c["recent"]:
+            if cid in current:
+                for capture_id, name, runtime, reason, state, created in rows:
+                    info.add(Labels((("container", name), ("container_id", cid), ("runtime", runtime), ("capture_id", capture_id),
+                                     ("reason", reason), ("state", state))), round(created, 3))
+        out = [total, refused, reach, info]
         for name, kind, help_, value in (
             ("nstap_capture_bytes_total", "counter", "Bytes of pcap written by finished captures.", c["bytes"]),
             ("nstap_capture_kernel_drops_total", "counter", "Packets the kernel dropped before tcpdump read them, during captures.", c["kernel_drops"]),
             ("nstap_capture_failures_total", "counter", "Captures that failed (tcpdump missing, died, container gone, disk full).", c["failed"]),
             ("nstap_captures_running", "gauge", "Captures in progress.", c["running"]),
             ("nstap_capture_store_bytes", "gauge", "Bytes of pcap files in the capture store.", c["store_bytes"]),
+            ("nstap_capture_store_max_bytes", "gauge", "The capture store's byte budget (capture.store_max_bytes).", c["store_max_bytes"]),
             ("nstap_flight_recorders_running", "gauge", "Namespaces with a running flight recorder.", c["rings"]),
             ("nstap_flight_recorder_restarts_total", "counter", "Flight recorders started again after their tcpdump died.", c["ring_restarts"]),
             (

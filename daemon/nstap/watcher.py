@@ -349,6 +349,10 @@ class WatcherPool:
         self.max_every = max(1, int(MAX_SAMPLE_EVERY / context.interval))
         self.store = store
         self.instruments = instruments
+        # Every name the errors counter can take exists from the start, at 0: a rate() over it
+        # (dashboards, alert rules) then has a series before the first error.
+        for name in ("attach", "sample", "socket_walk", *(spec.name for spec in specs)):
+            instruments.sampler_errors.labels(name)
         self.supervisor = supervisor or TaskSupervisor()
         self.walk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-walk")
         host = context.host_links

@@ -300,7 +300,12 @@ class CaptureApi:
         return record, target
 
     async def start_capture(self, request: web.Request) -> web.Response:
-        body = await _json_object(request)
+        row = await self.start(await _json_object(request))
+        return web.json_response(self._view(row), status=202)
+
+    async def start(self, body: dict[str, Any]) -> CaptureRow:
+        """Start a manual capture as ``body`` asks (the JSON API's and the capture page's form's
+        fields); BadRequest or CaptureRefused if it cannot be."""
         unknown = sorted(set(body) - {"container", "duration", "filter", "pre_seconds", "side", "interface"})
         if unknown:
             raise BadRequest(f"unknown field {unknown[0]!r}")
@@ -325,8 +330,7 @@ class CaptureApi:
             await self.engine.check_filter(bpf)
         except FilterError as exc:
             raise BadRequest(f"bad filter: {exc}") from None
-        row = await self.engine.capture(target, "manual", post_seconds=duration, pre_seconds=pre, bpf=bpf, side=side, interface=interface)
-        return web.json_response(self._view(row), status=202)
+        return await self.engine.capture(target, "manual", post_seconds=duration, pre_seconds=pre, bpf=bpf, side=side, interface=interface)
 
     async def alertmanager(self, request: web.Request) -> web.Response:
         """Alertmanager webhook (v4): a capture for each firing alert naming a container."""

@@ -72,10 +72,13 @@ def container_view(record: ContainerRecord, registry: ContainerRegistry, watched
 
 
 def auth_middleware(token: str) -> Callable:
-    """Require the bearer token on everything but /healthz."""
+    """Require the bearer token on everything but /healthz and the capture page (/ui/, which takes
+    the token or its session cookie itself, and answers with its login form)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/ui" or request.path.startswith("/ui/"):
+            return await handler(request)
         if request.path != "/healthz" and not bearer_ok(request.headers.get("Authorization"), token):
             return web.json_response({"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)

@@ -68,6 +68,7 @@ PUMP_INTERVAL = 0.25  # seconds between reads of the flight recorders' pipes
 RING_RESTART_DELAY = 10.0  # seconds before a flight recorder whose tcpdump died is started again
 ANOMALY_CAPTURE_PERIOD = 3600.0  # the window of capture.max_per_container_per_hour
 MAX_UNSAVED = 1000  # finished captures whose index update failed, kept to be retried
+RECENT_PER_CONTAINER = 10  # finished captures per container exported as nstap_capture_info
 SIDES = ("container", "host")
 HOST_SIDE_KIND = "interface_drops"  # an anomaly of this kind on a host end captures there too
 
@@ -290,6 +291,8 @@ class CaptureEngine:
         self.refused_total: Counter[str] = Counter({"concurrency": 0, "per_container_limit": 0, "store": 0})
         self.bytes_total = 0
         self.kernel_drops_total = 0
+        # The latest finished captures per container (short id): what dashboards link to.
+        self.recent: dict[str, deque[tuple[str, str, str, str, str, float]]] = {}
         self.failed_total = 0
 
     # -- flight recorders ----------------------------------------------------------------------
@@ -649,6 +652,10 @@ class CaptureEngine:
         self.kernel_drops_total += outcome.get("kernel_drops", 0)
         if state == FAILED:
             self.failed_total += 1
+        if row.container_id:
+            self.recent.setdefault(row.container_id, deque(maxlen=RECENT_PER_CONTAINER)).append(
+                (row.id, row.container, row.runtime, row.reason, state, row.created_at)
+            )
         saved = await self._save_outcome(row.id, outcome)
         evicted: list[str] = []
         if saved:
@@ -880,6 +887,8 @@ class CaptureEngine:
         current = {r.short_id for r in self.registry.containers()}
         for key in [k for k in self.captures_total if k[1] not in current]:
             del self.captures_total[key]
+        for cid in [c for c in self.recent if c not in current]:
+            del self.recent[cid]
         horizon = time.time() - ANOMALY_CAPTURE_PERIOD
         for cid in [c for c, h in self._anomaly_captures.items() if c not in current and (not h or h[-1] < horizon)]:
             del self._anomaly_captures[cid]

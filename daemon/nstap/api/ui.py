@@ -1,0 +1,319 @@
+"""The capture page (/ui/ on the API listener): anomalies and captures per container, one capture's
+anomaly, evidence and downloads, and a form to start a capture.
+
+Server-side Jinja2 templates (autoescaped) and one stylesheet; no JavaScript at all, and a
+Content-Security-Policy that forbids scripts, inline or not. Behind the API's token: a login form
+trades it for a session cookie (HttpOnly, SameSite=Strict, an HMAC of the token and the time it was
+issued: no server-side state, and a new token ends every session), or the bearer header as for the
+API. Every POST carries a CSRF field derived from the session, and a cross-origin Origin is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import time
+import urllib.parse
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import structlog
+from aiohttp import web
+
+from ..capture.engine import CaptureRefused
+from ..capture.store import EVICTED, RUNNING, CaptureStore
+from .auth import bearer_ok
+from .routes import CaptureApi, _IFNAME
+from .server import BadRequest
+
+log = structlog.get_logger("nstap.api")
+
+HERE = Path(__file__).resolve().parent
+COOKIE = "nstap_session"
+SESSION_SECONDS = 12 * 3600
+LIST_LIMIT = 200
+CSP = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "—"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.1f} s" if abs(value) < 120 else f"{value / 60:.1f} min"
+
+
+def _size(n: int | None) -> str:
+    n = n or 0
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _safe_next(target: str | None) -> str:
+    """Where to go after the login: a path of the capture page only (never another site)."""
+    if not target or not target.startswith("/ui/") or target.startswith("//") or "\\" in target or any(ord(c) < 32 for c in target):
+        return "/ui/"
+    return target
+
+
+class CapturePage:
+    """The /ui/ routes."""
+
+    def __init__(self, api: CaptureApi, store: CaptureStore, token: str) -> None:
+        self.api = api
+        self.store = store
+        self.token = token
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        self.env.filters.update(when=_when, seconds=_seconds, size=_size, quote=lambda v: urllib.parse.quote(str(v), safe=""))
+        self.css = (HERE / "static" / "nstap.css").read_bytes()
+
+    def routes(self) -> list[web.RouteDef]:
+        """The routes, for ApiServer.add_routes (the API's auth middleware lets /ui/ through: this checks)."""
+        return [
+            web.get("/ui", self.root),
+            web.get("/ui/", self.index),
+            web.get("/ui/static/nstap.css", self.stylesheet),
+            web.get("/ui/login", self.login_form),
+            web.post("/ui/login", self.login),
+            web.post("/ui/logout", self.logout),
+            web.get("/ui/containers/{ref}", self.container),
+            web.post("/ui/containers/{ref}/capture", self.start_capture),
+            web.get("/ui/captures/{id}", self.capture),
+            web.get("/ui/captures/{id}/pcap", self.download),
+            web.get("/ui/captures/{id}/bundle", self.download),
+            web.get("/ui/captures/{id}/evidence", self.download),
+        ]
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def _sign(self, what: str) -> str:
+        return hmac.new(self.token.encode(), what.encode(), hashlib.sha256).hexdigest()
+
+    def new_session(self, now: float | None = None) -> str:
+        """A session cookie value: the time it was issued and its HMAC under the token."""
+        issued = str(int(now if now is not None else time.time()))
+        return f"{issued}.{self._sign('session:' + issued)}"
+
+    def session_ok(self, value: str | None, now: float | None = None) -> bool:
+        """True for a session this token issued less than SESSION_SECONDS ago."""
+        if not value or len(value) > 128:
+            return False
+        issued, _, mac = value.partition(".")
+        if not issued.isdigit() or not hmac.compare_digest(mac, self._sign("session:" + issued)):
+            return False
+        age = (now if now is not None else time.time()) - int(issued)
+        return -60 <= age <= SESSION_SECONDS
+
+    def csrf_of(self, request: web.Request) -> str:
+        """The CSRF field of the forms this request's page holds (bound to its session or bearer)."""
+        return self._sign("csrf:" + (request.cookies.get(COOKIE) or "bearer"))
+
+    def _authenticated(self, request: web.Request) -> bool:
+        return bearer_ok(request.headers.get("Authorization"), self.token) or self.session_ok(request.cookies.get(COOKIE))
+
+    def _require(self, request: web.Request) -> None:
+        """Redirect to the login form unless the request carries the session or the bearer token."""
+        if not self._authenticated(request):
+            target = request.path_qs if request.method == "GET" else "/ui/"
+            raise web.HTTPSeeOther(location="/ui/login?" + urllib.parse.urlencode({"next": target}), headers=HEADERS)
+
+    def _same_origin(self, request: web.Request) -> None:
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != "null" and urllib.parse.urlsplit(origin).netloc != request.host:
+            raise BadRequest("cross-origin form refused", 403)
+        if origin == "null":
+            raise BadRequest("cross-origin form refused", 403)
+
+    async def _form(self, request: web.Request, csrf: bool = True) -> dict[str, str]:
+        self._same_origin(request)
+        form = await request.post()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        if csrf and not hmac.compare_digest(fields.get("csrf", ""), self.csrf_of(request)):
+            raise BadRequest("the form expired or did not come from this page: reload it and try again", 403)
+        return fields
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    def _page(self, request: web.Request, template: str, status: int = 200, **values: Any) -> web.Response:
+        values.setdefault("authenticated", self._authenticated(request))
+        values.setdefault("csrf", self.csrf_of(request))
+        values.setdefault("cookie_session", COOKIE in request.cookies)
+        body = self.env.get_template(template).render(**values)
+        return web.Response(text=body, content_type="text/html", charset="utf-8", status=status, headers=HEADERS)
+
+    def _error(self, request: web.Request, status: int, message: str) -> web.Response:
+        return self._page(request, "error.html", status=status, status_code=status, message=message)
+
+    # -- routes ----------------------------------------------------------------------------------
+
+    async def root(self, request: web.Request) -> web.Response:
+        raise web.HTTPPermanentRedirect("/ui/", headers=HEADERS)
+
+    async def stylesheet(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.css, content_type="text/css", headers={**HEADERS, "Cache-Control": "max-age=3600"})
+
+    async def login_form(self, request: web.Request) -> web.Response:
+        return self._page(request, "login.html", next=_safe_next(request.query.get("next")), failed=False, authenticated=False)
+
+    async def login(self, request: web.Request) -> web.Response:
+        try:
+            form = await self._form(request, csrf=False)  # no session yet; SameSite and Origin guard it
+        except BadRequest as exc:
+            return self._error(request, exc.status, str(exc))
+        target = _safe_next(form.get("next"))
+        if not bearer_ok("Bearer " + form.get("token", ""), self.token):
+            log.warning("ui_login_failed", remote=request.remote)
+            return self._page(request, "login.html", status=401, next=target, failed=True, authenticated=False)
+        response = web.Response(status=303, headers={**HEADERS, "Location": target})
+        response.set_cookie(
+            COOKIE, self.new_session(), max_age=SESSION_SECONDS, path="/ui/", httponly=True, samesite="Strict",
+            secure=request.secure,
+        )
+        log.info("ui_login", remote=request.remote)
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        try:
+            self._require(request)
+            await self._form(request)
+        except BadRequest as exc:
+            return self._error(request, exc.status, str(exc))
+        response = web.Response(status=303, headers={**HEADERS, "Location": "/ui/login"})
+        response.del_cookie(COOKIE, path="/ui/")
+        return response
+
+    def _filters(self, request: web.Request) -> dict[str, str]:
+        out = {}
+        for name, max_len in (("container", 256), ("kind", 64), ("reason", 32), ("state", 16)):
+            value = request.query.get(name, "").strip()
+            if value and len(value) <= max_len and value.isprintable():
+                out[name] = value
+        return out
+
+    async def _lists(self, container: str | None, filters: dict[str, str]) -> tuple[list, list]:
+        kind = filters.get("kind")
+        anomalies = await self.store.anomalies(container=container, kind=kind, limit=LIST_LIMIT)
+        captures = [
+            self.api._current(r)
+            for r in await self.store.list(container=container, kind=kind, reason=filters.get("reason"), limit=LIST_LIMIT)
+        ]
+        if "state" in filters:
+            captures = [c for c in captures if c.state == filters["state"]]
+            anomalies = [a for a in anomalies if (a.resolved_at is None) == (filters["state"] == "active")] if filters["state"] in (
+                "active", "resolved") else anomalies
+        return anomalies, captures
+
+    async def index(self, request: web.Request) -> web.Response:
+        self._require(request)
+        filters = self._filters(request)
+        anomalies, captures = await self._lists(filters.get("container"), filters)
+        watched = {r.short_id for r in self.api.registry.containers()}
+        containers = sorted(self.api.registry.containers(), key=lambda r: r.name)
+        return self._page(request, "index.html", filters=filters, anomalies=anomalies, captures=captures, containers=containers, watched=watched)
+
+    async def container(self, request: web.Request) -> web.Response:
+        self._require(request)
+        ref = request.match_info["ref"]
+        if len(ref) > 256 or not ref.isprintable():
+            return self._error(request, 400, "not a container name or id")
+        try:
+            record = self.api.find(ref)
+        except BadRequest:
+            record = None  # gone: its anomalies and captures are still here
+        name = record.name if record is not None else ref
+        filters = self._filters(request)
+        anomalies, captures = await self._lists(record.short_id if record is not None else ref, filters)
+        settings = self.api.engine.settings
+        return self._page(
+            request, "container.html", ref=ref, name=name, record=record, filters=filters, anomalies=anomalies, captures=captures,
+            defaults={"duration": settings.post_seconds, "pre_seconds": settings.pre_seconds}, max_seconds=self.api.max_seconds,
+            error=request.query.get("error", "")[:300],
+        )
+
+    async def start_capture(self, request: web.Request) -> web.Response:
+        self._require(request)
+        ref = request.match_info["ref"]
+        try:
+            form = await self._form(request)
+            body: dict[str, Any] = {"container": ref, "filter": form.get("filter", "").strip()}
+            for name in ("duration", "pre_seconds"):
+                raw = form.get(name, "").strip()
+                if raw:
+                    try:
+                        value = float(raw)
+                    except ValueError:
+                        raise BadRequest(f"{name} must be a number of seconds") from None
+                    if not math.isfinite(value):
+                        raise BadRequest(f"{name} must be a number of seconds")
+                    body[name] = value
+            side = form.get("side", "container")
+            if side != "container":
+                body["side"] = side
+                interface = form.get("interface", "").strip()
+                if interface:
+                    if not _IFNAME.match(interface):
+                        raise BadRequest("interface must be a host-side interface name")
+                    body["interface"] = interface
+            row = await self.api.start(body)
+        except (BadRequest, CaptureRefused) as exc:
+            status = getattr(exc, "status", 400)
+            if status == 403 and "form" in str(exc):
+                return self._error(request, status, str(exc))
+            location = f"/ui/containers/{urllib.parse.quote(ref, safe='')}?" + urllib.parse.urlencode({"error": str(exc)})
+            raise web.HTTPSeeOther(location=location, headers=HEADERS) from None
+        log.info("ui_capture_started", capture_id=row.id, container=row.container)
+        raise web.HTTPSeeOther(location=f"/ui/captures/{row.id}", headers=HEADERS)
+
+    async def capture(self, request: web.Request) -> web.Response:
+        self._require(request)
+        row = await self.store.get(request.match_info["id"])
+        if row is None:
+            return self._error(request, 404, "no such capture")
+        row = self.api._current(row)
+        anomaly = await self.store.anomaly(row.anomaly_id) if row.anomaly_id else None
+        evidence = None
+        path = self.store.evidence_path(row)
+        if path is not None:
+            try:
+                evidence = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                evidence = None
+        alerts = [a for a in await self.store.alerts(50) if a.get("capture_id") == row.id]
+        return self._page(
+            request, "capture.html", row=row, anomaly=anomaly, evidence=evidence, alerts=alerts,
+            evidence_text=json.dumps(evidence, indent=2, sort_keys=True, default=str)[:500_000] if evidence is not None else "",
+            downloadable=row.state not in (RUNNING, EVICTED) and self.store.path_of(row) is not None, running=row.state == RUNNING,
+        )
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        """The pcap, bundle or evidence of a capture, with the page's session (the API's handlers)."""
+        self._require(request)
+        handler = {"pcap": self.api.pcap, "bundle": self.api.bundle, "evidence": self.api.evidence}[request.path.rsplit("/", 1)[1]]
+        try:
+            response = await handler(request)
+        except BadRequest as exc:
+            return self._error(request, exc.status, str(exc))
+        response.headers.update({k: v for k, v in HEADERS.items() if k != "Cache-Control"})
+        return response
