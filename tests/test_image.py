@@ -118,6 +118,10 @@ def test_image_watches_this_hosts_runtimes_and_captures(image: str, containers: 
         pcap = urllib.request.urlopen(req, timeout=10).read()
         out = subprocess.run(["tcpdump", "-nr", "-"], input=pcap, capture_output=True, timeout=30).stdout.decode()
         assert f"{ip}.80" in out
+        # The capture page's templates and stylesheet are in the installed package.
+        req = urllib.request.Request(f"http://127.0.0.1:{api}/ui/captures/{capture['id']}", headers={"Authorization": f"Bearer {token}"})
+        assert 'id="download-pcap"' in urllib.request.urlopen(req, timeout=10).read().decode()
+        assert b"--accent" in urllib.request.urlopen(f"http://127.0.0.1:{api}/ui/static/nstap.css", timeout=10).read()
         # HEALTHCHECK: healthy.
         wait_until(lambda: sh("docker", "inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip() == "healthy", 20, 0.5, "healthy")
     finally:

@@ -41,7 +41,7 @@ HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer would make browsers send "Origin: null" with our own forms
     "Cache-Control": "no-store",
 }
 
@@ -301,6 +301,15 @@ class CapturePage:
             except (OSError, ValueError):
                 evidence = None
         alerts = [a for a in await self.store.alerts(50) if a.get("capture_id") == row.id]
+        if anomaly is None:
+            # An alert's capture: the anomaly the alert reports (nstap's own event of that kind in
+            # the container, begun by the time of the capture), when the alert names one.
+            kinds = {a["labels"].get("kind") for a in alerts if isinstance(a.get("labels"), dict)} - {None}
+            for kind in sorted(kinds):
+                found = await self.store.anomalies(container=row.container_id, kind=kind, until=row.trigger_at, limit=1)
+                if found and row.container_id:
+                    anomaly = found[0]
+                    break
         return self._page(
             request, "capture.html", row=row, anomaly=anomaly, evidence=evidence, alerts=alerts,
             evidence_text=json.dumps(evidence, indent=2, sort_keys=True, default=str)[:500_000] if evidence is not None else "",
