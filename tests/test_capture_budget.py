@@ -65,6 +65,8 @@ def test_budget_evicts_oldest_and_restart_keeps_the_rest(nstap, containers: Cont
     assert d.api(f"/api/v1/captures/{evicted[0]}/pcap")[0] == 410
     assert d.scrape().value("nstap_capture_store_bytes") <= 1 << 20
     assert d.api("/healthz", token=None)[0] == 200
+    linked = {s.labels["capture_id"]: s.labels["state"] for s in d.scrape().find("nstap_capture_info", container_id=cid[:12])}
+    assert linked == {i: rows[i]["state"] for i in ids}  # the evicted ones say so
     hashes = {}
     for i in kept:
         path = d.data_dir / "captures" / f"{i}.pcap"
@@ -82,6 +84,9 @@ def test_budget_evicts_oldest_and_restart_keeps_the_rest(nstap, containers: Cont
 
     # A crash in the middle of a capture: the capture is kept, marked incomplete, with what it holds.
     d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12]), 10, "container watched again")
+    # The dashboards' links to the container's captures survive the restart (newest ten, all states).
+    linked = {s.labels["capture_id"]: s.labels["state"] for s in d.scrape().find("nstap_capture_info", container_id=cid[:12])}
+    assert linked == {i: rows[i]["state"] for i in ids}
     status, body = d.api("/api/v1/captures", method="POST", body=json.dumps({"container": cid[:12], "duration": 20, "filter": "icmp"}).encode())
     assert status == 202, body
     running = body["id"]

@@ -216,15 +216,20 @@ def test_alert_to_pcap_dashboards_and_capture_page(nstap, containers: Containers
         storm = reset_storm(ip, stop)
         try:
             def alert_capture():
-                status, body = d.api("/api/v1/captures?reason=alertmanager")
-                return body["captures"] if status == 200 and body["captures"] else None
+                status, body = d.api("/api/v1/alerts")
+                return [a for a in body["alerts"] if a["alertname"] == "NstapContainerAnomaly" and a["capture_id"]] if status == 200 else None
 
-            captures = wait_until(alert_capture, 60, 0.5, "a capture started by the alert, through Alertmanager's webhook")
+            answered = wait_until(alert_capture, 60, 0.5, "the alert answered with a capture, through Alertmanager's webhook")
         finally:
             stop.set()
             storm.join(10)
-        capture = finished_capture(d, captures[0]["id"])
-        assert capture["container_id"] == cid[:12] and capture["kind"] == "NstapContainerAnomaly" and capture["state"] == "complete"
+        # The webhook answers an anomaly's alert with the capture nstap took at the anomaly (from
+        # before its onset), rather than starting a second, later one.
+        assert answered[0]["note"] == "the anomaly's own capture" and answered[0]["labels"]["container_id"] == cid[:12]
+        capture = finished_capture(d, answered[0]["capture_id"])
+        assert capture["container_id"] == cid[:12] and capture["reason"] == "anomaly" and capture["state"] == "complete"
+        assert capture["kind"] == answered[0]["labels"]["kind"]
+        assert not d.api("/api/v1/captures?reason=alertmanager")[1]["captures"]
         alerts = get_json(f"{am}/api/v2/alerts")
         fired = [a for a in alerts if a["labels"]["alertname"] == "NstapContainerAnomaly"]
         # The storm is seen as resets and as the kernel's NO_SOCKET drops: an alert each, both for this container.

@@ -93,10 +93,25 @@ def test_capture_page_needs_the_token_and_refuses_forged_forms(nstap, containers
     assert status == 200 and 'id="download-pcap"' in page and "manual" in page
     status, headers, data = b.request("GET", f"/ui/captures/{capture_id}/pcap")
     assert status == 200 and headers["content-type"] == "application/vnd.tcpdump.pcap"
-    # A bad value comes back as a message on the container's page, not as a crash or a capture.
-    status, headers, _ = b.request("POST", f"/ui/containers/{cid[:12]}/capture", {**forged, "duration": "nan"})
-    assert status == 303 and "error=" in headers["location"]
-    assert "must be a number" in b.request("GET", headers["location"])[2]
+    # A bad value comes back as a message on the container's page (in the answer, never in a URL a
+    # link could forge), not as a crash or a capture.
+    for bad, message in (("nan", "must be a number"), ("1e9", "must be between"), ("x", "must be a number")):
+        status, headers, page = b.request("POST", f"/ui/containers/{cid[:12]}/capture", {**forged, "duration": bad})
+        assert status == 400 and "location" not in headers and message in page and 'id="capture-error"' in page, (bad, status)
+    assert len(d.api("/api/v1/captures")[1]["captures"]) == 1
+    # Unreadable forms and cookies are refused, never a crash (the daemon's log fails the test on a traceback).
+    for body_type in ("multipart/form-data; boundary=x", "application/x-www-form-urlencoded; charset=bogus"):
+        conn = http.client.HTTPConnection("127.0.0.1", d.api_port, timeout=10)
+        conn.request("POST", "/ui/login", body=b"\xff\xfe--x\r\n", headers={"Content-Type": body_type})
+        assert conn.getresponse().status == 400
+        conn.close()
+    for cookie in ('nstap_session="1.\xe9"', "nstap_session=1." + "\u00e9" * 64, "nstap_session=99999999999999999999." + "0" * 64):
+        conn = http.client.HTTPConnection("127.0.0.1", d.api_port, timeout=10)
+        conn.putrequest("GET", "/ui/")
+        conn.putheader("Cookie", cookie.encode("latin-1", "replace"))
+        conn.endheaders()
+        assert conn.getresponse().status == 303
+        conn.close()
     # What a request brings is shown as text.
     evil = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
     status, _, page = b.request("GET", "/ui/?" + urllib.parse.urlencode({"kind": evil, "container": evil}))
@@ -110,8 +125,12 @@ def test_capture_page_needs_the_token_and_refuses_forged_forms(nstap, containers
     assert forger.request("GET", "/ui/")[0] == 303
     # Logging out needs the form's CSRF field, and ends the session in the browser.
     assert b.request("POST", "/ui/logout", {})[0] == 403
+    ended = b.cookie
     status, headers, _ = b.request("POST", "/ui/logout", {"csrf": csrf(page)})
     assert status == 303 and any("nstap_session=" in c and ("Max-Age=0" in c or "expires" in c.lower()) for c in headers["set-cookie"])
+    copy = Browser(d.api_port)
+    copy.cookie = ended  # a copy of the cookie kept past the logout: ended too
+    assert copy.request("GET", "/ui/")[0] == 303
     # The bearer header works as well as the cookie (curl, scripts).
     b.cookie = ""
     assert b.request("GET", "/ui/", headers={"Authorization": f"Bearer {token}"})[0] == 200

@@ -249,6 +249,7 @@ class App:
         if cfg.detect.enabled:
             pipeline.start(self.store)
         pool.start()
+        await engine.load_recent()
         engine.start()
         if nat is not None:
             nat.start(self.store)

@@ -332,6 +332,19 @@ class CaptureApi:
             raise BadRequest(f"bad filter: {exc}") from None
         return await self.engine.capture(target, "manual", post_seconds=duration, pre_seconds=pre, bpf=bpf, side=side, interface=interface)
 
+    async def _anomaly_capture(self, ref: str, kind: str | None) -> str | None:
+        """The capture nstap took for the container's ongoing anomaly of ``kind`` (an alert on
+        nstap_anomaly_active names the kind): reused, rather than a second capture of the same
+        fault that starts later and holds less of it."""
+        if not kind or len(kind) > 64:
+            return None
+        try:
+            record = self.find(ref)
+        except BadRequest:
+            return None
+        found = await self.store.anomalies(container=record.short_id, kind=kind, active=True, limit=1)
+        return found[0].capture_id if found and found[0].container_id == record.short_id and found[0].capture_id else None
+
     async def alertmanager(self, request: web.Request) -> web.Response:
         """Alertmanager webhook (v4): a capture for each firing alert naming a container."""
         body = await _json_object(request)
@@ -375,6 +388,10 @@ class CaptureApi:
             if capture_id is not None:
                 note = "already captured for this alert"
             else:
+                capture_id = await self._anomaly_capture(ref, labels.get("kind"))
+                if capture_id is not None:
+                    note = "the anomaly's own capture"
+            if capture_id is None:
                 try:
                     _record, target = self.resolve(ref)
                     row = await self.engine.capture(target, "alertmanager", kind=name)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import asyncio
 import math
+import re
 import time
 import urllib.parse
 from datetime import datetime, timezone
@@ -36,6 +38,10 @@ HERE = Path(__file__).resolve().parent
 COOKIE = "nstap_session"
 SESSION_SECONDS = 12 * 3600
 LIST_LIMIT = 200
+MAX_EVIDENCE_SHOWN = 2 << 20  # bytes of evidence shown on a page; a larger one is only downloaded
+MAX_REVOKED = 10_000  # sessions ended by a logout, remembered until they would have expired anyway
+_MAC = re.compile(r"^[0-9a-f]{64}$")
+CAPTURE_STATES = ("running", "complete", "incomplete", "failed", "evicted")
 CSP = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 HEADERS = {
     "Content-Security-Policy": CSP,
@@ -88,6 +94,7 @@ class CapturePage:
         )
         self.env.filters.update(when=_when, seconds=_seconds, size=_size, quote=lambda v: urllib.parse.quote(str(v), safe=""))
         self.css = (HERE / "static" / "nstap.css").read_bytes()
+        self._revoked: dict[str, float] = {}  # session -> when it was issued
 
     def routes(self) -> list[web.RouteDef]:
         """The routes, for ApiServer.add_routes (the API's auth middleware lets /ui/ through: this checks)."""
@@ -121,10 +128,22 @@ class CapturePage:
         if not value or len(value) > 128:
             return False
         issued, _, mac = value.partition(".")
-        if not issued.isdigit() or not hmac.compare_digest(mac, self._sign("session:" + issued)):
+        # Checked before the comparison: a cookie is anyone's input (compare_digest refuses non-ASCII text).
+        if not issued.isascii() or not issued.isdigit() or len(issued) > 12 or not _MAC.match(mac):
+            return False
+        if not hmac.compare_digest(mac.encode(), self._sign("session:" + issued).encode()) or value in self._revoked:
             return False
         age = (now if now is not None else time.time()) - int(issued)
         return -60 <= age <= SESSION_SECONDS
+
+    def revoke(self, value: str, now: float | None = None) -> None:
+        """End a session (logout): its cookie is refused from now on, even if a copy of it is kept."""
+        now = now if now is not None else time.time()
+        for old in [v for v, issued in self._revoked.items() if now - issued > SESSION_SECONDS]:
+            del self._revoked[old]
+        if len(self._revoked) >= MAX_REVOKED:
+            del self._revoked[next(iter(self._revoked))]
+        self._revoked[value] = float(value.partition(".")[0])
 
     def csrf_of(self, request: web.Request) -> str:
         """The CSRF field of the forms this request's page holds (bound to its session or bearer)."""
@@ -148,9 +167,14 @@ class CapturePage:
 
     async def _form(self, request: web.Request, csrf: bool = True) -> dict[str, str]:
         self._same_origin(request)
-        form = await request.post()
+        try:
+            form = await request.post()
+        except web.HTTPException:
+            raise
+        except (ValueError, LookupError, RuntimeError, AssertionError):  # undecodable body, unknown charset, bad multipart
+            raise BadRequest("the form could not be read") from None
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        if csrf and not hmac.compare_digest(fields.get("csrf", ""), self.csrf_of(request)):
+        if csrf and not hmac.compare_digest(fields.get("csrf", "").encode("utf-8", "replace"), self.csrf_of(request).encode()):
             raise BadRequest("the form expired or did not come from this page: reload it and try again", 403)
         return fields
 
@@ -200,6 +224,9 @@ class CapturePage:
             await self._form(request)
         except BadRequest as exc:
             return self._error(request, exc.status, str(exc))
+        session = request.cookies.get(COOKIE)
+        if session and self.session_ok(session):
+            self.revoke(session)
         response = web.Response(status=303, headers={**HEADERS, "Location": "/ui/login"})
         response.del_cookie(COOKIE, path="/ui/")
         return response
@@ -213,17 +240,15 @@ class CapturePage:
         return out
 
     async def _lists(self, container: str | None, filters: dict[str, str]) -> tuple[list, list]:
-        kind = filters.get("kind")
-        anomalies = await self.store.anomalies(container=container, kind=kind, limit=LIST_LIMIT)
-        captures = [
-            self.api._current(r)
-            for r in await self.store.list(container=container, kind=kind, reason=filters.get("reason"), limit=LIST_LIMIT)
-        ]
-        if "state" in filters:
-            captures = [c for c in captures if c.state == filters["state"]]
-            anomalies = [a for a in anomalies if (a.resolved_at is None) == (filters["state"] == "active")] if filters["state"] in (
-                "active", "resolved") else anomalies
-        return anomalies, captures
+        """Anomalies and captures, newest first, filtered in the index (state: active/resolved
+        filters the anomalies, a capture state the captures)."""
+        kind, state = filters.get("kind"), filters.get("state")
+        active = {"active": True, "resolved": False}.get(state or "")
+        anomalies = await self.store.anomalies(container=container, kind=kind, active=active, limit=LIST_LIMIT)
+        rows = await self.store.list(
+            container=container, kind=kind, reason=filters.get("reason"), state=state if state in CAPTURE_STATES else None, limit=LIST_LIMIT,
+        )
+        return anomalies, [self.api._current(r) for r in rows]
 
     async def index(self, request: web.Request) -> web.Response:
         self._require(request)
@@ -235,21 +260,26 @@ class CapturePage:
 
     async def container(self, request: web.Request) -> web.Response:
         self._require(request)
-        ref = request.match_info["ref"]
+        return await self._container_page(request, request.match_info["ref"])
+
+    async def _container_page(self, request: web.Request, ref: str, error: str = "", status: int = 200) -> web.Response:
         if len(ref) > 256 or not ref.isprintable():
             return self._error(request, 400, "not a container name or id")
         try:
             record = self.api.find(ref)
         except BadRequest:
             record = None  # gone: its anomalies and captures are still here
+            if all(c in "0123456789abcdef" for c in ref) and len(ref) < 12:
+                # The index matches an id prefix: a short one would mix several containers.
+                return self._error(request, 404, "no running container by that name or id: name a gone one by its name or 12-character id")
         name = record.name if record is not None else ref
         filters = self._filters(request)
         anomalies, captures = await self._lists(record.short_id if record is not None else ref, filters)
         settings = self.api.engine.settings
         return self._page(
-            request, "container.html", ref=ref, name=name, record=record, filters=filters, anomalies=anomalies, captures=captures,
-            defaults={"duration": settings.post_seconds, "pre_seconds": settings.pre_seconds}, max_seconds=self.api.max_seconds,
-            error=request.query.get("error", "")[:300],
+            request, "container.html", status=status, ref=ref, name=name, record=record, filters=filters, anomalies=anomalies,
+            captures=captures, defaults={"duration": settings.post_seconds, "pre_seconds": settings.pre_seconds},
+            max_seconds=self.api.max_seconds, error=error,
         )
 
     async def start_capture(self, request: web.Request) -> web.Response:
@@ -278,11 +308,8 @@ class CapturePage:
                     body["interface"] = interface
             row = await self.api.start(body)
         except (BadRequest, CaptureRefused) as exc:
-            status = getattr(exc, "status", 400)
-            if status == 403 and "form" in str(exc):
-                return self._error(request, status, str(exc))
-            location = f"/ui/containers/{urllib.parse.quote(ref, safe='')}?" + urllib.parse.urlencode({"error": str(exc)})
-            raise web.HTTPSeeOther(location=location, headers=HEADERS) from None
+            # The container's page again, with why (as this answer: never a message carried in a URL).
+            return await self._container_page(request, ref, error=str(exc), status=getattr(exc, "status", 400))
         log.info("ui_capture_started", capture_id=row.id, container=row.container)
         raise web.HTTPSeeOther(location=f"/ui/captures/{row.id}", headers=HEADERS)
 
@@ -293,28 +320,36 @@ class CapturePage:
             return self._error(request, 404, "no such capture")
         row = self.api._current(row)
         anomaly = await self.store.anomaly(row.anomaly_id) if row.anomaly_id else None
-        evidence = None
-        path = self.store.evidence_path(row)
-        if path is not None:
-            try:
-                evidence = json.loads(path.read_bytes())
-            except (OSError, ValueError):
-                evidence = None
-        alerts = [a for a in await self.store.alerts(50) if a.get("capture_id") == row.id]
+        evidence_text, evidence_note = await asyncio.to_thread(self._evidence_text, row)
+        alerts = await self.store.alerts_for_capture(row.id)
         if anomaly is None:
             # An alert's capture: the anomaly the alert reports (nstap's own event of that kind in
             # the container, begun by the time of the capture), when the alert names one.
             kinds = {a["labels"].get("kind") for a in alerts if isinstance(a.get("labels"), dict)} - {None}
             for kind in sorted(kinds):
-                found = await self.store.anomalies(container=row.container_id, kind=kind, until=row.trigger_at, limit=1)
+                found = await self.store.anomalies(
+                    container=row.container_id, kind=kind, since=row.trigger_at - 300, until=row.trigger_at, limit=1,
+                )
                 if found and row.container_id:
                     anomaly = found[0]
                     break
         return self._page(
-            request, "capture.html", row=row, anomaly=anomaly, evidence=evidence, alerts=alerts,
-            evidence_text=json.dumps(evidence, indent=2, sort_keys=True, default=str)[:500_000] if evidence is not None else "",
+            request, "capture.html", row=row, anomaly=anomaly, alerts=alerts, evidence_text=evidence_text, evidence_note=evidence_note,
+            has_evidence=self.store.evidence_path(row) is not None,
             downloadable=row.state not in (RUNNING, EVICTED) and self.store.path_of(row) is not None, running=row.state == RUNNING,
         )
+
+    def _evidence_text(self, row) -> tuple[str, str]:
+        """The evidence, indented for reading, and a note when it is not shown (blocking: a thread)."""
+        path = self.store.evidence_path(row)
+        if path is None:
+            return "", ""
+        try:
+            if path.stat().st_size > MAX_EVIDENCE_SHOWN:
+                return "", f"{_size(path.stat().st_size)}: too large to show here, download it"
+            return json.dumps(json.loads(path.read_bytes()), indent=2, sort_keys=True), ""
+        except (OSError, ValueError) as exc:
+            return "", f"unreadable: {exc}"
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         """The pcap, bundle or evidence of a capture, with the page's session (the API's handlers)."""
@@ -324,5 +359,5 @@ class CapturePage:
             response = await handler(request)
         except BadRequest as exc:
             return self._error(request, exc.status, str(exc))
-        response.headers.update({k: v for k, v in HEADERS.items() if k != "Cache-Control"})
+        response.headers.update(HEADERS)
         return response

@@ -55,7 +55,7 @@ from ..supervisor import TaskSupervisor
 from .evidence import EvidenceRecorder
 from .pcap import HEADER_LEN, PcapError, PcapHeader, PcapWriter, Record, StreamParser, read_file, sha256_file
 from .ring import FlightRecorder, Span, WholeSegment, read_window
-from .store import COMPLETE, FAILED, INCOMPLETE, RUNNING, AnomalyRow, CaptureRow, CaptureStore, new_id
+from .store import COMPLETE, EVICTED, FAILED, INCOMPLETE, RUNNING, AnomalyRow, CaptureRow, CaptureStore, new_id
 from .tcpdump import CaptureToolMissing, TcpdumpProcess, Tools
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ RING_RESTART_DELAY = 10.0  # seconds before a flight recorder whose tcpdump died
 ANOMALY_CAPTURE_PERIOD = 3600.0  # the window of capture.max_per_container_per_hour
 MAX_UNSAVED = 1000  # finished captures whose index update failed, kept to be retried
 RECENT_PER_CONTAINER = 10  # finished captures per container exported as nstap_capture_info
+RECENT_CONTAINERS = 1000  # containers whose latest captures are remembered
 SIDES = ("container", "host")
 HOST_SIDE_KIND = "interface_drops"  # an anomaly of this kind on a host end captures there too
 
@@ -270,6 +271,7 @@ class CaptureEngine:
         except CaptureToolMissing as exc:
             self.tools, self.tools_error = None, str(exc)
         self.evidence = EvidenceRecorder(store) if settings.evidence else None
+        store.evicted_listeners.append(self._evicted)
         self.nat: NatMonitor | None = None  # set by the daemon: its view joins each capture's evidence
         self.ebpf: EbpfService | None = None  # likewise
         self._evidence_tasks: set[asyncio.Task] = set()
@@ -294,6 +296,32 @@ class CaptureEngine:
         # The latest finished captures per container (short id): what dashboards link to.
         self.recent: dict[str, deque[tuple[str, str, str, str, str, float]]] = {}
         self.failed_total = 0
+
+    async def load_recent(self) -> None:
+        """Fill :attr:`recent` from the store: a restart keeps the dashboards' links to captures."""
+        rows = await self.store.list(limit=RECENT_PER_CONTAINER * 100)
+        for row in reversed(rows):  # oldest first, so that each deque ends with the newest
+            if row.state != RUNNING:
+                self._remember(row, row.state)
+
+    def _evicted(self, ids: list[str]) -> None:
+        """Captures the store evicted: their links say so (the capture page explains)."""
+        gone = set(ids)
+        for recent in self.recent.values():
+            for i, entry in enumerate(recent):
+                if entry[0] in gone:
+                    recent[i] = (*entry[:4], EVICTED, entry[5])
+
+    def _remember(self, row: CaptureRow, state: str) -> None:
+        """Keep a finished capture among its container's latest (a gone container's are kept, for
+        a while: it may come back; the exporter shows those of running containers only)."""
+        if not row.container_id:
+            return
+        recent = self.recent.pop(row.container_id, None) or deque(maxlen=RECENT_PER_CONTAINER)
+        recent.append((row.id, row.container, row.runtime, row.reason, state, row.created_at))
+        self.recent[row.container_id] = recent  # the most recently used last
+        while len(self.recent) > RECENT_CONTAINERS:
+            del self.recent[next(iter(self.recent))]
 
     # -- flight recorders ----------------------------------------------------------------------
 
@@ -652,10 +680,7 @@ class CaptureEngine:
         self.kernel_drops_total += outcome.get("kernel_drops", 0)
         if state == FAILED:
             self.failed_total += 1
-        if row.container_id:
-            self.recent.setdefault(row.container_id, deque(maxlen=RECENT_PER_CONTAINER)).append(
-                (row.id, row.container, row.runtime, row.reason, state, row.created_at)
-            )
+        self._remember(row, state)
         saved = await self._save_outcome(row.id, outcome)
         evicted: list[str] = []
         if saved:
@@ -887,8 +912,6 @@ class CaptureEngine:
         current = {r.short_id for r in self.registry.containers()}
         for key in [k for k in self.captures_total if k[1] not in current]:
             del self.captures_total[key]
-        for cid in [c for c in self.recent if c not in current]:
-            del self.recent[cid]
         horizon = time.time() - ANOMALY_CAPTURE_PERIOD
         for cid in [c for c, h in self._anomaly_captures.items() if c not in current and (not h or h[-1] < horizon)]:
             del self._anomaly_captures[cid]

@@ -21,7 +21,7 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS alerts (
     note TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS alerts_fp ON alerts (fingerprint, starts_at);
+CREATE INDEX IF NOT EXISTS alerts_capture ON alerts (capture_id);
 """
 # Columns added since the first release: an index made by an older daemon gets them at open.
 MIGRATIONS = {
@@ -214,6 +215,7 @@ class CaptureStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-store")
         self._db: sqlite3.Connection | None = None
         self.total_bytes = 0  # bytes of capture files on disk, kept current for the exporter
+        self.evicted_listeners: list[Callable[[list[str]], None]] = []  # told (on the loop) which captures went
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -307,7 +309,7 @@ class CaptureStore:
         Evidence counts against the byte budget, and a finished capture's arrives after the
         budget was applied for its pcap: applied again then. Returns the ids this evicted.
         """
-        return await self._run(self._save_evidence, capture_id, data)
+        return self._evicted(await self._run(self._save_evidence, capture_id, data))
 
     def _save_evidence(self, capture_id: str, data: bytes) -> list[str]:
         name = f"{capture_id}.evidence.json"
@@ -375,9 +377,13 @@ class CaptureStore:
         since: float | None = None,
         until: float | None = None,
         limit: int = 100,
+        state: str | None = None,
     ) -> list[CaptureRow]:
         """Captures, newest first, filtered."""
         where, args = [], []
+        if state:
+            where.append("state = ?")
+            args.append(state)
         if container:
             where.append("(container = ? OR container_id = ? OR substr(container_id, 1, length(?)) = ?)")
             args += [container, container, container, container]
@@ -420,7 +426,13 @@ class CaptureStore:
 
     async def enforce(self, now: float | None = None) -> list[str]:
         """Evict finished captures, oldest first, past the age limit or the byte budget."""
-        return await self._run(self._enforce, now if now is not None else time.time())
+        return self._evicted(await self._run(self._enforce, now if now is not None else time.time()))
+
+    def _evicted(self, ids: list[str]) -> list[str]:
+        if ids:
+            for listener in self.evicted_listeners:
+                listener(ids)
+        return ids
 
     def _enforce(self, now: float) -> list[str]:
         rows = self._select("SELECT * FROM captures WHERE file IS NOT NULL AND state != ? ORDER BY created_at", (EVICTED,))
@@ -541,8 +553,22 @@ class CaptureStore:
         rows = await self._run(
             self._fetch, "SELECT received_at, status, alertname, fingerprint, starts_at, labels, capture_id, note FROM alerts ORDER BY seq DESC LIMIT ?", (limit,)
         )
+        return [self._alert(r) for r in rows]
+
+    async def alerts_for_capture(self, capture_id: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The alerts that asked for (or were answered with) this capture, newest first."""
+        rows = await self._run(
+            self._fetch,
+            "SELECT received_at, status, alertname, fingerprint, starts_at, labels, capture_id, note FROM alerts WHERE capture_id = ? "
+            "ORDER BY seq DESC LIMIT ?",
+            (capture_id, limit),
+        )
+        return [self._alert(r) for r in rows]
+
+    @staticmethod
+    def _alert(r: tuple) -> dict[str, Any]:
         keys = ("received_at", "status", "alertname", "fingerprint", "starts_at", "labels", "capture_id", "note")
-        return [{**dict(zip(keys, r)), "labels": json.loads(r[5])} for r in rows]
+        return {**dict(zip(keys, r)), "labels": json.loads(r[5])}
 
     def _exec(self, sql: str, args: Iterable) -> None:
         assert self._db is not None
