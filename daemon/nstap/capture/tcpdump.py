@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..subprocesses import reap
 from .pcap import PcapHeader, Record, StreamParser
 
 MAX_FILTER_LEN = 1024
@@ -102,10 +103,10 @@ class Tools:
         try:
             _, err = await asyncio.wait_for(proc.communicate(), 10)
         except asyncio.TimeoutError:
-            await _kill(proc)
+            await reap(proc)
             raise FilterError("filter took too long to compile") from None
         except asyncio.CancelledError:  # the request went away: so does tcpdump
-            await asyncio.shield(_kill(proc))
+            await reap(proc)
             raise
         if proc.returncode != 0:
             lines = [line for line in err.decode(errors="replace").splitlines() if "data link type" not in line]
@@ -120,19 +121,10 @@ class Tools:
         try:
             _, err = await proc.communicate()
         except asyncio.CancelledError:  # the daemon stops: so does tcpdump
-            await asyncio.shield(_kill(proc))
+            await reap(proc)
             raise
         if proc.returncode != 0:
             raise FilterError(err.decode(errors="replace").strip().splitlines()[-1] if err else "tcpdump -r failed")
-
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
-        await proc.wait()
 
 
 def parse_stats(text: str) -> dict[str, int]:
@@ -238,12 +230,14 @@ class TcpdumpProcess:
                 pass
             try:
                 await asyncio.wait_for(proc.wait(), grace)
-            except asyncio.TimeoutError:
+            except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                await proc.wait()
+                await reap(proc)  # cancelled (the daemon stops): still reaped before the loop goes
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
         if self._stderr_task is not None:
             await asyncio.gather(self._stderr_task, return_exceptions=True)
         return proc.returncode

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..subprocesses import reap
 from . import netlink
 from .handles import _setns
 
@@ -272,19 +273,15 @@ async def run_tool(argv: list[str], ns_fd: int | None = None, timeout: float = T
             late = await creating
         except OSError:
             raise asyncio.CancelledError from None
-        late.kill()
-        await late.wait()
+        await reap(late)
         raise
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
+        await reap(proc)
         return "", f"{argv[0]} took longer than {timeout:g}s"
     except asyncio.CancelledError:
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.shield(proc.wait())
+        await reap(proc)
         raise
     text = out[:cap].decode("utf-8", "replace")
     if len(out) > cap:
