@@ -23,8 +23,8 @@ import pytest
 from conftest import RUN_ID, Containers, Daemon, sh, wait_until
 from nstap.detect.nat import conntrack_findings
 from nstap.nat.forwards import HostRules, refresh_counters, verify_all, verify_masquerades
-from nstap.nat.monitor import _firewall_rules
-from nstap.nat.nft import parse_nft_json
+from nstap.nat.monitor import _firewall_rules, line_diff
+from nstap.nat.nft import native_tables, nft_items, parse_nft_json
 from nstap.nat.paths import Packet, verify_forward
 from nstap.nat.rules import counters, parse_dnat, parse_save, shape_of
 from nstap.runtime.records import record_from_inspect
@@ -211,13 +211,116 @@ def test_conntrack_findings_table() -> None:
 
 def test_firewall_rules_and_diff_text() -> None:
     save = "*filter\n:INPUT ACCEPT [0:0]\n[7:420] -A INPUT -p tcp -m tcp --dport 9 -j DROP\n[0:0] -A INPUT -j ACCEPT\nCOMMIT\n"
-    rules, total, text = _firewall_rules([(save, 4)], "", 32)
-    assert total == 2 and [(r.table, r.chain, r.position, r.target, r.packets) for r in rules] == [("ipv4-filter", "INPUT", 1, "DROP", 7)]
+    read = _firewall_rules([(save, 4)], [], 32)
+    assert read.total == 2 and [(r.table, r.chain, r.position, r.target, r.packets) for r in read.rules] == [("ipv4-filter", "INPUT", 1, "DROP", 7)]
+    assert read.diff is None  # a first read is no change
     same = save.replace("[7:420]", "[9:540]")
-    assert _firewall_rules([(same, 4)], "", 32)[2] == text  # counters are not a change
+    again = _firewall_rules([(same, 4)], [], 32, read.text)
+    assert again.text == read.text and again.diff is None  # counters are not a change
+    moved = save.replace("[0:0] -A INPUT -j ACCEPT\n", "[0:0] -A INPUT -s 10.0.0.1/32 -j REJECT\n[0:0] -A INPUT -j ACCEPT\n")
+    changed = _firewall_rules([(moved, 4)], [], 32, read.text)
+    assert changed.diff == ["+ipv4 filter -A INPUT -s 10.0.0.1/32 -j REJECT"] and changed.total == 3
+    assert _firewall_rules([(save, 4)], [], 32, changed.text).diff == ["-ipv4 filter -A INPUT -s 10.0.0.1/32 -j REJECT"]
     native = (FIXTURES / "native.nft.json").read_text()
-    rules, total, _ = _firewall_rules([], native, 32)
-    assert [(r.table, r.chain, r.target) for r in rules] == [("inet-fw", "sub", "DROP")] and total == 6
+    read = _firewall_rules([], [native], 32)
+    assert [(r.table, r.chain, r.target) for r in read.rules] == [("inet-fw", "sub", "DROP")] and read.total == 6
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "diff"),
+    [
+        ("a\nb\nc", "a\nb\nc", []),
+        ("a\nb\nc", "a\nc", ["-b"]),
+        ("a\nb", "b\na", ["~ the same rules in another order"]),  # order decides in a firewall
+        ("a\na\nb", "a\nb", ["-a"]),  # one of two identical rules went
+        ("", "x\ny", ["+x", "+y"]),
+        ("sha256:00", "a", ["~ the ruleset changed (more than 4194304 bytes: not compared line by line)"]),
+    ],
+)
+def test_line_diff(old: str, new: str, diff: list[str]) -> None:
+    assert line_diff(old, new) == diff
+
+
+def test_a_huge_firewall_is_kept_as_a_digest_and_its_change_still_seen() -> None:
+    """A container's ruleset is hostile input: its text is not kept beyond KEEP_TEXT bytes."""
+    rules = "".join(f"[0:0] -A INPUT -s 10.{i >> 8 & 255}.{i & 255}.0/24 -p tcp -m tcp --dport {1000 + i} -j DROP\n" for i in range(60000))
+    save = "*filter\n:INPUT ACCEPT [0:0]\n" + rules + "COMMIT\n"
+    first = _firewall_rules([(save, 4)], [], 32)
+    assert first.text.startswith("sha256:") and first.total == 60000 and len(first.rules) == 32
+    second = _firewall_rules([(save.replace("--dport 1000 ", "--dport 999 "), 4)], [], 32, first.text)
+    assert second.diff and second.diff[0].startswith("~ the ruleset changed")
+    assert _firewall_rules([(save, 4)], [], 32, first.text).diff is None
+
+
+def longest_stall(work) -> float:
+    """The longest time this thread could not run (sleeping 2 ms at a time) while ``work`` ran in another."""
+    import threading
+
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (work(), done.set()))
+    longest, last = 0.0, time.perf_counter()
+    worker.start()
+    while not done.is_set():
+        time.sleep(0.002)
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    worker.join()
+    return longest
+
+
+def test_nft_json_is_decoded_without_holding_the_gil() -> None:
+    """Defect: ``json.loads`` of a namespace's ruleset held the GIL for as long as it took (0.44 s
+    for 20,000 rules), and the event loop's thread stood still meanwhile: every sample was late.
+    (The collector is off here: its full passes are the subject of the next test.)"""
+    import gc
+
+    rule = {"rule": {"family": "inet", "table": "t", "chain": "c", "handle": 0, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 80}}, {"drop": None}]}}
+    text = json.dumps({"nftables": [{"table": {"family": "inet", "name": "t"}}, {"chain": {"family": "inet", "table": "t", "name": "c"}}] + [rule] * 60000})
+    parsed = []
+    gc.disable()
+    try:
+        stall = longest_stall(lambda: parsed.append(list(nft_items(text))))
+        assert len(parsed[0]) == 60002 and parse_nft_json(text).chains["inet t c"].rules[59999].target == "DROP"
+        whole = longest_stall(lambda: json.loads(text))
+    finally:
+        gc.enable()
+    assert whole > 0.1 and stall < 0.05, (stall, whole)
+
+
+def test_the_collector_waits_for_every_builder() -> None:
+    """Full collections while a large structure is built stop every thread once per pass: they wait
+    until the last thread that builds one is done."""
+    import gc
+    import threading
+
+    from nstap.heap import collector_paused
+
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def builder() -> None:
+        with collector_paused():
+            inside.set()
+            leave.wait(5)
+
+    assert gc.isenabled()
+    other = threading.Thread(target=builder)
+    with collector_paused():
+        assert not gc.isenabled()
+        other.start()
+        inside.wait(5)
+    assert not gc.isenabled()  # the other builder is still at it
+    leave.set()
+    other.join()
+    assert gc.isenabled()
+
+
+def test_native_tables_leave_out_iptables_nft() -> None:
+    listed = json.dumps({"nftables": [{"metainfo": {"version": "1.0.6"}}, {"table": {"family": "ip", "name": "filter", "handle": 1}},
+                                      {"table": {"family": "inet", "name": "fw", "handle": 2}}, {"table": {"family": "ip6", "name": "nat", "handle": 3}},
+                                      {"table": {"family": "ip", "name": "mine", "handle": 4}}, {"table": {"family": "bridge", "name": "b", "handle": 5}}]})
+    assert native_tables(listed) == [("inet", "fw"), ("ip", "mine")]
+    assert native_tables("garbage") == [] and native_tables("") == []
 
 
 # -- the real thing ----------------------------------------------------------------------------

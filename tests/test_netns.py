@@ -327,3 +327,121 @@ async def test_the_first_sample_is_guarded_like_the_others(netns: NsUnderTest, o
         assert supervisor.failures["sample"] == 1
     finally:
         await pool.stop()
+
+
+# -- the sample budget ----------------------------------------------------------------------------
+
+
+class Burner:
+    """A sampler whose sample burns ``ms`` of CPU while ``on`` (fault injection: a namespace whose
+    state is expensive to read, without building one)."""
+
+    name = "burner"
+
+    def __init__(self) -> None:
+        self.on = False
+        self.ms = 6.0
+
+    def sample(self):
+        if self.on:
+            end = time.thread_time() + self.ms / 1000
+            while time.thread_time() < end:
+                pass
+        return None
+
+    def load(self) -> str:
+        return "a burner"
+
+
+def budget_pool(opener: NamespaceOpener, extra: list) -> tuple[WatcherPool, SampleStore]:
+    from nstap.samplers import SamplerSpec
+
+    store = SampleStore()
+    context = SamplerContext(interval=0.1, host_links=None, walk_budget=0.00005, max_walk_interval=60.0, max_listen_ports=64, sample_budget=0.002)
+    specs = [*SAMPLERS.values(), *(SamplerSpec(s.name, True, "test", lambda h, ctx, s=s: s) for s in extra)]
+    return WatcherPool(ContainerRegistry(), opener, specs, context, store, Instruments(CollectorRegistry())), store
+
+
+def gil_hog(stop) -> None:
+    """Pure-Python work in another thread: it takes the GIL from the event loop in 5 ms slices, as
+    the daemon's own threads do (NAT rules parsed, a ring read back)."""
+    while not stop.is_set():
+        sum(i * i for i in range(20000))
+
+
+async def test_the_budget_judges_the_namespace_cpu_not_the_daemon_busy_elsewhere(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    """Defect: the budget measured a sample's wall time, which counts the time the event loop waits
+    for the GIL while another thread of the daemon works. An ordinary namespace was judged
+    expensive and sampled every 3-6 s whenever the daemon was busy."""
+    import threading
+
+    from structlog.testing import capture_logs
+
+    pool, store = budget_pool(opener, [])
+    ns = namespace_for(netns)
+    seen: list[float] = []
+    store.subscribe(lambda s: seen.append(time.monotonic()))
+    stop = threading.Event()
+    hogs = [threading.Thread(target=gil_hog, args=(stop,)) for _ in range(2)]
+    with capture_logs() as logs:
+        for hog in hogs:
+            hog.start()
+        pool.registry.upsert(ns.owner)
+        pool.start()
+        try:
+            await asyncio.sleep(3)
+        finally:
+            stop.set()
+            for hog in hogs:
+                hog.join()
+            await pool.stop()
+    watcher_events = [e for e in logs if e["event"] in ("sampling_slowed", "sampling_restored")]
+    assert not watcher_events, watcher_events
+    # Sampled on every 0.1 s tick (late ticks included: the hogs hold the GIL for 5 ms slices).
+    gaps = [b - a for a, b in zip(seen, seen[1:])]
+    assert len(seen) >= 25 and max(gaps) < 0.25, (len(seen), max(gaps))
+
+
+async def test_a_namespace_is_slowed_on_sustained_cost_and_restored_at_once(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    """One expensive sample does not slow a namespace (a first sample, a garbage collection); three
+    in a row do, and the log says which sampler costs and what it reads; one cheap sample restores it."""
+    from structlog.testing import capture_logs
+
+    burner = Burner()
+    pool, store = budget_pool(opener, [burner])
+    ns = namespace_for(netns)
+    seen: list[float] = []
+    store.subscribe(lambda s: seen.append(time.monotonic()))
+    with capture_logs() as logs:
+        pool.registry.upsert(ns.owner)
+        pool.start()
+        try:
+            await asyncio.sleep(0.5)
+            watcher = pool.watchers[ns.inode].watcher
+            # Two expensive samples in a row: not sustained.
+            burner.on = True
+            await asyncio.sleep(0.15)
+            burner.on = False
+            await asyncio.sleep(0.4)
+            assert watcher.every == 1 and not [e for e in logs if e["event"] == "sampling_slowed"]
+            # Sustained: 6 ms (and the real samplers' fraction of one) against a 2 ms budget -> every 4th tick.
+            burner.on = True
+            await asyncio.sleep(1.5)
+            every = watcher.every
+            assert every == 4, every
+            slowed = [e for e in logs if e["event"] == "sampling_slowed"]
+            assert len(slowed) == 1 and slowed[0]["interval"] == pytest.approx(0.4), slowed
+            assert slowed[0]["cause"].startswith("burner ") and slowed[0]["cause"].endswith(": a burner"), slowed
+            n = len(seen)
+            await asyncio.sleep(1.2)
+            assert 2 <= len(seen) - n <= 4  # every 0.4 s
+            # Cheap again: restored at its next sample.
+            burner.on = False
+            await asyncio.sleep(0.55)
+            assert watcher.every == 1
+            assert [e["event"] for e in logs if e["event"].startswith("sampling_")] == ["sampling_slowed", "sampling_restored"]
+            n = len(seen)
+            await asyncio.sleep(0.5)
+            assert len(seen) - n >= 4
+        finally:
+            await pool.stop()

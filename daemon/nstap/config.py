@@ -143,6 +143,7 @@ class NatConfig(Strict):
     conntrack_budget: float = Field(0.005, gt=0.0, le=0.5, description="share of one core the per-container conntrack pass may use")
     conntrack_full_ratio: float = Field(0.9, gt=0.0, le=1.0, description="conntrack_full above this share of nf_conntrack_max")
     userland_proxy: Literal["auto", "on", "off"] = Field("auto", description="check Docker's docker-proxy listeners (auto: unless /etc/docker/daemon.json turns userland-proxy off)")
+    firewall_budget: float = Field(0.05, gt=0.0, le=1.0, description="share of the time one namespace's firewall reads may take: a firewall that changes all the time is read less often")
     max_firewall_rules: int = Field(32, ge=1, le=1000, description="DROP/REJECT rules exported per container")
     read_timeout: float = Field(10.0, ge=1.0, le=300.0, description="seconds a rule read (iptables-save, nft) may take")
 
@@ -169,7 +170,7 @@ class Config(Strict):
     samplers: dict[str, bool] = Field(default_factory=dict)
     socket_walk: SocketWalk = SocketWalk()
     max_listen_ports: int = Field(64, ge=1, le=10000, description="listener ports per container before port=\"other\"")
-    sample_budget_ms: float = Field(2.0, ge=0.1, le=1000.0, description="average ms one namespace's sample may take before it is sampled less often")
+    sample_budget_ms: float = Field(2.0, ge=0.1, le=1000.0, description="CPU ms one namespace's sample may cost (3 samples in a row) before it is sampled less often")
     max_interfaces: int = Field(64, ge=1, le=10000, description="interfaces per container before interface=\"other\"")
     tcp_child_ehash_entries: int = Field(0, ge=0, le=1 << 24, description="set net.ipv4.tcp_child_ehash_entries at start (0: leave it)")
     detect: DetectConfig = DetectConfig()

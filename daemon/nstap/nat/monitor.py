@@ -20,7 +20,7 @@ One parse serves every container. What it finds goes to the exporter as an immut
 from __future__ import annotations
 
 import asyncio
-import difflib
+import hashlib
 import json
 import os
 import socket
@@ -38,6 +38,7 @@ from ..config import NatConfig
 from ..detect.base import Finding
 from ..detect.incidents import HOST_ID, IncidentTracker
 from ..detect.nat import CONTAINER_KINDS, HOST_KINDS, conntrack_findings, forward_findings
+from ..heap import collector_paused
 from ..netns import netlink
 from ..netns.evidence import run_tool
 from ..registry import ContainerRegistry, WatchedNamespace
@@ -46,13 +47,16 @@ from ..samples import NamespaceSample, SampleStore
 from ..supervisor import TaskSupervisor
 from .conntrack import ConntrackReader, ConntrackTotals, ConntrackUnavailable, flows_by_container, flows_of, pack
 from .forwards import DEFAULT_NETWORKS, Forward, HostRules, Masquerade, refresh_counters, verify_all, verify_masquerades
-from .nft import IPTABLES_TABLES, NativeRuleset, parse_nft_json
+from .nft import IPTABLES_TABLES, NativeRuleset, native_tables, parse_nft_json
 from .rules import Ruleset, counters, parse_save, shape_of
 
 log = structlog.get_logger("nstap.nat")
 
 READ_CAP = 64 << 20  # bytes of one iptables-save/nft output (10,000 rules print about 1 MB)
 DIFF_LINES = 20
+FIREWALL_MIN_GAP = 1.0  # seconds between two reads of one namespace's firewall, at the least
+MAX_NATIVE_TABLES = 64  # native nftables tables read per namespace
+KEEP_TEXT = 4 << 20  # bytes of a firewall's text kept to compare the next read with; beyond, a digest
 FIREWALL_TARGETS = frozenset({"DROP", "REJECT"})
 HOST_RECORD = ContainerRecord(id=HOST_ID, name="host", runtime="host", pid=1, status="running", image="")
 TCP_LISTEN = 1 << 10
@@ -162,6 +166,7 @@ class NatMonitor:
         self._ok_at: dict[tuple[str, str], float] = {}
         self._masq_seen: set[str] = set()
         self._fw_pending: dict[int, None] = {}
+        self._fw_next: dict[int, float] = {}  # loop time before which a namespace's firewall is not read again
         self._fw_wake = asyncio.Event()
         self._logged: set[str] = set()
 
@@ -178,6 +183,7 @@ class NatMonitor:
         for inode in [i for i in self.firewalls if i not in watched]:
             del self.firewalls[inode]
             self._fw_pending.pop(inode, None)
+            self._fw_next.pop(inode, None)
 
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -297,6 +303,7 @@ class NatMonitor:
             return None  # a userland proxy came or went: verify again
         return refresh_counters(self.state.forwards, [counters(text) for text, _ in texts])
 
+    @collector_paused()
     def _evaluate(
         self, texts: list[tuple[str, int]], nft_texts: list[str], records: list[ContainerRecord]
     ) -> tuple[HostRules, list[Forward], list[Masquerade], dict[str, int], list[str]]:
@@ -493,13 +500,32 @@ class NatMonitor:
             self._fw_wake.set()
 
     async def _firewall_loop(self) -> None:
+        """Read the firewalls that changed, each no sooner than its last read's cost allows."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._fw_wake.wait()
             self._fw_wake.clear()
             while self._fw_pending:
-                inode = next(iter(self._fw_pending))
+                now = loop.time()
+                due = [i for i in self._fw_pending if self._fw_next.get(i, 0.0) <= now]
+                if not due:
+                    # Every pending namespace read recently and at a cost: wait for the first, or
+                    # for a new one to be pending.
+                    wait = min(self._fw_next.get(i, 0.0) for i in self._fw_pending) - now
+                    try:
+                        await asyncio.wait_for(self._fw_wake.wait(), max(wait, 0.01))
+                    except asyncio.TimeoutError:
+                        pass
+                    self._fw_wake.clear()
+                    continue
+                inode = due[0]
                 del self._fw_pending[inode]
+                started = loop.time()
                 await self._read_firewall(inode)
+                # A namespace whose firewall changes all the time is read at a bounded rate: its
+                # reads (the tools and the parse) take at most nat.firewall_budget of the time.
+                cost = loop.time() - started
+                self._fw_next[inode] = loop.time() + max(FIREWALL_MIN_GAP, cost / self.config.firewall_budget - cost)
 
     async def _read_firewall(self, inode: int) -> None:
         ns = self.registry.namespaces().get(inode)
@@ -507,32 +533,41 @@ class NatMonitor:
         fd = self.netns_fd(inode)
         if ns is None or state is None or fd is None:
             return
+        timeout = self.config.read_timeout
         fd = os.dup(fd)  # the watcher may close its own while the tools run
         try:
-            tools = [["iptables-save", "-c"], ["ip6tables-save", "-c"], ["nft", "-j", "list", "ruleset"]]
+            tools = [["iptables-save", "-c"], ["ip6tables-save", "-c"], ["nft", "-j", "list", "tables"]]
             if state.legacy:
                 tools += [["iptables-legacy-save", "-c"], ["ip6tables-legacy-save", "-c"]]
-            outputs = await asyncio.gather(*(run_tool(argv, fd, self.config.read_timeout, READ_CAP) for argv in tools))
+            outputs = await asyncio.gather(*(run_tool(argv, fd, timeout, READ_CAP) for argv in tools))
+            # Only the native nftables tables are read as JSON: the iptables-nft ones are in the
+            # saves already, and their JSON is six times the size of their text.
+            tables_text, tables_error = outputs[2]
+            native = native_tables(tables_text)[:MAX_NATIVE_TABLES] if tables_text and not tables_error else []
+            nft_outputs = await asyncio.gather(
+                *(run_tool(["nft", "-j", "list", "table", family, name], fd, timeout, READ_CAP) for family, name in native)
+            )
         finally:
             os.close(fd)
         if self.firewalls.get(inode) is not state:
             return  # the namespace went while the tools ran
         errors = [f"{argv[0]}: {err}" for argv, (_, err) in zip(tools, outputs) if err and "not installed" not in err]
+        errors += [f"nft list table {f} {n}: {err}" for (f, n), (_, err) in zip(native, nft_outputs) if err]
         saves = [(text, 6 if argv[0].startswith("ip6") else 4) for argv, (text, err) in zip(tools, outputs) if argv[0] != "nft" and text and not err]
-        nft_text = outputs[2][0] if not outputs[2][1] else ""
-        rules, total, text = await self._thread(_firewall_rules, saves, nft_text, self.config.max_firewall_rules)
+        nft_texts = [text for text, err in nft_outputs if text and not err]
+        read = await self._thread(_firewall_rules, saves, nft_texts, self.config.max_firewall_rules, state.text if state.read_at else None)
+        if self.firewalls.get(inode) is not state:
+            return
         self.up["firewall"] = 0 if errors and not saves else 1
         state.error = "; ".join(errors)[:500]
         owner = ns.owner
-        if state.read_at and text != state.text:
+        if read.diff is not None:
             state.changes += 1
-            diff = list(difflib.unified_diff(state.text.splitlines(), text.splitlines(), lineterm="", n=0))[2:]
-            diff = [line for line in diff if not line.startswith("@@")]
             log.info("firewall_changed", container=owner.name, container_id=owner.short_id, runtime=owner.runtime, netns=inode,
-                     rules=total, diff=diff[:DIFF_LINES], more=max(0, len(diff) - DIFF_LINES))
-        state.text = text
-        state.rules = tuple(rules)
-        state.total_rules = total
+                     rules=read.total, diff=read.diff[:DIFF_LINES], more=max(0, len(read.diff) - DIFF_LINES))
+        state.text = read.text
+        state.rules = tuple(read.rules)
+        state.total_rules = read.total
         state.read_at = time.time()
 
     def _once(self, event: str, **fields: Any) -> None:
@@ -566,9 +601,19 @@ def _with(state: NatState, **changes: Any) -> NatState:
     return NatState(**values)
 
 
-def _firewall_rules(saves: list[tuple[str, int]], nft_text: str, limit: int) -> tuple[list[FirewallRule], int, str]:
-    """The DROP/REJECT rules (first ``limit``), how many rules there are in all, and the ruleset as
-    comparable text (without counters and dates)."""
+@dataclass(frozen=True, slots=True)
+class FirewallRead:
+    """One read of a namespace's firewall, parsed (in the NAT thread)."""
+
+    rules: list[FirewallRule]  # the DROP/REJECT rules (the first ``limit``)
+    total: int  # rules in all
+    text: str  # the ruleset as comparable text (without counters and dates), or its digest when too large to keep
+    diff: list[str] | None  # lines gone (-) and new (+) since the previous text; None: no change, or no previous read
+
+
+@collector_paused()
+def _firewall_rules(saves: list[tuple[str, int]], nft_texts: list[str], limit: int, previous: str | None = None) -> FirewallRead:
+    """Parse the saves and native tables of one namespace, and compare them with the previous read."""
     out: list[FirewallRule] = []
     total = 0
     lines: list[str] = []
@@ -582,7 +627,7 @@ def _firewall_rules(saves: list[tuple[str, int]], nft_text: str, limit: int) -> 
                     lines.append(f"ipv{family} {table} {rule.text}")
                     if rule.target in FIREWALL_TARGETS and len(out) < limit:
                         out.append(FirewallRule(f"ipv{family}-{table}", chain.name, rule.position, rule.target, rule.packets, rule.text))
-    if nft_text:
+    for nft_text in nft_texts:
         native = parse_nft_json(nft_text)
         for key, chain in native.chains.items():
             lines.append(f"nft {key} {chain.policy}")
@@ -592,4 +637,36 @@ def _firewall_rules(saves: list[tuple[str, int]], nft_text: str, limit: int) -> 
                 if rule.target in FIREWALL_TARGETS and len(out) < limit:
                     family, table, name = key.split(" ", 2)
                     out.append(FirewallRule(f"{family}-{table}", name, rule.position, rule.target, rule.packets, rule.text))
-    return out, total, "\n".join(lines)
+    text = "\n".join(lines)
+    if len(text) > KEEP_TEXT:  # kept as a digest: a change is still seen, its lines are not listed
+        text = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    if previous is None or text == previous:
+        return FirewallRead(out, total, text, None)
+    return FirewallRead(out, total, text, line_diff(previous, text))
+
+
+def line_diff(old: str, new: str) -> list[str]:
+    """The lines of ``old`` that ``new`` lacks (-) and those it adds (+), each side in its own order.
+
+    Linear in the lines (difflib's matching is not, and a ruleset can be tens of thousands of
+    lines); a digest on either side makes one line that says so.
+    """
+    if old.startswith("sha256:") or new.startswith("sha256:"):
+        return [f"~ the ruleset changed (more than {KEEP_TEXT} bytes: not compared line by line)"]
+    old_lines, new_lines = old.splitlines(), new.splitlines()
+    counts = Counter(old_lines)
+    counts.subtract(new_lines)
+    gone = Counter({line: n for line, n in counts.items() if n > 0})
+    added = Counter({line: -n for line, n in counts.items() if n < 0})
+    out = []
+    for line in old_lines:
+        if gone[line] > 0:
+            gone[line] -= 1
+            out.append("-" + line)
+    for line in new_lines:
+        if added[line] > 0:
+            added[line] -= 1
+            out.append("+" + line)
+    if not out and old != new:
+        out.append("~ the same rules in another order")
+    return out

@@ -34,7 +34,7 @@ class SamplerContext:
     max_walk_interval: float
     max_listen_ports: int
     max_interfaces: int = 64
-    sample_budget: float = 0.002  # wall seconds one namespace's sample may cost on average
+    sample_budget: float = 0.002  # CPU seconds one namespace's sample may cost, sustained, before it is sampled less often
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,10 @@ class HostLinks:
         return self._table.generation
 
     def new_round(self) -> None:
-        """A sampling round starts: the next :meth:`refresh` reads the host again."""
+        """A sampling round starts: read the host now, before any namespace is sampled, so that
+        no namespace's sample is charged for the host's interfaces."""
         self._stale = True
+        self.refresh()
 
     def refresh(self) -> None:
         """Read host counters (and metadata if it changed) if not read yet this round."""
@@ -109,6 +111,10 @@ class InterfaceSampler:
     def close(self) -> None:
         """Stop following link changes (before the handles close)."""
         self._table.close()
+
+    def load(self) -> str:
+        """What a sample has to read, for the log line of a namespace that costs too much."""
+        return f"{len(self._table.links())} interfaces"
 
     def sample(self) -> tuple[InterfaceCounters, ...]:
         """Read every interface now."""

@@ -271,6 +271,11 @@ class SocketSampler:
             entry[1] += sock.wqueue
             entry[2] += 1
 
+    def load(self) -> str:
+        """What a sample has to read, for the log line of a namespace that costs too much."""
+        listeners = sum(len(known) for known in self._known.values())
+        return f"{listeners} listeners, {sum(self._last_in_use.values())} sockets in use"
+
     def walk_soon(self) -> None:
         """Walk at the next sample even if the budget would wait (at most every 2 intervals)."""
         self._next_walk = min(self._next_walk, max(self._clock(), self._walked_clock + 2 * self._interval))
