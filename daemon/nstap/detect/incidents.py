@@ -63,6 +63,7 @@ class IncidentTracker:
         self.resolve_after = resolve_after
         self.supervisor = supervisor or TaskSupervisor()
         self.incidents: dict[tuple[int, str], Incident] = {}
+        self._of: dict[int, dict[str, Incident]] = {}  # netns -> kind -> its incident: quiet() looks at one namespace's
         self.anomalies_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, kind)
         self._tasks: set[asyncio.Task] = set()
 
@@ -101,7 +102,7 @@ class IncidentTracker:
             summary=finding.summary,
             started_at=min(finding.started_at, at) if finding.started_at is not None else at,
         )
-        inc = self.incidents[key] = Incident(row)
+        inc = self.incidents[key] = self._of.setdefault(ns.inode, {})[finding.kind] = Incident(row)
         self.anomalies_total[(owner.name, owner.short_id, owner.runtime, finding.kind)] += 1
         self._log("anomaly_detected", row)
         self._save(inc, at)
@@ -118,17 +119,25 @@ class IncidentTracker:
     def quiet(self, netns: int, seen: set[str], at: float, kinds: Collection[str] | None = None) -> None:
         """A look at ``netns`` found only the kinds in ``seen`` (of those in ``kinds``, or of every
         kind): resolve its events of those kinds that were quiet for long enough."""
-        for (inode, kind), inc in self.incidents.items():
+        mine = self._of.get(netns)
+        if not mine:
+            return
+        for kind, inc in mine.items():
             if kinds is not None and kind not in kinds:
                 continue
-            if inode == netns and inc.active and kind not in seen and at - inc.row.last_seen >= self.resolve_after:
+            if inc.active and kind not in seen and at - inc.row.last_seen >= self.resolve_after:
                 self._resolve(inc, at)
+
+    def has_active(self, netns: int, kinds: Collection[str]) -> bool:
+        """Whether ``netns`` has an event of one of ``kinds`` going on."""
+        mine = self._of.get(netns)
+        return bool(mine) and any(inc.active for kind, inc in mine.items() if kind in kinds)
 
     def forget(self, netns: int, at: float | None = None) -> None:
         """The namespace is gone: resolve its events and stop tracking them."""
         at = at if at is not None else time.time()
-        for key in [k for k in self.incidents if k[0] == netns]:
-            inc = self.incidents.pop(key)
+        for kind, inc in self._of.pop(netns, {}).items():
+            del self.incidents[(netns, kind)]
             if inc.active:
                 self._resolve(inc, at)
 

@@ -1,17 +1,22 @@
 """The NAT monitor: the host's NAT rules, conntrack and the containers' own firewalls, kept current.
 
-Once per sampling interval, in its own worker thread (pyroute2 sockets stay with the thread that
-made them; nothing here runs on the event loop but the bookkeeping):
+Once per sampling interval, in its own worker thread (nothing here runs on the event loop but the
+bookkeeping), at a cost of a few microseconds when nothing changed:
 
-* the nftables generation id (pyroute2, ~0.13 ms) says whether any ruleset changed; the rules are
-  read again (``iptables-save -t nat -c`` for both families and back ends, ``nft -j`` for native
-  tables) on a change, when the containers changed, and at least every ``nat.interval`` for the
-  counters; changes made with iptables-legacy do not move the id, so those tables are polled;
-* conntrack's size and statistics (pyroute2) every interval; its flows per container (one dump
-  parsed by hand) every ``nat.conntrack_interval``, or less often when a pass costs more than
-  ``nat.conntrack_budget`` of a core;
+* the nftables generation id (a hand-built nfnetlink request on a kept socket, ~5 µs) says whether
+  any ruleset changed; the native tables are listed again and the rules read again
+  (``iptables-save -t nat -c`` for both families and back ends, ``nft -j`` for native tables) on a
+  change, when the containers changed, and at least every ``nat.interval`` for the counters;
+  changes made with iptables-legacy do not move the id, so those tables are polled;
+* conntrack's size and statistics every interval (three ``pread`` of /proc files kept open); its
+  flows per container (one dump parsed by hand) every ``nat.conntrack_interval``, or less often
+  when a pass costs more than ``nat.conntrack_budget`` of a core;
 * each namespace's own firewall is read (through the watcher's namespace descriptor) when its
-  sampled generation id moves, and every ``nat.interval`` while it has rules.
+  sampled generation id moves, and every ``nat.interval`` while it has rules, no more than
+  ``nat.firewall_budget`` of the time for one namespace.
+
+The containers' findings are made again only when the rules were read again, the containers
+changed, or while one of theirs is open; the host's (conntrack) every interval.
 
 One parse serves every container. What it finds goes to the exporter as an immutable
 :class:`NatState`, and to the incident tracker as findings of the kinds in :mod:`nstap.detect.nat`.
@@ -153,7 +158,12 @@ class NatMonitor:
         self.read_errors_total = 0
         self.proxied = frozenset({"docker"}) if userland_proxy_on(config.userland_proxy) else frozenset()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-nat")
-        self._nft: Any = None
+        self._nfnl: socket.socket | None = None  # the host's nfnetlink socket: generation id, tables
+        self._tables_generation = -1
+        self._native_tables: list[tuple[str, str]] = []
+        self._legacy_files: dict[str, int] = {}
+        self._reported: tuple[Any, Any] | None = None  # the forwards and masquerades the last container report was made of
+        self._open: set[int] = set()  # namespaces with NAT findings at the last container report
         self._diag: socket.socket | None = None
         self._conntrack = ConntrackReader(proc_root)
         self._generation = -1
@@ -179,6 +189,7 @@ class NatMonitor:
 
     def _registry_changed(self) -> None:
         self._dirty = True
+        self._reported = None
         watched = self.registry.namespaces()
         for inode in [i for i in self.firewalls if i not in watched]:
             del self.firewalls[inode]
@@ -202,7 +213,7 @@ class NatMonitor:
         now = time.time()
         try:
             generation, native, legacy = await self._thread(self._probe)
-        except Exception as exc:  # noqa: BLE001 - pyroute2 raises its own errors; the rules are then polled
+        except OSError as exc:  # no nf_tables, or no privilege: the rules are then polled
             self._once("nat_generation_unavailable", error=f"{type(exc).__name__}: {exc}")
             generation, native, legacy = -1, None, False
         # Legacy tables do not move the generation id: like a host without nf_tables, they are
@@ -215,33 +226,37 @@ class NatMonitor:
         self._report(now)
 
     def _probe(self) -> tuple[int, list[tuple[str, str]], bool]:
-        """(generation id, native tables, whether legacy nat tables exist); runs in the thread."""
-        if self._nft is None:
-            from pyroute2.netlink.nfnetlink.nftsocket import NFTSocket  # noqa: PLC0415 - this thread only
+        """(generation id, native tables, whether legacy nat tables exist); runs in the thread.
 
-            self._nft = NFTSocket()
-        from pyroute2.netlink import NLM_F_REQUEST  # noqa: PLC0415
-        from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFT_MSG_GETTABLE, nft_gen_msg, nft_table_msg  # noqa: PLC0415
-
+        The generation id and the legacy table names are a few microseconds on descriptors kept
+        open; the native tables are listed again only when the generation moved.
+        """
         try:
-            generation = self._nft.request_get(nft_gen_msg(), NFT_MSG_GETGEN, NLM_F_REQUEST)[0].get_attr("NFTA_GEN_ID")
-            tables = []
-            for msg in self._nft.request_get(nft_table_msg(), NFT_MSG_GETTABLE):
-                family = _NFPROTO.get(msg["nfgen_family"], "")
-                name = msg.get_attr("NFTA_TABLE_NAME")
-                if family in ("ip", "ip6", "inet") and not (family in ("ip", "ip6") and name in IPTABLES_TABLES):
-                    tables.append((family, name))
-        except Exception:
-            self._nft.close()
-            self._nft = None
+            if self._nfnl is None:
+                self._nfnl = netlink.open_socket(netlink.NETLINK_NETFILTER)
+            generation = netlink.nft_generation(self._nfnl)
+            if generation != self._tables_generation:
+                self._native_tables = [
+                    (family, name) for family, name in ((_NFPROTO.get(f, ""), n) for f, n in netlink.nft_tables(self._nfnl))
+                    if family in ("ip", "ip6", "inet") and not (family in ("ip", "ip6") and name in IPTABLES_TABLES)
+                ]
+                self._tables_generation = generation
+        except OSError:
+            if self._nfnl is not None:
+                self._nfnl.close()
+                self._nfnl = None
+            self._tables_generation = -1
             raise
         legacy = False
         for name in ("ip_tables_names", "ip6_tables_names"):
             try:
-                legacy = legacy or "nat" in (self.proc_root / "net" / name).read_text().split()
+                fd = self._legacy_files.get(name)
+                if fd is None:
+                    fd = self._legacy_files[name] = os.open(self.proc_root / "net" / name, os.O_RDONLY | os.O_CLOEXEC)
+                legacy = legacy or b"nat" in os.pread(fd, 4096, 0).split()
             except OSError:
                 continue
-        return int(generation), tables, legacy
+        return generation, self._native_tables, legacy
 
     async def _read_rules(self, generation: int, native_tables: list[tuple[str, str]], legacy: bool, now: float, changed: bool = True) -> None:
         started = time.perf_counter()
@@ -435,8 +450,19 @@ class NatMonitor:
     # -- findings ------------------------------------------------------------------------------
 
     def _report(self, now: float) -> None:
+        state = self.state
+        # The containers' findings change only with a new read of the rules, a change of the
+        # containers, or while some are open (they resolve after a quiet while): not every tick.
+        made_of = (state.forwards, state.masquerades)
+        if self._reported is None or self._open or made_of[0] is not self._reported[0] or made_of[1] is not self._reported[1]:
+            self._reported = made_of
+            self._report_containers(now)
+        self._report_host(now)
+
+    def _report_containers(self, now: float) -> None:
         tracker = self.tracker
         state = self.state
+        self._open = set()
         by_container: dict[str, list[Forward]] = {}
         for forward in state.forwards:
             by_container.setdefault(forward.container_id, []).append(forward)
@@ -460,10 +486,15 @@ class NatMonitor:
                 for finding in findings:
                     tracker.found(ns, finding, now, self.interval)
                 tracker.quiet(ns.inode, seen, now, CONTAINER_KINDS)
+                if tracker.has_active(ns.inode, CONTAINER_KINDS):  # looked at every tick until resolved
+                    self._open.add(ns.inode)
         live = {ns.owner.id for ns in self.registry.namespaces().values()}
         for key in [k for k in self._ok_at if k[0] not in live]:
             del self._ok_at[key]
-        totals = state.conntrack
+
+    def _report_host(self, now: float) -> None:
+        tracker = self.tracker
+        totals = self.state.conntrack
         if totals is None:
             return
         before = self._last_stats
@@ -579,11 +610,10 @@ class NatMonitor:
     async def close(self) -> None:
         """Close the sockets in their thread and stop it."""
         def close_all() -> None:
-            if self._nft is not None:
-                try:
-                    self._nft.close()
-                except Exception:  # noqa: BLE001, S110 - closing a broken pyroute2 socket may raise anything
-                    pass
+            if self._nfnl is not None:
+                self._nfnl.close()
+            for fd in self._legacy_files.values():
+                os.close(fd)
             if self._diag is not None:
                 self._diag.close()
             self._conntrack.close()

@@ -154,6 +154,32 @@ def nft_generation(sock: socket.socket) -> int:
     raise NetlinkError(errno.EPROTO, "no nftables generation id in the answer")
 
 
+NFT_MSG_NEWTABLE = 0
+NFT_MSG_GETTABLE = 1
+NFTA_TABLE_NAME = 1
+_GETTABLE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
+
+
+def nft_tables(sock: socket.socket) -> list[tuple[int, str]]:
+    """(nfproto family, name) of every nftables table of the socket's namespace (a dump)."""
+    out = []
+    for mtype, data, off in request(sock, _GETTABLE, _NFGENMSG):
+        if mtype & 0xFF != NFT_MSG_NEWTABLE:
+            continue
+        family = data[off + 16]
+        end = off + _NLMSGHDR.unpack_from(data, off)[0]
+        pos = off + 20
+        while pos + 4 <= end:
+            length, kind = _NLATTR.unpack_from(data, pos)
+            if length < 4:
+                break
+            if kind & 0x3FFF == NFTA_TABLE_NAME:
+                out.append((family, data[pos + 4 : pos + length].split(b"\0", 1)[0].decode("utf-8", "replace")))
+                break
+            pos += (length + 3) & ~3
+    return out
+
+
 def drain(sock: socket.socket) -> bool:
     """Read every queued notification; True if any arrived (or some were lost to an overflow)."""
     seen = False
