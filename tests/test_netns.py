@@ -203,9 +203,15 @@ async def test_vanishing_namespace_yields_skipped_samples_not_exceptions(netns: 
     watcher.samplers = [spec.factory(watcher.handles, pool.context) for spec in pool.specs]
     assert watcher.sample_once() is not None
     # Pull every descriptor out from under the samplers, as a vanished namespace would.
+    for sampler in watcher.samplers:
+        getattr(sampler, "close", lambda: None)()  # (its notifications are no longer watched)
     watcher.handles.close()
-    assert watcher.sample_once() is None
-    assert watcher.sample_once() is None
+    for _ in range(2):
+        sample = watcher.sample_once()
+        # What reads the kernel at every sample fails and is skipped; the firewall sampler, which
+        # reads only when told of a commit, keeps its last answer.
+        assert sample is not None and sample.interfaces is sample.protocols is sample.sockets is None
+        assert sample.failed == ("interfaces", "protocols", "sockets")
     for name in ("interfaces", "protocols", "sockets"):
         assert prom.get_sample_value("nstap_sampler_errors_total", {"sampler": name}) == 2
 
@@ -445,3 +451,46 @@ async def test_a_namespace_is_slowed_on_sustained_cost_and_restored_at_once(netn
             assert len(seen) - n >= 4
         finally:
             await pool.stop()
+
+
+async def test_firewall_sampler_is_told_of_changes_and_asks_nothing_otherwise(netns: NsUnderTest, opener: NamespaceOpener, monkeypatch) -> None:
+    """An unchanged firewall costs no request per sample (the namespace's nftables notifications say
+    when to ask); a commit there, iptables-nft or native nft, is seen at the next sample; legacy
+    tables are noticed within LEGACY_EVERY samples."""
+    from nstap.netns import netlink
+    from nstap.samplers import firewall
+
+    asked = []
+    real = netlink.nft_generation
+    monkeypatch.setattr(firewall.netlink, "nft_generation", lambda sock: asked.append(1) or real(sock))  # counts the requests
+    handles = await opener.open(netns.pid)
+    sampler = firewall.FirewallSampler(handles)
+    try:
+        first = sampler.sample()
+        assert len(asked) == 1 and first.generation >= 1 and not first.legacy
+        for _ in range(25):
+            await asyncio.sleep(0.01)
+            assert sampler.sample() is first
+        assert len(asked) == 1
+        for command in (["nft", "add", "table", "inet", "mine"], ["iptables", "-A", "INPUT", "-p", "tcp", "--dport", "7", "-j", "DROP"]):
+            sh("ip", "netns", "exec", netns.name, *command)
+            await asyncio.sleep(0.05)  # the loop hears of it
+            moved = sampler.sample()
+            assert moved.generation > first.generation, (command, moved, first)
+            first = moved
+        # A commit of 20,000 rules overflows the small notification buffer: still one "changed".
+        rules = "*filter\n" + "".join(f"-A INPUT -s 10.9.{i >> 8 & 255}.{i & 255}/32 -j DROP\n" for i in range(20000)) + "COMMIT\n"
+        subprocess.run(["ip", "netns", "exec", netns.name, "iptables-restore"], input=rules, text=True, check=True, timeout=60)
+        await asyncio.sleep(0.05)
+        big = sampler.sample()
+        assert big.generation > first.generation
+        n = len(asked)
+        await asyncio.sleep(0.05)
+        assert sampler.sample() is big and len(asked) == n  # drained: quiet again
+        # Legacy iptables does not notify: its tables are looked for every LEGACY_EVERY samples.
+        sh("ip", "netns", "exec", netns.name, tool("iptables-legacy"), "-t", "filter", "-A", "INPUT", "-j", "ACCEPT")
+        seen = [sampler.sample().legacy for _ in range(firewall.LEGACY_EVERY)]
+        assert seen[-1] and len(asked) == n
+    finally:
+        sampler.close()
+        handles.close()

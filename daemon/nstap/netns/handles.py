@@ -90,6 +90,7 @@ class NamespaceHandles:
     diag_walk: socket.socket
     local_port_range: tuple[int, int]
     nfnl: socket.socket | None = None  # nfnetlink: the namespace's nftables generation id
+    nft_events: socket.socket | None = None  # nfnetlink subscribed to the namespace's nftables changes
     closed: bool = field(default=False)
 
     def close(self) -> None:
@@ -97,7 +98,7 @@ class NamespaceHandles:
         if self.closed:
             return
         self.closed = True
-        for sock in (self.rtnl, self.rtnl_events, self.diag, self.diag_walk, self.nfnl):
+        for sock in (self.rtnl, self.rtnl_events, self.diag, self.diag_walk, self.nfnl, self.nft_events):
             if sock is not None:
                 sock.close()
         for f in self.proc.values():
@@ -126,6 +127,9 @@ def _open_here(ns_fd: int, inode: int, proc_root: Path) -> NamespaceHandles:
             nfnl = None
         else:
             socks.append(nfnl)
+        nft_events = netlink.open_nft_events() if nfnl is not None else None
+        if nft_events is not None:
+            socks.append(nft_events)
         port_range = _read_port_range(proc_root)
     except BaseException:
         for sock in socks:
@@ -133,7 +137,7 @@ def _open_here(ns_fd: int, inode: int, proc_root: Path) -> NamespaceHandles:
         for f in proc.values():
             os.close(f.fd)
         raise
-    return NamespaceHandles(inode, ns_fd, proc, socks[0], socks[1], socks[2], socks[3], port_range, nfnl)
+    return NamespaceHandles(inode, ns_fd, proc, socks[0], socks[1], socks[2], socks[3], port_range, nfnl, nft_events)
 
 
 def _read_port_range(proc_root: Path) -> tuple[int, int]:

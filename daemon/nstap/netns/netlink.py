@@ -154,6 +154,22 @@ def nft_generation(sock: socket.socket) -> int:
     raise NetlinkError(errno.EPROTO, "no nftables generation id in the answer")
 
 
+NFNLGRP_NFTABLES = 7
+EVENTS_RCVBUF = 4096  # bytes: notifications only say "changed"; an overflow (ENOBUFS) says it as well
+
+
+def open_nft_events() -> socket.socket | None:
+    """A socket told of every nftables commit in the calling thread's namespace (None if the kernel
+    refuses the subscription). Its receive buffer is small on purpose: a container committing a
+    50,000-rule ruleset overflows it at once, which costs nothing and reads as "changed"."""
+    try:
+        sock = open_socket(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))
+    except OSError:
+        return None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENTS_RCVBUF)
+    return sock
+
+
 NFT_MSG_NEWTABLE = 0
 NFT_MSG_GETTABLE = 1
 NFTA_TABLE_NAME = 1
