@@ -37,7 +37,7 @@ runtimes:
 venv: $(VENV)/.installed
 	deploy/link-bcc.sh $(VENV)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py daemon/nstap/netns/_scan.c
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	deploy/pip-install.sh $(VENV) --upgrade pip
 	deploy/pip-install.sh $(VENV) -e '.[test]'

@@ -14,6 +14,7 @@ import socket
 
 from . import netlink
 from .handles import ProcFile
+from .scan import Plan, dev_plan
 
 # rx bytes, packets, errs, drop (cols 0-3); tx bytes, packets, errs, drop (cols 8-11)
 DevCounters = tuple[int, int, int, int, int, int, int, int]
@@ -45,6 +46,8 @@ class LinkTable:
         self._by_name: dict[str, netlink.LinkInfo] = {}
         self.generation = 0  # bumped whenever the metadata changed
         self._fresh = False
+        self._plan: Plan | None = None  # where the counters are in the current shape of /proc/net/dev
+        self._names: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def follow(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -82,6 +85,15 @@ class LinkTable:
         """/proc/net/dev of the namespace, read now (see :func:`parse_net_dev`)."""
         return self._dev.read()
 
-    def counters(self) -> dict[str, DevCounters]:
-        """Counters of every interface, read now."""
-        return parse_net_dev(self._dev.read())
+    def counters(self, raw: bytes | None = None) -> dict[str, DevCounters]:
+        """Counters of every interface in ``raw`` (/proc/net/dev read now if not given), by a scan
+        plan learnt again only when the interfaces changed."""
+        if raw is None:
+            raw = self._dev.read()
+        values = self._plan.scan(raw) if self._plan is not None else None
+        if values is None:
+            self._plan, self._names = dev_plan(raw)
+            values = self._plan.scan(raw)
+            if values is None:
+                raise ValueError("unreadable /proc/net/dev")
+        return {name: values[i : i + 8] for i, name in zip(range(0, len(values), 8), self._names)}  # type: ignore[misc]

@@ -15,7 +15,7 @@ import asyncio
 
 from ..netns import netlink
 from ..netns.handles import NamespaceHandles
-from ..netns.links import DevCounters, LinkTable, parse_net_dev
+from ..netns.links import DevCounters, LinkTable
 from ..samples import InterfaceCounters
 
 OTHER = "other"  # the interface label of the interfaces past max_interfaces, summed
@@ -137,7 +137,7 @@ class InterfaceSampler:
         links = table.links()
         out = []
         named = []
-        for name, c in parse_net_dev(raw).items():
+        for name, c in table.counters(raw).items():
             link = links.get(name)
             if link is not None:  # else it appeared since the last metadata dump; next sample has it
                 named.append((link.ifindex, name, link, c))

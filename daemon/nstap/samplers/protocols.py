@@ -1,16 +1,17 @@
 """Protocol sampler: TCP, UDP and IP counters from the namespace's /proc/net/snmp and /proc/net/netstat.
 
-These files hold pairs of lines, a header ("Tcp: RtoAlgorithm RtoMin ...") and its values. The
-column of each wanted field is looked up once per header layout and reused while the header bytes
-stay the same, so a sample is one ``pread`` and one ``split`` per needed line.
+These files hold pairs of lines, a header ("Tcp: RtoAlgorithm RtoMin ...") and its values. Where
+each wanted field's value is, and which header tokens must stay what they are, is a scan plan
+learnt once per file shape (:mod:`nstap.netns.scan`); a sample is one ``pread`` and one pass over
+the bytes per file, and nothing at all is parsed when neither file changed by a byte.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import itemgetter
 
 from ..netns.handles import NamespaceHandles, ProcFile
+from ..netns.scan import table_plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,61 +58,32 @@ PROTOCOL_COUNTERS: tuple[ProtocolCounter, ...] = (
 )
 
 
-def _single(col: int):
-    """Like itemgetter(col), but returning a 1-tuple as itemgetter does for several columns."""
-    return lambda values: (values[col],)
-
-
 class TableLayout:
-    """Where each wanted field sits in one /proc file of header/value line pairs."""
+    """Where each wanted counter sits in one shape of an snmp/netstat file: a scan plan."""
+
+    __slots__ = ("plan", "keys")
 
     def __init__(self, data: bytes, wanted: tuple[ProtocolCounter, ...]) -> None:
-        lines = data.split(b"\n")
-        self.headers: tuple[tuple[int, bytes], ...] = ()
-        rows: dict[int, list[tuple[int, str]]] = {}
-        headers = []
-        for counter in wanted:
-            prefix = counter.section.encode() + b":"
-            for i in range(0, len(lines) - 1, 2):
-                head = lines[i]
-                if not head.startswith(prefix):
-                    continue
-                names = head.split()
-                try:
-                    col = names.index(counter.field.encode())
-                except ValueError:
-                    break  # this kernel does not have the counter: leave it out
-                rows.setdefault(i + 1, []).append((col, counter.key))
-                headers.append((i, head))
-                break
-        self.headers = tuple(dict.fromkeys(headers))
-        # Per value line: (line index, getter of the wanted columns, their keys).
-        self.rows = tuple(
-            (i, itemgetter(*(col for col, _ in cols)) if len(cols) > 1 else _single(cols[0][0]), tuple(key for _, key in cols))
-            for i, cols in sorted(rows.items())
-        )
-        self.split = max(rows) + 1 if rows else 0  # lines past the last wanted one stay unsplit
+        self.plan, found = table_plan(data, [(c.section, c.field) for c in wanted])
+        self.keys = tuple(wanted[i].key for i in found)  # a counter this kernel lacks is left out
 
-    def matches(self, lines: list[bytes]) -> bool:
-        """True if the header lines are still where and what they were."""
-        n = len(lines)
-        return all(i < n and lines[i] == head for i, head in self.headers)
-
-    def read(self, lines: list[bytes], out: dict[str, int]) -> None:
-        """Add the wanted counters from the file's split lines to ``out``."""
-        for i, getter, keys in self.rows:
-            out.update(zip(keys, map(int, getter(lines[i].split()))))
+    def read(self, data: bytes) -> dict[str, int] | None:
+        """The counters in ``data``; None if the file no longer has this shape."""
+        values = self.plan.scan(data)
+        return None if values is None else dict(zip(self.keys, values))
 
 
 def parse_tables(data: bytes, wanted: tuple[ProtocolCounter, ...], layout: TableLayout | None) -> tuple[dict[str, int], TableLayout]:
     """Parse one snmp/netstat file, reusing ``layout`` while it still fits; returns (values, layout)."""
-    lines = data.split(b"\n", layout.split) if layout is not None else data.split(b"\n")
-    if layout is None or not layout.matches(lines):
-        layout = TableLayout(data, wanted)
-        lines = data.split(b"\n")
-    out: dict[str, int] = {}
-    layout.read(lines, out)
-    return out, layout
+    if layout is not None:
+        values = layout.read(data)
+        if values is not None:
+            return values, layout
+    layout = TableLayout(data, wanted)
+    values = layout.read(data)
+    if values is None:  # a wanted field whose value is not a number
+        raise ValueError("unreadable counters")
+    return values, layout
 
 
 _BY_FILE = {
@@ -130,16 +102,19 @@ class ProtocolSampler:
         ]
         self._layouts: list[TableLayout | None] = [None] * len(self._files)
         self._raw: list[bytes] = [b""] * len(self._files)
+        self._parts: list[dict[str, int]] = [{} for _ in self._files]
         self._last: dict[str, int] = {}
 
     def sample(self) -> dict[str, int]:
-        """Read both files now; the previous dict again when neither changed by a byte."""
+        """Read both files now; the previous dict again when neither changed by a byte (and a
+        file that did not change is not parsed again)."""
         raw = [f.read() for f, _ in self._files]
         if raw == self._raw:
             return self._last
         out: dict[str, int] = {}
         for n, (_f, wanted) in enumerate(self._files):
-            values, self._layouts[n] = parse_tables(raw[n], wanted, self._layouts[n])
-            out.update(values)
+            if raw[n] != self._raw[n]:
+                self._parts[n], self._layouts[n] = parse_tables(raw[n], wanted, self._layouts[n])
+            out.update(self._parts[n])
         self._raw, self._last = raw, out
         return out

@@ -24,10 +24,10 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Mapping
-from operator import itemgetter
 
 from ..netns import netlink
 from ..netns.handles import NamespaceHandles
+from ..netns.scan import pairs_plan
 from ..samples import ListenQueue, SocketSample
 
 TCP_STATES = {
@@ -54,55 +54,41 @@ SYN_SENT = 2
 MAX_LOOKUPS = 8  # more known listeners than this: one dump is cheaper than asking for each
 REDISCOVER_AFTER = 10.0  # seconds: dump listeners at least this often while sockets are unexplained
 
-SOCKSTAT_KEYS = {b"TCP:": "tcp", b"UDP:": "udp", b"RAW:": "raw", b"TCP6:": "tcp6", b"UDP6:": "udp6", b"RAW6:": "raw6"}
 _FAMILIES = ((socket.AF_INET, "tcp"), (socket.AF_INET6, "tcp6"))
 
 
+SOCKSTAT_WANTED = (
+    ("TCP", "inuse", "tcp"), ("TCP", "tw", "time_wait"), ("UDP", "inuse", "udp"), ("RAW", "inuse", "raw"),
+    ("TCP6", "inuse", "tcp6"), ("UDP6", "inuse", "udp6"), ("RAW6", "inuse", "raw6"),
+)
+
+
 class SockstatLayout:
-    """Token positions of the wanted numbers in one sockstat file, reused while the file's shape holds."""
+    """Where the wanted numbers sit in one shape of a sockstat file: a scan plan."""
 
-    __slots__ = ("count", "checks", "slots", "time_wait", "_probe", "_expected")
+    __slots__ = ("plan", "keys")
 
-    def __init__(self, tokens: list[bytes]) -> None:
-        self.count = len(tokens)
-        checks = []
-        slots = []
-        self.time_wait = -1
-        key = None
-        for i, token in enumerate(tokens):
-            if token.endswith(b":"):
-                key = SOCKSTAT_KEYS.get(token)
-                if key is not None:
-                    checks.append((i, token))
-            elif key is not None and i + 1 < len(tokens):
-                if token == b"inuse":
-                    slots.append((i + 1, key))
-                    checks.append((i, token))
-                elif token == b"tw" and key == "tcp":
-                    self.time_wait = i + 1
-                    checks.append((i, token))
-        self.checks = tuple(checks)
-        self.slots = tuple(slots)
-        self._probe = itemgetter(*(i for i, _ in checks)) if len(checks) > 1 else None
-        self._expected = tuple(t for _, t in checks)
-
-    def matches(self, tokens: list[bytes]) -> bool:
-        """True if ``tokens`` has the shape this layout was made from."""
-        if len(tokens) != self.count:
-            return False
-        if self._probe is None:
-            return all(tokens[i] == t for i, t in self.checks)
-        return self._probe(tokens) == self._expected
+    def __init__(self, data: bytes) -> None:
+        self.plan, found = pairs_plan(data, [(section, key) for section, key, _ in SOCKSTAT_WANTED])
+        self.keys = tuple(SOCKSTAT_WANTED[i][2] for i in found)
 
 
 def parse_sockstat(data: bytes, in_use: dict[str, int], layout: SockstatLayout | None = None) -> tuple[int, SockstatLayout]:
     """Add "inuse" per protocol from sockstat/sockstat6 to ``in_use``; return (TCP time-wait or 0, layout)."""
-    tokens = data.split()
-    if layout is None or not layout.matches(tokens):
-        layout = SockstatLayout(tokens)
-    for i, key in layout.slots:
-        in_use[key] = int(tokens[i])
-    return (int(tokens[layout.time_wait]) if layout.time_wait >= 0 else 0), layout
+    values = layout.plan.scan(data) if layout is not None else None
+    if values is None:
+        layout = SockstatLayout(data)
+        values = layout.plan.scan(data)
+        if values is None:
+            raise ValueError("unreadable sockstat")
+    assert layout is not None
+    time_wait = 0
+    for key, value in zip(layout.keys, values):
+        if key == "time_wait":
+            time_wait = value
+        else:
+            in_use[key] = value
+    return time_wait, layout
 
 
 def port_label(port: int, ephemeral: tuple[int, int]) -> str:
