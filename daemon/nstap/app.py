@@ -18,7 +18,6 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -48,6 +47,7 @@ from .samplers import HostLinks, SamplerContext, enabled_samplers
 from .samples import SampleStore
 from .supervisor import TaskSupervisor
 from .watcher import WatcherPool
+from .threads import worker_threads
 
 log = structlog.get_logger("nstap")
 
@@ -119,7 +119,7 @@ class App:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         # asyncio.to_thread work (reading a ring back, summarising a pcap) on two threads at most:
         # with the opener, walk, store and render threads, the daemon's threads are a fixed set.
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="nstap-io"))
+        loop.set_default_executor(worker_threads("nstap-io", IO_THREADS))
         fd_limit = raise_fd_limit()
         if cfg.tcp_child_ehash_entries:
             set_child_ehash(cfg.proc_root, cfg.tcp_child_ehash_entries)

@@ -15,7 +15,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import structlog
@@ -27,6 +26,7 @@ from .samplers import Sampler, SamplerContext, SamplerSpec
 from .samplers.sockets import SocketSampler
 from .samples import NamespaceSample, SampleStore
 from .supervisor import TaskSupervisor
+from .threads import worker_threads
 
 log = structlog.get_logger("nstap.watcher")
 
@@ -395,7 +395,7 @@ class WatcherPool:
         for name in ("attach", "sample", "socket_walk", *(spec.name for spec in specs)):
             instruments.sampler_errors.labels(name)
         self.supervisor = supervisor or TaskSupervisor()
-        self.walk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-walk")
+        self.walk_executor = worker_threads("nstap-walk")
         host = context.host_links
         self.ticker = Ticker(self.interval, host.new_round if host is not None else None, instruments.tick_lag)
         self.watchers: dict[int, WatcherSlot] = {}

@@ -6,7 +6,6 @@ import asyncio
 import gzip
 import json
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -19,6 +18,7 @@ from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
 from ..supervisor import FailureReport, log_failure
 from .auth import bearer_ok
+from ..threads import worker_threads
 
 if TYPE_CHECKING:
     from ..exporter import ContainerCollector, ScrapeState
@@ -130,7 +130,7 @@ class ApiServer:
         self.prometheus = prometheus
         self.collector = collector
         # One thread renders every scrape: the collector's label cache is not shared between two.
-        self._render_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-metrics")
+        self._render_thread = worker_threads("nstap-metrics")
         self.metrics_app = web.Application(middlewares=[error_middleware("metrics", on_error)])
         self.metrics_app.router.add_get("/metrics", self.metrics)
         self.metrics_app.router.add_get("/healthz", self.healthz)

@@ -22,7 +22,6 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import structlog
 
 from .pcap import PcapError, read_file, sha256_file
 from .retention import HeldCapture, plan_evictions
+from ..threads import worker_threads
 
 log = structlog.get_logger("nstap.capture")
 
@@ -212,7 +212,7 @@ class CaptureStore:
         self.dir = data_dir / "captures"
         self.db_path = data_dir / "nstap.db"
         self.retention = retention
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-store")
+        self._executor = worker_threads("nstap-store")
         self._db: sqlite3.Connection | None = None
         self.total_bytes = 0  # bytes of capture files on disk, kept current for the exporter
         self.evicted_listeners: list[Callable[[list[str]], None]] = []  # told (on the loop) which captures went

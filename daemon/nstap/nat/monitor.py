@@ -32,7 +32,6 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from .conntrack import ConntrackReader, ConntrackTotals, ConntrackUnavailable, f
 from .forwards import DEFAULT_NETWORKS, Forward, HostRules, Masquerade, refresh_counters, verify_all, verify_masquerades
 from .nft import IPTABLES_TABLES, NativeRuleset, native_tables, parse_nft_json
 from .rules import Ruleset, counters, parse_save, shape_of
+from ..threads import worker_threads
 
 log = structlog.get_logger("nstap.nat")
 
@@ -157,7 +157,7 @@ class NatMonitor:
         self.reads_total = 0
         self.read_errors_total = 0
         self.proxied = frozenset({"docker"}) if userland_proxy_on(config.userland_proxy) else frozenset()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-nat")
+        self._executor = worker_threads("nstap-nat")
         self._nfnl: socket.socket | None = None  # the host's nfnetlink socket: generation id, tables
         self._tables_generation = -1
         self._native_tables: list[tuple[str, str]] = []

@@ -27,13 +27,13 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..subprocesses import reap
 from . import netlink
 from .handles import _setns
+from ..threads import worker_threads
 
 T = TypeVar("T")
 
@@ -219,7 +219,7 @@ class NamespaceRunner:
     """
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-evidence")
+        self._executor = worker_threads("nstap-evidence")
         self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
     async def run(self, ns_fd: int, fn: Callable[[], T]) -> T:

@@ -13,11 +13,11 @@ import asyncio
 import ctypes
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import netlink
+from ..threads import worker_threads
 
 CLONE_NEWNET = 0x40000000
 PROC_NET_FILES = ("dev", "snmp", "netstat", "sockstat", "sockstat6", "ip_tables_names", "ip6_tables_names")
@@ -159,7 +159,7 @@ class NamespaceOpener:
 
     def __init__(self, proc_root: Path = Path("/proc")) -> None:
         self.proc_root = proc_root
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nstap-netns")
+        self._executor = worker_threads("nstap-netns")
         self._home_fd = os.open(proc_root / "thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.home_inode = os.fstat(self._home_fd).st_ino
 
