@@ -7,11 +7,21 @@ full accept queue are consumed, not freed with TCP_LISTEN_OVERFLOW — measured,
 950 and no such reason; the tcp_listen_overflows detector reads that counter); retransmissions go to a peer (the test itself) whose ACKs the
 container's namespace drops. The degrade path runs the daemon with a ``bcc`` that cannot be
 imported (a package of that name on PYTHONPATH that raises ImportError).
+
+The program is compiled and attached by a short-lived loader child that hands the perf events and
+maps over; the daemon reads them through bpf(2). Tests below check that the daemon never maps bcc
+or LLVM, that the attachment outlives the (reaped) child, that forget() empties both maps of a
+namespace, and that a loader that fails, crashes, hangs or is cancelled leaves no process or
+descriptor behind.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +33,10 @@ import pytest
 
 from conftest import ROOT, Containers, Daemon, free_port, sh, wait_until
 from nstap.detect.kernel_drops import KernelDropDetector, check_reasons
+from nstap.ebpf import maps
 from nstap.ebpf.btf import Btf
+from nstap.ebpf.collector import DROP_KEY, EbpfUnavailable
+from nstap.ebpf.service import EbpfService
 from nstap.samples import NamespaceSample
 
 pytestmark = pytest.mark.docker
@@ -207,3 +220,290 @@ def test_doctor(tmp_path: Path) -> None:
     doc = json.loads(hidden.stdout)
     missing = [c for c in doc["checks"] if c["status"] == "MISSING"]
     assert [c["check"] for c in missing] == ["tcpdump"] and "apt-get install tcpdump" in missing[0]["fix"]
+
+
+# -- the loader child and the maps, in this process ------------------------------------------------
+
+BCC_LIBS = ("libbcc", "LLVM", "clang")
+
+
+def fds_now() -> dict[int, str]:
+    """This process's descriptors and what they point at."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor
+            pass
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a process that is neither gone nor a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def exists(pid: int) -> bool:
+    """Whether ``pid`` still has an entry (a zombie not reaped has one)."""
+    return Path(f"/proc/{pid}").exists()
+
+
+def netns_of(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def map_netns(bpf_map: maps.BpfMap) -> set[int]:
+    """The namespaces the map has entries of, read from the kernel now (both keys start with it)."""
+    return {DROP_KEY.unpack_from(key)[0] for key in bpf_map.keys()}
+
+
+class MapCreateAttr(ctypes.Structure):
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
+
+
+@pytest.mark.parametrize("map_type", [1, 9], ids=["hash", "lru_hash"])
+def test_bpf_map_reads_batched_or_key_by_key_and_deletes(map_type: int, monkeypatch) -> None:
+    assert maps.syscall_number("x86_64") == 321 and maps.syscall_number("aarch64") == 280
+    fd = maps.bpf(maps.BPF_MAP_CREATE, MapCreateAttr(map_type, 8, 16, 2048))
+    bpf_map = maps.BpfMap.from_fd(fd, "test")
+    try:
+        assert (bpf_map.key_size, bpf_map.value_size, bpf_map.max_entries) == (8, 16, 2048)
+        want = {DROP_KEY.pack(1000 + i % 7, i): (i * 3).to_bytes(8, "little") + bytes(8) for i in range(1000)}
+        for key, value in want.items():
+            bpf_map.update(key, value)
+        calls: list[int] = []
+        real = maps.bpf
+        monkeypatch.setattr(maps, "bpf", lambda cmd, attr: (calls.append(cmd), real(cmd, attr))[1])
+        assert dict(bpf_map.items()) == want
+        assert bpf_map.batch and set(calls) == {maps.BPF_MAP_LOOKUP_BATCH} and len(calls) <= 1000 // maps.BATCH + 2, calls
+        # A kernel without batch lookups (EINVAL): key by key, the same answer, and batch is not asked again.
+        calls.clear()
+
+        def no_batch(cmd: int, attr: ctypes.Structure) -> int:
+            calls.append(cmd)
+            if cmd == maps.BPF_MAP_LOOKUP_BATCH:
+                raise OSError(22, "Invalid argument")
+            return real(cmd, attr)
+
+        monkeypatch.setattr(maps, "bpf", no_batch)
+        assert dict(bpf_map.items()) == want and not bpf_map.batch
+        assert dict(bpf_map.items()) == want and calls.count(maps.BPF_MAP_LOOKUP_BATCH) == 1
+        monkeypatch.setattr(maps, "bpf", real)
+        bpf_map.batch = True
+        gone = [key for key in want if DROP_KEY.unpack(key)[0] == 1003]
+        assert all(bpf_map.delete(key) for key in gone) and not bpf_map.delete(gone[0])
+        assert dict(bpf_map.items()) == {k: v for k, v in want.items() if k not in gone}
+        assert bpf_map.lookup(gone[0]) is None and bpf_map.lookup(DROP_KEY.pack(1000, 0)) == want[DROP_KEY.pack(1000, 0)]
+    finally:
+        bpf_map.close()
+    assert fd not in fds_now()
+
+
+NO_BCC_SCRIPT = r"""
+import asyncio, json, os, sys
+from nstap.ebpf.service import EbpfService
+service = EbpfService("on")
+asyncio.run(service.load())
+service.new_round()
+maps = open("/proc/self/maps").read()
+print(json.dumps({
+    "up": service.up, "counts": len(service.counts),
+    "bcc": sorted(m for m in sys.modules if m.split(".")[0] == "bcc"),
+    "libs": sorted({line.split()[-1] for line in maps.splitlines() if any(x in line for x in %r)}),
+}))
+service.close()
+""" % (BCC_LIBS,)
+
+
+def test_in_process_service_loads_without_importing_bcc() -> None:
+    proc = subprocess.run([sys.executable, "-c", NO_BCC_SCRIPT], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["up"] == 1 and got["bcc"] == [] and got["libs"] == [], got
+
+
+def test_daemon_holds_the_program_but_not_bcc(nstap, containers: Containers, docker_image: str) -> None:
+    d: Daemon = nstap({"ebpf": "on"})
+    loaded = wait_until(lambda: d.events("ebpf_loaded"), 20, message="eBPF program loaded")[0]
+    loader = loaded["loader_pid"]
+    assert loader != d.pid and not exists(loader), "the loader child was not reaped"
+    assert loaded["loader_peak_rss_mib"] > 50  # the child did the compiling ...
+    mapped = {line.split()[-1] for line in Path(f"/proc/{d.pid}/maps").read_text().splitlines() if any(x in line for x in BCC_LIBS)}
+    assert not mapped, mapped  # ... and none of it is in the daemon
+    assert not [p for p in d.children() if "nstap.ebpf.loader" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    links = [os.readlink(f"/proc/{d.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{d.pid}/fd") if os.path.exists(f"/proc/{d.pid}/fd/{fd}")]
+    assert links.count("anon_inode:[perf_event]") == 2 and links.count("anon_inode:bpf-map") == 2, links
+    assert "anon_inode:bpf-prog" not in links  # the perf events hold the programs
+    # It counts (the attachment outlived the child): drops of a container, read through bpf(2).
+    cid = containers.docker(docker_image, *HTTPD, name="nobcc")
+    ip = containers.inspect("docker", cid)["NetworkSettings"]["IPAddress"]
+    d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12]), 10)
+    for _ in range(10):
+        with socket.socket() as s:
+            s.settimeout(2)
+            try:
+                s.connect((ip, 81))
+            except OSError:
+                pass
+    d.wait_metric(lambda m: drops_of(m, cid).get("NO_SOCKET", 0) >= 10, 5, "NO_SOCKET counted")
+    assert d.stop() == 0
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and f"--parent\0{d.pid}\0".encode() in _cmdline(p)]
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes() + b"\0"
+    except OSError:
+        return b""
+
+
+def test_daemon_stopped_while_the_loader_compiles_leaves_no_loader(nstap) -> None:
+    d: Daemon = nstap({"ebpf": "auto"})
+    loader = wait_until(lambda: [p for p in d.children() if b"nstap.ebpf.loader" in _cmdline(str(p))], 10, 0.02, "loader child started")[0]
+    os.kill(loader, signal.SIGSTOP)  # stuck: the daemon stops while it still waits for the loader
+    # (The loader also dies with its parent, PR_SET_PDEATHSIG: that the daemon itself kills and
+    # reaps a cancelled loader is checked in-process, in the test below.)
+    try:
+        assert d.stop() == 0
+        assert not alive(loader), "the loader outlived the daemon"
+        assert not d.events("ebpf_loaded")
+    finally:
+        if alive(loader):
+            os.kill(loader, signal.SIGKILL)
+
+
+async def test_drops_counted_after_the_loader_left(containers: Containers, docker_image: str) -> None:
+    before = fds_now()
+    service = EbpfService("on")
+    await service.load()
+    try:
+        collector = service.collector
+        assert collector is not None and service.up == 1 and collector.reasons
+        assert not exists(collector.loader_pid), "the loader child is not reaped"
+        victim = containers.docker(docker_image, *HTTPD, name="afterloader")
+        bystander = containers.docker(docker_image, *HTTPD, name="afterloaderby")
+        ip = containers.inspect("docker", victim)["NetworkSettings"]["IPAddress"]
+        for _ in range(20):
+            with socket.socket() as s:
+                s.settimeout(2)
+                try:
+                    s.connect((ip, 81))
+                except OSError:
+                    pass
+        service.new_round()
+        assert service.counts.get(netns_of(containers.pid("docker", victim)), {}).get("NO_SOCKET", 0) >= 20, service.counts
+        assert "NO_SOCKET" not in service.counts.get(netns_of(containers.pid("docker", bystander)), {})
+        assert collector.drops is not None and collector.drops.batch  # read with BPF_MAP_LOOKUP_BATCH
+    finally:
+        service.close()
+    assert fds_now() == before  # close() closed the perf events and maps, nothing else was left
+
+
+async def test_forget_empties_both_maps_of_a_namespace(containers: Containers, docker_image: str) -> None:
+    service = EbpfService("on")
+    await service.load()
+    server = socket.socket()
+    accepted: list[socket.socket] = []
+    try:
+        collector = service.collector
+        assert collector is not None and collector.drops is not None and collector.retrans is not None
+        collector.read_flows()  # the minute's base: retransmits are counted from here
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((gateway(), 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True).start()
+        # The victim retransmits to the test (its namespace drops the ACKs: drops and flows there).
+        victim = containers.docker(docker_image, "sh", "-c", f"nc {gateway()} {port} < /dev/zero", name="forget")
+        bystander = containers.docker(docker_image, *HTTPD, name="forgetby")
+        wait_until(lambda: accepted, 10, message="connection from the container")
+        ns, other = netns_of(containers.pid("docker", victim)), netns_of(containers.pid("docker", bystander))
+        sh("nsenter", "-t", str(containers.pid("docker", victim)), "-n", "iptables", "-A", "INPUT", "-p", "tcp", "--sport", str(port), "-j", "DROP")
+        by_ip = containers.inspect("docker", bystander)["NetworkSettings"]["IPAddress"]
+        for _ in range(5):
+            with socket.socket() as s:
+                s.settimeout(2)
+                try:
+                    s.connect((by_ip, 81))
+                except OSError:
+                    pass
+        accepted[0].setblocking(False)
+
+        def both_maps() -> bool:
+            try:
+                while accepted[0].recv(65536):
+                    pass
+            except BlockingIOError:
+                pass
+            return ns in map_netns(collector.drops) and ns in map_netns(collector.retrans)
+
+        wait_until(both_maps, 30, 0.5, "drops and retransmits of the victim's namespace in the maps")
+        service.new_round()
+        collector.read_flows()
+        assert service.counts.get(ns) and service.retransmits({ns}) and service.counts.get(other)
+        # The namespace goes (nothing can add entries of it any more), then is forgotten.
+        containers.remove("docker", victim)
+        time.sleep(1)
+        gone = service.forget({ns})
+        assert ns not in map_netns(collector.drops) and ns not in map_netns(collector.retrans)
+        assert gone >= 2 and ns not in service.counts and not service.retransmits({ns})
+        assert other in map_netns(collector.drops) and service.counts.get(other)  # only that namespace
+        service.new_round()
+        assert ns not in service.counts
+    finally:
+        server.close()
+        for s in accepted:
+            s.close()
+        service.close()
+
+
+async def test_loader_that_fails_crashes_or_hangs_is_unavailable_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    before = fds_now()
+    # A prerequisite missing in the child: its own message, the same as when it was in-process.
+    fake = tmp_path / "nobcc" / "bcc"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("bcc hidden by the test")\n')
+    with monkeypatch.context() as env:
+        env.setenv("PYTHONPATH", str(fake.parent))
+        service = EbpfService("on")
+        with pytest.raises(EbpfUnavailable, match=r"^bcc is not importable \(bcc hidden by the test\): apt-get install python3-bpfcc"):
+            await service.load()
+        auto = EbpfService("auto")
+        await auto.load()
+        assert auto.up == 0 and auto.error.startswith("bcc is not importable") and auto.collector is None
+
+    # A child that crashes: its exit code and output.
+    crash = EbpfService("on", loader=[sys.executable, "-c", "import sys; print('half way through'); sys.exit(7)"])
+    with pytest.raises(EbpfUnavailable, match="exited with code 7 without a report; its output: half way through"):
+        await crash.load()
+
+    # A child that hangs (with a grandchild): killed with its process group after the timeout, reaped.
+    pids = tmp_path / "pids"
+    hang = ["sh", "-c", 'sleep 600 & echo $$ $! > "$0"; echo "stuck compiling" >&2; wait', str(pids)]
+    started = time.monotonic()
+    with pytest.raises(EbpfUnavailable, match=r"did not finish in 1\.5 s and was killed; its output: stuck compiling"):
+        await EbpfService("on", loader=hang, load_timeout=1.5).load()
+    assert time.monotonic() - started < 10
+    child, grandchild = map(int, pids.read_text().split())
+    assert not exists(child), "the hung loader is not reaped"
+    wait_until(lambda: not alive(grandchild), 5, message="the hung loader's own child killed")
+
+    # Cancelled (the daemon stopping) while the child runs: killed and reaped too.
+    pids.unlink()
+    task = asyncio.ensure_future(EbpfService("on", loader=hang).load())
+    for _ in range(100):
+        if pids.exists() and pids.read_text().strip():
+            break
+        await asyncio.sleep(0.05)
+    child, grandchild = map(int, pids.read_text().split())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not exists(child)
+    wait_until(lambda: not alive(grandchild), 5, message="the cancelled loader's own child killed")
+    assert fds_now() == before

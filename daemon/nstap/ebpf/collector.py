@@ -10,24 +10,33 @@ Two tracepoints, aggregated **in the kernel** (no per-packet event reaches user 
 * ``tcp:tcp_retransmit_skb`` counts retransmissions in an LRU map keyed by (namespace, local
   port, remote address, remote port): the top flows of the last minute answer "to whom?".
 
-The daemon reads the drop map once per sampling round (one batched lookup for every namespace)
-and the flow map every ``FLOW_EVERY`` seconds. Everything that can be missing (bcc, the headers
-it compiles against, BTF, the tracepoints, reasons on kernels before 5.17, privileges) raises
-:class:`EbpfUnavailable` with what is missing and the fix.
+The program is compiled and attached in a short-lived child (:mod:`nstap.ebpf.loader`), which
+hands the perf events and maps over: the daemon never imports bcc or LLVM. It reads the drop map
+once per sampling round (one batched lookup for every namespace) and the flow map every
+``FLOW_EVERY`` seconds, through bpf(2) (:mod:`nstap.ebpf.maps`). Everything that can be missing
+(bcc, the headers it compiles against, BTF, the tracepoints, reasons on kernels before 5.17,
+privileges) raises :class:`EbpfUnavailable` with what is missing and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
+import struct
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import btf as btf_mod
+from .maps import BpfMap
+
+if TYPE_CHECKING:
+    from .loader import Handover
 
 TRACING = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 MAX_DROP_KEYS = 16384  # (namespace, reason) pairs
@@ -35,6 +44,13 @@ MAX_FLOWS = 4096  # retransmitting flows kept (least recently used go first)
 FLOW_EVERY = 10.0  # seconds between reads of the flow map
 FLOW_WINDOW = 60.0  # "the last minute"
 TOP_FLOWS = 20
+TRACEPOINTS = (("skb:kfree_skb", "on_drop"), ("tcp:tcp_retransmit_skb", "on_retransmit"))  # (tracepoint, function)
+# The maps' keys and values as the program lays them out (native byte order, no padding).
+DROP_KEY = struct.Struct("=II")  # netns, reason
+DROP_COUNT = struct.Struct("=Q")
+FLOW_KEY = struct.Struct("=IHHHH16s")  # netns, sport, dport, family, pad, daddr
+FLOW_VALUE = struct.Struct("=QQ")  # count, last_ns
+MAPS = {"drops": (DROP_KEY.size, DROP_COUNT.size), "retrans": (FLOW_KEY.size, FLOW_VALUE.size)}
 
 _SYMBOL = re.compile(r"\{\s*(\d+),\s*\"(\w+)\"\s*\}")
 _FIELD = re.compile(r"field:([^;]+);\s*offset:(\d+);\s*size:(\d+);")
@@ -228,6 +244,16 @@ def need_offsets() -> btf_mod.Offsets:
         raise EbpfUnavailable(f"kernel BTF: {exc}") from None
 
 
+def program_text(tracing: Path, off: btf_mod.Offsets) -> str:
+    """The program's C source, with the offsets of this kernel defined in front."""
+    defines = {
+        "MAX_DROP_KEYS": MAX_DROP_KEYS, "MAX_FLOWS": MAX_FLOWS, "SKB_DEV": off.skb_dev, "SKB_SK": off.skb_sk,
+        "DEV_NET": off.dev_net, "SK_NET": off.sk_net, "NET_INUM": off.net_inum,
+    }
+    defines.update(field_offsets(tracing))
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + PROGRAM
+
+
 def check_prerequisites() -> tuple[Any, Path, btf_mod.Offsets]:
     """(the bcc module, tracefs, offsets), or EbpfUnavailable naming the first thing missing."""
     need_root()
@@ -239,66 +265,83 @@ def check_prerequisites() -> tuple[Any, Path, btf_mod.Offsets]:
 
 
 class DropCollector:
-    """The loaded program and what was last read from its maps."""
+    """The attached program, held by descriptors the loader child handed over, and what was last
+    read from its maps."""
 
     def __init__(self) -> None:
-        self.bpf: Any = None
         self.reasons: dict[int, str] = {}
         self.compile_seconds = 0.0
+        self.loader_pid = 0
+        self.loader_peak_rss_kib = 0
         self.counts: dict[int, dict[str, int]] = {}  # netns inode -> reason name -> drops so far
         self.read_at = 0.0
         self.read_errors = 0
+        self.drops: BpfMap | None = None
+        self.retrans: BpfMap | None = None
+        self._perf_fds: list[int] = []  # the attachments: closing the last descriptor detaches
         self._flow_history: deque[tuple[float, dict[tuple, int]]] = deque()
         self._flows_at = 0.0
         self._flows: dict[tuple, tuple[int, float]] = {}
         self._boot_offset = 0.0
 
-    def load(self) -> None:
-        """Check, compile and attach (seconds: call it from a thread)."""
-        bcc, tracing, off = check_prerequisites()
-        self.reasons = reason_names(tracing)
-        defines = {
-            "MAX_DROP_KEYS": MAX_DROP_KEYS, "MAX_FLOWS": MAX_FLOWS, "SKB_DEV": off.skb_dev, "SKB_SK": off.skb_sk,
-            "DEV_NET": off.dev_net, "SK_NET": off.sk_net, "NET_INUM": off.net_inum,
-        }
-        defines.update(field_offsets(tracing))
-        text = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + PROGRAM
-        started = time.monotonic()
+    def take(self, handover: Handover) -> None:
+        """Own what the loader handed over (every descriptor: on failure they are closed):
+        EbpfUnavailable if it is not the program's."""
+        report, fds = handover.report, dict(handover.fds)
         try:
-            self.bpf = bcc.BPF(text=text)
-            self.bpf.attach_tracepoint(tp="skb:kfree_skb", fn_name="on_drop")
-            self.bpf.attach_tracepoint(tp="tcp:tcp_retransmit_skb", fn_name="on_retransmit")
-        except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception on a failed compile or load
-            raise EbpfUnavailable(f"the eBPF program did not compile or load: {exc}") from None
-        self.compile_seconds = time.monotonic() - started
+            perf_fds = [fds.pop(f"perf:{tracepoint}") for tracepoint, _ in TRACEPOINTS]
+            drops = BpfMap.from_fd(fds.pop("map:drops"), "drops")
+            retrans = BpfMap.from_fd(fds.pop("map:retrans"), "retrans")
+            for bpf_map in (drops, retrans):
+                if (bpf_map.key_size, bpf_map.value_size) != MAPS[bpf_map.name]:
+                    raise EbpfUnavailable(f"the loader's {bpf_map.name} map has {bpf_map.key_size}-byte keys and "
+                                          f"{bpf_map.value_size}-byte values, not {MAPS[bpf_map.name]}")
+            reasons = {int(number): str(name) for number, name in report["reasons"].items()}
+        except (KeyError, ValueError, AttributeError, OSError) as exc:
+            handover.close()
+            raise EbpfUnavailable(f"the eBPF loader handed over something else than expected: {type(exc).__name__}: {exc}") from None
+        except EbpfUnavailable:
+            handover.close()
+            raise
+        handover.fds = fds  # what is left was not asked for
+        handover.close()
+        self._perf_fds, self.drops, self.retrans, self.reasons = perf_fds, drops, retrans, reasons
+        self.compile_seconds = float(report.get("compile_seconds", 0.0))
+        self.loader_pid = handover.pid
+        self.loader_peak_rss_kib = int(report.get("peak_rss_kib", 0))
         # bpf_ktime_get_ns is CLOCK_MONOTONIC: wall = monotonic + this
         self._boot_offset = time.time() - time.monotonic()
 
+    def _maps(self) -> tuple[BpfMap, BpfMap]:
+        if self.drops is None or self.retrans is None:
+            raise RuntimeError("the eBPF collector is not loaded")
+        return self.drops, self.retrans
+
     def read(self) -> dict[int, dict[str, int]]:
         """One batched read of the drop map: drops so far by namespace and reason name."""
+        drops, _ = self._maps()
         out: dict[int, dict[str, int]] = {}
-        table = self.bpf["drops"]
-        try:
-            items = list(table.items_lookup_batch())
-        except Exception:  # noqa: BLE001 - kernels without BPF_MAP_LOOKUP_BATCH: one lookup per key
-            items = list(table.items())
         names = self.reasons
-        for key, value in items:
-            name = names.get(key.reason, str(key.reason))
-            out.setdefault(key.netns, {})[name] = int(getattr(value, "value", value))
+        for key, value in drops.items():
+            netns, reason = DROP_KEY.unpack(key)
+            out.setdefault(netns, {})[names.get(reason, str(reason))] = DROP_COUNT.unpack(value)[0]
         self.counts = out
         self.read_at = time.time()
         return out
 
     def read_flows(self, now: float | None = None) -> None:
         """Read the flow map (every FLOW_EVERY seconds) and keep a minute of history."""
+        _, retrans = self._maps()
         now = time.time() if now is None else now
         flows: dict[tuple, tuple[int, float]] = {}
-        for key, value in self.bpf["retrans"].items():
-            family = socket.AF_INET if key.family == socket.AF_INET else socket.AF_INET6
-            raw = bytes(key.daddr)[: 4 if family == socket.AF_INET else 16]
-            remote = socket.inet_ntop(family, raw)
-            flows[(key.netns, key.sport, remote, key.dport)] = (int(value.count), value.last_ns / 1e9 + self._boot_offset)
+        for key, value in retrans.items():
+            netns, sport, dport, family, _pad, daddr = FLOW_KEY.unpack(key)
+            count, last_ns = FLOW_VALUE.unpack(value)
+            if family == socket.AF_INET:
+                remote = socket.inet_ntop(socket.AF_INET, daddr[:4])
+            else:
+                remote = socket.inet_ntop(socket.AF_INET6, daddr)
+            flows[(netns, sport, remote, dport)] = (count, last_ns / 1e9 + self._boot_offset)
         self._flows = flows
         self._flows_at = now
         self._flow_history.append((now, {k: v[0] for k, v in flows.items()}))
@@ -327,13 +370,29 @@ class DropCollector:
         out.sort(key=lambda f: (-f.retransmits, -f.last_seen))
         return out[:limit]
 
+    def forget(self, netns: Collection[int]) -> int:
+        """Delete every entry of namespaces ``netns`` from both maps (and from what was read):
+        for namespaces no longer watched. Returns how many entries went."""
+        netns = set(netns)
+        gone = 0
+        for bpf_map in self._maps():
+            for key in bpf_map.keys():
+                if DROP_KEY.unpack_from(key)[0] in netns and bpf_map.delete(key):  # both keys start with the netns
+                    gone += 1
+        self.counts = {inode: reasons for inode, reasons in self.counts.items() if inode not in netns}
+        self._flows = {key: value for key, value in self._flows.items() if key[0] not in netns}
+        for i, (at, counts) in enumerate(self._flow_history):
+            self._flow_history[i] = (at, {key: value for key, value in counts.items() if key[0] not in netns})
+        return gone
+
     def close(self) -> None:
-        """Detach and free the program."""
-        if self.bpf is not None:
-            try:
-                self.bpf.cleanup()
-            except Exception:  # noqa: BLE001, S110 - bcc's cleanup may fail on a half-loaded program
-                pass
-            self.bpf = None
-
-
+        """Detach (close the perf events) and let the maps go."""
+        for fd in self._perf_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._perf_fds = []
+        for bpf_map in (self.drops, self.retrans):
+            if bpf_map is not None:
+                with contextlib.suppress(OSError):
+                    bpf_map.close()
+        self.drops = self.retrans = None

@@ -1,0 +1,236 @@
+"""Compile, load and attach the eBPF program in a short-lived child, and hand the result to the daemon.
+
+Importing bcc and running LLVM costs about 200 MiB of memory that a process never gives back, and
+compiling holds the GIL for a second. So the daemon starts ``python -m nstap.ebpf.loader`` with one
+end of a unix socket pair. The child checks the prerequisites, compiles, attaches both tracepoints
+and sends one message back: a JSON report (reason names by number, compile seconds, the names of
+the descriptors) with the descriptors themselves (``SCM_RIGHTS``): the two tracepoints' perf
+events (a program stays attached as long as a descriptor of its perf event is open) and the two
+maps. It then leaves with ``os._exit``: bcc's exit handler would issue ``PERF_EVENT_IOC_DISABLE``
+on the perf events, which are the daemon's now too (on this 6.18 kernel a tracepoint's BPF
+program runs on regardless, measured, but the event is not the child's to touch any more).
+
+A missing prerequisite is reported as ``{"ok": false, "error": ...}`` (exit code 3) and raised in
+the daemon as the same :class:`EbpfUnavailable`; a child that crashes, or runs past the timeout
+(killed with its process group), is an :class:`EbpfUnavailable` with the tail of its output.
+The daemon never imports bcc: it reads the maps with :mod:`nstap.ebpf.maps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+from ..subprocesses import reap
+from .collector import TRACEPOINTS, EbpfUnavailable, check_prerequisites, program_text, reason_names
+
+LOADER = (sys.executable, "-m", "nstap.ebpf.loader")
+LOAD_TIMEOUT = 60.0  # seconds: compiling takes one to three
+REPORT_BYTES = 1 << 18  # the report is a few KiB (the reason names)
+MAX_FDS = 16
+OUTPUT_TAIL = 2000  # characters of the child's output kept for the error message
+EXIT_UNAVAILABLE = 3
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class Handover:
+    """What the loader child handed over: descriptors by name (the caller owns them), its report."""
+
+    fds: dict[str, int]
+    report: dict[str, Any]
+    pid: int
+
+    def close(self) -> None:
+        """Close every descriptor not taken."""
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = {}
+
+
+# -- the daemon's side ---------------------------------------------------------------------------
+
+
+async def load_in_child(command: Sequence[str] = LOADER, timeout: float = LOAD_TIMEOUT) -> Handover:
+    """Run the loader child and take what it sends; EbpfUnavailable with its reason or output if it
+    fails, crashes or hangs (then it is killed with its process group). The child is reaped
+    before this returns or raises, cancelled or not."""
+    # Its output goes to an unlinked file, not a pipe: nothing to read while it runs, no transport
+    # left open if the wait is cancelled, and a grandchild holding it open delays nothing.
+    try:
+        output = tempfile.TemporaryFile()
+    except OSError as exc:
+        raise EbpfUnavailable(f"cannot start the eBPF loader: no temporary file for its output ({exc.strerror or exc})") from None
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError as exc:
+        output.close()
+        raise EbpfUnavailable(f"cannot start the eBPF loader: socketpair: {exc.strerror or exc}") from None
+    try:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command, "--socket-fd", str(theirs.fileno()), "--parent", str(os.getpid()),
+                stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT,
+                pass_fds=(theirs.fileno(),), start_new_session=True,
+            )
+        except OSError as exc:
+            raise EbpfUnavailable(f"cannot start the eBPF loader {' '.join(command)}: {exc.strerror or exc}") from None
+        finally:
+            theirs.close()
+        hung = False
+        try:
+            async with asyncio.timeout(timeout):
+                await proc.wait()
+        except TimeoutError:
+            hung = True
+        finally:  # also when cancelled (the daemon stopping): no loader outlives the call
+            if proc.returncode is None:
+                # Hung: it holds nothing that needs a clean exit, and a bpftool it started must go
+                # too: its whole process group, at once.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            await reap(proc)
+        tail = _tail(output)
+        if hung:
+            raise EbpfUnavailable(f"the eBPF loader did not finish in {timeout:g} s and was killed; its output: {tail}")
+        return _receive(ours, proc.pid, proc.returncode, tail)
+    finally:
+        output.close()
+        ours.close()  # descriptors still queued in it (a report not taken) are closed with it
+
+
+def _tail(output: IO[bytes]) -> str:
+    """The end of the child's output, on one line."""
+    output.seek(0, os.SEEK_END)
+    output.seek(max(0, output.tell() - OUTPUT_TAIL * 4))
+    text = output.read().decode(errors="replace")
+    text = " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    return ("..." + text[-OUTPUT_TAIL:] if len(text) > OUTPUT_TAIL else text) or "(no output)"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def _receive(sock: socket.socket, pid: int, code: int, tail: str) -> Handover:
+    """The child's report and descriptors, queued in ``sock`` (the child has exited)."""
+    sock.setblocking(False)
+    try:
+        data, fds, flags, _ = socket.recv_fds(sock, REPORT_BYTES, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+    except (BlockingIOError, ConnectionError):
+        data, fds, flags = b"", [], 0
+    try:
+        try:
+            report = json.loads(data) if data else None
+        except ValueError:
+            report = None
+        if not isinstance(report, dict):
+            how = f"was killed by signal {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+            raise EbpfUnavailable(f"the eBPF loader {how} without a report; its output: {tail}")
+        if not report.get("ok"):
+            raise EbpfUnavailable(str(report.get("error") or f"the eBPF loader failed (exit code {code}): {tail}"))
+        names = report.get("fds") or []
+        if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(set(names)) != len(fds) or len(names) != len(fds) or code != 0:
+            raise EbpfUnavailable(f"the eBPF loader's report is incomplete ({len(fds)} descriptors for {names}, exit code {code}): {tail}")
+        handover = Handover(dict(zip(names, fds)), report, pid)
+        fds = []
+        return handover
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# -- the child's side ----------------------------------------------------------------------------
+
+
+def attach() -> tuple[Any, dict[str, Any]]:
+    """Check, compile and attach: (the bcc.BPF object, the report); EbpfUnavailable if anything
+    needed is missing."""
+    bcc, tracing, offsets = check_prerequisites()
+    reasons = reason_names(tracing)
+    text = program_text(tracing, offsets)
+    started = time.monotonic()
+    try:
+        program = bcc.BPF(text=text)
+        for tracepoint, function in TRACEPOINTS:
+            program.attach_tracepoint(tp=tracepoint, fn_name=function)
+    except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception on a failed compile or load
+        raise EbpfUnavailable(f"the eBPF program did not compile or load: {exc}") from None
+    report = {
+        "ok": True,
+        "reasons": {str(number): name for number, name in reasons.items()},
+        "compile_seconds": time.monotonic() - started,
+        "bcc_version": getattr(bcc, "__version__", ""),
+    }
+    return program, report
+
+
+def handed_fds(program: Any) -> dict[str, int]:
+    """The descriptors the daemon needs, by name: the perf events and the maps."""
+    fds = {f"perf:{tracepoint}": program.tracepoint_fds[tracepoint.encode()] for tracepoint, _ in TRACEPOINTS}
+    fds.update({f"map:{name}": program[name].get_fd() for name in ("drops", "retrans")})
+    return fds
+
+
+def _peak_rss_kib() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The child: attach, send the report and descriptors, leave without bcc's clean-up."""
+    parser = argparse.ArgumentParser(prog="nstap.ebpf.loader")
+    parser.add_argument("--socket-fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args(argv)
+    # A daemon killed meanwhile takes the loader with it.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != args.parent:
+        os._exit(1)
+    sock = socket.socket(fileno=args.socket_fd)
+    try:
+        try:
+            program, report = attach()
+        except EbpfUnavailable as exc:
+            sock.send(json.dumps({"ok": False, "error": str(exc)}).encode())
+            code = EXIT_UNAVAILABLE
+        else:
+            fds = handed_fds(program)
+            report.update(fds=list(fds), peak_rss_kib=_peak_rss_kib())
+            socket.send_fds(sock, [json.dumps(report).encode()], list(fds.values()))
+            code = 0
+    except BaseException:  # noqa: BLE001 - anything else: say what on the output the daemon keeps
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: bcc's atexit clean-up would disable the perf events the daemon now shares. The
+    # kernel closes this process's descriptors; the daemon's keep the program attached.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""BPF maps read through the bpf(2) system call: no bcc, no libbpf, no LLVM in the daemon.
+
+The loader child (:mod:`nstap.ebpf.loader`) creates the maps and hands their descriptors over; a
+:class:`BpfMap` reads a whole map with ``BPF_MAP_LOOKUP_BATCH`` (a few system calls for thousands
+of entries) or, on kernels without it (before 5.6), key by key with ``BPF_MAP_GET_NEXT_KEY`` and
+``BPF_MAP_LOOKUP_ELEM``, and deletes entries with ``BPF_MAP_DELETE_ELEM``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+from dataclasses import dataclass
+
+# bpf(2) has no libc wrapper: the syscall number, by architecture.
+SYSCALL_BPF = {
+    "x86_64": 321, "amd64": 321,
+    "aarch64": 280, "arm64": 280, "riscv64": 280, "loongarch64": 280,
+    "ppc64le": 361, "ppc64": 361, "s390x": 351, "i686": 357, "i386": 357, "armv7l": 386,
+}
+
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
+
+ENOTSUPP = 524  # the kernel's internal "not supported", which bpf(2) lets through
+NO_BATCH = {errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP}
+BATCH = 256  # entries per BPF_MAP_LOOKUP_BATCH call (grown if a hash bucket holds more)
+
+_u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
+
+
+class ElemAttr(ctypes.Structure):
+    """``union bpf_attr`` for the element commands."""
+
+    _fields_ = [("map_fd", _u32), ("_pad", _u32), ("key", _u64), ("value", _u64), ("flags", _u64)]
+
+
+class BatchAttr(ctypes.Structure):
+    """``union bpf_attr`` for the batch commands."""
+
+    _fields_ = [("in_batch", _u64), ("out_batch", _u64), ("keys", _u64), ("values", _u64), ("count", _u32), ("map_fd", _u32),
+                ("elem_flags", _u64), ("flags", _u64)]
+
+
+class InfoAttr(ctypes.Structure):
+    """``union bpf_attr`` for BPF_OBJ_GET_INFO_BY_FD."""
+
+    _fields_ = [("bpf_fd", _u32), ("info_len", _u32), ("info", _u64)]
+
+
+class MapInfo(ctypes.Structure):
+    """The head of ``struct bpf_map_info`` (the kernel fills what fits)."""
+
+    _fields_ = [("type", _u32), ("id", _u32), ("key_size", _u32), ("value_size", _u32), ("max_entries", _u32), ("map_flags", _u32),
+                ("name", ctypes.c_char * 16)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_syscall.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong)
+
+
+def syscall_number(machine: str | None = None) -> int:
+    """The number of bpf(2) on this machine's architecture."""
+    machine = machine or platform.machine()
+    try:
+        return SYSCALL_BPF[machine]
+    except KeyError:
+        raise OSError(errno.ENOSYS, f"bpf(2) syscall number unknown for {machine}") from None
+
+
+def bpf(cmd: int, attr: ctypes.Structure) -> int:
+    """bpf(cmd, &attr, sizeof attr); OSError with the errno on failure."""
+    ret = _syscall(syscall_number(), cmd, ctypes.addressof(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return ret
+
+
+def map_info(fd: int) -> MapInfo:
+    """What the kernel says about the map behind ``fd``."""
+    info = MapInfo()
+    bpf(BPF_OBJ_GET_INFO_BY_FD, InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)))
+    return info
+
+
+@dataclass
+class BpfMap:
+    """A map the daemon holds a descriptor of (it owns the descriptor: :meth:`close` closes it)."""
+
+    fd: int
+    name: str
+    key_size: int
+    value_size: int
+    max_entries: int
+    batch: bool = True  # BPF_MAP_LOOKUP_BATCH works on this kernel (cleared at its first refusal)
+
+    @classmethod
+    def from_fd(cls, fd: int, name: str) -> BpfMap:
+        """The map behind ``fd``, its sizes asked from the kernel."""
+        info = map_info(fd)
+        return cls(fd, name, info.key_size, info.value_size, info.max_entries)
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) now: batched, or key by key on kernels without batch lookups."""
+        if self.batch:
+            try:
+                return self._items_batch()
+            except OSError as exc:
+                if exc.errno not in NO_BATCH:
+                    raise
+                self.batch = False
+        return self._items_one_by_one()
+
+    def keys(self) -> list[bytes]:
+        """Every key now."""
+        return [key for key, _ in self.items()]
+
+    def _items_batch(self) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        size = min(BATCH, max(self.max_entries, 1))
+        keys = ctypes.create_string_buffer(size * self.key_size)
+        values = ctypes.create_string_buffer(size * self.value_size)
+        # The batch token: a bucket number for hash maps, a key for others; as large as either.
+        token_in = ctypes.create_string_buffer(max(8, self.key_size))
+        token_out = ctypes.create_string_buffer(max(8, self.key_size))
+        first = True
+        while True:
+            attr = BatchAttr(in_batch=0 if first else ctypes.addressof(token_in), out_batch=ctypes.addressof(token_out),
+                             keys=ctypes.addressof(keys), values=ctypes.addressof(values), count=size, map_fd=self.fd)
+            try:
+                bpf(BPF_MAP_LOOKUP_BATCH, attr)
+                done = False
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:  # the end (entries may still have been returned)
+                    done = True
+                elif exc.errno == errno.ENOSPC and size < self.max_entries:  # a bucket larger than the buffer
+                    size = min(size * 4, self.max_entries)
+                    keys = ctypes.create_string_buffer(size * self.key_size)
+                    values = ctypes.create_string_buffer(size * self.value_size)
+                    continue
+                else:
+                    raise
+            k, v = keys.raw, values.raw
+            ks, vs = self.key_size, self.value_size
+            out.extend((k[i * ks : (i + 1) * ks], v[i * vs : (i + 1) * vs]) for i in range(attr.count))
+            if done:
+                return out
+            ctypes.memmove(token_in, token_out, len(token_out))
+            first = False
+
+    def _items_one_by_one(self) -> list[tuple[bytes, bytes]]:
+        found: dict[bytes, bytes] = {}
+        key = ctypes.create_string_buffer(self.key_size)
+        next_key = ctypes.create_string_buffer(self.key_size)
+        value = ctypes.create_string_buffer(self.value_size)
+        first = True
+        # An entry deleted under the walk sends GET_NEXT_KEY back to the first key: bounded, and
+        # the dict takes the repeats.
+        for _ in range(2 * self.max_entries + 1):
+            try:
+                bpf(BPF_MAP_GET_NEXT_KEY, ElemAttr(map_fd=self.fd, key=0 if first else ctypes.addressof(key), value=ctypes.addressof(next_key)))
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    break
+                raise
+            first = False
+            ctypes.memmove(key, next_key, self.key_size)
+            try:
+                bpf(BPF_MAP_LOOKUP_ELEM, ElemAttr(map_fd=self.fd, key=ctypes.addressof(key), value=ctypes.addressof(value)))
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:  # deleted (or evicted) meanwhile
+                    continue
+                raise
+            found[key.raw] = value.raw
+        return list(found.items())
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """The value of ``key``, or None."""
+        value = ctypes.create_string_buffer(self.value_size)
+        kbuf = ctypes.create_string_buffer(self._key(key), self.key_size)
+        try:
+            bpf(BPF_MAP_LOOKUP_ELEM, ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(value)))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        return value.raw
+
+    def update(self, key: bytes, value: bytes) -> None:
+        """Set ``key`` to ``value`` (BPF_ANY)."""
+        kbuf = ctypes.create_string_buffer(self._key(key), self.key_size)
+        if len(value) != self.value_size:
+            raise ValueError(f"{self.name}: a value is {self.value_size} bytes, not {len(value)}")
+        vbuf = ctypes.create_string_buffer(value, self.value_size)
+        bpf(BPF_MAP_UPDATE_ELEM, ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf)))
+
+    def delete(self, key: bytes) -> bool:
+        """Delete ``key``; False if it was not there (an LRU map may have evicted it)."""
+        kbuf = ctypes.create_string_buffer(self._key(key), self.key_size)
+        try:
+            bpf(BPF_MAP_DELETE_ELEM, ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf)))
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def _key(self, key: bytes) -> bytes:
+        if len(key) != self.key_size:
+            raise ValueError(f"{self.name}: a key is {self.key_size} bytes, not {len(key)}")
+        return key
+
+    def close(self) -> None:
+        """Close the descriptor (the map goes when nothing else holds it)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
