@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import RUN_ID, Containers, Daemon, sh, wait_until
 from nstap.detect.nat import conntrack_findings
-from nstap.nat.conntrack import ConntrackReader, parse_stat
+from nstap.nat.conntrack import ConntrackReader, flows_by_container, parse_stat
 from nstap.nat.forwards import HostRules, refresh_counters, verify_all, verify_masquerades
 from nstap.nat.monitor import _firewall_rules, line_diff
 from nstap.nat.nft import native_tables, nft_items, parse_nft_json
@@ -569,3 +571,40 @@ async def test_nftables_tables_and_generation_by_hand(netns) -> None:
     finally:
         handles.close()
         opener.close()
+
+
+def test_conntrack_summaries_in_c_equal_the_python_parse() -> None:
+    """The per-container pass reduces the dump in C: the same entries, protocol, addresses and
+    states as the Flow parser (kept for the evidence and as the fallback) reads."""
+    from nstap.netns import scan
+
+    assert scan.COMPILED
+    mine = []
+    try:
+        for i in range(40):
+            proto = ["-p", "tcp", "--state", "ESTABLISHED"] if i % 2 else ["-p", "udp"]
+            sh("conntrack", "-I", *proto, "-s", "198.51.100.7", "-d", "198.51.100.8", "--sport", str(41000 + i), "--dport", "80", "--timeout", "60")
+            mine.append(i)
+        reader = ConntrackReader()
+        try:
+            fast = [s for s in reader.summaries() if s[1] == socket.inet_aton("198.51.100.7")]
+            slow = [(f.proto, f.orig_src, f.reply_src, f.status, f.tcp_state) for f in reader.dump() if f.orig_src == socket.inet_aton("198.51.100.7")]
+        finally:
+            reader.close()
+        assert len(fast) == 40 and sorted(fast) == sorted(slow)
+        counted = flows_by_container(fast, {socket.inet_aton("198.51.100.7"): "c1", socket.inet_aton("198.51.100.8"): "c2"})
+        assert counted["c1"] == counted["c2"] == {("tcp", "established"): 20, ("udp", "unreplied"): 20}
+    finally:
+        sh("conntrack", "-D", "-s", "198.51.100.7", "-d", "198.51.100.8", check=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(0, 5))
+def test_conntrack_summaries_never_crash_on_garbage(data: bytes, seq: int) -> None:
+    from nstap.netns._scan import conntrack_summaries
+
+    try:
+        entries, end = conntrack_summaries(data, seq)
+    except ValueError:
+        return
+    assert isinstance(entries, list) and isinstance(end, int)

@@ -41,6 +41,13 @@ TCP_STATES = ("none", "syn_sent", "syn_recv", "established", "fin_wait", "close_
 PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 EVIDENCE_LIMIT = 500
 
+Summary = tuple[int, bytes, bytes, int, int]  # protocol, original source, reply source, status, TCP state
+
+try:
+    from ..netns._scan import conntrack_summaries as _summaries
+except ImportError:  # not built: Flow objects (dump) do the same, at many times the cost
+    _summaries = None
+
 _NLA = struct.Struct("=HH")
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
@@ -74,11 +81,7 @@ class Flow:
     @property
     def state(self) -> str:
         """TCP's state, or for the other protocols whether a reply was seen and the flow assured."""
-        if self.proto == 6 and 0 <= self.tcp_state < len(TCP_STATES):
-            return TCP_STATES[self.tcp_state]
-        if self.status & IPS_ASSURED:
-            return "assured"
-        return "replied" if self.status & IPS_SEEN_REPLY else "unreplied"
+        return state_name(self.proto, self.status, self.tcp_state)
 
     def to_json(self) -> dict[str, Any]:
         """The flow as the evidence lists it."""
@@ -88,6 +91,15 @@ class Flow:
             "reply_src": _text(self.reply_src), "reply_dst": _text(self.reply_dst),
             "assured": bool(self.status & IPS_ASSURED),
         }
+
+
+def state_name(proto: int, status: int, tcp_state: int) -> str:
+    """TCP's state, or for the other protocols whether a reply was seen and the flow assured."""
+    if proto == 6 and 0 <= tcp_state < len(TCP_STATES):
+        return TCP_STATES[tcp_state]
+    if status & IPS_ASSURED:
+        return "assured"
+    return "replied" if status & IPS_SEEN_REPLY else "unreplied"
 
 
 def _text(raw: bytes) -> str:
@@ -208,6 +220,31 @@ class ConntrackReader:
             raise ConntrackUnavailable(getattr(exc, "errno", 0) or 0, f"conntrack statistics unavailable: {exc}") from None
         return ConntrackTotals(entries, limit, stats)
 
+    def summaries(self) -> Iterator[Summary]:
+        """Every entry as (protocol, original source, reply source, status, TCP state): what counting
+        flows per container needs. Each batch of the dump is reduced in C (about 0.5 µs an entry,
+        where building a Flow costs 17 µs); without the extension, from :meth:`dump`."""
+        if _summaries is None:
+            for flow in self.dump():
+                yield flow.proto, flow.orig_src, flow.reply_src, flow.status, flow.tcp_state
+            return
+        if self._sock is None:
+            self._sock = netlink.open_socket(netlink.NETLINK_NETFILTER)
+        try:
+            seq = netlink.send(self._sock, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
+            while True:
+                entries, end = _summaries(netlink.receive(self._sock), seq)
+                yield from entries
+                if end < 0:
+                    raise netlink.NetlinkError(-end, "netlink: " + os.strerror(-end))
+                if end:
+                    return
+        except BaseException:
+            if self._sock is not None:
+                self._sock.close()  # a half-read dump would make the next one fail: start afresh
+                self._sock = None
+            raise
+
     def dump(self) -> Iterator[Flow]:
         """Every entry of the table (both families), parsed by hand as the dump is read: a caller
         that counts them never holds 50,000 objects. Consume it to the end."""
@@ -249,19 +286,20 @@ def parse_stat(data: bytes) -> dict[str, int]:
     return out
 
 
-def flows_by_container(flows: Iterable[Flow], owners: Mapping[bytes, str]) -> dict[str, Counter[tuple[str, str]]]:
-    """Per container id, its flows counted by (protocol, state). ``owners``: packed address -> id.
+def flows_by_container(flows: Iterable[Summary], owners: Mapping[bytes, str]) -> dict[str, Counter[tuple[str, str]]]:
+    """Per container id, its flows (:meth:`ConntrackReader.summaries`) counted by (protocol,
+    state). ``owners``: packed address -> id.
 
     A flow counts for the container that opened it (original source) and for the one that
     answers it (reply source): a connection between two containers counts for both.
     """
     out: dict[str, Counter[tuple[str, str]]] = {}
-    for flow in flows:
-        first = owners.get(flow.orig_src)
-        second = owners.get(flow.reply_src)
+    for proto, orig_src, reply_src, status, tcp_state in flows:
+        first = owners.get(orig_src)
+        second = owners.get(reply_src)
         if first is None and second is None:
             continue
-        key = (PROTOCOLS.get(flow.proto, "other"), flow.state)
+        key = (PROTOCOLS.get(proto, "other"), state_name(proto, status, tcp_state))
         if first is not None:
             out.setdefault(first, Counter())[key] += 1
         if second is not None and second != first:
@@ -286,4 +324,4 @@ def pack(address: str) -> bytes:
     return socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
 
 
-__all__ = ["ConntrackReader", "ConntrackTotals", "ConntrackUnavailable", "Flow", "flows_by_container", "flows_of", "pack", "parse_flow", "parse_stat"]
+__all__ = ["ConntrackReader", "ConntrackTotals", "ConntrackUnavailable", "Flow", "flows_by_container", "flows_of", "pack", "parse_flow", "parse_stat", "state_name"]

@@ -396,7 +396,7 @@ class NatMonitor:
 
     def _flows(self, owners: dict[bytes, str]) -> tuple[dict[str, Counter[tuple[str, str]]], float]:
         started = time.thread_time()
-        return flows_by_container(self._conntrack.dump(), owners), time.thread_time() - started
+        return flows_by_container(self._conntrack.summaries(), owners), time.thread_time() - started
 
     async def conntrack_of(self, addresses: list[str], limit: int) -> dict[str, Any]:
         """The conntrack entries from or to ``addresses`` now (for a capture's evidence)."""

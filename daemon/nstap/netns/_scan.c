@@ -1,5 +1,6 @@
 /*
- * nstap.netns._scan: the numbers nstap exports from a /proc/net text file, in one pass in C.
+ * nstap.netns._scan: the numbers nstap exports from a /proc/net text file, in one pass in C
+ * (and, below, a conntrack dump reduced to what counting flows per container needs).
  *
  * /proc/net/{snmp,netstat,dev,sockstat} are whitespace-separated tokens ("Tcp:", "RetransSegs",
  * "eth0:", "1234", ...). Where each wanted number sits, and which tokens must read what they read
@@ -114,8 +115,123 @@ done:
     return result;
 }
 
+/* Conntrack dump answers, reduced to what counting flows per container needs. */
+
+static inline uint16_t u16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t u32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+#define NLA_TYPE_MASK 0x3FFF
+#define NLMSG_ERROR 2
+#define NLMSG_DONE 3
+
+/* The source address inside a CTA_TUPLE_ORIG/REPLY attribute ([pos, end)), and its protocol number. */
+static void ct_tuple(const unsigned char *pos, const unsigned char *end, const unsigned char **src, Py_ssize_t *src_len, int *proto) {
+    while (pos + 4 <= end) {
+        uint16_t len = u16(pos), kind = u16(pos + 2) & NLA_TYPE_MASK;
+        if (len < 4 || pos + len > end)
+            return;
+        const unsigned char *p = pos + 4, *e = pos + len;
+        while (p + 4 <= e) {
+            uint16_t ln = u16(p), k = u16(p + 2) & NLA_TYPE_MASK;
+            if (ln < 4 || p + ln > e)
+                break;
+            if (kind == 1 && (k == 1 || k == 3)) { /* CTA_TUPLE_IP: CTA_IP_V4_SRC, CTA_IP_V6_SRC */
+                *src = p + 4;
+                *src_len = ln - 4;
+            } else if (kind == 2 && k == 1 && proto != NULL && ln >= 5) { /* CTA_TUPLE_PROTO: CTA_PROTO_NUM */
+                *proto = p[4];
+            }
+            p += (ln + 3) & ~3u;
+        }
+        pos += (len + 3) & ~3u;
+    }
+}
+
+/* conntrack_summaries(data, seq) -> (list of (proto, orig_src, reply_src, status, tcp_state), end)
+ *   end: 0 more messages to come, 1 the dump is done, < 0 the kernel's error (-errno). */
+static PyObject *conntrack_summaries(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    unsigned int seq;
+    if (!PyArg_ParseTuple(args, "y*I", &data, &seq))
+        return NULL;
+    PyObject *out = PyList_New(0);
+    int done = 0;
+    const unsigned char *p = data.buf, *end = p + data.len;
+    while (out != NULL && !done && p + 16 <= end) {
+        uint32_t length = u32(p);
+        uint16_t type = u16(p + 4);
+        if (length < 16) {
+            PyErr_SetString(PyExc_ValueError, "truncated netlink message");
+            Py_CLEAR(out);
+            break;
+        }
+        const unsigned char *mend = p + length < end ? p + length : end;
+        if (u32(p + 8) == seq) {
+            if (type == NLMSG_DONE) {
+                done = 1;
+            } else if (type == NLMSG_ERROR) {
+                int32_t code = p + 20 <= end ? (int32_t)u32(p + 16) : 0;
+                done = code ? code : 1;
+            } else if ((type & 0xFF) == 0) { /* IPCTNL_MSG_CT_NEW */
+                const unsigned char *orig = NULL, *reply = NULL;
+                Py_ssize_t orig_len = 0, reply_len = 0;
+                int proto = 0, tcp_state = -1;
+                uint32_t status = 0;
+                const unsigned char *pos = p + 20;
+                while (pos + 4 <= mend) {
+                    uint16_t len = u16(pos), kind = u16(pos + 2) & NLA_TYPE_MASK;
+                    if (len < 4 || pos + len > mend)
+                        break;
+                    if (kind == 1) /* CTA_TUPLE_ORIG */
+                        ct_tuple(pos + 4, pos + len, &orig, &orig_len, &proto);
+                    else if (kind == 2) /* CTA_TUPLE_REPLY */
+                        ct_tuple(pos + 4, pos + len, &reply, &reply_len, NULL);
+                    else if (kind == 3 && len >= 8) /* CTA_STATUS, big-endian */
+                        status = ((uint32_t)pos[4] << 24) | ((uint32_t)pos[5] << 16) | ((uint32_t)pos[6] << 8) | pos[7];
+                    else if (kind == 4) { /* CTA_PROTOINFO { CTA_PROTOINFO_TCP { CTA_PROTOINFO_TCP_STATE } } */
+                        const unsigned char *q = pos + 4, *qe = pos + len;
+                        while (q + 4 <= qe) {
+                            uint16_t ln = u16(q), k = u16(q + 2) & NLA_TYPE_MASK;
+                            if (ln < 4 || q + ln > qe)
+                                break;
+                            if (k == 1) {
+                                const unsigned char *r = q + 4, *re = q + ln;
+                                while (r + 4 <= re) {
+                                    uint16_t l2 = u16(r), k2 = u16(r + 2) & NLA_TYPE_MASK;
+                                    if (l2 < 4 || r + l2 > re)
+                                        break;
+                                    if (k2 == 1 && l2 >= 5)
+                                        tcp_state = r[4];
+                                    r += (l2 + 3) & ~3u;
+                                }
+                            }
+                            q += (ln + 3) & ~3u;
+                        }
+                    }
+                    pos += (len + 3) & ~3u;
+                }
+                PyObject *item = Py_BuildValue("(iy#y#Ii)", proto, orig ? (const char *)orig : "", orig_len, reply ? (const char *)reply : "",
+                                               reply_len, status, tcp_state);
+                if (item == NULL || PyList_Append(out, item) < 0) {
+                    Py_XDECREF(item);
+                    Py_CLEAR(out);
+                    break;
+                }
+                Py_DECREF(item);
+            }
+        }
+        p += (length + 3) & ~3u;
+    }
+    PyBuffer_Release(&data);
+    if (out == NULL)
+        return NULL;
+    return Py_BuildValue("(Ni)", out, done);
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "scan(data, plan, expected, ntokens, nvalues) -> tuple of ints, or None if the file's shape changed"},
+    {"conntrack_summaries", conntrack_summaries, METH_VARARGS,
+     "conntrack_summaries(data, seq) -> ([(proto, orig_src, reply_src, status, tcp_state), ...], end): one recv of a conntrack dump"},
     {NULL, NULL, 0, NULL},
 };
 

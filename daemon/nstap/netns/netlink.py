@@ -91,15 +91,21 @@ def open_socket(protocol: int, groups: int = 0) -> socket.socket:
     return sock
 
 
+def receive(sock: socket.socket) -> bytes:
+    """The next batch of a dump's answers (the kernel makes it during this call)."""
+    try:
+        data = sock.recv(_RECV_SIZE)
+    except BlockingIOError as exc:
+        raise NetlinkError(errno.EAGAIN, "netlink dump stalled") from exc
+    if not data:
+        raise NetlinkError(errno.EPIPE, "netlink socket closed")
+    return data
+
+
 def _messages(sock: socket.socket, seq: int) -> Iterator[tuple[int, bytes, int]]:
     """Yield (type, buffer, offset) for each message answering request ``seq`` until NLMSG_DONE."""
     while True:
-        try:
-            data = sock.recv(_RECV_SIZE)
-        except BlockingIOError as exc:
-            raise NetlinkError(errno.EAGAIN, "netlink dump stalled") from exc
-        if not data:
-            raise NetlinkError(errno.EPIPE, "netlink socket closed")
+        data = receive(sock)
         off = 0
         end = len(data)
         while off + 16 <= end:
@@ -118,11 +124,17 @@ def _messages(sock: socket.socket, seq: int) -> Iterator[tuple[int, bytes, int]]
             off += (length + 3) & ~3
 
 
+def send(sock: socket.socket, mtype: int, body: bytes, flags: int = NLM_F_REQUEST | NLM_F_DUMP) -> int:
+    """Send one request; its sequence number (its answers carry it)."""
+    seq = _next_seq()
+    sock.send(_NLMSGHDR.pack(16 + len(body), mtype, flags, seq, 0) + body)
+    return seq
+
+
 def request(sock: socket.socket, mtype: int, body: bytes, flags: int = NLM_F_REQUEST | NLM_F_DUMP) -> Iterator[tuple[int, bytes, int]]:
     """Send one request and yield (type, buffer, offset) of every answer message. Read it to the
     end: a dump left half-read makes the socket's next dump fail (EBUSY)."""
-    seq = _next_seq()
-    sock.send(_NLMSGHDR.pack(16 + len(body), mtype, flags, seq, 0) + body)
+    seq = send(sock, mtype, body, flags)
     yield from _messages(sock, seq)
 
 
