@@ -110,18 +110,24 @@ NO_LABELS = Labels(())
 
 
 class Family:
-    """One metric family: name (the sample name, ``_total`` included for counters), type, help, rows."""
+    """One metric family: name (the sample name, ``_total`` included for counters), type, help, and
+    its sample lines, formatted as they are added."""
 
-    __slots__ = ("name", "kind", "help", "rows")
+    __slots__ = ("name", "kind", "help", "lines")
 
     def __init__(self, name: str, kind: str, help: str) -> None:
         self.name = name
         self.kind = kind
         self.help = help
-        self.rows: list[tuple[Labels, float]] = []
+        self.lines: list[str] = []
 
     def add(self, labels: Labels, value: float) -> None:
-        self.rows.append((labels, value))
+        """One sample. Values are ints (counters, gauges) or finite floats (timestamps, seconds),
+        which format as Prometheus expects; anything else goes through _number."""
+        if type(value) is int or (type(value) is float and math.isfinite(value)):
+            self.lines.append(f"{self.name}{labels.text} {value}\n")
+        else:
+            self.lines.append(f"{self.name}{labels.text} {_number(value)}\n")
 
 
 def _number(value: float) -> str:
@@ -140,19 +146,10 @@ def render(families: Iterable[Family]) -> str:
     """Families in the Prometheus text format 0.0.4."""
     parts: list[str] = []
     for fam in families:
-        if not fam.rows:
+        if not fam.lines:
             continue
-        name = fam.name
-        parts.append(f"# HELP {name} {fam.help}\n# TYPE {name} {fam.kind}\n")
-        # Values are ints (counters, gauges) or finite floats (timestamps, seconds), which
-        # format as Prometheus expects; anything else goes through _number.
-        parts.extend(
-            [
-                f"{name}{labels.text} {value}\n" if type(value) is int or (type(value) is float and math.isfinite(value))
-                else f"{name}{labels.text} {_number(value)}\n"
-                for labels, value in fam.rows
-            ]
-        )
+        parts.append(f"# HELP {fam.name} {fam.help}\n# TYPE {fam.name} {fam.kind}\n")
+        parts.extend(fam.lines)
     return "".join(parts)
 
 
@@ -359,24 +356,35 @@ class ContainerCollector:
         sample_every = Family(
             "nstap_sample_interval_seconds", "gauge", "Seconds between samples of the namespace (longer than the interval while its samples cost more than the budget)."
         )
-        label = self._label
+        used, known = self._used, self._labels
 
+        def label(key: tuple, base: Labels, *pairs: tuple[str, str]) -> Labels:
+            labels = used.get(key) or known.get(key)
+            if labels is None:
+                labels = base.extend(*pairs) if pairs else base
+            used[key] = labels
+            return labels
+
+        iface_families = [(family.add, attr) for family, attr in iface_counters]
+        up_add, mtu_add = iface_up.add, iface_mtu.add
+        tcp_states = [(state, ("tcp", state)) for state in STATE_NAMES]
         for sample in scrape.samples:
             ns = namespaces.get(sample.netns)
             if ns is None:  # its watcher is being cancelled
                 continue
             owner = ns.owner
             okey = (owner.name, owner.short_id, owner.runtime)
-            base = label(okey, lambda: Labels((("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))))
+            base = used.get(okey) or known.get(okey) or Labels((("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime)))
+            used[okey] = base
             sample_ts.add(base, sample.taken_at)
             sample_every.add(base, sample.interval)
             if sample.interfaces is not None:
                 for iface in sample.interfaces:
-                    il = label((okey, iface.name, iface.side, iface.peer), lambda: base.extend(("interface", iface.name), ("side", iface.side), ("peer", iface.peer)))
-                    for family, attr in iface_counters:
-                        family.add(il, getattr(iface, attr))
-                    iface_up.add(il, 1 if iface.up else 0)
-                    iface_mtu.add(il, iface.mtu)
+                    il = label((okey, iface.name, iface.side, iface.peer), base, ("interface", iface.name), ("side", iface.side), ("peer", iface.peer))
+                    for add, attr in iface_families:
+                        add(il, getattr(iface, attr))
+                    up_add(il, 1 if iface.up else 0)
+                    mtu_add(il, iface.mtu)
             if sample.protocols is not None:
                 values = sample.protocols
                 for key, family in proto:
@@ -385,18 +393,19 @@ class ContainerCollector:
                         family.add(base, value)
             sock = sample.sockets
             if sock is not None:
-                for state in STATE_NAMES:
-                    sockets.add(label((okey, "tcp", state), lambda: base.extend(("protocol", "tcp"), ("state", state))), sock.tcp_states.get(state, 0))
+                states = sock.tcp_states
+                for state, pair in tcp_states:
+                    sockets.add(label((okey, *pair), base, ("protocol", "tcp"), ("state", state)), states.get(state, 0))
                 for protocol in ("udp", "raw"):
                     sockets.add(
-                        label((okey, protocol, "open"), lambda: base.extend(("protocol", protocol), ("state", "open"))),
+                        label((okey, protocol, "open"), base, ("protocol", protocol), ("state", "open")),
                         sock.in_use.get(protocol, 0) + sock.in_use.get(protocol + "6", 0),
                     )
                 states_at.add(base, sock.states_at or sample.taken_at)
                 walk_every.add(base, sock.walk_interval)
                 syn_retrans.add(base, sock.syn_sent_max_retransmits)
                 for queue in sock.listen:
-                    pl = label((okey, "port", queue.port), lambda: base.extend(("port", queue.port)))
+                    pl = label((okey, "port", queue.port), base, ("port", queue.port))
                     q_len.add(pl, queue.length)
                     q_limit.add(pl, queue.limit)
         return [

@@ -60,12 +60,6 @@ class Instruments:
             SAMPLE_BUCKETS,
             registry,
         )
-        self.sample_cpu = LoopHistogram(
-            "nstap_sample_cpu_seconds",
-            "CPU time of the event-loop thread spent on one namespace sample (reads, parsing, detectors): what the sample budget judges.",
-            SAMPLE_BUCKETS,
-            registry,
-        )
         self.walk_duration = LoopHistogram(
             "nstap_socket_walk_cpu_seconds",
             "CPU time of one per-state TCP socket-table walk (run in a worker thread).",

@@ -196,10 +196,10 @@ class NamespaceWatcher:
         """Sample this namespace less often while its own samples cost more than the budget.
 
         ``cost`` is the CPU time the event-loop thread spent on this namespace's sample (its reads,
-        parsing, and the detectors that ran over it): what the namespace itself costs, not the
-        wall time, which also counts the time the thread waited for the GIL or a core while the
-        daemon did its own work elsewhere (compiling the eBPF program, parsing NAT rules, reading a
-        ring back). A namespace whose state is expensive to read (thousands of listeners or
+        parsing, and the detectors that ran over it; see Ticker._tick for how it is measured):
+        what the namespace itself costs, not the wall time, which also counts the time the thread
+        waited for the GIL or a core while the daemon did its own work elsewhere (parsing NAT
+        rules, reading a ring back). A namespace whose state is expensive to read (thousands of listeners or
         interfaces, link changes on every tick) would otherwise take the event loop from all the
         others: once its last SUSTAINED samples all cost more than the budget, it is sampled every
         ``cost / budget`` intervals (the cheapest of those samples; at most every
@@ -207,7 +207,6 @@ class NamespaceWatcher:
         budget restores it at once.
         """
         pool = self.pool
-        pool.instruments.sample_cpu.observe(cost)
         budget = pool.context.sample_budget
         costs = self.costs
         costs.append(cost)
@@ -294,8 +293,11 @@ class Ticker:
     overhead that is not reading the kernel (CPU caches stay warm from one namespace to the next).
     """
 
-    def __init__(self, interval: float, on_round: Callable[[], None] | None = None, lag: LoopHistogram | None = None) -> None:
+    def __init__(
+        self, interval: float, on_round: Callable[[], None] | None = None, lag: LoopHistogram | None = None, budget: float = 0.002
+    ) -> None:
         self.interval = interval
+        self.budget = budget  # CPU seconds of one namespace's sample before it counts as costly
         self.on_round = on_round  # called as each tick starts, before the samples
         self.hooks: list[Callable[[], None]] = []  # more of those (the eBPF map read)
         self.lag = lag  # how late each tick started, in seconds (a blocked event loop shows here)
@@ -328,16 +330,31 @@ class Ticker:
             self.on_round()
         for hook in self.hooks:
             hook()
-        clock = time.thread_time
-        cpu = clock()
+        # What each namespace's sample costs the loop's thread in CPU (see NamespaceWatcher.account),
+        # without a CPU-clock read (a system call, 1-10 µs) per namespace: a sample's wall time is
+        # an upper bound of its CPU, exact enough when it is within the budget. Only a sample whose
+        # wall time is over the budget reads the CPU clock, and is charged the CPU used since the
+        # last read less the wall time of the samples in between: at least its own CPU, whatever
+        # time the thread spent waiting for the GIL while another thread of the daemon worked.
+        budget = self.budget
+        wall = time.perf_counter
+        cpu_mark = time.thread_time()
+        since_mark = 0.0
         for watcher in list(self._watchers):
             if watcher.skip:
                 watcher.skip -= 1
                 continue
+            started = wall()
             watcher.sample_guarded()
-            now = clock()  # one clock read per namespace: its sample's CPU is the time since the last
-            watcher.account(now - cpu)
-            cpu = now
+            spent = wall() - started
+            if spent > budget:
+                cpu = time.thread_time()
+                cost = max(cpu - cpu_mark - since_mark, 0.0)
+                cpu_mark, since_mark = cpu, 0.0
+            else:
+                cost = spent
+                since_mark += spent
+            watcher.account(cost)
             watcher.skip = watcher.every - 1
         if self._watchers:
             self._arm()
@@ -397,7 +414,7 @@ class WatcherPool:
         self.supervisor = supervisor or TaskSupervisor()
         self.walk_executor = worker_threads("nstap-walk")
         host = context.host_links
-        self.ticker = Ticker(self.interval, host.new_round if host is not None else None, instruments.tick_lag)
+        self.ticker = Ticker(self.interval, host.new_round if host is not None else None, instruments.tick_lag, context.sample_budget)
         self.watchers: dict[int, WatcherSlot] = {}
         self._attached: dict[int, NamespaceWatcher] = {}
         self._listeners: list[Callable[[], None]] = []

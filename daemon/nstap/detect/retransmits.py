@@ -57,7 +57,7 @@ class RetransmitDetector:
         # Keep one point at or before the long window's start, to measure the whole window.
         while len(points) > 2 and points[1][0] <= now - self.window:
             points.popleft()
-        if len(points) < 2:
+        if len(points) < 2 or points[0][1] == retrans_now:  # nothing retransmitted in the whole window
             return None
         tripped = self._rate(points[0], "long") or self._rate(self._short_reference(now), "short")
         if tripped is None:
