@@ -8,7 +8,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak deps-run deps-test deps-demo runtimes venv bench bench-capture bench-evidence bench-detect bench-nat bench-ebpf dashboards clean demo demo-clean install uninstall
+.PHONY: run test soak deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-detect bench-nat bench-ebpf dashboards clean demo demo-clean install uninstall
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -43,13 +43,25 @@ $(VENV)/.installed: pyproject.toml setup.py daemon/nstap/netns/_scan.c
 	deploy/pip-install.sh $(VENV) -e '.[test]'
 	touch $@
 
-bench: deps-test venv runtimes
+# The benchmarks' own packages (matplotlib, py-spy): the bench extra, on top of the test one.
+venv-bench: venv $(VENV)/.installed-bench
+
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
+	deploy/pip-install.sh $(VENV) -e '.[test,bench]'
+	touch $@
+
+# make bench ARGS="--containers 50,200,500,1000": the cost claims, one JSON line per size in
+# bench/results/sampling.jsonl, and the plot bench/sampling.png (make bench-plot redraws it).
+bench: deps-test venv-bench runtimes
 	$(VENV)/bin/python bench/bench_sampling.py $(ARGS)
 
-bench-capture: deps-test venv runtimes
+bench-plot: venv-bench
+	$(VENV)/bin/python bench/plot_sampling.py $(ARGS)
+
+bench-capture: deps-test venv-bench runtimes
 	$(VENV)/bin/python bench/bench_capture.py $(ARGS)
 
-bench-evidence: deps-test venv
+bench-evidence: deps-test venv-bench
 	$(VENV)/bin/python bench/bench_evidence.py $(ARGS)
 
 clean:
@@ -58,13 +70,13 @@ clean:
 demo: deps-demo venv runtimes
 	deploy/demo.sh up
 
-bench-ebpf: deps-test venv runtimes
+bench-ebpf: deps-test venv-bench runtimes
 	$(VENV)/bin/python bench/bench_ebpf.py $(ARGS)
 
-bench-nat: deps-test venv runtimes
+bench-nat: deps-test venv-bench runtimes
 	$(VENV)/bin/python bench/bench_nat.py $(ARGS)
 
-bench-detect: deps-test venv runtimes
+bench-detect: deps-test venv-bench runtimes
 	$(VENV)/bin/python bench/bench_detect.py $(ARGS)
 
 demo-clean:
