@@ -38,6 +38,8 @@ def run_nstap(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
         ("capture: {max_per_container_per_hour: 0}\n", "capture.max_per_container_per_hour"),
         ("max_interfaces: 0\n", "max_interfaces"),
         ("sample_budget_ms: .inf\n", "sample_budget_ms"),
+        ("metrics: {disabled: [nstap_no_such_family]}\n", "metrics.disabled"),
+        ("metrics: {disabled: nstap_udp_*}\n", "metrics.disabled"),
     ],
 )
 def test_bad_config_file_exits_2_naming_the_key(tmp_path: Path, yaml_text: str, key: str) -> None:

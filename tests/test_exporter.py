@@ -125,3 +125,25 @@ def test_hostile_interface_and_port_counts_stay_bounded() -> None:
     mine = [k for k in got if ("container_id", "abababababab") in k[1]]
     assert len(mine) < 66 * 10 + 65 * 2 + 40
     assert got[("nstap_tcp_listen_queue_limit", tuple(sorted((("container", "web"), ("container_id", "abababababab"), ("runtime", "docker"), ("port", "other")))))] == 900
+
+
+def test_disabled_families_are_left_out() -> None:
+    """metrics.disabled (names and patterns) drops whole families; the others are unchanged."""
+    from nstap.config import MetricsConfig
+    from nstap.exporter import family_names
+
+    registry, store = ContainerRegistry(), SampleStore()
+    registry.upsert(record("ab", 5, "web"))
+    ifaces = (InterfaceCounters("eth0", "container", "", True, 1500, *([3] * 8)),)
+    states = {"listen": 1, "time_wait": 0, **{s: 0 for s in STATE_NAMES[2:]}}
+    store.put(NamespaceSample(5, 1.0, 0.001, ifaces, {"udp_sent_datagrams": 4, "tcp_timeouts": 2, "tcp_segments_sent": 9},
+                              SocketSample({"tcp": 1}, states, 0.0, 0, (), 1.0)))
+    full = parse(ContainerCollector(registry, store, [Runtime()]).render())
+    disabled = MetricsConfig(disabled=("nstap_udp_*", "nstap_interface_up", "nstap_tcp_timeouts_total")).expand()
+    assert "nstap_udp_sent_datagrams_total" in disabled and "nstap_udp_no_port_datagrams_total" in disabled
+    less = parse(ContainerCollector(registry, store, [Runtime()], disabled=disabled).render())
+    gone = {name for name, _ in full} - {name for name, _ in less}
+    assert gone == {"nstap_udp_sent_datagrams_total", "nstap_interface_up", "nstap_tcp_timeouts_total"}, gone
+    assert {k: v for k, v in full.items() if k[0] not in gone} == less
+    # Every family the collector exported is one metrics.disabled may name.
+    assert {name for name, _ in full} <= set(family_names())

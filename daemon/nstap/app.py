@@ -215,7 +215,7 @@ class App:
             )
             for endpoint in cfg.runtimes
         ]
-        collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine, nat, ebpf)
+        collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine, nat, ebpf, cfg.metrics.expand())
         self.api = ApiServer(
             cfg.metrics_listen, cfg.api_listen, self.prometheus, collector, self.registry, lambda: set(pool.watched()), token, self.supervisor.failed
         )
@@ -258,7 +258,7 @@ class App:
         for source in self.sources:
             self.supervisor.service(f"runtime-{source.name}", source.run)
         self.supervisor.service("capture-retention", lambda: self._retention(store, engine))
-        self._parts = (pool, tracker, pipeline, nat)
+        self._parts = (pool, tracker, pipeline, nat, collector)
         if self.notifier.enabled:
             self.supervisor.service("systemd", self._systemd)
         try:
@@ -358,7 +358,7 @@ class App:
 
     def _apply(self, new: Config) -> tuple[list[str], list[str]]:
         old = self.config
-        pool, tracker, pipeline, nat = self._parts
+        pool, tracker, pipeline, nat, collector = self._parts
         applied: list[str] = []
         changed = [k for k in Config.model_fields if getattr(old, k) != getattr(new, k)]
         for key in changed:
@@ -375,6 +375,8 @@ class App:
                     nat.disabled = frozenset(new.detect.disabled)
             elif key == "nat" and nat is not None and old.nat.enabled == new.nat.enabled:
                 nat.config = new.nat
+            elif key == "metrics":
+                collector.disabled = new.metrics.expand()
             else:
                 continue
             applied.append(key)

@@ -6,6 +6,7 @@ values stop the daemon with exit code 2 and one line naming the key.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import math
 import re
@@ -154,6 +155,34 @@ DEFAULT_RUNTIMES = (
 )
 
 
+class MetricsConfig(Strict):
+    """What /metrics leaves out."""
+
+    disabled: tuple[str, ...] = Field(
+        (), description="metric families not exported: names or shell patterns (nstap_udp_*), each matching at least one family nstap exports"
+    )
+
+    @field_validator("disabled")
+    @classmethod
+    def _known_families(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from .exporter import family_names  # noqa: PLC0415 - the exporter's own list, read only when this is set
+
+        known = family_names()
+        for pattern in value:
+            if not fnmatch.filter(known, pattern):
+                raise ValueError(f"{pattern!r} matches no metric family (see nstap config-example)")
+        return value
+
+    def expand(self) -> frozenset[str]:
+        """The family names disabled."""
+        if not self.disabled:
+            return frozenset()
+        from .exporter import family_names  # noqa: PLC0415
+
+        known = family_names()
+        return frozenset(name for pattern in self.disabled for name in fnmatch.filter(known, pattern))
+
+
 class Config(Strict):
     """Everything ``nstap run`` can be told."""
 
@@ -176,6 +205,7 @@ class Config(Strict):
     detect: DetectConfig = DetectConfig()
     capture: CaptureConfig = CaptureConfig()
     nat: NatConfig = NatConfig()
+    metrics: MetricsConfig = MetricsConfig()
     ebpf: Literal["auto", "on", "off"] = Field("auto", description="kernel drop reasons and retransmitted flows (bcc): on = required (exit 2 without)")
 
     @field_validator("interval", "reconcile_interval", "reconnect_max_backoff", "sample_budget_ms")

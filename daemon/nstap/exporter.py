@@ -22,7 +22,7 @@ import asyncio
 import math
 import platform
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, disable_created_metrics
@@ -170,7 +170,9 @@ class ContainerCollector:
         captures: CaptureEngine | None = None,
         nat: NatMonitor | None = None,
         ebpf: EbpfService | None = None,
+        disabled: Collection[str] = (),
     ) -> None:
+        self.disabled = frozenset(disabled)  # families not exported (metrics.disabled)
         self.registry = registry
         self.store = store
         self.runtimes = runtimes
@@ -255,10 +257,10 @@ class ContainerCollector:
         return labels
 
     def families(self, scrape: ScrapeState) -> list[Family]:
-        """Every family, built from one scrape's state (one render at a time: the label cache)."""
+        """Every family not disabled, built from one scrape's state (one render at a time: the label cache)."""
         self._used = {}
         try:
-            return [
+            families = [
                 *self._daemon_families(scrape),
                 *self._container_info(scrape),
                 *self._sample_families(scrape),
@@ -268,6 +270,8 @@ class ContainerCollector:
                 *self._ebpf_families(scrape),
                 *self._collector_up(scrape),
             ]
+            disabled = self.disabled
+            return [f for f in families if f.name not in disabled] if disabled else families
         finally:
             self._labels = self._used  # keep the label sets used this time, drop the rest
 
@@ -365,7 +369,9 @@ class ContainerCollector:
             used[key] = labels
             return labels
 
-        iface_families = [(family.add, attr) for family, attr in iface_counters]
+        disabled = self.disabled
+        iface_families = [(family.add, attr) for family, attr in iface_counters if family.name not in disabled]
+        proto = [(key, family) for key, family in proto if family.name not in disabled]
         up_add, mtu_add = iface_up.add, iface_mtu.add
         tcp_states = [(state, ("tcp", state)) for state in STATE_NAMES]
         for sample in scrape.samples:
@@ -600,6 +606,27 @@ class ContainerCollector:
                 packets.add(Labels((*base, ("table", rule.table), ("chain", rule.chain), ("target", rule.target), ("rule", str(rule.position)))), rule.packets)
         out += [packets, changes]
         return out
+
+
+def family_names() -> list[str]:
+    """The name of every family the collector can export (what ``metrics.disabled`` may name)."""
+    from .nat.conntrack import ConntrackTotals  # noqa: PLC0415 - only for this list: the exporter does not depend on the NAT monitor
+    from .nat.monitor import NatState  # noqa: PLC0415
+
+    captures = {
+        "reach": [], "total": {}, "refused": {}, "bytes": 0, "kernel_drops": 0, "failed": 0, "running": 0, "store_bytes": 0,
+        "store_max_bytes": 0, "recent": [], "rings": 0, "ring_restarts": 0, "ring_lost": 0,
+    }
+    nat = {"state": NatState(read_at=1.0, flows_at=1.0, conntrack=ConntrackTotals(0, 0)), "up": {}, "reads": 0, "read_errors": 0, "firewalls": []}
+    empty = ScrapeState([], {}, {}, [], [], 0, {}, [], captures, nat, (0, {}))
+    collector = ContainerCollector(ContainerRegistry(), SampleStore(), [])
+    collector.incidents = _NoIncidents()  # type: ignore[assignment]
+    return sorted({f.name for f in collector.families(empty)})
+
+
+class _NoIncidents:
+    anomalies_total: dict = {}
+    incidents: dict = {}
 
 
 def build_registry() -> CollectorRegistry:
