@@ -608,3 +608,30 @@ def test_conntrack_summaries_never_crash_on_garbage(data: bytes, seq: int) -> No
     except ValueError:
         return
     assert isinstance(entries, list) and isinstance(end, int)
+
+
+def test_a_firewall_without_drop_rules_is_not_read_again_for_counters() -> None:
+    """Defect seen at 1,000 containers: every container of a user-defined Docker network has rules
+    of Docker's (its embedded DNS) and was read again every nat.interval, three child processes
+    each: 20 forks a second. Only DROP/REJECT rules have counters nstap exports."""
+    from nstap.config import NatConfig
+    from nstap.nat.monitor import FirewallRule, FirewallState, NatMonitor
+    from nstap.registry import ContainerRegistry
+    from nstap.samples import FirewallSample, NamespaceSample
+    from nstap.supervisor import TaskSupervisor
+
+    monitor = NatMonitor(NatConfig(interval=15), 1.0, ContainerRegistry(), lambda inode: None, 1, TaskSupervisor())
+    try:
+        docker_dns = monitor.firewalls[7] = FirewallState(generation=5, read_at=100.0, total_rules=4)
+        monitor._on_sample(NamespaceSample(7, 200.0, 0.0, firewall=FirewallSample(5, False)))
+        assert not monitor._fw_pending and docker_dns.read_at == 100.0
+        monitor.firewalls[8] = FirewallState(generation=5, read_at=100.0, total_rules=4,
+                                             rules=(FirewallRule("ipv4-filter", "INPUT", 1, "DROP", 3, "-A INPUT -j DROP"),))
+        monitor._on_sample(NamespaceSample(8, 110.0, 0.0, firewall=FirewallSample(5, False)))
+        assert not monitor._fw_pending  # within nat.interval
+        monitor._on_sample(NamespaceSample(8, 116.0, 0.0, firewall=FirewallSample(5, False)))
+        assert list(monitor._fw_pending) == [8]  # its DROP rule's counter is due
+        monitor._on_sample(NamespaceSample(7, 300.0, 0.0, firewall=FirewallSample(6, False)))
+        assert list(monitor._fw_pending) == [8, 7]  # a change is read whatever its rules
+    finally:
+        monitor._executor.shutdown()

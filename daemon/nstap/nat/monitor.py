@@ -519,7 +519,11 @@ class NatMonitor:
         if state is None:
             state = self.firewalls[sample.netns] = FirewallState()
         moved = fw.generation != state.generation and fw.generation > 1
-        stale = (state.total_rules or fw.legacy) and sample.taken_at - state.read_at >= self.config.interval
+        # Read again for the counters only where there are counters nstap exports (DROP/REJECT
+        # rules): Docker's own rules in every container of a user-defined network (its embedded
+        # DNS) would otherwise cost three child processes per container every nat.interval.
+        # Legacy tables do not notify their changes: those are polled.
+        stale = (state.rules or fw.legacy) and sample.taken_at - state.read_at >= self.config.interval
         state.legacy = fw.legacy
         first_legacy = fw.legacy and not state.read_at
         if not state.read_at and 0 < fw.generation <= 1 and not fw.legacy:
