@@ -76,10 +76,10 @@ class NamespaceSample(NamedTuple):
     interfaces: tuple[InterfaceCounters, ...] | None = None
     protocols: Mapping[str, int] | None = None
     sockets: SocketSample | None = None
-    failed: tuple[str, ...] = ()
-    interval: float = 0.0
+    failed: tuple[str, ...] = ()  # the samplers whose part is missing from this sample
+    interval: float = 0.0  # seconds between this namespace's samples now (longer while they cost more than the budget)
     firewall: FirewallSample | None = None
-    kernel_drops: Mapping[str, int] | None = None  # drops so far by kernel reason (eBPF), None without the collector  # seconds until this namespace's next sample (see the watcher's budget)
+    kernel_drops: Mapping[str, int] | None = None  # drops so far by kernel reason (eBPF), None without the collector
 
 
 class SampleStore:

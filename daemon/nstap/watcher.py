@@ -149,7 +149,8 @@ class NamespaceWatcher:
         started = time.perf_counter()
         taken_at = time.time()
         parts = {}
-        failed = []
+        failed: list[str] | None = None
+        failing = self._failing
         profile = self._profile
         for sampler in self.samplers:
             if profile is not None:
@@ -157,11 +158,11 @@ class NamespaceWatcher:
             try:
                 parts[sampler.name] = sampler.sample()
             except SAMPLE_ERRORS as exc:
-                failed.append(sampler.name)
+                failed = [*(failed or ()), sampler.name]
                 self._sampler_failed(sampler.name, exc)
             else:
-                if sampler.name in self._failing:
-                    del self._failing[sampler.name]
+                if failing and sampler.name in failing:
+                    del failing[sampler.name]
                     self.log.info("sampler_recovered", sampler=sampler.name)
             if profile is not None:
                 profile[sampler.name] = time.thread_time() - cpu
@@ -177,18 +178,12 @@ class NamespaceWatcher:
         pool.instruments.sample_duration.observe(duration)
         if not parts:
             return None
-        sample = NamespaceSample(
-            self.namespace.inode,
-            taken_at,
-            duration,
-            interfaces=parts.get("interfaces"),
-            protocols=parts.get("protocols"),
-            sockets=parts.get("sockets"),
-            failed=tuple(failed),
-            interval=self.every * pool.interval,
-            firewall=parts.get("firewall"),
-            kernel_drops=pool.kernel_drops(self.namespace.inode),
-        )
+        inode = self.namespace.inode
+        # Built positionally through _make: a NamedTuple's keyword __new__ is a Python call per sample.
+        sample = NamespaceSample._make((
+            inode, taken_at, duration, parts.get("interfaces"), protocols, parts.get("sockets"),
+            tuple(failed) if failed else (), self.every * pool.interval, parts.get("firewall"), pool.kernel_drops(inode),
+        ))
         pool.store.put(sample)
         return sample
 
@@ -288,10 +283,15 @@ class NamespaceWatcher:
 class Ticker:
     """One timer for every watcher: on multiples of the interval (loop clock), samples them all.
 
-    The loop wakes once per interval and the samples run back to back in one callback, without
-    an asyncio task switch, future or timer per namespace; this roughly halves the sampling
-    overhead that is not reading the kernel (CPU caches stay warm from one namespace to the next).
+    The loop wakes once per interval and the samples run back to back, without an asyncio task
+    switch, future or timer per namespace; this roughly halves the sampling overhead that is not
+    reading the kernel (CPU caches stay warm from one namespace to the next). A round is cut into
+    slices of at most SLICE seconds with the loop's other callbacks in between: at a thousand
+    namespaces a round is a third of a second, which the API, the scrapes and the runtimes' events
+    would otherwise wait for.
     """
+
+    SLICE = 0.005
 
     def __init__(
         self, interval: float, on_round: Callable[[], None] | None = None, lag: LoopHistogram | None = None, budget: float = 0.002
@@ -302,7 +302,7 @@ class Ticker:
         self.hooks: list[Callable[[], None]] = []  # more of those (the eBPF map read)
         self.lag = lag  # how late each tick started, in seconds (a blocked event loop shows here)
         self._watchers: dict[NamespaceWatcher, None] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # the next tick, or the next slice of this one
         self._due = 0.0
 
     def add(self, watcher: NamespaceWatcher) -> None:
@@ -323,13 +323,18 @@ class Ticker:
         self._timer = loop.call_at(self._due, self._tick)
 
     def _tick(self) -> None:
-        self._timer = None
+        loop = asyncio.get_running_loop()
         if self.lag is not None:
-            self.lag.observe(max(asyncio.get_running_loop().time() - self._due, 0.0))
+            self.lag.observe(max(loop.time() - self._due, 0.0))
         if self.on_round is not None:
             self.on_round()
         for hook in self.hooks:
             hook()
+        self._slice(list(self._watchers), 0)
+
+    def _slice(self, round_: list[NamespaceWatcher], at: int) -> None:
+        """Sample the round's watchers from ``at`` on for SLICE seconds; the rest in the next slice."""
+        self._timer = None
         # What each namespace's sample costs the loop's thread in CPU (see NamespaceWatcher.account),
         # without a CPU-clock read (a system call, 1-10 µs) per namespace: a sample's wall time is
         # an upper bound of its CPU, exact enough when it is within the budget. Only a sample whose
@@ -338,15 +343,23 @@ class Ticker:
         # time the thread spent waiting for the GIL while another thread of the daemon worked.
         budget = self.budget
         wall = time.perf_counter
+        ends = wall() + self.SLICE
         cpu_mark = time.thread_time()
         since_mark = 0.0
-        for watcher in list(self._watchers):
+        watchers = self._watchers
+        n = len(round_)
+        while at < n:
+            watcher = round_[at]
+            at += 1
+            if watcher not in watchers:  # discarded since the round began
+                continue
             if watcher.skip:
                 watcher.skip -= 1
                 continue
             started = wall()
             watcher.sample_guarded()
-            spent = wall() - started
+            done = wall()
+            spent = done - started
             if spent > budget:
                 cpu = time.thread_time()
                 cost = max(cpu - cpu_mark - since_mark, 0.0)
@@ -356,6 +369,9 @@ class Ticker:
                 since_mark += spent
             watcher.account(cost)
             watcher.skip = watcher.every - 1
+            if done >= ends and at < n:
+                self._timer = asyncio.get_running_loop().call_soon(self._slice, round_, at)
+                return
         if self._watchers:
             self._arm()
 
