@@ -91,6 +91,16 @@ def _cap_effective() -> int:
     return 0
 
 
+def check_scanner() -> list[Check]:
+    """Whether the /proc/net scanner was built (C) or runs in Python."""
+    from .netns import scan  # noqa: PLC0415
+
+    if scan.COMPILED:
+        return [Check("sampling", "/proc/net scanner", OK, "compiled (nstap.netns._scan)")]
+    return [Check("sampling", "/proc/net scanner", DEGRADED, "not built: /proc/net files are scanned in Python, at several times the CPU per sample",
+                  "apt-get install gcc python3-dev, then reinstall nstap (make run does both)")]
+
+
 def check_process(config: Config) -> list[Check]:
     """/proc of other pids, setns, capabilities."""
     out = []
@@ -234,7 +244,7 @@ def check_data_dir(config: Config) -> list[Check]:
 
 def run_checks(config: Config) -> list[Check]:
     """Every check, in report order."""
-    return [*check_runtimes(config), *check_process(config), *check_tools(config), *check_ebpf(config), *check_data_dir(config)]
+    return [*check_runtimes(config), *check_process(config), *check_scanner(), *check_tools(config), *check_ebpf(config), *check_data_dir(config)]
 
 
 def report(checks: list[Check], as_json: bool) -> str:
