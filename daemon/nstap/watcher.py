@@ -316,11 +316,18 @@ class Ticker:
         self._watchers.pop(watcher, None)
 
     def _arm(self) -> None:
-        # The next multiple of the interval after now: a loop that was blocked (or a daemon that
-        # was stopped) for several intervals takes one late sample, not a burst of catch-up ones.
+        # The round's slot is the next multiple of the interval after the last one. A round that
+        # ended after that slot (a host with more namespaces than one interval can sample) starts
+        # the next at once, late for its slot (nstap_tick_lag_seconds says by how much), rather
+        # than skipping it. A loop that was blocked (or a daemon that was stopped) for longer than
+        # an interval takes one late round, then the next multiple after now: no burst of catch-ups.
         loop = asyncio.get_running_loop()
-        self._due = (loop.time() // self.interval + 1) * self.interval
-        self._timer = loop.call_at(self._due, self._tick)
+        now = loop.time()
+        slot = ((self._due + self.interval / 2) // self.interval + 1) * self.interval  # (half: the last slot is a float)
+        if slot + self.interval <= now:
+            slot = (now // self.interval + 1) * self.interval
+        self._due = slot
+        self._timer = loop.call_at(max(slot, now), self._tick)
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
