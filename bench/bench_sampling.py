@@ -659,10 +659,17 @@ class Fleet:
         listed = run("docker", "ps", "-aq", "--filter", f"label=nstap.bench.run={RUN_ID}", check=False).split()
         ids = sorted(set(listed) | {i[:12] for i in self.ids + self.extra_ids})
         if ids:
+            # Killed first, a batch at a time, then removed: several `docker rm -f` of running
+            # containers at once left Docker 20.10 holding its container locks for good (seen with
+            # 1,000 containers; only a restart of dockerd freed them).
             log(f"removing {len(ids)} containers")
-            chunks = [ids[i : i + 25] for i in range(0, len(ids), 25)]
-            with ThreadPoolExecutor(max_workers=self.parallel) as pool:
-                list(pool.map(lambda chunk: run("docker", "rm", "-f", *chunk, check=False, timeout=600), chunks))
+            for i in range(0, len(ids), 50):
+                chunk = ids[i : i + 50]
+                try:
+                    run("docker", "kill", *chunk, check=False, timeout=300)
+                    run("docker", "rm", "-f", *chunk, check=False, timeout=300)
+                except subprocess.TimeoutExpired:
+                    log(f"docker did not remove {len(chunk)} containers within 300 s: go on (remove them by hand: docker rm -f $(docker ps -aq --filter label=nstap.bench.run={RUN_ID}))")
         self.ids.clear()
         self.extra_ids.clear()
         networks = run("docker", "network", "ls", "-q", "--filter", f"label=nstap.bench.run={RUN_ID}", check=False).split()
