@@ -214,3 +214,17 @@ def test_host_side_capture_holds_the_traffic_to_the_container(nstap, containers:
     # container's (whose pcap would be Linux cooked capture, link type 113 or 276).
     header, _ = read_records(data)
     assert header.linktype == 1  # DLT_EN10MB
+
+
+async def test_a_tool_that_prints_without_end_is_killed_at_the_cap() -> None:
+    """Defect: a tool's whole output was read into memory before the cap was looked at (a
+    container's firewall decides how much iptables-save prints); now it is read as it comes and the
+    tool killed at the cap."""
+    from nstap.netns.evidence import run_tool
+
+    started = time.monotonic()
+    text, error = await run_tool(["yes", "a rule that goes on"], None, timeout=30, cap=1 << 20)
+    assert error == "yes printed more than 1048576 bytes" and len(text) == 1 << 20
+    assert time.monotonic() - started < 5  # not the 30 s timeout: stopped at the cap
+    text, error = await run_tool(["sh", "-c", "echo out; echo why >&2; exit 3"], None)
+    assert text == "out\n" and error == "why"

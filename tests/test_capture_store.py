@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nstap.capture.pcap import MAGIC_NS, MAGIC_US, PcapError, PcapWriter, Record, StreamParser, parse_header, read_file
-from nstap.capture.engine import CaptureEngine
+from nstap.capture.pcap import MAGIC_NS, MAGIC_US, PcapError, PcapWriter, Record, StreamParser, parse_header, read_file, read_records
+from nstap.capture.engine import CaptureEngine, CaptureSettings
+from nstap.registry import ContainerRegistry
 from nstap.capture.retention import HeldCapture, plan_evictions
 from nstap.capture.store import COMPLETE, EVICTED, INCOMPLETE, RUNNING, CaptureRow, CaptureStore, Retention, new_id
 
@@ -59,13 +60,18 @@ def test_truncated_file_keeps_complete_records(tmp_path: Path) -> None:
     assert [r.ts for r in records if times[2] <= r.ts <= times[4]] == pytest.approx(times[2:5])
 
 
-@pytest.mark.parametrize("bad", [b"", b"\0" * 24, b"GIF89a" + b"\0" * 30, header()[:10]])
-def test_not_pcap(bad: bytes) -> None:
-    with pytest.raises(PcapError):
-        parser = StreamParser()
-        parser.feed(bad)
-        if parser.header is None:
-            raise PcapError("no header")
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [(b"", "empty or truncated"), (header()[:10], "empty or truncated"), (b"\0" * 24, ""), (b"GIF89a" + b"\0" * 30, "")],
+)
+def test_not_pcap(bad: bytes, why: str) -> None:
+    """A file that is not a pcap (no magic, too short for a header) is refused by read_records
+    (what every reader of the store's files goes through), with a reason."""
+    with pytest.raises(PcapError, match=why):
+        read_records(bad)
+    if len(bad) >= 24:  # a whole header that is not one: the stream parser refuses it at once too
+        with pytest.raises(PcapError):
+            StreamParser().feed(bad)
 
 
 @settings(max_examples=200, deadline=None)
@@ -78,10 +84,17 @@ def test_parser_never_crashes_on_garbage(blob: bytes) -> None:
         pass
 
 
+def with_index(s: CaptureStore, capture_bytes: int, max_age: float) -> Retention:
+    """A budget of ``capture_bytes`` for captures beside the index's database file as it is now
+    (the index counts in the budget; its file does not grow before a checkpoint)."""
+    return Retention(max_bytes=capture_bytes + s.db_path.stat().st_size, max_age_seconds=max_age)
+
+
 @pytest.fixture
 async def store(tmp_path: Path):
     s = CaptureStore(tmp_path, Retention(max_bytes=10_000, max_age_seconds=3600))
     await s.open()
+    s.retention = with_index(s, 10_000, 3600)
     yield s
     await s.close()
 
@@ -140,6 +153,27 @@ async def test_evidence_that_arrives_after_the_budget_was_applied_is_counted(sto
     assert store.total_bytes <= 10_000 and (await store.get(rows[0].id)).state == EVICTED
     assert store.evidence_path(await store.get(rows[1].id)) is not None
 
+
+async def test_evidence_of_an_evicted_capture_is_not_written(store: CaptureStore) -> None:
+    """Defect: evidence that arrived after its capture was evicted was written anyway: nobody's
+    file, unreachable, counted in the store's bytes for good."""
+    row = await write_capture(store, time.time() - 100, 5)
+    await store.enforce(time.time() + 10**7)  # older than the age limit: evicted
+    assert (await store.get(row.id)).state == EVICTED
+    assert await store.save_evidence(row.id, b"{}" * 100) == []
+    assert not list(store.dir.glob("*.evidence.json*")) and store.total_bytes == 0
+
+
+async def test_a_capture_whose_file_cannot_be_made_leaves_no_running_row(store: CaptureStore) -> None:
+    """Defect: the row was indexed before its file was created; a file that could not be made left
+    the capture "running" until the next start."""
+    taken = CaptureRow(id=new_id(time.time()) + "00aa", state=RUNNING, created_at=time.time())
+    (store.dir / f"{taken.id}.pcap").write_bytes(b"")  # the name is taken: O_EXCL refuses it
+    with pytest.raises(FileExistsError):
+        await store.create(taken)
+    assert await store.get(taken.id) is None
+
+
 async def test_age_limit(tmp_path: Path) -> None:
     s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=60))
     await s.open()
@@ -172,6 +206,45 @@ async def test_restart_marks_running_incomplete_and_indexes_orphans(tmp_path: Pa
         orphans = [r for r in await s2.list() if r.reason == "recovered"]
         assert len(orphans) == 1 and orphans[0].packets == 4 and orphans[0].state == INCOMPLETE
     finally:
+        await s2.close()
+
+
+def udp_frame(dport: int) -> bytes:
+    """An Ethernet frame carrying an IPv4 UDP datagram to ``dport``."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + struct.pack("!HHHH", 40000, dport, 8, 0)
+
+
+async def test_a_crash_during_a_filtered_ring_capture_keeps_its_packets(tmp_path: Path) -> None:
+    """Defect: a filtered flight-recorder capture writes the ring's packets to <id>.unfiltered and
+    filters them at its end; a daemon killed before that indexed the capture from its empty pcap,
+    never filtered nor deleted the .unfiltered file, and left half-written evidence (*.tmp) for good.
+    Real tcpdump does the filtering at the next start."""
+    s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=10**6))
+    await s.open()
+    row = await s.create(CaptureRow(id=new_id(time.time()) + "0001", state=RUNNING, created_at=time.time(), container="web",
+                                    filter="udp port 53", mode="ring"))
+    frames = [udp_frame(53 if i % 3 == 0 else 80) for i in range(30)]
+    raw = s.path_of(row).with_suffix(".unfiltered")
+    raw.write_bytes(header(linktype=1) + b"".join(record(1_700_000_000 + i, f) for i, f in enumerate(frames)))
+    (s.dir / f"{row.id}.evidence.json.tmp").write_bytes(b"{half")
+    (s.dir / "20200101T000000Z-00000000.unfiltered").write_bytes(b"of no capture")
+    await s.close()  # killed here: the pcap is empty, the packets are in .unfiltered
+
+    s2 = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=10**6))
+    recovered = await s2.open()
+    engine = CaptureEngine(CaptureSettings(), s2, None, ContainerRegistry(), tmp_path)  # type: ignore[arg-type]
+    try:
+        assert recovered["to_filter"] == 1 and recovered["leftovers_removed"] == 2 and recovered["incomplete"] == 0
+        assert await engine.recover() == 1
+        again = await s2.get(row.id)
+        assert again.state == INCOMPLETE and again.packets == 10 and "filtered at the next start" in again.error, again
+        _, records = read_file(s2.path_of(again))
+        assert len(records) == 10 and all(struct.unpack("!H", r.data[16 + 36 : 16 + 38])[0] == 53 for r in records)
+        assert sorted(p.name for p in s2.dir.iterdir()) == [again.file]  # nothing else left
+        assert s2.total_bytes == sum(p.stat().st_size for p in s2.dir.iterdir())
+    finally:
+        await engine.stop()
         await s2.close()
 
 
@@ -223,6 +296,7 @@ def test_eviction_plan(held, max_bytes: int, max_age: float, expected: list[str]
 async def test_budget_never_takes_a_quiet_containers_last_capture(tmp_path: Path) -> None:
     s = CaptureStore(tmp_path, Retention(max_bytes=6_000, max_age_seconds=3600))
     await s.open()
+    s.retention = with_index(s, 6_000, 3600)
     try:
         now = time.time()
         quiet = await write_capture_of(s, "quietquietqu", now - 100, 40)  # ~1.6 KB, the oldest of all
@@ -422,3 +496,50 @@ async def test_a_ring_on_a_full_disk_keeps_exact_books(tiny_fs: Path) -> None:
     assert sum(s.records for s in ring.segments) == kept
     assert all(s.path.stat().st_size == 24 + s.bytes for s in ring.segments)
     ring._close_file()
+
+
+async def test_the_index_keeps_its_tables_within_age_and_count_and_shares_the_byte_budget(tmp_path: Path) -> None:
+    """Defect: anomalies, alerts and evicted captures' entries were never pruned, and the database
+    was outside store_max_bytes: an index that grew for months on a churning host."""
+    from nstap.capture.store import AnomalyRow
+
+    s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=10**6, index_max_age=3600, index_max_rows=1000))
+    await s.open()
+    try:
+        now = time.time()
+        for i in range(1500):  # ended anomalies, the first 300 older than the index's age
+            at = now - 7200 if i < 300 else now - 1500 + i
+            await s.save_anomaly(AnomalyRow(id=f"a{i:05d}", kind="k", container="c", container_id="c1", runtime="docker", netns=1,
+                                            first_seen=at, last_seen=at, resolved_at=at))
+        await s.save_anomaly(AnomalyRow(id="ongoing", kind="k", container="c", container_id="c1", runtime="docker", netns=1,
+                                        first_seen=now - 9000, last_seen=now, resolved_at=None))
+        for i in range(1200):
+            await s.record_alert("firing", "A", f"f{i}", "t", {}, None, "")
+        old = await write_capture(s, now - 7200, 3)
+        s._pruned_at = now + 10**7  # (this pass evicts only)
+        await s.enforce(now + 10**7)  # past the captures' age: evicted, its entry kept for now
+        assert (await s.get(old.id)).state == EVICTED
+        s._pruned_at = float("-inf")
+        await s.enforce(now)
+        anomalies = await s.anomalies(limit=10**6)
+        assert len([a for a in anomalies if a.resolved_at]) == 1000 and any(a.id == "ongoing" for a in anomalies)  # an open one stays
+        assert min(a.last_seen for a in anomalies if a.resolved_at) >= now - 3600
+        assert len(await s._run(s._fetch, "SELECT seq FROM alerts", ())) == 1000
+        assert await s.get(old.id) is None  # evicted, older than the index's age: its entry went
+        assert s.pruned_total == 500 + 200 + 1 and s.index_bytes == s._index_bytes() > 0
+    finally:
+        await s.close()
+
+
+async def test_the_index_is_inside_the_byte_budget(tmp_path: Path) -> None:
+    s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=10**6))
+    await s.open()
+    try:
+        rows = [await write_capture(s, time.time() - 10 + i, 50) for i in range(3)]
+        s.retention = with_index(s, 2 * rows[0].bytes + 100, 10**6)  # room for the index and two captures
+        assert await s.enforce() == [rows[0].id]
+        s.retention = with_index(s, 3 * rows[0].bytes + 100, 10**6)
+        s.retention = Retention(s.retention.max_bytes - 4096, 10**6)  # a page of the index less: one more capture goes
+        assert await s.enforce() == [rows[1].id]
+    finally:
+        await s.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Containers, sh, tool
+from conftest import RUN_ID, Containers, sh, tool
 
 pytestmark = pytest.mark.docker
 
@@ -48,3 +48,13 @@ def test_an_opted_out_member_vetoes_captures_of_its_namespace(nstap, containers:
     for ref in (owner[:12], private[:12]):
         proc = nstap_cli(d, "capture", ref, "--seconds", "1", check=False)
         assert proc.returncode == 1 and "403" in proc.stderr and "opted out" in proc.stderr, proc.stderr
+    # Defect: a vetoer that nstap does not watch at all (nstap.enable=off) was not looked at: the
+    # namespace of the container it joined was captured.
+    owner2 = containers.docker(docker_image, "httpd", "-f", "-p", "80", "-h", "/www", name="shared-owner2")
+    hidden = containers.docker("--network", f"container:{owner2}", "--label", "nstap.capture=off", "--label", "nstap.enable=off",
+                               docker_image, "sleep", "600", name="hidden")
+    netns2 = str(os.stat(f"/proc/{containers.pid('docker', owner2)}/ns/net").st_ino)
+    d.wait_metric(lambda m: len(m.find("nstap_container_info", netns=netns2)) == 1 and m.find("nstap_sample_timestamp_seconds", container_id=owner2[:12]), 10)
+    assert not d.scrape().find("nstap_container_info", container_id=hidden[:12])  # not watched, not listed
+    proc = nstap_cli(d, "capture", owner2[:12], "--seconds", "1", check=False)
+    assert proc.returncode == 1 and "403" in proc.stderr and f"hidden-{RUN_ID}" in proc.stderr, proc.stderr

@@ -140,6 +140,25 @@ def test_label_overrides(kind: str, value: str, expected) -> None:
     assert parse_override(DETECTORS[kind], value) == expected
 
 
+@pytest.mark.parametrize(
+    ("operator", "label", "running"),
+    [
+        (None, None, True),
+        (None, "off", False),
+        (None, "on", True),
+        (False, None, False),
+        (False, "on", False),  # defect: a container's label switched on what the operator switched off
+        (False, "0.2", False),  # a number is "on, with this threshold": off all the same
+        (True, "off", False),
+    ],
+)
+def test_the_operators_switch_wins_over_labels(operator, label, running) -> None:
+    enabled = {} if operator is None else {"tcp_retransmits": operator}
+    labels = {} if label is None else {"nstap.detect.tcp_retransmits": label}
+    kinds = [d.kind for d in build_detectors({}, enabled, labels)]
+    assert ("tcp_retransmits" in kinds) is running
+
+
 # Values a container could use to make itself trip endlessly (on a healthy, idle namespace) or
 # to break a detector: refused by labels exactly as by the config.
 HOSTILE_VALUES = [
@@ -286,6 +305,33 @@ def test_counts_of_containers_that_left_are_pruned() -> None:
     assert list(tracker.anomalies_total) == [("c49", records[-1].short_id, "docker", "tcp_retransmits")]
     assert pipeline._broken == {(records[-1].netns, "broken")}
     assert set(tracker.incidents) == {(records[-1].netns, "tcp_retransmits")}
+
+
+def test_detectors_are_built_again_when_a_members_labels_change() -> None:
+    """Defect: a namespace's detectors were built once, with the labels of its members at its first
+    sample: a sidecar that joined later with nstap.detect.* labels was never heard."""
+    from dataclasses import replace
+
+    from nstap.detect.pipeline import DetectionPipeline
+    from nstap.registry import ContainerRegistry
+
+    registry = ContainerRegistry()
+    tracker = IncidentTracker(None, None, cooldown=0, resolve_after=5)  # type: ignore[arg-type]
+    pipeline = DetectionPipeline(registry, tracker, {}, {})
+    pipeline.start(SampleStore())
+    owner = ContainerRecord(id="aa" * 32, name="web", runtime="docker", pid=1, status="running", image="i").with_netns(7, 1)
+    registry.upsert(owner)
+    pipeline.on_sample(NamespaceSample(7, 1.0, 0.0))
+    assert "tcp_retransmits" in [d.kind for d in pipeline._detectors[7]]
+    sidecar = ContainerRecord(id="bb" * 32, name="side", runtime="docker", pid=2, status="running", image="i",
+                              network_mode="container:" + "aa" * 32, labels={"nstap.detect.tcp_retransmits": "off"}).with_netns(7, 1)
+    registry.upsert(sidecar)
+    pipeline.on_sample(NamespaceSample(7, 2.0, 0.0))
+    assert "tcp_retransmits" not in [d.kind for d in pipeline._detectors[7]]
+    kept = pipeline._detectors[7]
+    registry.upsert(replace(owner, labels={"unrelated": "x"}))  # not a detect label: nothing rebuilt
+    pipeline.on_sample(NamespaceSample(7, 3.0, 0.0))
+    assert pipeline._detectors[7] is kept
 
 
 # -- onsets and detection latency: a fault at t=10 under steady traffic, sampled once a second ------

@@ -337,7 +337,7 @@ def test_daemon_holds_the_program_but_not_bcc(nstap, containers: Containers, doc
     assert not mapped, mapped  # ... and none of it is in the daemon
     assert not [p for p in d.children() if "nstap.ebpf.loader" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
     links = [os.readlink(f"/proc/{d.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{d.pid}/fd") if os.path.exists(f"/proc/{d.pid}/fd/{fd}")]
-    assert links.count("anon_inode:[perf_event]") == 2 and links.count("anon_inode:bpf-map") == 2, links
+    assert links.count("anon_inode:[perf_event]") == 2 and links.count("anon_inode:bpf-map") == 3, links  # drops, retrans, lost
     assert "anon_inode:bpf-prog" not in links  # the perf events hold the programs
     # It counts (the attachment outlived the child): drops of a container, read through bpf(2).
     cid = containers.docker(docker_image, *HTTPD, name="nobcc")
@@ -507,3 +507,90 @@ async def test_loader_that_fails_crashes_or_hangs_is_unavailable_and_leaves_noth
     assert not exists(child)
     wait_until(lambda: not alive(grandchild), 5, message="the cancelled loader's own child killed")
     assert fds_now() == before
+
+
+@pytest.mark.parametrize(
+    ("reads", "totals"),
+    [
+        # (counts by netns, watched) per read -> the host's totals after the last
+        ([({1: {"A": 5}}, set()), ({1: {"A": 7}}, set())], {"A": 7}),  # the host's own namespace: from zero, then grows
+        ([({1: {"A": 5}, 9: {"A": 40}}, {9}), ({1: {"A": 5}, 9: {"A": 41}}, set())], {"A": 5}),  # a container stopped: its drops stay its own
+        ([({1: {"A": 5}, 9: {"A": 40}}, {9}), ({1: {"A": 5}, 9: {"A": 41}}, set()), ({1: {"A": 5}}, set())], {"A": 5}),  # then deleted: no step back
+        ([({1: {"A": 5}}, set()), ({1: {"A": 2}}, set())], {"A": 7}),  # a count that went down (deleted, counted again): from zero
+        ([({1: {"A": 5}}, set()), ({}, set()), ({1: {"A": 3}}, set())], {"A": 8}),  # gone, then back: a new namespace on the inode
+        ([({9: {"B": 3}}, {9}), ({9: {"B": 9}}, {9})], {}),  # a watched container's drops are never the host's
+    ],
+)
+def test_host_drops_only_grow(reads, totals) -> None:
+    """Defect: nstap_host_kernel_drops_total summed the unwatched namespaces' entries at each read:
+    it jumped when a container stopped and went backwards when its entries were deleted."""
+    from nstap.ebpf.service import HostDrops
+
+    host = HostDrops()
+    seen = []
+    for counts, watched in reads:
+        host.update(counts, watched)
+        seen.append(dict(host.totals))
+    assert host.totals == totals
+    for before, after in zip(seen, seen[1:]):
+        assert all(after.get(k, 0) >= v for k, v in before.items()), seen
+
+
+def _map_ids(pid: int) -> dict[int, str]:
+    """The ids of the BPF maps a process holds, with their key sizes (from its fdinfo)."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-map":
+                continue
+            info = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        out[int(info["map_id"])] = info["key_size"].strip()
+    return out
+
+
+def _drop_map_netns(pid: int) -> set[int]:
+    """The namespace inodes with an entry in the daemon's drop map, read by bpftool."""
+    ids = [i for i, key_size in _map_ids(pid).items() if key_size == "8"]
+    assert len(ids) == 1, _map_ids(pid)
+    dump = json.loads(sh("bpftool", "map", "dump", "id", str(ids[0]), "-j").stdout)
+    return {int.from_bytes(bytes(int(b, 16) for b in entry["key"][:4]), "little") for entry in dump}
+
+
+def test_a_stopped_container_leaves_nothing_in_the_maps_and_the_host_counter_never_goes_back(nstap, containers: Containers, docker_image: str) -> None:
+    """Defect: entries of namespaces no longer watched stayed in the drop map for good (16,384 keys:
+    on a churning host it fills and new containers' drops go uncounted, and a container on a reused
+    namespace inode inherited a dead one's drops); the host's counter jumped when a container
+    stopped and went back when its entries were deleted."""
+    d: Daemon = nstap({"ebpf": "on"})
+    wait_until(lambda: d.events("ebpf_loaded"), 20, message="eBPF program loaded")
+    cid = containers.docker(docker_image, *HTTPD, name="churned")
+    netns = os.stat(f"/proc/{containers.pid('docker', cid)}/ns/net").st_ino
+    ip = containers.inspect("docker", cid)["NetworkSettings"]["IPAddress"]
+    d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12]), 10)
+    for _ in range(20):
+        with socket.socket() as s:
+            s.settimeout(2)
+            try:
+                s.connect((ip, 81))
+            except OSError:
+                pass
+    d.wait_metric(lambda m: drops_of(m, cid).get("NO_SOCKET", 0) >= 20, 5, "NO_SOCKET counted")
+    assert netns in _drop_map_netns(d.pid)
+
+    def host_total(m) -> float:
+        return sum(s.value for s in m.find("nstap_host_kernel_drops_total"))
+
+    before = host_total(d.scrape())
+    containers.remove("docker", cid)
+    totals = []
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        m = d.scrape()
+        totals.append(host_total(m))
+        time.sleep(0.2)
+    assert all(b >= a for a, b in zip(totals, totals[1:])), totals  # never back
+    assert totals[-1] - before < 20, (before, totals[-1])  # the container's 20 drops did not become the host's
+    assert netns not in _drop_map_netns(d.pid)  # its entries were deleted when its watcher went
+    assert d.scrape().value("nstap_kernel_drops_uncounted_total") == 0

@@ -90,10 +90,27 @@ def test_own_container_is_listed_but_not_watched(tmp_path) -> None:
         f"613 600 0:48 /docker/containers/{cid}/resolv.conf /etc/resolv.conf rw - ext4 /dev/vda1 rw\n"
     )
     assert own_container_id(tmp_path, {"NSTAP_IN_CONTAINER": "1"}) == cid
-    assert own_container_id(tmp_path, {}) == "" or Path("/.dockerenv").exists()  # on a host: no marker, no id
+    marker = tmp_path / ".dockerenv"
+    assert own_container_id(tmp_path, {}, (marker,)) == ""  # on a host: no marker, no id
+    marker.touch()
+    assert own_container_id(tmp_path, {}, (marker,)) == cid  # Docker's marker file says it is in a container
     registry = ContainerRegistry(own_id=cid)
     me = ContainerRecord(id=cid, name="nstap", runtime="docker", pid=10, status="running", image="nstap", netns=4026532999)
     other = ContainerRecord(id="cd" * 32, name="web", runtime="docker", pid=11, status="running", image="b", netns=4026533000)
     registry.replace_runtime("docker", [me, other])
     assert {r.name for r in registry.containers()} == {"nstap", "web"}
     assert [ns.owner.name for ns in registry.namespaces().values()] == ["web"]
+
+
+def test_every_container_of_a_namespace_can_veto_its_captures_watched_or_not() -> None:
+    """Defect: a container that said nstap.capture=off and nstap.enable=off was left out of the
+    namespace's members, so its veto was never looked at when a sidecar's namespace was captured."""
+    owner = ContainerRecord(id="aa" * 32, name="app", runtime="docker", pid=1, status="running", image="i", netns=5)
+    hidden = ContainerRecord(id="bb" * 32, name="vault", runtime="docker", pid=2, status="running", image="i", netns=5,
+                             network_mode="container:" + "aa" * 32, labels={"nstap.enable": "off", "nstap.capture": "off"})
+    watched_veto = ContainerRecord(id="cc" * 32, name="quiet", runtime="docker", pid=3, status="running", image="i", netns=6,
+                                   labels={"nstap.capture": "off"})
+    free = ContainerRecord(id="dd" * 32, name="free", runtime="docker", pid=4, status="running", image="i", netns=7)
+    namespaces = group_namespaces([owner, hidden, watched_veto, free])
+    assert [m.name for m in namespaces[5].members] == ["app"] and namespaces[5].vetoes == ("vault",)
+    assert namespaces[6].vetoes == ("quiet",) and namespaces[7].vetoes == ()

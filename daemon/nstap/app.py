@@ -138,7 +138,7 @@ class App:
                 raise StartupError(f"ebpf: on, but {exc}", 2) from None
 
         cap = cfg.capture
-        store = CaptureStore(cfg.data_dir, Retention(cap.store_max_bytes, cap.store_max_age))
+        store = CaptureStore(cfg.data_dir, Retention(cap.store_max_bytes, cap.store_max_age, cap.index_max_age, cap.index_max_rows))
         try:
             recovered = await store.open()
         except (OSError, sqlite3.Error) as exc:
@@ -198,6 +198,7 @@ class App:
             engine.nat = nat
         engine.ebpf = ebpf
         pool.ticker.hooks.append(ebpf.new_round)
+        pool.subscribe(lambda: ebpf.follow(set(pool.watched())))  # entries of namespaces no longer watched are deleted
         no_drops: dict[str, int] = {}  # a namespace without drops since the program loaded: counted, none
         pool.kernel_drops = lambda inode: ebpf.counts.get(inode, no_drops) if ebpf.up else None
         pipeline = DetectionPipeline(self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled}, self.supervisor)
@@ -249,6 +250,7 @@ class App:
         if cfg.detect.enabled:
             pipeline.start(self.store)
         pool.start()
+        await engine.recover()
         await engine.load_recent()
         engine.start()
         if nat is not None:

@@ -120,6 +120,11 @@ class CaptureConfig(Strict):
     buffer_kib: int = Field(4096, ge=256, le=1 << 20, description="tcpdump -B")
     store_max_bytes: int = Field(1 << 30, ge=1 << 20, le=1 << 44, description="disk budget of the capture store")
     store_max_age: float = Field(7 * 86400.0, ge=60.0, le=365 * 86400.0, description="seconds a capture is kept")
+    index_max_age: float = Field(
+        30 * 86400.0, ge=3600.0, le=10 * 365 * 86400.0,
+        description="seconds the index keeps an ended anomaly, an alert, and an evicted capture's entry",
+    )
+    index_max_rows: int = Field(100_000, ge=1000, le=10_000_000, description="entries the index keeps per table (captures, anomalies, alerts), newest first")
     ring: Literal["off", "labeled", "all"] = Field("labeled", description="flight recorders: none, label nstap.capture=ring, every namespace")
     ring_bytes: int = Field(8 * 1024 * 1024, ge=256 * 1024, le=1 << 32, description="flight-recorder bytes per namespace")
     ring_segments: int = Field(16, ge=2, le=64)

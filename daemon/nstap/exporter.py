@@ -85,7 +85,7 @@ class ScrapeState(NamedTuple):
     incidents: list[tuple[str, str, str, str, bool]]  # container, id, runtime, kind, active
     captures: dict[str, Any] | None
     nat: dict[str, Any] | None = None
-    ebpf: tuple[int, dict[str, int]] | None = None  # collector up, the host's drops by reason
+    ebpf: tuple[int, dict[str, int], int] | None = None  # collector up, the host's drops by reason, drops not counted (map full)
 
 
 def _escape(value: str) -> str:
@@ -211,6 +211,8 @@ class ContainerCollector:
                 "running": engine.running_count(),
                 "store_bytes": engine.store.total_bytes,
                 "store_max_bytes": engine.store.retention.max_bytes,
+                "index_bytes": engine.store.index_bytes,
+                "index_pruned": engine.store.pruned_total,
                 "recent": [(cid, list(q)) for cid, q in engine.recent.items()],
                 "rings": sum(1 for r in engine.rings.values() if r.running),
                 "ring_restarts": engine.ring_restarts_total,
@@ -230,7 +232,8 @@ class ContainerCollector:
             else [],
             captures=captures,
             nat=self._nat_snapshot(),
-            ebpf=(self.ebpf.up, self.ebpf.host_counts(set(namespaces))) if self.ebpf is not None else None,
+            ebpf=(self.ebpf.up, self.ebpf.host_counts(), self.ebpf.collector.lost if self.ebpf.collector is not None else 0)
+            if self.ebpf is not None else None,
         )
 
     def _nat_snapshot(self) -> dict[str, Any] | None:
@@ -486,8 +489,10 @@ class ContainerCollector:
             ("nstap_capture_kernel_drops_total", "counter", "Packets the kernel dropped before tcpdump read them, during captures.", c["kernel_drops"]),
             ("nstap_capture_failures_total", "counter", "Captures that failed (tcpdump missing, died, container gone, disk full).", c["failed"]),
             ("nstap_captures_running", "gauge", "Captures in progress.", c["running"]),
-            ("nstap_capture_store_bytes", "gauge", "Bytes of pcap files in the capture store.", c["store_bytes"]),
-            ("nstap_capture_store_max_bytes", "gauge", "The capture store's byte budget (capture.store_max_bytes).", c["store_max_bytes"]),
+            ("nstap_capture_store_bytes", "gauge", "Bytes of pcap and evidence files in the capture store.", c["store_bytes"]),
+            ("nstap_capture_store_max_bytes", "gauge", "The capture store's byte budget (capture.store_max_bytes), which the index shares.", c["store_max_bytes"]),
+            ("nstap_index_bytes", "gauge", "Bytes of the SQLite index (database and write-ahead log), counted in the store's byte budget.", c["index_bytes"]),
+            ("nstap_index_pruned_total", "counter", "Index entries deleted past capture.index_max_age or capture.index_max_rows.", c["index_pruned"]),
             ("nstap_flight_recorders_running", "gauge", "Namespaces with a running flight recorder.", c["rings"]),
             ("nstap_flight_recorder_restarts_total", "counter", "Flight recorders started again after their tcpdump died.", c["ring_restarts"]),
             (
@@ -504,7 +509,7 @@ class ContainerCollector:
     def _ebpf_families(self, scrape: ScrapeState) -> list[Family]:
         if scrape.ebpf is None:
             return []
-        _up, host = scrape.ebpf
+        _up, host, lost = scrape.ebpf
         drops = Family("nstap_kernel_drops_total", "counter", "Packets the kernel dropped in the container's namespace, by the kernel's drop reason (eBPF, kfree_skb).")
         for sample in scrape.samples:
             counts = sample.kernel_drops
@@ -517,7 +522,10 @@ class ContainerCollector:
         host_drops = Family("nstap_host_kernel_drops_total", "counter", "Packets the kernel dropped outside container namespaces, by drop reason (eBPF).")
         for reason, count in sorted(host.items()):
             host_drops.add(Labels((("reason", reason),)), count)
-        return [drops, host_drops]
+        uncounted = Family("nstap_kernel_drops_uncounted_total", "counter",
+                           "Drops the eBPF program could not count because its map of (namespace, reason) was full.")
+        uncounted.add(NO_LABELS, lost)
+        return [drops, host_drops, uncounted]
 
     def _collector_up(self, scrape: ScrapeState) -> list[Family]:
         up = Family(
@@ -615,10 +623,10 @@ def family_names() -> list[str]:
 
     captures = {
         "reach": [], "total": {}, "refused": {}, "bytes": 0, "kernel_drops": 0, "failed": 0, "running": 0, "store_bytes": 0,
-        "store_max_bytes": 0, "recent": [], "rings": 0, "ring_restarts": 0, "ring_lost": 0,
+        "store_max_bytes": 0, "index_bytes": 0, "index_pruned": 0, "recent": [], "rings": 0, "ring_restarts": 0, "ring_lost": 0,
     }
     nat = {"state": NatState(read_at=1.0, flows_at=1.0, conntrack=ConntrackTotals(0, 0)), "up": {}, "reads": 0, "read_errors": 0, "firewalls": []}
-    empty = ScrapeState([], {}, {}, [], [], 0, {}, [], captures, nat, (0, {}))
+    empty = ScrapeState([], {}, {}, [], [], 0, {}, [], captures, nat, (0, {}, 0))
     collector = ContainerCollector(ContainerRegistry(), SampleStore(), [])
     collector.incidents = _NoIncidents()  # type: ignore[assignment]
     return sorted({f.name for f in collector.families(empty)})

@@ -23,11 +23,17 @@ from .supervisor import FailureReport, log_failure
 
 @dataclass(frozen=True, slots=True)
 class WatchedNamespace:
-    """A namespace to watch: its owner (whose identity its series carry) and all its members."""
+    """A namespace to watch: its owner (whose identity its series carry) and all its members.
+
+    ``vetoes`` names every container in the namespace labelled ``nstap.capture=off``, watched or
+    not: a capture of the namespace records every container's packets, so one that opted out of
+    watching altogether (``nstap.enable=off``) still vetoes captures of a sidecar that joined it.
+    """
 
     inode: int
     owner: ContainerRecord
     members: tuple[ContainerRecord, ...]
+    vetoes: tuple[str, ...] = ()
 
 
 def _owner_rank(record: ContainerRecord) -> tuple:
@@ -39,11 +45,13 @@ _CONTAINER_PATH = re.compile(r"/(?:containers|overlay-containers)/([0-9a-f]{64})
 _CONTAINER_MARKERS = (Path("/.dockerenv"), Path("/run/.containerenv"))
 
 
-def own_container_id(proc_root: Path = Path("/proc"), env: dict[str, str] | None = None) -> str:
+def own_container_id(
+    proc_root: Path = Path("/proc"), env: dict[str, str] | None = None, markers: tuple[Path, ...] = _CONTAINER_MARKERS
+) -> str:
     """The id of the container nstap itself runs in ("" on a host): Docker and Podman bind the
     container's own hostname/resolv.conf files from a directory named after its id."""
     env = os.environ if env is None else env
-    if not (env.get("NSTAP_IN_CONTAINER") or any(p.exists() for p in _CONTAINER_MARKERS)):
+    if not (env.get("NSTAP_IN_CONTAINER") or any(p.exists() for p in markers)):
         return ""
     try:
         text = (proc_root / "self/mountinfo").read_text()
@@ -56,13 +64,18 @@ def own_container_id(proc_root: Path = Path("/proc"), env: dict[str, str] | None
 def group_namespaces(records: Iterable[ContainerRecord]) -> dict[int, WatchedNamespace]:
     """Group watchable containers by namespace and elect each namespace's owner."""
     groups: dict[int, list[ContainerRecord]] = {}
+    vetoes: dict[int, list[str]] = {}
     for record in records:
-        if record.netns and not record.host_network and record.enabled:
+        if not record.netns or record.host_network:
+            continue
+        if nstap_labels.capture_opted_out(record.labels):
+            vetoes.setdefault(record.netns, []).append(record.name)
+        if record.enabled:
             groups.setdefault(record.netns, []).append(record)
     out = {}
     for inode, members in groups.items():
         members.sort(key=_owner_rank)
-        out[inode] = WatchedNamespace(inode, members[0], tuple(members))
+        out[inode] = WatchedNamespace(inode, members[0], tuple(members), tuple(sorted(vetoes.get(inode, ()))))
     return out
 
 

@@ -292,10 +292,10 @@ class CaptureApi:
         namespace = self.registry.namespaces().get(record.netns)
         if namespace is None:
             raise BadRequest(f"{record.name} is not watched (opted out or not started yet)", 409)
-        # A capture of the namespace records every member's packets: one that opted out vetoes it.
-        private = [m.name for m in namespace.members if nstap_labels.capture_opted_out(m.labels)]
-        if private:
-            raise BadRequest(f"{record.name} shares its network with {', '.join(private)}, which opted out of captures", 403)
+        # A capture of the namespace records every container's packets: one that opted out vetoes
+        # it, whether nstap watches it or not.
+        if namespace.vetoes:
+            raise BadRequest(f"{record.name} shares its network with {', '.join(namespace.vetoes)}, which opted out of captures", 403)
         target = CaptureTarget(record.name, record.short_id, record.runtime, namespace.inode)
         return record, target
 

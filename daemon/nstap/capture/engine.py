@@ -75,8 +75,9 @@ HOST_SIDE_KIND = "interface_drops"  # an anomaly of this kind on a host end capt
 
 
 def capture_opted_out(namespace: WatchedNamespace) -> bool:
-    """True if a member of the namespace is labelled ``nstap.capture=off`` (it vetoes captures of it)."""
-    return any(nstap_labels.capture_opted_out(m.labels) for m in namespace.members)
+    """True if a container in the namespace, watched or not, is labelled ``nstap.capture=off``
+    (it vetoes captures of it)."""
+    return bool(namespace.vetoes)
 
 
 class NamespaceHolder(Protocol):
@@ -296,6 +297,28 @@ class CaptureEngine:
         # The latest finished captures per container (short id): what dashboards link to.
         self.recent: dict[str, deque[tuple[str, str, str, str, str, float]]] = {}
         self.failed_total = 0
+
+    async def recover(self) -> int:
+        """Filter the packets of the filtered captures a daemon that died left unfiltered (the
+        store found them at open); returns how many. Their pcap then holds what it should have
+        held, and the capture is incomplete (the daemon died before its end)."""
+        for row in list(self.store.unfiltered):
+            path = self.store.dir / row.file  # type: ignore[operator]
+            raw = path.with_suffix(".unfiltered")
+            error = "daemon stopped before the capture finished; its packets were filtered at the next start"
+            if self.tools is None:
+                error = f"daemon stopped before the capture finished; its packets could not be filtered: {self.tools_error}"
+            else:
+                try:
+                    await self.tools.filter_file(raw, path, row.filter)
+                except (OSError, ValueError) as exc:
+                    error = f"daemon stopped before the capture finished; filtering its packets failed: {exc}"
+            raw.unlink(missing_ok=True)
+            await self.store.filtered_at_start(row.id, error)
+            log.info("capture_recovered", capture_id=row.id, container=row.container, error=error)
+        count = len(self.store.unfiltered)
+        self.store.unfiltered = []
+        return count
 
     async def load_recent(self) -> None:
         """Fill :attr:`recent` from the store: a restart keeps the dashboards' links to captures."""
@@ -661,6 +684,10 @@ class CaptureEngine:
         if out.capped and not error:
             error = f"byte cap of {self.settings.max_bytes} reached"
         if raw_path != path:
+            if state == INCOMPLETE:
+                # The daemon stops: no time to filter. The packets stay in raw_path, which the next
+                # start filters (CaptureStore.open, CaptureEngine.recover).
+                return {"state": state, "error": error}
             if state != FAILED:
                 try:
                     await self.tools.filter_file(raw_path, path, bpf)  # type: ignore[union-attr]

@@ -101,6 +101,7 @@ CREATE TABLE IF NOT EXISTS alerts (
 );
 CREATE INDEX IF NOT EXISTS alerts_fp ON alerts (fingerprint, starts_at);
 CREATE INDEX IF NOT EXISTS alerts_capture ON alerts (capture_id);
+CREATE INDEX IF NOT EXISTS alerts_received ON alerts (received_at);
 """
 # Columns added since the first release: an index made by an older daemon gets them at open.
 MIGRATIONS = {
@@ -199,10 +200,16 @@ _ANOMALY_FIELDS = [f.name for f in fields(AnomalyRow)]
 
 @dataclass(frozen=True)
 class Retention:
-    """How much the store may keep."""
+    """How much the store may keep: bytes (pcaps, evidence and the index itself) and age of the
+    captures; age and number of the index's entries."""
 
     max_bytes: int
     max_age_seconds: float
+    index_max_age: float = 30 * 86400.0
+    index_max_rows: int = 100_000
+
+
+PRUNE_EVERY = 60.0  # seconds between passes over the index's tables
 
 
 class CaptureStore:
@@ -215,6 +222,10 @@ class CaptureStore:
         self._executor = worker_threads("nstap-store")
         self._db: sqlite3.Connection | None = None
         self.total_bytes = 0  # bytes of capture files on disk, kept current for the exporter
+        self.unfiltered: list[CaptureRow] = []  # captures whose packets wait in <id>.unfiltered (found at open)
+        self.index_bytes = 0  # bytes of the SQLite index (database and WAL), within the byte budget
+        self.pruned_total = 0  # index entries deleted by age or count
+        self._pruned_at = float("-inf")
         self.evicted_listeners: list[Callable[[list[str]], None]] = []  # told (on the loop) which captures went
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -243,11 +254,29 @@ class CaptureStore:
                 if name not in have:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
         self._db = db
-        recovered = {"incomplete": 0, "orphans": 0, "anomalies_closed": 0}
+        recovered = {"incomplete": 0, "orphans": 0, "anomalies_closed": 0, "to_filter": 0, "leftovers_removed": 0}
         now = time.time()
+        # A filtered flight-recorder capture writes the ring's packets aside (<id>.unfiltered) and
+        # filters them into its pcap at the end: a daemon that died before that left its packets
+        # there. They are filtered at this start (CaptureEngine.recover), not lost; a file of no
+        # capture that could be filtered is removed, as is any half-written evidence (*.tmp).
+        self.unfiltered = []
+        for raw in sorted(self.dir.glob("*.unfiltered")):
+            rows = self._select("SELECT * FROM captures WHERE file = ?", (raw.with_suffix(".pcap").name,))
+            if rows and rows[0].state in (RUNNING, INCOMPLETE) and rows[0].filter:
+                self.unfiltered.append(rows[0])
+                recovered["to_filter"] += 1
+            else:
+                raw.unlink(missing_ok=True)
+                recovered["leftovers_removed"] += 1
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+            recovered["leftovers_removed"] += 1
+        waiting = {r.id for r in self.unfiltered}
         for row in self._select("SELECT * FROM captures WHERE state = ?", (RUNNING,)):
-            self._finish_from_file(row, INCOMPLETE, "daemon stopped before the capture finished", now)
-            recovered["incomplete"] += 1
+            if row.id not in waiting:
+                self._finish_from_file(row, INCOMPLETE, "daemon stopped before the capture finished", now)
+                recovered["incomplete"] += 1
         known = {r[0] for r in db.execute("SELECT file FROM captures WHERE file IS NOT NULL")}
         for path in sorted(self.dir.glob("*.pcap")):
             if path.name in known:
@@ -259,6 +288,7 @@ class CaptureStore:
         cur = db.execute("UPDATE anomalies SET resolved_at = last_seen WHERE resolved_at IS NULL")
         recovered["anomalies_closed"] = cur.rowcount
         self.total_bytes = self._disk_bytes()
+        self.index_bytes = self._index_bytes()
         return recovered
 
     def _finish_from_file(self, row: CaptureRow, state: str, error: str, now: float) -> None:
@@ -312,6 +342,11 @@ class CaptureStore:
         return self._evicted(await self._run(self._save_evidence, capture_id, data))
 
     def _save_evidence(self, capture_id: str, data: bytes) -> list[str]:
+        rows = self._select("SELECT * FROM captures WHERE id = ?", (capture_id,))
+        if not rows or rows[0].state == EVICTED:
+            # Its capture was evicted while the evidence was being taken: a file written now would
+            # be nobody's, unreachable and counted against the budget for good.
+            return []
         name = f"{capture_id}.evidence.json"
         tmp = self.dir / (name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -338,10 +373,17 @@ class CaptureStore:
         return await self._run(self._create, row)
 
     def _create(self, row: CaptureRow) -> CaptureRow:
+        # The file first: a row is never left "running" for a file that could not be made (a full
+        # disk, no descriptors); the caller is told why.
         row.file = f"{row.id}.pcap"
-        self._insert(row)
-        fd = os.open(self.dir / row.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        path = self.dir / row.file
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         os.close(fd)
+        try:
+            self._insert(row)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         return row
 
     async def finish(self, capture_id: str, **values: Any) -> None:
@@ -357,10 +399,15 @@ class CaptureStore:
         """End a capture that was interrupted: incomplete, with what its file holds."""
         await self._run(self._mark_incomplete, capture_id, error)
 
-    def _mark_incomplete(self, capture_id: str, error: str) -> None:
-        for row in self._select("SELECT * FROM captures WHERE id = ? AND state = ?", (capture_id, RUNNING)):
+    def _mark_incomplete(self, capture_id: str, error: str, states: tuple[str, ...] = (RUNNING,)) -> None:
+        for row in self._select(f"SELECT * FROM captures WHERE id = ? AND state IN ({','.join('?' * len(states))})", (capture_id, *states)):
             self._finish_from_file(row, INCOMPLETE, error, time.time())
         self.total_bytes = self._disk_bytes()
+
+    async def filtered_at_start(self, capture_id: str, error: str) -> None:
+        """A capture whose packets were filtered at this start (see ``unfiltered``): incomplete,
+        with what its pcap holds now."""
+        await self._run(self._mark_incomplete, capture_id, error, (RUNNING, INCOMPLETE))
 
     async def get(self, capture_id: str) -> CaptureRow | None:
         """One capture by id (None for an id that is not well-formed or not known)."""
@@ -435,10 +482,17 @@ class CaptureStore:
         return ids
 
     def _enforce(self, now: float) -> list[str]:
+        if now - self._pruned_at >= PRUNE_EVERY:
+            self._pruned_at = now
+            self.pruned_total += self._prune(now)
         rows = self._select("SELECT * FROM captures WHERE file IS NOT NULL AND state != ? ORDER BY created_at", (EVICTED,))
         by_id = {r.id: r for r in rows}
         held = [HeldCapture(r.id, r.container_id, r.created_at, self._size(r), r.state in FINISHED) for r in rows]
-        evicted = plan_evictions(held, self.retention.max_bytes, self.retention.max_age_seconds, now)
+        # The index lives in the same budget: the captures get what its database file leaves (its
+        # write-ahead log, at most SQLite's checkpoint size of ~4 MiB, is folded into it there).
+        self.index_bytes = self._index_bytes()
+        budget = max(self.retention.max_bytes - self._db_file_bytes(), 0)
+        evicted = plan_evictions(held, budget, self.retention.max_age_seconds, now)
         for capture_id in evicted:
             row = by_id[capture_id]
             for name in (row.file, row.evidence):
@@ -447,6 +501,41 @@ class CaptureStore:
             self._update(capture_id, state=EVICTED, file=None, evidence=None)
         self.total_bytes = self._disk_bytes()
         return evicted
+
+    def _prune(self, now: float) -> int:
+        """Delete the index's entries past its age or count: ended anomalies, alerts, evicted
+        captures' entries (a capture with its file is the byte budget's). Returns how many went."""
+        assert self._db is not None
+        keep, horizon = self.retention.index_max_rows, now - self.retention.index_max_age
+        gone = 0
+        for sql, args in (
+            ("DELETE FROM anomalies WHERE resolved_at IS NOT NULL AND last_seen < ?", (horizon,)),
+            ("DELETE FROM anomalies WHERE resolved_at IS NOT NULL AND id NOT IN (SELECT id FROM anomalies ORDER BY first_seen DESC LIMIT ?)", (keep,)),
+            ("DELETE FROM alerts WHERE received_at < ?", (horizon,)),
+            ("DELETE FROM alerts WHERE seq NOT IN (SELECT seq FROM alerts ORDER BY seq DESC LIMIT ?)", (keep,)),
+            ("DELETE FROM captures WHERE state = ? AND created_at < ?", (EVICTED, horizon)),
+            ("DELETE FROM captures WHERE state = ? AND id NOT IN (SELECT id FROM captures ORDER BY created_at DESC LIMIT ?)", (EVICTED, keep)),
+        ):
+            gone += self._db.execute(sql, args).rowcount
+        if gone:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return gone
+
+    def _db_file_bytes(self) -> int:
+        try:
+            return self.db_path.stat().st_size
+        except OSError:
+            return 0
+
+    def _index_bytes(self) -> int:
+        """Bytes of the index on disk: the database and its write-ahead log."""
+        total = 0
+        for path in (self.db_path, self.db_path.with_name(self.db_path.name + "-wal")):
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+        return total
 
     def _size(self, row: CaptureRow) -> int:
         """Bytes a capture holds on disk: its pcap and its evidence."""
@@ -460,7 +549,7 @@ class CaptureStore:
 
     def _disk_bytes(self) -> int:
         total = 0
-        for pattern in ("*.pcap", "*.evidence.json"):
+        for pattern in ("*.pcap", "*.evidence.json", "*.unfiltered"):
             for p in self.dir.glob(pattern):
                 try:
                     total += p.stat().st_size

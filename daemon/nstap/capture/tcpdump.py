@@ -42,7 +42,10 @@ class CaptureToolMissing(RuntimeError):
 
 
 class FilterError(ValueError):
-    """A capture filter that tcpdump does not accept."""
+    """A capture filter that tcpdump does not accept, or a filtering run that failed."""
+
+
+FILTER_TIMEOUT = 120.0  # seconds tcpdump may take to filter one capture's packets (a ring of 4 GiB at most)
 
 
 @dataclass(frozen=True)
@@ -112,14 +115,18 @@ class Tools:
             lines = [line for line in err.decode(errors="replace").splitlines() if "data link type" not in line]
             raise FilterError((lines[-1] if lines else "invalid filter").removeprefix("tcpdump: "))
 
-    async def filter_file(self, src: Path, dst: Path, bpf: str) -> None:
-        """Write the packets of pcap ``src`` that match ``bpf`` to ``dst`` (tcpdump -r ... -w ...)."""
+    async def filter_file(self, src: Path, dst: Path, bpf: str, timeout: float = FILTER_TIMEOUT) -> None:
+        """Write the packets of pcap ``src`` that match ``bpf`` to ``dst`` (tcpdump -r ... -w ...);
+        FilterError if tcpdump fails or takes longer than ``timeout`` (it is killed)."""
         proc = await asyncio.create_subprocess_exec(
             self.tcpdump, "-Z", "root", "-r", str(src), "-w", str(dst), "--", bpf,  # -Z: the file stays root's
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
         )
         try:
-            _, err = await proc.communicate()
+            _, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            await reap(proc)
+            raise FilterError(f"tcpdump -r took longer than {timeout:g}s") from None
         except asyncio.CancelledError:  # the daemon stops: so does tcpdump
             await reap(proc)
             raise

@@ -4,7 +4,8 @@ Each namespace gets its own detector instances, with the parameters of the confi
 (``detect.detectors.<kind>``) overridden per container by the label ``nstap.detect.<kind>``:
 
 * ``off`` (or ``false``, ``no``, ``disabled``: the vocabulary of every nstap switch) switches the
-  detector off for that container, ``on`` back on;
+  detector off for that container; ``on`` changes nothing (a detector the operator switched off
+  stays off: labels are the container's, the host's configuration wins);
 * a number sets the detector's main parameter (its threshold);
 * ``name=value,name=value`` sets named parameters.
 
@@ -130,7 +131,9 @@ def build_detectors(
             except LabelError as exc:
                 log.warning("detector_label_ignored", container=container, label=LABEL_PREFIX + kind, value=label, error=str(exc))
             else:
-                on = on if override_on is None else override_on
+                # A label tunes a detector or switches it off; it never switches on one the
+                # operator switched off (detect.disabled): that decision is the host's.
+                on = on and override_on is not False
                 params.update(overrides)
         if on:
             out.append(spec.factory(**params))

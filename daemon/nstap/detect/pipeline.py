@@ -6,14 +6,19 @@ from collections.abc import Mapping
 
 import structlog
 
-from ..registry import ContainerRegistry
+from ..registry import ContainerRegistry, WatchedNamespace
 from ..samples import NamespaceSample, SampleStore
 from ..supervisor import TaskSupervisor
-from . import DETECTORS, build_detectors
+from . import DETECTORS, LABEL_PREFIX, build_detectors
 from .base import Detector
 from .incidents import IncidentTracker
 
 log = structlog.get_logger("nstap.detect")
+
+
+def detect_labels(ns: WatchedNamespace) -> dict[str, str]:
+    """The namespace's ``nstap.detect.*`` labels, from every member (the owner's win)."""
+    return {k: v for m in reversed(ns.members) for k, v in m.labels.items() if k.startswith(LABEL_PREFIX)}
 
 
 class DetectionPipeline:
@@ -33,6 +38,7 @@ class DetectionPipeline:
         self.enabled = enabled
         self.supervisor = supervisor or TaskSupervisor()
         self._detectors: dict[int, list[Detector]] = {}
+        self._labels_of: dict[int, dict[str, str]] = {}  # the labels each namespace's detectors were built with
         self._broken: set[tuple[int, str]] = set()  # (netns, kind) whose failure was logged already
 
     def reconfigure(self, params: Mapping[str, Mapping[str, float]], enabled: Mapping[str, bool]) -> None:
@@ -41,6 +47,7 @@ class DetectionPipeline:
         self.params = params
         self.enabled = enabled
         self._detectors.clear()
+        self._labels_of.clear()
 
     def start(self, samples: SampleStore) -> None:
         """Receive every sample from now on, and follow namespaces leaving the registry."""
@@ -54,9 +61,8 @@ class DetectionPipeline:
             return
         detectors = self._detectors.get(sample.netns)
         if detectors is None:
-            owner = ns.owner
-            labels = {k: v for m in reversed(ns.members) for k, v in m.labels.items()}  # the owner's win
-            detectors = self._detectors[sample.netns] = build_detectors(self.params, self.enabled, labels, owner.name)
+            labels = self._labels_of[sample.netns] = detect_labels(ns)
+            detectors = self._detectors[sample.netns] = build_detectors(self.params, self.enabled, labels, ns.owner.name)
         seen = set()
         for detector in detectors:
             try:
@@ -78,6 +84,12 @@ class DetectionPipeline:
         namespaces = self.registry.namespaces()
         for netns in [n for n in self._detectors if n not in namespaces]:
             del self._detectors[netns]
+            self._labels_of.pop(netns, None)
             self.tracker.forget(netns)
+        # A member's nstap.detect.* labels changed (a container that joined, one that left, or a
+        # runtime that relabels): its detectors are built again at its next sample.
+        for netns, ns in namespaces.items():
+            if netns in self._detectors and detect_labels(ns) != self._labels_of.get(netns):
+                del self._detectors[netns]
         self._broken = {key for key in self._broken if key[0] in namespaces}
         self.tracker.prune({r.short_id for r in self.registry.containers()})

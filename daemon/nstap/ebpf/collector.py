@@ -50,7 +50,7 @@ DROP_KEY = struct.Struct("=II")  # netns, reason
 DROP_COUNT = struct.Struct("=Q")
 FLOW_KEY = struct.Struct("=IHHHH16s")  # netns, sport, dport, family, pad, daddr
 FLOW_VALUE = struct.Struct("=QQ")  # count, last_ns
-MAPS = {"drops": (DROP_KEY.size, DROP_COUNT.size), "retrans": (FLOW_KEY.size, FLOW_VALUE.size)}
+MAPS = {"drops": (DROP_KEY.size, DROP_COUNT.size), "retrans": (FLOW_KEY.size, FLOW_VALUE.size), "lost": (4, 8)}
 
 _SYMBOL = re.compile(r"\{\s*(\d+),\s*\"(\w+)\"\s*\}")
 _FIELD = re.compile(r"field:([^;]+);\s*offset:(\d+);\s*size:(\d+);")
@@ -72,6 +72,7 @@ PROGRAM = r"""
 
 struct drop_key { u32 netns; u32 reason; };
 BPF_HASH(drops, struct drop_key, u64, MAX_DROP_KEYS);
+BPF_ARRAY(lost, u64, 1);  /* drops not counted because the drops map was full */
 
 struct flow_key { u32 netns; u16 sport; u16 dport; u16 family; u16 pad; u8 daddr[16]; };
 struct flow_val { u64 count; u64 last_ns; };
@@ -106,8 +107,14 @@ int on_drop(void *ctx) {
     key.netns = net_inum(net);
     u64 zero = 0;
     u64 *count = drops.lookup_or_try_init(&key, &zero);
-    if (count)
+    if (count) {
         __sync_fetch_and_add(count, 1);
+    } else {
+        int first = 0;
+        u64 *missed = lost.lookup(&first);
+        if (missed)
+            __sync_fetch_and_add(missed, 1);
+    }
     return 0;
 }
 
@@ -278,6 +285,8 @@ class DropCollector:
         self.read_errors = 0
         self.drops: BpfMap | None = None
         self.retrans: BpfMap | None = None
+        self.lost_map: BpfMap | None = None
+        self.lost = 0  # drops the program could not count: its drops map was full
         self._perf_fds: list[int] = []  # the attachments: closing the last descriptor detaches
         self._flow_history: deque[tuple[float, dict[tuple, int]]] = deque()
         self._flows_at = 0.0
@@ -292,7 +301,8 @@ class DropCollector:
             perf_fds = [fds.pop(f"perf:{tracepoint}") for tracepoint, _ in TRACEPOINTS]
             drops = BpfMap.from_fd(fds.pop("map:drops"), "drops")
             retrans = BpfMap.from_fd(fds.pop("map:retrans"), "retrans")
-            for bpf_map in (drops, retrans):
+            lost = BpfMap.from_fd(fds.pop("map:lost"), "lost")
+            for bpf_map in (drops, retrans, lost):
                 if (bpf_map.key_size, bpf_map.value_size) != MAPS[bpf_map.name]:
                     raise EbpfUnavailable(f"the loader's {bpf_map.name} map has {bpf_map.key_size}-byte keys and "
                                           f"{bpf_map.value_size}-byte values, not {MAPS[bpf_map.name]}")
@@ -305,7 +315,7 @@ class DropCollector:
             raise
         handover.fds = fds  # what is left was not asked for
         handover.close()
-        self._perf_fds, self.drops, self.retrans, self.reasons = perf_fds, drops, retrans, reasons
+        self._perf_fds, self.drops, self.retrans, self.lost_map, self.reasons = perf_fds, drops, retrans, lost, reasons
         self.compile_seconds = float(report.get("compile_seconds", 0.0))
         self.loader_pid = handover.pid
         self.loader_peak_rss_kib = int(report.get("peak_rss_kib", 0))
@@ -325,6 +335,8 @@ class DropCollector:
         for key, value in drops.items():
             netns, reason = DROP_KEY.unpack(key)
             out.setdefault(netns, {})[names.get(reason, str(reason))] = DROP_COUNT.unpack(value)[0]
+        if self.lost_map is not None:
+            self.lost = sum(DROP_COUNT.unpack(value)[0] for _, value in self.lost_map.items())
         self.counts = out
         self.read_at = time.time()
         return out
@@ -391,8 +403,8 @@ class DropCollector:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._perf_fds = []
-        for bpf_map in (self.drops, self.retrans):
+        for bpf_map in (self.drops, self.retrans, self.lost_map):
             if bpf_map is not None:
                 with contextlib.suppress(OSError):
                     bpf_map.close()
-        self.drops = self.retrans = None
+        self.drops = self.retrans = self.lost_map = None

@@ -185,7 +185,7 @@ def attach() -> tuple[Any, dict[str, Any]]:
 def handed_fds(program: Any) -> dict[str, int]:
     """The descriptors the daemon needs, by name: the perf events and the maps."""
     fds = {f"perf:{tracepoint}": program.tracepoint_fds[tracepoint.encode()] for tracepoint, _ in TRACEPOINTS}
-    fds.update({f"map:{name}": program[name].get_fd() for name in ("drops", "retrans")})
+    fds.update({f"map:{name}": program[name].get_fd() for name in ("drops", "retrans", "lost")})
     return fds
 
 

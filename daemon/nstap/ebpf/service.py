@@ -8,6 +8,7 @@ the daemon runs unchanged); ``on`` makes a missing prerequisite stop the daemon 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import structlog
 
 from .collector import DropCollector, EbpfUnavailable
+from ..threads import worker_threads
 from .loader import LOAD_TIMEOUT, LOADER, load_in_child
 
 log = structlog.get_logger("nstap.ebpf")
@@ -31,8 +33,13 @@ class EbpfService:
         self.up = 0
         self.error = ""
         self.counts: Mapping[int, Mapping[str, int]] = {}
+        self.host = HostDrops()
         self._failing = False
         self._closed = False
+        self._thread = worker_threads("nstap-ebpf")  # map reads and deletes, off the event loop
+        self._reading: asyncio.Future | None = None
+        self._watched: set[int] = set()
+        self._lost_logged = 0
 
     async def load(self) -> None:
         """Compile and attach in a child process (a few seconds, none of them on this process's
@@ -60,31 +67,60 @@ class EbpfService:
                  loader_pid=collector.loader_pid, loader_peak_rss_mib=round(collector.loader_peak_rss_kib / 1024, 1))
 
     def new_round(self) -> None:
-        """Read the drop map (one batched lookup), and the flow map when it is due."""
+        """Start reading the drop map (one batched lookup; the flow map too when due) in the eBPF
+        thread, unless the last read is still going; the samples use the latest read done."""
         collector = self.collector
-        if collector is None:
+        if collector is None or self._closed or (self._reading is not None and not self._reading.done()):
             return
-        try:
-            self.counts = collector.read()
-            if collector.flows_due(time.time()):
-                collector.read_flows()
-        except Exception as exc:  # noqa: BLE001 - a failed map read must not stop the round's samples
+        self._reading = asyncio.get_running_loop().run_in_executor(self._thread, self._read, collector)
+        self._reading.add_done_callback(self._read_done)
+
+    @staticmethod
+    def _read(collector: DropCollector) -> dict[int, dict[str, int]]:
+        counts = collector.read()
+        if collector.flows_due(time.time()):
+            collector.read_flows()
+        return counts
+
+    def _read_done(self, reading: asyncio.Future) -> None:
+        collector = self.collector
+        if collector is None or reading.cancelled():
+            return
+        exc = reading.exception()
+        if exc is not None:  # a failed map read must not stop the samples: they keep the last counts
             collector.read_errors += 1
             if not self._failing:
                 self._failing = True
                 log.warning("ebpf_read_failed", error=f"{type(exc).__name__}: {exc}")
-        else:
-            self._failing = False
+            return
+        self._failing = False
+        self.counts = reading.result()
+        self.host.update(self.counts, self._watched)
+        if collector.lost > self._lost_logged:
+            if not self._lost_logged:
+                log.warning("ebpf_map_full", map="drops", max_entries=collector.drops.max_entries if collector.drops else 0,
+                            uncounted=collector.lost, fix="fewer namespaces than the map holds; tell the developers")
+            self._lost_logged = collector.lost
 
-    def host_counts(self, watched: set[int]) -> dict[str, int]:
-        """Drops of every namespace that is not a watched container's, by reason: the host's."""
-        out: dict[str, int] = {}
-        for netns, reasons in self.counts.items():
-            if netns in watched:
-                continue
-            for reason, count in reasons.items():
-                out[reason] = out.get(reason, 0) + count
-        return out
+    def follow(self, watched: set[int]) -> None:
+        """The watched namespaces now: the map entries of those no longer watched are deleted
+        (in the eBPF thread), so that a churning host's map never fills with the dead and a new
+        container on a reused namespace inode starts from zero."""
+        gone = self._watched - watched
+        self._watched = set(watched)
+        collector = self.collector
+        if gone and collector is not None and not self._closed:
+            self.counts = {inode: reasons for inode, reasons in self.counts.items() if inode not in gone}
+            forgetting = asyncio.get_running_loop().run_in_executor(self._thread, collector.forget, gone)
+            forgetting.add_done_callback(self._forgot)
+
+    def _forgot(self, forgetting: asyncio.Future) -> None:
+        if not forgetting.cancelled() and forgetting.exception() is not None:
+            log.warning("ebpf_forget_failed", error=str(forgetting.exception()))
+
+    def host_counts(self) -> dict[str, int]:
+        """Drops outside the watched containers' namespaces, by reason: monotonic (see HostDrops)."""
+        return dict(self.host.totals)
 
     def retransmits(self, netns: set[int]) -> list[dict[str, Any]]:
         """The flows of ``netns`` that retransmitted in the last minute, most first."""
@@ -99,7 +135,7 @@ class EbpfService:
         return {"kernel_drops": dict(self.counts.get(netns, {})), "retransmit_flows": self.retransmits({netns})}
 
     def forget(self, netns: Collection[int]) -> int:
-        """Delete the map entries of namespaces ``netns`` (no longer watched); how many went."""
+        """Delete the map entries of namespaces ``netns`` now (blocking); how many went."""
         collector = self.collector
         if collector is None:
             return 0
@@ -108,9 +144,48 @@ class EbpfService:
         return gone
 
     def close(self) -> None:
-        """Detach the program (close its descriptors); a load still under way is dropped when it ends."""
+        """Detach the program (close its descriptors) once a read under way is done; a load still
+        under way is dropped when it ends."""
         self._closed = True
+        self._thread.shutdown(wait=True)
         if self.collector is not None:
             self.collector.close()
             self.collector = None
             self.up = 0
+
+
+class HostDrops:
+    """The host's drops by reason: every namespace that is not a watched container's, counted so
+    that the total only grows.
+
+    Summing the map's entries of unwatched namespaces at each read made the total jump when a
+    container stopped (its namespace's drops became the host's) and go back when its entries were
+    deleted: a counter reset to Prometheus. Here each read adds what each unwatched namespace's
+    counts grew by since the last read; a namespace watched at the last read starts from what it
+    holds now (its drops were the container's), a counter that went down (deleted, then counted
+    again) from zero.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+        self._last: dict[int, Mapping[str, int]] = {}  # unwatched namespace -> its counts at the last read
+        self._watched: set[int] = set()
+
+    def update(self, counts: Mapping[int, Mapping[str, int]], watched: set[int]) -> None:
+        """Add one read of the drop map."""
+        totals = self.totals
+        last: dict[int, Mapping[str, int]] = {}
+        for netns, reasons in counts.items():
+            if netns in watched:
+                continue
+            before = self._last.get(netns)
+            if before is None:
+                before = reasons if netns in self._watched else {}
+            for reason, count in reasons.items():
+                old = before.get(reason, 0)
+                grew = count - old if count >= old else count
+                if grew:
+                    totals[reason] = totals.get(reason, 0) + grew
+            last[netns] = reasons
+        self._last = last  # only the namespaces in this read: bounded by the map
+        self._watched = set(watched)

@@ -276,19 +276,52 @@ async def run_tool(argv: list[str], ns_fd: int | None = None, timeout: float = T
         await reap(late)
         raise
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err, over = await asyncio.wait_for(_read_capped(proc, cap), timeout)
     except asyncio.TimeoutError:
         await reap(proc)
         return "", f"{argv[0]} took longer than {timeout:g}s"
     except asyncio.CancelledError:
         await reap(proc)
         raise
-    text = out[:cap].decode("utf-8", "replace")
-    if len(out) > cap:
+    text = out.decode("utf-8", "replace")
+    if over:
         return text, f"{argv[0]} printed more than {cap} bytes"
     if proc.returncode != 0:
         return text, (err.decode("utf-8", "replace").strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:500]
     return text, ""
+
+
+async def _read_capped(proc: asyncio.subprocess.Process, cap: int) -> tuple[bytes, bytes, bool]:
+    """A tool's stdout as it comes, up to ``cap`` bytes (beyond, the tool is killed at once: what a
+    container's firewall makes it print is never all held in memory), its stderr's last 64 KiB,
+    and whether it went over."""
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def tail(stream: asyncio.StreamReader) -> bytes:
+        kept = b""
+        while chunk := await stream.read(1 << 16):
+            kept = (kept + chunk)[-(1 << 16):]
+        return kept
+
+    errors = asyncio.ensure_future(tail(proc.stderr))
+    chunks: list[bytes] = []
+    size = 0
+    over = False
+    try:
+        while chunk := await proc.stdout.read(1 << 16):
+            size += len(chunk)
+            if size > cap:
+                over = True
+                chunks.append(chunk[: cap - (size - len(chunk))])
+                await reap(proc)
+                break
+            chunks.append(chunk)
+        err = await errors
+        await proc.wait()
+    finally:
+        if not errors.done():
+            errors.cancel()
+    return b"".join(chunks), err, over
 
 
 async def ip_json(args: list[str], ns_fd: int | None) -> tuple[list[Any], str]:
