@@ -438,3 +438,28 @@ async def test_one_container_holds_at_most_half_the_capture_slots(tmp_path: Path
         assert await b.engine.for_anomaly(ns, AnomalyRow("a9", "k", "ringed", b.record.short_id, "test", ns.inode, now, now))  # freed again
     finally:
         await b.close()
+
+
+async def test_host_side_captures_count_in_the_containers_share(tmp_path: Path, netns: NsUnderTest) -> None:
+    """Defect: an interface_drops anomaly's second capture, on the host end of the veth, did not
+    count in its container's share: a storm of them held every capture slot. (The host end is
+    named here rather than read from a sample; both captures are real tcpdumps.)"""
+    from nstap.capture.store import AnomalyRow
+
+    b = Bench(tmp_path, netns, {}, CaptureSettings(post_seconds=1, max_concurrent=4, max_per_container_per_hour=100))
+    b.engine.host_peers = lambda inode: [netns.host_if]  # type: ignore[method-assign]
+    await b.open()
+    try:
+        await b.attach()
+        ns = b.pool.watched()[b.record.netns]
+        now = time.time()
+        rows = [AnomalyRow(f"d{i}", "interface_drops", "ringed", b.record.short_id, "test", ns.inode, now, now,
+                           numbers={f"{netns.host_if}.host.rx_drops": 5}) for i in range(3)]
+        ids = [await b.engine.for_anomaly(ns, row) for row in rows]
+        running = [r for r in await b.store.list() if r.state == "running"]
+        assert len(running) == 2 and {r.side for r in running} == {"container", "host"}, running  # its share: half the slots
+        assert ids[0] is not None and ids[1:] == [None, None]
+        for r in running:
+            await wait_done(b.store, r.id)
+    finally:
+        await b.close()

@@ -850,8 +850,8 @@ class CaptureEngine:
         too (a second capture, under the same limits).
 
         At most ``max_per_container_per_hour`` anomaly captures per container, and at most half
-        the concurrent slots at a time: a container that keeps tripping cannot hold every capture
-        slot or fill the store for the others.
+        the concurrent slots at a time, host-side captures included: a container that keeps
+        tripping cannot hold every capture slot or fill the store for the others.
         """
         if capture_opted_out(namespace):
             return None
@@ -861,49 +861,55 @@ class CaptureEngine:
         while history and now - history[0] > ANOMALY_CAPTURE_PERIOD:
             history.popleft()
         limit = self.settings.max_per_container_per_hour
-        share = max(1, self.settings.max_concurrent // 2)
-        running = self._anomaly_running.get(target.container_id, 0)
-        why = ""
-        if len(history) >= limit:
-            why = f"{limit} anomaly captures of this container in the last hour"
-        elif running >= share:
-            why = f"{running} anomaly captures of this container are running (at most {share} at a time)"
+        why = f"{limit} anomaly captures of this container in the last hour" if len(history) >= limit else self._over_share(target.container_id)
         if why:
-            self.refused_total["per_container_limit"] += 1
-            log.warning(
-                "anomaly_capture_refused", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container,
-                container_id=anomaly.container_id, error=why,
-            )
+            self._refuse_anomaly(anomaly, why)
             return None
         history.append(now)  # before the await: anomalies in the same tick count too
-        self._anomaly_running[target.container_id] = running + 1
-        try:
-            row = await self.capture(
-                target, "anomaly", kind=anomaly.kind, anomaly_id=anomaly.id, trigger_at=anomaly.first_seen,
-                onset_at=anomaly.started_at, margin=margin, anomaly=anomaly,
-            )
-        except CaptureRefused as exc:
+        row_id = await self._anomaly_capture(target, anomaly, onset_at=anomaly.started_at, margin=margin)
+        if row_id is None:
             history.remove(now)
-            self._anomaly_ended(target.container_id)
+            return None
+        for interface in self._host_side_too(anomaly, target.netns):
+            why = self._over_share(target.container_id)
+            if why:
+                self._refuse_anomaly(anomaly, why, side="host")
+                continue
+            host_id = await self._anomaly_capture(target, anomaly, side="host", interface=interface)
+            if host_id is not None:
+                log.info("anomaly_host_capture", anomaly_id=anomaly.id, capture_id=host_id, interface=interface)
+        return row_id
+
+    def _over_share(self, container_id: str) -> str:
+        """Why one more anomaly capture of this container would be one too many now ("" if not)."""
+        share = max(1, self.settings.max_concurrent // 2)
+        running = self._anomaly_running.get(container_id, 0)
+        return f"{running} anomaly captures of this container are running (at most {share} at a time)" if running >= share else ""
+
+    def _refuse_anomaly(self, anomaly: AnomalyRow, why: str, **fields: Any) -> None:
+        self.refused_total["per_container_limit"] += 1
+        log.warning(
+            "anomaly_capture_refused", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container,
+            container_id=anomaly.container_id, error=why, **fields,
+        )
+
+    async def _anomaly_capture(self, target: CaptureTarget, anomaly: AnomalyRow, **options: Any) -> str | None:
+        """One capture of an anomaly, holding one of its container's anomaly slots until it ends."""
+        container_id = target.container_id
+        self._anomaly_running[container_id] = self._anomaly_running.get(container_id, 0) + 1
+        try:
+            row = await self.capture(target, "anomaly", kind=anomaly.kind, anomaly_id=anomaly.id, trigger_at=anomaly.first_seen, anomaly=anomaly, **options)
+        except CaptureRefused as exc:
+            self._anomaly_ended(container_id)
             log.warning(
                 "anomaly_capture_refused", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container,
-                container_id=anomaly.container_id, error=str(exc),
+                container_id=anomaly.container_id, error=str(exc), side=options.get("side", "container"),
             )
             return None
         except BaseException:
-            self._anomaly_ended(target.container_id)
+            self._anomaly_ended(container_id)
             raise
-        self._running[row.id].add_done_callback(lambda _task: self._anomaly_ended(target.container_id))
-        for interface in self._host_side_too(anomaly, target.netns):
-            try:
-                host = await self.capture(
-                    target, "anomaly", kind=anomaly.kind, anomaly_id=anomaly.id, trigger_at=anomaly.first_seen,
-                    side="host", interface=interface, anomaly=anomaly,
-                )
-            except CaptureRefused as exc:
-                log.warning("anomaly_capture_refused", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container, side="host", error=str(exc))
-            else:
-                log.info("anomaly_host_capture", anomaly_id=anomaly.id, capture_id=host.id, interface=interface)
+        self._running[row.id].add_done_callback(lambda _task: self._anomaly_ended(container_id))
         return row.id
 
     def _host_side_too(self, anomaly: AnomalyRow, netns: int) -> list[str]:
