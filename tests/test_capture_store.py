@@ -543,3 +543,58 @@ async def test_the_index_is_inside_the_byte_budget(tmp_path: Path) -> None:
         assert await s.enforce() == [rows[1].id]
     finally:
         await s.close()
+
+
+class BusyRecorder:
+    """A flight recorder whose pump takes 8 ms (fault-free stand-in for one under heavy traffic:
+    the real pump is exercised by tests/test_capture.py)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.running, self.ended_at, self.dropped_until, self.error, self.records_lost = name, True, 0.0, 0.0, "", 0
+        self.pumped: list[float] = []
+        self.reads: list[int | None] = []
+
+    def pump(self, max_reads: int | None = None) -> int:
+        self.reads.append(max_reads)
+        end = time.perf_counter() + 0.008
+        while time.perf_counter() < end:
+            pass
+        self.pumped.append(time.monotonic())
+        return 1
+
+    def backlog(self) -> int:
+        return 1000
+
+
+async def test_the_ring_pump_holds_the_loop_a_bounded_time_and_starves_no_recorder(tmp_path: Path) -> None:
+    """Defect: the pump read every recorder's pipe to the end, on the event loop: heavy traffic in
+    flight recorders held the samples up. Now a wake-up stops after its budget, and the next starts
+    with the recorders left out."""
+    import asyncio
+
+    from nstap.capture import engine as engine_module
+
+    s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=10**6))
+    await s.open()
+    engine = CaptureEngine(CaptureSettings(), s, None, ContainerRegistry(), tmp_path)  # type: ignore[arg-type]
+    recorders = [BusyRecorder(f"r{i}") for i in range(10)]  # 80 ms to pump them all
+    engine.rings = {i: r for i, r in enumerate(recorders)}
+    loop = asyncio.get_running_loop()
+    stalls = []
+    pump = asyncio.create_task(engine._pump_rings())
+    try:
+        last = loop.time()
+        for _ in range(250):  # 2.5 s: ten wake-ups of three recorders each
+            await asyncio.sleep(0.01)
+            stalls.append(loop.time() - last - 0.01)
+            last = loop.time()
+    finally:
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+        engine.rings = {}  # (stand-ins: nothing to stop)
+        await engine.stop()
+        await s.close()
+    assert max(stalls) < engine_module.PUMP_BUDGET + 0.02, max(stalls)  # a wake-up holds the loop ~20 ms, not 80
+    assert all(len(r.pumped) >= 2 for r in recorders), [len(r.pumped) for r in recorders]  # every one in turn
+    assert {x for r in recorders for x in r.reads} == {engine_module.PUMP_READS}
+    assert engine.pumps_cut_total >= 4 and engine.ring_backlog == 10_000

@@ -56,7 +56,7 @@ READY_WAIT = 30.0  # seconds READY=1 waits for every watcher before it is sent a
 STATUS_EVERY = 10.0  # seconds between STATUS= updates
 RETENTION_INTERVAL = 60.0  # seconds between passes of the store's age limit (and retries of unsaved outcomes)
 KNOWN_TASKS = (
-    "capture-retention", "ring-pump", "capture", "ring", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
+    "capture-retention", "ring-pump", "capture", "ring", "evidence", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
     "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall", "ebpf-load", "systemd",
 )
 

@@ -217,6 +217,8 @@ class ContainerCollector:
                 "rings": sum(1 for r in engine.rings.values() if r.running),
                 "ring_restarts": engine.ring_restarts_total,
                 "ring_lost": engine.ring_lost_total,
+                "ring_backlog": engine.ring_backlog,
+                "pumps_cut": engine.pumps_cut_total,
             }
         tracker = self.incidents
         return ScrapeState(
@@ -475,7 +477,7 @@ class ContainerCollector:
                 reach.add(Labels((("container", name), ("container_id", cid), ("runtime", runtime))), round(seconds, 1))
         info = Family(
             "nstap_capture_info", "gauge",
-            "The container's latest finished captures (at most 10, since nstap started): when each was started (unix time), "
+            "The container's latest finished captures (at most 10, kept across restarts from the index): when each was started (unix time), "
             "its id (the capture page's /ui/captures/<id>), why and how it ended.",
         )
         for cid, rows in c["recent"]:
@@ -495,6 +497,8 @@ class ContainerCollector:
             ("nstap_index_pruned_total", "counter", "Index entries deleted past capture.index_max_age or capture.index_max_rows.", c["index_pruned"]),
             ("nstap_flight_recorders_running", "gauge", "Namespaces with a running flight recorder.", c["rings"]),
             ("nstap_flight_recorder_restarts_total", "counter", "Flight recorders started again after their tcpdump died.", c["ring_restarts"]),
+            ("nstap_flight_recorder_backlog_bytes", "gauge", "Bytes tcpdump wrote into the flight recorders' pipes not filed yet (after the last pump).", c["ring_backlog"]),
+            ("nstap_flight_recorder_pumps_cut_total", "counter", "Pumps of the flight recorders that reached their time budget before every recorder was read.", c["pumps_cut"]),
             (
                 "nstap_flight_recorder_lost_packets_total", "counter",
                 "Packets flight recorders received but could not write to their ring (the data dir's disk was full).", c["ring_lost"],
@@ -624,6 +628,7 @@ def family_names() -> list[str]:
     captures = {
         "reach": [], "total": {}, "refused": {}, "bytes": 0, "kernel_drops": 0, "failed": 0, "running": 0, "store_bytes": 0,
         "store_max_bytes": 0, "index_bytes": 0, "index_pruned": 0, "recent": [], "rings": 0, "ring_restarts": 0, "ring_lost": 0,
+        "ring_backlog": 0, "pumps_cut": 0,
     }
     nat = {"state": NatState(read_at=1.0, flows_at=1.0, conntrack=ConntrackTotals(0, 0)), "up": {}, "reads": 0, "read_errors": 0, "firewalls": []}
     empty = ScrapeState([], {}, {}, [], [], 0, {}, [], captures, nat, (0, {}, 0))

@@ -53,3 +53,25 @@ def configure_logging(fmt: Literal["auto", "json", "console", "journald"] = "aut
     root.setLevel(LEVELS.get(level, logging.INFO))
     # Access logs of every scrape would drown everything else.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class Once:
+    """Remembers which keys were logged, so that a condition is logged once, not every time it is
+    seen: at most ``limit`` keys (the oldest is forgotten first, and logged again if it recurs),
+    because keys made of errors and names are not a bounded set."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._seen: dict[str, None] = {}
+
+    def first(self, key: str) -> bool:
+        """True the first time ``key`` is seen (since it was last forgotten)."""
+        if key in self._seen:
+            return False
+        self._seen[key] = None
+        if len(self._seen) > self.limit:
+            del self._seen[next(iter(self._seen))]
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)

@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("nstap.capture")
 
 PUMP_INTERVAL = 0.25  # seconds between reads of the flight recorders' pipes
+PUMP_READS = 4  # pipe-fulls (1 MiB each) one recorder is read at most per wake-up: 16 MiB/s
+PUMP_BUDGET = 0.02  # seconds the pump may hold the event loop per wake-up
 RING_RESTART_DELAY = 10.0  # seconds before a flight recorder whose tcpdump died is started again
 ANOMALY_CAPTURE_PERIOD = 3600.0  # the window of capture.max_per_container_per_hour
 MAX_UNSAVED = 1000  # finished captures whose index update failed, kept to be retried
@@ -288,6 +290,8 @@ class CaptureEngine:
         self._closed = False
         self._ring_serial = itertools.count(1)
         self.ring_restarts_total = 0
+        self.ring_backlog = 0  # bytes waiting in the recorders' pipes after the last pump
+        self.pumps_cut_total = 0  # pumps that ran out of PUMP_BUDGET before every recorder
         self.ring_lost_stopped = 0  # records lost by recorders that were stopped since
         # Counters for the exporter.
         self.captures_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, reason)
@@ -365,16 +369,31 @@ class CaptureEngine:
         self.sync_rings()
 
     async def _pump_rings(self) -> None:
-        """Empty every flight recorder's pipe a few times a second (one wake-up for all of them);
-        a recorder whose tcpdump died is replaced after RING_RESTART_DELAY."""
+        """Empty the flight recorders' pipes a few times a second (one wake-up for all of them);
+        a recorder whose tcpdump died is replaced after RING_RESTART_DELAY.
+
+        Filing packets runs on the event loop, so it is bounded: at most PUMP_READS pipe-fulls of
+        one recorder and PUMP_BUDGET seconds for all of them per wake-up, starting where the last
+        one stopped, so that heavy traffic in flight recorders cannot delay the samples. What is
+        left waits in the pipes (``nstap_flight_recorder_backlog_bytes``); a pipe that stays full
+        makes tcpdump fall behind, and the kernel's drops are in the capture's statistics.
+        """
         loop = asyncio.get_running_loop()
+        start = 0
         while True:
             await asyncio.sleep(PUMP_INTERVAL)
             now = loop.time()
             dead = []
-            for inode, recorder in list(self.rings.items()):
+            rings = list(self.rings.items())
+            start = start % len(rings) if rings else 0
+            deadline = time.perf_counter() + PUMP_BUDGET
+            for n, (inode, recorder) in enumerate(rings[start:] + rings[:start]):
+                if time.perf_counter() >= deadline:
+                    self.pumps_cut_total += 1
+                    start += n  # the next wake-up starts with the first left out
+                    break
                 was_running = recorder.running
-                recorder.pump()
+                recorder.pump(PUMP_READS)
                 if was_running and not recorder.running:
                     log.warning("ring_stopped", netns=inode, recorder=recorder.name, error=recorder.error)
                 self._check_reach(recorder)
@@ -385,6 +404,7 @@ class CaptureEngine:
                 self.ring_restarts_total += 1
             if dead:
                 self.sync_rings()
+            self.ring_backlog = sum(r.backlog() for r in self.rings.values())
 
     def _check_reach(self, recorder: FlightRecorder) -> None:
         """Log once per recorder when traffic makes its ring reach back less than ``ring_seconds``."""
@@ -453,6 +473,7 @@ class CaptureEngine:
 
     def _stop_ring(self, recorder: FlightRecorder) -> None:
         self.ring_lost_stopped += recorder.records_lost  # its count is final: it is not pumped again
+        self._short_logged.discard(recorder.name)  # bounded by the recorders running
         self._track(self.supervisor.spawn("ring", recorder.stop()))
 
     @property

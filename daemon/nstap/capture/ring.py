@@ -28,6 +28,8 @@ import errno
 import fcntl
 import os
 import shutil
+import struct
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,8 +206,18 @@ class FlightRecorder:
             self.running = True
             return True
 
-    def pump(self) -> int:
-        """File what tcpdump wrote since the last pump and hand it to the listeners; returns records read.
+    def backlog(self) -> int:
+        """Bytes tcpdump wrote that are not pumped yet (what waits in the pipe)."""
+        if self._fd is None:
+            return 0
+        try:
+            return struct.unpack("i", fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
+
+    def pump(self, max_reads: int | None = None) -> int:
+        """File what tcpdump wrote since the last pump (at most ``max_reads`` pipe-fulls) and hand
+        it to the listeners; returns records read.
 
         Reading and writing fail differently: output that cannot be read or parsed ends the
         recorder (tcpdump is broken); a ring segment that cannot be written (a full disk) only
@@ -215,7 +227,9 @@ class FlightRecorder:
         if self._fd is None:
             return 0
         count = 0
-        while True:
+        reads = 0
+        while max_reads is None or reads < max_reads:
+            reads += 1
             try:
                 chunk = os.read(self._fd, PIPE_SIZE)
             except BlockingIOError:

@@ -65,16 +65,6 @@ class Btf:
             type_id = int(ref.group(1))
         return type_id
 
-    def pointee(self, type_id: int) -> int:
-        """The struct a pointer member points to."""
-        type_id = self._resolve(type_id)
-        kind, _, rest = self.types.get(type_id, ("", "", ""))
-        if kind != "PTR":
-            raise BtfError(f"type {type_id} is {kind or 'unknown'}, not a pointer")
-        ref = _REF.search(rest)
-        assert ref is not None
-        return self._resolve(int(ref.group(1)))
-
     def member(self, struct_id: int, name: str) -> tuple[int, int]:
         """(byte offset, type id) of member ``name`` of ``struct_id``, looking into anonymous
         structs and unions."""

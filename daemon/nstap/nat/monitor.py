@@ -43,6 +43,7 @@ from ..detect.base import Finding
 from ..detect.incidents import HOST_ID, IncidentTracker
 from ..detect.nat import CONTAINER_KINDS, HOST_KINDS, conntrack_findings, forward_findings
 from ..heap import collector_paused
+from ..log import Once
 from ..netns import netlink
 from ..netns.evidence import run_tool
 from ..registry import ContainerRegistry, WatchedNamespace
@@ -178,7 +179,7 @@ class NatMonitor:
         self._fw_pending: dict[int, None] = {}
         self._fw_next: dict[int, float] = {}  # loop time before which a namespace's firewall is not read again
         self._fw_wake = asyncio.Event()
-        self._logged: set[str] = set()
+        self._logged = Once()
 
     def start(self, samples: SampleStore) -> None:
         """Follow the registry and the samples, and run the two long-lived tasks."""
@@ -606,9 +607,7 @@ class NatMonitor:
         state.read_at = time.time()
 
     def _once(self, event: str, **fields: Any) -> None:
-        key = event + str(fields.get("error", ""))
-        if key not in self._logged:
-            self._logged.add(key)
+        if self._logged.first(event + str(fields.get("error", ""))):
             log.warning(event, **fields)
 
     async def close(self) -> None:

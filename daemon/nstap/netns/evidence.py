@@ -375,7 +375,3 @@ def interesting_neighbours(neighbours: list[Any]) -> list[Any]:
     """The neighbour entries people miss: FAILED and INCOMPLETE."""
     return [n for n in neighbours if isinstance(n, dict) and set(n.get("state") or []) & {"FAILED", "INCOMPLETE"}]
 
-
-def default_routes(routes: list[Any]) -> list[Any]:
-    """The default routes of a route list."""
-    return [r for r in routes if isinstance(r, dict) and r.get("dst") == "default"]
