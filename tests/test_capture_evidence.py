@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -228,3 +229,45 @@ async def test_a_tool_that_prints_without_end_is_killed_at_the_cap() -> None:
     assert time.monotonic() - started < 5  # not the 30 s timeout: stopped at the cap
     text, error = await run_tool(["sh", "-c", "echo out; echo why >&2; exit 3"], None)
     assert text == "out\n" and error == "why"
+
+
+async def test_a_bundle_is_streamed_with_a_bounded_window_and_stops_when_its_client_goes(tmp_path: Path) -> None:
+    """Defect: bundles were built whole in memory (a 20 MB pcap, then its gzip) on the executor
+    that reads rings back. Now it is written as it is sent, at most 4 chunks ahead of the client,
+    from a thread of its own, and a client that goes stops it."""
+    import asyncio
+    import io as _io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nstap.capture.bundle import ChunkSink, build_bundle, write_bundle
+    from nstap.capture.store import CaptureRow
+
+    pcap = tmp_path / "big.pcap"
+    pcap.write_bytes(os.urandom(8 << 20))  # incompressible: 8 MiB of gzip output
+    row = CaptureRow(id="20260101T000000Z-abcdef01", state="complete", created_at=1.0, container="web", finished_at=2.0)
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(1)
+    try:
+        queue: asyncio.Queue = asyncio.Queue()
+        sink = ChunkSink(loop, queue)
+        making = loop.run_in_executor(pool, lambda: (write_bundle(_io.BufferedWriter(sink, 256 * 1024), row, None, pcap, None), sink.end()))
+        received, most = [], 0
+        while (chunk := await queue.get()) is not None:
+            most = max(most, queue.qsize())
+            received.append(chunk)
+            await asyncio.sleep(0.001)  # a slow client
+            sink.taken()
+        await making
+        assert most <= 4 and b"".join(received) == build_bundle(row, None, pcap, None)  # the same bytes as made whole
+        # A client that goes after two chunks: the writer stops at its next write.
+        queue = asyncio.Queue()
+        sink = ChunkSink(loop, queue)
+        making = loop.run_in_executor(pool, lambda: write_bundle(_io.BufferedWriter(sink, 256 * 1024), row, None, pcap, None))
+        for _ in range(2):
+            await queue.get()
+            sink.taken()
+        sink.abandon()
+        with pytest.raises(BrokenPipeError):
+            await asyncio.wait_for(making, 5)
+    finally:
+        pool.shutdown(wait=True)

@@ -220,7 +220,7 @@ class App:
         self.api = ApiServer(
             cfg.metrics_listen, cfg.api_listen, self.prometheus, collector, self.registry, lambda: set(pool.watched()), token, self.supervisor.failed
         )
-        capture_api = CaptureApi(self.registry, engine, store, cap.max_seconds, nat, ebpf)
+        self.capture_api = capture_api = CaptureApi(self.registry, engine, store, cap.max_seconds, nat, ebpf)
         self.api.add_routes(capture_api.routes())
         self.api.add_routes(CapturePage(capture_api, store, token).routes())
         try:
@@ -276,6 +276,7 @@ class App:
                 await nat.close()
             ebpf.close()
             await self.api.stop()
+            capture_api.close()
             await self.supervisor.stop()
             await store.close()
             exits.forget_all()

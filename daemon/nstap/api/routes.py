@@ -9,6 +9,7 @@ Errors are JSON with a 4xx status.
 from __future__ import annotations
 
 import asyncio
+import io
 import math
 import re
 import time
@@ -20,7 +21,8 @@ import structlog
 from aiohttp import web
 
 from .. import labels as nstap_labels
-from ..capture.bundle import build_bundle, bundle_name
+from ..capture.bundle import ChunkSink, bundle_name, write_bundle
+from ..threads import worker_threads
 from ..capture.engine import SIDES, CaptureEngine, CaptureRefused, CaptureTarget
 from ..capture.store import EVICTED, RUNNING, CaptureRow, CaptureStore
 from ..capture.tcpdump import FilterError
@@ -101,6 +103,9 @@ def download_name(row_container: str, what: str, at: float) -> str:
     return "-".join(p for p in parts if p) + ".pcap"
 
 
+BUNDLE_CHUNK = 256 * 1024  # bytes of a bundle sent at a time
+
+
 class CaptureApi:
     """The /api/v1 routes that read and start captures and anomalies."""
 
@@ -114,6 +119,11 @@ class CaptureApi:
         self.max_seconds = max_seconds
         self.nat = nat
         self.ebpf = ebpf
+        self._bundles = worker_threads("nstap-bundle")  # bundles are made here, one at a time
+
+    def close(self) -> None:
+        """Stop the bundle thread (a bundle being made is finished first)."""
+        self._bundles.shutdown(wait=True)
 
     def routes(self) -> list[web.RouteDef]:
         """The routes, for ApiServer.add_routes."""
@@ -222,11 +232,36 @@ class CaptureApi:
         if row.state == EVICTED or pcap is None:
             raise BadRequest("the capture's file is gone (evicted by retention)", 410)
         anomaly = await self.store.anomaly(row.anomaly_id) if row.anomaly_id else None
-        data = await asyncio.to_thread(build_bundle, row, anomaly, pcap, self.store.evidence_path(row))
-        return web.Response(
-            body=data,
+        response = web.StreamResponse(
             headers={"Content-Type": "application/gzip", "Content-Disposition": f'attachment; filename="{bundle_name(row)}"'},
         )
+        await response.prepare(request)
+        # Made in a thread of its own as it is sent (a ring read back for a capture never waits
+        # behind a download, and a 20 MB pcap is never held whole in memory).
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        sink = ChunkSink(loop, queue)
+        evidence = self.store.evidence_path(row)
+
+        def produce() -> None:
+            try:
+                with io.BufferedWriter(sink, BUNDLE_CHUNK) as out:
+                    write_bundle(out, row, anomaly, pcap, evidence)
+            finally:
+                sink.end()
+
+        making = loop.run_in_executor(self._bundles, produce)
+        try:
+            while (chunk := await queue.get()) is not None:
+                await response.write(chunk)
+                sink.taken()
+        except BaseException:
+            sink.abandon()
+            await asyncio.gather(making, return_exceptions=True)
+            raise
+        await making
+        await response.write_eof()
+        return response
 
     async def alerts(self, request: web.Request) -> web.Response:
         return web.json_response({"alerts": await self.store.alerts(_limit(request))})

@@ -7,12 +7,15 @@ what tripped, when it started, when it was detected, what the capture holds.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import re
 import tarfile
+import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from .store import AnomalyRow, CaptureRow
 
@@ -62,13 +65,19 @@ def summary_text(row: CaptureRow, anomaly: AnomalyRow | None) -> str:
 
 
 def build_bundle(row: CaptureRow, anomaly: AnomalyRow | None, pcap: Path | None, evidence: Path | None) -> bytes:
-    """The bundle's bytes (blocking: run it in a worker thread), the same for the same capture.
-    Files that are gone are left out."""
+    """The bundle's bytes in memory (blocking; the API streams them with :func:`write_bundle`)."""
     buf = io.BytesIO()
+    write_bundle(buf, row, anomaly, pcap, evidence)
+    return buf.getvalue()
+
+
+def write_bundle(out: BinaryIO, row: CaptureRow, anomaly: AnomalyRow | None, pcap: Path | None, evidence: Path | None) -> None:
+    """Write the bundle to ``out`` as it is made (blocking: run it in a worker thread), the same
+    bytes for the same capture; files that are gone are left out."""
     prefix = f"nstap-{row.id}"
     stamp = int(row.finished_at or row.created_at)
     # The gzip header's time too is the capture's: the same capture always gives the same bytes.
-    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=stamp) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=stamp) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
 
         def add(name: str, data: bytes | None = None, path: Path | None = None) -> None:
             info = tarfile.TarInfo(f"{prefix}/{name}")
@@ -91,7 +100,6 @@ def build_bundle(row: CaptureRow, anomaly: AnomalyRow | None, pcap: Path | None,
             add("capture.pcap", path=pcap)
         if evidence is not None:
             add("evidence.json", path=evidence)
-    return buf.getvalue()
 
 
 def bundle_name(row: CaptureRow) -> str:
@@ -99,3 +107,38 @@ def bundle_name(row: CaptureRow) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", row.container)[:64].lstrip(".") or "capture"
     return f"nstap-{safe}-{row.id}.tar.gz"
 
+
+
+class ChunkSink(io.RawIOBase):
+    """A writable file whose chunks go to an asyncio queue on ``loop`` (None at the end), with at
+    most ``window`` chunks in flight: a bundle is streamed to its client as it is made, never held
+    whole in memory. ``abandon()`` (the client went) makes the writer's next write fail."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, window: int = 4) -> None:
+        super().__init__()
+        self._loop, self._queue = loop, queue
+        self._slots = threading.Semaphore(window)
+        self._abandoned = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        self._slots.acquire()
+        if self._abandoned:
+            raise BrokenPipeError("the client is gone")
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, bytes(data))
+        return len(data)
+
+    def taken(self) -> None:
+        """One chunk was sent: room for another."""
+        self._slots.release()
+
+    def end(self) -> None:
+        """No more chunks (from the writer's thread)."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+
+    def abandon(self) -> None:
+        """Stop the writer (from the loop): its next write raises."""
+        self._abandoned = True
+        self._slots.release()
