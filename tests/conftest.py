@@ -310,11 +310,30 @@ class Daemon:
         except OSError:
             return False
 
+    # Set by a test whose daemon serves TLS (the CA file to trust) and basic auth on /metrics.
+    tls_cafile: str | None = None
+    basic_auth: tuple[str, str] | None = None
+
+    def _tls(self):
+        import ssl
+
+        if self.tls_cafile is None:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_cafile)
+        context.check_hostname = False
+        return context
+
     def scrape(self) -> Metrics:
         """GET /metrics now."""
+        import base64
         import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+        scheme = "https" if self.tls_cafile else "http"
+        headers = {}
+        if self.basic_auth:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(self.basic_auth).encode()).decode()
+        request = urllib.request.Request(f"{scheme}://127.0.0.1:{self.metrics_port}/metrics", headers=headers)
+        with urllib.request.urlopen(request, timeout=10, context=self._tls()) as r:
             return Metrics(r.read().decode())
 
     def api(self, path: str, token: str | None = "", method: str = "GET", body: bytes | None = None) -> tuple[int, Any]:
@@ -325,9 +344,10 @@ class Daemon:
         if token == "":
             token = (self.data_dir / "api-token").read_text().strip()
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=body, method=method, headers=headers)
+        scheme = "https" if self.tls_cafile else "http"
+        request = urllib.request.Request(f"{scheme}://127.0.0.1:{self.api_port}{path}", data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=10) as r:
+            with urllib.request.urlopen(request, timeout=10, context=self._tls()) as r:
                 data = r.read()
                 if r.headers.get("Content-Type", "").startswith("application/json"):
                     return r.status, json.loads(data or b"null")
@@ -441,10 +461,11 @@ def nstap(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[.
     marker = request.node.get_closest_marker("daemon_log_allows")
     allowed = set(marker.args) if marker else set()
 
-    def start(config: dict[str, Any] | None = None, *args: str) -> Daemon:
+    def start(config: dict[str, Any] | None = None, *args: str, tls_cafile: str | None = None, basic_auth: tuple[str, str] | None = None) -> Daemon:
         workdir = tmp_path / f"nstap{len(started)}"
         workdir.mkdir()
         daemon = Daemon(workdir, config or {}, list(args))
+        daemon.tls_cafile, daemon.basic_auth = tls_cafile, basic_auth
         started.append(daemon)
         return daemon.start()
 

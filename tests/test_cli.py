@@ -58,3 +58,14 @@ def test_an_opted_out_member_vetoes_captures_of_its_namespace(nstap, containers:
     assert not d.scrape().find("nstap_container_info", container_id=hidden[:12])  # not watched, not listed
     proc = nstap_cli(d, "capture", owner2[:12], "--seconds", "1", check=False)
     assert proc.returncode == 1 and "403" in proc.stderr and f"hidden-{RUN_ID}" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("suggested", "safe"),
+    [("nstap-web-x.pcap", "nstap-web-x.pcap"), ("../../etc/cron.d/evil", "evil"), ("/etc/passwd", "passwd"), ("..", "capture"),
+     (".bashrc", "bashrc"), ("a b\nc;rm -rf", "a_b_c_rm_-rf"), ("x\\\\..\\\\y.pcap", "y.pcap"), ("é" * 300, "_" * 128)],
+)
+def test_a_downloaded_file_never_takes_a_path_from_the_server(suggested: str, safe: str) -> None:
+    from nstap.cli import safe_file_name
+
+    assert safe_file_name(suggested) == safe

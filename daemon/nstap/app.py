@@ -23,7 +23,8 @@ from pathlib import Path
 import structlog
 
 from . import __version__
-from .api.auth import TokenError, ensure_token
+from .api.auth import WEBHOOK_TOKEN_FILE, TokenError, ensure_token
+from .api.webconfig import WebConfigError, load_web_config
 from .api.routes import CaptureApi
 from .api.ui import CapturePage
 from .api.server import ApiServer
@@ -125,10 +126,15 @@ class App:
             set_child_ehash(cfg.proc_root, cfg.tcp_child_ehash_entries)
         try:
             token = ensure_token(cfg.data_dir)
+            webhook_token = ensure_token(cfg.data_dir, WEBHOOK_TOKEN_FILE)
         except OSError as exc:
             raise StartupError(f"cannot use data dir {cfg.data_dir}: {exc.strerror or exc}") from None
         except TokenError as exc:
             raise StartupError(str(exc)) from None
+        try:
+            web_config = load_web_config(cfg.web_config_file)
+        except WebConfigError as exc:
+            raise StartupError(str(exc), 2) from None
 
         ebpf = self.ebpf = EbpfService(cfg.ebpf)
         if cfg.ebpf == "on":
@@ -218,11 +224,14 @@ class App:
         ]
         collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine, nat, ebpf, cfg.metrics.expand())
         self.api = ApiServer(
-            cfg.metrics_listen, cfg.api_listen, self.prometheus, collector, self.registry, lambda: set(pool.watched()), token, self.supervisor.failed
+            cfg.metrics_listen, cfg.api_listen, self.prometheus, collector, self.registry, lambda: set(pool.watched()), token, self.supervisor.failed,
+            webhook_token, web_config,
         )
         self.capture_api = capture_api = CaptureApi(self.registry, engine, store, cap.max_seconds, nat, ebpf)
         self.api.add_routes(capture_api.routes())
-        self.api.add_routes(CapturePage(capture_api, store, token).routes())
+        page = CapturePage(capture_api, store, token)
+        await page.load_revoked()
+        self.api.add_routes(page.routes())
         try:
             await self.api.start()
         except OSError as exc:

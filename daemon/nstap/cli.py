@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", metavar="DIR", type=Path, help="state directory (default /var/lib/nstap)")
     run.add_argument("--log-format", choices=["auto", "json", "console", "journald"], help="default: journald under systemd, else json unless stderr is a TTY")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE", type=Path,
+                     help="TLS and basic auth of the listeners, in the Prometheus exporter toolkit's format")
 
     containers = sub.add_parser("containers", help="list what a running daemon watches")
     _client_args(containers)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            keys = ("metrics_listen", "api_listen", "interval", "data_dir", "log_format", "log_level")
+            keys = ("metrics_listen", "api_listen", "interval", "data_dir", "log_format", "log_level", "web_config_file")
             return _run(_config(args, keys), lambda: _config(args, keys))
         if args.command == "containers":
             return _containers(args, _config(args, ("data_dir",)))
@@ -160,11 +163,12 @@ def _run(config: Config, reread: Any = None) -> int:
 
 def _client(args: argparse.Namespace, config: Config) -> Any:
     from .api.auth import TokenError
+    from .api.webconfig import WebConfigError
     from .client import ApiClient
 
     try:
         return ApiClient.from_config(config, api_url=args.api)
-    except TokenError as exc:
+    except (TokenError, WebConfigError) as exc:
         raise SystemExit(f"nstap: {exc}") from None
 
 
@@ -306,6 +310,14 @@ def _captures(args: argparse.Namespace, config: Config) -> int:
         return EXIT_FAILURE
 
 
+def safe_file_name(text: str) -> str:
+    """A name for a file in the current directory: the last part of ``text``, with only letters,
+    digits, ``_``, ``.`` and ``-``, not starting with a dot, at most 128 characters."""
+    base = text.replace("\\", "/").rsplit("/", 1)[-1]
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", base)[:128].lstrip(".")
+    return safe or "capture"
+
+
 def _download(client: Any, capture_id: str, output: Path | None, what: str = "pcap") -> int:
     from urllib.parse import quote
 
@@ -313,14 +325,16 @@ def _download(client: Any, capture_id: str, output: Path | None, what: str = "pc
     if output is not None and str(output) == "-":
         name, size = client.download(path, sys.stdout.buffer)
         return 0
-    tmp = Path(f".nstap-{capture_id[:64]}.part")
+    tmp = Path(f".nstap-{safe_file_name(capture_id)}.part")
     try:
-        with open(tmp, "wb") as f:
+        # 0600: a pcap holds other people's packets; O_EXCL: never through a link someone left there.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb") as f:
             name, size = client.download(path, f)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dest = output or Path(name or f"{capture_id}.{'tar.gz' if what == 'bundle' else 'pcap'}")
+    # The server suggests a name; only its last part, in safe characters, is used: never a path.
+    dest = output or Path(safe_file_name(name) if name else f"{safe_file_name(capture_id)}.{'tar.gz' if what == 'bundle' else 'pcap'}")
     tmp.rename(dest)
     print(f"{dest} ({size} bytes)")
     return 0

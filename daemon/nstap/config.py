@@ -195,6 +195,7 @@ class Config(Strict):
     metrics_listen: str = Field("0.0.0.0:9880", description="HOST:PORT of /metrics")
     api_listen: str = Field("127.0.0.1:9881", description="HOST:PORT of the local API")
     data_dir: Path = Field(Path("/var/lib/nstap"), description="state: API token, captures")
+    web_config_file: Path | None = Field(None, description="TLS and basic auth of the listeners (Prometheus exporter toolkit format)")
     log_format: Literal["auto", "json", "console", "journald"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     proc_root: Path = Path("/proc")

@@ -17,6 +17,7 @@ import structlog
 log = structlog.get_logger("nstap.api")
 
 TOKEN_FILE = "api-token"
+WEBHOOK_TOKEN_FILE = "webhook-token"  # a second secret, good only for POST /api/v1/alertmanager
 
 
 class TokenError(Exception):
@@ -27,17 +28,17 @@ class TokenEmpty(TokenError):
     """The token file is empty or too short (never a usable token)."""
 
 
-def token_path(data_dir: Path) -> Path:
-    """Where the token lives for a data dir."""
-    return data_dir / TOKEN_FILE
+def token_path(data_dir: Path, name: str = TOKEN_FILE) -> Path:
+    """Where a token lives for a data dir."""
+    return data_dir / name
 
 
-def ensure_token(data_dir: Path) -> str:
+def ensure_token(data_dir: Path, name: str = TOKEN_FILE) -> str:
     """Read the token, creating it (0600, atomically) if there is none or only an empty one.
 
     The data dir is made (or tightened to) 0700, an existing token file tightened to 0600.
     """
-    path = token_path(data_dir)
+    path = token_path(data_dir, name)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(data_dir, 0o700)
     replace = False
@@ -51,7 +52,7 @@ def ensure_token(data_dir: Path) -> str:
             os.chmod(path, 0o600)
             return token
     token = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "w") as f:

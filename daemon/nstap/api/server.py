@@ -18,6 +18,7 @@ from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
 from ..supervisor import FailureReport, log_failure
 from .auth import bearer_ok
+from .webconfig import WebConfig, basic_auth_middleware
 from ..threads import worker_threads
 
 if TYPE_CHECKING:
@@ -71,17 +72,27 @@ def container_view(record: ContainerRecord, registry: ContainerRegistry, watched
     }
 
 
-def auth_middleware(token: str) -> Callable:
+WEBHOOK_PATH = "/api/v1/alertmanager"
+
+
+def auth_middleware(token: str, webhook_token: str | None = None) -> Callable:
     """Require the bearer token on everything but /healthz and the capture page (/ui/, which takes
-    the token or its session cookie itself, and answers with its login form)."""
+    the token or its session cookie itself, and answers with its login form). The webhook token
+    (``webhook-token`` in the data dir: what an Alertmanager's config holds) is good for one thing
+    only: POST /api/v1/alertmanager, which starts captures and reads nothing."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path == "/ui" or request.path.startswith("/ui/"):
+        if request.path == "/ui" or request.path.startswith("/ui/") or request.path == "/healthz":
             return await handler(request)
-        if request.path != "/healthz" and not bearer_ok(request.headers.get("Authorization"), token):
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"})
-        return await handler(request)
+        header = request.headers.get("Authorization")
+        if bearer_ok(header, token):
+            return await handler(request)
+        if webhook_token and bearer_ok(header, webhook_token):
+            if request.method == "POST" and request.path == WEBHOOK_PATH:
+                return await handler(request)
+            return web.json_response({"error": "the webhook token is good for POST /api/v1/alertmanager only"}, status=403)
+        return web.json_response({"error": "missing or wrong bearer token"}, status=401, headers={"WWW-Authenticate": "Bearer"})
 
     return middleware
 
@@ -122,6 +133,8 @@ class ApiServer:
         watched: Callable[[], set[int]],
         token: str,
         on_error: FailureReport = log_failure,
+        webhook_token: str | None = None,
+        web_config: WebConfig | None = None,
     ) -> None:
         self.metrics_listen = parse_listen(metrics_listen)
         self.api_listen = parse_listen(api_listen)
@@ -131,10 +144,14 @@ class ApiServer:
         self.collector = collector
         # One thread renders every scrape: the collector's label cache is not shared between two.
         self._render_thread = worker_threads("nstap-metrics")
-        self.metrics_app = web.Application(middlewares=[error_middleware("metrics", on_error)])
+        self.web = web_config or WebConfig()
+        metrics_middlewares = [error_middleware("metrics", on_error)]
+        if self.web.users:
+            metrics_middlewares.append(basic_auth_middleware(self.web))
+        self.metrics_app = web.Application(middlewares=metrics_middlewares)
         self.metrics_app.router.add_get("/metrics", self.metrics)
         self.metrics_app.router.add_get("/healthz", self.healthz)
-        self.api_app = web.Application(middlewares=[error_middleware("api", on_error), auth_middleware(token)], client_max_size=MAX_BODY)
+        self.api_app = web.Application(middlewares=[error_middleware("api", on_error), auth_middleware(token, webhook_token)], client_max_size=MAX_BODY)
         self.api_app.router.add_get("/healthz", self.healthz)
         self.api_app.router.add_get("/api/v1/containers", self.containers)
         self._runners: list[web.AppRunner] = []
@@ -177,7 +194,7 @@ class ApiServer:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             self._runners.append(runner)
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=self.web.tls).start()
 
     async def stop(self) -> None:
         """Close both listeners."""

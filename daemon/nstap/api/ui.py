@@ -10,12 +10,13 @@ API. Every POST carries a CSRF field derived from the session, and a cross-origi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
-import asyncio
 import math
 import re
+import sqlite3
 import time
 import urllib.parse
 from datetime import datetime, timezone
@@ -95,6 +96,14 @@ class CapturePage:
         self.env.filters.update(when=_when, seconds=_seconds, size=_size, quote=lambda v: urllib.parse.quote(str(v), safe=""))
         self.css = (HERE / "static" / "nstap.css").read_bytes()
         self._revoked: dict[str, float] = {}  # session -> when it was issued
+
+    async def load_revoked(self, now: float | None = None) -> None:
+        """The sessions ended by a logout before this start, from the index."""
+        now = time.time() if now is None else now
+        for value, issued in (await self.store.revoked_sessions(now - SESSION_SECONDS)).items():
+            self._revoked[value] = issued
+        while len(self._revoked) > MAX_REVOKED:
+            del self._revoked[next(iter(self._revoked))]
 
     def routes(self) -> list[web.RouteDef]:
         """The routes, for ApiServer.add_routes (the API's auth middleware lets /ui/ through: this checks)."""
@@ -227,6 +236,10 @@ class CapturePage:
         session = request.cookies.get(COOKIE)
         if session and self.session_ok(session):
             self.revoke(session)
+            try:  # kept in the index: a restart does not bring the session back
+                await self.store.revoke_session(session, self._revoked[session])
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("session_revoke_unsaved", error=str(exc))
         response = web.Response(status=303, headers={**HEADERS, "Location": "/ui/login"})
         response.del_cookie(COOKIE, path="/ui/")
         return response

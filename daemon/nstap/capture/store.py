@@ -102,6 +102,10 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS alerts_fp ON alerts (fingerprint, starts_at);
 CREATE INDEX IF NOT EXISTS alerts_capture ON alerts (capture_id);
 CREATE INDEX IF NOT EXISTS alerts_received ON alerts (received_at);
+CREATE TABLE IF NOT EXISTS revoked_sessions (
+    value TEXT PRIMARY KEY,
+    issued_at REAL NOT NULL
+);
 """
 # Columns added since the first release: an index made by an older daemon gets them at open.
 MIGRATIONS = {
@@ -619,6 +623,15 @@ class CaptureStore:
             data["numbers"] = json.loads(data["numbers"] or "{}")
             out.append(AnomalyRow(**data))
         return out
+
+    async def revoke_session(self, value: str, issued_at: float) -> None:
+        """Remember a capture-page session ended by a logout (it stays ended across restarts)."""
+        await self._run(self._exec, "INSERT OR IGNORE INTO revoked_sessions (value, issued_at) VALUES (?, ?)", (value, issued_at))
+
+    async def revoked_sessions(self, since: float) -> dict[str, float]:
+        """The sessions ended by a logout that were issued after ``since`` (older ones expired)."""
+        await self._run(self._exec, "DELETE FROM revoked_sessions WHERE issued_at < ?", (since,))
+        return dict(await self._run(self._fetch, "SELECT value, issued_at FROM revoked_sessions ORDER BY issued_at", ()))
 
     async def record_alert(self, status: str, alertname: str, fingerprint: str, starts_at: str, labels: dict[str, str], capture_id: str | None, note: str) -> None:
         """Remember one alert received from Alertmanager (firing or resolved)."""
