@@ -60,10 +60,14 @@ async def test_the_usual_shielded_wait_does_not() -> None:
     assert not await _cancelled_twice_while_cleaning_up(usual)
 
 
-async def test_tcpdump_process_stop_cancelled_still_reaps() -> None:
-    proc = TcpdumpProcess(["sh", "-c", "trap '' TERM; exec sleep 30"])  # ignores SIGTERM: stop must get to SIGKILL
+async def test_tcpdump_process_stop_cancelled_still_reaps(tmp_path) -> None:
+    ready = tmp_path / "trapped"
+    proc = TcpdumpProcess(["sh", "-c", f"trap '' TERM; touch {ready}; exec sleep 30"])  # ignores SIGTERM: stop must get to SIGKILL
     await proc.start()
-    await asyncio.sleep(0.1)
+    for _ in range(200):  # until the trap is set (a loaded machine may take a while to get there)
+        if ready.exists():
+            break
+        await asyncio.sleep(0.01)
     stopping = asyncio.ensure_future(proc.stop(grace=5))
     await asyncio.sleep(0.05)
     stopping.cancel()
