@@ -308,8 +308,10 @@ NO_BCC_SCRIPT = r"""
 import asyncio, json, os, sys
 from nstap.ebpf.service import EbpfService
 service = EbpfService("on")
-asyncio.run(service.load())
-service.new_round()
+async def main():
+    await service.load()
+    await service.refresh()  # the map read, in its thread
+asyncio.run(main())
 maps = open("/proc/self/maps").read()
 print(json.dumps({
     "up": service.up, "counts": len(service.counts),
@@ -395,7 +397,7 @@ async def test_drops_counted_after_the_loader_left(containers: Containers, docke
                     s.connect((ip, 81))
                 except OSError:
                     pass
-        service.new_round()
+        await service.refresh()
         assert service.counts.get(netns_of(containers.pid("docker", victim)), {}).get("NO_SOCKET", 0) >= 20, service.counts
         assert "NO_SOCKET" not in service.counts.get(netns_of(containers.pid("docker", bystander)), {})
         assert collector.drops is not None and collector.drops.batch  # read with BPF_MAP_LOOKUP_BATCH
@@ -443,7 +445,7 @@ async def test_forget_empties_both_maps_of_a_namespace(containers: Containers, d
             return ns in map_netns(collector.drops) and ns in map_netns(collector.retrans)
 
         wait_until(both_maps, 30, 0.5, "drops and retransmits of the victim's namespace in the maps")
-        service.new_round()
+        await service.refresh()
         collector.read_flows()
         assert service.counts.get(ns) and service.retransmits({ns}) and service.counts.get(other)
         # The namespace goes (nothing can add entries of it any more), then is forgotten.
@@ -453,7 +455,7 @@ async def test_forget_empties_both_maps_of_a_namespace(containers: Containers, d
         assert ns not in map_netns(collector.drops) and ns not in map_netns(collector.retrans)
         assert gone >= 2 and ns not in service.counts and not service.retransmits({ns})
         assert other in map_netns(collector.drops) and service.counts.get(other)  # only that namespace
-        service.new_round()
+        await service.refresh()
         assert ns not in service.counts
     finally:
         server.close()

@@ -89,7 +89,7 @@ class DetectionPipeline:
         # A member's nstap.detect.* labels changed (a container that joined, one that left, or a
         # runtime that relabels): its detectors are built again at its next sample.
         for netns, ns in namespaces.items():
-            if netns in self._detectors and detect_labels(ns) != self._labels_of.get(netns):
+            if netns in self._detectors and detect_labels(ns) != self._labels_of.get(netns, {}):
                 del self._detectors[netns]
         self._broken = {key for key in self._broken if key[0] in namespaces}
         self.tracker.prune({r.short_id for r in self.registry.containers()})

@@ -75,6 +75,12 @@ class EbpfService:
         self._reading = asyncio.get_running_loop().run_in_executor(self._thread, self._read, collector)
         self._reading.add_done_callback(self._read_done)
 
+    async def refresh(self) -> None:
+        """Read the maps now and wait for it (what a round does, awaited: for tools and tests)."""
+        self.new_round()
+        if self._reading is not None:
+            await asyncio.gather(self._reading, return_exceptions=True)
+
     @staticmethod
     def _read(collector: DropCollector) -> dict[int, dict[str, int]]:
         counts = collector.read()
