@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 
 from conftest import NsUnderTest, children_of, ping, sh, tool
-from nstap.capture.engine import CaptureEngine, CaptureRefused, CaptureSettings, CaptureTarget
+from nstap.capture.anomaly import AnomalyCaptures
+from nstap.capture.engine import CaptureEngine
+from nstap.capture.model import CaptureRefused, CaptureSettings, CaptureTarget
 from nstap.capture.pcap import read_file, sha256_file
 from nstap.capture.ring import Segment, segments_for_window, segments_to_drop
-from nstap.capture.store import COMPLETE, CaptureStore, Retention
+from nstap.capture.store import CaptureStore, Retention
+from nstap.index.captures import COMPLETE
 from nstap.capture.tcpdump import FilterError, Tools, parse_stats
 from nstap.instruments import Instruments
 from nstap.netns.handles import NamespaceOpener
@@ -101,6 +104,7 @@ class Bench:
         ).with_netns(os.stat(f"/proc/{netns.pid}/ns/net").st_ino, 0)
         self.store = CaptureStore(tmp_path, Retention(max_bytes=50 * 1024 * 1024, max_age_seconds=3600))
         self.engine = CaptureEngine(settings, self.store, self.pool, self.registry, tmp_path)
+        self.anomalies = AnomalyCaptures(self.engine)
         self.tmp_path = tmp_path
 
     async def open(self) -> None:
@@ -141,7 +145,7 @@ async def engine(bench: Bench):
 async def wait_done(store: CaptureStore, capture_id: str, timeout: float = 20):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        row = await store.get(capture_id)
+        row = await store.index.captures.get(capture_id)
         if row.state != "running":
             return row
         await asyncio.sleep(0.1)
@@ -268,7 +272,7 @@ async def wait_ring(eng: CaptureEngine, inode: int, timeout: float = 10.0, other
 
 
 async def test_a_flight_recorder_whose_tcpdump_dies_is_replaced(engine, netns: NsUnderTest, monkeypatch) -> None:
-    monkeypatch.setattr("nstap.capture.engine.RING_RESTART_DELAY", 1.0)
+    monkeypatch.setattr("nstap.capture.fleet.RING_RESTART_DELAY", 1.0)
     eng, _registry, store, record = engine
     eng.start()
     first = await wait_ring(eng, record.netns)
@@ -283,7 +287,7 @@ async def test_a_flight_recorder_whose_tcpdump_dies_is_replaced(engine, netns: N
     assert row.mode == "live"
     assert (await wait_done(store, row.id)).state == COMPLETE
     second = await wait_ring(eng, record.netns, other_than=first)
-    assert eng.ring_restarts_total == 1 and second.dir != first.dir
+    assert eng.fleet.restarts_total == 1 and second.dir != first.dir
     for _ in range(30):  # the dead ring's files are removed
         if not first.dir.exists():
             break
@@ -345,7 +349,7 @@ async def test_ring_whose_namespace_leaves_before_its_tcpdump_started_is_stopped
             await asyncio.sleep(0.02)
         assert b.registry.get(b.record.id) is None, "the container was not removed at the ring's start"
         for _ in range(100):  # the ring's start and stop tasks run their course
-            if not b.engine._ring_tasks and not b.engine.rings:
+            if not b.engine.fleet._tasks and not b.engine.rings:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
@@ -380,7 +384,7 @@ async def test_concurrent_requests_never_exceed_max_concurrent(bench: Bench) -> 
     refused = [r for r in results if isinstance(r, CaptureRefused)]
     assert len(started) == 2 and len(refused) == 8 and all(r.status == 429 for r in refused), results
     assert eng.refused_total["concurrency"] == 8
-    assert len(await store.list()) == 2
+    assert len(await store.index.captures.list()) == 2
     for row in started:
         assert (await wait_done(store, row.id)).state == COMPLETE
 
@@ -391,38 +395,38 @@ async def test_anomaly_captures_per_container_are_limited(tmp_path: Path, netns:
     try:
         await b.attach()
         ns = b.pool.watched()[b.record.netns]
-        from nstap.capture.store import AnomalyRow
+        from nstap.index import AnomalyRow
 
         def anomaly(i: int) -> AnomalyRow:
             now = time.time()
             return AnomalyRow(f"a{i}", "tcp_reset_spike", "ringed", b.record.short_id, "test", ns.inode, now, now)
 
         b.engine.start()
-        ids = await asyncio.gather(*(b.engine.for_anomaly(ns, anomaly(i)) for i in range(5)))  # in one tick
+        ids = await asyncio.gather(*(b.anomalies.for_anomaly(ns, anomaly(i)) for i in range(5)))  # in one tick
         assert sum(i is not None for i in ids) == 3
         assert b.engine.refused_total["per_container_limit"] == 2
         for capture_id in filter(None, ids):
             await wait_done(b.store, capture_id)
         # The container goes: its per-container counts go with it (they would grow for ever) ...
-        assert b.engine.captures_total and b.engine._anomaly_captures
+        assert b.engine.captures_total and len(b.engine.quota)
         b.registry.remove(b.record.id)
         assert not b.engine.captures_total
         # ... but not its quota of the hour: a container that crash-loops comes back with the same
         # id and must not get a fresh one each time.
         await b.attach()
         ns = b.pool.watched()[b.record.netns]
-        assert await b.engine.for_anomaly(ns, anomaly(9)) is None
+        assert await b.anomalies.for_anomaly(ns, anomaly(9)) is None
         # An hour later it is forgotten.
-        history = b.engine._anomaly_captures[b.record.short_id]
+        history = b.engine.quota._started[b.record.short_id]
         history.extend([t - 3700 for t in [history.popleft() for _ in range(len(history))]])
         b.registry.remove(b.record.id)
-        assert not b.engine._anomaly_captures
+        assert not len(b.engine.quota)
     finally:
         await b.close()
 
 
 async def test_one_container_holds_at_most_half_the_capture_slots(tmp_path: Path, netns: NsUnderTest) -> None:
-    from nstap.capture.store import AnomalyRow
+    from nstap.index import AnomalyRow
 
     b = Bench(tmp_path, netns, {}, CaptureSettings(post_seconds=1, max_concurrent=4, max_per_container_per_hour=100))
     await b.open()
@@ -431,11 +435,11 @@ async def test_one_container_holds_at_most_half_the_capture_slots(tmp_path: Path
         ns = b.pool.watched()[b.record.netns]
         now = time.time()
         rows = [AnomalyRow(f"a{i}", f"kind{i}", "ringed", b.record.short_id, "test", ns.inode, now, now) for i in range(5)]
-        ids = await asyncio.gather(*(b.engine.for_anomaly(ns, row) for row in rows))
+        ids = await asyncio.gather(*(b.anomalies.for_anomaly(ns, row) for row in rows))
         assert sum(i is not None for i in ids) == 2  # two slots stay free for the other containers
         for capture_id in filter(None, ids):
             await wait_done(b.store, capture_id)
-        assert await b.engine.for_anomaly(ns, AnomalyRow("a9", "k", "ringed", b.record.short_id, "test", ns.inode, now, now))  # freed again
+        assert await b.anomalies.for_anomaly(ns, AnomalyRow("a9", "k", "ringed", b.record.short_id, "test", ns.inode, now, now))  # freed again
     finally:
         await b.close()
 
@@ -444,7 +448,7 @@ async def test_host_side_captures_count_in_the_containers_share(tmp_path: Path, 
     """Defect: an interface_drops anomaly's second capture, on the host end of the veth, did not
     count in its container's share: a storm of them held every capture slot. (The host end is
     named here rather than read from a sample; both captures are real tcpdumps.)"""
-    from nstap.capture.store import AnomalyRow
+    from nstap.index import AnomalyRow
 
     b = Bench(tmp_path, netns, {}, CaptureSettings(post_seconds=1, max_concurrent=4, max_per_container_per_hour=100))
     b.engine.host_peers = lambda inode: [netns.host_if]  # type: ignore[method-assign]
@@ -455,8 +459,8 @@ async def test_host_side_captures_count_in_the_containers_share(tmp_path: Path, 
         now = time.time()
         rows = [AnomalyRow(f"d{i}", "interface_drops", "ringed", b.record.short_id, "test", ns.inode, now, now,
                            numbers={f"{netns.host_if}.host.rx_drops": 5}) for i in range(3)]
-        ids = [await b.engine.for_anomaly(ns, row) for row in rows]
-        running = [r for r in await b.store.list() if r.state == "running"]
+        ids = [await b.anomalies.for_anomaly(ns, row) for row in rows]
+        running = [r for r in await b.store.index.captures.list() if r.state == "running"]
         assert len(running) == 2 and {r.side for r in running} == {"container", "host"}, running  # its share: half the slots
         assert ids[0] is not None and ids[1:] == [None, None]
         for r in running:

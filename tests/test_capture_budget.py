@@ -57,6 +57,10 @@ def test_budget_evicts_oldest_and_restart_keeps_the_rest(nstap, containers: Cont
         ids.append(start_capture(d, cid[:12], 2)["id"])
         finished_capture(d, ids[-1])
     traffic.join(60)
+    # Each capture's end snapshot is filed after its pcap (and counts in the budget too): the
+    # states are final once every capture has its evidence or was evicted.
+    settled = lambda: all(r["has_evidence"] or r["state"] == "evicted" for r in (d.api(f"/api/v1/captures/{i}")[1] for i in ids))  # noqa: E731
+    wait_until(settled, 20, 0.3, "every capture's evidence filed")
     rows = {i: d.api(f"/api/v1/captures/{i}")[1] for i in ids}
     assert all(rows[i]["bytes"] > 300 * 1024 or rows[i]["state"] == "evicted" for i in ids)
     evicted = [i for i in ids if rows[i]["state"] == "evicted"]

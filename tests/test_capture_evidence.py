@@ -26,7 +26,7 @@ import pytest
 from conftest import ROOT, Containers, Daemon, sh, tool, wait_until
 from nstap.capture.bundle import bundle_name, summary_text
 from nstap.capture.pcap import read_records
-from nstap.capture.store import AnomalyRow, CaptureRow
+from nstap.index import AnomalyRow, CaptureRow
 from nstap.netns.evidence import counter_deltas, parse_counter_file, parse_udp_table
 
 HTTPD = ("httpd", "-f", "-p", "80", "-h", "/www")
@@ -240,7 +240,7 @@ async def test_a_bundle_is_streamed_with_a_bounded_window_and_stops_when_its_cli
     from concurrent.futures import ThreadPoolExecutor
 
     from nstap.capture.bundle import ChunkSink, build_bundle, write_bundle
-    from nstap.capture.store import CaptureRow
+    from nstap.index import CaptureRow
 
     pcap = tmp_path / "big.pcap"
     pcap.write_bytes(os.urandom(8 << 20))  # incompressible: 8 MiB of gzip output

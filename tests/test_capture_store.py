@@ -13,10 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nstap.capture.pcap import MAGIC_NS, MAGIC_US, PcapError, PcapWriter, Record, StreamParser, parse_header, read_file, read_records
-from nstap.capture.engine import CaptureEngine, CaptureSettings
+from nstap.capture.engine import CaptureEngine
+from nstap.capture.model import CaptureSettings
 from nstap.registry import ContainerRegistry
 from nstap.capture.retention import HeldCapture, plan_evictions
-from nstap.capture.store import COMPLETE, EVICTED, INCOMPLETE, RUNNING, CaptureRow, CaptureStore, Retention, new_id
+from nstap.capture.store import CaptureStore, Retention
+from nstap.index import CaptureRow, new_id
+from nstap.index.captures import COMPLETE, EVICTED, INCOMPLETE, RUNNING
 
 
 def header(order: str = "<", magic: int = MAGIC_US, linktype: int = 276) -> bytes:
@@ -106,7 +109,7 @@ async def write_capture(store: CaptureStore, created: float, n: int, state: str 
     path.write_bytes(data)
     if state != RUNNING:
         await store.finish(row.id, state=state, bytes=len(data), packets=n)
-    return (await store.get(row.id))
+    return (await store.index.captures.get(row.id))
 
 
 async def test_files_are_private_and_ids_are_checked(store: CaptureStore) -> None:
@@ -115,8 +118,8 @@ async def test_files_are_private_and_ids_are_checked(store: CaptureStore) -> Non
     assert oct(os.stat(store.dir).st_mode & 0o777) == "0o700"
     assert oct(os.stat(store.db_path).st_mode & 0o777) == "0o600"
     for bad in ("../nstap.db", "..", "a/b", "", "x" * 65, "%2e%2e", row.id + "/../x", None, 5):
-        assert await store.get(bad) is None  # type: ignore[arg-type]
-    assert (await store.get(row.id)).state == COMPLETE
+        assert await store.index.captures.get(bad) is None  # type: ignore[arg-type]
+    assert (await store.index.captures.get(row.id)).state == COMPLETE
 
 
 async def test_budget_evicts_oldest_finished_first(store: CaptureStore) -> None:
@@ -135,7 +138,7 @@ async def test_budget_evicts_oldest_finished_first(store: CaptureStore) -> None:
         total -= sizes[r.id]
     assert evicted == expected and running.id not in evicted and big[-1].id not in evicted
     assert store.total_bytes == total <= 10_000
-    gone = await store.get(small[0].id)
+    gone = await store.index.captures.get(small[0].id)
     assert gone.state == EVICTED and store.path_of(gone) is None and not (store.dir / f"{gone.id}.pcap").exists()
     assert await store.enforce(now) == []  # nothing more to do
 
@@ -150,8 +153,8 @@ async def test_evidence_that_arrives_after_the_budget_was_applied_is_counted(sto
     running = await write_capture(store, now, 5, state=RUNNING)
     assert await store.save_evidence(running.id, b"{}" * 10) == []  # a running capture's: no pass
     assert await store.save_evidence(rows[1].id, b"{}" * 2000) == [rows[0].id]  # 4 KB more: over
-    assert store.total_bytes <= 10_000 and (await store.get(rows[0].id)).state == EVICTED
-    assert store.evidence_path(await store.get(rows[1].id)) is not None
+    assert store.total_bytes <= 10_000 and (await store.index.captures.get(rows[0].id)).state == EVICTED
+    assert store.evidence_path(await store.index.captures.get(rows[1].id)) is not None
 
 
 async def test_evidence_of_an_evicted_capture_is_not_written(store: CaptureStore) -> None:
@@ -159,7 +162,7 @@ async def test_evidence_of_an_evicted_capture_is_not_written(store: CaptureStore
     file, unreachable, counted in the store's bytes for good."""
     row = await write_capture(store, time.time() - 100, 5)
     await store.enforce(time.time() + 10**7)  # older than the age limit: evicted
-    assert (await store.get(row.id)).state == EVICTED
+    assert (await store.index.captures.get(row.id)).state == EVICTED
     assert await store.save_evidence(row.id, b"{}" * 100) == []
     assert not list(store.dir.glob("*.evidence.json*")) and store.total_bytes == 0
 
@@ -171,7 +174,7 @@ async def test_a_capture_whose_file_cannot_be_made_leaves_no_running_row(store: 
     (store.dir / f"{taken.id}.pcap").write_bytes(b"")  # the name is taken: O_EXCL refuses it
     with pytest.raises(FileExistsError):
         await store.create(taken)
-    assert await store.get(taken.id) is None
+    assert await store.index.captures.get(taken.id) is None
 
 
 async def test_age_limit(tmp_path: Path) -> None:
@@ -182,7 +185,7 @@ async def test_age_limit(tmp_path: Path) -> None:
         old = await write_capture(s, now - 120, 3)
         new = await write_capture(s, now - 10, 3)
         assert await s.enforce(now) == [old.id]
-        assert (await s.get(new.id)).state == COMPLETE
+        assert (await s.index.captures.get(new.id)).state == COMPLETE
     finally:
         await s.close()
 
@@ -200,10 +203,10 @@ async def test_restart_marks_running_incomplete_and_indexes_orphans(tmp_path: Pa
     recovered = await s2.open()
     try:
         assert recovered["incomplete"] == 1 and recovered["orphans"] == 1
-        row = await s2.get(running.id)
+        row = await s2.index.captures.get(running.id)
         assert row.state == INCOMPLETE and row.packets == 7 and row.bytes > 0 and len(row.sha256) == 64
-        assert (await s2.get(done.id)).state == COMPLETE
-        orphans = [r for r in await s2.list() if r.reason == "recovered"]
+        assert (await s2.index.captures.get(done.id)).state == COMPLETE
+        orphans = [r for r in await s2.index.captures.list() if r.reason == "recovered"]
         assert len(orphans) == 1 and orphans[0].packets == 4 and orphans[0].state == INCOMPLETE
     finally:
         await s2.close()
@@ -237,7 +240,7 @@ async def test_a_crash_during_a_filtered_ring_capture_keeps_its_packets(tmp_path
     try:
         assert recovered["to_filter"] == 1 and recovered["leftovers_removed"] == 2 and recovered["incomplete"] == 0
         assert await engine.recover() == 1
-        again = await s2.get(row.id)
+        again = await s2.index.captures.get(row.id)
         assert again.state == INCOMPLETE and again.packets == 10 and "filtered at the next start" in again.error, again
         _, records = read_file(s2.path_of(again))
         assert len(records) == 10 and all(struct.unpack("!H", r.data[16 + 36 : 16 + 38])[0] == 53 for r in records)
@@ -303,7 +306,7 @@ async def test_budget_never_takes_a_quiet_containers_last_capture(tmp_path: Path
         noisy = [await write_capture_of(s, "noisynoisyno", now - 50 + i, 40) for i in range(5)]
         evicted = await s.enforce(now)
         assert quiet.id not in evicted and evicted == [r.id for r in noisy[: len(evicted)]] and evicted
-        assert (await s.get(quiet.id)).state == COMPLETE and s.total_bytes <= 6_000
+        assert (await s.index.captures.get(quiet.id)).state == COMPLETE and s.total_bytes <= 6_000
     finally:
         await s.close()
 
@@ -313,7 +316,7 @@ async def write_capture_of(store: CaptureStore, container_id: str, created: floa
     data, _ = stream(n)
     store.path_of(row).write_bytes(data)
     await store.finish(row.id, state=COMPLETE, bytes=len(data), packets=n)
-    return await store.get(row.id)
+    return await store.index.captures.get(row.id)
 
 
 async def test_an_existing_data_dir_and_its_files_are_made_private(tmp_path: Path) -> None:
@@ -431,7 +434,8 @@ def test_a_window_is_written_whole_or_cut_at_the_byte_cap(tmp_path: Path) -> Non
     the digest is that of the file."""
     import hashlib
 
-    from nstap.capture.engine import CaptureFile
+    from nstap.capture.writer import CaptureFile
+    from nstap.capture.writer import summary as writer_summary
     from nstap.capture.ring import SegmentView, read_window
 
     data, _ = stream(40)
@@ -452,7 +456,7 @@ def test_a_window_is_written_whole_or_cut_at_the_byte_cap(tmp_path: Path) -> Non
         assert written == head.raw + b"".join(r.data for r in expected)
         assert out.packets == len(expected) and out.pre_packets == sum(1 for r in expected if r.ts < trigger)
         assert out.capped == (cap < 1 << 20)
-        assert CaptureEngine._summary(out.path, out)[2] == hashlib.sha256(written).hexdigest()
+        assert writer_summary(out.path, out)[2] == hashlib.sha256(written).hexdigest()
     for v in views:
         os.close(v.fd)
 
@@ -501,7 +505,7 @@ async def test_a_ring_on_a_full_disk_keeps_exact_books(tiny_fs: Path) -> None:
 async def test_the_index_keeps_its_tables_within_age_and_count_and_shares_the_byte_budget(tmp_path: Path) -> None:
     """Defect: anomalies, alerts and evicted captures' entries were never pruned, and the database
     was outside store_max_bytes: an index that grew for months on a churning host."""
-    from nstap.capture.store import AnomalyRow
+    from nstap.index import AnomalyRow
 
     s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=10**6, index_max_age=3600, index_max_rows=1000))
     await s.open()
@@ -509,24 +513,24 @@ async def test_the_index_keeps_its_tables_within_age_and_count_and_shares_the_by
         now = time.time()
         for i in range(1500):  # ended anomalies, the first 300 older than the index's age
             at = now - 7200 if i < 300 else now - 1500 + i
-            await s.save_anomaly(AnomalyRow(id=f"a{i:05d}", kind="k", container="c", container_id="c1", runtime="docker", netns=1,
+            await s.index.anomalies.save(AnomalyRow(id=f"a{i:05d}", kind="k", container="c", container_id="c1", runtime="docker", netns=1,
                                             first_seen=at, last_seen=at, resolved_at=at))
-        await s.save_anomaly(AnomalyRow(id="ongoing", kind="k", container="c", container_id="c1", runtime="docker", netns=1,
+        await s.index.anomalies.save(AnomalyRow(id="ongoing", kind="k", container="c", container_id="c1", runtime="docker", netns=1,
                                         first_seen=now - 9000, last_seen=now, resolved_at=None))
         for i in range(1200):
-            await s.record_alert("firing", "A", f"f{i}", "t", {}, None, "")
+            await s.index.alerts.record("firing", "A", f"f{i}", "t", {}, None, "")
         old = await write_capture(s, now - 7200, 3)
         s._pruned_at = now + 10**7  # (this pass evicts only)
         await s.enforce(now + 10**7)  # past the captures' age: evicted, its entry kept for now
-        assert (await s.get(old.id)).state == EVICTED
+        assert (await s.index.captures.get(old.id)).state == EVICTED
         s._pruned_at = float("-inf")
         await s.enforce(now)
-        anomalies = await s.anomalies(limit=10**6)
+        anomalies = await s.index.anomalies.list(limit=10**6)
         assert len([a for a in anomalies if a.resolved_at]) == 1000 and any(a.id == "ongoing" for a in anomalies)  # an open one stays
         assert min(a.last_seen for a in anomalies if a.resolved_at) >= now - 3600
-        assert len(await s._run(s._fetch, "SELECT seq FROM alerts", ())) == 1000
-        assert await s.get(old.id) is None  # evicted, older than the index's age: its entry went
-        assert s.pruned_total == 500 + 200 + 1 and s.index_bytes == s._index_bytes() > 0
+        assert len(await s.index.db.run(s.index.db.fetch, "SELECT seq FROM alerts", ())) == 1000
+        assert await s.index.captures.get(old.id) is None  # evicted, older than the index's age: its entry went
+        assert s.pruned_total == 500 + 200 + 1 and s.index_bytes == s.index.db.bytes() > 0
     finally:
         await s.close()
 
@@ -572,16 +576,16 @@ async def test_the_ring_pump_holds_the_loop_a_bounded_time_and_starves_no_record
     with the recorders left out."""
     import asyncio
 
-    from nstap.capture import engine as engine_module
+    from nstap.capture import fleet as fleet_module
 
     s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=10**6))
     await s.open()
     engine = CaptureEngine(CaptureSettings(), s, None, ContainerRegistry(), tmp_path)  # type: ignore[arg-type]
     recorders = [BusyRecorder(f"r{i}") for i in range(10)]  # 80 ms to pump them all
-    engine.rings = {i: r for i, r in enumerate(recorders)}
+    engine.fleet.rings = {i: r for i, r in enumerate(recorders)}
     loop = asyncio.get_running_loop()
     stalls = []
-    pump = asyncio.create_task(engine._pump_rings())
+    pump = asyncio.create_task(engine.fleet._pump())
     try:
         last = loop.time()
         for _ in range(250):  # 2.5 s: ten wake-ups of three recorders each
@@ -591,10 +595,10 @@ async def test_the_ring_pump_holds_the_loop_a_bounded_time_and_starves_no_record
     finally:
         pump.cancel()
         await asyncio.gather(pump, return_exceptions=True)
-        engine.rings = {}  # (stand-ins: nothing to stop)
+        engine.fleet.rings = {}  # (stand-ins: nothing to stop)
         await engine.stop()
         await s.close()
-    assert max(stalls) < engine_module.PUMP_BUDGET + 0.02, max(stalls)  # a wake-up holds the loop ~20 ms, not 80
+    assert max(stalls) < fleet_module.PUMP_BUDGET + 0.02, max(stalls)  # a wake-up holds the loop ~20 ms, not 80
     assert all(len(r.pumped) >= 2 for r in recorders), [len(r.pumped) for r in recorders]  # every one in turn
-    assert {x for r in recorders for x in r.reads} == {engine_module.PUMP_READS}
-    assert engine.pumps_cut_total >= 4 and engine.ring_backlog == 10_000
+    assert {x for r in recorders for x in r.reads} == {fleet_module.PUMP_READS}
+    assert engine.fleet.pumps_cut_total >= 4 and engine.fleet.backlog == 10_000

@@ -246,7 +246,7 @@ async def test_incidents_extend_resolve_reopen_and_capture_once(tmp_path: Path) 
         margins.append(margin)
         return "cap-1"
 
-    tracker = IncidentTracker(store, start_capture, cooldown=30, resolve_after=5)
+    tracker = IncidentTracker(store.index.anomalies, start_capture, cooldown=30, resolve_after=5)
     ns = namespace()
     f = Finding("tcp_retransmits", "bad", {"rate": 0.5}, started_at=98.5)
     first = tracker.found(ns, f, 100, interval=1.0)
@@ -263,7 +263,7 @@ async def test_incidents_extend_resolve_reopen_and_capture_once(tmp_path: Path) 
     assert later is not first
     await tracker.close()
     assert captures == [first.row.id, later.row.id] and margins == [2.0, 0.0]
-    rows = {r.id: r for r in await store.anomalies()}
+    rows = {r.id: r for r in await store.index.anomalies.list()}
     assert rows[first.row.id].started_at == 98.5 and rows[later.row.id].started_at == 171  # no onset: detection
     assert rows[first.row.id].findings == 11 and rows[first.row.id].capture_id == "cap-1" and rows[first.row.id].resolved_at == 140
     assert tracker.anomalies_total[("web", "abababababab", "docker", "tcp_retransmits")] == 2

@@ -198,8 +198,8 @@ def test_alert_to_pcap_dashboards_and_capture_page(nstap, containers: Containers
     in_netns(pid, *rule)
     try:
         d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") == 1 and m.find("nstap_nat_port_forward_info", container_id=cid[:12]), 20)
-        token_file = tmp_path / "token"  # what deploy/alertmanager calls /etc/prometheus/nstap-api-token
-        shutil.copy(d.data_dir / "api-token", token_file)
+        token_file = tmp_path / "token"  # what deploy/alertmanager calls /etc/prometheus/nstap-webhook-token
+        shutil.copy(d.data_dir / "webhook-token", token_file)
         am = start_alertmanager(processes, tmp_path, f"http://127.0.0.1:{d.api_port}/api/v1/alertmanager", token_file)
         prom = start_prometheus(processes, tmp_path, f"127.0.0.1:{d.metrics_port}", am)
         instance = f"127.0.0.1:{d.metrics_port}"

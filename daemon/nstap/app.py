@@ -18,17 +18,20 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from . import __version__
 from .api.auth import WEBHOOK_TOKEN_FILE, TokenError, ensure_token
-from .api.webconfig import WebConfigError, load_web_config
+from .api.webconfig import WebConfig, WebConfigError, load_web_config
 from .api.routes import CaptureApi
 from .api.ui import CapturePage
 from .api.server import ApiServer
-from .capture.engine import CaptureEngine, CaptureSettings
+from .capture.anomaly import AnomalyCaptures
+from .capture.engine import CaptureEngine
+from .capture.model import CaptureSettings
 from .capture.store import CaptureStore, Retention
 from .config import Config, ConfigError
 from .detect.incidents import IncidentTracker
@@ -90,6 +93,35 @@ def set_child_ehash(proc_root: Path, entries: int) -> None:
         log.info("tcp_child_ehash_set", entries=entries)
 
 
+def capture_settings(cfg: Config) -> CaptureSettings:
+    """The capture engine's settings from the ``capture`` section."""
+    cap = cfg.capture
+    return CaptureSettings(
+        snaplen=cap.snaplen, buffer_kib=cap.buffer_kib, pre_seconds=cap.pre_seconds, max_pre_seconds=cap.max_pre_seconds,
+        post_seconds=cap.post_seconds, max_seconds=cap.max_seconds, max_bytes=cap.max_bytes, max_concurrent=cap.max_concurrent,
+        max_per_container_per_hour=cap.max_per_container_per_hour, ring=cap.ring, ring_bytes=cap.ring_bytes,
+        ring_segments=cap.ring_segments, ring_seconds=cap.ring_seconds, evidence=cap.evidence,
+    )
+
+
+@dataclass
+class Parts:
+    """The daemon's parts, as :meth:`App._build` wired them."""
+
+    store: CaptureStore
+    opener: NamespaceOpener
+    host_links: HostLinks
+    exits: ProcessExits
+    pool: WatcherPool
+    engine: CaptureEngine
+    tracker: IncidentTracker
+    nat: NatMonitor | None
+    ebpf: EbpfService
+    pipeline: DetectionPipeline
+    collector: ContainerCollector
+    capture_api: CaptureApi | None = None
+
+
 class App:
     """One nstap daemon."""
 
@@ -97,7 +129,7 @@ class App:
         self.config = config
         self.reread = reread  # reads the configuration again (SIGHUP), raising ConfigError
         self.notifier = Notifier()
-        self._parts: tuple | None = None
+        self._parts: Parts | None = None
         self.stopping = asyncio.Event()
         self.prometheus = build_registry()
         self.instruments = Instruments(self.prometheus)
@@ -112,7 +144,30 @@ class App:
         self.api: ApiServer | None = None
 
     async def run(self) -> None:
-        """Run until SIGTERM/SIGINT (or :meth:`stop`)."""
+        """Run until SIGTERM/SIGINT (or :meth:`stop`): the start-up phases in order, then the
+        shutdown the other way round."""
+        fd_limit = self._prepare_process()
+        token, webhook_token, web_config = self._credentials()
+        ebpf = await self._load_ebpf()
+        store = await self._open_store()
+        try:
+            parts = self._build(store, ebpf)
+        except BaseException:
+            await store.close()
+            raise
+        await self._listen(parts, token, webhook_token, web_config)
+        self._log_started(parts, fd_limit)
+        await self._start(parts)
+        try:
+            await self.stopping.wait()
+        finally:
+            await self._shutdown(parts)
+
+    # -- start-up phases -------------------------------------------------------------------------
+
+    def _prepare_process(self) -> int:
+        """Signals, the worker threads, the descriptor limit, the namespaces' TCP hash size;
+        returns the descriptor limit."""
         cfg = self.config
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -124,6 +179,11 @@ class App:
         fd_limit = raise_fd_limit()
         if cfg.tcp_child_ehash_entries:
             set_child_ehash(cfg.proc_root, cfg.tcp_child_ehash_entries)
+        return fd_limit
+
+    def _credentials(self) -> tuple[str, str, WebConfig]:
+        """The API token, the webhook-only token and the web configuration (TLS, basic auth)."""
+        cfg = self.config
         try:
             token = ensure_token(cfg.data_dir)
             webhook_token = ensure_token(cfg.data_dir, WEBHOOK_TOKEN_FILE)
@@ -132,18 +192,23 @@ class App:
         except TokenError as exc:
             raise StartupError(str(exc)) from None
         try:
-            web_config = load_web_config(cfg.web_config_file)
+            return token, webhook_token, load_web_config(cfg.web_config_file)
         except WebConfigError as exc:
             raise StartupError(str(exc), 2) from None
 
-        ebpf = self.ebpf = EbpfService(cfg.ebpf)
-        if cfg.ebpf == "on":
+    async def _load_ebpf(self) -> EbpfService:
+        """The eBPF collector; loaded now with ``ebpf: on`` (a failure stops the start), later with ``auto``."""
+        ebpf = self.ebpf = EbpfService(self.config.ebpf)
+        if self.config.ebpf == "on":
             try:
                 await ebpf.load()
             except EbpfUnavailable as exc:
                 raise StartupError(f"ebpf: on, but {exc}", 2) from None
+        return ebpf
 
-        cap = cfg.capture
+    async def _open_store(self) -> CaptureStore:
+        """The capture store and its index, recovered from an unclean stop."""
+        cfg, cap = self.config, self.config.capture
         store = CaptureStore(cfg.data_dir, Retention(cap.store_max_bytes, cap.store_max_age, cap.index_max_age, cap.index_max_rows))
         try:
             recovered = await store.open()
@@ -152,48 +217,23 @@ class App:
             raise StartupError(f"cannot open the capture store in {cfg.data_dir}: {exc}") from None
         if any(recovered.values()):
             log.warning("capture_store_recovered", **recovered)
+        return store
 
+    def _build(self, store: CaptureStore, ebpf: EbpfService) -> Parts:
+        """Every part, wired in the order data flows through them (nothing runs yet)."""
+        cfg = self.config
         opener = NamespaceOpener(cfg.proc_root)
         host_links = HostLinks(opener.open_home())
-        exits = ProcessExits(loop)
         context = SamplerContext(
-            interval=cfg.interval,
-            host_links=host_links,
-            walk_budget=cfg.socket_walk.budget_ms / 1000.0,
-            max_walk_interval=cfg.socket_walk.max_interval,
-            max_listen_ports=cfg.max_listen_ports,
-            max_interfaces=cfg.max_interfaces,
+            interval=cfg.interval, host_links=host_links, walk_budget=cfg.socket_walk.budget_ms / 1000.0,
+            max_walk_interval=cfg.socket_walk.max_interval, max_listen_ports=cfg.max_listen_ports, max_interfaces=cfg.max_interfaces,
             sample_budget=cfg.sample_budget_ms / 1000.0,
         )
-        self.pool = pool = WatcherPool(
-            self.registry, opener, enabled_samplers(cfg.samplers), context, self.store, self.instruments, self.supervisor
-        )
-        engine = CaptureEngine(
-            CaptureSettings(
-                snaplen=cap.snaplen,
-                buffer_kib=cap.buffer_kib,
-                pre_seconds=cap.pre_seconds,
-                max_pre_seconds=cap.max_pre_seconds,
-                post_seconds=cap.post_seconds,
-                max_seconds=cap.max_seconds,
-                max_bytes=cap.max_bytes,
-                max_concurrent=cap.max_concurrent,
-                max_per_container_per_hour=cap.max_per_container_per_hour,
-                ring=cap.ring,
-                ring_bytes=cap.ring_bytes,
-                ring_segments=cap.ring_segments,
-                ring_seconds=cap.ring_seconds,
-                evidence=cap.evidence,
-            ),
-            store,
-            pool,
-            self.registry,
-            cfg.data_dir,
-            self.supervisor,
-            self.store,
-        )
+        self.pool = pool = WatcherPool(self.registry, opener, enabled_samplers(cfg.samplers), context, self.store, self.instruments, self.supervisor)
+        engine = CaptureEngine(capture_settings(cfg), store, pool, self.registry, cfg.data_dir, self.supervisor, self.store)
         tracker = IncidentTracker(
-            store, engine.for_anomaly if cfg.detect.capture else None, cfg.detect.cooldown, cfg.detect.resolve_after, self.supervisor
+            store.index.anomalies, AnomalyCaptures(engine).for_anomaly if cfg.detect.capture else None, cfg.detect.cooldown, cfg.detect.resolve_after,
+            self.supervisor,
         )
         nat = None
         if cfg.nat.enabled:
@@ -201,97 +241,98 @@ class App:
                 cfg.nat, cfg.interval, self.registry, pool.netns_fd, opener.home_inode, self.supervisor,
                 tracker if cfg.detect.enabled else None, frozenset(cfg.detect.disabled), cfg.proc_root,
             )
-            engine.nat = nat
-        engine.ebpf = ebpf
+        engine.nat, engine.ebpf = nat, ebpf
         pool.ticker.hooks.append(ebpf.new_round)
         pool.subscribe(lambda: ebpf.follow(set(pool.watched())))  # entries of namespaces no longer watched are deleted
         no_drops: dict[str, int] = {}  # a namespace without drops since the program loaded: counted, none
         pool.kernel_drops = lambda inode: ebpf.counts.get(inode, no_drops) if ebpf.up else None
         pipeline = DetectionPipeline(self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled}, self.supervisor)
+        exits = ProcessExits(asyncio.get_running_loop())
         self.sources = [
             RuntimeSource(
-                endpoint.name,
-                endpoint.socket,
-                self.registry,
-                exits,
-                proc_root=cfg.proc_root,
-                host_netns=opener.home_inode,
-                reconcile_interval=cfg.reconcile_interval,
-                max_backoff=cfg.reconnect_max_backoff,
-                supervisor=self.supervisor,
+                endpoint.name, endpoint.socket, self.registry, exits, proc_root=cfg.proc_root, host_netns=opener.home_inode,
+                reconcile_interval=cfg.reconcile_interval, max_backoff=cfg.reconnect_max_backoff, supervisor=self.supervisor,
             )
             for endpoint in cfg.runtimes
         ]
         collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine, nat, ebpf, cfg.metrics.expand())
+        return Parts(store, opener, host_links, exits, pool, engine, tracker, nat, ebpf, pipeline, collector)
+
+    async def _listen(self, parts: Parts, token: str, webhook_token: str, web_config: WebConfig) -> None:
+        """Both listeners up with every route (the capture page's logged-out sessions loaded)."""
+        cfg, pool = self.config, parts.pool
         self.api = ApiServer(
-            cfg.metrics_listen, cfg.api_listen, self.prometheus, collector, self.registry, lambda: set(pool.watched()), token, self.supervisor.failed,
-            webhook_token, web_config,
+            cfg.metrics_listen, cfg.api_listen, self.prometheus, parts.collector, self.registry, lambda: set(pool.watched()), token,
+            self.supervisor.failed, webhook_token, web_config,
         )
-        self.capture_api = capture_api = CaptureApi(self.registry, engine, store, cap.max_seconds, nat, ebpf)
-        self.api.add_routes(capture_api.routes())
-        page = CapturePage(capture_api, store, token)
+        parts.capture_api = CaptureApi(self.registry, parts.engine, parts.store, cfg.capture.max_seconds, parts.nat, parts.ebpf)
+        self.api.add_routes(parts.capture_api.routes())
+        page = CapturePage(parts.capture_api, parts.store, token)
         await page.load_revoked()
         self.api.add_routes(page.routes())
         try:
             await self.api.start()
         except OSError as exc:
             await self.api.stop()
-            host_links.close()
-            opener.close()
-            await store.close()
+            parts.capture_api.close()
+            parts.host_links.close()
+            parts.opener.close()
+            await parts.store.close()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
 
+    def _log_started(self, parts: Parts, fd_limit: int) -> None:
+        cfg = self.config
         if self.registry.own_id:
             log.info("own_container_not_watched", container_id=self.registry.own_id[:12])
         log.info(
-            "nstap_started",
-            version=__version__,
-            interval=cfg.interval,
-            metrics_listen=cfg.metrics_listen,
-            api_listen=cfg.api_listen,
-            runtimes=[r.name for r in cfg.runtimes],
-            samplers=[s.name for s in pool.specs],
-            fd_limit=fd_limit,
+            "nstap_started", version=__version__, interval=cfg.interval, metrics_listen=cfg.metrics_listen, api_listen=cfg.api_listen,
+            runtimes=[r.name for r in cfg.runtimes], samplers=[s.name for s in parts.pool.specs], fd_limit=fd_limit,
         )
+
+    async def _start(self, parts: Parts) -> None:
+        """Start every long-running part, downstream first: nothing produces before its consumer runs."""
+        cfg = self.config
         # Everything allocated so far (modules, config, listeners) lives as long as the daemon:
         # keep it out of the cyclic collector's full passes.
         gc.freeze()
         if cfg.detect.enabled:
-            pipeline.start(self.store)
-        pool.start()
-        await engine.recover()
-        await engine.load_recent()
-        engine.start()
-        if nat is not None:
-            nat.start(self.store)
+            parts.pipeline.start(self.store)
+        parts.pool.start()
+        await parts.engine.recover()
+        await parts.engine.load_recent()
+        parts.engine.start()
+        if parts.nat is not None:
+            parts.nat.start(self.store)
         if cfg.ebpf == "auto":
-            self.supervisor.spawn("ebpf-load", ebpf.load())  # about a second, in a thread: sampling starts meanwhile
+            self.supervisor.spawn("ebpf-load", parts.ebpf.load())  # about a second, in a thread: sampling starts meanwhile
         for source in self.sources:
             self.supervisor.service(f"runtime-{source.name}", source.run)
-        self.supervisor.service("capture-retention", lambda: self._retention(store, engine))
-        self._parts = (pool, tracker, pipeline, nat, collector)
+        self.supervisor.service("capture-retention", lambda: self._retention(parts.store, parts.engine))
+        self._parts = parts
         if self.notifier.enabled:
             self.supervisor.service("systemd", self._systemd)
-        try:
-            await self.stopping.wait()
-        finally:
-            log.info("nstap_stopping")
-            self.notifier.send(stopping=1, status="stopping")
-            await self.supervisor.stop_services()
-            await pool.stop()
-            await tracker.close()
-            await engine.stop()
-            if nat is not None:
-                await nat.close()
-            ebpf.close()
+
+    async def _shutdown(self, parts: Parts) -> None:
+        """Stop everything, upstream first, and close every descriptor opened."""
+        log.info("nstap_stopping")
+        self.notifier.send(stopping=1, status="stopping")
+        await self.supervisor.stop_services()
+        await parts.pool.stop()
+        await parts.tracker.close()
+        await parts.engine.stop()
+        if parts.nat is not None:
+            await parts.nat.close()
+        parts.ebpf.close()
+        if self.api is not None:
             await self.api.stop()
-            capture_api.close()
-            await self.supervisor.stop()
-            await store.close()
-            exits.forget_all()
-            host_links.close()
-            opener.close()
-            log.info("nstap_stopped")
+        if parts.capture_api is not None:
+            parts.capture_api.close()
+        await self.supervisor.stop()
+        await parts.store.close()
+        parts.exits.forget_all()
+        parts.host_links.close()
+        parts.opener.close()
+        log.info("nstap_stopped")
 
     async def _retention(self, store: CaptureStore, engine: CaptureEngine) -> None:
         """Apply the capture store's age limit (the byte budget is applied after every capture), and
@@ -370,7 +411,8 @@ class App:
 
     def _apply(self, new: Config) -> tuple[list[str], list[str]]:
         old = self.config
-        pool, tracker, pipeline, nat, collector = self._parts
+        assert self._parts is not None
+        pool, tracker, pipeline, nat, collector = (self._parts.pool, self._parts.tracker, self._parts.pipeline, self._parts.nat, self._parts.collector)
         applied: list[str] = []
         changed = [k for k in Config.model_fields if getattr(old, k) != getattr(new, k)]
         for key in changed:

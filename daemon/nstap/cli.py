@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     nat.add_argument("container", nargs="?", help="name or id (default: every forward on the host)")
     nat.add_argument("--json", action="store_true", help="print the API's JSON")
 
+    _capture_parsers(sub)
+    return parser
+
+
+def _capture_parsers(sub: argparse._SubParsersAction) -> None:
+    """``nstap captures list|get`` and ``nstap capture``."""
     captures = sub.add_parser("captures", help="list or download captures")
     captures_sub = captures.add_subparsers(dest="captures_command", required=True)
     listing = captures_sub.add_parser("list", help="list captures, newest first")
@@ -84,7 +90,6 @@ def _parser() -> argparse.ArgumentParser:
     capture.add_argument("--interface", help="with --side host: which host-side interface (default: the first)")
     capture.add_argument("--wait", action="store_true", help="wait for the capture to finish and download it")
     capture.add_argument("-o", "--output", type=Path, help="with --wait: file to write")
-    return parser
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:

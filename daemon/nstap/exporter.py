@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import math
 import platform
-import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, disable_created_metrics
 
 from . import __version__
+from .capture.model import CaptureReadModel, CaptureStats
 from .registry import ContainerRegistry, WatchedNamespace
 from .runtime.records import ContainerRecord
 from .samplers.protocols import PROTOCOL_COUNTERS
@@ -35,7 +35,6 @@ from .samplers.sockets import STATE_NAMES
 from .samples import NamespaceSample, SampleStore
 
 if TYPE_CHECKING:
-    from .capture.engine import CaptureEngine
     from .detect.incidents import IncidentTracker
     from .ebpf.service import EbpfService
     from .nat.monitor import NatMonitor
@@ -83,7 +82,7 @@ class ScrapeState(NamedTuple):
     tasks: int | None
     anomalies_total: dict[tuple[str, str, str, str], int]
     incidents: list[tuple[str, str, str, str, bool]]  # container, id, runtime, kind, active
-    captures: dict[str, Any] | None
+    captures: CaptureStats | None
     nat: dict[str, Any] | None = None
     ebpf: tuple[int, dict[str, int], int] | None = None  # collector up, the host's drops by reason, drops not counted (map full)
 
@@ -153,6 +152,88 @@ def render(families: Iterable[Family]) -> str:
     return "".join(parts)
 
 
+class SampleFamilies:
+    """The per-container families made from the latest samples, for one scrape."""
+
+    def __init__(self, disabled: frozenset[str]) -> None:
+        self.iface_counters = [(Family(name, "counter", help_), attr) for name, help_, attr in INTERFACE_COUNTERS]
+        self.iface_up = Family("nstap_interface_up", "gauge", "1 if the interface is administratively up and operationally running.")
+        self.iface_mtu = Family("nstap_interface_mtu_bytes", "gauge", "MTU of the interface.")
+        self.proto = [
+            (c.key, Family(f"nstap_{c.key}" if c.gauge else f"nstap_{c.key}_total", "gauge" if c.gauge else "counter", c.help))
+            for c in PROTOCOL_COUNTERS
+        ]
+        self.sockets = Family(
+            "nstap_sockets",
+            "gauge",
+            "Sockets by protocol and state. TCP listen and time_wait are exact every sample; other TCP states as of "
+            "nstap_socket_states_timestamp_seconds; udp and raw count every open socket (state 'open').",
+        )
+        self.states_at = Family("nstap_socket_states_timestamp_seconds", "gauge", "When the TCP states other than listen and time_wait were last counted.")
+        self.walk_every = Family(
+            "nstap_socket_walk_interval_seconds", "gauge", "Current interval between per-state socket walks of this namespace (from their CPU cost)."
+        )
+        self.syn_retrans = Family("nstap_tcp_syn_sent_max_retransmits", "gauge", "Highest SYN retransmit count among SYN_SENT sockets at the last walk.")
+        self.q_len = Family(
+            "nstap_tcp_listen_queue_length", "gauge", "Connections waiting in the accept queue of the port's listeners ('ephemeral': ephemeral-range ports)."
+        )
+        self.q_limit = Family("nstap_tcp_listen_queue_limit", "gauge", "Accept-queue limit (backlog) of the port's listening sockets, summed over them.")
+        self.sample_ts = Family("nstap_sample_timestamp_seconds", "gauge", "When the namespace was last sampled.")
+        self.sample_every = Family(
+            "nstap_sample_interval_seconds", "gauge", "Seconds between samples of the namespace (longer than the interval while its samples cost more than the budget)."
+        )
+        self._iface_adds = [(family.add, attr) for family, attr in self.iface_counters if family.name not in disabled]
+        self._proto_on = [(key, family) for key, family in self.proto if family.name not in disabled]
+        self._tcp_states = [(state, ("tcp", state)) for state in STATE_NAMES]
+
+    def add(self, sample: NamespaceSample, okey: tuple, base: Labels, label: Callable[..., Labels]) -> None:
+        """Add one namespace's sample (``label`` makes, or reuses, the labels of a key)."""
+        self.sample_ts.add(base, sample.taken_at)
+        self.sample_every.add(base, sample.interval)
+        if sample.interfaces is not None:
+            up_add, mtu_add, adds = self.iface_up.add, self.iface_mtu.add, self._iface_adds
+            for iface in sample.interfaces:
+                il = label((okey, iface.name, iface.side, iface.peer), base, ("interface", iface.name), ("side", iface.side), ("peer", iface.peer))
+                for add, attr in adds:
+                    add(il, getattr(iface, attr))
+                up_add(il, 1 if iface.up else 0)
+                mtu_add(il, iface.mtu)
+        if sample.protocols is not None:
+            values = sample.protocols
+            for key, family in self._proto_on:
+                value = values.get(key)
+                if value is not None:
+                    family.add(base, value)
+        if sample.sockets is not None:
+            self._add_sockets(sample, okey, base, label)
+
+    def _add_sockets(self, sample: NamespaceSample, okey: tuple, base: Labels, label: Callable[..., Labels]) -> None:
+        sock = sample.sockets
+        assert sock is not None
+        states, sockets = sock.tcp_states, self.sockets
+        for state, pair in self._tcp_states:
+            sockets.add(label((okey, *pair), base, ("protocol", "tcp"), ("state", state)), states.get(state, 0))
+        for protocol in ("udp", "raw"):
+            sockets.add(
+                label((okey, protocol, "open"), base, ("protocol", protocol), ("state", "open")),
+                sock.in_use.get(protocol, 0) + sock.in_use.get(protocol + "6", 0),
+            )
+        self.states_at.add(base, sock.states_at or sample.taken_at)
+        self.walk_every.add(base, sock.walk_interval)
+        self.syn_retrans.add(base, sock.syn_sent_max_retransmits)
+        for queue in sock.listen:
+            pl = label((okey, "port", queue.port), base, ("port", queue.port))
+            self.q_len.add(pl, queue.length)
+            self.q_limit.add(pl, queue.limit)
+
+    def all(self) -> list[Family]:
+        """Every family, in the order they are exported."""
+        return [
+            *(family for family, _ in self.iface_counters), self.iface_up, self.iface_mtu, *(family for _, family in self._proto_on), self.sockets,
+            self.states_at, self.walk_every, self.syn_retrans, self.q_len, self.q_limit, self.sample_ts, self.sample_every,
+        ]
+
+
 class ContainerCollector:
     """Per-container series from the latest samples, plus the daemon's runtime and registry state.
 
@@ -167,7 +248,7 @@ class ContainerCollector:
         runtimes: Sequence[RuntimeStatus],
         watchers: WatchedSource | None = None,
         incidents: IncidentTracker | None = None,
-        captures: CaptureEngine | None = None,
+        captures: CaptureReadModel | None = None,
         nat: NatMonitor | None = None,
         ebpf: EbpfService | None = None,
         disabled: Collection[str] = (),
@@ -191,35 +272,7 @@ class ContainerCollector:
             tasks: int | None = len(asyncio.all_tasks())
         except RuntimeError:  # outside the event loop (tests, tools)
             tasks = None
-        captures = None
-        engine = self.captures
-        if engine is not None:
-            reach = []
-            now = time.time()
-            for inode, recorder in engine.rings.items():
-                ns = namespaces.get(inode)
-                if ns is not None and recorder.running:
-                    owner = ns.owner
-                    reach.append((owner.name, owner.short_id, owner.runtime, recorder.reach(now)))
-            captures = {
-                "reach": reach,
-                "total": dict(engine.captures_total),
-                "refused": dict(engine.refused_total),
-                "bytes": engine.bytes_total,
-                "kernel_drops": engine.kernel_drops_total,
-                "failed": engine.failed_total,
-                "running": engine.running_count(),
-                "store_bytes": engine.store.total_bytes,
-                "store_max_bytes": engine.store.retention.max_bytes,
-                "index_bytes": engine.store.index_bytes,
-                "index_pruned": engine.store.pruned_total,
-                "recent": [(cid, list(q)) for cid, q in engine.recent.items()],
-                "rings": sum(1 for r in engine.rings.values() if r.running),
-                "ring_restarts": engine.ring_restarts_total,
-                "ring_lost": engine.ring_lost_total,
-                "ring_backlog": engine.ring_backlog,
-                "pumps_cut": engine.pumps_cut_total,
-            }
+        captures = self.captures.stats() if self.captures is not None else None
         tracker = self.incidents
         return ScrapeState(
             containers=self.registry.containers(),
@@ -339,32 +392,6 @@ class ContainerCollector:
 
     def _sample_families(self, scrape: ScrapeState) -> list[Family]:
         namespaces = scrape.namespaces
-        iface_counters = [(Family(name, "counter", help_), attr) for name, help_, attr in INTERFACE_COUNTERS]
-        iface_up = Family("nstap_interface_up", "gauge", "1 if the interface is administratively up and operationally running.")
-        iface_mtu = Family("nstap_interface_mtu_bytes", "gauge", "MTU of the interface.")
-        proto = [
-            (c.key, Family(f"nstap_{c.key}" if c.gauge else f"nstap_{c.key}_total", "gauge" if c.gauge else "counter", c.help))
-            for c in PROTOCOL_COUNTERS
-        ]
-        sockets = Family(
-            "nstap_sockets",
-            "gauge",
-            "Sockets by protocol and state. TCP listen and time_wait are exact every sample; other TCP states as of "
-            "nstap_socket_states_timestamp_seconds; udp and raw count every open socket (state 'open').",
-        )
-        states_at = Family("nstap_socket_states_timestamp_seconds", "gauge", "When the TCP states other than listen and time_wait were last counted.")
-        walk_every = Family(
-            "nstap_socket_walk_interval_seconds", "gauge", "Current interval between per-state socket walks of this namespace (from their CPU cost)."
-        )
-        syn_retrans = Family("nstap_tcp_syn_sent_max_retransmits", "gauge", "Highest SYN retransmit count among SYN_SENT sockets at the last walk.")
-        q_len = Family(
-            "nstap_tcp_listen_queue_length", "gauge", "Connections waiting in the accept queue of the port's listeners ('ephemeral': ephemeral-range ports)."
-        )
-        q_limit = Family("nstap_tcp_listen_queue_limit", "gauge", "Accept-queue limit (backlog) of the port's listening sockets, summed over them.")
-        sample_ts = Family("nstap_sample_timestamp_seconds", "gauge", "When the namespace was last sampled.")
-        sample_every = Family(
-            "nstap_sample_interval_seconds", "gauge", "Seconds between samples of the namespace (longer than the interval while its samples cost more than the budget)."
-        )
         used, known = self._used, self._labels
 
         def label(key: tuple, base: Labels, *pairs: tuple[str, str]) -> Labels:
@@ -374,11 +401,7 @@ class ContainerCollector:
             used[key] = labels
             return labels
 
-        disabled = self.disabled
-        iface_families = [(family.add, attr) for family, attr in iface_counters if family.name not in disabled]
-        proto = [(key, family) for key, family in proto if family.name not in disabled]
-        up_add, mtu_add = iface_up.add, iface_mtu.add
-        tcp_states = [(state, ("tcp", state)) for state in STATE_NAMES]
+        families = SampleFamilies(self.disabled)
         for sample in scrape.samples:
             ns = namespaces.get(sample.netns)
             if ns is None:  # its watcher is being cancelled
@@ -387,52 +410,8 @@ class ContainerCollector:
             okey = (owner.name, owner.short_id, owner.runtime)
             base = used.get(okey) or known.get(okey) or Labels((("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime)))
             used[okey] = base
-            sample_ts.add(base, sample.taken_at)
-            sample_every.add(base, sample.interval)
-            if sample.interfaces is not None:
-                for iface in sample.interfaces:
-                    il = label((okey, iface.name, iface.side, iface.peer), base, ("interface", iface.name), ("side", iface.side), ("peer", iface.peer))
-                    for add, attr in iface_families:
-                        add(il, getattr(iface, attr))
-                    up_add(il, 1 if iface.up else 0)
-                    mtu_add(il, iface.mtu)
-            if sample.protocols is not None:
-                values = sample.protocols
-                for key, family in proto:
-                    value = values.get(key)
-                    if value is not None:
-                        family.add(base, value)
-            sock = sample.sockets
-            if sock is not None:
-                states = sock.tcp_states
-                for state, pair in tcp_states:
-                    sockets.add(label((okey, *pair), base, ("protocol", "tcp"), ("state", state)), states.get(state, 0))
-                for protocol in ("udp", "raw"):
-                    sockets.add(
-                        label((okey, protocol, "open"), base, ("protocol", protocol), ("state", "open")),
-                        sock.in_use.get(protocol, 0) + sock.in_use.get(protocol + "6", 0),
-                    )
-                states_at.add(base, sock.states_at or sample.taken_at)
-                walk_every.add(base, sock.walk_interval)
-                syn_retrans.add(base, sock.syn_sent_max_retransmits)
-                for queue in sock.listen:
-                    pl = label((okey, "port", queue.port), base, ("port", queue.port))
-                    q_len.add(pl, queue.length)
-                    q_limit.add(pl, queue.limit)
-        return [
-            *(family for family, _ in iface_counters),
-            iface_up,
-            iface_mtu,
-            *(family for _, family in proto),
-            sockets,
-            states_at,
-            walk_every,
-            syn_retrans,
-            q_len,
-            q_limit,
-            sample_ts,
-            sample_every,
-        ]
+            families.add(sample, okey, base, label)
+        return families.all()
 
 
     def _anomaly_families(self, scrape: ScrapeState) -> list[Family]:
@@ -458,7 +437,7 @@ class ContainerCollector:
             return []
         current = {r.short_id for r in scrape.containers}
         total = Family("nstap_captures_total", "counter", "Captures started, by reason (anomaly, manual, alertmanager).")
-        for (name, cid, runtime, reason), count in c["total"].items():
+        for (name, cid, runtime, reason), count in c.total.items():
             if cid in current:
                 total.add(Labels((("container", name), ("container_id", cid), ("runtime", runtime), ("reason", reason))), count)
         refused = Family(
@@ -466,42 +445,44 @@ class ContainerCollector:
             "counter",
             "Captures not started: concurrency limit, per-container anomaly capture limit, or the store could not take them.",
         )
-        for why, count in c["refused"].items():
+        for why, count in c.refused.items():
             refused.add(Labels((("reason", why),)), count)
         reach = Family(
             "nstap_flight_recorder_reach_seconds", "gauge",
             "How far back the container's flight recorder holds every packet now (size ring_bytes to the reach you need).",
         )
-        for name, cid, runtime, seconds in c["reach"]:
-            if cid in current:
-                reach.add(Labels((("container", name), ("container_id", cid), ("runtime", runtime))), round(seconds, 1))
+        for inode, seconds in c.reach:
+            ns = scrape.namespaces.get(inode)
+            if ns is not None and ns.owner.short_id in current:
+                owner = ns.owner
+                reach.add(Labels((("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))), round(seconds, 1))
         info = Family(
             "nstap_capture_info", "gauge",
             "The container's latest finished captures (at most 10, kept across restarts from the index): when each was started (unix time), "
             "its id (the capture page's /ui/captures/<id>), why and how it ended.",
         )
-        for cid, rows in c["recent"]:
+        for cid, rows in c.recent:
             if cid in current:
                 for capture_id, name, runtime, reason, state, created in rows:
                     info.add(Labels((("container", name), ("container_id", cid), ("runtime", runtime), ("capture_id", capture_id),
                                      ("reason", reason), ("state", state))), round(created, 3))
         out = [total, refused, reach, info]
         for name, kind, help_, value in (
-            ("nstap_capture_bytes_total", "counter", "Bytes of pcap written by finished captures.", c["bytes"]),
-            ("nstap_capture_kernel_drops_total", "counter", "Packets the kernel dropped before tcpdump read them, during captures.", c["kernel_drops"]),
-            ("nstap_capture_failures_total", "counter", "Captures that failed (tcpdump missing, died, container gone, disk full).", c["failed"]),
-            ("nstap_captures_running", "gauge", "Captures in progress.", c["running"]),
-            ("nstap_capture_store_bytes", "gauge", "Bytes of pcap and evidence files in the capture store.", c["store_bytes"]),
-            ("nstap_capture_store_max_bytes", "gauge", "The capture store's byte budget (capture.store_max_bytes), which the index shares.", c["store_max_bytes"]),
-            ("nstap_index_bytes", "gauge", "Bytes of the SQLite index (database and write-ahead log), counted in the store's byte budget.", c["index_bytes"]),
-            ("nstap_index_pruned_total", "counter", "Index entries deleted past capture.index_max_age or capture.index_max_rows.", c["index_pruned"]),
-            ("nstap_flight_recorders_running", "gauge", "Namespaces with a running flight recorder.", c["rings"]),
-            ("nstap_flight_recorder_restarts_total", "counter", "Flight recorders started again after their tcpdump died.", c["ring_restarts"]),
-            ("nstap_flight_recorder_backlog_bytes", "gauge", "Bytes tcpdump wrote into the flight recorders' pipes not filed yet (after the last pump).", c["ring_backlog"]),
-            ("nstap_flight_recorder_pumps_cut_total", "counter", "Pumps of the flight recorders that reached their time budget before every recorder was read.", c["pumps_cut"]),
+            ("nstap_capture_bytes_total", "counter", "Bytes of pcap written by finished captures.", c.bytes),
+            ("nstap_capture_kernel_drops_total", "counter", "Packets the kernel dropped before tcpdump read them, during captures.", c.kernel_drops),
+            ("nstap_capture_failures_total", "counter", "Captures that failed (tcpdump missing, died, container gone, disk full).", c.failed),
+            ("nstap_captures_running", "gauge", "Captures in progress.", c.running),
+            ("nstap_capture_store_bytes", "gauge", "Bytes of pcap and evidence files in the capture store.", c.store_bytes),
+            ("nstap_capture_store_max_bytes", "gauge", "The capture store's byte budget (capture.store_max_bytes), which the index shares.", c.store_max_bytes),
+            ("nstap_index_bytes", "gauge", "Bytes of the SQLite index (database and write-ahead log), counted in the store's byte budget.", c.index_bytes),
+            ("nstap_index_pruned_total", "counter", "Index entries deleted past capture.index_max_age or capture.index_max_rows.", c.index_pruned),
+            ("nstap_flight_recorders_running", "gauge", "Namespaces with a running flight recorder.", c.rings),
+            ("nstap_flight_recorder_restarts_total", "counter", "Flight recorders started again after their tcpdump died.", c.ring_restarts),
+            ("nstap_flight_recorder_backlog_bytes", "gauge", "Bytes tcpdump wrote into the flight recorders' pipes not filed yet (after the last pump).", c.ring_backlog),
+            ("nstap_flight_recorder_pumps_cut_total", "counter", "Pumps of the flight recorders that reached their time budget before every recorder was read.", c.pumps_cut),
             (
                 "nstap_flight_recorder_lost_packets_total", "counter",
-                "Packets flight recorders received but could not write to their ring (the data dir's disk was full).", c["ring_lost"],
+                "Packets flight recorders received but could not write to their ring (the data dir's disk was full).", c.ring_lost,
             ),
         ):
             family = Family(name, kind, help_)
@@ -547,77 +528,86 @@ class ContainerCollector:
         nat = scrape.nat
         if nat is None:
             return []
-        state = nat["state"]
         ids = {r.id: r for r in scrape.containers}
-        info = Family(
-            "nstap_nat_port_forward_info", "gauge",
-            "A published port and its verified state: ok, missing, stale (points at an address no container has) or shadowed (an earlier rule decides first).",
-        )
-        new = Family(
-            "nstap_nat_port_forward_new_connections_total", "counter",
-            "Connections the forward's DNAT rule translated (its packet counter: NAT rules see a connection's first packet only).",
-        )
-        for f in state.forwards:
-            record = ids.get(f.container_id)
-            name, cid, runtime = (record.name, record.short_id, record.runtime) if record is not None and f.container else ("", f.container_id[:12], "")
-            base = (("container", name), ("container_id", cid), ("runtime", runtime), ("protocol", f.protocol), ("host_ip", f.host_ip), ("host_port", str(f.host_port)))
-            info.add(Labels((*base, ("container_ip", f.container_ip), ("container_port", str(f.container_port)), ("backend", f.backend), ("state", f.state))), 1)
-            if f.container:
-                new.add(Labels(base), f.new_connections)
-        out = [info, new]
-        rules = Family("nstap_nat_rules", "gauge", "Rules in the host's nat tables at the last read, by back end and family.")
-        for key, count in sorted(state.rules.items()):
-            rules.add(Labels((("source", key),)), count)
-        out.append(rules)
-        for name, kind, help_, value in (
-            ("nstap_nat_reads_total", "counter", "Reads of the host's NAT rules.", nat["reads"]),
-            ("nstap_nat_read_errors_total", "counter", "Reads of the NAT rules that failed or could not parse some of the output.", nat["read_errors"]),
-            ("nstap_nat_read_seconds", "gauge", "Wall time of the last read of the NAT rules (tools, parse and verification).", round(state.read_seconds, 6)),
-            ("nstap_nat_last_read_timestamp_seconds", "gauge", "When the NAT rules were last read.", round(state.read_at, 3)),
-        ):
-            family = Family(name, kind, help_)
-            family.add(NO_LABELS, value)
-            out.append(family)
-        ct = state.conntrack
-        if ct is not None:
-            for name, kind, help_, value in (
-                ("nstap_conntrack_entries", "gauge", "Entries in the host's conntrack table.", ct.entries),
-                ("nstap_conntrack_limit", "gauge", "nf_conntrack_max: the table's size limit.", ct.limit),
-                *((f"nstap_conntrack_{key}_total", "counter", f"conntrack's {key} statistic, summed over CPUs.", ct.stats.get(key, 0))
-                  for key in ("insert_failed", "drop", "early_drop", "invalid", "search_restart")),
-            ):
-                family = Family(name, kind, help_)
-                family.add(NO_LABELS, value)
-                out.append(family)
-        if state.flows_at:
-            for name, help_, value in (
-                ("nstap_conntrack_flows_pass_seconds", "CPU seconds of the last per-container conntrack pass (one dump of the whole table).", round(state.flows_seconds, 6)),
-                ("nstap_conntrack_flows_timestamp_seconds", "When the per-container conntrack flows were last counted.", round(state.flows_at, 3)),
-            ):
-                family = Family(name, "gauge", help_)
-                family.add(NO_LABELS, value)
-                out.append(family)
-        flows = Family("nstap_container_conntrack_entries", "gauge", "Conntrack entries of the container (it opened or answers them), by protocol and state.")
-        for cid, counts in state.flows.items():
-            record = ids.get(cid)
-            if record is None:
-                continue
-            for (protocol, st), count in sorted(counts.items()):
-                flows.add(Labels((("container", record.name), ("container_id", record.short_id), ("runtime", record.runtime), ("protocol", protocol), ("state", st))), count)
-        out.append(flows)
-        packets = Family("nstap_firewall_rule_packets_total", "counter", "Packets matched by a DROP or REJECT rule of the container's own firewall (rule: its position in the chain).")
-        changes = Family("nstap_firewall_changes_total", "counter", "Changes of the container's own firewall seen by nstap.")
-        for inode, fw_rules, changed in nat["firewalls"]:
-            ns = scrape.namespaces.get(inode)
-            if ns is None:
-                continue
-            owner = ns.owner
-            base = (("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))
-            changes.add(Labels(base), changed)
-            for rule in fw_rules:
-                packets.add(Labels((*base, ("table", rule.table), ("chain", rule.chain), ("target", rule.target), ("rule", str(rule.position)))), rule.packets)
-        out += [packets, changes]
-        return out
+        return [*_forward_families(nat["state"], ids), *_nat_host_families(nat), *_nat_container_families(scrape, nat, ids)]
+
+
+def _single(name: str, kind: str, help_: str, value: float) -> Family:
+    family = Family(name, kind, help_)
+    family.add(NO_LABELS, value)
+    return family
+
+
+def _forward_families(state: Any, ids: Mapping[str, ContainerRecord]) -> list[Family]:
+    """The published ports and their verified state; the nat tables' rule counts."""
+    info = Family(
+        "nstap_nat_port_forward_info", "gauge",
+        "A published port and its verified state: ok, missing, stale (points at an address no container has) or shadowed (an earlier rule decides first).",
+    )
+    new = Family(
+        "nstap_nat_port_forward_new_connections_total", "counter",
+        "Connections the forward's DNAT rule translated (its packet counter: NAT rules see a connection's first packet only).",
+    )
+    for f in state.forwards:
+        record = ids.get(f.container_id)
+        name, cid, runtime = (record.name, record.short_id, record.runtime) if record is not None and f.container else ("", f.container_id[:12], "")
+        base = (("container", name), ("container_id", cid), ("runtime", runtime), ("protocol", f.protocol), ("host_ip", f.host_ip), ("host_port", str(f.host_port)))
+        info.add(Labels((*base, ("container_ip", f.container_ip), ("container_port", str(f.container_port)), ("backend", f.backend), ("state", f.state))), 1)
+        if f.container:
+            new.add(Labels(base), f.new_connections)
+    rules = Family("nstap_nat_rules", "gauge", "Rules in the host's nat tables at the last read, by back end and family.")
+    for key, count in sorted(state.rules.items()):
+        rules.add(Labels((("source", key),)), count)
+    return [info, new, rules]
+
+
+def _nat_host_families(nat: dict[str, Any]) -> list[Family]:
+    """The NAT monitor's reads and the host's conntrack table."""
+    state = nat["state"]
+    out = [
+        _single("nstap_nat_reads_total", "counter", "Reads of the host's NAT rules.", nat["reads"]),
+        _single("nstap_nat_read_errors_total", "counter", "Reads of the NAT rules that failed or could not parse some of the output.", nat["read_errors"]),
+        _single("nstap_nat_read_seconds", "gauge", "Wall time of the last read of the NAT rules (tools, parse and verification).", round(state.read_seconds, 6)),
+        _single("nstap_nat_last_read_timestamp_seconds", "gauge", "When the NAT rules were last read.", round(state.read_at, 3)),
+    ]
+    ct = state.conntrack
+    if ct is not None:
+        out += [
+            _single("nstap_conntrack_entries", "gauge", "Entries in the host's conntrack table.", ct.entries),
+            _single("nstap_conntrack_limit", "gauge", "nf_conntrack_max: the table's size limit.", ct.limit),
+            *(_single(f"nstap_conntrack_{key}_total", "counter", f"conntrack's {key} statistic, summed over CPUs.", ct.stats.get(key, 0))
+              for key in ("insert_failed", "drop", "early_drop", "invalid", "search_restart")),
+        ]
+    if state.flows_at:
+        out += [
+            _single("nstap_conntrack_flows_pass_seconds", "gauge", "CPU seconds of the last per-container conntrack pass (one dump of the whole table).",
+                    round(state.flows_seconds, 6)),
+            _single("nstap_conntrack_flows_timestamp_seconds", "gauge", "When the per-container conntrack flows were last counted.", round(state.flows_at, 3)),
+        ]
+    return out
+
+
+def _nat_container_families(scrape: ScrapeState, nat: dict[str, Any], ids: Mapping[str, ContainerRecord]) -> list[Family]:
+    """Each container's conntrack entries and its own firewall's DROP/REJECT counters and changes."""
+    flows = Family("nstap_container_conntrack_entries", "gauge", "Conntrack entries of the container (it opened or answers them), by protocol and state.")
+    for cid, counts in nat["state"].flows.items():
+        record = ids.get(cid)
+        if record is None:
+            continue
+        for (protocol, st), count in sorted(counts.items()):
+            flows.add(Labels((("container", record.name), ("container_id", record.short_id), ("runtime", record.runtime), ("protocol", protocol), ("state", st))), count)
+    packets = Family("nstap_firewall_rule_packets_total", "counter", "Packets matched by a DROP or REJECT rule of the container's own firewall (rule: its position in the chain).")
+    changes = Family("nstap_firewall_changes_total", "counter", "Changes of the container's own firewall seen by nstap.")
+    for inode, fw_rules, changed in nat["firewalls"]:
+        ns = scrape.namespaces.get(inode)
+        if ns is None:
+            continue
+        owner = ns.owner
+        base = (("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))
+        changes.add(Labels(base), changed)
+        for rule in fw_rules:
+            packets.add(Labels((*base, ("table", rule.table), ("chain", rule.chain), ("target", rule.target), ("rule", str(rule.position)))), rule.packets)
+    return [flows, packets, changes]
 
 
 def family_names() -> list[str]:
@@ -625,11 +615,7 @@ def family_names() -> list[str]:
     from .nat.conntrack import ConntrackTotals  # noqa: PLC0415 - only for this list: the exporter does not depend on the NAT monitor
     from .nat.monitor import NatState  # noqa: PLC0415
 
-    captures = {
-        "reach": [], "total": {}, "refused": {}, "bytes": 0, "kernel_drops": 0, "failed": 0, "running": 0, "store_bytes": 0,
-        "store_max_bytes": 0, "index_bytes": 0, "index_pruned": 0, "recent": [], "rings": 0, "ring_restarts": 0, "ring_lost": 0,
-        "ring_backlog": 0, "pumps_cut": 0,
-    }
+    captures = CaptureStats([], {}, {}, 0, 0, 0, 0, 0, 0, 0, 0, [], 0, 0, 0, 0, 0)
     nat = {"state": NatState(read_at=1.0, flows_at=1.0, conntrack=ConntrackTotals(0, 0)), "up": {}, "reads": 0, "read_errors": 0, "firewalls": []}
     empty = ScrapeState([], {}, {}, [], [], 0, {}, [], captures, nat, (0, {}, 0))
     collector = ContainerCollector(ContainerRegistry(), SampleStore(), [])

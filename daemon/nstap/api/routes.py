@@ -23,8 +23,11 @@ from aiohttp import web
 from .. import labels as nstap_labels
 from ..capture.bundle import ChunkSink, bundle_name, write_bundle
 from ..threads import worker_threads
-from ..capture.engine import SIDES, CaptureEngine, CaptureRefused, CaptureTarget
-from ..capture.store import EVICTED, RUNNING, CaptureRow, CaptureStore
+from ..capture.engine import CaptureEngine
+from ..capture.model import SIDES, CaptureRefused, CaptureTarget
+from ..capture.store import CaptureStore
+from ..index import CaptureRow
+from ..index.captures import EVICTED, RUNNING
 from ..capture.tcpdump import FilterError
 from ..ebpf.service import EbpfService
 from ..nat.monitor import NatMonitor
@@ -37,7 +40,7 @@ log = structlog.get_logger("nstap.api")
 MAX_LIMIT = 1000
 MAX_ALERTS = 500
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
+IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # what may name an interface (IFNAMSIZ - 1 characters)
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
@@ -116,6 +119,7 @@ class CaptureApi:
         self.registry = registry
         self.engine = engine
         self.store = store
+        self.index = store.index
         self.max_seconds = max_seconds
         self.nat = nat
         self.ebpf = ebpf
@@ -148,7 +152,7 @@ class CaptureApi:
         active_raw = request.query.get("active")
         if active_raw not in (None, "", "true", "false"):
             raise BadRequest("active must be true or false")
-        rows = await self.store.anomalies(
+        rows = await self.index.anomalies.list(
             container=_text_param(request, "container"),
             kind=_text_param(request, "kind", 64),
             since=_time_param(request, "since"),
@@ -159,7 +163,7 @@ class CaptureApi:
         return web.json_response({"anomalies": [r.to_json() for r in rows]})
 
     async def captures(self, request: web.Request) -> web.Response:
-        rows = await self.store.list(
+        rows = await self.index.captures.list(
             container=_text_param(request, "container"),
             kind=_text_param(request, "kind", 64),
             reason=_text_param(request, "reason", 32),
@@ -169,7 +173,7 @@ class CaptureApi:
         )
         return web.json_response({"captures": [self._view(r) for r in rows]})
 
-    def _current(self, row: CaptureRow) -> CaptureRow:
+    def current(self, row: CaptureRow) -> CaptureRow:
         """The row as it is: a finished capture whose outcome the index could not take yet (a full
         disk) is shown finished, not running for good."""
         if row.state == RUNNING:
@@ -180,13 +184,13 @@ class CaptureApi:
         return row
 
     async def _row(self, request: web.Request) -> CaptureRow:
-        row = await self.store.get(request.match_info["id"])
+        row = await self.index.captures.get(request.match_info["id"])
         if row is None:
             raise BadRequest("no such capture", 404)
-        return self._current(row)
+        return self.current(row)
 
     def _view(self, row: CaptureRow) -> dict[str, Any]:
-        view = self._current(row).to_json()
+        view = self.current(row).to_json()
         view["links"] = {
             "self": f"/api/v1/captures/{row.id}",
             "pcap": f"/api/v1/captures/{row.id}/pcap",
@@ -231,7 +235,7 @@ class CaptureApi:
         pcap = self.store.path_of(row)
         if row.state == EVICTED or pcap is None:
             raise BadRequest("the capture's file is gone (evicted by retention)", 410)
-        anomaly = await self.store.anomaly(row.anomaly_id) if row.anomaly_id else None
+        anomaly = await self.index.anomalies.get(row.anomaly_id) if row.anomaly_id else None
         response = web.StreamResponse(
             headers={"Content-Type": "application/gzip", "Content-Disposition": f'attachment; filename="{bundle_name(row)}"'},
         )
@@ -264,7 +268,7 @@ class CaptureApi:
         return response
 
     async def alerts(self, request: web.Request) -> web.Response:
-        return web.json_response({"alerts": await self.store.alerts(_limit(request))})
+        return web.json_response({"alerts": await self.index.alerts.list(_limit(request))})
 
     # -- NAT ---------------------------------------------------------------------------------------
 
@@ -359,7 +363,7 @@ class CaptureApi:
         if side not in SIDES:
             raise BadRequest(f"side must be one of {', '.join(SIDES)}")
         interface = body.get("interface")
-        if interface is not None and (side != "host" or not isinstance(interface, str) or not _IFNAME.match(interface)):
+        if interface is not None and (side != "host" or not isinstance(interface, str) or not IFNAME.match(interface)):
             raise BadRequest("interface must be a host-side interface name, with side host")
         try:
             await self.engine.check_filter(bpf)
@@ -377,7 +381,7 @@ class CaptureApi:
             record = self.find(ref)
         except BadRequest:
             return None
-        found = await self.store.anomalies(container=record.short_id, kind=kind, active=True, limit=1)
+        found = await self.index.anomalies.list(container=record.short_id, kind=kind, active=True, limit=1)
         return found[0].capture_id if found and found[0].container_id == record.short_id and found[0].capture_id else None
 
     async def alertmanager(self, request: web.Request) -> web.Response:
@@ -419,7 +423,7 @@ class CaptureApi:
         elif not ref:
             note = "no container or container_id label"
         else:
-            capture_id = await self.store.capture_for_alert(fingerprint, starts_at) if fingerprint else None
+            capture_id = await self.index.alerts.capture_for(fingerprint, starts_at) if fingerprint else None
             if capture_id is not None:
                 note = "already captured for this alert"
             else:
@@ -435,7 +439,7 @@ class CaptureApi:
                     note = str(exc)
                 except CaptureRefused as exc:
                     note = f"refused: {exc}"
-        await self.store.record_alert(status, name, fingerprint, starts_at, dict(labels), capture_id, note)
+        await self.index.alerts.record(status, name, fingerprint, starts_at, dict(labels), capture_id, note)
         log.info("alert_received", alertname=name, status=status, container=ref, capture_id=capture_id, note=note)
         result.update(capture_id=capture_id, note=note)
         return result

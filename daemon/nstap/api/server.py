@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ..capture.engine import CaptureRefused
+from ..capture.model import CaptureRefused
 from ..config import parse_listen
 from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord

@@ -27,10 +27,12 @@ import jinja2
 import structlog
 from aiohttp import web
 
-from ..capture.engine import CaptureRefused
-from ..capture.store import EVICTED, RUNNING, CaptureStore
+from ..capture.model import CaptureRefused
+from ..capture.store import CaptureStore
+from ..index import Index
+from ..index.captures import EVICTED, RUNNING
 from .auth import bearer_ok
-from .routes import CaptureApi, _IFNAME
+from .routes import IFNAME, CaptureApi
 from .server import BadRequest
 
 log = structlog.get_logger("nstap.api")
@@ -84,6 +86,11 @@ def _safe_next(target: str | None) -> str:
 class CapturePage:
     """The /ui/ routes."""
 
+    @property
+    def indexed(self) -> Index:
+        """The index the page reads captures, anomalies, alerts and sessions from."""
+        return self.store.index
+
     def __init__(self, api: CaptureApi, store: CaptureStore, token: str) -> None:
         self.api = api
         self.store = store
@@ -100,7 +107,7 @@ class CapturePage:
     async def load_revoked(self, now: float | None = None) -> None:
         """The sessions ended by a logout before this start, from the index."""
         now = time.time() if now is None else now
-        for value, issued in (await self.store.revoked_sessions(now - SESSION_SECONDS)).items():
+        for value, issued in (await self.indexed.sessions.revoked(now - SESSION_SECONDS)).items():
             self._revoked[value] = issued
         while len(self._revoked) > MAX_REVOKED:
             del self._revoked[next(iter(self._revoked))]
@@ -237,7 +244,7 @@ class CapturePage:
         if session and self.session_ok(session):
             self.revoke(session)
             try:  # kept in the index: a restart does not bring the session back
-                await self.store.revoke_session(session, self._revoked[session])
+                await self.indexed.sessions.revoke(session, self._revoked[session])
             except (OSError, sqlite3.Error) as exc:
                 log.warning("session_revoke_unsaved", error=str(exc))
         response = web.Response(status=303, headers={**HEADERS, "Location": "/ui/login"})
@@ -257,11 +264,11 @@ class CapturePage:
         filters the anomalies, a capture state the captures)."""
         kind, state = filters.get("kind"), filters.get("state")
         active = {"active": True, "resolved": False}.get(state or "")
-        anomalies = await self.store.anomalies(container=container, kind=kind, active=active, limit=LIST_LIMIT)
-        rows = await self.store.list(
+        anomalies = await self.indexed.anomalies.list(container=container, kind=kind, active=active, limit=LIST_LIMIT)
+        rows = await self.indexed.captures.list(
             container=container, kind=kind, reason=filters.get("reason"), state=state if state in CAPTURE_STATES else None, limit=LIST_LIMIT,
         )
-        return anomalies, [self.api._current(r) for r in rows]
+        return anomalies, [self.api.current(r) for r in rows]
 
     async def index(self, request: web.Request) -> web.Response:
         self._require(request)
@@ -316,7 +323,7 @@ class CapturePage:
                 body["side"] = side
                 interface = form.get("interface", "").strip()
                 if interface:
-                    if not _IFNAME.match(interface):
+                    if not IFNAME.match(interface):
                         raise BadRequest("interface must be a host-side interface name")
                     body["interface"] = interface
             row = await self.api.start(body)
@@ -328,19 +335,19 @@ class CapturePage:
 
     async def capture(self, request: web.Request) -> web.Response:
         self._require(request)
-        row = await self.store.get(request.match_info["id"])
+        row = await self.indexed.captures.get(request.match_info["id"])
         if row is None:
             return self._error(request, 404, "no such capture")
-        row = self.api._current(row)
-        anomaly = await self.store.anomaly(row.anomaly_id) if row.anomaly_id else None
+        row = self.api.current(row)
+        anomaly = await self.indexed.anomalies.get(row.anomaly_id) if row.anomaly_id else None
         evidence_text, evidence_note = await asyncio.to_thread(self._evidence_text, row)
-        alerts = await self.store.alerts_for_capture(row.id)
+        alerts = await self.indexed.alerts.for_capture(row.id)
         if anomaly is None:
             # An alert's capture: the anomaly the alert reports (nstap's own event of that kind in
             # the container, begun by the time of the capture), when the alert names one.
             kinds = {a["labels"].get("kind") for a in alerts if isinstance(a.get("labels"), dict)} - {None}
             for kind in sorted(kinds):
-                found = await self.store.anomalies(
+                found = await self.indexed.anomalies.list(
                     container=row.container_id, kind=kind, since=row.trigger_at - 300, until=row.trigger_at, limit=1,
                 )
                 if found and row.container_id:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from .store import AnomalyRow, CaptureRow
+from ..index import AnomalyRow, CaptureRow
 
 
 def _when(ts: float | None) -> str:

@@ -24,7 +24,8 @@ from typing import Any
 import structlog
 
 from ..netns import evidence as ns_evidence
-from .store import AnomalyRow, CaptureRow, CaptureStore
+from ..index import AnomalyRow, CaptureRow
+from .store import CaptureStore
 
 log = structlog.get_logger("nstap.capture")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..capture.store import AnomalyRow, CaptureStore, new_id
+from ..index import AnomalyIndex, AnomalyRow, new_id
 from ..registry import WatchedNamespace
 from ..supervisor import TaskSupervisor
 from .base import Finding
@@ -51,13 +51,13 @@ class IncidentTracker:
 
     def __init__(
         self,
-        store: CaptureStore,
+        anomalies: AnomalyIndex,
         start_capture: CaptureStarter | None,
         cooldown: float,
         resolve_after: float,
         supervisor: TaskSupervisor | None = None,
     ) -> None:
-        self.store = store
+        self.anomalies = anomalies
         self.start_capture = start_capture
         self.cooldown = cooldown
         self.resolve_after = resolve_after
@@ -172,7 +172,7 @@ class IncidentTracker:
                 # A snapshot of the state now: the row keeps changing while it is written.
                 row = AnomalyRow(**{**inc.row.__dict__, "numbers": dict(inc.row.numbers)})
                 try:
-                    await self.store.save_anomaly(row)
+                    await self.anomalies.save(row)
                 except (OSError, sqlite3.Error) as exc:
                     # The index cannot take it now (a full disk): the event stays in memory, dirty,
                     # and is written again at its next change.

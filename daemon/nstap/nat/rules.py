@@ -17,7 +17,8 @@ import ipaddress
 import re
 import shlex
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 MAX_ERRORS = 20  # parse errors kept per read (a garbage input could have millions of lines)
 MAX_RULE_TEXT = 400
@@ -162,83 +163,89 @@ def parse_rule(table: str, position: int, line: str, packets: int, byte_count: i
     words = tokens(line)
     if len(words) < 2 or words[0] != "-A":
         raise ParseError("expected -A CHAIN")
-    chain = words[1]
-    conds: list[Cond] = []
-    target = ""
-    goto = False
-    dnat: Dnat | None = None
-    comment = ""
-    negate = False
-    i = 2
-    n = len(words)
+    rule = _RuleWords(words)
+    rule.read()
+    dnat = rule.dnat
+    if rule.target == "REDIRECT":
+        ports = _find(words, "--to-ports")
+        dnat = Dnat(None, *_port_range(ports)) if ports else (dnat or Dnat(None, 0, 0))
+    text = line if len(line) <= MAX_RULE_TEXT else line[: MAX_RULE_TEXT - 1] + "…"
+    return Rule(table, words[1], position, text, packets, byte_count, tuple(rule.conds), rule.target, rule.goto, dnat, rule.comment)
 
-    def arg() -> str:
-        nonlocal i
-        if i + 1 >= n:
-            raise ParseError(f"{words[i]} without a value")
-        i += 1
-        return words[i]
 
-    while i < n:
-        word = words[i]
-        if word == "!":
-            negate = True
-            i += 1
-            continue
-        if word in ("-p", "--protocol"):
-            conds.append(Cond(negate, "proto", arg().lower()))
-        elif word in ("-s", "--source"):
-            conds.append(Cond(negate, "src", _network(arg())))
-        elif word in ("-d", "--destination"):
-            conds.append(Cond(negate, "dst", _network(arg())))
-        elif word in ("-i", "--in-interface"):
-            conds.append(Cond(negate, "in", arg()))
-        elif word in ("-o", "--out-interface"):
-            conds.append(Cond(negate, "out", arg()))
-        elif word in ("--dport", "--destination-port", "--dports", "--destination-ports"):
-            conds.append(Cond(negate, "dport", _ports(arg())))
-        elif word in ("--sport", "--source-port", "--sports", "--source-ports"):
-            conds.append(Cond(negate, "sport", _ports(arg())))
-        elif word == "--dst-type":
-            conds.append(Cond(negate, "dst_type", arg().upper()))
-        elif word == "--src-type":
-            conds.append(Cond(negate, "src_type", arg().upper()))
-        elif word == "--mark" and not target:
-            value, _, mask = arg().partition("/")
-            conds.append(Cond(negate, "mark", (int(value, 0), int(mask, 0) if mask else 0xFFFFFFFF)))
+# Options that are a condition nstap models: option -> (condition key, how its value is read).
+_CONDITIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    **dict.fromkeys(("-p", "--protocol"), ("proto", str.lower)),
+    **dict.fromkeys(("-s", "--source"), ("src", lambda v: _network(v))),
+    **dict.fromkeys(("-d", "--destination"), ("dst", lambda v: _network(v))),
+    **dict.fromkeys(("-i", "--in-interface"), ("in", str)),
+    **dict.fromkeys(("-o", "--out-interface"), ("out", str)),
+    **dict.fromkeys(("--dport", "--destination-port", "--dports", "--destination-ports"), ("dport", lambda v: _ports(v))),
+    **dict.fromkeys(("--sport", "--source-port", "--sports", "--source-ports"), ("sport", lambda v: _ports(v))),
+    "--dst-type": ("dst_type", str.upper),
+    "--src-type": ("src_type", str.upper),
+}
+
+
+class _RuleWords:
+    """The words of one rule after ``-A CHAIN``, read into conditions, a target and a DNAT."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.words = words
+        self.i = 2
+        self.conds: list[Cond] = []
+        self.target = ""
+        self.goto = False
+        self.dnat: Dnat | None = None
+        self.comment = ""
+
+    def arg(self) -> str:
+        if self.i + 1 >= len(self.words):
+            raise ParseError(f"{self.words[self.i]} without a value")
+        self.i += 1
+        return self.words[self.i]
+
+    def read(self) -> None:
+        words, negate = self.words, False
+        while self.i < len(words):
+            word = words[self.i]
+            if word == "!":
+                negate = True
+            else:
+                self._option(word, negate)
+                negate = False
+            self.i += 1
+
+    def _option(self, word: str, negate: bool) -> None:
+        if word in _CONDITIONS:
+            key, read = _CONDITIONS[word]
+            self.conds.append(Cond(negate, key, read(self.arg())))
+        elif word == "--mark" and not self.target:
+            value, _, mask = self.arg().partition("/")
+            self.conds.append(Cond(negate, "mark", (int(value, 0), int(mask, 0) if mask else 0xFFFFFFFF)))
         elif word == "--comment":
-            comment = arg()[:200]
-        elif word == "-m" or word == "--match":
-            module = arg()
+            self.comment = self.arg()[:200]
+        elif word in ("-m", "--match"):
+            module = self.arg()
             if module not in _IGNORED_MODULES:
-                conds.append(Cond(negate, "?", f"-m {module}"))
+                self.conds.append(Cond(negate, "?", f"-m {module}"))
         elif word in ("-j", "--jump", "-g", "--goto"):
-            goto = word in ("-g", "--goto")
-            target = arg()
+            self.goto = word in ("-g", "--goto")
+            self.target = self.arg()
         elif word in ("--to-destination", "--to"):
-            dnat = parse_dnat(arg())
+            self.dnat = parse_dnat(self.arg())
         elif word in _IGNORED_WITH_ARG:
-            arg()
+            self.arg()
         elif word.startswith("-"):
             # An option nstap does not model (a mark, a state, a limit...). Its value, if it has
             # one, is the next word unless that is another option.
-            if i + 1 < n and not words[i + 1].startswith("-") and words[i + 1] != "!":
-                i += 1
-            if not target:  # options after -j belong to the target
-                conds.append(Cond(negate, "?", word))
+            words = self.words
+            if self.i + 1 < len(words) and not words[self.i + 1].startswith("-") and words[self.i + 1] != "!":
+                self.i += 1
+            if not self.target:  # options after -j belong to the target
+                self.conds.append(Cond(negate, "?", word))
         else:
             raise ParseError(f"unexpected word {word!r}")
-        negate = False
-        i += 1
-    if target == "REDIRECT" and dnat is None:
-        dnat = Dnat(None, 0, 0)
-    if target == "REDIRECT":
-        ports = _find(words, "--to-ports")
-        if ports:
-            low, high = _port_range(ports)
-            dnat = Dnat(None, low, high)
-    text = line if len(line) <= MAX_RULE_TEXT else line[: MAX_RULE_TEXT - 1] + "…"
-    return Rule(table, chain, position, text, packets, byte_count, tuple(conds), target, goto, dnat, comment)
 
 
 def _find(words: list[str], option: str) -> str:

@@ -1,0 +1,239 @@
+"""The capture file writer: one capture's pcap, filled from a flight recorder's ring or a live
+tcpdump, within its window and its byte cap.
+
+:class:`CaptureFile` writes; :func:`from_ring` reads the ring back from the window's start (in a
+worker thread, whole segments copied by the kernel) and then takes the records as they arrive;
+:func:`live` runs a tcpdump for the window; :func:`summary` says what the finished file holds.
+A write that fails (a full disk) is never raised: the file keeps what it got and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+from pathlib import Path
+
+from .pcap import HEADER_LEN, PcapError, PcapHeader, PcapWriter, Record, StreamParser, read_file, sha256_file
+from .ring import FlightRecorder, Span, WholeSegment, read_window
+from .tcpdump import TcpdumpProcess, Tools
+
+PUMP_INTERVAL = 0.25  # seconds between looks at a flight recorder while a capture waits for its end
+
+
+class CaptureFile:
+    """The pcap being written for one capture: the window, the byte cap, the counts.
+
+    A write that fails (a full disk) is not raised: the file keeps what it got, ``write_error``
+    says why, and later records are not written.
+    """
+
+    def __init__(self, path: Path, start: float, end: float, trigger: float, max_bytes: int) -> None:
+        self.path = path
+        self.start, self.end, self.trigger = start, end, trigger
+        self.max_bytes = max_bytes
+        self._f = open(path, "wb")  # created 0600 by the store
+        self.writer: PcapWriter | None = None
+        self.pre_packets = 0
+        self.capped = False
+        self.write_error = ""
+
+    @property
+    def packets(self) -> int:
+        """Records written so far."""
+        return self.writer.packets if self.writer is not None else 0
+
+    def add(self, header: PcapHeader, records: list[Record]) -> None:
+        """Write the records that fall in the window, until the byte cap.
+
+        Each batch is handed to the kernel at once, so a daemon that dies mid-capture leaves
+        every packet it had received in the file (marked incomplete at the next start).
+        """
+        if self.write_error:
+            return
+        try:
+            if self.writer is None:
+                self.writer = PcapWriter(self._f, header)
+            for record in records:
+                if not self.start <= record.ts <= self.end:
+                    continue
+                if self.writer.bytes + len(record.data) > self.max_bytes:
+                    self.capped = True
+                    return
+                self.writer.add(record)
+                if record.ts < self.trigger:
+                    self.pre_packets += 1
+        except OSError as exc:
+            self.write_error = exc.strerror or str(exc)
+        finally:
+            if not self.write_error:
+                try:
+                    self._f.flush()
+                except OSError as exc:
+                    self.write_error = exc.strerror or str(exc)
+
+    def add_window(self, header: PcapHeader, parts: list[Span | WholeSegment]) -> None:
+        """Write what :func:`read_window` found, until the byte cap (blocking: a worker thread).
+
+        Whole segments are copied from the ring's file into this one by the kernel
+        (``copy_file_range``): a full ring never passes through the daemon's memory. Closes the
+        segments' descriptors.
+        """
+        try:
+            for part in parts:
+                if self.write_error or self.capped:
+                    return
+                if self.writer is None:
+                    self.writer = PcapWriter(self._f, header)
+                size = part.bytes if isinstance(part, WholeSegment) else len(part.data)
+                try:
+                    if self.writer.bytes + size > self.max_bytes:
+                        # The byte cap falls inside this part: record by record, up to it.
+                        data = os.pread(part.fd, part.bytes, HEADER_LEN) if isinstance(part, WholeSegment) else part.data
+                        self.add(header, StreamParser.with_header(header).feed(data))
+                        continue
+                    if isinstance(part, WholeSegment):
+                        if os.fstat(part.fd).st_size < HEADER_LEN + part.bytes:  # never, unless someone cut it
+                            self.add(header, StreamParser.with_header(header).feed(os.pread(part.fd, part.bytes, HEADER_LEN)))
+                            continue
+                        self._f.flush()
+                        _copy(part.fd, self._f.fileno(), HEADER_LEN, part.bytes)
+                        self.writer.add_copied(part.bytes, part.records)
+                    else:
+                        self.writer.add_records(part.data, part.records)
+                        self._f.flush()
+                except OSError as exc:
+                    self.write_error = exc.strerror or str(exc)
+                    return
+                self.pre_packets += part.pre
+        finally:
+            for part in parts:
+                if isinstance(part, WholeSegment):
+                    os.close(part.fd)
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except OSError as exc:  # the last flush failed: what was written before stays
+            self.write_error = self.write_error or exc.strerror or str(exc)
+
+
+def _copy(src: int, dst: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst``, in the kernel when it can."""
+    while count > 0:
+        try:
+            done = os.copy_file_range(src, dst, count, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            done = os.write(dst, os.pread(src, min(count, 1 << 20), offset))
+        if done == 0:
+            raise OSError(errno.EIO, "the ring segment is shorter than it was")
+        offset += done
+        count -= done
+
+
+def summary(path: Path, out: CaptureFile) -> tuple[int, int, str, int]:
+    """Size, packets, sha256 and pre-trigger packets of the finished file (blocking: a thread)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return 0, 0, "", 0
+    if size == 0:
+        return 0, 0, "", 0
+    if path == out.path and out.writer is not None and not out.write_error:
+        digest = out.writer.sha256() if out.writer.hashed else sha256_file(path)
+        return size, out.writer.packets, digest, out.pre_packets
+    try:
+        _, records = read_file(path)  # filtered or cut short: count what the file holds
+    except (OSError, PcapError):
+        records = []
+    return size, len(records), sha256_file(path), sum(1 for r in records if r.ts < out.trigger)
+
+
+async def from_ring(ring: FlightRecorder, out: CaptureFile) -> tuple[int, str]:
+    """Fill ``out`` from a flight recorder: its ring back to the window's start, then the records
+    as they arrive until the window's end; returns the kernel's drops meanwhile and an error ("")."""
+    before = await ring.process.request_stats()
+    pending: list[Record] | None = []  # records that arrive while the ring is read back
+
+    def take(batch: list[Record]) -> None:
+        if pending is not None:
+            pending.extend(batch)
+        elif ring.process.header is not None:
+            out.add(ring.process.header, batch)
+
+    # Pumping, subscribing and opening the ring's segments happen without an await in between:
+    # every record is either in the segments as far as they are read back, or handed to the
+    # listener, none is both or neither.
+    ring.pump()
+    ring.subscribe(take)
+    try:
+        snapshot = ring.window(out.start, out.end)
+        header = ring.process.header
+        if header is not None:
+            # In a worker thread; the listener only buffers meanwhile. Shielded: a cancel (the
+            # daemon stopping) waits for the thread, which writes the file the caller closes.
+            work = asyncio.get_running_loop().run_in_executor(
+                None, lambda: out.add_window(header, read_window(header, snapshot, out.start, out.end, out.trigger))
+            )
+            try:
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.gather(work, return_exceptions=True)
+                raise
+            out.add(header, pending)
+        else:
+            for view in snapshot:
+                os.close(view.fd)
+        pending = None
+        # Until the end (+0.2 s: packets stamped before it, still in flight), or the byte cap.
+        while not out.capped and not out.write_error and (remaining := out.end + 0.2 - time.time()) > 0:
+            await asyncio.sleep(min(remaining, PUMP_INTERVAL))
+        ring.pump()  # what arrived since the engine's last pump
+    finally:
+        ring.unsubscribe(take)
+    if out.writer is None and ring.process.header is not None:
+        out.add(ring.process.header, [])
+    after = await ring.process.request_stats()
+    drops = max(0, after.get("dropped", 0) - before.get("dropped", 0))
+    if not ring.running:
+        return drops, ring.error or "the flight recorder stopped during the capture"
+    return drops, ""
+
+
+async def live(tools: Tools, fd: int, bpf: str, out: CaptureFile, interface: str = "any") -> tuple[int, str]:
+    """Fill ``out`` from a tcpdump in the namespace ``fd`` until the window's end; returns the
+    kernel's drops and an error ("")."""
+    proc = TcpdumpProcess(tools.argv(fd, bpf, interface))
+    try:
+        await proc.start(pass_fds=(fd,))
+    except OSError as exc:
+        return 0, f"cannot start tcpdump: {exc}"
+
+    async def read() -> None:
+        async for batch in proc.records():
+            if batch:
+                out.add(proc.header, batch)  # type: ignore[arg-type]
+            if out.capped or out.write_error:
+                return
+
+    reader = asyncio.create_task(read())  # awaited below, whatever happens
+    try:
+        remaining = out.end - time.time()
+        done, _ = await asyncio.wait({reader}, timeout=max(remaining, 0) + 0.2)
+    finally:
+        code = await proc.stop()
+        try:
+            await asyncio.wait_for(reader, 5)
+        except (asyncio.TimeoutError, PcapError):
+            reader.cancel()
+    if out.writer is None and proc.header is not None:
+        out.add(proc.header, [])
+    error = ""
+    if out.writer is None:
+        error = proc.error_text() or f"tcpdump exited with {code} before writing anything"
+    elif reader in done and not out.capped and not out.write_error:
+        error = "tcpdump stopped early: " + (proc.error_text() or f"exit code {code}")
+    return proc.stats.get("dropped", 0), error
