@@ -57,9 +57,11 @@ def base_image() -> str:
 
 
 def lock_wheels() -> Path:
-    """The wheels of deploy/requirements.lock, checked against its hashes; made once per lock."""
+    """The wheels of deploy/requirements.lock, checked against its hashes; made once per lock and
+    Python (the image's is Debian's, as the host's)."""
     lock = ROOT / "deploy/requirements.lock"
-    wheels = CACHE / f"wheels-{hashlib.sha256(lock.read_bytes()).hexdigest()[:16]}"
+    key = hashlib.sha256(lock.read_bytes() + sys.implementation.cache_tag.encode()).hexdigest()[:16]
+    wheels = CACHE / f"wheels-{key}"
     if not wheels.exists():
         partial = wheels.with_name(wheels.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
