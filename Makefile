@@ -2,13 +2,14 @@
 #   make run    install what is missing, start the runtimes, run the daemon in the foreground
 #   make test   install what is missing, start the runtimes, run the whole test suite
 #   make soak   the chaos and soak tests at full size (1,000 cycles, 100,000 sockets, 10,000 inputs)
+#   make lock   deploy/requirements.lock again (pip-compile --generate-hashes; ARGS=--upgrade to move versions)
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-detect bench-nat bench-ebpf dashboards clean demo demo-clean install uninstall
+.PHONY: run test soak lock deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-detect bench-nat bench-ebpf dashboards clean demo demo-clean install uninstall
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -21,6 +22,10 @@ soak: deps-test venv runtimes
 	rm -f bench/results/soak.jsonl
 	NSTAP_SOAK=1 NSTAP_SOAK_REPORT=bench/results/soak.jsonl $(VENV)/bin/python -m pytest -m soak -s $(PYTEST_ARGS)
 	@echo "figures: bench/results/soak.jsonl"
+
+# The hashed lock the image is built from (pip-tools in a venv of its own: make test never needs it).
+lock:
+	PYTHON=$(PYTHON) deploy/lock.sh $(ARGS)
 
 deps-run:
 	deploy/install-deps.sh run

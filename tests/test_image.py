@@ -3,7 +3,9 @@ line against this host's real dockerd and podman.
 
 The base is a minbase rootfs made with mmdebstrap from the host's apt sources and imported into
 dockerd once (cached under /var/cache/nstap-test); the image is built from the checkout with the
-Python packages as wheels made on the host (the build has no route to the registries' TLS proxy).
+Python packages as wheels made on the host from deploy/requirements.lock, checked against its
+hashes (the build has no route to the registries' TLS proxy; cached under /var/cache/nstap-test,
+keyed by the lock).
 """
 
 from __future__ import annotations
@@ -54,6 +56,22 @@ def base_image() -> str:
     return image
 
 
+def lock_wheels() -> Path:
+    """The wheels of deploy/requirements.lock, checked against its hashes; made once per lock and
+    Python (the image's is Debian's, as the host's)."""
+    lock = ROOT / "deploy/requirements.lock"
+    key = hashlib.sha256(lock.read_bytes() + sys.implementation.cache_tag.encode()).hexdigest()[:16]
+    wheels = CACHE / f"wheels-{key}"
+    if not wheels.exists():
+        partial = wheels.with_name(wheels.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--require-hashes", "--no-deps",
+                        "-r", str(lock), "--wheel-dir", str(partial)], check=True, capture_output=True, timeout=600)
+        partial.rename(wheels)
+    return wheels
+
+
 @pytest.fixture(scope="module")
 def image(runtimes: None, tmp_path_factory) -> str:
     context = tmp_path_factory.mktemp("context")
@@ -64,8 +82,8 @@ def image(runtimes: None, tmp_path_factory) -> str:
             dst = context / name.decode()
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(context / "build/wheels"), str(context)],
-                   check=True, capture_output=True, timeout=600)
+    # Kept in the context by .dockerignore's !build/wheels (the build has no other way to them).
+    shutil.copytree(lock_wheels(), context / "build/wheels")
     tag = "nstap:test"
     sh("docker", "build", "-q", "--build-arg", f"BASE={base_image()}", "-t", tag, str(context), timeout=900)
     return tag
@@ -127,6 +145,32 @@ def test_image_watches_this_hosts_runtimes_and_captures(image: str, containers: 
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
         subprocess.run(["docker", "volume", "rm", f"{name}-data"], capture_output=True)
+
+
+def test_image_is_the_runtime_stage_only(image: str) -> None:
+    """No source layer, compiler or Python headers in the image; the venv is the lock's and
+    consistent, nstap's C scanner compiled in it, Debian's bcc linked into it."""
+    history = sh("docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
+    assert "/src" not in history, history  # the build stage's layers are not the image's
+    script = (
+        "set -e; test ! -e /src; "
+        "for tool in gcc cc x86_64-linux-gnu-gcc-12; do if command -v $tool; then echo found $tool; exit 1; fi; done; "
+        "test -z \"$(ls -d /usr/include/python3* 2>/dev/null)\"; "
+        "/opt/nstap/venv/bin/pip check --disable-pip-version-check; "
+        "/opt/nstap/venv/bin/python -c 'from nstap.netns import scan; import bcc, nstap; print(\"compiled\", scan.COMPILED)'; "
+        "nstap --version"
+    )
+    out = sh("docker", "run", "--rm", "--entrypoint", "/bin/sh", image, "-c", script, timeout=60).stdout
+    assert "No broken requirements found." in out and "compiled True" in out, out
+    # Every Python package in the venv is the lock's version, and nothing else is there but pip and
+    # nstap (bcc is Debian's, linked by a .pth: not a distribution pip lists; setuptools, in the
+    # lock to build nstap, is removed after).
+    lock = dict(line.split(" ", 1)[0].split("==") for line in (ROOT / "deploy/requirements.lock").read_text().splitlines() if "==" in line and line[0].isalpha())
+    frozen = sh("docker", "run", "--rm", "--entrypoint", "/opt/nstap/venv/bin/pip", image, "list", "--format", "json", "--disable-pip-version-check").stdout
+    installed = {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(frozen)}
+    del lock["setuptools"]
+    assert {name: installed.get(name) for name in lock} == lock
+    assert set(installed) - set(lock) == {"pip", "nstap"}, installed
 
 
 def _safe(fn):

@@ -123,6 +123,36 @@ def journal(box: Box, event: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
+UNIT = ROOT / "systemd/nstap.service"
+
+
+def unit_settings(path: Path = UNIT) -> dict[str, list[str]]:
+    """The unit's key=value lines (comments out), every value of a repeated key kept."""
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def _bytes(value: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+
+def test_unit_limits_are_sized() -> None:
+    settings = unit_settings()
+    high, peak = _bytes(settings["MemoryHigh"][-1]), _bytes(settings["MemoryMax"][-1])
+    tasks = int(settings["TasksMax"][-1])
+    # Above the measured daemon at 1,000 containers (144 MiB) plus the eBPF loader's start-up
+    # peak (~200 MiB), throttling before the OOM killer, and far from "no limit".
+    assert 400 << 20 <= high < peak <= 4 << 30, (high, peak)
+    assert 1024 <= tasks <= 65536, tasks
+    # LLVM runs in the loader child, in the unit's cgroup and under its filters: still not settable.
+    assert "MemoryDenyWriteExecute" not in settings
+
+
 def test_install_run_watchdog_reload_uninstall(box: Box) -> None:
     started = box.run("cd /src && NSTAP_WHEELS=/wheels make install 2>&1", timeout=900)
     assert "installed in /opt/nstap and started" in started.stdout, started.stdout[-3000:]
@@ -131,6 +161,11 @@ def test_install_run_watchdog_reload_uninstall(box: Box) -> None:
     score = box.run("systemd-analyze security --offline=true /etc/systemd/system/nstap.service 2>&1 | tail -1").stdout
     exposure = float(re.search(r"exposure level for nstap.service: ([\d.]+)", score).group(1))
     assert exposure < 5.0, score
+    # The limits are applied to the unit as written.
+    settings = unit_settings()
+    assert int(box.show("MemoryHigh")) == _bytes(settings["MemoryHigh"][-1])
+    assert int(box.show("MemoryMax")) == _bytes(settings["MemoryMax"][-1])
+    assert int(box.show("TasksMax")) == int(settings["TasksMax"][-1])
     # Type=notify: `systemctl start` returned after READY=1, which the daemon logged to journald
     # with its fields (the unit's log format is auto: journald under systemd).
     ready = wait_until(lambda: journal(box, "systemd_ready"), 10, message="systemd_ready in the journal")[0]
