@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..samples import NamespaceSample
+from .cause import Cause
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Finding:
     summary: str
     numbers: Mapping[str, Any] = field(default_factory=dict)
     started_at: float | None = None
+    cause: Cause | None = None  # set by a detector that knows why (else inferred: :mod:`.causes`)
 
 
 class Detector(Protocol):

@@ -1,0 +1,58 @@
+"""The cause of an anomaly: a kind from a small fixed vocabulary, and one sentence naming the
+concrete thing (the rule, the drop reason, the forward, the queue, the peer, the interface).
+
+The kind is what the metrics carry (label ``cause`` of ``nstap_anomaly_active`` and
+``nstap_anomalies_total``), so it is bounded: the names below, and ``kernel_drop:<REASON>`` for
+a reason of the kernel's ``enum skb_drop_reason`` (a fixed list of the running kernel).
+``unknown`` is an honest answer: a wrong cause is worse than none.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+FIREWALL_DROP = "firewall_drop"
+KERNEL_DROP = "kernel_drop"  # kernel_drop:<REASON>
+NAT_MISSING, NAT_SHADOWED, NAT_STALE = "nat_missing", "nat_shadowed", "nat_stale"
+ACCEPT_QUEUE_FULL = "accept_queue_full"
+PROCESS_NOT_ACCEPTING = "process_not_accepting"  # paused, frozen or stopped
+PEER_ANOMALY = "peer_anomaly"
+LINK_DOWN = "link_down"
+MTU = "mtu"
+CONNTRACK_FULL = "conntrack_full"
+NO_LISTENER = "no_listener"
+SOCKET_NOT_READING = "socket_not_reading"  # a UDP socket whose receive buffer stays full
+UNKNOWN = "unknown"
+
+KINDS = (
+    FIREWALL_DROP, NAT_MISSING, NAT_SHADOWED, NAT_STALE, ACCEPT_QUEUE_FULL, PROCESS_NOT_ACCEPTING, PEER_ANOMALY, LINK_DOWN, MTU,
+    CONNTRACK_FULL, NO_LISTENER, SOCKET_NOT_READING, UNKNOWN,
+)
+_REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+
+
+class Cause(NamedTuple):
+    """Why an anomaly happened: ``kind`` (bounded, see :func:`valid_kind`) and one sentence."""
+
+    kind: str
+    text: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "text": self.text}
+
+
+UNKNOWN_CAUSE = Cause(UNKNOWN, "no cause found in what nstap saw in the anomaly's window")
+
+
+def kernel_drop(reason: str) -> str:
+    """The cause kind of drops with the kernel's ``reason`` (``kernel_drop:NO_SOCKET``)."""
+    return f"{KERNEL_DROP}:{reason}"
+
+
+def valid_kind(kind: str) -> bool:
+    """True if ``kind`` is in the vocabulary."""
+    if kind in KINDS:
+        return True
+    head, sep, reason = kind.partition(":")
+    return bool(sep) and head == KERNEL_DROP and bool(_REASON.match(reason))
