@@ -167,8 +167,8 @@ def host_overview() -> dash.Dashboard:
     ).data_links(link))
     d = d.with_row(dash.Row("Anomalies"))
     d = d.with_panel(listing(
-        "Anomalies in the time range", "Every container and kind with an anomaly at some point of the time range (Value: 1 if it was active).",
-        table_query(f"max by (instance, container, container_id, runtime, kind) (max_over_time(nstap_anomaly_active{{{HOST}}}[$__range]))"),
+        "Anomalies in the time range", "Every container, kind and cause with an anomaly at some point of the time range (Value: 1 if it was active).",
+        table_query(f"max by (instance, container, container_id, runtime, kind, cause) (max_over_time(nstap_anomaly_active{{{HOST}}}[$__range]))"),
         links=[dash.DashboardLink("Open ${__data.fields.container}").url(
             "/d/nstap-container/nstap-container?var-instance=${__data.fields.instance}&var-container=${__data.fields.container}"),
             dash.DashboardLink("Its captures").url(NSTAP_UI + "/ui/containers/${__data.fields.container_id}")],
@@ -224,7 +224,7 @@ def container_drill_down() -> dash.Dashboard:
         .with_variable(ui_variable())
         .annotation(
             dash.AnnotationQuery().name("Anomalies").datasource(DS).enable(True).icon_color("red")
-            .expr(f'max by (kind) (nstap_anomaly_active{{{ONE}}}) == 1')
+            .expr(f'max by (kind, cause) (nstap_anomaly_active{{{ONE}}}) == 1')
         )
         .link(dash.DashboardLink("Captures of this container").type("link").url(NSTAP_UI + "/ui/containers/$container").target_blank(True))
         .link(dash.DashboardLink("nstap dashboards").type("dashboards").tags(["nstap"]).as_dropdown(True).include_vars(True).keep_time(True))
@@ -300,7 +300,7 @@ def container_drill_down() -> dash.Dashboard:
     d = d.with_row(dash.Row("Anomalies and captures"))
     d = d.with_panel(graph(
         "Anomalies", "1 while an anomaly of a kind is going on (also drawn as annotations on every panel).", "short",
-        query(f"max by (kind) (nstap_anomaly_active{{{ONE}}})", "{{kind}}"),
+        query(f"max by (kind, cause) (nstap_anomaly_active{{{ONE}}})", "{{kind}} (cause: {{cause}})"),
         width=8,
     ))
     d = d.with_panel(listing(

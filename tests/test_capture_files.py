@@ -179,7 +179,7 @@ def test_slot_quota_forgets_gone_containers_after_their_hour() -> None:
 # The first release's schema: captures and anomalies without the columns added since.
 FIRST_RELEASE = SCHEMA.replace("    finished_at REAL,\n    onset_at REAL,\n    pre_truncated INTEGER NOT NULL DEFAULT 0,\n    side TEXT NOT NULL DEFAULT 'container',\n"
                                "    interface TEXT NOT NULL DEFAULT '',\n    evidence TEXT\n", "    finished_at REAL\n").replace(
-    "    capture_id TEXT,\n    started_at REAL\n", "    capture_id TEXT\n")
+    "    capture_id TEXT,\n    started_at REAL,\n    cause TEXT NOT NULL DEFAULT 'unknown',\n    cause_text TEXT NOT NULL DEFAULT ''\n", "    capture_id TEXT\n")
 
 
 async def test_an_index_of_the_first_release_opens_and_migrates(tmp_path: Path) -> None:
@@ -201,5 +201,6 @@ async def test_an_index_of_the_first_release_opens_and_migrates(tmp_path: Path) 
         assert store.path_of(row) is not None
         anomaly = await store.index.anomalies.get("a1")
         assert anomaly is not None and anomaly.started_at is None and anomaly.to_json()["detected_after"] is None
+        assert anomaly.to_json()["cause"] == {"kind": "unknown", "text": ""}
     finally:
         await store.close()

@@ -266,7 +266,7 @@ async def test_incidents_extend_resolve_reopen_and_capture_once(tmp_path: Path) 
     rows = {r.id: r for r in await store.index.anomalies.list()}
     assert rows[first.row.id].started_at == 98.5 and rows[later.row.id].started_at == 171  # no onset: detection
     assert rows[first.row.id].findings == 11 and rows[first.row.id].capture_id == "cap-1" and rows[first.row.id].resolved_at == 140
-    assert tracker.anomalies_total[("web", "abababababab", "docker", "tcp_retransmits")] == 2
+    assert sum(n for k, n in tracker.anomalies_total.items() if k[:4] == ("web", "abababababab", "docker", "tcp_retransmits")) == 2
     assert rows[later.row.id].resolved_at is not None  # closed at shutdown
     await store.close()
     await asyncio.sleep(0)
@@ -302,7 +302,8 @@ def test_counts_of_containers_that_left_are_pruned() -> None:
     assert len(tracker.anomalies_total) == 50 and len(pipeline._broken) == 50
     for r in records[:-1]:
         registry.remove(r.id)
-    assert list(tracker.anomalies_total) == [("c49", records[-1].short_id, "docker", "tcp_retransmits")]
+    assert list(tracker.anomalies_total) == [("c49", records[-1].short_id, "docker", "tcp_retransmits", "unknown")]
+    assert not pipeline._previous.keys() - {records[-1].netns}  # the samples kept for causes go with their namespaces
     assert pipeline._broken == {(records[-1].netns, "broken")}
     assert set(tracker.incidents) == {(records[-1].netns, "tcp_retransmits")}
 
@@ -423,3 +424,38 @@ def test_retransmit_onset_is_where_the_ratio_left_its_baseline() -> None:
     seq = [proto_sample(t, tcp_segments_sent=1000 * t, tcp_retransmitted_segments=5 * t + 150 * max(0, t - 20)) for t in range(25)]
     hit = next(f for f in run(d, seq) if f)
     assert hit.started_at == pytest.approx(20 - 0.2)
+
+
+async def test_an_events_cause_is_named_at_detection_kept_when_its_evidence_goes_and_logged_when_it_changes(tmp_path: Path) -> None:
+    """The tracker names the cause from the window (here: the host end of the veth down), keeps it
+    when the evidence goes (the link back up while the event lasts), takes a detector's own cause
+    over the window's, and counts the event under the cause named at detection."""
+    from structlog.testing import capture_logs
+
+    from nstap.detect.base import Finding as F
+    from nstap.detect.cause import Cause
+    from nstap.detect.cause_finder import CauseFinder
+    from nstap.registry import ContainerRegistry
+
+    def links(up: bool) -> tuple[InterfaceCounters, ...]:
+        return (InterfaceCounters("eth0", "container", "veth9", True, 1500, *[0] * 8), InterfaceCounters("veth9", "host", "eth0", up, 1500, *[0] * 8))
+
+    store = CaptureStore(tmp_path, Retention(10**9, 10**9))
+    await store.open()
+    tracker = IncidentTracker(store.index.anomalies, None, cooldown=30, resolve_after=5, causes=CauseFinder(ContainerRegistry()))
+    ns = namespace()
+    before = NamespaceSample(9, 99.0, 0.0, interfaces=links(True))
+    down = F("interface_down", "down: veth9", {"interfaces": "veth9"})
+    with capture_logs() as logs:
+        inc = tracker.found(ns, down, 100.0, sample=NamespaceSample(9, 100.0, 0.0, interfaces=links(False)), previous=before)
+        assert (inc.row.cause, inc.row.to_json()["cause"]["text"]) == ("link_down", "interface veth9 (host end of eth0) is down")
+        tracker.found(ns, down, 101.0, sample=NamespaceSample(9, 101.0, 0.0, interfaces=links(True)))  # back up: nothing to see
+        assert inc.row.cause == "link_down"
+        tracker.found(ns, F("interface_down", "x", cause=Cause("mtu", "told by the detector")), 102.0)
+        assert (inc.row.cause, inc.row.cause_text) == ("mtu", "told by the detector")
+    assert [e["cause"] for e in logs if e["event"] == "anomaly_detected"] == ["link_down"]
+    assert [e["cause"] for e in logs if e["event"] == "anomaly_cause"] == ["mtu"]
+    assert list(tracker.anomalies_total) == [("web", "abababababab", "docker", "interface_down", "link_down")]
+    await tracker.close()
+    assert (await store.index.anomalies.get(inc.row.id)).cause == "mtu"
+    await store.close()

@@ -34,6 +34,7 @@ from .capture.engine import CaptureEngine
 from .capture.model import CaptureSettings
 from .capture.store import CaptureStore, Retention
 from .config import Config, ConfigError
+from .detect.cause_finder import CauseFinder
 from .detect.incidents import IncidentTracker
 from .detect.pipeline import DetectionPipeline
 from .exporter import ContainerCollector, build_registry
@@ -231,9 +232,10 @@ class App:
         )
         self.pool = pool = WatcherPool(self.registry, opener, enabled_samplers(cfg.samplers), context, self.store, self.instruments, self.supervisor)
         engine = CaptureEngine(capture_settings(cfg), store, pool, self.registry, cfg.data_dir, self.supervisor, self.store)
+        causes = CauseFinder(self.registry)
         tracker = IncidentTracker(
             store.index.anomalies, AnomalyCaptures(engine).for_anomaly if cfg.detect.capture else None, cfg.detect.cooldown, cfg.detect.resolve_after,
-            self.supervisor,
+            self.supervisor, causes,
         )
         nat = None
         if cfg.nat.enabled:
@@ -242,6 +244,7 @@ class App:
                 tracker if cfg.detect.enabled else None, frozenset(cfg.detect.disabled), cfg.proc_root,
             )
         engine.nat, engine.ebpf = nat, ebpf
+        causes.nat, causes.ebpf = nat, ebpf
         pool.ticker.hooks.append(ebpf.new_round)
         pool.subscribe(lambda: ebpf.follow(set(pool.watched())))  # entries of namespaces no longer watched are deleted
         no_drops: dict[str, int] = {}  # a namespace without drops since the program loaded: counted, none

@@ -239,14 +239,17 @@ def _anomalies(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    rows = [("STARTED", "DETECTED", "LAST SEEN", "STATE", "CONTAINER", "KIND", "CAPTURE", "SUMMARY")]
+    rows = [("STARTED", "DETECTED", "LAST SEEN", "STATE", "CONTAINER", "KIND", "CAUSE", "CAPTURE", "SUMMARY")]
     for a in data["anomalies"]:
         after = a.get("detected_after")
         detected = _when(a["first_seen"]) + (f" (+{after:.1f}s)" if after is not None else "")
         rows.append((
             _when(a.get("started_at")), detected, _when(a["last_seen"]), "active" if a["active"] else "ended",
-            a["container"], a["kind"], a["capture_id"] or "-", a["summary"],
+            a["container"], a["kind"], (a.get("cause") or {}).get("kind", "unknown"), a["capture_id"] or "-", a["summary"],
         ))
+        text = (a.get("cause") or {}).get("text")
+        if text:
+            rows.append(("", "", "", "", "", "", "", "", f"why: {text}"))
     _print_table(rows)
     return 0
 

@@ -81,7 +81,7 @@ class ScrapeState(NamedTuple):
     runtimes: list[tuple[str, str, str, bool, int, int]]  # name, kind, version, up, events, reconnects
     tasks: int | None
     anomalies_total: dict[tuple[str, str, str, str], int]
-    incidents: list[tuple[str, str, str, str, bool]]  # container, id, runtime, kind, active
+    incidents: list[tuple[str, str, str, str, str, bool]]  # container, id, runtime, kind, cause, active
     captures: CaptureStats | None
     nat: dict[str, Any] | None = None
     ebpf: tuple[int, dict[str, int], int] | None = None  # collector up, the host's drops by reason, drops not counted (map full)
@@ -282,7 +282,7 @@ class ContainerCollector:
             runtimes=[(rt.name, rt.kind, rt.version, rt.up, rt.events_total, rt.reconnects_total) for rt in self.runtimes],
             tasks=tasks,
             anomalies_total=dict(tracker.anomalies_total) if tracker is not None else {},
-            incidents=[(i.row.container, i.row.container_id, i.row.runtime, i.row.kind, i.active) for i in tracker.incidents.values()]
+            incidents=[(i.row.container, i.row.container_id, i.row.runtime, i.row.kind, i.row.cause, i.active) for i in tracker.incidents.values()]
             if tracker is not None
             else [],
             captures=captures,
@@ -418,16 +418,22 @@ class ContainerCollector:
         if self.incidents is None:
             return []
         current = {r.short_id for r in scrape.containers} | {HOST_ID}  # the host's own events (conntrack)
-        total = Family("nstap_anomalies_total", "counter", "Anomaly events that started, by kind (an ongoing or flapping anomaly counts once).")
-        active = Family("nstap_anomaly_active", "gauge", "1 while an anomaly of this kind is going on in the container, 0 after it ended.")
-        for (name, cid, runtime, kind), count in scrape.anomalies_total.items():
+        total = Family(
+            "nstap_anomalies_total", "counter",
+            "Anomaly events that started, by kind and the cause named at detection (an ongoing or flapping anomaly counts once).",
+        )
+        active = Family(
+            "nstap_anomaly_active", "gauge",
+            "1 while an anomaly of this kind is going on in the container, 0 after it ended; cause: its cause's kind now (fixed at its end).",
+        )
+        for (name, cid, runtime, kind, cause), count in scrape.anomalies_total.items():
             if cid in current:
-                total.add(self._label(("anomaly", name, cid, runtime, kind), lambda: Labels(
-                    (("container", name), ("container_id", cid), ("runtime", runtime), ("kind", kind)))), count)
-        for name, cid, runtime, kind, is_active in scrape.incidents:
+                total.add(self._label(("anomaly", name, cid, runtime, kind, cause), lambda: Labels(
+                    (("container", name), ("container_id", cid), ("runtime", runtime), ("kind", kind), ("cause", cause)))), count)
+        for name, cid, runtime, kind, cause, is_active in scrape.incidents:
             if cid in current:
-                labels = self._label(("anomaly", name, cid, runtime, kind), lambda: Labels(
-                    (("container", name), ("container_id", cid), ("runtime", runtime), ("kind", kind))))
+                labels = self._label(("anomaly", name, cid, runtime, kind, cause), lambda: Labels(
+                    (("container", name), ("container_id", cid), ("runtime", runtime), ("kind", kind), ("cause", cause))))
                 active.add(labels, 1 if is_active else 0)
         return [total, active]
 

@@ -34,6 +34,7 @@ def summary_text(row: CaptureRow, anomaly: AnomalyRow | None) -> str:
         lines += [
             f"anomaly:       {anomaly.kind} ({anomaly.id})",
             f"what tripped:  {anomaly.summary}",
+            f"why:           {anomaly.cause}" + (f": {anomaly.cause_text}" if anomaly.cause_text else ""),
             f"started:       {_when(anomaly.started_at)}",
             f"detected:      {_when(anomaly.first_seen)}"
             + (f" ({anomaly.first_seen - anomaly.started_at:.1f} s after it started)" if anomaly.started_at is not None else ""),

@@ -80,6 +80,8 @@ class EvidenceRecorder:
             await self._save(row.id, doc)
             await capture_done()
             doc["end"] = await self.snapshot(ns_fd, host_peers, extra)
+            if anomaly is not None:
+                doc["anomaly"] = anomaly.to_json()  # as it is now: its cause may have been named since the start
             before, after = doc["start"].get("counters"), doc["end"].get("counters")
             if before and after:
                 doc["counter_deltas"] = ns_evidence.counter_deltas(before, after)

@@ -6,7 +6,10 @@ within ``cooldown`` seconds of that reopens the same event rather than starting 
 flapping link makes one event, not fifty. A new event asks for a capture; reopening does not.
 
 Every event carries its onset (``started_at``, the detector's estimate of when the fault began)
-beside its detection (``first_seen``); its capture's window starts from the onset.
+beside its detection (``first_seen``); its capture's window starts from the onset. Every event
+has a cause (:mod:`.cause_finder`): named at detection from what the window shows so far, named
+again at most every EXPLAIN_EVERY seconds while it lasts (the first evidence may be thin), fixed
+at its end; a detector that knows why gives it with its finding.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import structlog
 
 from ..index import AnomalyIndex, AnomalyRow, new_id
 from ..registry import WatchedNamespace
+from ..samples import NamespaceSample
 from ..supervisor import TaskSupervisor
 from .base import Finding
+from .cause import UNKNOWN, UNKNOWN_CAUSE, Cause
+from .cause_finder import CauseFinder, Start
 
 log = structlog.get_logger("nstap.detect")
 
 SAVE_EVERY = 5.0  # seconds between index updates of an ongoing event
+EXPLAIN_EVERY = 1.0  # seconds between namings of an ongoing event's cause
 MARGIN_SAMPLES = 2  # sample intervals a capture reaches back before the onset (its estimate's error)
 
 HOST_ID = "host"  # the container_id of the host's own events (conntrack pressure)
@@ -44,6 +51,9 @@ class Incident:
     saved_at: float = 0.0
     dirty: bool = False  # changed since its last write to the index
     flushing: bool = False
+    start: Start | None = None  # what its cause's window is measured from
+    explained_at: float = float("-inf")
+    peer: int | None = None  # the namespace its cause blames (peer_anomaly)
 
 
 class IncidentTracker:
@@ -56,21 +66,27 @@ class IncidentTracker:
         cooldown: float,
         resolve_after: float,
         supervisor: TaskSupervisor | None = None,
+        causes: CauseFinder | None = None,
     ) -> None:
         self.anomalies = anomalies
+        self.causes = causes
         self.start_capture = start_capture
         self.cooldown = cooldown
         self.resolve_after = resolve_after
         self.supervisor = supervisor or TaskSupervisor()
         self.incidents: dict[tuple[int, str], Incident] = {}
         self._of: dict[int, dict[str, Incident]] = {}  # netns -> kind -> its incident: quiet() looks at one namespace's
-        self.anomalies_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, kind)
+        self.anomalies_total: Counter[tuple[str, str, str, str, str]] = Counter()  # (container, id, runtime, kind, cause at detection)
         self._tasks: set[asyncio.Task] = set()
 
-    def found(self, ns: WatchedNamespace, finding: Finding, at: float, interval: float = 0.0, capture: bool = True) -> Incident:
+    def found(
+        self, ns: WatchedNamespace, finding: Finding, at: float, interval: float = 0.0, capture: bool = True,
+        sample: NamespaceSample | None = None, previous: NamespaceSample | None = None,
+    ) -> Incident:
         """Record a finding in namespace ``ns`` at time ``at`` (``interval``: the namespace's sampling
         interval, which sets how far before the onset its capture reaches; ``capture`` False for
-        findings of the host, which has no namespace of its own to capture)."""
+        findings of the host, which has no namespace of its own to capture; ``sample`` the sample
+        it was found in and ``previous`` the one before, for its cause)."""
         key = (ns.inode, finding.kind)
         inc = self.incidents.get(key)
         row_numbers = dict(finding.numbers)
@@ -80,12 +96,13 @@ class IncidentTracker:
             row.findings += 1
             row.numbers = row_numbers
             row.summary = finding.summary
+            changed = self._explain(inc, ns, finding, sample, at)
             if not inc.active:
                 inc.active = True
                 row.resolved_at = None
                 self._log("anomaly_reopened", row)
                 self._save(inc, at)
-            elif at - inc.saved_at >= SAVE_EVERY:
+            elif changed or at - inc.saved_at >= SAVE_EVERY:
                 self._save(inc, at)
             return inc
         owner = ns.owner
@@ -103,12 +120,39 @@ class IncidentTracker:
             started_at=min(finding.started_at, at) if finding.started_at is not None else at,
         )
         inc = self.incidents[key] = self._of.setdefault(ns.inode, {})[finding.kind] = Incident(row)
-        self.anomalies_total[(owner.name, owner.short_id, owner.runtime, finding.kind)] += 1
+        if self.causes is not None:
+            inc.start = self.causes.start(ns, previous)
+        self._explain(inc, ns, finding, sample, at)
+        self.anomalies_total[(owner.name, owner.short_id, owner.runtime, finding.kind, row.cause)] += 1
         self._log("anomaly_detected", row)
         self._save(inc, at)
         if self.start_capture is not None and capture:
             self._spawn("anomaly-capture", self._capture(ns, inc, at, MARGIN_SAMPLES * interval))
         return inc
+
+    def _explain(self, inc: Incident, ns: WatchedNamespace, finding: Finding, sample: NamespaceSample | None, at: float) -> bool:
+        """Name the event's cause again if it is time; True if it changed (logged)."""
+        row = inc.row
+        if finding.cause is not None:
+            cause: Cause = finding.cause
+        elif self.causes is None or inc.start is None:
+            cause = UNKNOWN_CAUSE
+        elif at - inc.explained_at < EXPLAIN_EVERY:
+            return False
+        else:
+            inc.explained_at = at
+            active = {netns: [i.row for i in mine.values() if i.active] for netns, mine in self._of.items()}
+            clients = sorted({i.row.container for i in self.incidents.values() if i.active and i.peer == ns.inode})
+            cause, inc.peer = self.causes.explain(ns, row, sample, inc.start, active, clients)
+        if (cause.kind, cause.text) == (row.cause, row.cause_text):
+            return False
+        if cause.kind == UNKNOWN and row.cause != UNKNOWN:
+            return False  # the evidence went (a rule deleted, a container unpaused): the cause found stays
+        first = not row.cause_text
+        row.cause, row.cause_text = cause.kind, cause.text
+        if not first:
+            self._log("anomaly_cause", row)
+        return True
 
     async def _capture(self, ns: WatchedNamespace, inc: Incident, at: float, margin: float) -> None:
         assert self.start_capture is not None
@@ -153,6 +197,10 @@ class IncidentTracker:
         self._log("anomaly_resolved", inc.row)
         self._save(inc, at)
 
+    def active_causes(self) -> list[tuple[str, str, str, str, str]]:
+        """(container, id, runtime, kind, cause) of the events going on now."""
+        return [(i.row.container, i.row.container_id, i.row.runtime, i.row.kind, i.row.cause) for i in self.incidents.values() if i.active]
+
     def active(self) -> list[AnomalyRow]:
         """The events going on now."""
         return [inc.row for inc in self.incidents.values() if inc.active]
@@ -190,7 +238,7 @@ class IncidentTracker:
     def _log(self, event: str, row: AnomalyRow) -> None:
         log.info(
             event, anomaly_id=row.id, kind=row.kind, container=row.container, container_id=row.container_id,
-            runtime=row.runtime, netns=row.netns, summary=row.summary, numbers=row.numbers,
+            runtime=row.runtime, netns=row.netns, summary=row.summary, numbers=row.numbers, cause=row.cause, cause_text=row.cause_text,
             started_at=row.started_at, first_seen=row.first_seen, last_seen=row.last_seen, capture_id=row.capture_id,
         )
 

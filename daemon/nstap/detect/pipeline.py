@@ -39,6 +39,7 @@ class DetectionPipeline:
         self.supervisor = supervisor or TaskSupervisor()
         self._detectors: dict[int, list[Detector]] = {}
         self._labels_of: dict[int, dict[str, str]] = {}  # the labels each namespace's detectors were built with
+        self._previous: dict[int, NamespaceSample] = {}  # each namespace's sample before the latest: an anomaly's cause is measured from it
         self._broken: set[tuple[int, str]] = set()  # (netns, kind) whose failure was logged already
 
     def reconfigure(self, params: Mapping[str, Mapping[str, float]], enabled: Mapping[str, bool]) -> None:
@@ -64,6 +65,8 @@ class DetectionPipeline:
             labels = self._labels_of[sample.netns] = detect_labels(ns)
             detectors = self._detectors[sample.netns] = build_detectors(self.params, self.enabled, labels, ns.owner.name)
         seen = set()
+        previous = self._previous.get(sample.netns)
+        self._previous[sample.netns] = sample
         for detector in detectors:
             try:
                 finding = detector.observe(sample)
@@ -77,7 +80,7 @@ class DetectionPipeline:
                 continue
             if finding is not None:
                 seen.add(finding.kind)
-                self.tracker.found(ns, finding, sample.taken_at, sample.interval)
+                self.tracker.found(ns, finding, sample.taken_at, sample.interval, sample=sample, previous=previous)
         self.tracker.quiet(sample.netns, seen, sample.taken_at, DETECTORS)
 
     def _forget_gone(self) -> None:
@@ -85,6 +88,7 @@ class DetectionPipeline:
         for netns in [n for n in self._detectors if n not in namespaces]:
             del self._detectors[netns]
             self._labels_of.pop(netns, None)
+            self._previous.pop(netns, None)
             self.tracker.forget(netns)
         # A member's nstap.detect.* labels changed (a container that joined, one that left, or a
         # runtime that relabels): its detectors are built again at its next sample.
@@ -92,4 +96,6 @@ class DetectionPipeline:
             if netns in self._detectors and detect_labels(ns) != self._labels_of.get(netns, {}):
                 del self._detectors[netns]
         self._broken = {key for key in self._broken if key[0] in namespaces}
+        for netns in [n for n in self._previous if n not in namespaces]:
+            del self._previous[netns]
         self.tracker.prune({r.short_id for r in self.registry.containers()})

@@ -32,10 +32,13 @@ class AnomalyRow:
     summary: str = ""
     capture_id: str | None = None
     started_at: float | None = None  # the onset: when the fault began, as the detector estimates it
+    cause: str = "unknown"  # the cause's kind (nstap.detect.cause), updated while it lasts
+    cause_text: str = ""  # the cause in one sentence
 
     def to_json(self) -> dict[str, Any]:
         """The row as the API shows it."""
         out = asdict(self)
+        out["cause"] = {"kind": self.cause, "text": out.pop("cause_text")}
         out["active"] = self.resolved_at is None
         out["detected_after"] = round(self.first_seen - self.started_at, 3) if self.started_at is not None else None
         return out

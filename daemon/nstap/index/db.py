@@ -66,7 +66,9 @@ CREATE TABLE IF NOT EXISTS anomalies (
     numbers TEXT NOT NULL DEFAULT '{}',
     summary TEXT NOT NULL DEFAULT '',
     capture_id TEXT,
-    started_at REAL
+    started_at REAL,
+    cause TEXT NOT NULL DEFAULT 'unknown',
+    cause_text TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS anomalies_first ON anomalies (first_seen);
 CREATE TABLE IF NOT EXISTS alerts (
@@ -97,7 +99,7 @@ MIGRATIONS = {
         "interface": "TEXT NOT NULL DEFAULT ''",
         "evidence": "TEXT",
     },
-    "anomalies": {"started_at": "REAL"},
+    "anomalies": {"started_at": "REAL", "cause": "TEXT NOT NULL DEFAULT 'unknown'", "cause_text": "TEXT NOT NULL DEFAULT ''"},
 }
 
 

@@ -535,6 +535,18 @@ class NatMonitor:
             self._fw_pending[sample.netns] = None
             self._fw_wake.set()
 
+    def read_counters_soon(self, inode: int) -> bool:
+        """Read the namespace's firewall counters again soon (an anomaly there wants to know which
+        rule matched), within the same rate bound as every read; False if it has no DROP/REJECT
+        rule to read."""
+        state = self.firewalls.get(inode)
+        if state is None or not state.rules:
+            return False
+        if inode not in self._fw_pending:
+            self._fw_pending[inode] = None
+            self._fw_wake.set()
+        return True
+
     async def _firewall_loop(self) -> None:
         """Read the firewalls that changed, each no sooner than its last read's cost allows."""
         loop = asyncio.get_running_loop()
