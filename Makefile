@@ -9,7 +9,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak lock deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-detect bench-nat bench-ebpf dashboards clean demo demo-clean install uninstall
+.PHONY: run test soak lock deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-detect bench-nat bench-ebpf bench-cause dashboards clean demo demo-clean install uninstall
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -83,6 +83,10 @@ bench-nat: deps-test venv-bench runtimes
 
 bench-detect: deps-test venv-bench runtimes
 	$(VENV)/bin/python bench/bench_detect.py $(ARGS)
+
+# The share of anomalies whose cause nstap names right, per injected fault class (README: Causes).
+bench-cause: deps-test venv-bench runtimes
+	$(VENV)/bin/python bench/bench_cause.py $(ARGS)
 
 demo-clean:
 	deploy/demo.sh down

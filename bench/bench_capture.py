@@ -33,7 +33,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampling import ROOT, Traffic, container_ips, cpu_seconds, ensure_image, metric, rss_mib, scrape, start_container  # noqa: E402
+from bench_containers import Traffic, container_ips, ensure_image, start_container  # noqa: E402
+from bench_sampling import ROOT, cpu_seconds, metric, rss_mib, scrape  # noqa: E402
 
 
 def children_cpu(pid: int) -> dict[int, float]:

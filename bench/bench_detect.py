@@ -43,7 +43,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "daemon"))
-from bench_sampling import LABEL, ROOT, container_ips, ensure_image, metric, scrape, sh, start_container  # noqa: E402
+from bench_containers import LABEL, container_ips, ensure_image, sh, start_container  # noqa: E402
+from bench_sampling import ROOT, metric, scrape  # noqa: E402
 
 from nstap.capture.pcap import read_records  # noqa: E402
 

@@ -149,6 +149,11 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, MiB."""
+    return status_kib(pid, "VmRSS") / 1024
+
+
 def status_kib(pid: int, field: str) -> int:
     """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM), 0 if the process is gone."""
     try:

@@ -103,6 +103,14 @@ CASES = {
         Window("tcp_listen_overflows", "web", counters={"tcp_listen_overflows": 5}, listeners=(Listener("80", 129, 128),), clients=("client-1", "client-2")),
         "accept_queue_full", ["clients client-1, client-2 retransmit because of it"],
     ),
+    "packets to a closed port as the kernel counts them": (
+        Window("kernel_drops", "web", drops={"NO_SOCKET": 200, "QUEUE_PURGE": 3}, counters={"tcp_resets_sent": 200}, listeners=(HTTP,)),
+        "no_listener", ["200 packets", "NO_SOCKET"],
+    ),
+    "a full UDP receive buffer as the kernel counts it": (
+        Window("kernel_drops", "dns", drops={"SOCKET_RCVBUFF": 194}),
+        "socket_not_reading", ["194 UDP datagrams"],
+    ),
     "a new kernel drop reason": (
         Window("kernel_drops", "web", drops={"TCP_ZEROWINDOW": 30, "QUEUE_PURGE": 99}),
         "kernel_drop:TCP_ZEROWINDOW", ["30 packets", "TCP_ZEROWINDOW"],

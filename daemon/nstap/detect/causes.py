@@ -228,8 +228,14 @@ def _queue(w: Window) -> Cause | None:
     return None
 
 
+def _top_reason(w: Window) -> str:
+    """The drop reason that grew most in the window, of those a healthy host does not produce."""
+    reasons = [(n, r) for r, n in w.drops.items() if n > 0 and r not in QUIET_REASONS]
+    return max(reasons)[1] if reasons else ""
+
+
 def _no_listener(w: Window) -> Cause | None:
-    if w.kind != "tcp_reset_spike":
+    if w.kind != "tcp_reset_spike" and not (w.kind == "kernel_drops" and _top_reason(w) == "NO_SOCKET"):
         return None
     no_socket = w.drops.get("NO_SOCKET", 0)
     resets = w.counters.get("tcp_resets_sent", 0)
@@ -243,9 +249,9 @@ def _no_listener(w: Window) -> Cause | None:
 
 
 def _not_reading(w: Window) -> Cause | None:
-    if w.kind != "udp_receive_buffer_errors":
+    if w.kind != "udp_receive_buffer_errors" and not (w.kind == "kernel_drops" and _top_reason(w) == "SOCKET_RCVBUFF"):
         return None
-    errors = w.counters.get("udp_receive_buffer_errors", 0) or w.numbers.get("increase", 0)
+    errors = w.counters.get("udp_receive_buffer_errors", 0) or w.numbers.get("increase", 0) or w.drops.get("SOCKET_RCVBUFF", 0)
     return Cause(c.SOCKET_NOT_READING, f"{errors} UDP datagrams dropped because a socket's receive buffer was full: its process does not read fast enough")
 
 
