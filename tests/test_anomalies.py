@@ -373,3 +373,97 @@ def test_udp_receiver_that_stops_reading(nstap, containers: Containers, docker_i
     check_pre_fault(path, capture, event, injected)
     lines = tcpdump_lines(path, "udp port 5000")
     assert len(lines) >= 10 and all(f"> {ip}.5000: UDP" in line for line in lines)  # the flood, from the ring
+
+
+# -- faults that collapse traffic (issue 20 §2) --------------------------------------------------
+
+
+class GivingUp(threading.Thread):
+    """Clients that connect every ``period`` s and give up after a second."""
+
+    def __init__(self, ip: str, period: float = 0.25, limit: float = 60) -> None:
+        super().__init__(daemon=True)
+        self.ip, self.period, self.limit = ip, period, limit
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                with socket.create_connection((self.ip, 80), timeout=1) as c:
+                    c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    c.recv(4096)
+            except OSError:
+                pass
+            self.stop.wait(self.period)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(5)
+
+
+def detected(d: Daemon, cid: str, kind: str, timeout: float = 20) -> dict:
+    """The container's first event of ``kind`` (its capture may be refused: one fault trips several kinds)."""
+    def find():
+        status, body = d.api(f"/api/v1/anomalies?container={cid[:12]}&kind={kind}")
+        assert status == 200, body
+        return body["anomalies"][0] if body["anomalies"] else None
+
+    return wait_until(find, timeout, 0.2, f"{kind} anomaly in {cid[:12]}")
+
+
+def cause_of(event: dict) -> str:
+    """The cause kind of an event: the API's ``cause`` where it has one, else what its summary names."""
+    cause = event.get("cause")
+    if isinstance(cause, dict):
+        return cause["kind"]
+    return "process_not_accepting" if " is paused (" in event["summary"] else ""
+
+
+def test_paused_listener_whose_clients_give_up(nstap, containers: Containers, docker_image: str) -> None:
+    """Clients that give up after a second never fill the accept queue in time for an overflow
+    threshold: the stalled queue is seen within two samples, with the paused container behind it."""
+    d = nstap(ONSET_CONFIG)
+    cid = containers.docker(docker_image, *HTTPD, name="paused")
+    ip = container_ip(cid)
+    d.wait_metric(lambda m: m.value("nstap_tcp_listen_queue_limit", container_id=cid[:12], port="80"), 5)
+    clients = [GivingUp(ip) for _ in range(3)]
+    for c in clients:
+        c.start()
+    try:
+        time.sleep(2)
+        sh("docker", "pause", cid)
+        injected = time.time()  # when the pause is in effect (docker takes a few hundred ms to freeze the cgroup)
+        event = detected(d, cid, "tcp_accept_stalled")
+    finally:
+        for c in clients:
+            c.close()
+        sh("docker", "unpause", cid, check=False)
+    assert event["numbers"]["waiting"] >= 1 and "80 (" in event["numbers"]["queues"]
+    check_onset(event, injected)
+    assert cause_of(event) == "process_not_accepting", event
+    assert "(docker pause)" in event["summary"] or "freezer" in event["summary"], event["summary"]
+
+
+def test_syn_acks_dropped_on_the_client_side(nstap, containers: Containers, docker_image: str) -> None:
+    """The client's namespace drops the SYN-ACKs: the server retransmits them, its handshakes
+    never complete, and its own half-open detector trips (the client's is tcp_syn_sent_stuck)."""
+    d = nstap(ONSET_CONFIG)
+    server = containers.docker(docker_image, *HTTPD, name="halfopen")
+    ip = container_ip(server)
+    client = containers.docker(
+        docker_image, "sh", "-c", f"while true; do nc -w 20 {ip} 80 </dev/null >/dev/null 2>&1; sleep 0.2; done", name="halfclient"
+    )
+    pid = containers.pid("docker", client)
+    d.wait_metric(lambda m: m.value("nstap_sample_timestamp_seconds", container_id=server[:12]), 5)
+    time.sleep(1)
+    rule = ("iptables", "-I", "INPUT", "-p", "tcp", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP")
+    injected = time.time()
+    in_netns(pid, *rule)
+    try:
+        event = detected(d, server, "tcp_syn_recv_stuck")
+    finally:
+        in_netns(pid, "iptables", "-D", *rule[2:], check=False)
+    assert event["numbers"]["syn_ack_retransmits"] >= 3 and event["numbers"]["handshakes_completed"] == 0, event
+    # The fault bites at the client's next SYN (its onset); the first SYN-ACK retransmission comes a second later.
+    check_onset(event, injected, kernel_delay=1.0, takes_effect_later=True)

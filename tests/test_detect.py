@@ -19,7 +19,7 @@ from nstap.detect.syn_sent import SynSentDetector, retransmits_for
 from nstap.detect.udp_buffers import UdpBufferDetector
 from nstap.registry import WatchedNamespace
 from nstap.runtime.records import ContainerRecord
-from nstap.samples import InterfaceCounters, ListenQueue, NamespaceSample, SampleStore, SocketSample
+from nstap.samples import FirewallSample, InterfaceCounters, ListenQueue, NamespaceSample, SampleStore, SocketSample
 
 
 def proto_sample(t: float, **counters: int) -> NamespaceSample:
@@ -207,8 +207,13 @@ def test_no_default_trips_on_an_idle_namespace() -> None:
         NamespaceSample(
             1, float(t), 0.0,
             interfaces=(iface("eth0", "container"), iface("veth1", "host")),
-            protocols={k: 5 for k in ("tcp_retransmitted_segments", "tcp_segments_sent", "tcp_listen_overflows", "tcp_listen_drops", "tcp_resets_sent", "udp_receive_buffer_errors")},
-            sockets=SocketSample({}, {"syn_sent": 0}, 0.0, 0, (), 1.0),
+            protocols={k: 5 for k in (
+                "tcp_retransmitted_segments", "tcp_segments_sent", "tcp_listen_overflows", "tcp_listen_drops", "tcp_resets_sent",
+                "udp_receive_buffer_errors", "tcp_syn_retransmits", "tcp_passive_opens", "tcp_active_opens", "tcp_segments_received",
+            )},
+            sockets=SocketSample({"tcp": 1}, {"syn_sent": 0, "syn_recv": 0}, 0.0, 0, (ListenQueue("80", 0, 128, 1),), 1.0),
+            kernel_drops={"NETFILTER_DROP": 7, "NO_SOCKET": 3},
+            firewall=FirewallSample(4, False),
         )
         for t in range(30)
     ]
@@ -373,7 +378,7 @@ def test_a_fault_under_steady_traffic_is_detected_within_two_samples_with_its_on
 
 def test_the_long_window_alone_would_be_late() -> None:
     """Defect: a 10 s ratio diluted by the healthy segments before the fault tripped 9 s late."""
-    slow = RetransmitDetector(threshold=0.05, window=10, min_segments=10, short_window=600, short_min_segments=1e12)
+    slow = RetransmitDetector(threshold=0.05, window=10, min_segments=10, short_window=600, short_min_segments=1e12, steady_rate=1e12)
     fast = RetransmitDetector(threshold=0.05, window=10, min_segments=10)
     seq = [proto_sample(t, tcp_segments_sent=100 * t, tcp_retransmitted_segments=6 * max(0, t - 10)) for t in range(30)]
     first = lambda d: next(t for t, s in enumerate(seq) if d.observe(s))  # noqa: E731

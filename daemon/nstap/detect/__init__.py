@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from .. import labels as nstap_labels
-from . import interface_down, interface_errors, kernel_drops, listen_overflows, resets, retransmits, syn_sent, udp_buffers
+from . import (
+    accept_stall, collapse, interface_down, interface_errors, kernel_drops, listen_overflows, resets, retransmits, syn_recv, syn_sent,
+    udp_buffers,
+)
 from .base import Detector, Finding, Param
 
 log = structlog.get_logger("nstap.detect")
@@ -56,6 +59,9 @@ DETECTORS: dict[str, DetectorSpec] = {
         DetectorSpec(resets.KIND, resets.PARAMS, "factor", "RSTs sent against the namespace's baseline", resets.ResetSpikeDetector),
         DetectorSpec(interface_down.KIND, interface_down.PARAMS, None, "an interface went down", interface_down.InterfaceDownDetector),
         DetectorSpec(syn_sent.KIND, syn_sent.PARAMS, "seconds", "sockets stuck in SYN_SENT", syn_sent.SynSentDetector),
+        DetectorSpec(syn_recv.KIND, syn_recv.PARAMS, "min_retransmits", "SYN-ACKs retransmitted, handshakes not completed", syn_recv.HalfOpenDetector),
+        DetectorSpec(accept_stall.KIND, accept_stall.PARAMS, "seconds", "a listener that stopped accepting", accept_stall.AcceptStallDetector),
+        DetectorSpec(collapse.KIND, collapse.PARAMS, "fall", "traffic that collapsed while retransmissions or drops went on", collapse.CollapseDetector),
         DetectorSpec(udp_buffers.KIND, udp_buffers.PARAMS, "min_increase", "UDP receive-buffer errors", udp_buffers.UdpBufferDetector),
         DetectorSpec(
             kernel_drops.KIND, kernel_drops.PARAMS, "min_increase", "kernel drops by reason (eBPF)", kernel_drops.KernelDropDetector,

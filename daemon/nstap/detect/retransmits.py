@@ -6,6 +6,7 @@ from collections import deque
 
 from ..samples import NamespaceSample
 from .base import Finding, Param
+from .steady import NewSteadyCounter
 
 KIND = "tcp_retransmits"
 PARAMS = {
@@ -14,7 +15,11 @@ PARAMS = {
     "min_segments": Param(10.0, 1.0, 1e12, help="segments over the long window, at least"),
     "short_window": Param(2.0, 0.5, 600.0, help="seconds of the short window (a fault that just began)"),
     "short_min_segments": Param(30.0, 1.0, 1e12, help="segments over the short window, at least"),
+    "steady_rate": Param(3.0, 0.0, 1e12, low_open=True, help="retransmissions/s, after `baseline` s without any"),
+    "steady_seconds": Param(2.0, 1.0, 3600.0, help="seconds they keep coming, every interval"),
+    "baseline": Param(30.0, 2.0, 86400.0, help="seconds without a retransmission before they start"),
 }
+SLACK = 0.25  # share of an interval a sample may come early (sampling jitter)
 TCP_RTO_MIN = 0.2  # seconds: a lost segment is retransmitted at least this long after it was sent
 SHORT_SLACK = 1.25  # the short window's reference sample may be this much older (sampling jitter)
 
@@ -29,6 +34,11 @@ class RetransmitDetector:
     would dilute for seconds. Both need a minimum of segments, so two retransmits of three
     segments on an idle connection are not an incident.
 
+    A fault that makes clients give up collapses the traffic the ratio divides by, so
+    retransmissions are also measured against the namespace's own baseline: none for ``baseline``
+    seconds, then some in every interval for ``steady_seconds`` at ``steady_rate`` a second or
+    more is news whatever the ratio (its onset: the last sample before they started).
+
     The onset is the last sample before the run of intervals whose own retransmission ratio
     reached the threshold, less TCP's minimum retransmission timeout (the segments it resends were
     sent that much earlier).
@@ -36,8 +46,14 @@ class RetransmitDetector:
 
     kind = KIND
 
-    def __init__(self, threshold: float, window: float, min_segments: float, short_window: float = 2.0, short_min_segments: float = 30.0) -> None:
+    def __init__(
+        self, threshold: float, window: float, min_segments: float, short_window: float = 2.0, short_min_segments: float = 30.0,
+        steady_rate: float = 3.0, steady_seconds: float = 2.0, baseline: float = 30.0,
+    ) -> None:
         self.threshold = threshold
+        self.steady_rate = steady_rate
+        self.steady_seconds = steady_seconds
+        self._steady = NewSteadyCounter(baseline)
         self.window = window
         self.min_segments = min_segments
         self.short_window = short_window
@@ -53,6 +69,7 @@ class RetransmitDetector:
         points = self._points
         if points and (retrans_now < points[-1][1] or sent_now < points[-1][2]):
             points.clear()  # counters went back: start again
+        self._steady.observe(now, retrans_now - points[-1][1] if points else 0)
         points.append((now, retrans_now, sent_now))
         # Keep one point at or before the long window's start, to measure the whole window.
         while len(points) > 2 and points[1][0] <= now - self.window:
@@ -61,13 +78,24 @@ class RetransmitDetector:
             return None
         tripped = self._rate(points[0], "long") or self._rate(self._short_reference(now), "short")
         if tripped is None:
-            return None
+            return self._new_steady(now - points[-2][0])
         rate, retrans, total, seconds, which = tripped
         return Finding(
             KIND,
             f"{rate:.1%} of TCP segments retransmitted over {seconds:.0f}s ({retrans} of {total})",
             {"rate": round(rate, 4), "retransmitted": retrans, "segments": total, "seconds": round(seconds, 1), "window": which},
             started_at=self._onset(),
+        )
+
+    def _new_steady(self, interval: float) -> Finding | None:
+        run = self._steady.run()
+        if run is None or run.seconds < self.steady_seconds - SLACK * interval or run.rate < self.steady_rate:
+            return None
+        return Finding(
+            KIND,
+            f"{run.events} TCP segments retransmitted in {run.seconds:.0f}s ({run.rate:.1f}/s), none before",
+            {"retransmitted": run.events, "rate_per_second": round(run.rate, 2), "seconds": round(run.seconds, 1), "window": "new"},
+            started_at=run.since - TCP_RTO_MIN,
         )
 
     def _short_reference(self, now: float) -> tuple[float, int, int]:
