@@ -32,7 +32,7 @@ CASES = {
         "unknown", [],
     ),
     "a paused listener": (
-        Window("tcp_listen_overflows", "web", counters={"tcp_listen_overflows": 20}, listeners=(Listener("80", 129, 128),), paused="paused (docker pause)"),
+        Window("tcp_listen_overflows", "web", counters={"tcp_listen_overflows": 20}, listeners=(Listener("80", 129, 128),), paused="web is paused (docker pause): its processes cannot accept connections"),
         "process_not_accepting", ["web is paused", "port 80 holds 129/128"],
     ),
     "a full accept queue, the process running": (
@@ -120,7 +120,7 @@ CASES = {
         "unknown", [],
     ),
     "a paused container explains nothing about its link": (
-        Window("interface_down", "web", links=(ETH0._replace(up=False), VETH), paused="paused (docker pause)"),
+        Window("interface_down", "web", links=(ETH0._replace(up=False), VETH), paused="web is paused (docker pause): its processes cannot accept connections"),
         "link_down", ["eth0"],
     ),
     "nothing moved": (

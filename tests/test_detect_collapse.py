@@ -299,33 +299,35 @@ def test_hostile_cgroup_and_stat_text_never_crashes(text: str) -> None:
     process_state(text)
 
 
-def test_the_pipeline_names_the_paused_process_behind_a_stalled_listener(tmp_path: Path) -> None:
-    """A stalled listener in a paused container: the finding's cause is process_not_accepting, read once per EXPLAIN_EVERY."""
+async def test_the_cause_of_a_stalled_listener_is_the_paused_process_behind_it(tmp_path: Path) -> None:
+    """A stalled listener in a paused container: the tracker's cause finder names
+    process_not_accepting, and reads the processes' state at most every PROCESS_EVERY seconds."""
+    from nstap.detect.cause_finder import PROCESS_EVERY, CauseFinder
+    from nstap.detect.incidents import IncidentTracker
+
     registry = ContainerRegistry()
     registry.upsert(record("web", 100, "paused"))
-    found = []
-
-    class Tracker:
-        def found(self, ns, finding, at, interval):
-            found.append(finding)
-
-        def quiet(self, *a):
-            pass
-
     reads = []
 
     class Reader(ProcessStateReader):
-        def cause(self, members):
+        def describe(self, members):
             reads.append(1)
-            return super().cause(members)
+            return super().describe(members)
 
-    pipeline = DetectionPipeline(registry, Tracker(), {}, {}, processes=Reader(tmp_path, tmp_path))  # type: ignore[arg-type]
-    for s in accept_table(1):
-        pipeline.on_sample(s._replace(netns=77))
-    stalled = [f for f in found if f.kind == "tcp_accept_stalled"]
-    assert stalled and all(f.cause == Cause(PROCESS_NOT_ACCEPTING, f.cause.text) for f in stalled)
-    assert "web is paused" in stalled[0].summary
-    assert len(reads) <= len(stalled) // 5 + 1
+    class NoIndex:
+        async def save(self, row):
+            pass
+
+    tracker = IncidentTracker(NoIndex(), None, cooldown=0, resolve_after=5, causes=CauseFinder(registry, Reader(tmp_path, tmp_path)))  # type: ignore[arg-type]
+    pipeline = DetectionPipeline(registry, tracker, {}, {})
+    samples = [s._replace(netns=77) for s in accept_table(1)]
+    for s in samples:
+        pipeline.on_sample(s)
+    rows = [i.row for i in tracker.incidents.values() if i.row.kind == "tcp_accept_stalled"]
+    assert rows and rows[0].cause == PROCESS_NOT_ACCEPTING and "web is paused" in rows[0].cause_text, rows
+    seconds = samples[-1].taken_at - samples[0].taken_at
+    assert 1 <= len(reads) <= seconds / PROCESS_EVERY + 2
+    await tracker.close()
 
 
 def test_new_detectors_are_registered_and_tunable() -> None:

@@ -35,6 +35,7 @@ from .capture.model import CaptureSettings
 from .capture.store import CaptureStore, Retention
 from .config import Config, ConfigError
 from .detect.cause_finder import CauseFinder
+from .detect.process_state import ProcessStateReader
 from .detect.incidents import IncidentTracker
 from .detect.pipeline import DetectionPipeline
 from .exporter import ContainerCollector, build_registry
@@ -232,7 +233,7 @@ class App:
         )
         self.pool = pool = WatcherPool(self.registry, opener, enabled_samplers(cfg.samplers), context, self.store, self.instruments, self.supervisor)
         engine = CaptureEngine(capture_settings(cfg), store, pool, self.registry, cfg.data_dir, self.supervisor, self.store)
-        causes = CauseFinder(self.registry)
+        causes = CauseFinder(self.registry, ProcessStateReader(cfg.proc_root))
         tracker = IncidentTracker(
             store.index.anomalies, AnomalyCaptures(engine).for_anomaly if cfg.detect.capture else None, cfg.detect.cooldown, cfg.detect.resolve_after,
             self.supervisor, causes,

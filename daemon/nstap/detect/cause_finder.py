@@ -21,7 +21,8 @@ from ..registry import ContainerRegistry, WatchedNamespace
 from ..samples import NamespaceSample
 from .base import increase
 from .cause import PEER_ANOMALY, UNKNOWN, Cause
-from .causes import RETRANSMIT_KINDS, Forward, Link, Listener, Peer, RuleHit, Window, explain
+from .causes import NOT_ACCEPTING_KINDS, RETRANSMIT_KINDS, Forward, Link, Listener, Peer, RuleHit, Window, explain
+from .process_state import ProcessStateReader
 
 if TYPE_CHECKING:
     from ..ebpf.service import EbpfService
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 CONNTRACK_DROPS = ("drop", "insert_failed", "early_drop")
 MAX_PEERS = 5
+PROCESS_EVERY = 5.0  # seconds between looks at one namespace's processes (freezer, stopped) while it has such an anomaly
 
 
 @dataclass
@@ -43,8 +45,10 @@ class Start:
 class CauseFinder:
     """Names the causes of anomalies; see the module doc."""
 
-    def __init__(self, registry: ContainerRegistry) -> None:
+    def __init__(self, registry: ContainerRegistry, processes: ProcessStateReader | None = None) -> None:
         self.registry = registry
+        self.processes = processes or ProcessStateReader()
+        self._held: dict[int, tuple[float, str]] = {}  # netns -> (when, what keeps its processes from running)
         self.nat: NatMonitor | None = None  # set by the daemon when the NAT monitor runs
         self.ebpf: EbpfService | None = None  # likewise, for the retransmitted flows
         self._owners: dict[str, int] | None = None  # address -> netns of the container that has it
@@ -52,6 +56,7 @@ class CauseFinder:
 
     def _registry_changed(self) -> None:
         self._owners = None  # rebuilt at the next peer lookup
+        self._held.clear()  # a pause or an unpause changes the members' status: looked at again
 
     def start(self, ns: WatchedNamespace | None, before: NamespaceSample | None) -> Start:
         """The counters an anomaly of ``ns`` starting now is measured from."""
@@ -85,8 +90,8 @@ class CauseFinder:
         fields: dict[str, Any] = {"kind": row.kind, "container": row.container, "numbers": row.numbers}
         if sample is not None:
             fields.update(_sample_fields(sample, before))
-        if ns is not None:
-            fields["paused"] = _paused(ns)
+        if ns is not None and row.kind in NOT_ACCEPTING_KINDS:
+            fields["paused"] = self._paused(ns, row.last_seen)
         fields["clients"] = tuple(clients)
         fields.update(self._nat_fields(ns, start))
         peer_netns = None
@@ -94,6 +99,16 @@ class CauseFinder:
             peers, peer_netns = self._peers(ns.inode, active)
             fields["peers"] = peers
         return Window(**fields), peer_netns
+
+    def _paused(self, ns: WatchedNamespace, at: float) -> str:
+        """What keeps the namespace's processes from running (paused, frozen, stopped), read at
+        most every PROCESS_EVERY seconds (cgroup and /proc files of its containers)."""
+        held = self._held.get(ns.inode)
+        if held is None or not 0 <= at - held[0] < PROCESS_EVERY:
+            if len(self._held) >= 4096:
+                self._held.clear()
+            held = self._held[ns.inode] = (at, self.processes.describe(ns.members))
+        return held[1]
 
     def _nat_fields(self, ns: WatchedNamespace | None, start: Start) -> dict[str, Any]:
         nat = self.nat
@@ -168,10 +183,3 @@ def _sample_fields(sample: NamespaceSample, before: NamespaceSample | None) -> d
         out["listeners"] = tuple(Listener(q.port, q.length, q.limit) for q in sample.sockets.listen)
     return out
 
-
-def _paused(ns: WatchedNamespace) -> str:
-    """How the namespace's containers are kept from running, if they are ("" if not)."""
-    for member in ns.members:
-        if member.status == "paused":
-            return f"paused ({member.runtime} pause)"
-    return ""

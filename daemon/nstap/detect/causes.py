@@ -22,7 +22,10 @@ from .kernel_drops import QUIET_REASONS
 RETRANSMIT_KINDS = ("tcp_retransmits", "tcp_syn_sent_stuck")
 NAT_KINDS = {"nat_missing": c.NAT_MISSING, "nat_shadowed": c.NAT_SHADOWED, "nat_stale": c.NAT_STALE, "nat_masquerade_missing": c.NAT_MISSING}
 CONNTRACK_KINDS = ("conntrack_full", "conntrack_drops")
-NOT_ACCEPTING_KINDS = ("tcp_listen_overflows", "tcp_retransmits", "tcp_syn_sent_stuck", "udp_receive_buffer_errors", "tcp_reset_spike")
+NOT_ACCEPTING_KINDS = (
+    "tcp_listen_overflows", "tcp_accept_stalled", "tcp_syn_recv_stuck", "tcp_collapse", "tcp_retransmits", "tcp_syn_sent_stuck",
+    "udp_receive_buffer_errors", "tcp_reset_spike",
+)
 MAX_NAMED = 3  # rules, interfaces or peers named in one sentence
 
 
@@ -85,7 +88,7 @@ class Window:
     firewall_rules: int = 0  # DROP/REJECT rules the firewall holds
     links: Sequence[Link] = ()
     listeners: Sequence[Listener] = ()
-    paused: str = ""  # "paused (docker pause)", "frozen (cgroup freezer)", ... or ""
+    paused: str = ""  # "web is paused (docker pause): its processes cannot accept connections", frozen, stopped ... or ""
     forwards: Sequence[Forward] = ()
     conntrack: tuple[int, int, int] | None = None  # entries, limit, drops in the window (drop + insert_failed + early_drop)
     peers: Sequence[Peer] = ()
@@ -156,7 +159,7 @@ def _paused(w: Window) -> Cause | None:
         return None
     full = [q for q in w.listeners if q.limit and q.length >= q.limit]
     queue = f"; port {full[0].port} holds {full[0].length}/{full[0].limit} connections nobody accepts" if full else ""
-    return Cause(c.PROCESS_NOT_ACCEPTING, f"{w.container or 'the container'} is {w.paused}: its processes do not run{queue}")
+    return Cause(c.PROCESS_NOT_ACCEPTING, f"{w.paused}{queue}")
 
 
 def _link_down(w: Window) -> Cause | None:

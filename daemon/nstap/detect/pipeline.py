@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 
 import structlog
 
@@ -11,18 +10,10 @@ from ..registry import ContainerRegistry, WatchedNamespace
 from ..samples import NamespaceSample, SampleStore
 from ..supervisor import TaskSupervisor
 from . import DETECTORS, LABEL_PREFIX, build_detectors
-from . import accept_stall, listen_overflows, syn_recv
-from .base import Detector, Finding
-from .cause import ACCEPT_QUEUE_FULL
+from .base import Detector
 from .incidents import IncidentTracker
-from .process_state import ProcessStateReader
 
 log = structlog.get_logger("nstap.detect")
-
-# Findings of a listener that may be stuck: the process behind it is looked at (paused, frozen,
-# stopped), at most every EXPLAIN_EVERY seconds per namespace while they last.
-LISTENER_KINDS = frozenset({accept_stall.KIND, listen_overflows.KIND, syn_recv.KIND})
-EXPLAIN_EVERY = 5.0
 
 
 def detect_labels(ns: WatchedNamespace) -> dict[str, str]:
@@ -40,11 +31,8 @@ class DetectionPipeline:
         params: Mapping[str, Mapping[str, float]],
         enabled: Mapping[str, bool],
         supervisor: TaskSupervisor | None = None,
-        processes: ProcessStateReader | None = None,
     ) -> None:
         self.registry = registry
-        self.processes = processes or ProcessStateReader()
-        self._explained: dict[int, tuple[float, object]] = {}  # netns -> (when, the cause found or None)
         self.tracker = tracker
         self.params = params
         self.enabled = enabled
@@ -91,26 +79,12 @@ class DetectionPipeline:
                     self.supervisor.count("detector")
                 continue
             if finding is not None:
-                if finding.kind in LISTENER_KINDS and (finding.cause is None or finding.cause.kind == ACCEPT_QUEUE_FULL):
-                    finding = self._explain(ns, finding, sample.taken_at)
                 seen.add(finding.kind)
                 self.tracker.found(ns, finding, sample.taken_at, sample.interval, sample=sample, previous=previous)
         self.tracker.quiet(sample.netns, seen, sample.taken_at, DETECTORS)
 
-    def _explain(self, ns: WatchedNamespace, finding: Finding, at: float) -> Finding:
-        """The finding with the paused, frozen or stopped process behind its listener as its cause."""
-        cached = self._explained.get(ns.inode)
-        if cached is None or at - cached[0] >= EXPLAIN_EVERY or at < cached[0]:
-            cached = self._explained[ns.inode] = (at, self.processes.cause(ns.members))
-        cause = cached[1]
-        if cause is None:
-            return finding
-        return replace(finding, cause=cause, summary=f"{finding.summary}; {cause.text}")  # type: ignore[arg-type]
-
     def _forget_gone(self) -> None:
         namespaces = self.registry.namespaces()
-        for netns in [n for n in self._explained if n not in namespaces]:
-            del self._explained[netns]
         for netns in [n for n in self._detectors if n not in namespaces]:
             del self._detectors[netns]
             self._labels_of.pop(netns, None)

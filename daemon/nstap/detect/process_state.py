@@ -59,11 +59,16 @@ class ProcessStateReader:
 
     def cause(self, members: Iterable[ContainerRecord]) -> Cause | None:
         """process_not_accepting, naming the first container that is paused, frozen or stopped; None if none is."""
+        found = self.describe(members)
+        return Cause(PROCESS_NOT_ACCEPTING, found) if found else None
+
+    def describe(self, members: Iterable[ContainerRecord]) -> str:
+        """The first container that is paused, frozen or stopped, in a sentence ("" if none is)."""
         for record in list(members)[:MAX_MEMBERS]:
             found = self._of(record)
             if found is not None:
-                return Cause(PROCESS_NOT_ACCEPTING, found)
-        return None
+                return found
+        return ""
 
     def _of(self, record: ContainerRecord) -> str | None:
         name = record.name
