@@ -444,6 +444,36 @@ async def test_one_container_holds_at_most_half_the_capture_slots(tmp_path: Path
         await b.close()
 
 
+async def test_anomalies_of_one_fault_share_one_capture(tmp_path: Path, netns: NsUnderTest) -> None:
+    """One fault trips several detectors (a paused listener: a stalled queue, overflows, SYN-ACK
+    retransmissions): the later anomalies get the running capture whose window holds them, not a
+    capture slot each; one whose onset it does not reach gets its own."""
+    from structlog.testing import capture_logs
+
+    from nstap.index import AnomalyRow
+
+    b = Bench(tmp_path, netns, {}, CaptureSettings(post_seconds=3, max_concurrent=4, max_per_container_per_hour=100))
+    await b.open()
+    try:
+        await b.attach()
+        ns = b.pool.watched()[b.record.netns]
+        now = time.time()
+        first = await b.anomalies.for_anomaly(ns, AnomalyRow("s1", "tcp_accept_stalled", "ringed", b.record.short_id, "test", ns.inode, now, now, started_at=now - 1))
+        assert first is not None
+        with capture_logs() as logs:
+            later = [await b.anomalies.for_anomaly(ns, AnomalyRow(f"s{i}", kind, "ringed", b.record.short_id, "test", ns.inode, now + 0.5, now + 0.5, started_at=now - 1))
+                     for i, kind in ((2, "tcp_listen_overflows"), (3, "tcp_syn_recv_stuck"))]
+        assert later == [first, first] and b.engine.running_count() == 1
+        assert [e["anomaly_id"] for e in logs if e["event"] == "anomaly_capture_shared"] == ["s2", "s3"]
+        # Detected before the running (live) capture began: it does not hold it.
+        old = await b.anomalies.for_anomaly(ns, AnomalyRow("s4", "k", "ringed", b.record.short_id, "test", ns.inode, now - 5, now - 5, started_at=now - 6))
+        assert old not in (None, first) and b.engine.running_count() == 2
+        for capture_id in (first, old):
+            await wait_done(b.store, capture_id)
+    finally:
+        await b.close()
+
+
 async def test_host_side_captures_count_in_the_containers_share(tmp_path: Path, netns: NsUnderTest) -> None:
     """Defect: an interface_drops anomaly's second capture, on the host end of the veth, did not
     count in its container's share: a storm of them held every capture slot. (The host end is
@@ -457,7 +487,8 @@ async def test_host_side_captures_count_in_the_containers_share(tmp_path: Path, 
         await b.attach()
         ns = b.pool.watched()[b.record.netns]
         now = time.time()
-        rows = [AnomalyRow(f"d{i}", "interface_drops", "ringed", b.record.short_id, "test", ns.inode, now, now,
+        # Each detected before the running (live) capture began: none can share it, each needs a slot.
+        rows = [AnomalyRow(f"d{i}", "interface_drops", "ringed", b.record.short_id, "test", ns.inode, now - 5 * i, now - 5 * i,
                            numbers={f"{netns.host_if}.host.rx_drops": 5}) for i in range(3)]
         ids = [await b.anomalies.for_anomaly(ns, row) for row in rows]
         running = [r for r in await b.store.index.captures.list() if r.state == "running"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nstap.detect.cause import KINDS, valid_kind
+from nstap.detect.cause import KINDS, Cause, valid_kind
 from nstap.detect.causes import Forward, Link, Listener, Peer, RuleHit, Window, explain
 
 ETH0 = Link("eth0", "container", "veth1a", True, 1500, 0)
@@ -122,6 +122,14 @@ CASES = {
     "a paused container explains nothing about its link": (
         Window("interface_down", "web", links=(ETH0._replace(up=False), VETH), paused="web is paused (docker pause): its processes cannot accept connections"),
         "link_down", ["eth0"],
+    ),
+    "the detector's own cause wins over the window's": (
+        Window("port_unreachable", "web", hint=Cause("nat_shadowed", "the probe reached another container"), firewall=(DROP_ACKS,), firewall_rules=1),
+        "nat_shadowed", ["the probe reached another container"],
+    ),
+    "but a paused process wins over a full queue the detector saw": (
+        Window("tcp_accept_stalled", "web", hint=Cause("accept_queue_full", "port 80 is full"), paused="web is paused (docker pause): its processes cannot accept connections"),
+        "process_not_accepting", ["web is paused"],
     ),
     "nothing moved": (
         Window("tcp_retransmits", "web", counters={"tcp_retransmitted_segments": 9}, links=(ETH0, VETH), listeners=(HTTP,)),

@@ -38,6 +38,12 @@ class AnomalyCaptures:
         if capture_opted_out(namespace):
             return None
         target = CaptureTarget.of(namespace)
+        shared = self._covering(target.netns, anomaly, margin)
+        if shared is not None:
+            # One fault trips several detectors at once (a paused listener: a stalled accept
+            # queue, overflows, SYN-ACK retransmissions): one pcap holds them all.
+            log.info("anomaly_capture_shared", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container, capture_id=shared)
+            return shared
         now = time.time()
         why = self.quota.refusal(target.container_id, now)
         if why:
@@ -56,6 +62,17 @@ class AnomalyCaptures:
             if host_id is not None:
                 log.info("anomaly_host_capture", anomaly_id=anomaly.id, capture_id=host_id, interface=interface)
         return row_id
+
+    def _covering(self, netns: int, anomaly: AnomalyRow, margin: float) -> str | None:
+        """A running anomaly capture of the namespace's own side whose window holds this anomaly
+        from its onset (a live one: from its detection) to a second past its detection."""
+        onset = (anomaly.started_at if anomaly.started_at is not None else anomaly.first_seen) - margin
+        for row in self.engine.running_of(netns):
+            if row.reason != "anomaly" or row.side != "container" or row.window_end < anomaly.first_seen + 1:
+                continue
+            if row.mode == "live" and row.window_start <= anomaly.first_seen or row.window_start <= onset + 0.05:
+                return row.id
+        return None
 
     def _refused(self, anomaly: AnomalyRow, why: str, **fields: Any) -> None:
         self.engine.refused_total["per_container_limit"] += 1

@@ -108,6 +108,7 @@ class CaptureEngine:
         self._evidence_tasks: set[asyncio.Task] = set()
         self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # host-side captures
         self._running: dict[str, asyncio.Task] = {}
+        self._running_rows: dict[str, CaptureRow] = {}  # the rows of the captures in _running
         self._reserved = 0  # slots taken by captures being created (between the check and the task)
         self._unsaved: dict[str, dict[str, Any]] = {}  # capture id -> outcome the index could not take yet
         self._closed = False
@@ -298,6 +299,7 @@ class CaptureEngine:
         if fd is not None:
             task.add_done_callback(lambda _task: os.close(fd))
         self._running[row.id] = task
+        self._running_rows[row.id] = row
         self.captures_total[(target.container, target.container_id, target.runtime, reason)] += 1
         self._start_evidence(row, anomaly, task)
         log.info(
@@ -362,6 +364,7 @@ class CaptureEngine:
             await self._record(row, outcome)
         finally:
             self._running.pop(row.id, None)
+            self._running_rows.pop(row.id, None)
 
     async def _mark_incomplete(self, row: CaptureRow) -> None:
         try:
@@ -466,6 +469,10 @@ class CaptureEngine:
     def when_done(self, capture_id: str, callback: Callable[[], None]) -> None:
         """Call ``callback`` when the running capture ``capture_id`` has ended (outcome recorded)."""
         self._running[capture_id].add_done_callback(lambda _task: callback())
+
+    def running_of(self, netns: int) -> list[CaptureRow]:
+        """The captures of namespace ``netns`` running now."""
+        return [r for r in self._running_rows.values() if r.netns == netns]
 
     def running_count(self) -> int:
         """Captures in progress."""

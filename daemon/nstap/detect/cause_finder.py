@@ -13,7 +13,7 @@ anomaly going on, gone with it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..index import AnomalyRow
@@ -74,10 +74,13 @@ class CauseFinder:
 
     def explain(
         self, ns: WatchedNamespace | None, row: AnomalyRow, sample: NamespaceSample | None, start: Start,
-        active: Mapping[int, Sequence[AnomalyRow]], clients: Sequence[str] = (),
+        active: Mapping[int, Sequence[AnomalyRow]], clients: Sequence[str] = (), hint: Cause | None = None,
     ) -> tuple[Cause, int | None]:
-        """The anomaly's cause now, and the namespace of the peer it blames (None if none)."""
+        """The anomaly's cause now (``hint``: the one its detector gave), and the namespace of the
+        peer it blames (None if none)."""
         window, peer = self.window(ns, row, sample, start, active, clients)
+        if hint is not None:
+            window = replace(window, hint=hint)
         return explain(window), peer
 
     def window(

@@ -93,16 +93,23 @@ class Window:
     conntrack: tuple[int, int, int] | None = None  # entries, limit, drops in the window (drop + insert_failed + early_drop)
     peers: Sequence[Peer] = ()
     clients: Sequence[str] = ()  # containers whose anomalies name this one as their cause
+    hint: Cause | None = None  # the cause the detector itself gave with its finding
 
 
 def explain(w: Window) -> Cause:
     """The cause the window shows, or ``unknown``."""
-    for rule in (_nat, _conntrack_event, _paused, _link_down, _firewall, _mtu, _conntrack_pressure, _peer, _queue, _no_listener,
+    for rule in (_nat, _conntrack_event, _paused, _hint, _link_down, _firewall, _mtu, _conntrack_pressure, _peer, _queue, _no_listener,
                  _not_reading, _kernel_drop):
         found = rule(w)
         if found is not None:
             return _with_clients(found, w)
     return c.UNKNOWN_CAUSE
+
+
+def _hint(w: Window) -> Cause | None:
+    """What the detector knew: it wins over what the window suggests, but not over a paused
+    process (a full queue is what a paused listener looks like from the detector's side)."""
+    return w.hint
 
 
 def _with_clients(found: Cause, w: Window) -> Cause:

@@ -133,17 +133,15 @@ class IncidentTracker:
     def _explain(self, inc: Incident, ns: WatchedNamespace, finding: Finding, sample: NamespaceSample | None, at: float) -> bool:
         """Name the event's cause again if it is time; True if it changed (logged)."""
         row = inc.row
-        if finding.cause is not None:
-            cause: Cause = finding.cause
-        elif self.causes is None or inc.start is None:
-            cause = UNKNOWN_CAUSE
+        if self.causes is None or inc.start is None:
+            cause: Cause = finding.cause or UNKNOWN_CAUSE
         elif at - inc.explained_at < EXPLAIN_EVERY:
             return False
         else:
             inc.explained_at = at
             active = {netns: [i.row for i in mine.values() if i.active] for netns, mine in self._of.items()}
             clients = sorted({i.row.container for i in self.incidents.values() if i.active and i.peer == ns.inode})
-            cause, inc.peer = self.causes.explain(ns, row, sample, inc.start, active, clients)
+            cause, inc.peer = self.causes.explain(ns, row, sample, inc.start, active, clients, finding.cause)
         if (cause.kind, cause.text) == (row.cause, row.cause_text):
             return False
         if cause.kind == UNKNOWN and row.cause != UNKNOWN:
