@@ -274,7 +274,7 @@ class App:
         if cfg.nat.probe.enabled:
             parts.probes = nat.probes = PortProber(
                 lambda: nat.config.probe, lambda: nat.state.forwards, self.registry, self.store, self.supervisor, cfg.data_dir,
-                parts.tracker if cfg.detect.enabled else None, nat.firewalls.get, cfg.interval, lambda: nat.disabled,
+                parts.tracker if cfg.detect.enabled else None, nat.firewalls.get, cfg.interval, lambda: nat.disabled, nat.proxied,
             )
         parts.exposure = nat.exposure = ExposureReader(pool.netns_fd, lambda ids: nat.state.forwards_of(ids))
         parts.talkers = nat.talkers = TalkerTracker(lambda: nat.config.talkers, self.registry, self.supervisor, cfg.proc_root)

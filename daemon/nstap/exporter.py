@@ -303,6 +303,7 @@ class ContainerCollector:
             "firewalls": [(inode, fw.rules, fw.changes) for inode, fw in monitor.firewalls.items()],
             "probes": monitor.probes.series() if monitor.probes is not None else [],  # (forward, latest result): immutable
             "probe_up": monitor.probes.up if monitor.probes is not None else None,
+            "probe_counts": (monitor.probes.probes_total, monitor.probes.failures_total) if monitor.probes is not None else (0, 0),
         }
 
     def render(self, scrape: ScrapeState | None = None) -> str:
@@ -629,7 +630,12 @@ def _probe_families(nat: dict[str, Any], ids: Mapping[str, ContainerRecord]) -> 
                          ("host_ip", f.host_ip), ("host_port", str(f.host_port))))
         success.add(labels, 1 if result.ok else 0)
         duration.add(labels, round(result.seconds, 6))
-    return [success, duration]
+    total, failed = nat.get("probe_counts", (0, 0))
+    return [
+        success, duration,
+        _single("nstap_port_probes_total", "counter", "Probes of published ports made (host-wide; bounded by nat.probe.rate).", total),
+        _single("nstap_port_probe_failures_total", "counter", "Probes of published ports that failed.", failed),
+    ]
 
 
 def family_names() -> list[str]:

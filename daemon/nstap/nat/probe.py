@@ -69,7 +69,7 @@ class ProbeResult:
     at: float  # wall clock
     ok: bool
     path: str  # probe-netns or host-loopback, with the addresses: what was tried
-    via: str  # dnat, userland-proxy, or "" (unknown / failed)
+    via: str  # dnat, userland-proxy, host-socket (a port reservation, a failure), or "" (unknown / failed)
     seconds: float
     error: str  # "" when ok; refused, timeout, unreachable: ..., no answer
 
@@ -237,6 +237,7 @@ class PortProber:
         firewalls: Callable[[int], Any] | None = None,
         interval: float = 1.0,
         disabled: Callable[[], frozenset[str]] = frozenset,
+        proxied: frozenset[str] = frozenset({"docker"}),
     ) -> None:
         self.config = config
         self.forwards = forwards
@@ -247,6 +248,7 @@ class PortProber:
         self.firewalls = firewalls
         self.interval = interval
         self.disabled = disabled
+        self.proxied = proxied  # runtimes whose host sockets are proxies (docker-proxy), not mere port reservations
         cfg = config()
         self.netns = ProbeNamespace(data_dir, ipaddress.ip_network(cfg.subnet))
         self.schedule = ProbeSchedule(cfg.interval)
@@ -261,6 +263,7 @@ class PortProber:
         self._local: set[str] = set()
         self._drops_seen: dict[tuple[int, str, str, int], int] = {}
         self._diag: socket.socket | None = None
+        self._open: set[str] = set()  # containers with a port_unreachable event going on
 
     @property
     def up(self) -> int:
@@ -301,6 +304,8 @@ class PortProber:
                     if result is not None:
                         self._record(key, result)
                 self._report({k[0] for k in keys})
+            elif self._open:
+                self._report(set(self._open))  # ongoing events resolve after a quiet while, probed or not
             await asyncio.sleep(TICK)
 
     def _sync(self, now: float) -> None:
@@ -368,6 +373,11 @@ class PortProber:
                 seconds = time.perf_counter() - started  # the handshake only, not the path check
                 if path_kind == "probe-netns":
                     via = self._via(address, f.host_port, sock)
+                    if via == "host-socket":
+                        if f.runtime in self.proxied:
+                            via = "userland-proxy"
+                        else:  # Podman's conmon holds the port to reserve it: it accepts nothing
+                            error = "accepted by a socket of the host, not the container: the DNAT rule did not apply"
         except (OSError, asyncio.TimeoutError) as exc:
             error = _error(exc)
         finally:
@@ -391,7 +401,7 @@ class PortProber:
         return ""
 
     def _via(self, address: str, port: int, sock: socket.socket) -> str:
-        """dnat, or userland-proxy when a socket of the host holds the accepted connection."""
+        """dnat, or host-socket when a socket of the host holds the accepted connection."""
         try:
             peer, peer_port = sock.getsockname()[:2]
             if self._diag is None:
@@ -403,7 +413,7 @@ class PortProber:
                 self._diag.close()
                 self._diag = None
             return ""
-        return "userland-proxy" if found is not None and found.state != TCP_LISTEN else "dnat"
+        return "host-socket" if found is not None and found.state != TCP_LISTEN else "dnat"
 
     def _record(self, key: Key, result: ProbeResult) -> None:
         before = self.results.get(key)
@@ -437,6 +447,11 @@ class PortProber:
             for finding in findings:
                 tracker.found(ns, finding, now, self.interval)
             tracker.quiet(ns.inode, {f.kind for f in findings}, now, KINDS)
+            if tracker.has_active(ns.inode, KINDS):
+                self._open.add(cid)
+            else:
+                self._open.discard(cid)
+        self._open &= set(owners)
 
     def findings(self, ns: WatchedNamespace) -> list[Finding]:
         """The ``port_unreachable`` finding of one namespace now, if any of its ports fails."""
