@@ -44,7 +44,10 @@ from .ebpf.service import EbpfService
 from .instruments import Instruments
 from .log import configure_logging
 from .systemd import Notifier
+from .nat.exposure import ExposureReader
 from .nat.monitor import NatMonitor
+from .nat.probe import PortProber
+from .nat.talkers import TalkerTracker
 from .netns.handles import NamespaceOpener
 from .registry import ContainerRegistry, own_container_id
 from .runtime.exits import ProcessExits
@@ -64,6 +67,7 @@ RETENTION_INTERVAL = 60.0  # seconds between passes of the store's age limit (an
 KNOWN_TASKS = (
     "capture-retention", "ring-pump", "capture", "ring", "evidence", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
     "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall", "ebpf-load", "systemd",
+    "port-probe", "talkers",
 )
 
 
@@ -122,6 +126,9 @@ class Parts:
     pipeline: DetectionPipeline
     collector: ContainerCollector
     capture_api: CaptureApi | None = None
+    probes: PortProber | None = None
+    talkers: TalkerTracker | None = None
+    exposure: ExposureReader | None = None
 
 
 class App:
@@ -260,7 +267,21 @@ class App:
             for endpoint in cfg.runtimes
         ]
         collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine, nat, ebpf, cfg.metrics.expand())
-        return Parts(store, opener, host_links, exits, pool, engine, tracker, nat, ebpf, pipeline, collector)
+        parts = Parts(store, opener, host_links, exits, pool, engine, tracker, nat, ebpf, pipeline, collector)
+        if nat is not None:
+            self._build_runbook_checks(parts, nat, pool)
+        return parts
+
+    def _build_runbook_checks(self, parts: Parts, nat: NatMonitor, pool: WatcherPool) -> None:
+        """The published-port prober, the exposure reader and the top-talker tracker (issue 20, part 3)."""
+        cfg = self.config
+        if cfg.nat.probe.enabled:
+            parts.probes = nat.probes = PortProber(
+                lambda: nat.config.probe, lambda: nat.state.forwards, self.registry, self.store, self.supervisor, cfg.data_dir,
+                parts.tracker if cfg.detect.enabled else None, nat.firewalls.get, cfg.interval, lambda: nat.disabled, nat.proxied,
+            )
+        parts.exposure = nat.exposure = ExposureReader(pool.netns_fd, lambda ids: nat.state.forwards_of(ids))
+        parts.talkers = nat.talkers = TalkerTracker(lambda: nat.config.talkers, self.registry, self.supervisor, cfg.proc_root)
 
     async def _listen(self, parts: Parts, token: str, webhook_token: str, web_config: WebConfig) -> None:
         """Both listeners up with every route (the capture page's logged-out sessions loaded)."""
@@ -307,6 +328,10 @@ class App:
         parts.engine.start()
         if parts.nat is not None:
             parts.nat.start(self.store)
+        if parts.probes is not None:
+            await parts.probes.start()
+        if parts.talkers is not None:
+            parts.talkers.start()
         if cfg.ebpf == "auto":
             self.supervisor.spawn("ebpf-load", parts.ebpf.load())  # about a second, in a thread: sampling starts meanwhile
         for source in self.sources:
@@ -326,6 +351,12 @@ class App:
         await parts.engine.stop()
         if parts.nat is not None:
             await parts.nat.close()
+        if parts.probes is not None:
+            await parts.probes.close()  # the probe namespace and its veth pair go
+        if parts.talkers is not None:
+            parts.talkers.close()
+        if parts.exposure is not None:
+            parts.exposure.close()
         parts.ebpf.close()
         if self.api is not None:
             await self.api.stop()

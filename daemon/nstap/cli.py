@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     nat.add_argument("container", nargs="?", help="name or id (default: every forward on the host)")
     nat.add_argument("--json", action="store_true", help="print the API's JSON")
 
+    for name, what in (("exposure", "a container's listeners: published, internal only, or loopback"),
+                       ("talkers", "a container's peers by bytes over the last minute (conntrack accounting)")):
+        view = sub.add_parser(name, help=what)
+        _client_args(view)
+        view.add_argument("container", help="name or id")
+        view.add_argument("--json", action="store_true", help="print the API's JSON")
+
     _capture_parsers(sub)
     return parser
 
@@ -123,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             return _doctor(args, _config(args, ()))
         if args.command == "nat":
             return _nat(args, _config(args, ("data_dir",)))
+        if args.command in ("exposure", "talkers"):
+            return _container_view(args, _config(args, ("data_dir",)))
         if args.command == "captures":
             return _captures(args, _config(args, ("data_dir",)))
         if args.command == "capture":
@@ -284,6 +293,7 @@ def _nat(args: argparse.Namespace, config: Config) -> int:
         why = f["detail"] + (f"  [{f['rule']}]" if f["state"] != "ok" and f["rule"] else "")
         rows.append((f["container"] or "(none)", f["protocol"], host, dest, f["backend"], f["state"], str(f["new_connections"]), why or "-"))
     _print_table(rows)
+    _print_verdicts(data.get("forwards", []))
     for m in data.get("masquerade", []):
         if m["state"] != "ok":
             print(f"masquerade {m['network']} {m['subnet']}: {m['state']}: {m['detail']}")
@@ -294,6 +304,63 @@ def _nat(args: argparse.Namespace, config: Config) -> int:
     conntrack = data.get("conntrack")
     if conntrack:
         print("conntrack " + ", ".join(f"{k}={v}" for k, v in conntrack.items()))
+    return 0
+
+
+def _yes(value: object) -> str:
+    return {True: "ok", False: "NO", None: "?"}.get(value, "?")  # type: ignore[arg-type]
+
+
+def _print_verdicts(forwards: list[dict]) -> None:
+    """One verdict per published port: rule ok, listener ok, probe ok (path, latency), and why not."""
+    judged = [f for f in forwards if "verdict" in f]
+    if not judged:
+        return
+    print()
+    rows = [("CONTAINER", "PORT", "RULE", "LISTENER", "PROBE", "LATENCY", "PATH", "WHY")]
+    for f in judged:
+        v = f["verdict"]
+        probe = v.get("probe")
+        port = f"{f['protocol']}/{f['host_port']}"
+        if probe is None:
+            rows.append((f["container"], port, _yes(v["rule"]), _yes(v["listener"]), "-", "-", "-", v.get("not_probed", "")))
+            continue
+        via = f" via {probe['via']}" if probe.get("via") else ""
+        why = v["cause"]["kind"] + ": " + v["cause"]["text"] if "cause" in v else probe["error"] or "-"
+        rows.append((f["container"], port, _yes(v["rule"]), _yes(v["listener"]), "ok" if probe["ok"] else "FAILED",
+                     f"{probe['latency_ms']:.2f} ms", probe["path"] + via, why))
+    _print_table(rows)
+
+
+def _container_view(args: argparse.Namespace, config: Config) -> int:
+    from urllib.parse import quote
+
+    from .client import ApiUnavailable
+
+    try:
+        data = _client(args, config).get_json(f"/api/v1/containers/{quote(args.container, safe='')}/{args.command}")
+    except ApiUnavailable as exc:
+        print(f"nstap: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if data.get("error"):
+        print(f"nstap: {data['error']}", file=sys.stderr)
+    if args.command == "exposure":
+        rows = [("PROTO", "ADDRESS", "PORT", "EXPOSURE", "PUBLISHED ON", "NOTE")]
+        for e in data.get("listeners", []):
+            note = "all host addresses" if e.get("all_host_addresses") else e.get("note", "")
+            rows.append((e["protocol"], e["address"], str(e["port"]), e["exposure"], ", ".join(e.get("published_on", [])) or "-", note or "-"))
+        _print_table(rows)
+        for p in data.get("published_without_listener", []):
+            print(f"published, nothing listens: {p}")
+        return 0
+    print(f"{data['container']}: peers over the last {data['window_seconds']:g} s (from {data['source']})")
+    rows = [("PEER", "BYTES OUT", "PKTS OUT", "BYTES IN", "PKTS IN", "NEW FLOWS")]
+    for p in data.get("peers", []):
+        rows.append((p["peer"], str(p["bytes_out"]), str(p["packets_out"]), str(p["bytes_in"]), str(p["packets_in"]), str(p["new_flows"])))
+    _print_table(rows)
     return 0
 
 

@@ -85,8 +85,9 @@ class DetectConfig(Strict):
     def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         from .detect import DETECTORS
         from .detect.nat import KINDS
+        from .detect.probe import KINDS as PROBE_KINDS
 
-        known = (*DETECTORS, *KINDS)
+        known = (*DETECTORS, *KINDS, *PROBE_KINDS)
         unknown = sorted(set(value) - set(known))
         if unknown:
             raise ValueError(f"unknown detector {unknown[0]!r} (known: {', '.join(known)})")
@@ -140,6 +141,42 @@ class CaptureConfig(Strict):
         return self
 
 
+class ProbeConfig(Strict):
+    """Published-port probes: a TCP connect to every published port, from nstap's own namespace."""
+
+    enabled: bool = Field(True, description="probe every published port of a watched container (label nstap.probe=off opts one out)")
+    interval: float = Field(30.0, ge=1.0, le=3600.0, description="seconds between two probes of one port (jittered +-20%); a NAT change probes at once")
+    timeout: float = Field(2.0, ge=0.1, le=30.0, description="seconds a connect may take before the probe fails")
+    udp: bool = Field(False, description="probe UDP ports too (a datagram; only an ICMP port-unreachable is a failure)")
+    rate: float = Field(20.0, gt=0.0, le=1000.0, description="probes per second at most, host-wide")
+    max_concurrent: int = Field(8, ge=1, le=64, description="probes in flight at once")
+    max_per_container: int = Field(64, ge=1, le=10000, description="published ports probed per container (the lowest); the rest are listed as not probed")
+    subnet: str = Field("169.254.252.0/22", description="IPv4 pool of the probe namespace's /30 (the first one no host route overlaps)")
+
+    @field_validator("subnet")
+    @classmethod
+    def _pool(cls, value: str) -> str:
+        try:
+            net = ipaddress.ip_network(value, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"not an IPv4 network: {exc}") from None
+        if net.version != 4 or net.prefixlen > 30:
+            raise ValueError("must be an IPv4 network of /30 or larger")
+        return value
+
+
+class TalkersConfig(Strict):
+    """Top talkers per container (bytes and packets per peer over the last minute), from conntrack accounting."""
+
+    conntrack_acct: bool = Field(
+        False,
+        description="let nstap set net.netfilter.nf_conntrack_acct=1 (16 more bytes per conntrack entry, a counter update per packet) if it is off",
+    )
+    interval: float = Field(10.0, ge=2.0, le=300.0, description="seconds between two reads of the counters (one conntrack dump each)")
+    max_peers: int = Field(50, ge=1, le=1000, description="peers kept per container (the rest summed as 'other')")
+    max_flows: int = Field(65536, ge=1000, le=1_000_000, description="flows followed at once, host-wide")
+
+
 class NatConfig(Strict):
     """NAT rules, conntrack and the containers' own firewalls."""
 
@@ -152,6 +189,8 @@ class NatConfig(Strict):
     firewall_budget: float = Field(0.05, gt=0.0, le=1.0, description="share of the time one namespace's firewall reads may take: a firewall that changes all the time is read less often")
     max_firewall_rules: int = Field(32, ge=1, le=1000, description="DROP/REJECT rules exported per container")
     read_timeout: float = Field(10.0, ge=1.0, le=300.0, description="seconds a rule read (iptables-save, nft) may take")
+    probe: ProbeConfig = ProbeConfig()
+    talkers: TalkersConfig = TalkersConfig()
 
 
 DEFAULT_RUNTIMES = (

@@ -301,6 +301,9 @@ class ContainerCollector:
             "reads": monitor.reads_total,
             "read_errors": monitor.read_errors_total,
             "firewalls": [(inode, fw.rules, fw.changes) for inode, fw in monitor.firewalls.items()],
+            "probes": monitor.probes.series() if monitor.probes is not None else [],  # (forward, latest result): immutable
+            "probe_up": monitor.probes.up if monitor.probes is not None else None,
+            "probe_counts": (monitor.probes.probes_total, monitor.probes.failures_total) if monitor.probes is not None else (0, 0),
         }
 
     def render(self, scrape: ScrapeState | None = None) -> str:
@@ -524,6 +527,8 @@ class ContainerCollector:
             "1 when the collector can read what it needs (nat: the NAT rules; conntrack: the table; firewall: the containers' rules; ebpf_drops: the eBPF program).",
         )
         values = dict(scrape.nat["up"]) if scrape.nat is not None else {}
+        if scrape.nat is not None and scrape.nat.get("probe_up") is not None:
+            values["port_probe"] = scrape.nat["probe_up"]
         if scrape.ebpf is not None:
             values["ebpf_drops"] = scrape.ebpf[0]
         for collector, value in sorted(values.items()):
@@ -535,7 +540,7 @@ class ContainerCollector:
         if nat is None:
             return []
         ids = {r.id: r for r in scrape.containers}
-        return [*_forward_families(nat["state"], ids), *_nat_host_families(nat), *_nat_container_families(scrape, nat, ids)]
+        return [*_forward_families(nat["state"], ids), *_nat_host_families(nat), *_nat_container_families(scrape, nat, ids), *_probe_families(nat, ids)]
 
 
 def _single(name: str, kind: str, help_: str, value: float) -> Family:
@@ -614,6 +619,29 @@ def _nat_container_families(scrape: ScrapeState, nat: dict[str, Any], ids: Mappi
         for rule in fw_rules:
             packets.add(Labels((*base, ("table", rule.table), ("chain", rule.chain), ("target", rule.target), ("rule", str(rule.position)))), rule.packets)
     return [flows, packets, changes]
+
+
+def _probe_families(nat: dict[str, Any], ids: Mapping[str, ContainerRecord]) -> list[Family]:
+    """The latest probe of each published port (labels like nstap_nat_port_forward_info's)."""
+    success = Family(
+        "nstap_port_probe_success", "gauge",
+        "1 if the latest TCP connect to the published port succeeded along the path its clients take (see nstap nat for the path), else 0.",
+    )
+    duration = Family("nstap_port_probe_duration_seconds", "gauge", "Seconds the latest probe of the published port took (the handshake, or until it failed).")
+    for f, result in nat.get("probes", ()):
+        record = ids.get(f.container_id)
+        if record is None:
+            continue
+        labels = Labels((("container", record.name), ("container_id", record.short_id), ("runtime", record.runtime), ("protocol", f.protocol),
+                         ("host_ip", f.host_ip), ("host_port", str(f.host_port))))
+        success.add(labels, 1 if result.ok else 0)
+        duration.add(labels, round(result.seconds, 6))
+    total, failed = nat.get("probe_counts", (0, 0))
+    return [
+        success, duration,
+        _single("nstap_port_probes_total", "counter", "Probes of published ports made (host-wide; bounded by nat.probe.rate).", total),
+        _single("nstap_port_probe_failures_total", "counter", "Probes of published ports that failed.", failed),
+    ]
 
 
 def family_names() -> list[str]:

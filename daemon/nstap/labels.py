@@ -11,6 +11,7 @@ in any case; anything else is not a switch.
 * ``nstap.enable=off``: the container is not watched (listed only).
 * ``nstap.capture=off``: its network namespace is never captured nor recorded;
   ``nstap.capture=ring``: it gets a flight recorder.
+* ``nstap.probe=off``: its published ports are not probed.
 * ``nstap.detect.<kind>=...``: per-container detector overrides (see :mod:`nstap.detect`).
 """
 
@@ -21,12 +22,13 @@ from collections.abc import Mapping
 PREFIX = "nstap."
 ENABLE = "nstap.enable"
 CAPTURE = "nstap.capture"
+PROBE = "nstap.probe"
 DETECT_PREFIX = "nstap.detect."
 COMPOSE_PROJECT = "com.docker.compose.project"
 COMPOSE_SERVICE = "com.docker.compose.service"
 PODMAN_COMPOSE_PROJECT = "io.podman.compose.project"
 PODMAN_COMPOSE_SERVICE = "io.podman.compose.service"
-ALWAYS_KEPT = frozenset({ENABLE, CAPTURE, COMPOSE_PROJECT, COMPOSE_SERVICE, PODMAN_COMPOSE_PROJECT, PODMAN_COMPOSE_SERVICE})
+ALWAYS_KEPT = frozenset({ENABLE, CAPTURE, PROBE, COMPOSE_PROJECT, COMPOSE_SERVICE, PODMAN_COMPOSE_PROJECT, PODMAN_COMPOSE_SERVICE})
 
 OFF = frozenset({"off", "false", "no", "disabled"})
 ON = frozenset({"on", "true", "yes", "enabled"})
@@ -74,6 +76,11 @@ def watch_enabled(labels: Mapping[str, str]) -> bool:
 def capture_opted_out(labels: Mapping[str, str]) -> bool:
     """True for a container labelled ``nstap.capture=off``: its packets are never captured."""
     return switch(labels.get(CAPTURE)) is False
+
+
+def probe_opted_out(labels: Mapping[str, str]) -> bool:
+    """True for a container labelled ``nstap.probe=off``: its published ports are never probed."""
+    return switch(labels.get(PROBE)) is False
 
 
 def wants_ring(labels: Mapping[str, str]) -> bool:

@@ -99,6 +99,15 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def _with_verdicts(monitor: NatMonitor, forwards: list[Any]) -> list[dict[str, Any]]:
+    """The forwards as JSON, each with its verdict (rule, listener, probe) when the prober runs."""
+    out = [f.to_json() for f in forwards]
+    if monitor.probes is not None:
+        for entry, verdict in zip(out, monitor.probes.verdicts(forwards)):
+            entry["verdict"] = verdict
+    return out
+
+
 def download_name(row_container: str, what: str, at: float) -> str:
     """A readable, safe file name for a capture."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at))
@@ -144,6 +153,8 @@ class CaptureApi:
             web.get("/api/v1/nat", self.nat_all),
             web.get("/api/v1/containers/{name}/nat", self.nat_of),
             web.get("/api/v1/containers/{name}/retransmits", self.retransmits),
+            web.get("/api/v1/containers/{name}/exposure", self.exposure),
+            web.get("/api/v1/containers/{name}/talkers", self.talkers),
         ]
 
     # -- reading ---------------------------------------------------------------------------------
@@ -282,14 +293,35 @@ class CaptureApi:
         state = monitor.state
         return web.json_response({
             "read_at": state.read_at, "rules": dict(state.rules), "errors": list(state.errors),
-            "forwards": [f.to_json() for f in state.forwards],
+            "forwards": _with_verdicts(monitor, list(state.forwards)),
             "conntrack": monitor.conntrack_json(),
         })
 
     async def nat_of(self, request: web.Request) -> web.Response:
         monitor = self._monitor()
         record = self.find(request.match_info["name"])
-        return web.json_response(monitor.container_json(record))
+        view = monitor.container_json(record)
+        ns = self.registry.namespaces().get(record.netns)
+        view["forwards"] = _with_verdicts(monitor, monitor.state.forwards_of({m.id for m in ns.members} if ns is not None else {record.id}))
+        return web.json_response(view)
+
+    async def exposure(self, request: web.Request) -> web.Response:
+        """The container's listeners: published, internal only, or loopback (the nmap step)."""
+        monitor = self._monitor()
+        record = self.find(request.match_info["name"])
+        namespace = self.registry.namespaces().get(record.netns)
+        if namespace is None or monitor.exposure is None:
+            raise BadRequest(f"{record.name} is not watched (host network, opted out or not started yet)", 409)
+        view = await monitor.exposure(namespace)
+        return web.json_response({"container": record.name, "container_id": record.short_id, "runtime": record.runtime, **view})
+
+    async def talkers(self, request: web.Request) -> web.Response:
+        """The container's peers by bytes over the last minute (the iftop step)."""
+        monitor = self._monitor()
+        record = self.find(request.match_info["name"])
+        if monitor.talkers is None:
+            raise BadRequest("top talkers are not tracked", 409)
+        return web.json_response(monitor.talkers.talkers_json(record))
 
     async def retransmits(self, request: web.Request) -> web.Response:
         record = self.find(request.match_info["name"])

@@ -22,12 +22,13 @@ LINK_DOWN = "link_down"
 MTU = "mtu"
 CONNTRACK_FULL = "conntrack_full"
 NO_LISTENER = "no_listener"
+NO_ROUTE = "no_route"  # a probe of a published port found no route (EHOSTUNREACH, ENETUNREACH)
 SOCKET_NOT_READING = "socket_not_reading"  # a UDP socket whose receive buffer stays full
 UNKNOWN = "unknown"
 
 KINDS = (
     FIREWALL_DROP, NAT_MISSING, NAT_SHADOWED, NAT_STALE, ACCEPT_QUEUE_FULL, PROCESS_NOT_ACCEPTING, PEER_ANOMALY, LINK_DOWN, MTU,
-    CONNTRACK_FULL, NO_LISTENER, SOCKET_NOT_READING, UNKNOWN,
+    CONNTRACK_FULL, NO_LISTENER, SOCKET_NOT_READING, UNKNOWN, NO_ROUTE,
 )
 _REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 

@@ -180,6 +180,9 @@ class NatMonitor:
         self._fw_next: dict[int, float] = {}  # loop time before which a namespace's firewall is not read again
         self._fw_wake = asyncio.Event()
         self._logged = Once()
+        self.probes: Any = None  # the published-port prober (nat/probe.py), when it runs
+        self.talkers: Any = None  # the top-talker tracker (nat/talkers.py), when it runs
+        self.exposure: Any = None  # async (namespace) -> the container's exposure (nat/exposure.py)
 
     def start(self, samples: SampleStore) -> None:
         """Follow the registry and the samples, and run the two long-lived tasks."""
@@ -446,6 +449,12 @@ class NatMonitor:
         view = self.container_json(ns.owner)
         addresses = [a for m in ns.members for n in m.networks for a in (n.ipv4, n.ipv6) if a]
         view["conntrack_entries"] = await self.conntrack_of(addresses, limit) if addresses else {"count": 0, "listed": []}
+        if self.probes is not None:
+            view["probes"] = self.probes.verdicts(self.state.forwards_of({m.id for m in ns.members}))
+        if self.exposure is not None:
+            view["exposure"] = await self.exposure(ns)
+        if self.talkers is not None:
+            view["talkers"] = self.talkers.talkers_json(ns.owner)
         return view
 
     # -- findings ------------------------------------------------------------------------------
