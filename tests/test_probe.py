@@ -232,7 +232,7 @@ def test_docker_ports_probed_and_failures_caused(nstap, containers: Containers, 
     assert m.value("nstap_port_probe_duration_seconds", container_id=web[:12], host_port=str(port), protocol="tcp", host_ip="0.0.0.0") > 0
     assert m.value("nstap_collector_up", collector="port_probe") == 1
     # Opted out: listed, never probed, no series.
-    assert _verdicts(d, optout)[port + 1]["verdict"]["not_probed"] == "opted out (nstap.probe=off)"
+    wait_until(lambda: _verdicts(d, optout)[port + 1]["verdict"].get("not_probed") == "opted out (nstap.probe=off)", 10, message="opted out")
     assert not m.find("nstap_port_probe_success", container_id=optout[:12])
     table = nstap_cli(d, "nat", web[:12]).stdout
     assert "PROBE" in table and f"tcp/{port}" in table and "via dnat" in table
@@ -251,7 +251,9 @@ def test_docker_ports_probed_and_failures_caused(nstap, containers: Containers, 
     try:
         event = wait_until(lambda: _unreachable(d, web, started), 10, message="port_unreachable (shadowed)")[0]
         assert event["numbers"]["causes"][0] == "nat_shadowed"
-        verdict = wait_until(lambda: (v := _verdicts(d, web)[port]["verdict"]) and v["probe"] and not v["probe"]["ok"] and v, 5, message="failed verdict")
+        # (the probe may fail before the NAT monitor has read the new rule: the verdict names it once read)
+        verdict = wait_until(lambda: (v := _verdicts(d, web)[port]["verdict"]) and v["probe"] and not v["probe"]["ok"] and v.get("cause", {}).get("kind") == "nat_shadowed" and v,
+                             15, message="failed verdict naming the shadowing rule")
         assert verdict["cause"]["kind"] == "nat_shadowed" and verdict["rule"] is False
         m = d.wait_metric(lambda m: m.value("nstap_port_probe_success", container_id=web[:12], host_port=str(port)) == 0 and m, 5, "failure metric")
     finally:
