@@ -17,6 +17,7 @@ import resource
 import signal
 import sqlite3
 import time
+from typing import Any
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,7 @@ RETENTION_INTERVAL = 60.0  # seconds between passes of the store's age limit (an
 KNOWN_TASKS = (
     "capture-retention", "ring-pump", "capture", "ring", "evidence", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
     "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall", "ebpf-load", "systemd",
-    "port-probe", "talkers",
+    "port-probe", "talkers", "capture-upload",
 )
 
 
@@ -151,6 +152,7 @@ class App:
         self.sources: list[RuntimeSource] = []
         self.pool: WatcherPool | None = None
         self.api: ApiServer | None = None
+        self.uploader: Any = None  # storage.s3: the CaptureUploader
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT (or :meth:`stop`): the start-up phases in order, then the
@@ -220,6 +222,13 @@ class App:
         cfg, cap = self.config, self.config.capture
         store = CaptureStore(cfg.data_dir, Retention(cap.store_max_bytes, cap.store_max_age, cap.index_max_age, cap.index_max_rows))
         try:
+            if cfg.storage.s3 is not None:  # before open: the store queues what it finds for the bucket
+                from .storage import make_uploader  # noqa: PLC0415 - only with a bucket
+
+                try:
+                    self.uploader = make_uploader(cfg.storage.s3, store)
+                except (OSError, ValueError) as exc:
+                    raise StartupError(f"storage.s3: {exc}") from None
             recovered = await store.open()
         except (OSError, sqlite3.Error) as exc:
             await store.close()
@@ -252,6 +261,9 @@ class App:
                 tracker if cfg.detect.enabled else None, frozenset(cfg.detect.disabled), cfg.proc_root,
             )
         engine.nat, engine.ebpf = nat, ebpf
+        if self.uploader is not None:
+            self.uploader.busy = engine.recording
+            self.prometheus.register(self.uploader)
         causes.nat, causes.ebpf = nat, ebpf
         pool.ticker.hooks.append(ebpf.new_round)
         pool.subscribe(lambda: ebpf.follow(set(pool.watched())))  # entries of namespaces no longer watched are deleted
@@ -291,6 +303,7 @@ class App:
             self.supervisor.failed, webhook_token, web_config,
         )
         parts.capture_api = CaptureApi(self.registry, parts.engine, parts.store, cfg.capture.max_seconds, parts.nat, parts.ebpf)
+        parts.capture_api.bucket = self.uploader
         self.api.add_routes(parts.capture_api.routes())
         page = CapturePage(parts.capture_api, parts.store, token)
         await page.load_revoked()
@@ -337,6 +350,8 @@ class App:
         for source in self.sources:
             self.supervisor.service(f"runtime-{source.name}", source.run)
         self.supervisor.service("capture-retention", lambda: self._retention(parts.store, parts.engine))
+        if self.uploader is not None:
+            self.supervisor.service("capture-upload", self.uploader.run)
         self._parts = parts
         if self.notifier.enabled:
             self.supervisor.service("systemd", self._systemd)
@@ -363,6 +378,8 @@ class App:
         if parts.capture_api is not None:
             parts.capture_api.close()
         await self.supervisor.stop()
+        if self.uploader is not None:
+            await self.uploader.close()
         await parts.store.close()
         parts.exits.forget_all()
         parts.host_links.close()

@@ -81,6 +81,7 @@ def _capture_parsers(sub: argparse._SubParsersAction) -> None:
     listing.add_argument("--kind", help="anomaly kind or alert name")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true")
+    listing.add_argument("--all-hosts", action="store_true", help="every host's captures, from the bucket's catalogue (storage.s3)")
     get = captures_sub.add_parser("get", help="download one capture's pcap (or its bundle)")
     _client_args(get)
     get.add_argument("id")
@@ -369,14 +370,25 @@ def _captures(args: argparse.Namespace, config: Config) -> int:
 
     client = _client(args, config)
     try:
+        if args.captures_command == "list" and args.all_hosts:
+            data = client.get_json("/api/v1/fleet/captures" + _query(limit=args.limit))
+            if args.json:
+                print(json.dumps(data, indent=2))
+                return 0
+            rows = [("HOST", "ID", "TRIGGER", "CONTAINER", "REASON", "KIND", "STATE", "PACKETS", "BYTES")]
+            for d in data["captures"]:
+                c = d["capture"]
+                rows.append((d["host"], c["id"], _when(c["trigger_at"]), c["container"], c["reason"], c["kind"] or "-", c["state"], str(c["packets"]), str(c["bytes"])))
+            _print_table(rows)
+            return 0
         if args.captures_command == "list":
             data = client.get_json("/api/v1/captures" + _query(container=args.container, kind=args.kind, limit=args.limit))
             if args.json:
                 print(json.dumps(data, indent=2))
                 return 0
-            rows = [("ID", "TRIGGER", "CONTAINER", "REASON", "KIND", "STATE", "PACKETS", "BYTES")]
+            rows = [("ID", "TRIGGER", "CONTAINER", "REASON", "KIND", "STATE", "PACKETS", "BYTES", "WHERE")]
             for c in data["captures"]:
-                rows.append((c["id"], _when(c["trigger_at"]), c["container"], c["reason"], c["kind"] or "-", c["state"], str(c["packets"]), str(c["bytes"])))
+                rows.append((c["id"], _when(c["trigger_at"]), c["container"], c["reason"], c["kind"] or "-", c["state"], str(c["packets"]), str(c["bytes"]), c.get("location", "-")))
             _print_table(rows)
             return 0
         return _download(client, args.id, args.output, "bundle" if args.bundle else "pcap")

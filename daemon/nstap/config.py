@@ -227,6 +227,35 @@ class MetricsConfig(Strict):
         return frozenset(name for pattern in self.disabled for name in fnmatch.filter(known, pattern))
 
 
+class S3Config(Strict):
+    """An S3-compatible bucket the finished captures, their evidence and bundles are uploaded to."""
+
+    endpoint: str = Field(description="URL of the S3 server, e.g. https://s3.eu-west-1.amazonaws.com", pattern=r"^https?://[^/?#]+/?$")
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    prefix: str | None = Field(None, max_length=512, description="key prefix of this host's objects (default: '<hostname>/')")
+    region: str = Field("us-east-1", pattern=r"^[a-z0-9-]{1,32}$")
+    access_key_file: Path | None = Field(None, description="file holding the access key id (else AWS_ACCESS_KEY_ID)")
+    secret_key_file: Path | None = Field(None, description="file holding the secret key (else AWS_SECRET_ACCESS_KEY)")
+    path_style: bool = Field(False, description="ENDPOINT/BUCKET/KEY instead of BUCKET.ENDPOINT/KEY (MinIO, SeaweedFS, Ceph)")
+    verify_tls: bool = True
+    concurrency: int = Field(2, ge=1, le=16, description="uploads at once")
+    multipart_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024, le=1 << 32, description="files larger go in parts of this size")
+    max_backoff: float = Field(300.0, ge=1.0, le=86400.0, description="longest seconds between two tries of one upload")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        if value is not None and (value.startswith("/") or (value and not value.endswith("/"))):
+            raise ValueError("must end with '/' and not start with one")
+        return value
+
+
+class StorageConfig(Strict):
+    """Where finished captures go beyond the host."""
+
+    s3: S3Config | None = None
+
+
 class Config(Strict):
     """Everything ``nstap run`` can be told."""
 
@@ -251,6 +280,7 @@ class Config(Strict):
     capture: CaptureConfig = CaptureConfig()
     nat: NatConfig = NatConfig()
     metrics: MetricsConfig = MetricsConfig()
+    storage: StorageConfig = StorageConfig()
     ebpf: Literal["auto", "on", "off"] = Field("auto", description="kernel drop reasons and retransmitted flows (bcc): on = required (exit 2 without)")
 
     @field_validator("interval", "reconcile_interval", "reconnect_max_backoff", "sample_budget_ms")

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from .. import labels as nstap_labels
 from ..capture.bundle import ChunkSink, bundle_name, write_bundle
+from .bucket import fleet_list, from_bucket
 from ..threads import worker_threads
 from ..capture.engine import CaptureEngine
 from ..capture.model import SIDES, CaptureRefused, CaptureTarget
@@ -133,6 +134,7 @@ class CaptureApi:
         self.nat = nat
         self.ebpf = ebpf
         self._bundles = worker_threads("nstap-bundle")  # bundles are made here, one at a time
+        self.bucket: Any = None  # storage.s3: the CaptureUploader (downloads of evicted captures, the fleet list)
 
     def close(self) -> None:
         """Stop the bundle thread (a bundle being made is finished first)."""
@@ -148,6 +150,7 @@ class CaptureApi:
             web.get("/api/v1/captures/{id}/pcap", self.pcap),
             web.get("/api/v1/captures/{id}/evidence", self.evidence),
             web.get("/api/v1/captures/{id}/bundle", self.bundle),
+            web.get("/api/v1/fleet/captures", self.fleet_captures),
             web.post("/api/v1/alertmanager", self.alertmanager),
             web.get("/api/v1/alerts", self.alerts),
             web.get("/api/v1/nat", self.nat_all),
@@ -218,6 +221,9 @@ class CaptureApi:
         if row.state == RUNNING:
             raise BadRequest("the capture is still running", 409)
         path = self.store.path_of(row)
+        if (row.state == EVICTED or path is None) and self.bucket is not None and row.uploaded_at:
+            name = download_name(row.container or "capture", row.kind or row.reason, row.trigger_at or row.created_at)
+            return await from_bucket(request, self.bucket, row, "pcap", "application/vnd.tcpdump.pcap", name)
         if row.state == EVICTED or path is None:
             raise BadRequest("the capture's file is gone (evicted by retention)", 410)
         name = download_name(row.container or "capture", row.kind or row.reason, row.trigger_at or row.created_at)
@@ -233,6 +239,8 @@ class CaptureApi:
     async def evidence(self, request: web.Request) -> web.StreamResponse:
         row = await self._row(request)
         path = self.store.evidence_path(row)
+        if path is None and self.bucket is not None and row.uploaded_at and row.state == EVICTED:
+            return await from_bucket(request, self.bucket, row, "evidence", "application/json", None)
         if path is None:
             if row.state == EVICTED:
                 raise BadRequest("the capture's evidence is gone (evicted by retention)", 410)
@@ -244,6 +252,8 @@ class CaptureApi:
         if row.state == RUNNING:
             raise BadRequest("the capture is still running", 409)
         pcap = self.store.path_of(row)
+        if (row.state == EVICTED or pcap is None) and self.bucket is not None and row.uploaded_at:
+            return await from_bucket(request, self.bucket, row, "bundle", "application/gzip", bundle_name(row))
         if row.state == EVICTED or pcap is None:
             raise BadRequest("the capture's file is gone (evicted by retention)", 410)
         anomaly = await self.index.anomalies.get(row.anomaly_id) if row.anomaly_id else None
@@ -277,6 +287,11 @@ class CaptureApi:
         await making
         await response.write_eof()
         return response
+
+    async def fleet_captures(self, request: web.Request) -> web.Response:
+        if self.bucket is None:
+            raise BadRequest("no bucket configured (storage.s3)", 404)
+        return web.json_response({"captures": await fleet_list(self.bucket, _limit(request), _text_param(request, "host"))})
 
     async def alerts(self, request: web.Request) -> web.Response:
         return web.json_response({"alerts": await self.index.alerts.list(_limit(request))})

@@ -106,6 +106,7 @@ class CaptureEngine:
         self.nat: NatMonitor | None = None  # set by the daemon: its view joins each capture's evidence
         self.ebpf: EbpfService | None = None  # likewise
         self._evidence_tasks: set[asyncio.Task] = set()
+        self._evidence_of: dict[str, asyncio.Task] = {}  # capture id -> its evidence task
         self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # host-side captures
         self._running: dict[str, asyncio.Task] = {}
         self._running_rows: dict[str, CaptureRow] = {}  # the rows of the captures in _running
@@ -340,7 +341,9 @@ class CaptureEngine:
             "evidence", self.evidence.record(row, anomaly, fd, self.host_peers(row.netns), lambda: asyncio.wait({capture}), extra)
         )
         self._evidence_tasks.add(task)
+        self._evidence_of[row.id] = task
         task.add_done_callback(self._evidence_tasks.discard)
+        task.add_done_callback(lambda _task, cid=row.id: self._evidence_of.pop(cid, None))
         task.add_done_callback(lambda _task: os.close(fd))
 
     # -- run -------------------------------------------------------------------------------------
@@ -461,6 +464,10 @@ class CaptureEngine:
         for capture_id, outcome in list(self._unsaved.items()):
             if not await self._save_outcome(capture_id, outcome):
                 return
+
+    def recording(self, capture_id: str) -> bool:
+        """True while the capture runs or its evidence is being taken (its upload waits for both)."""
+        return capture_id in self._running or capture_id in self._evidence_of
 
     def unsaved(self, capture_id: str) -> dict[str, Any] | None:
         """The outcome of a finished capture the index has not taken yet, if any."""

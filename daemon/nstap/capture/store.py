@@ -14,7 +14,11 @@ The invariants between files and rows live here and nowhere else:
   container to make room for another's (:mod:`.retention`); an evicted capture keeps its row
   (state "evicted") and loses every file; evidence that arrives for an evicted capture is not
   written;
-* the index's own entries are pruned by age and count (:class:`nstap.index.Index`).
+* the index's own entries are pruned by age and count (:class:`nstap.index.Index`);
+* with a bucket (``storage.s3``) the store is a cache: a finished capture is queued for upload
+  (:class:`nstap.index.uploads.UploadIndex`) and, while queued, is evicted neither by age nor
+  ahead of uploaded captures; only when the uploaded ones do not make the budget does a queued
+  one go (counted in ``evicted_before_upload``, logged) and leave the queue.
 
 The data dir and its directories are 0700 and every file in them 0600. File and row work both
 run in the index's thread.
@@ -28,10 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from ..index import Index, IndexRetention, new_id
 from ..index.captures import EVICTED, FINISHED, INCOMPLETE, RUNNING, CaptureRow
 from .files import CaptureFiles
 from .retention import HeldCapture, plan_evictions
+
+log = structlog.get_logger("nstap.capture")
 
 PRUNE_EVERY = 60.0  # seconds between passes over the index's tables
 
@@ -62,6 +70,9 @@ class CaptureStore:
         self.index_bytes = 0  # bytes of the SQLite index (database and WAL), within the byte budget
         self._pruned_at = float("-inf")
         self.evicted_listeners: list[Callable[[list[str]], None]] = []  # told (on the loop) which captures went
+        self.uploads_enabled = False  # storage.s3: finished captures are queued for the bucket
+        self.evicted_before_upload = 0  # queued captures the byte budget forced out before their upload
+        self.upload_listeners: list[Callable[[], None]] = []  # told (from the index's thread) when a capture is queued
 
     @property
     def pruned_total(self) -> int:
@@ -103,6 +114,8 @@ class CaptureStore:
                 self._finish_from_file(row, INCOMPLETE, "file found without an index entry", now)
                 recovered["orphans"] += 1
         recovered["anomalies_closed"] = self.index.anomalies.close_open()
+        if self.uploads_enabled:
+            recovered["upload_queued"] = self.index.uploads.backfill(now, FINISHED)
         self.total_bytes = self.files.disk_bytes()
         self.index_bytes = self.index.db.bytes()
         return recovered
@@ -160,6 +173,10 @@ class CaptureStore:
     def _finish(self, capture_id: str, values: dict[str, Any]) -> None:
         values.setdefault("finished_at", time.time())
         self._rows.update(capture_id, **values)
+        if self.uploads_enabled and values.get("state") in FINISHED:
+            if self.index.uploads.add(capture_id, values["finished_at"]):
+                for listener in self.upload_listeners:
+                    listener()
         self.total_bytes = self.files.disk_bytes()
 
     async def mark_incomplete(self, capture_id: str, error: str) -> None:
@@ -223,7 +240,23 @@ class CaptureStore:
         # write-ahead log, at most SQLite's checkpoint size of ~4 MiB, is folded into it there).
         self.index_bytes = self.index.db.bytes()
         budget = max(self.retention.max_bytes - self.index.db.file_bytes(), 0)
-        evicted = plan_evictions(held, budget, self.retention.max_age_seconds, now)
+        queued = self.index.uploads.pending() if self.uploads_enabled else set()
+        if not queued:
+            evicted = plan_evictions(held, budget, self.retention.max_age_seconds, now)
+        else:
+            # First as if the queued captures were still running (kept, counted): age and budget
+            # take uploaded captures only. Then, if that does not make the budget, the budget alone
+            # over what is left: a queued capture that goes then goes before its upload.
+            evicted = plan_evictions([h._replace(finished=h.finished and h.id not in queued) for h in held], budget, self.retention.max_age_seconds, now)
+            gone = set(evicted)
+            left = [h for h in held if h.id not in gone]
+            forced = plan_evictions(left, budget, float("inf"), now)
+            for capture_id in forced:
+                if capture_id in queued:
+                    self.evicted_before_upload += 1
+                    self.index.uploads.drop(capture_id)
+                    log.warning("capture_evicted_before_upload", capture_id=capture_id, store_max_bytes=self.retention.max_bytes)
+            evicted += forced
         for capture_id in evicted:
             row = by_id[capture_id]
             self.files.remove((row.file, row.evidence))

@@ -18,6 +18,7 @@ from .captures import CaptureIndex, CaptureRow
 from .db import IndexDb
 from .ids import new_id, well_formed
 from .sessions import SessionIndex
+from .uploads import UploadIndex
 
 __all__ = ["AlertIndex", "AnomalyIndex", "AnomalyRow", "CaptureIndex", "CaptureRow", "Index", "IndexRetention", "new_id", "well_formed"]
 
@@ -41,6 +42,7 @@ class Index:
         self.anomalies = AnomalyIndex(self.db)
         self.alerts = AlertIndex(self.db)
         self.sessions = SessionIndex(self.db)
+        self.uploads = UploadIndex(self.db)  # storage.s3: captures waiting for the bucket
         self.pruned_total = 0  # entries deleted by age or count
 
     def prune(self, now: float | None = None) -> int:

@@ -49,6 +49,7 @@ class CaptureRow:
     side: str = "container"  # "container", or "host": the host end of the container's veths
     interface: str = ""  # the host-side interfaces captured ("" on the container side)
     evidence: str | None = None  # the evidence file's name, once recorded
+    uploaded_at: float | None = None  # when its objects were confirmed in the bucket (storage.s3)
 
     def to_json(self) -> dict[str, Any]:
         """The row as the API shows it (without the internal file names)."""
@@ -58,6 +59,8 @@ class CaptureRow:
         out["pre_truncated"] = bool(self.pre_truncated)
         out["downloadable"] = self.file is not None and self.state != RUNNING
         out["has_evidence"] = self.evidence is not None and self.state != EVICTED
+        local = self.file is not None and self.state != EVICTED
+        out["location"] = "both" if local and self.uploaded_at else "local" if local else "bucket" if self.uploaded_at else "gone"
         return out
 
 

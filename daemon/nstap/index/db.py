@@ -85,6 +85,14 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS alerts_fp ON alerts (fingerprint, starts_at);
 CREATE INDEX IF NOT EXISTS alerts_capture ON alerts (capture_id);
 CREATE INDEX IF NOT EXISTS alerts_received ON alerts (received_at);
+CREATE TABLE IF NOT EXISTS uploads (
+    capture_id TEXT PRIMARY KEY,
+    queued_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL DEFAULT 0,
+    done TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS revoked_sessions (
     value TEXT PRIMARY KEY,
     issued_at REAL NOT NULL
@@ -98,6 +106,7 @@ MIGRATIONS = {
         "side": "TEXT NOT NULL DEFAULT 'container'",
         "interface": "TEXT NOT NULL DEFAULT ''",
         "evidence": "TEXT",
+        "uploaded_at": "REAL",  # storage.s3: when every object of the capture was confirmed in the bucket
     },
     "anomalies": {"started_at": "REAL", "cause": "TEXT NOT NULL DEFAULT 'unknown'", "cause_text": "TEXT NOT NULL DEFAULT ''"},
 }
