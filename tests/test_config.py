@@ -40,6 +40,14 @@ def run_nstap(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
         ("sample_budget_ms: .inf\n", "sample_budget_ms"),
         ("metrics: {disabled: [nstap_no_such_family]}\n", "metrics.disabled"),
         ("metrics: {disabled: nstap_udp_*}\n", "metrics.disabled"),
+        ("alertmanager: {urls: ['ftp://am:9093']}\n", "alertmanager.urls"),
+        ("alertmanager: {urls: ['http://u:p@am:9093']}\n", "alertmanager.urls"),
+        ("alertmanager: {urls: ['http://am:9093', 'http://am:9093']}\n", "alertmanager.urls"),
+        ("alertmanager: {host_label: 'not a label'}\n", "alertmanager.host_label"),
+        ("alertmanager: {authorization: {credentials_file: /nonexistent/token}}\n", "alertmanager.authorization.credentials_file"),
+        ("alertmanager: {basic_auth: {username: u, password_file: /nonexistent/pw}}\n", "alertmanager.basic_auth.password_file"),
+        ("alertmanager: {tls_config: {cert_file: /etc/hostname}}\n", "alertmanager.tls_config"),
+        ("alertmanager: {tls_config: {ca_file: /nonexistent/ca.pem}}\n", "alertmanager.tls_config.ca_file"),
     ],
 )
 def test_bad_config_file_exits_2_naming_the_key(tmp_path: Path, yaml_text: str, key: str) -> None:
@@ -134,3 +142,14 @@ def test_the_example_config_names_every_key_with_its_default(tmp_path) -> None:
         if isinstance(sub, type) and hasattr(sub, "model_fields"):
             for key in sub.model_fields:
                 assert f"#   {key}:" in text, (name, key)
+
+
+def test_alertmanager_ca_that_is_no_certificate_exits_2(tmp_path: Path) -> None:
+    """A readable tls_config file that TLS cannot load stops the start with exit 2, naming it."""
+    config = tmp_path / "nstap.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path / 'data'}\nmetrics_listen: 127.0.0.1:{free_port()}\napi_listen: 127.0.0.1:{free_port()}\nebpf: 'off'\n"
+        "alertmanager: {urls: ['https://am:9093'], tls_config: {ca_file: /etc/hostname}}\n"
+    )
+    proc = run_nstap("run", "--config", str(config))
+    assert proc.returncode == 2 and "alertmanager.tls_config" in proc.stderr, proc.stderr

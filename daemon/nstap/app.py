@@ -25,6 +25,7 @@ from pathlib import Path
 import structlog
 
 from . import __version__
+from .alertmanager.pull import AlertPuller, PullCollector, scrape_address
 from .api.auth import WEBHOOK_TOKEN_FILE, TokenError, ensure_token
 from .api.webconfig import WebConfig, WebConfigError, load_web_config
 from .api.routes import CaptureApi
@@ -68,7 +69,7 @@ RETENTION_INTERVAL = 60.0  # seconds between passes of the store's age limit (an
 KNOWN_TASKS = (
     "capture-retention", "ring-pump", "capture", "ring", "evidence", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
     "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall", "ebpf-load", "systemd",
-    "port-probe", "talkers", "capture-upload",
+    "port-probe", "talkers", "capture-upload", "alertmanager-pull",
 )
 
 
@@ -130,6 +131,7 @@ class Parts:
     probes: PortProber | None = None
     talkers: TalkerTracker | None = None
     exposure: ExposureReader | None = None
+    puller: AlertPuller | None = None
 
 
 class App:
@@ -282,7 +284,20 @@ class App:
         parts = Parts(store, opener, host_links, exits, pool, engine, tracker, nat, ebpf, pipeline, collector)
         if nat is not None:
             self._build_runbook_checks(parts, nat, pool)
+        parts.puller = self._build_puller()
         return parts
+
+    def _build_puller(self) -> AlertPuller | None:
+        """The Alertmanager puller (issue 21, part 2), if any URL is configured; its TLS files are loaded now."""
+        am = self.config.alertmanager
+        if not am.urls:
+            return None
+        try:
+            puller = AlertPuller(am, am.host or scrape_address(self.config.metrics_listen), self.supervisor.failed)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise StartupError(f"alertmanager.tls_config: {exc}", 2) from None
+        self.prometheus.register(PullCollector(puller))
+        return puller
 
     def _build_runbook_checks(self, parts: Parts, nat: NatMonitor, pool: WatcherPool) -> None:
         """The published-port prober, the exposure reader and the top-talker tracker (issue 20, part 3)."""
@@ -352,6 +367,10 @@ class App:
         self.supervisor.service("capture-retention", lambda: self._retention(parts.store, parts.engine))
         if self.uploader is not None:
             self.supervisor.service("capture-upload", self.uploader.run)
+        if parts.puller is not None and parts.capture_api is not None:
+            parts.puller.handle = parts.capture_api.alert_captures.handle
+            self.supervisor.service("alertmanager-pull", parts.puller.run)
+            log.info("alertmanager_pull_started", urls=[m.url for m in parts.puller.members], host_label=cfg.alertmanager.host_label, host=parts.puller.host)
         self._parts = parts
         if self.notifier.enabled:
             self.supervisor.service("systemd", self._systemd)

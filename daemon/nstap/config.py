@@ -193,6 +193,90 @@ class NatConfig(Strict):
     talkers: TalkersConfig = TalkersConfig()
 
 
+def _readable(value: Path | None) -> Path | None:
+    """A file nstap reads later (a CA, a key, a password): it must be readable now."""
+    if value is not None:
+        try:
+            with open(value, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read {value}: {exc.strerror or exc}") from None
+    return value
+
+
+class TlsConfig(Strict):
+    """TLS towards Alertmanager, named as Prometheus' alertmanager_config names it."""
+
+    ca_file: Path | None = Field(None, description="CA certificates to trust (default: the system's)")
+    cert_file: Path | None = Field(None, description="client certificate (with key_file)")
+    key_file: Path | None = Field(None, description="client key (with cert_file)")
+    insecure_skip_verify: bool = Field(False, description="do not verify the server's certificate")
+
+    _files = field_validator("ca_file", "cert_file", "key_file")(_readable)
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class BasicAuth(Strict):
+    """HTTP basic auth towards Alertmanager; the password is read from a file at every poll."""
+
+    username: str = Field(min_length=1, max_length=256)
+    password_file: Path | None = None
+
+    _files = field_validator("password_file")(_readable)
+
+
+class Authorization(Strict):
+    """An Authorization header towards Alertmanager (``type credentials``), read from a file at every poll."""
+
+    type: str = Field("Bearer", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+    credentials_file: Path
+
+    _files = field_validator("credentials_file")(_readable)
+
+
+class AlertmanagerConfig(Strict):
+    """Pull this host's alerts from every Alertmanager (cluster members do not share alerts): a capture for each, as the webhook does."""
+
+    urls: tuple[str, ...] = Field((), max_length=32, description="every Alertmanager to ask (each cluster member), http:// or https://; none: pull off")
+    poll_interval: float = Field(15.0, ge=1.0, le=3600.0, description="seconds between two polls of each Alertmanager (jittered +-10%)")
+    host_label: str = Field("instance", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,127}$", description="the label naming the host an alert belongs to")
+    host: str | None = Field(None, min_length=1, max_length=256, description="its value for this host (default: this host's scrape address, hostname:metrics port)")
+    timeout: float = Field(10.0, ge=0.5, le=300.0, description="seconds one request may take")
+    max_alerts: int = Field(1000, ge=1, le=100_000, description="alerts taken from one answer (the rest are logged as skipped)")
+    max_response_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=1 << 30, description="bytes one answer may have")
+    tls_config: TlsConfig = TlsConfig()
+    basic_auth: BasicAuth | None = None
+    authorization: Authorization | None = None
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from urllib.parse import urlsplit  # noqa: PLC0415
+
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an http:// or https:// URL")
+            if parts.username or parts.password:
+                raise ValueError(f"{url!r}: put credentials in basic_auth, not in the URL (URLs are logged and exported)")
+            if parts.query or parts.fragment:
+                raise ValueError(f"{url!r}: no query or fragment (nstap adds /api/v2/alerts)")
+        if len(set(value)) != len(value):
+            raise ValueError("urls must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> AlertmanagerConfig:
+        if self.basic_auth is not None and self.authorization is not None:
+            raise ValueError("basic_auth and authorization are mutually exclusive")
+        return self
+
+
 DEFAULT_RUNTIMES = (
     RuntimeEndpoint(name="docker", socket=Path("/var/run/docker.sock")),
     RuntimeEndpoint(name="podman", socket=Path("/run/podman/podman.sock")),
@@ -281,6 +365,7 @@ class Config(Strict):
     nat: NatConfig = NatConfig()
     metrics: MetricsConfig = MetricsConfig()
     storage: StorageConfig = StorageConfig()
+    alertmanager: AlertmanagerConfig = AlertmanagerConfig()
     ebpf: Literal["auto", "on", "off"] = Field("auto", description="kernel drop reasons and retransmitted flows (bcc): on = required (exit 2 without)")
 
     @field_validator("interval", "reconcile_interval", "reconnect_max_backoff", "sample_budget_ms")

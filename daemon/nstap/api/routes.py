@@ -13,7 +13,6 @@ import io
 import math
 import re
 import time
-from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from .. import labels as nstap_labels
+from ..alertmanager.captures import AlertCaptures
 from ..capture.bundle import ChunkSink, bundle_name, write_bundle
 from .bucket import fleet_list, from_bucket
 from ..threads import worker_threads
@@ -135,6 +135,7 @@ class CaptureApi:
         self.ebpf = ebpf
         self._bundles = worker_threads("nstap-bundle")  # bundles are made here, one at a time
         self.bucket: Any = None  # storage.s3: the CaptureUploader (downloads of evicted captures, the fleet list)
+        self.alert_captures = AlertCaptures(self.index.alerts, engine, self)  # the webhook's and the puller's
 
     def close(self) -> None:
         """Stop the bundle thread (a bundle being made is finished first)."""
@@ -418,7 +419,7 @@ class CaptureApi:
             raise BadRequest(f"bad filter: {exc}") from None
         return await self.engine.capture(target, "manual", post_seconds=duration, pre_seconds=pre, bpf=bpf, side=side, interface=interface)
 
-    async def _anomaly_capture(self, ref: str, kind: str | None) -> str | None:
+    async def anomaly_capture(self, ref: str, kind: str | None) -> str | None:
         """The capture nstap took for the container's ongoing anomaly of ``kind`` (an alert on
         nstap_anomaly_active names the kind): reused, rather than a second capture of the same
         fault that starts later and holds less of it."""
@@ -442,51 +443,8 @@ class CaptureApi:
         results = []
         captures = []
         for alert in alerts:
-            result = await self._one_alert(alert)
+            result = await self.alert_captures.handle(alert, "webhook")
             results.append(result)
             if result.get("capture_id"):
                 captures.append(result["capture_id"])
         return web.json_response({"captures": captures, "results": results})
-
-    async def _one_alert(self, alert: Any) -> dict[str, Any]:
-        if not isinstance(alert, dict):
-            return {"status": "skipped", "reason": "alert is not an object"}
-        labels = alert.get("labels")
-        if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-            return {"status": "skipped", "reason": "labels must be strings"}
-        status = alert.get("status")
-        name = labels.get("alertname", "")[:128]
-        fingerprint = str(alert.get("fingerprint", ""))[:64]
-        starts_at = str(alert.get("startsAt", ""))[:64]
-        result: dict[str, Any] = {"alertname": name, "fingerprint": fingerprint, "status": status}
-        if status not in ("firing", "resolved"):
-            result.update(status="skipped", reason="status must be firing or resolved")
-            return result
-        ref = labels.get("container_id") or labels.get("container")
-        capture_id = None
-        note = ""
-        if status == "resolved":
-            note = "recorded"
-        elif not ref:
-            note = "no container or container_id label"
-        else:
-            capture_id = await self.index.alerts.capture_for(fingerprint, starts_at) if fingerprint else None
-            if capture_id is not None:
-                note = "already captured for this alert"
-            else:
-                capture_id = await self._anomaly_capture(ref, labels.get("kind"))
-                if capture_id is not None:
-                    note = "the anomaly's own capture"
-            if capture_id is None:
-                try:
-                    _record, target = self.resolve(ref)
-                    row = await self.engine.capture(target, "alertmanager", kind=name)
-                    capture_id, note = row.id, "capture started"
-                except BadRequest as exc:
-                    note = str(exc)
-                except CaptureRefused as exc:
-                    note = f"refused: {exc}"
-        await self.index.alerts.record(status, name, fingerprint, starts_at, dict(labels), capture_id, note)
-        log.info("alert_received", alertname=name, status=status, container=ref, capture_id=capture_id, note=note)
-        result.update(capture_id=capture_id, note=note)
-        return result

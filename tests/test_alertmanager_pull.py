@@ -1,0 +1,169 @@
+"""nstap pulls this host's alerts from every member of a real two-node Alertmanager cluster.
+
+Members share silences (gossip) but not alerts, so an alert posted to one member is only there:
+nstap must ask both. An alert pushed by the webhook and pulled is captured once; silenced,
+inhibited and other hosts' alerts are not captured; with one member killed the other still serves.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import Containers, free_port, tool, wait_until
+from test_alertmanager import _ready, post_alert
+
+pytestmark = pytest.mark.docker
+
+
+def am_call(base: str, path: str, body=None):
+    """GET (or POST ``body`` as JSON to) an Alertmanager API path; the decoded answer."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{base}{path}", data=data, headers={"Content-Type": "application/json"}, method="POST" if data else "GET")
+    with urllib.request.urlopen(request, timeout=5) as r:
+        text = r.read()
+    return json.loads(text) if text else None
+
+
+class Cluster:
+    """Two Alertmanagers gossiping on loopback, routing alerts labelled push="yes" to nstap's webhook."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.ports = [free_port(), free_port()]
+        self.gossip = [free_port(), free_port()]
+        self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
+        self.procs: list[subprocess.Popen | None] = [None, None]
+
+    def start(self, webhook: str, token_file: Path) -> None:
+        config = self.tmp_path / "am.yml"
+        config.write_text(yaml.safe_dump({
+            "route": {
+                "receiver": "null", "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h", "group_by": ["alertname", "container_id"],
+                "routes": [{"matchers": ['push="yes"'], "receiver": "nstap"}],
+            },
+            "receivers": [
+                {"name": "null"},
+                {"name": "nstap", "webhook_configs": [
+                    {"url": webhook, "send_resolved": True, "http_config": {"authorization": {"type": "Bearer", "credentials_file": str(token_file)}}},
+                ]},
+            ],
+            "inhibit_rules": [{"source_matchers": ['alertname="PullInhibitor"'], "target_matchers": ['alertname="PullInhibited"'], "equal": ["instance"]}],
+        }))
+        for i in (0, 1):
+            log = open(self.tmp_path / f"am{i}.log", "wb")
+            self.procs[i] = subprocess.Popen(
+                [
+                    tool("prometheus-alertmanager"), f"--config.file={config}", f"--storage.path={self.tmp_path / f'am{i}-data'}",
+                    f"--web.listen-address=127.0.0.1:{self.ports[i]}", f"--cluster.listen-address=127.0.0.1:{self.gossip[i]}",
+                    f"--cluster.peer=127.0.0.1:{self.gossip[1 - i]}", "--cluster.gossip-interval=100ms", "--cluster.settle-timeout=1s",
+                ],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        for url in self.urls:
+            wait_until(lambda: _ready(url), 30, 0.2, f"alertmanager {url} ready")
+        wait_until(lambda: all(len(am_call(u, "/api/v2/status")["cluster"]["peers"]) == 2 for u in self.urls), 30, 0.2, "both members see each other")
+
+    def kill(self, i: int) -> None:
+        proc = self.procs[i]
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(20)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+def suppressed(base: str, alertname: str, by: str) -> bool:
+    """The member holds the alert and marks it silenced/inhibited (``by``: silencedBy or inhibitedBy)."""
+    alerts = am_call(base, "/api/v2/alerts?" + urllib.parse.urlencode({"filter": f'alertname="{alertname}"'}))
+    return bool(alerts) and all(a["status"][by] for a in alerts)
+
+
+def test_pull_from_every_member_of_a_cluster(nstap, cluster: Cluster, containers: Containers, docker_image: str, tmp_path: Path) -> None:
+    # detect.capture off: other tests' containers on this machine must not take the capture slots.
+    d = nstap({"capture": {"post_seconds": 2}, "detect": {"capture": False}, "alertmanager": {"urls": cluster.urls, "poll_interval": 1.0, "timeout": 2.0}})
+    cluster.start(f"http://127.0.0.1:{d.api_port}/api/v1/alertmanager", d.data_dir / "api-token")
+    host = f"127.0.0.1:{d.metrics_port}"  # the default host: this daemon's scrape address
+    cid = containers.docker(docker_image, "httpd", "-f", "-p", "80", "-h", "/www", name="pulled")
+    d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12]), 5)
+    mine = {"instance": host, "container_id": cid}
+    a, b = cluster.urls
+
+    # What must not be captured: another host's alert, a silenced one (silence made on b, gossiped
+    # to a), an inhibited one (its inhibitor on the same member).
+    post_alert(a, {"alertname": "PullOtherHost", "instance": "elsewhere:9880", "container_id": cid})
+    silence = {
+        "matchers": [{"name": "alertname", "value": "PullSilenced", "isRegex": False, "isEqual": True}],
+        "startsAt": datetime.now(timezone.utc).isoformat(), "endsAt": (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat(),
+        "createdBy": "test", "comment": "not this one",
+    }
+    am_call(b, "/api/v2/silences", silence)
+    wait_until(lambda: any(s["status"]["state"] == "active" for s in am_call(a, "/api/v2/silences")), 20, 0.2, "the silence gossiped to the other member")
+    post_alert(a, {"alertname": "PullSilenced", **mine})
+    post_alert(a, {"alertname": "PullInhibitor", "instance": host})
+    post_alert(a, {"alertname": "PullInhibited", **mine})
+    wait_until(lambda: suppressed(a, "PullSilenced", "silencedBy") and suppressed(a, "PullInhibited", "inhibitedBy"), 20, 0.2, "silenced and inhibited")
+
+    def captures(kind: str | None = None) -> list[dict]:
+        status, body = d.api("/api/v1/captures?reason=alertmanager")
+        assert status == 200
+        return [c for c in body["captures"] if kind is None or c["kind"] == kind]
+
+    def alert_rows(name: str) -> list[dict]:
+        return [r for r in d.api("/api/v1/alerts")[1]["alerts"] if r["alertname"] == name and r["status"] == "firing"]
+
+    # Pulled only (no webhook route): posted to member a, captured; the time it took is the figure.
+    posted = time.time()
+    post_alert(a, {"alertname": "PullOnly", **mine})
+    first = wait_until(lambda: captures("PullOnly"), 20, 0.05, "the pulled alert's capture")
+    pull_latency = first[0]["created_at"] - posted
+
+    # Pushed and pulled (routed to the webhook too), posted to member b only: one capture.
+    post_alert(b, {"alertname": "PullPushed", "push": "yes", **mine})
+    wait_until(lambda: len(alert_rows("PullPushed")) >= 2, 20, 0.2, "the alert both pushed and pulled")
+    time.sleep(3)  # three more polls
+    rows = alert_rows("PullPushed")
+    assert len(rows) == 2, rows  # one notification, one pull: the puller does not record it again each poll
+    assert len(captures("PullPushed")) == 1 and {r["capture_id"] for r in rows} == {captures("PullPushed")[0]["id"]}
+    assert sorted(r["note"] for r in rows) == ["already captured for this alert", "capture started"]
+
+    assert len(captures()) == 2, [c["kind"] for c in captures()]  # nothing of another host, silenced or inhibited
+    m = d.scrape()
+    assert m.value("nstap_alertmanager_up", url=a) == 1 and m.value("nstap_alertmanager_up", url=b) == 1
+    assert m.value("nstap_alertmanager_polls_total", url=a, result="ok") >= 3
+
+    # Member a dies: b still serves; a's going down is logged once.
+    before_kill = len(d.log_path.read_text().splitlines())
+    cluster.kill(0)
+    post_alert(b, {"alertname": "PullAfterKill", **mine})
+    wait_until(lambda: captures("PullAfterKill"), 20, 0.1, "a capture with one member dead")
+    wait_until(lambda: d.scrape().value("nstap_alertmanager_up", url=a) == 0, 10, 0.2, "member a down")
+    time.sleep(4)  # more attempts at a (backoff 1, 2 s)
+    m = d.scrape()
+    assert m.value("nstap_alertmanager_polls_total", url=a, result="error") >= 2
+    assert m.value("nstap_alertmanager_up", url=b) == 1
+    down = [line for line in d.log_path.read_text().splitlines()[before_kill:] if '"alertmanager_down"' in line and a in line]
+    assert len(down) == 1, down
+    assert len(captures()) == 3
+    print(f"\npull-to-capture latency (poll_interval 1 s): {pull_latency:.2f} s")
+    (tmp_path.parent / "pull_latency.txt").write_text(f"{pull_latency:.3f}\n")
