@@ -25,7 +25,7 @@ from ..capture.bundle import ChunkSink, bundle_name, write_bundle
 from .bucket import fleet_list, from_bucket
 from ..threads import worker_threads
 from ..capture.engine import CaptureEngine
-from ..capture.model import SIDES, CaptureRefused, CaptureTarget
+from ..capture.model import SIDES, CaptureTarget
 from ..capture.store import CaptureStore
 from ..index import CaptureRow
 from ..index.captures import EVICTED, RUNNING
