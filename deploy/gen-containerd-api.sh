@@ -15,7 +15,7 @@ python=${1:-.venv/bin/python}
 python=$(cd "$(dirname "$python")" && pwd)/$(basename "$python")  # absolute, not resolved: the venv's own
 gocode=${GOCODE:-/usr/share/gocode/src}
 api=$gocode/github.com/containerd/containerd/api
-out=daemon/nstap/runtime/containerd_api
+out=${OUT:-daemon/nstap/runtime/containerd_api}  # OUT: elsewhere (the test that the committed stubs match)
 protos=(
   services/containers/v1/containers.proto
   services/tasks/v1/tasks.proto
@@ -44,6 +44,7 @@ copy "$gocode/github.com/gogo/protobuf/gogoproto/gogo.proto" gogoproto/gogo.prot
 include=$("$python" -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 mkdir -p "$stage/out"
 (cd "$stage" && find "$pkg" -name '*.proto' -print0 | sort -z | xargs -0 "$python" -m grpc_tools.protoc -I . -I "$include" --python_out=out --grpc_python_out=out)
+mkdir -p "$out"
 # Keep the hand-written __init__.py; replace everything generated.
 find "$out" -mindepth 1 \( -name '*_pb2*.py' -o -name __pycache__ \) -prune -exec rm -rf {} +
 find "$out" -mindepth 1 -type d -empty -delete
