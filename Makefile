@@ -9,7 +9,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak lock deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-detect bench-nat bench-ebpf bench-cause dashboards clean demo demo-clean install uninstall
+.PHONY: run test soak lock deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-detect bench-nat bench-ebpf bench-cause containerd-api dashboards clean demo demo-clean install uninstall
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -90,6 +90,10 @@ bench-cause: deps-test venv-bench runtimes
 
 demo-clean:
 	deploy/demo.sh down
+
+# The containerd API stubs (daemon/nstap/runtime/containerd_api/) from Debian's containerd .proto files.
+containerd-api: deps-test venv
+	deploy/gen-containerd-api.sh $(VENV)/bin/python
 
 dashboards: venv
 	$(VENV)/bin/python grafana/dashboards.py

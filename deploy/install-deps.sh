@@ -16,6 +16,9 @@ run_pkgs=(python3 python3-venv python3-pip python3-dev gcc tcpdump iproute2 util
 # chromium and chromium-driver: the end-to-end test drives the capture page in a headless browser.
 test_pkgs=(docker.io podman catatonit busybox-static prometheus prometheus-alertmanager
            conntrack iputils-ping iperf3 mmdebstrap chromium chromium-driver)
+# containerd (also a dependency of docker.io): the containerd tests run a private instance with ctr;
+# its API's .proto files and gogoproto's: make containerd-api and the test that the stubs match them.
+test_pkgs+=(containerd golang-github-containerd-containerd-dev golang-github-gogo-protobuf-dev)
 demo_pkgs=(busybox-static iptables)
 
 case "$profile" in

@@ -53,6 +53,7 @@ from .nat.talkers import TalkerTracker
 from .netns.handles import NamespaceOpener
 from .registry import ContainerRegistry, own_container_id
 from .runtime.exits import ProcessExits
+from .runtime.containerd import ContainerdSource
 from .runtime.source import RuntimeSource
 from .samplers import HostLinks, SamplerContext, enabled_samplers
 from .samples import SampleStore
@@ -151,7 +152,7 @@ class App:
             failures.labels(task)  # every series from the start, at 0: alert rules see them exist
         self.registry = ContainerRegistry(self.supervisor.failed, own_container_id(config.proc_root))
         self.store = SampleStore(self.supervisor.failed)
-        self.sources: list[RuntimeSource] = []
+        self.sources: list[RuntimeSource | ContainerdSource] = []
         self.pool: WatcherPool | None = None
         self.api: ApiServer | None = None
         self.uploader: Any = None  # storage.s3: the CaptureUploader
@@ -274,9 +275,10 @@ class App:
         pipeline = DetectionPipeline(self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled}, self.supervisor)
         exits = ProcessExits(asyncio.get_running_loop())
         self.sources = [
-            RuntimeSource(
+            (ContainerdSource if endpoint.kind == "containerd" else RuntimeSource)(
                 endpoint.name, endpoint.socket, self.registry, exits, proc_root=cfg.proc_root, host_netns=opener.home_inode,
                 reconcile_interval=cfg.reconcile_interval, max_backoff=cfg.reconnect_max_backoff, supervisor=self.supervisor,
+                **({"namespaces": endpoint.namespaces} if endpoint.kind == "containerd" else {}),
             )
             for endpoint in cfg.runtimes
         ]

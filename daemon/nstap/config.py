@@ -11,7 +11,7 @@ import ipaddress
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -50,10 +50,15 @@ class Strict(BaseModel):
 
 
 class RuntimeEndpoint(Strict):
-    """A Docker-API socket to follow: dockerd, or a Podman service (rootful or rootless)."""
+    """A runtime socket to follow: dockerd or a Podman service (the Docker API, told apart by its
+    answer), or containerd's gRPC API (``kind: containerd``) over some of its namespaces."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="the runtime label value")
     socket: Path = Field(description="path of the unix socket")
+    kind: Literal["docker", "podman", "containerd"] | None = Field(None, description="containerd for its gRPC API; else the Docker API")
+    namespaces: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*$", max_length=76)], ...] = Field(
+        ("k8s.io", "default"), min_length=1, max_length=32, description="containerd namespaces to follow (kind containerd only)"
+    )
 
     @field_validator("socket")
     @classmethod
@@ -61,6 +66,14 @@ class RuntimeEndpoint(Strict):
         if not value.is_absolute():
             raise ValueError("must be an absolute path")
         return value
+
+    @model_validator(mode="after")
+    def _namespaces_for_containerd(self) -> RuntimeEndpoint:
+        if self.kind != "containerd" and self.namespaces != ("k8s.io", "default"):
+            raise ValueError("namespaces are containerd's: set kind: containerd")
+        if len(set(self.namespaces)) != len(self.namespaces):
+            raise ValueError("namespaces must be unique")
+        return self
 
 
 class SocketWalk(Strict):

@@ -386,6 +386,7 @@ class ContainerCollector:
                         ("compose_project", r.compose_project),
                         ("compose_service", r.compose_service),
                         ("pod", r.pod),
+                        ("k8s_namespace", r.k8s_namespace),
                         ("netns", netns),
                     )
                 ),

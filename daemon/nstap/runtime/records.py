@@ -60,6 +60,7 @@ class ContainerRecord:
     compose_project: str = ""
     compose_service: str = ""
     pod: str = ""
+    k8s_namespace: str = ""  # a Kubernetes pod's namespace (containerd: io.kubernetes.pod.namespace)
     network_mode: str = ""
     networks: tuple[NetworkAttachment, ...] = ()
     ports: tuple[PortBinding, ...] = ()
