@@ -126,3 +126,21 @@ def test_committed_dashboards_are_what_the_code_generates(tmp_path: Path) -> Non
     assert {"instance", "container"} <= set(names)
     captures = next(p for p in drill["panels"] if p.get("title") == "Captures")
     assert captures["fieldConfig"]["defaults"]["links"][0]["url"] == "${nstap_ui}/ui/captures/${__data.fields.capture_id}"
+
+
+def dashboard_exprs(board: dict) -> list[str]:
+    """Every PromQL expression of a dashboard: panel targets, annotations, variable queries."""
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", []) if "expr" in t]
+    exprs += [a["expr"] for a in board.get("annotations", {}).get("list", []) if "expr" in a]
+    return exprs
+
+
+def test_dashboards_select_and_keep_the_host() -> None:
+    for name in ("nstap-host.json", "nstap-container.json"):
+        board = json.loads((ROOT / "grafana" / "dashboards" / name).read_text())
+        host = next(v for v in board["templating"]["list"] if v["name"] == "host")
+        assert host["includeAll"] and host["allValue"] == ".*", name  # one host: All matches series without the label
+        for expr in dashboard_exprs(board):
+            assert 'host=~"$host"' in expr, (name, expr)
+            for clause in re.findall(r"by \(([^)]*)\)", expr):
+                assert "instance" not in clause or "host" in clause.split(", "), (name, expr)
