@@ -235,7 +235,7 @@ def container_drill_down() -> dash.Dashboard:
         .with_variable(ui_variable())
         .annotation(
             dash.AnnotationQuery().name("Anomalies").datasource(DS).enable(True).icon_color("red")
-            .expr(f'max by (kind, cause) (nstap_anomaly_active{{{ONE}}}) == 1')
+            .expr(f'max by (host, kind, cause) (nstap_anomaly_active{{{ONE}}}) == 1')
         )
         .link(dash.DashboardLink("Captures of this container").type("link").url(NSTAP_UI + "/ui/containers/$container").target_blank(True))
         .link(dash.DashboardLink("nstap dashboards").type("dashboards").tags(["nstap"]).as_dropdown(True).include_vars(True).keep_time(True))
@@ -243,14 +243,14 @@ def container_drill_down() -> dash.Dashboard:
     d = d.with_row(dash.Row("Interfaces (both veth ends)"))
     d = d.with_panel(graph(
         "Traffic", "Bytes per second received (+) and sent by each interface: side=container inside, side=host the host end of the veth.", "Bps",
-        query(f"sum by (interface, side) (rate(nstap_interface_receive_bytes_total{{{ONE}}}[{RATE}]))", "rx {{interface}} ({{side}})"),
-        query(f"sum by (interface, side) (rate(nstap_interface_transmit_bytes_total{{{ONE}}}[{RATE}]))", "tx {{interface}} ({{side}})", "B"),
+        query(f"sum by (host, interface, side) (rate(nstap_interface_receive_bytes_total{{{ONE}}}[{RATE}]))", "rx {{interface}} ({{side}})"),
+        query(f"sum by (host, interface, side) (rate(nstap_interface_transmit_bytes_total{{{ONE}}}[{RATE}]))", "tx {{interface}} ({{side}})", "B"),
     ))
     d = d.with_panel(graph(
         "Drops and errors", "Packets dropped or in error per second, on either end of the veth.", "pps",
-        query(f"sum by (interface, side) (rate(nstap_interface_receive_drops_total{{{ONE}}}[{RATE}]))", "rx drops {{interface}} ({{side}})"),
-        query(f"sum by (interface, side) (rate(nstap_interface_transmit_drops_total{{{ONE}}}[{RATE}]))", "tx drops {{interface}} ({{side}})", "B"),
-        query(f"sum by (interface, side) (rate(nstap_interface_receive_errors_total{{{ONE}}}[{RATE}]) "
+        query(f"sum by (host, interface, side) (rate(nstap_interface_receive_drops_total{{{ONE}}}[{RATE}]))", "rx drops {{interface}} ({{side}})"),
+        query(f"sum by (host, interface, side) (rate(nstap_interface_transmit_drops_total{{{ONE}}}[{RATE}]))", "tx drops {{interface}} ({{side}})", "B"),
+        query(f"sum by (host, interface, side) (rate(nstap_interface_receive_errors_total{{{ONE}}}[{RATE}]) "
               f"+ rate(nstap_interface_transmit_errors_total{{{ONE}}}[{RATE}]))", "errors {{interface}} ({{side}})", "C"),
     ))
     d = d.with_row(dash.Row("Protocols"))
@@ -281,7 +281,7 @@ def container_drill_down() -> dash.Dashboard:
     ))
     d = d.with_panel(graph(
         "Sockets by state", "The container's sockets, by protocol and state.", "short",
-        query(f"sum by (protocol, state) (nstap_sockets{{{ONE}}})", "{{protocol}} {{state}}"),
+        query(f"sum by (host, protocol, state) (nstap_sockets{{{ONE}}})", "{{protocol}} {{state}}"),
     ))
     d = d.with_panel(graph(
         "Accept queues", "Connections waiting to be accepted per listening port, against the queue's limit; overflows per second.", "short",
@@ -292,11 +292,11 @@ def container_drill_down() -> dash.Dashboard:
     d = d.with_row(dash.Row("Drops, NAT and firewall"))
     d = d.with_panel(graph(
         "Kernel drop reasons", "Packets the kernel dropped in the container's namespace per second, by the kernel's reason (eBPF).", "pps",
-        query(f"sum by (reason) (rate(nstap_kernel_drops_total{{{ONE}}}[{RATE}]))", "{{reason}}"),
+        query(f"sum by (host, reason) (rate(nstap_kernel_drops_total{{{ONE}}}[{RATE}]))", "{{reason}}"),
     ))
     d = d.with_panel(graph(
         "Firewall drops", "Packets per second matched by the DROP/REJECT rules of the container's own firewall.", "pps",
-        query(f"sum by (table, chain, target, rule) (rate(nstap_firewall_rule_packets_total{{{ONE}}}[{RATE}]))", "{{chain}}: {{rule}}"),
+        query(f"sum by (host, table, chain, target, rule) (rate(nstap_firewall_rule_packets_total{{{ONE}}}[{RATE}]))", "{{chain}}: {{rule}}"),
     ))
     d = d.with_panel(listing(
         "Published ports", "The container's published ports and whether the NAT rules reach it (ok, missing, stale, shadowed).",
@@ -304,14 +304,14 @@ def container_drill_down() -> dash.Dashboard:
     ))
     d = d.with_panel(graph(
         "New connections through NAT, and conntrack", "New connections per second through each published port; the container's conntrack entries.", "short",
-        query(f"sum by (protocol, host_ip, host_port) (rate(nstap_nat_port_forward_new_connections_total{{{ONE}}}[{RATE}]))", "new/s {{host_ip}}:{{host_port}}"),
-        query(f"sum by (protocol, state) (nstap_container_conntrack_entries{{{ONE}}})", "conntrack {{protocol}} {{state}}", "B"),
+        query(f"sum by (host, protocol, host_ip, host_port) (rate(nstap_nat_port_forward_new_connections_total{{{ONE}}}[{RATE}]))", "new/s {{host_ip}}:{{host_port}}"),
+        query(f"sum by (host, protocol, state) (nstap_container_conntrack_entries{{{ONE}}})", "conntrack {{protocol}} {{state}}", "B"),
         width=12,
     ))
     d = d.with_row(dash.Row("Anomalies and captures"))
     d = d.with_panel(graph(
         "Anomalies", "1 while an anomaly of a kind is going on (also drawn as annotations on every panel).", "short",
-        query(f"max by (kind, cause) (nstap_anomaly_active{{{ONE}}})", "{{kind}} (cause: {{cause}})"),
+        query(f"max by (host, kind, cause) (nstap_anomaly_active{{{ONE}}})", "{{kind}} (cause: {{cause}})"),
         width=8,
     ))
     d = d.with_panel(listing(

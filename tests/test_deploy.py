@@ -143,4 +143,14 @@ def test_dashboards_select_and_keep_the_host() -> None:
         for expr in dashboard_exprs(board):
             assert 'host=~"$host"' in expr, (name, expr)
             for clause in re.findall(r"by \(([^)]*)\)", expr):
-                assert "instance" not in clause or "host" in clause.split(", "), (name, expr)
+                assert "host" in clause.split(", "), (name, expr)  # no panel merges hosts
+
+
+def test_fleet_configs_are_valid() -> None:
+    assert "SUCCESS" in run(tool("promtool"), "check", "config", "--agent", "prometheus-agent.yml", cwd=PROM)
+    agent = yaml.safe_load((PROM / "prometheus-agent.yml").read_text())
+    assert agent["global"]["external_labels"]["host"] and agent["remote_write"][0]["url"].endswith("/api/v1/write")
+    assert "SUCCESS: 16 rules found" in run(tool("promtool"), "check", "config", "prometheus-central.yml", cwd=PROM)
+    # vmalert (VictoriaMetrics' rule evaluator) parses the same rules as MetricsQL and their templates
+    proc = subprocess.run([tool("vmalert"), "-rule=nstap-rules.yml", "-dryRun"], cwd=PROM, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "invalid" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
