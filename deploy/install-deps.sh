@@ -14,7 +14,8 @@ profile=${1:-run}
 run_pkgs=(python3 python3-venv python3-pip python3-dev gcc tcpdump iproute2 util-linux curl ca-certificates iptables nftables
           python3-bpfcc bpftool)
 # chromium and chromium-driver: the end-to-end test drives the capture page in a headless browser.
-test_pkgs=(docker.io podman catatonit busybox-static prometheus prometheus-alertmanager
+# victoria-metrics: the fleet test (tests/test_fleet.py) remote-writes to it as to Prometheus.
+test_pkgs=(docker.io podman catatonit busybox-static prometheus prometheus-alertmanager victoria-metrics
            conntrack iputils-ping iperf3 mmdebstrap chromium chromium-driver)
 # containerd (also a dependency of docker.io): the containerd tests run a private instance with ctr;
 # its API's .proto files and gogoproto's: make containerd-api and the test that the stubs match them.
