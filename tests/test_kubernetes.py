@@ -97,8 +97,8 @@ def test_daemonset_has_the_units_privileges_and_no_more(base: list[dict]) -> Non
     assert volumes[mounts["/var/lib/nstap"]["name"]]["hostPath"]["path"] == "/var/lib/nstap"
     token = mounts["/var/lib/nstap/api-token"]
     assert volumes[token["name"]]["secret"]["secretName"] == "nstap-api-token" and token["subPath"] == "api-token"
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"]["path"] == "/healthz" and c[probe]["httpGet"]["port"] == "metrics"
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert c["image"].startswith("nstap:")  # the project's own Dockerfile, tagged as the README builds it
 
 

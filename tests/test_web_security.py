@@ -17,7 +17,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from conftest import free_port, sh
+from conftest import wait_until, free_port, sh
 
 WEBHOOK = {
     "version": "4", "status": "firing", "receiver": "nstap", "groupKey": "g", "truncatedAlerts": 0, "groupLabels": {}, "commonLabels": {},
@@ -55,6 +55,7 @@ def test_tls_and_basic_auth_from_the_web_config_file(nstap, tmp_path: Path) -> N
     wrong = {"Authorization": "Basic " + base64.b64encode(b"prometheus:nope").decode()}
     assert fetch(metrics + "/metrics", wrong, trust) == 401
     assert fetch(metrics + "/healthz", context=trust) == 200  # probes need no password
+    wait_until(lambda: fetch(metrics + "/readyz", context=trust) == 200, 10, 0.2, "ready")  # nor the readiness probe
     with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP is not served
         urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5)
     # The API over TLS with its bearer token; the CLI finds the certificate in the web config.
@@ -97,3 +98,16 @@ def test_the_webhook_token_starts_captures_and_reads_nothing(nstap) -> None:
     assert status == 403  # it cannot start a capture of its choosing either
     status, _ = d.api("/api/v1/alertmanager", token="not-a-token", method="POST", body=json.dumps(WEBHOOK).encode())
     assert status == 401
+
+
+async def test_readyz_says_starting_until_the_daemon_is_ready() -> None:
+    """/readyz (a Kubernetes readiness probe) follows App.ready(): 503 until every runtime was
+    tried and the running containers' watchers attached, 200 after."""
+    from nstap.api.server import ApiServer
+
+    server = ApiServer.__new__(ApiServer)  # only the probe's handler is used
+    state = {"ready": False}
+    server.ready = lambda: state["ready"]
+    assert (await server.readyz(None)).status == 503  # type: ignore[arg-type]
+    state["ready"] = True
+    assert (await server.readyz(None)).status == 200  # type: ignore[arg-type]

@@ -317,7 +317,7 @@ class App:
         cfg, pool = self.config, parts.pool
         self.api = ApiServer(
             cfg.metrics_listen, cfg.api_listen, self.prometheus, parts.collector, self.registry, lambda: set(pool.watched()), token,
-            self.supervisor.failed, webhook_token, web_config,
+            self.supervisor.failed, webhook_token, web_config, self.ready,
         )
         parts.capture_api = CaptureApi(self.registry, parts.engine, parts.store, cfg.capture.max_seconds, parts.nat, parts.ebpf)
         parts.capture_api.bucket = self.uploader

@@ -135,7 +135,9 @@ class ApiServer:
         on_error: FailureReport = log_failure,
         webhook_token: str | None = None,
         web_config: WebConfig | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
+        self.ready = ready  # what /readyz answers: every runtime tried and its running containers' watchers attached
         self.metrics_listen = parse_listen(metrics_listen)
         self.api_listen = parse_listen(api_listen)
         self.registry = registry
@@ -151,6 +153,7 @@ class ApiServer:
         self.metrics_app = web.Application(middlewares=metrics_middlewares)
         self.metrics_app.router.add_get("/metrics", self.metrics)
         self.metrics_app.router.add_get("/healthz", self.healthz)
+        self.metrics_app.router.add_get("/readyz", self.readyz)
         self.api_app = web.Application(middlewares=[error_middleware("api", on_error), auth_middleware(token, webhook_token)], client_max_size=MAX_BODY)
         self.api_app.router.add_get("/healthz", self.healthz)
         self.api_app.router.add_get("/api/v1/containers", self.containers)
@@ -182,6 +185,13 @@ class ApiServer:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """200 once every runtime was tried and the running containers' watchers are attached (what
+        READY=1 means under systemd; a Kubernetes readiness probe), 503 before."""
+        if self.ready():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "starting"}, status=503)
 
     async def containers(self, request: web.Request) -> web.Response:
         watched = self.watched()

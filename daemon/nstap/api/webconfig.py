@@ -148,7 +148,7 @@ def basic_auth_middleware(config: WebConfig) -> Callable:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-        if request.path != "/healthz" and not config.check_basic(request.headers.get("Authorization")):
+        if request.path not in ("/healthz", "/readyz") and not config.check_basic(request.headers.get("Authorization")):
             return web.Response(status=401, text="unauthorized\n", headers={"WWW-Authenticate": 'Basic realm="nstap"'})
         return await handler(request)
 
