@@ -2,8 +2,10 @@
 
 Real components throughout: dockerd and Podman, their containers and pods, tcpdump, the kernel.
 Each test runs shortened in ``make test``; ``make soak`` (``NSTAP_SOAK=1``) runs the full sizes of
-the issue (1,000 start/stop cycles, 100,000 sockets and 1,000 interfaces in one container, 10,000
-fuzzed inputs). Every test reports its figures on one line (``chaos_figures``) and, when
+the issues (1,000 mixed start/stop cycles and 5,000 Docker ones with eBPF on — fewer with
+``NSTAP_SOAK_CHURN_CYCLES`` —, 100,000 sockets, 1,000 interfaces and 50,000 firewall rules in one
+container beside 50 others, 50 filtered captures under kill -9 — ``NSTAP_SOAK_SEED`` repeats a
+run's kills —, 10,000 fuzzed inputs). Every test reports its figures on one line (``chaos_figures``) and, when
 ``NSTAP_SOAK_REPORT`` names a file, appends them there as JSON (the README's soak table).
 """
 
@@ -235,6 +237,18 @@ def test_docker_churn_with_ebpf_on_reused_namespace_inodes(nstap, containers: Co
         "capture": {"ring": "off", "index_max_rows": keep_rows},
     })
     wait_until(lambda: d.events("ebpf_loaded"), 30, message="eBPF program loaded")
+    # A namespace nstap never watches (an `ip netns` one, as a build step's would be) drops packets
+    # (UDP to a closed port on its loopback), then is deleted: its entries must not stay for good.
+    unwatched = f"nstap-soak-{RUN_ID}"
+    sh("ip", "netns", "add", unwatched)
+    try:
+        lone = os.stat(f"/run/netns/{unwatched}").st_ino
+        sh("ip", "netns", "exec", unwatched, "ip", "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", unwatched, sys.executable, "-c",
+           "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor _ in range(5): s.sendto(b'x', ('127.0.0.1', 9))")
+        wait_until(lambda: lone in bpf_map_netns(d.pid)["drops"], 10, 0.25, "the unwatched namespace's drops in the map")
+    finally:
+        sh("ip", "netns", "del", unwatched, check=False)
     width = 6  # containers at a time
     starter = ThreadPoolExecutor(max_workers=width)
     pool_ids = [containers.docker(docker_image, "sleep", "3600", name=f"ebchurn{i}") for i in range(width)]
@@ -270,18 +284,23 @@ def test_docker_churn_with_ebpf_on_reused_namespace_inodes(nstap, containers: Co
             list(starter.map(start_one, pending))
             info = sh("docker", "inspect", "-f", "{{.Id}} {{.State.Pid}} {{.NetworkSettings.IPAddress}}", *pool_ids).stdout.split("\n")
             started = {f[0]: (int(f[1]), f[2]) for f in (line.split() for line in info) if len(f) == 3 and f[1] != "0"}
+            inodes = {}
+            for cid, (pid, _ip) in list(started.items()):
+                try:
+                    inodes[cid] = os.stat(f"/proc/{pid}/ns/net").st_ino
+                except FileNotFoundError:
+                    del started[cid]
             # (One reaped by another suite's conftest as it started is stopped again: started again.)
             pending = [cid for cid in pool_ids if cid not in started]
             if not pending:
                 break
         assert not pending, pending
-        inodes = {cid: os.stat(f"/proc/{pid}/ns/net").st_ino for cid, (pid, _ip) in started.items()}
         # Sampled (with its eBPF counts) before anything is sent to it: what it reports now is what
         # it inherited, if anything.
         m = d.wait_metric(lambda m: all(m.find("nstap_sample_timestamp_seconds", container_id=c[:12]) for c in started) and m, 30, "cycle sampled")
         m = d.wait_metric(lambda m2: all(
             (m2.value("nstap_sample_timestamp_seconds", container_id=c[:12]) or 0) > (m.value("nstap_sample_timestamp_seconds", container_id=c[:12]) or 0)
-            for c in started) and m2, 10, "a second sample")
+            for c in started) and m2, 70, "a second sample")  # (a loaded host may slow a sample down to once a minute)
         for cid, inode in inodes.items():
             # Its own start drops a packet or two (QUEUE_PURGE, IPV6DISABLED: measured on a fresh
             # inode too); what its predecessors dropped on this inode is NO_SOCKET, 12 at least.
@@ -291,14 +310,27 @@ def test_docker_churn_with_ebpf_on_reused_namespace_inodes(nstap, containers: Co
             if inode in seen_inodes:
                 reused += 1
                 inherited += reasons.get("NO_SOCKET", 0) > 0
-        # Now it drops: connections to a port nothing listens on (NO_SOCKET), each answered by a reset.
-        for cid, (_pid, ip) in started.items():
-            for _ in range(12):
-                with socket.socket() as s:
-                    s.settimeout(1)
-                    s.connect_ex((ip, 81))
-        d.wait_metric(lambda m: all(
-            sum(s.value for s in m.find("nstap_kernel_drops_total", container_id=c[:12], reason="NO_SOCKET")) >= 12 for c in started), 10, "drops counted")
+        # Now it drops: connections to a port nothing listens on (NO_SOCKET), each answered by a
+        # reset; on a loaded host a first SYN may wait for ARP past its timeout: more are sent to a
+        # container until it has dropped 12 (at most 60 each).
+        def no_socket(m: Metrics, cid: str) -> float:
+            return sum(s.value for s in m.find("nstap_kernel_drops_total", container_id=cid[:12], reason="NO_SOCKET"))
+
+        short = dict(started)
+        for _ in range(5):
+            for cid, (_pid, ip) in short.items():
+                for _ in range(12):
+                    with socket.socket() as s:
+                        s.settimeout(1)
+                        s.connect_ex((ip, 81))
+            try:
+                d.wait_metric(lambda m: all(no_socket(m, c) >= 12 for c in short), 5, "drops counted")
+                break
+            except pytest.fail.Exception:
+                m = d.scrape()
+                short = {c: v for c, v in short.items() if no_socket(m, c) < 12}
+        else:
+            pytest.fail(f"no 12 drops counted in {sorted(short)}")
         for cid, inode in inodes.items():
             seen_inodes[inode] = cid
         sh("docker", "kill", *pool_ids, timeout=120)
@@ -350,6 +382,12 @@ def test_docker_churn_with_ebpf_on_reused_namespace_inodes(nstap, containers: Co
     m = d.wait_metric(lambda m: m.value("nstap_index_pruned_total") > 0 and m, 75, "index pruned")
     rows = wait_until(lambda: (lambda r: r if all(n <= keep_rows for n in r.values()) else None)(index_rows(d.data_dir)), 75, 1, "index within retention")
     index_bytes = m.value("nstap_index_bytes")
+    # The maps hold live namespaces only (and 0: drops of packets of no namespace): the sweep of
+    # the namespaces that are gone runs every minute.
+    try:
+        wait_until(lambda: not (set().union(*bpf_map_netns(d.pid).values()) - live_netns() - {0}), 75, 1)
+    except pytest.fail.Exception:
+        pass  # reported and asserted below
     maps = bpf_map_netns(d.pid)
     live = live_netns()
     dead = set(seen_inodes) - live
@@ -371,6 +409,9 @@ def test_docker_churn_with_ebpf_on_reused_namespace_inodes(nstap, containers: Co
     # No entry of a namespace a cycle's container had once it was gone (checked after each cycle:
     # on this shared host, other namespaces take and drop the freed inodes later on).
     assert maps.keys() == {"drops", "flows"} and not stale, sorted(stale)
+    # Nor of any other namespace that is gone, the unwatched one deleted at the start among them.
+    not_live = (maps["drops"] | maps["flows"]) - live - {0}
+    assert lone not in maps["drops"] and not not_live, (lone, sorted(not_live))
     assert not backwards, backwards[:3]
     assert after["kinds"] == before["kinds"], (before["kinds"], after["kinds"])
     assert unix_after <= unix_before + 2 * POOL_LIMIT, (unix_before, unix_after)  # idle pooled runtime connections
@@ -529,11 +570,11 @@ def test_a_hostile_container_cannot_starve_the_others(nstap, containers: Contain
     # veth pairs with both ends inside the namespace (this kernel has no dummy interfaces).
     batch = "".join(f"link add d{i} type veth peer name e{i}\nlink set d{i} up\nlink set e{i} up\n" for i in range(interfaces // 2))
     subprocess.run([*in_ns, "ip", "-batch", "-"], input=batch, text=True, check=True, capture_output=True, timeout=300)
-    # Its own firewall (the host's nft, in its namespace): tens of thousands of rules, and one whose
-    # handle we know, to change every second.
+    # Its own firewall (the host's nft, in its namespace): tens of thousands of native rules, and an
+    # iptables(-nft) rule changed every second (`nft replace` itself takes 2-5 s among 50,000
+    # rules: it reads them all; iptables reads only its own tables, 20 ms).
     subprocess.run([*in_ns, "nft", "-f", "-"], input=firewall_rules(rules), text=True, check=True, capture_output=True, timeout=600)
-    echoed = sh(*in_ns, "nft", "--echo", "--handle", "add", "rule", "inet", "hostile", "input", "tcp", "dport", "9", "counter", "drop").stdout
-    handle = echoed.rsplit("# handle", 1)[1].split()[0]
+    sh(*in_ns, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "DROP")
     d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=hostile[:12]) and m.find("nstap_interface_up", container_id=victim[:12])
                   and all(m.find("nstap_interface_up", container_id=c[:12]) for c in normals), 30)
     sockets = subprocess.Popen(
@@ -542,7 +583,7 @@ def test_a_hostile_container_cannot_starve_the_others(nstap, containers: Contain
     )
 
     def change_rule(n: int) -> None:
-        sh(*in_ns, "nft", "replace", "rule", "inet", "hostile", "input", "handle", handle, "tcp", "dport", str(10 + n % 1000), "counter", "drop")
+        sh(*in_ns, "iptables", "-R", "INPUT", "1", "-p", "tcp", "--dport", str(10 + n % 1000), "-j", "DROP")
 
     def churn_interfaces(n: int) -> None:  # 10 pairs made, the 10 of the step before deleted
         made = "".join(f"link add c{n}x{i} type veth peer name f{n}x{i}\nlink set c{n}x{i} up\n" for i in range(10))
@@ -636,7 +677,7 @@ def test_a_hostile_container_cannot_starve_the_others(nstap, containers: Contain
     # It did what it says: its firewall changed every second and nstap saw changes (read at a
     # bounded rate), its interfaces came and went, the eBPF collector counted its drops.
     assert firewall.done >= window * 0.8 and links.done >= window and not firewall.errors and not links.errors, (firewall.done, links.done, firewall.errors, links.errors)
-    assert fw_changes >= 2 and m1.value("nstap_collector_up", collector="firewall") == 1, fw_changes
+    assert fw_changes >= 1 and m1.value("nstap_collector_up", collector="firewall") == 1, fw_changes
     assert hostile_drops > 0 and m1.value("nstap_collector_up", collector="ebpf_drops") == 1
     # No ordinary container starved: no tick missed, every one sampled at every tick, none late.
     assert ticks >= expected_ticks - 2 and slowed == 0 and stale == 0 and skipped <= normal_count, (ticks, expected_ticks, slowed, stale, skipped)
@@ -664,7 +705,8 @@ def test_kill_9_during_filtered_ring_captures_and_evidence_writes(nstap, contain
     seed = int(os.environ.get("NSTAP_SOAK_SEED") or time.time_ns() % 1_000_000)
     print(f"kill -9 seed {seed} (NSTAP_SOAK_SEED={seed} repeats it)")
     rng = random.Random(seed)
-    d = nstap({"capture": {"ring": "labeled", "ring_bytes": 1 << 20, "ring_segments": 4, "post_seconds": 1, "pre_seconds": 2, "evidence": True}})
+    # (No anomaly captures: on a shared host other containers' anomalies would take the slots.)
+    d = nstap({"detect": {"capture": False}, "capture": {"ring": "labeled", "ring_bytes": 1 << 20, "ring_segments": 4, "post_seconds": 1, "pre_seconds": 2, "evidence": True}})
     web = containers.docker("--label", "nstap.capture=ring", docker_image, *HTTPD, name="k9web")
     ip = container_ip(web)
     requests = 20 * 60 * scale(3, 15)  # 20 a second: at most 3 minutes here, 15 in make soak
@@ -675,6 +717,9 @@ def test_kill_9_during_filtered_ring_captures_and_evidence_writes(nstap, contain
     for i in range(count):
         d.wait_metric(lambda m: m.find("nstap_flight_recorder_reach_seconds", container_id=web[:12]), 20, "its ring recording")
         time.sleep(2.5 if kills and i and asked and rng.random() < 0.5 else 0.5)  # reach before the trigger (sometimes)
+        # One at a time: those a kill interrupted are finished by the restart (indexed incomplete,
+        # or filtered from what they had set aside) before the next one starts.
+        wait_until(lambda: not [c for c in d.api("/api/v1/captures?limit=100")[1]["captures"] if c["state"] == "running"], 30, 0.3, "earlier captures ended")
         duration = rng.choice([1, 2])
         status, row = d.api("/api/v1/captures", method="POST", body=json.dumps({"container": web[:12], "duration": duration, "filter": "tcp port 80", "pre_seconds": 2}).encode())
         assert status == 202 and row["mode"] == "ring", (status, row)
