@@ -268,10 +268,12 @@ def run(args: argparse.Namespace) -> dict:
                 if time.monotonic() > deadline:
                     raise SystemExit("nstap did not answer within 30 s")
                 time.sleep(0.3)
-        time.sleep(3)  # the eBPF collector loads
         api = Api(port + 1, (workdir / "data/api-token").read_text().strip())
-        text = scrape(port)[1]
-        ebpf = any(line.startswith('nstap_collector_up{collector="ebpf_drops"} 1') for line in text.splitlines())
+        ebpf = False
+        deadline = time.monotonic() + 60  # the eBPF collector compiles and loads (seconds on a busy host)
+        while not ebpf and time.monotonic() < deadline:
+            ebpf = any(line.startswith('nstap_collector_up{collector="ebpf_drops"} 1') for line in scrape(port)[1].splitlines())
+            time.sleep(1)
         serial = 0
         for cls in [c for c in CLASSES if c.name in args.classes.split(",")]:
             score: Counter[str] = Counter()

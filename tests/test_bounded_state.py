@@ -39,3 +39,31 @@ def test_incidents_of_a_gone_namespace_are_forgotten() -> None:
         tracker.found(ns, Finding("tcp_retransmits", "x"), 1.0)
         tracker.forget(ns.inode, 2.0)
     assert not tracker.incidents and not tracker._of
+
+
+def test_ebpf_entries_of_gone_unwatched_namespaces_are_swept(monkeypatch) -> None:
+    """Defect: only a watched namespace's entries were deleted (when its watcher went); those of a
+    namespace nstap never watched (a build step's, an `ip netns` one, a container gone before its
+    watcher came) stayed in the drop and flow maps for good, filling them on a busy host."""
+    from nstap.ebpf import service
+
+    class Maps:
+        forgotten: set[int] = set()
+
+        def flow_keys(self) -> list[tuple]:
+            return [(7, 1, 2, 2, 0, b""), (8, 1, 2, 2, 0, b"")]
+
+        def forget(self, netns) -> int:
+            self.forgotten |= set(netns)
+            return len(netns)
+
+    monkeypatch.setattr(service, "live_netns", lambda proc_root="/proc": {1, 8})
+    ebpf = service.EbpfService("off")
+    try:
+        ebpf._watched = {2}  # watched: its entries are follow()'s business, even once it is gone
+        maps = Maps()
+        counts = ebpf._sweep(maps, {0: {"A": 1}, 1: {"A": 1}, 2: {"A": 1}, 3: {"A": 1}})  # type: ignore[arg-type]
+        assert maps.forgotten == {3, 7}  # gone and never watched; 0 is no namespace; 1 and 8 live
+        assert sorted(counts) == [0, 1, 2] and ebpf.swept_total == 2
+    finally:
+        ebpf._thread.shutdown()

@@ -382,6 +382,10 @@ class DropCollector:
         out.sort(key=lambda f: (-f.retransmits, -f.last_seen))
         return out[:limit]
 
+    def flow_keys(self) -> list[tuple]:
+        """The retransmitting flows' keys as last read (namespace first)."""
+        return list(self._flows)
+
     def forget(self, netns: Collection[int]) -> int:
         """Delete every entry of namespaces ``netns`` from both maps (and from what was read):
         for namespaces no longer watched. Returns how many entries went."""

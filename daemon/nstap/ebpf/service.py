@@ -9,6 +9,7 @@ the daemon runs unchanged); ``on`` makes a missing prerequisite stop the daemon 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -20,6 +21,21 @@ from ..threads import worker_threads
 from .loader import LOAD_TIMEOUT, LOADER, load_in_child
 
 log = structlog.get_logger("nstap.ebpf")
+
+SWEEP_EVERY = 60.0  # seconds between sweeps of the entries of namespaces that no longer exist
+
+
+def live_netns(proc_root: str = "/proc") -> set[int]:
+    """Inodes of the network namespaces some process is in now."""
+    inodes = set()
+    with os.scandir(proc_root) as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                try:
+                    inodes.add(os.stat(f"{proc_root}/{entry.name}/ns/net").st_ino)
+                except OSError:
+                    pass  # gone meanwhile, or a kernel thread
+    return inodes
 
 
 class EbpfService:
@@ -40,6 +56,8 @@ class EbpfService:
         self._reading: asyncio.Future | None = None
         self._watched: set[int] = set()
         self._lost_logged = 0
+        self._swept_at = time.monotonic()
+        self.swept_total = 0  # entries of namespaces that no longer exist, deleted by the sweep
 
     async def load(self) -> None:
         """Compile and attach in a child process (a few seconds, none of them on this process's
@@ -81,12 +99,33 @@ class EbpfService:
         if self._reading is not None:
             await asyncio.gather(self._reading, return_exceptions=True)
 
-    @staticmethod
-    def _read(collector: DropCollector) -> dict[int, dict[str, int]]:
+    def _read(self, collector: DropCollector) -> dict[int, dict[str, int]]:
         counts = collector.read()
         if collector.flows_due(time.time()):
             collector.read_flows()
+        if time.monotonic() - self._swept_at >= SWEEP_EVERY:
+            self._swept_at = time.monotonic()
+            counts = self._sweep(collector, counts)
         return counts
+
+    def _sweep(self, collector: DropCollector, counts: dict[int, dict[str, int]]) -> dict[int, dict[str, int]]:
+        """Delete the entries of unwatched namespaces that no longer exist (in the eBPF thread).
+
+        A watched namespace's entries go when its watcher does (follow); those of a namespace
+        nstap never watched (a build step's, an ``ip netns`` one, a container gone before its
+        watcher came) stayed for good: the map filled on a host that makes namespaces all day, and
+        a container on such a reused inode inherited them. Their drops were the host's and are in
+        its totals already (HostDrops starts a namespace that comes back from zero)."""
+        watched = self._watched  # replaced on the loop, never changed in place
+        unwatched = {inode for inode in counts if inode and inode not in watched}
+        unwatched |= {key[0] for key in collector.flow_keys() if key[0] and key[0] not in watched}
+        if not unwatched:
+            return counts
+        dead = unwatched - live_netns()
+        if not dead:
+            return counts
+        self.swept_total += collector.forget(dead)
+        return {inode: reasons for inode, reasons in counts.items() if inode not in dead}
 
     def _read_done(self, reading: asyncio.Future) -> None:
         collector = self.collector
