@@ -14,9 +14,8 @@ import pytest
 
 from nstap.detect import DETECTORS, build_detectors
 from nstap.detect.accept_stall import AcceptStallDetector
-from nstap.detect.cause import ACCEPT_QUEUE_FULL, PROCESS_NOT_ACCEPTING, Cause
+from nstap.detect.cause import ACCEPT_QUEUE_FULL, PROCESS_NOT_ACCEPTING
 from nstap.detect.collapse import CollapseDetector
-from nstap.detect.incidents import IncidentTracker
 from nstap.detect.kernel_drops import KernelDropDetector
 from nstap.detect.pipeline import DetectionPipeline
 from nstap.detect.process_state import ProcessStateReader, cgroup_paths, process_state

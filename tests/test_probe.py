@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RUN_ID, Containers, Daemon, sh, wait_until
+from conftest import Containers, Daemon, sh, wait_until
 from nstap.detect.probe import FailedProbe, Listener, probe_cause, probe_findings, wants_anomaly
 from nstap.nat.exposure import classify
 from nstap.nat.forwards import Forward

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from nstap.registry import ContainerRegistry, group_namespaces
 from nstap.runtime.records import ContainerRecord

@@ -12,7 +12,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import Containers, wait_until
+from conftest import Containers
 from test_anomalies import finished_capture
 
 pytestmark = pytest.mark.docker
