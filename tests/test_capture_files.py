@@ -44,7 +44,11 @@ CASES = {
     ),
     "unfiltered packets of an unfiltered capture": (
         dict(state=RUNNING), {".pcap": b"", ".unfiltered": PCAP},
-        INCOMPLETE, {".pcap"}, {"incomplete": 1, "leftovers_removed": 1},
+        INCOMPLETE, set(), {"incomplete": 1, "leftovers_removed": 1},
+    ),
+    "a running capture killed before its pcap's header": (
+        dict(state=RUNNING), {".pcap": b""},
+        INCOMPLETE, set(), {"incomplete": 1},
     ),
     "unfiltered packets of no capture": (
         None, {".unfiltered": PCAP},

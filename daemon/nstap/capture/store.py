@@ -122,6 +122,12 @@ class CaptureStore:
 
     def _finish_from_file(self, row: CaptureRow, state: str, error: str, now: float) -> None:
         size, packets, digest = self.files.summary(row.file)
+        if size == 0 and row.file:
+            # Killed before the pcap's header was written: an empty file no tool can read is not
+            # kept as if it were a capture; the row says why it has none.
+            self.files.remove((row.file,))
+            self._rows.update(row.id, state=state, error=f"{error}; no packet was written", file=None, bytes=0, packets=0, sha256="", finished_at=now)
+            return
         self._rows.update(row.id, state=state, error=error, bytes=size, packets=packets, sha256=digest, finished_at=now)
 
     async def close(self) -> None:
