@@ -55,7 +55,8 @@ def listener(length: int = 0, limit: int = 9, port: str = "80") -> SocketSample:
 @pytest.mark.parametrize(
     "increases, baseline, expect",
     [
-        ([0] * 5 + [3, 3], 30, (4.0, 6)),  # never moved in 5 s of watching: still before
+        ([0] * 35 + [3, 3], 30, (34.0, 6)),  # never moved in 34 s of watching: still before
+        ([0] * 5 + [3, 3], 30, None),  # never moved, but watched 4 s only: no baseline yet (a daemon that just started)
         ([0] * 40 + [1] + [0] * 31 + [3, 3], 30, (71.0, 6)),  # moved once, 31 s before: still before
         ([0] * 40 + [1] + [0] * 10 + [3, 3], 30, None),  # moved 11 s before: not still for 30 s
         ([3, 3, 3], 30, None),  # moving from the first interval watched: no baseline at all

@@ -24,8 +24,8 @@ class NewSteadyCounter:
     """One counter: the current run of intervals in which it moved, and whether it was still before.
 
     ``observe(t, increase)`` is fed every interval's increase; ``run()`` is the current run if the
-    counter had not moved for ``baseline`` seconds before it (or not since it was first seen, after
-    at least one still interval), else None.
+    counter had not moved for ``baseline`` seconds before it (or not since it was first seen,
+    ``baseline`` seconds before at least), else None.
     """
 
     __slots__ = ("baseline", "last_moved", "first_seen", "before", "since", "quiet_before", "first", "events", "intervals")
@@ -55,8 +55,10 @@ class NewSteadyCounter:
             return
         if self.since is None:
             last = self.last_moved
-            # Still before: not moved for ``baseline`` s, or never moved and watched for one interval at least.
-            self.quiet_before = (last is None and before > self.first_seen) or (last is not None and before - last >= self.baseline)
+            # Still before: not moved for ``baseline`` s, or never moved while watched for ``baseline``
+            # s (a daemon that just started, or a namespace just attached, knows no baseline yet:
+            # one still interval of a bursty counter is not one).
+            self.quiet_before = (last is None and before - self.first_seen >= self.baseline) or (last is not None and before - last >= self.baseline)
             self.since = before
             self.first, self.events, self.intervals = (at, increase), 0, 0
         self.last_moved = at
