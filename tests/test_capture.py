@@ -474,6 +474,30 @@ async def test_anomalies_of_one_fault_share_one_capture(tmp_path: Path, netns: N
         await b.close()
 
 
+async def test_a_shared_capture_still_gets_the_host_side_one(tmp_path: Path, netns: NsUnderTest) -> None:
+    """Interface drops right after another anomaly of the same fault: the namespace's capture is
+    shared, the host end of the veth is captured too, once."""
+    from nstap.index import AnomalyRow
+
+    b = Bench(tmp_path, netns, {}, CaptureSettings(post_seconds=3, max_concurrent=4, max_per_container_per_hour=100))
+    b.engine.host_peers = lambda inode: [netns.host_if]  # type: ignore[method-assign]
+    await b.open()
+    try:
+        await b.attach()
+        ns = b.pool.watched()[b.record.netns]
+        now = time.time()
+        first = await b.anomalies.for_anomaly(ns, AnomalyRow("r1", "tcp_reset_spike", "ringed", b.record.short_id, "test", ns.inode, now, now, started_at=now - 1))
+        drops = [AnomalyRow(f"d{i}", "interface_drops", "ringed", b.record.short_id, "test", ns.inode, now + 0.5, now + 0.5, started_at=now - 1,
+                            numbers={f"{netns.host_if}.host.rx_drops": 5}) for i in range(2)]
+        assert [await b.anomalies.for_anomaly(ns, row) for row in drops] == [first, first]
+        running = [r for r in await b.store.index.captures.list() if r.state == "running"]
+        assert sorted((r.side, r.interface) for r in running) == [("container", ""), ("host", netns.host_if)], running
+        for r in running:
+            await wait_done(b.store, r.id)
+    finally:
+        await b.close()
+
+
 async def test_host_side_captures_count_in_the_containers_share(tmp_path: Path, netns: NsUnderTest) -> None:
     """Defect: an interface_drops anomaly's second capture, on the host end of the veth, did not
     count in its container's share: a storm of them held every capture slot. (The host end is

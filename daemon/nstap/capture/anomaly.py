@@ -38,22 +38,30 @@ class AnomalyCaptures:
         if capture_opted_out(namespace):
             return None
         target = CaptureTarget.of(namespace)
-        shared = self._covering(target.netns, anomaly, margin)
-        if shared is not None:
+        row_id = self._covering(target.netns, anomaly, margin)
+        if row_id is not None:
             # One fault trips several detectors at once (a paused listener: a stalled accept
             # queue, overflows, SYN-ACK retransmissions): one pcap holds them all.
-            log.info("anomaly_capture_shared", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container, capture_id=shared)
-            return shared
-        now = time.time()
-        why = self.quota.refusal(target.container_id, now)
-        if why:
-            self._refused(anomaly, why)
-            return None
-        row_id = await self._capture(target, anomaly, now, onset_at=anomaly.started_at, margin=margin)
-        if row_id is None:
-            self.quota.forget_start(target.container_id, now)
-            return None
+            log.info("anomaly_capture_shared", anomaly_id=anomaly.id, kind=anomaly.kind, container=anomaly.container, capture_id=row_id)
+        else:
+            now = time.time()
+            why = self.quota.refusal(target.container_id, now)
+            if why:
+                self._refused(anomaly, why)
+                return None
+            row_id = await self._capture(target, anomaly, now, onset_at=anomaly.started_at, margin=margin)
+            if row_id is None:
+                self.quota.forget_start(target.container_id, now)
+                return None
+        await self._host_side(target, anomaly, margin)
+        return row_id
+
+    async def _host_side(self, target: CaptureTarget, anomaly: AnomalyRow, margin: float) -> None:
+        """The host end of a veth whose drops tripped the anomaly, captured there too (unless a
+        running host-side capture of that interface holds it already), within the same quota."""
         for interface in self.host_side_too(anomaly, self.engine.host_peers(target.netns)):
+            if self._covering(target.netns, anomaly, margin, side="host", interface=interface) is not None:
+                continue
             why = self.quota.refusal(target.container_id, first=False)
             if why:
                 self._refused(anomaly, why, side="host")
@@ -61,14 +69,14 @@ class AnomalyCaptures:
             host_id = await self._capture(target, anomaly, None, side="host", interface=interface)
             if host_id is not None:
                 log.info("anomaly_host_capture", anomaly_id=anomaly.id, capture_id=host_id, interface=interface)
-        return row_id
 
-    def _covering(self, netns: int, anomaly: AnomalyRow, margin: float) -> str | None:
-        """A running anomaly capture of the namespace's own side whose window holds this anomaly
-        from its onset (a live one: from its detection) to a second past its detection."""
+    def _covering(self, netns: int, anomaly: AnomalyRow, margin: float, side: str = "container", interface: str = "") -> str | None:
+        """A running anomaly capture of the namespace on ``side`` (and ``interface``) whose window
+        holds this anomaly from its onset (a live one: from its detection) to a second past its
+        detection."""
         onset = (anomaly.started_at if anomaly.started_at is not None else anomaly.first_seen) - margin
         for row in self.engine.running_of(netns):
-            if row.reason != "anomaly" or row.side != "container" or row.window_end < anomaly.first_seen + 1:
+            if row.reason != "anomaly" or row.side != side or row.interface != interface or row.window_end < anomaly.first_seen + 1:
                 continue
             if row.mode == "live" and row.window_start <= anomaly.first_seen or row.window_start <= onset + 0.05:
                 return row.id
