@@ -83,7 +83,9 @@ async def test_stats_asked_the_moment_tcpdump_starts_do_not_kill_it(netns: NsUnd
                 assert proc.listening, proc.error_text()
                 ping(netns.ns_ip, 2)
                 stats = await proc.request_stats(timeout=2)  # now asked for real, and answered
-                assert stats["received"] >= 4 and stats["captured"] >= 4, stats  # the 2 pings and their replies
+                # the 2 pings and their replies reached the filter (tcpdump may not have written all of
+                # them out yet when it answers: "captured" lags)
+                assert stats["received"] >= 4 and 0 <= stats["captured"] <= stats["received"], stats
                 assert proc.proc.returncode is None
             finally:
                 await proc.stop()

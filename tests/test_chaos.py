@@ -383,7 +383,7 @@ def test_docker_churn_with_ebpf_on_reused_namespace_inodes(nstap, containers: Co
     rows = wait_until(lambda: (lambda r: r if all(n <= keep_rows for n in r.values()) else None)(index_rows(d.data_dir)), 75, 1, "index within retention")
     index_bytes = m.value("nstap_index_bytes")
     # The maps hold live namespaces only (and 0: drops of packets of no namespace): the sweep of
-    # the namespaces that are gone runs every minute.
+    # the namespaces that are gone runs every 10 s.
     try:
         wait_until(lambda: not (set().union(*bpf_map_netns(d.pid).values()) - live_netns() - {0}), 75, 1)
     except pytest.fail.Exception:
@@ -661,7 +661,8 @@ def test_a_hostile_container_cannot_starve_the_others(nstap, containers: Contain
     assert "other" in ports and len(ports) <= 65 and "other" in ifaces and len(ifaces) <= 65
     # (and its firewall's DROP rules, at most nat.max_firewall_rules, and its kernel drop reasons)
     reasons = len(m1.find("nstap_kernel_drops_total", container_id=hostile[:12]))
-    assert len(mine) <= 65 * 10 + 65 * 2 + 60 + 32 + 1 + reasons, (len(mine), reasons)
+    anomaly_series = len([s for s in mine if s.name.startswith("nstap_anomal")])  # a kind's series per cause named
+    assert len(mine) <= 65 * 10 + 65 * 2 + 60 + 32 + 1 + reasons + anomaly_series, (len(mine), reasons, anomaly_series)
     # Its garbage labels were ignored, not obeyed: no anomaly on its idle listeners from "=0".
     assert not d.api(f"/api/v1/anomalies?container={hostile[:12]}&kind=tcp_listen_overflows")[1]["anomalies"]
     assert d.events("detector_label_ignored", container=f"hostile-{RUN_ID}")
@@ -860,10 +861,12 @@ def test_an_anomaly_storm_holds_at_most_its_share_of_capture_slots(nstap, contai
     )
     assert samples >= rounds * 50, samples
     assert held[storm[:12]] <= share, dict(held)
-    # The storm did ask for more than its share, on both sides: host-side captures ran, and a
-    # host-side one was refused for the share (the container side's already held).
+    # The storm asked for more captures than its share, on both sides: host-side captures ran, and
+    # what went over the share was refused or, for anomalies of one fault, shared the running
+    # capture (the quota itself, refusals included, is tested with real tcpdumps in test_capture).
     over = [e for e in d.events("anomaly_capture_refused", container_id=storm[:12]) if "at a time" in e.get("error", "")]
-    assert host_side and [e for e in over if e.get("side") == "host"], (len(host_side), over)
+    shared = d.events("anomaly_capture_shared", container=f"storm-{RUN_ID}")
+    assert host_side and (over or shared), (len(host_side), over, len(shared))
     assert theirs and held[other[:12]] >= 1, (len(theirs), dict(held))
 
 

@@ -158,6 +158,10 @@ def test_three_hosts_through_agents_to_prometheus_and_victoriametrics(
         label: (set(HOSTS) if set(METRIC.findall(e)) <= (of_container if f'container="{container}"' in e else exported) else set())
         for label, e in expressions.items()
     }
+    # The containers' conntrack flows come and go with the port probes' connections (nat.probe): a
+    # snapshot cannot say whether a host has them at the next evaluation; left out both ways.
+    for label in [label for label, e in expressions.items() if "nstap_container_conntrack_entries" in e]:
+        del expected[label]
     print("expected empty here:", *sorted(label for label, hosts in expected.items() if not hosts), sep="\n  ")
     for name in QUIET_RULES:
         expected[next(label for label in expected if label.startswith(f"rule {name}:"))] = set()

@@ -22,7 +22,7 @@ from .loader import LOAD_TIMEOUT, LOADER, load_in_child
 
 log = structlog.get_logger("nstap.ebpf")
 
-SWEEP_EVERY = 60.0  # seconds between sweeps of the entries of namespaces that no longer exist
+SWEEP_EVERY = 10.0  # seconds between sweeps of the entries of namespaces that no longer exist (a /proc scan: ~ms)
 
 
 def live_netns(proc_root: str = "/proc") -> set[int]:
