@@ -99,7 +99,8 @@ def test_churn_of_docker_and_podman_containers_leaks_nothing(nstap, containers: 
         nonlocal started
         made = [c for group in pool.map(one_round, range(first, first + size)) for c in group]
         ids = [cid for cli, cid in made if cli != "pod"]
-        d.wait_metric(lambda m: all(m.find("nstap_container_info", container_id=c[:12]) for c in ids), 30, "batch listed")
+        # (60 s: four rounds of docker, podman and pod starts at once on 2 cores take their time)
+        d.wait_metric(lambda m: all(m.find("nstap_container_info", container_id=c[:12]) for c in ids), 60, "batch listed")
         # Every namespace watched and recording before it goes: 2 per round, 3 with a pod.
         namespaces = sum(2 + i % 2 for i in range(first, first + size))
         d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") >= baseline_rings + namespaces, 30, "rings running")

@@ -249,8 +249,12 @@ def test_docker_ports_probed_and_failures_caused(nstap, containers: Containers, 
     started = time.time()
     _ipt("-I", *shadow.split())
     try:
-        event = wait_until(lambda: _unreachable(d, web, started), 10, message="port_unreachable (shadowed)")[0]
-        assert event["numbers"]["causes"][0] == "nat_shadowed"
+        wait_until(lambda: _unreachable(d, web, started), 10, message="port_unreachable (shadowed)")
+        # (the probe may fail before the NAT monitor has read the new rule: the event's cause is
+        # named once it has)
+        wait_until(lambda: any(a["cause"]["kind"] == "nat_shadowed" and a["first_seen"] >= started
+                               for a in d.api(f"/api/v1/anomalies?container={web[:12]}&kind=port_unreachable")[1]["anomalies"]),
+                   20, 0.5, "port_unreachable caused by nat_shadowed")
         # (the probe may fail before the NAT monitor has read the new rule: the verdict names it once read)
         verdict = wait_until(lambda: (v := _verdicts(d, web)[port]["verdict"]) and v["probe"] and not v["probe"]["ok"] and v.get("cause", {}).get("kind") == "nat_shadowed" and v,
                              15, message="failed verdict naming the shadowing rule")
