@@ -16,7 +16,15 @@ a fresh flight-recorder container under steady traffic of its own:
 * ``tcp_reset_spike``: 200 connections to a closed port;
 * ``udp_receive_buffer_errors``: a UDP socket that never reads, flooded;
 * ``tcp_syn_sent_stuck``: a client container whose SYN-ACKs are dropped (the fault bites at its
-  next connection attempt: latency is measured from the onset).
+  next connection attempt: latency is measured from the onset);
+
+and the faults that collapse traffic (clients give up, so no ratio rises and no per-sample
+threshold is crossed; goal: detected within two samples):
+
+* ``tcp_syn_recv_stuck``: the clients' ACKs dropped in the container's own firewall;
+* ``tcp_accept_stalled``: the listener paused while two clients a second give up after a second;
+* ``tcp_collapse``: nine in ten of the clients' packets dropped in the container's firewall;
+* ``kernel_drops``: 3 UDP datagrams a second to a closed port (a new reason, moving steadily).
 
 For each kind it prints the latency from the injection to the detection (``first_seen``), the
 onset's error (``started_at`` − injection), the seconds of packets the pcap holds from before the
@@ -116,6 +124,7 @@ def host_end(cid: str) -> str:
 class Fault:
     kind = ""
     takes_effect_later = False
+    settle = PRE + 3  # seconds of steady traffic before the fault (the flight recorder keeps them)
 
     def __init__(self, image: str, api: Api) -> None:
         self.image, self.api = image, api
@@ -277,7 +286,82 @@ class UnansweredSyns(Fault):
         return at
 
 
-FAULTS = [LossyAcks, StuckListener, MtuMismatch, LinkDown, ResetStorm, StuckUdpReader, UnansweredSyns]
+class HalfOpenHandshakes(Fault):
+    """The clients' ACKs dropped in the container's own firewall: no handshake completes, the
+    listener retransmits its SYN-ACKs, the clients give up after a second."""
+
+    kind = "tcp_syn_recv_stuck"
+
+    def inject(self, cid: str) -> float:
+        at = time.time()
+        in_ns(cid, "iptables", "-I", "INPUT", "-p", "tcp", "--dport", "80", "--tcp-flags", "SYN,ACK,FIN,RST", "ACK", "-j", "DROP")
+        return at
+
+
+class GivingUpClients(Fault):
+    """The listener paused while two clients a second connect and give up after a second: one
+    listen overflow a second at most, below any per-sample threshold."""
+
+    kind = "tcp_accept_stalled"
+
+    def start(self) -> str:
+        cid = start_container(self.image, f"nstap-bench-{self.kind}-{len(self.cids)}-{os.getpid()}", *RING)
+        self.cids.append(cid)
+        self.threads.append(Requests(container_ips([cid]), period=0.5))
+        self.threads[-1].start()
+        return cid
+
+    def inject(self, cid: str) -> float:
+        at = time.time()
+        sh("docker", "pause", cid)
+        return at
+
+    def undo(self, cid: str) -> None:
+        sh("docker", "unpause", cid)
+
+
+class CollapsedTraffic(Fault):
+    """Nine in ten of the clients' packets dropped in the container's own firewall: completed
+    connections fall to almost nothing while the listener still retransmits."""
+
+    kind = "tcp_collapse"
+
+    def inject(self, cid: str) -> float:
+        at = time.time()
+        in_ns(cid, "iptables", "-I", "INPUT", "-p", "tcp", "--dport", "80", "-m", "statistic", "--mode", "random", "--probability", "0.9", "-j", "DROP")
+        return at
+
+
+class NewDropReason(Fault):
+    """Three UDP datagrams a second to a port nothing listens on: a kernel drop reason
+    (NO_SOCKET) the namespace never had, moving steadily, never 10 in one sample (eBPF on)."""
+
+    kind = "kernel_drops"
+    settle = 35  # kernel_drops.baseline (30 s) of watching before a reason that starts is news
+
+    def inject(self, cid: str) -> float:
+        ip = container_ips([cid])[0]
+        self.stop = threading.Event()
+
+        def send() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for _ in range(300):  # at most 100 s
+                    s.sendto(b"x", (ip, 9))
+                    if self.stop.wait(1 / 3):
+                        return
+
+        self.sender = threading.Thread(target=send, daemon=True)
+        at = time.time()
+        self.sender.start()
+        return at
+
+    def undo(self, cid: str) -> None:
+        self.stop.set()
+        self.sender.join(5)
+
+
+FAULTS = [LossyAcks, StuckListener, MtuMismatch, LinkDown, ResetStorm, StuckUdpReader, UnansweredSyns,
+          HalfOpenHandshakes, GivingUpClients, CollapsedTraffic, NewDropReason]
 
 
 def wait_event(api: Api, cid: str, kind: str, timeout: float) -> dict | None:
@@ -351,7 +435,7 @@ def main() -> int:
                 fault = cls(image, api)
                 try:
                     cid = fault.start()
-                    time.sleep(PRE + 3)  # steady traffic the flight recorder keeps
+                    time.sleep(fault.settle)
                     injected = fault.inject(cid)
                     event = wait_event(api, cid, fault.kind, 30)
                     fault.undo(cid)

@@ -216,7 +216,7 @@ def test_docker_ports_probed_and_failures_caused(nstap, containers: Containers, 
     # container): port 80 published on every address, 8081 bound to loopback, 8082 not published.
     web = containers.docker("-p", f"0.0.0.0:{port}:80", docker_image, "sh", "-c",
                             "httpd -p 80 -h /; httpd -p 127.0.0.1:8081 -h /; httpd -p 8082 -h /; exec sleep 600", name="probeweb")
-    local = containers.docker("-p", "127.0.0.1::80", docker_image, "httpd", "-f", "-p", "80", "-h", "/", name="probelo")
+    local = containers.docker("-p", "127.0.0.1::80", docker_image, "sh", "-c", "httpd -p 80 -h /; exec sleep 600", name="probelo")
     optout = containers.docker("--label", "nstap.probe=off", "-p", f"{port + 1}:80", docker_image, "httpd", "-f", "-p", "80", "-h", "/", name="probeoff")
     other = containers.docker(docker_image, "sleep", "600", name="probenobody")
     other_ip = containers.inspect("docker", other)["NetworkSettings"]["IPAddress"]
@@ -227,7 +227,7 @@ def test_docker_ports_probed_and_failures_caused(nstap, containers: Containers, 
     verdict = _verdicts(d, web)[port]["verdict"]
     assert verdict["rule"] is True and verdict["listener"] is True and verdict["accept_queue"]["limit"] > 0
     lo = wait_until(lambda: (p := _probe(d, local, lo_port)) and p["ok"] and p, 10, message="the loopback port probed ok")
-    assert lo["path"].startswith("host-loopback -> 127.0.0.1:")
+    assert lo["path"].startswith("host-loopback -> 127.0.0.1:") and lo["via"] in ("userland-proxy", "dnat"), lo
     m = d.wait_metric(lambda m: m.value("nstap_port_probe_success", container_id=web[:12], host_port=str(port)) == 1 and m, 5, "metric")
     assert m.value("nstap_port_probe_duration_seconds", container_id=web[:12], host_port=str(port), protocol="tcp", host_ip="0.0.0.0") > 0
     assert m.value("nstap_collector_up", collector="port_probe") == 1
@@ -283,6 +283,15 @@ def test_docker_ports_probed_and_failures_caused(nstap, containers: Containers, 
     event = wait_until(lambda: _unreachable(d, web, started), 10, message="port_unreachable (no listener)")[0]
     assert event["numbers"]["causes"][0] == "no_listener"
     assert _verdicts(d, web)[port]["verdict"]["listener"] is False
+
+    # The loopback port's server killed: docker-proxy still accepts on 127.0.0.1 (and closes at
+    # once), which is not "ok": its own connection to the container is refused.
+    sh("docker", "exec", local, "sh", "-c", "kill $(pidof httpd)")
+    lo = wait_until(lambda: (p := _probe(d, local, lo_port)) and not p["ok"] and p, 10, message="the loopback port without a listener fails")
+    if lo["via"] == "userland-proxy":
+        assert "docker-proxy accepted, but its connection to" in lo["error"] and "refused" in lo["error"], lo
+    verdict = wait_until(lambda: (v := _verdicts(d, local)[lo_port]["verdict"]) and v.get("cause") and v, 10, message="its verdict")
+    assert verdict["listener"] is False and verdict["cause"]["kind"] == "no_listener", verdict
 
 
 @pytest.mark.podman

@@ -28,7 +28,8 @@ concurrent captures (a slot is taken before the first ``await``, so simultaneous
 all pass), the anomaly captures' per-container quota (:mod:`.quota`), the store's disk budget,
 files 0600. A tcpdump that is missing or dies, or a disk that is full, makes the capture
 "failed" with what it said; every capture ends with a state, whatever goes wrong; the daemon
-carries on. Reading a ring back, hashing and filtering run off the event loop.
+carries on. Reading a ring back, hashing and filtering run off the event loop. Outcomes go to the
+index through :mod:`.outcomes`.
 """
 
 from __future__ import annotations
@@ -45,17 +46,17 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from ..index import AnomalyRow, CaptureRow, new_id
-from ..index.captures import COMPLETE, FAILED, INCOMPLETE, RUNNING
+from ..index.captures import FAILED, RUNNING
 from ..registry import ContainerRegistry
 from ..samples import SampleStore
 from ..supervisor import TaskSupervisor
 from . import writer
+from .writer import STOPPED
 from .evidence import EvidenceRecorder
 from .fleet import NamespaceHolder, RecorderFleet, capture_opted_out
 from .model import SIDES, CaptureRefused, CaptureSettings, CaptureStats, CaptureTarget
-from .pcap import PcapError
 from .quota import SlotQuota
-from .recent import RecentCaptures
+from .outcomes import CaptureOutcomes
 from .ring import FlightRecorder
 from .store import CaptureStore
 from .tcpdump import CaptureToolMissing, Tools
@@ -66,8 +67,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("nstap.capture")
 
-MAX_UNSAVED = 1000  # finished captures whose index update failed, kept to be retried
-STOPPED = "daemon stopped before the capture finished"
 
 __all__ = ["CaptureEngine", "CaptureRefused", "CaptureSettings", "CaptureStats", "CaptureTarget", "SIDES", "capture_opted_out"]
 
@@ -100,9 +99,8 @@ class CaptureEngine:
             self.tools, namespaces, data_dir / "ring", self.supervisor, settings.ring, settings.ring_bytes, settings.ring_segments, settings.ring_seconds
         )
         self.quota = SlotQuota(settings.max_per_container_per_hour, settings.max_concurrent)
-        self.recent = RecentCaptures()
+        self.outcomes = CaptureOutcomes(store)
         self.evidence = EvidenceRecorder(store) if settings.evidence else None
-        store.evicted_listeners.append(self.recent.evicted)
         self.nat: NatMonitor | None = None  # set by the daemon: its view joins each capture's evidence
         self.ebpf: EbpfService | None = None  # likewise
         self._evidence_tasks: set[asyncio.Task] = set()
@@ -111,13 +109,9 @@ class CaptureEngine:
         self._running: dict[str, asyncio.Task] = {}
         self._running_rows: dict[str, CaptureRow] = {}  # the rows of the captures in _running
         self._reserved = 0  # slots taken by captures being created (between the check and the task)
-        self._unsaved: dict[str, dict[str, Any]] = {}  # capture id -> outcome the index could not take yet
         self._closed = False
         self.captures_total: Counter[tuple[str, str, str, str]] = Counter()  # (container, id, runtime, reason)
         self.refused_total: Counter[str] = Counter({"concurrency": 0, "per_container_limit": 0, "store": 0})
-        self.bytes_total = 0
-        self.kernel_drops_total = 0
-        self.failed_total = 0
 
     @property
     def rings(self) -> dict[int, FlightRecorder]:
@@ -149,7 +143,7 @@ class CaptureEngine:
 
     async def load_recent(self) -> None:
         """Fill :attr:`recent` from the index: a restart keeps the dashboards' links to captures."""
-        self.recent.load(await self.store.index.captures.list(limit=100 * 10))
+        await self.outcomes.load()
 
     def start(self) -> None:
         """Follow the watched namespaces: a flight recorder for every one that wants one."""
@@ -364,7 +358,7 @@ class CaptureEngine:
             except Exception as exc:  # noqa: BLE001 - a bug must not leave the capture "running" for good
                 self.supervisor.failed("capture", exc, capture_id=row.id)
                 outcome = {"state": FAILED, "error": f"internal error: {type(exc).__name__}: {exc}"}
-            await self._record(row, outcome)
+            await self.outcomes.record(row, outcome)
         finally:
             self._running.pop(row.id, None)
             self._running_rows.pop(row.id, None)
@@ -375,95 +369,16 @@ class CaptureEngine:
         except (OSError, sqlite3.Error) as exc:  # the next start marks it incomplete then
             log.warning("capture_index_failed", capture_id=row.id, error=str(exc))
 
-    async def _fill(self, row: CaptureRow, ring: FlightRecorder | None, fd: int | None, out: writer.CaptureFile) -> tuple[int, str]:
-        if ring is not None:
-            return await writer.from_ring(ring, out)
-        assert fd is not None and self.tools is not None
-        return await writer.live(self.tools, fd, row.filter, out, row.interface or "any")
-
     async def _take(self, row: CaptureRow, ring: FlightRecorder | None, asked_pre: bool, fd: int | None) -> dict[str, Any]:
         path = self.store.files.path(row.file)  # type: ignore[arg-type]
         # With a filter, the ring's unfiltered records are written aside and filtered by tcpdump.
         raw_path = self.store.unfiltered_path(row) if (ring is not None and row.filter) else path
-        state, error, drops = COMPLETE, "", 0
-        out: writer.CaptureFile | None = None
-        try:
-            out = writer.CaptureFile(raw_path, row.window_start, row.window_end, row.trigger_at, self.settings.max_bytes)
-            drops, error = await self._fill(row, ring, fd, out)
-            if error and out.packets == 0:
-                state = FAILED
-        except asyncio.CancelledError:
-            state, error = INCOMPLETE, STOPPED
-        except (OSError, PcapError) as exc:
-            state, error = FAILED, str(exc)
-        finally:
-            if out is not None:
-                out.close()
-        if out is None:
-            return {"state": state, "error": error}
-        if out.write_error:
-            error = f"cannot write the capture: {out.write_error}"
-            state = FAILED if out.packets == 0 else state
-        if out.capped and not error:
-            error = f"byte cap of {self.settings.max_bytes} reached"
-        if raw_path != path:
-            if state == INCOMPLETE:
-                # The daemon stops: no time to filter. The packets stay in raw_path, which the next
-                # start filters (CaptureStore.open, CaptureEngine.recover).
-                return {"state": state, "error": error}
-            if state != FAILED:
-                try:
-                    await self.tools.filter_file(raw_path, path, row.filter)  # type: ignore[union-attr]
-                except (OSError, ValueError) as exc:
-                    state, error = FAILED, f"filtering failed: {exc}"
-            raw_path.unlink(missing_ok=True)
-        size, packets, digest, pre_packets = await asyncio.to_thread(writer.summary, path, out)
-        if ring is None and asked_pre and not error:
-            error = "no flight recorder for this container: the capture starts at the trigger"
-        return {"state": state, "error": error, "bytes": size, "packets": packets, "pre_packets": pre_packets, "kernel_drops": drops, "sha256": digest}
-
-    # -- outcome ---------------------------------------------------------------------------------
-
-    async def _record(self, row: CaptureRow, outcome: dict[str, Any]) -> None:
-        """Write a capture's outcome to the index (kept and retried if the index cannot take it now)."""
-        outcome.setdefault("finished_at", time.time())
-        state = outcome["state"]
-        self.bytes_total += outcome.get("bytes", 0)
-        self.kernel_drops_total += outcome.get("kernel_drops", 0)
-        if state == FAILED:
-            self.failed_total += 1
-        self.recent.remember(row, state)
-        saved = await self._save_outcome(row.id, outcome)
-        evicted: list[str] = []
-        if saved:
-            await self.retry_unsaved()
-            try:
-                evicted = await self.store.enforce()
-            except (OSError, sqlite3.Error) as exc:
-                log.warning("capture_retention_failed", error=str(exc))
-        log.info(
-            "capture_finished", capture_id=row.id, container=row.container, container_id=row.container_id, state=state,
-            packets=outcome.get("packets", 0), pre_packets=outcome.get("pre_packets", 0), bytes=outcome.get("bytes", 0),
-            kernel_drops=outcome.get("kernel_drops", 0), error=outcome.get("error", ""), evicted=len(evicted),
-        )
-
-    async def _save_outcome(self, capture_id: str, outcome: dict[str, Any]) -> bool:
-        try:
-            await self.store.finish(capture_id, **outcome)
-        except (OSError, sqlite3.Error) as exc:
-            if capture_id not in self._unsaved:
-                log.warning("capture_index_failed", capture_id=capture_id, error=str(exc))
-            if len(self._unsaved) < MAX_UNSAVED or capture_id in self._unsaved:
-                self._unsaved[capture_id] = outcome
-            return False
-        self._unsaved.pop(capture_id, None)
-        return True
+        source = writer.Source(ring, self.tools, fd, row.filter, row.interface or "any")
+        return await writer.take(source, path, raw_path, (row.window_start, row.window_end, row.trigger_at), self.settings.max_bytes, asked_pre)
 
     async def retry_unsaved(self) -> None:
-        """Write the outcomes the index could not take before (a full disk that has room again)."""
-        for capture_id, outcome in list(self._unsaved.items()):
-            if not await self._save_outcome(capture_id, outcome):
-                return
+        """Write the outcomes the index could not take before (see :class:`CaptureOutcomes`)."""
+        await self.outcomes.retry_unsaved()
 
     def recording(self, capture_id: str) -> bool:
         """True while the capture runs or its evidence is being taken (its upload waits for both)."""
@@ -471,7 +386,7 @@ class CaptureEngine:
 
     def unsaved(self, capture_id: str) -> dict[str, Any] | None:
         """The outcome of a finished capture the index has not taken yet, if any."""
-        return self._unsaved.get(capture_id)
+        return self.outcomes.unsaved(capture_id)
 
     def when_done(self, capture_id: str, callback: Callable[[], None]) -> None:
         """Call ``callback`` when the running capture ``capture_id`` has ended (outcome recorded)."""
@@ -488,13 +403,13 @@ class CaptureEngine:
     def stats(self) -> CaptureStats:
         """The read model the exporter scrapes (call on the event loop)."""
         now = time.time()
-        fleet, store = self.fleet, self.store
+        fleet, store, done = self.fleet, self.store, self.outcomes
         return CaptureStats(
             reach=[(inode, r.reach(now)) for inode, r in fleet.rings.items() if r.running],
-            total=dict(self.captures_total), refused=dict(self.refused_total), bytes=self.bytes_total,
-            kernel_drops=self.kernel_drops_total, failed=self.failed_total, running=len(self._running),
+            total=dict(self.captures_total), refused=dict(self.refused_total), bytes=done.bytes_total,
+            kernel_drops=done.kernel_drops_total, failed=done.failed_total, running=len(self._running),
             store_bytes=store.total_bytes, store_max_bytes=store.retention.max_bytes, index_bytes=store.index_bytes,
-            index_pruned=store.pruned_total, recent=self.recent.items(),  # type: ignore[arg-type]
+            index_pruned=store.pruned_total, recent=done.recent.items(),  # type: ignore[arg-type]
             rings=sum(1 for r in fleet.rings.values() if r.running), ring_restarts=fleet.restarts_total,
             ring_lost=fleet.lost_total, ring_backlog=fleet.backlog, pumps_cut=fleet.pumps_cut_total,
         )

@@ -3,7 +3,8 @@ tcpdump, within its window and its byte cap.
 
 :class:`CaptureFile` writes; :func:`from_ring` reads the ring back from the window's start (in a
 worker thread, whole segments copied by the kernel) and then takes the records as they arrive;
-:func:`live` runs a tcpdump for the window; :func:`summary` says what the finished file holds.
+:func:`live` runs a tcpdump for the window; :func:`summary` says what the finished file holds;
+:func:`take` does all of it for one capture and returns its outcome.
 A write that fails (a full disk) is never raised: the file keeps what it got and says why.
 """
 
@@ -13,7 +14,11 @@ import asyncio
 import errno
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from ..index.captures import COMPLETE, FAILED, INCOMPLETE
 
 from .pcap import HEADER_LEN, PcapError, PcapHeader, PcapWriter, Record, StreamParser, read_file, sha256_file
 from .ring import FlightRecorder, Span, WholeSegment, read_window
@@ -237,3 +242,67 @@ async def live(tools: Tools, fd: int, bpf: str, out: CaptureFile, interface: str
     elif reader in done and not out.capped and not out.write_error:
         error = "tcpdump stopped early: " + (proc.error_text() or f"exit code {code}")
     return proc.stats.get("dropped", 0), error
+
+
+STOPPED = "daemon stopped before the capture finished"
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a capture's packets come from: a flight recorder's ring, else a live tcpdump in the
+    namespace ``fd`` (with the capture's filter, on ``interface``)."""
+
+    ring: FlightRecorder | None
+    tools: Tools | None
+    fd: int | None
+    bpf: str
+    interface: str
+
+
+async def _fill(source: Source, out: CaptureFile) -> tuple[int, str]:
+    if source.ring is not None:
+        return await from_ring(source.ring, out)
+    assert source.fd is not None and source.tools is not None
+    return await live(source.tools, source.fd, source.bpf, out, source.interface)
+
+
+async def take(source: Source, path: Path, raw_path: Path, window: tuple[float, float, float], max_bytes: int, asked_pre: bool) -> dict[str, Any]:
+    """Fill the pcap at ``path`` with the packets of ``window`` (start, end, trigger) and say what
+    became of it: the outcome the index records. A ring's records are written unfiltered to
+    ``raw_path`` first when the capture has a filter, then filtered by tcpdump into ``path``."""
+    state, error, drops = COMPLETE, "", 0
+    out: CaptureFile | None = None
+    try:
+        out = CaptureFile(raw_path, *window, max_bytes)
+        drops, error = await _fill(source, out)
+        if error and out.packets == 0:
+            state = FAILED
+    except asyncio.CancelledError:
+        state, error = INCOMPLETE, STOPPED
+    except (OSError, PcapError) as exc:
+        state, error = FAILED, str(exc)
+    finally:
+        if out is not None:
+            out.close()
+    if out is None:
+        return {"state": state, "error": error}
+    if out.write_error:
+        error = f"cannot write the capture: {out.write_error}"
+        state = FAILED if out.packets == 0 else state
+    if out.capped and not error:
+        error = f"byte cap of {max_bytes} reached"
+    if raw_path != path:
+        if state == INCOMPLETE:
+            # The daemon stops: no time to filter. The packets stay in raw_path, which the next
+            # start filters (CaptureStore.open, CaptureEngine.recover).
+            return {"state": state, "error": error}
+        if state != FAILED:
+            try:
+                await source.tools.filter_file(raw_path, path, source.bpf)  # type: ignore[union-attr]
+            except (OSError, ValueError) as exc:
+                state, error = FAILED, f"filtering failed: {exc}"
+        raw_path.unlink(missing_ok=True)
+    size, packets, digest, pre_packets = await asyncio.to_thread(summary, path, out)
+    if source.ring is None and asked_pre and not error:
+        error = "no flight recorder for this container: the capture starts at the trigger"
+    return {"state": state, "error": error, "bytes": size, "packets": packets, "pre_packets": pre_packets, "kernel_drops": drops, "sha256": digest}

@@ -371,13 +371,7 @@ class PortProber:
             else:
                 await asyncio.wait_for(loop.sock_connect(sock, (address, f.host_port)), cfg.timeout)
                 seconds = time.perf_counter() - started  # the handshake only, not the path check
-                if path_kind == "probe-netns":
-                    via = self._via(address, f.host_port, sock)
-                    if via == "host-socket":
-                        if f.runtime in self.proxied:
-                            via = "userland-proxy"
-                        else:  # Podman's conmon holds the port to reserve it: it accepts nothing
-                            error = "accepted by a socket of the host, not the container: the DNAT rule did not apply"
+                via, error = await self._accepted_by(f, address, sock, cfg.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             error = _error(exc)
         finally:
@@ -387,6 +381,28 @@ class PortProber:
         if error:
             self.failures_total += 1
         return ProbeResult(time.time(), not error, path, via, seconds, error)
+
+    async def _accepted_by(self, f: Forward, address: str, sock: socket.socket, timeout: float) -> tuple[str, str]:
+        """(via, error) of an accepted probe connection. A socket of the host that accepted it is
+        docker-proxy's (or Podman's conmon's, which only reserves the port and accepts nothing).
+        docker-proxy accepts whether or not anything listens behind it and closes at once when its
+        own connection fails: the proxy's second leg, host -> container address and port, is tried
+        as it tries it, so that a port with no listener is not "ok" for having reached the proxy."""
+        via = self._via(address, f.host_port, sock)
+        if via != "host-socket":
+            return via, ""
+        if f.runtime not in self.proxied:
+            return via, "accepted by a socket of the host, not the container: the DNAT rule did not apply"
+        if not f.container_ip:
+            return "userland-proxy", ""
+        backend = tcp_socket()
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(backend, (f.container_ip, f.container_port)), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            return "userland-proxy", f"docker-proxy accepted, but its connection to {f.container_ip}:{f.container_port} failed: {_error(exc)}"
+        finally:
+            backend.close()
+        return "userland-proxy", ""
 
     async def _udp(self, sock: socket.socket, address: str, port: int, timeout: float) -> str:
         loop = asyncio.get_running_loop()
