@@ -292,6 +292,7 @@ class Ticker:
     """
 
     SLICE = 0.005
+    EARLY = 0.05  # seconds before a tick its early hooks run (at most a tenth of the interval)
 
     def __init__(
         self, interval: float, on_round: Callable[[], None] | None = None, lag: LoopHistogram | None = None, budget: float = 0.002
@@ -299,7 +300,11 @@ class Ticker:
         self.interval = interval
         self.budget = budget  # CPU seconds of one namespace's sample before it counts as costly
         self.on_round = on_round  # called as each tick starts, before the samples
-        self.hooks: list[Callable[[], None]] = []  # more of those (the eBPF map read)
+        self.hooks: list[Callable[[], None]] = []  # more of those
+        # Called EARLY seconds before each tick: work in other threads whose result the tick's
+        # samples use (the eBPF map read, ~1 ms: started at the tick, its counts were one interval old).
+        self.early_hooks: list[Callable[[], None]] = []
+        self._early: asyncio.Handle | None = None
         self.lag = lag  # how late each tick started, in seconds (a blocked event loop shows here)
         self._watchers: dict[NamespaceWatcher, None] = {}
         self._timer: asyncio.Handle | None = None  # the next tick, or the next slice of this one
@@ -328,6 +333,13 @@ class Ticker:
             slot = (now // self.interval + 1) * self.interval
         self._due = slot
         self._timer = loop.call_at(max(slot, now), self._tick)
+        if self.early_hooks:
+            self._early = loop.call_at(max(slot - min(self.EARLY, self.interval / 10), now), self._run_early)
+
+    def _run_early(self) -> None:
+        self._early = None
+        for hook in self.early_hooks:
+            hook()
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -384,9 +396,10 @@ class Ticker:
 
     def close(self) -> None:
         """Stop ticking."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for handle in (self._timer, self._early):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._early = None
         self._watchers.clear()
 
 
