@@ -21,7 +21,7 @@ a fresh flight-recorder container under steady traffic of its own:
 and the faults that collapse traffic (clients give up, so no ratio rises and no per-sample
 threshold is crossed; goal: detected within two samples):
 
-* ``tcp_syn_recv_stuck``: the clients' ACKs dropped in the container's own firewall;
+* ``tcp_syn_recv_stuck``: the clients' ACKs dropped in the container's own firewall (four clients);
 * ``tcp_accept_stalled``: the listener paused while two clients a second give up after a second;
 * ``tcp_collapse``: nine in ten of the clients' packets dropped in the container's firewall;
 * ``kernel_drops``: 3 UDP datagrams a second to a closed port (a new reason, moving steadily).
@@ -287,14 +287,23 @@ class UnansweredSyns(Fault):
 
 
 class HalfOpenHandshakes(Fault):
-    """The clients' ACKs dropped in the container's own firewall: no handshake completes, the
-    listener retransmits its SYN-ACKs, the clients give up after a second."""
+    """The clients' ACKs dropped in the container's own firewall (their FINs too, which carry an
+    ACK that would complete the handshake): no handshake completes, the listener retransmits its
+    SYN-ACKs, the clients give up after a second. Four clients (one sequential client gives up
+    once a second and makes one half-open connection a second)."""
 
     kind = "tcp_syn_recv_stuck"
 
+    def start(self) -> str:
+        cid = super().start()
+        for _ in range(3):
+            self.threads.append(Requests(container_ips([cid])))
+            self.threads[-1].start()
+        return cid
+
     def inject(self, cid: str) -> float:
         at = time.time()
-        in_ns(cid, "iptables", "-I", "INPUT", "-p", "tcp", "--dport", "80", "--tcp-flags", "SYN,ACK,FIN,RST", "ACK", "-j", "DROP")
+        in_ns(cid, "iptables", "-I", "INPUT", "-p", "tcp", "--dport", "80", "--tcp-flags", "SYN,ACK,RST", "ACK", "-j", "DROP")
         return at
 
 
