@@ -302,3 +302,18 @@ async def test_fleet_listing_all_hosts(weed, tmp_path):
             await up.close()
         for store in stores:
             await store.close()
+
+
+async def test_get_bytes_reads_the_whole_object(weed):
+    """A small object read whole (the capture page reads evidence from the bucket so): every chunk of it, not the first."""
+    c = weed.client()
+    try:
+        key = f"whole/{new_id()}.json"
+        data = os.urandom(700_000)
+        await c.put_bytes(key, data)
+        assert await c.get_bytes(key, 1 << 20) == data
+        with pytest.raises(S3Error) as too_large:
+            await c.get_bytes(key, 500_000)
+        assert too_large.value.code == "TooLarge"
+    finally:
+        await c.close()

@@ -329,13 +329,18 @@ class S3Client:
     async def get_bytes(self, key: str, limit: int = 1 << 20) -> bytes:
         """A small object whole (at most ``limit`` bytes)."""
         resp = await self.get(key)
+        data = bytearray()
         try:
-            data = await resp.content.read(limit + 1)
+            while len(data) <= limit:  # read(n) returns what has arrived, up to n: not the whole body
+                chunk = await resp.content.read(limit + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
         finally:
             resp.release()
         if len(data) > limit:
             raise S3Error(resp.status, "TooLarge", f"{key} is over {limit} bytes")
-        return data
+        return bytes(data)
 
     async def list(self, prefix: str, delimiter: str = "") -> tuple[list[str], list[str]]:
         """Keys and common prefixes under ``prefix`` (every page)."""
