@@ -168,6 +168,11 @@ class S3Client:
     def __repr__(self) -> str:
         return f"S3Client({self._base}, bucket={self.bucket!r})"
 
+    @property
+    def endpoint(self) -> str:
+        """The server's URL the requests go to, without any user or password a config put in it."""
+        return str(self._base.with_user(None))
+
     async def close(self) -> None:
         """Close the connections."""
         if self._session is not None:
