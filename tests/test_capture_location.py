@@ -1,5 +1,6 @@
 """What the capture page and the API say of where a capture is (the bucket, its keys, the upload's
-record): the pure parts, as tables."""
+record) and of the talkers its evidence recorded: the pure parts, as tables. The same views
+against a real daemon, SeaweedFS and conntrack are in test_s3_storage.py and test_ui.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from nstap.api.evidence_view import MAX_SHOWN, view_of
+from nstap.api.evidence_view import MAX_SHOWN, recorded_talkers, view_of
 from nstap.index.captures import COMPLETE, EVICTED, FAILED, RUNNING, CaptureRow
 from nstap.index.uploads import UploadRow
 from nstap.storage.location import UPLOAD_STATES, BucketPlace, capture_storage, upload_state
@@ -59,10 +60,42 @@ def test_capture_storage_names_the_bucket_keys_and_the_queue_record() -> None:
     json.dumps(done)  # the API sends it as it is
 
 
-def test_evidence_view_shows_small_documents_only() -> None:
-    small = view_of(json.dumps({"version": 1, "start": {}}).encode(), "bucket")
-    assert small.text and small.source == "bucket"
-    large = view_of(json.dumps({"version": 1, "pad": "x" * MAX_SHOWN}).encode(), "local")
-    assert large.text == "" and "too large to show" in large.note
+def _doc(start: object, end: object = None) -> dict:
+    return {"version": 1, "start": start, "end": end}
+
+
+PEER = {"peer": "172.17.0.1", "bytes_out": 5000, "packets_out": 4, "bytes_in": 300, "packets_in": 5, "new_flows": 1, "bytes": 5300}
+
+
+@pytest.mark.parametrize("doc, expected", [
+    (None, []),
+    ([], []),
+    (_doc(None), []),
+    (_doc({"taken_at": 10.0}), []),  # nat off: no talkers
+    (_doc({"taken_at": 10.0, "nat": {"error": "x"}}), []),
+    (_doc({"taken_at": 10.0, "nat": {"talkers": {"source": "conntrack", "window_seconds": 60.0, "error": "", "peers": [PEER]}}}),
+     [{"when": "start", "taken_at": 10.0, "window_seconds": 60.0, "source": "conntrack", "error": "",
+       "peers": [{k: v for k, v in PEER.items() if k != "bytes"}]}]),
+    # off without consent: the reason, no peers
+    (_doc({"taken_at": 10.0, "nat": {"talkers": {"source": "conntrack", "window_seconds": 0, "error": "nf_conntrack_acct is off", "peers": []}}}),
+     [{"when": "start", "taken_at": 10.0, "window_seconds": 0.0, "source": "conntrack", "error": "nf_conntrack_acct is off", "peers": []}]),
+    # damaged: wrong types become zeros and text, never an exception; both snapshots
+    (_doc({"taken_at": "x", "nat": {"talkers": {"window_seconds": "60", "peers": [{"peer": 5, "bytes_out": "9", "packets_out": -1,
+                                                                                      "bytes_in": float("nan"), "packets_in": True}, "junk"]}}},
+          {"taken_at": 20.0, "nat": {"talkers": {"peers": "not a list"}}}),
+     [{"when": "start", "taken_at": None, "window_seconds": 0.0, "source": "", "error": "",
+       "peers": [{"peer": "5", "bytes_out": 0, "packets_out": 0, "bytes_in": 0, "packets_in": 0, "new_flows": 0}]},
+      {"when": "end", "taken_at": 20.0, "window_seconds": 0.0, "source": "", "error": "", "peers": []}]),
+])
+def test_recorded_talkers(doc: object, expected: list) -> None:
+    assert recorded_talkers(doc) == expected
+
+
+def test_evidence_view_shows_small_documents_and_talkers_of_large_ones() -> None:
+    talkers = {"taken_at": 1.0, "nat": {"talkers": {"peers": [PEER]}}}
+    small = view_of(json.dumps(_doc(talkers)).encode(), "bucket")
+    assert small.text and small.source == "bucket" and small.talkers[0]["peers"][0]["peer"] == PEER["peer"]
+    large = view_of(json.dumps({**_doc(talkers), "pad": "x" * MAX_SHOWN}).encode(), "local")
+    assert large.text == "" and "too large to show" in large.note and large.talkers[0]["peers"][0]["bytes_out"] == 5000
     broken = view_of(b"{not json", "local")
-    assert broken.text == "" and broken.note.startswith("unreadable")
+    assert broken.text == "" and broken.note.startswith("unreadable") and broken.talkers == []
