@@ -418,27 +418,32 @@ def test_daemon_uploads_then_serves_an_evicted_capture_from_the_bucket(nstap, we
 
     second = _capture_with_traffic(d, cid, ip)
     assert second["state"] == "complete", second
-    evicted = wait_until(lambda: (v := _storage(d, first["id"]))["location"] == "bucket" and v, 30, 0.2, "the older capture evicted here")
+    _served_from_the_bucket(d, tmp_path, first["id"], local_bytes, weed.endpoint + "/", fleet, other_id)
+
+
+def _served_from_the_bucket(d, tmp_path: Path, capture_id: str, local_bytes: bytes, endpoint: str, fleet: str, other_id: str) -> None:
+    """The capture evicted here after its upload: what the API and the page say of it, and its
+    pcap through the API's bucket route, the page and the CLI (``other_id``: another host's)."""
+    evicted = wait_until(lambda: (v := _storage(d, capture_id))["location"] == "bucket" and v, 30, 0.2, "the older capture evicted here")
     storage = evicted["storage"]
-    assert evicted["state"] == "evicted" and storage["upload"]["state"] == "uploaded" and storage["endpoint"] == weed.endpoint + "/"
-    pcap_key = f"{fleet}e2ehost/captures/{first['id']}/capture.pcap"
+    assert evicted["state"] == "evicted" and storage["upload"]["state"] == "uploaded" and storage["endpoint"] == endpoint
+    pcap_key = f"{fleet}e2ehost/captures/{capture_id}/capture.pcap"
     assert storage["objects"]["pcap"] == {"key": pcap_key, "uploaded": True} and all(o["uploaded"] for o in storage["objects"].values())
     assert set(storage["objects"]) == {"pcap", "evidence", "bundle", "index"}  # the evicted row no longer names its evidence: the upload's record does
 
-    # The API's bucket route, the page's download and its evidence read from the bucket, the CLI.
-    status, headers, from_bucket = _fetch(d, f"/api/v1/captures/{first['id']}/pcap")
+    status, headers, from_bucket = _fetch(d, f"/api/v1/captures/{capture_id}/pcap")
     assert status == 200 and headers["X-Nstap-Source"] == "bucket" and from_bucket == local_bytes
-    status, headers, evidence = _fetch(d, f"/api/v1/captures/{first['id']}/evidence")
-    assert status == 200 and headers["X-Nstap-Source"] == "bucket" and json.loads(evidence)["capture"]["id"] == first["id"]
-    page = _fetch(d, f"/ui/captures/{first['id']}")[2].decode()
+    status, headers, evidence = _fetch(d, f"/api/v1/captures/{capture_id}/evidence")
+    assert status == 200 and headers["X-Nstap-Source"] == "bucket" and json.loads(evidence)["capture"]["id"] == capture_id
+    page = _fetch(d, f"/ui/captures/{capture_id}")[2].decode()
     for shown in ('<code id="capture-location">bucket</code>', f'<code id="storage-bucket">{BUCKET}</code>', f"<code>{pcap_key}</code>",
                   "<code>uploaded</code>", 'id="download-pcap"', "(read from the bucket)"):
         assert shown in page, shown
-    assert _fetch(d, f"/ui/captures/{first['id']}/pcap")[2] == local_bytes
+    assert _fetch(d, f"/ui/captures/{capture_id}/pcap")[2] == local_bytes
     listed = json.loads(_cli(d, tmp_path, "captures", "list", "--all-hosts", "--json"))["captures"]
     hosts = {(c["host"], c["capture"]["id"]) for c in listed}
-    assert {("e2ehost", first["id"]), ("otherhost", other_id)} <= hosts, hosts
+    assert {("e2ehost", capture_id), ("otherhost", other_id)} <= hosts, hosts
     assert "otherhost" in _cli(d, tmp_path, "captures", "list", "--all-hosts")
     out = tmp_path / "from-cli.pcap"
-    assert "bytes" in _cli(d, tmp_path, "captures", "get", first["id"], "-o", str(out))
+    assert "bytes" in _cli(d, tmp_path, "captures", "get", capture_id, "-o", str(out))
     assert out.read_bytes() == local_bytes

@@ -10,10 +10,8 @@ API. Every POST carries a CSRF field derived from the session, and a cross-origi
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import json
 import math
 import re
 import sqlite3
