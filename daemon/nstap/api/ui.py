@@ -347,7 +347,7 @@ class CapturePage:
         local = row.state not in (RUNNING, EVICTED) and self.store.path_of(row) is not None
         return self._page(
             request, "capture.html", row=row, anomaly=anomaly, alerts=alerts, evidence=evidence, storage=storage, location=location,
-            has_evidence=evidence.source != "" or self.store.evidence_path(row) is not None,
+            has_evidence=evidence_uploaded or self.store.evidence_path(row) is not None,
             downloadable=local or (in_bucket and row.state != RUNNING), running=row.state == RUNNING,
         )
 
