@@ -3,6 +3,8 @@
 Members share silences (gossip) but not alerts, so an alert posted to one member is only there:
 nstap must ask both. An alert pushed by the webhook and pulled is captured once; silenced,
 inhibited and other hosts' alerts are not captured; with one member killed the other still serves.
+A pulled alert is recorded as resolved once no member holds it any more (a silenced one is still
+held). The puller's bookkeeping is also tested alone, with answers given to it directly.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import pytest
 import yaml
 
 from conftest import Containers, free_port, tool, wait_until
+from nstap.alertmanager.pull import AlertPuller, held_alert
+from nstap.config import AlertmanagerConfig
 from test_alertmanager import _ready, post_alert
-
-pytestmark = pytest.mark.docker
 
 
 def am_call(base: str, path: str, body=None):
@@ -99,6 +101,7 @@ def suppressed(base: str, alertname: str, by: str) -> bool:
     return bool(alerts) and all(a["status"][by] for a in alerts)
 
 
+@pytest.mark.docker
 def test_pull_from_every_member_of_a_cluster(nstap, cluster: Cluster, containers: Containers, docker_image: str, tmp_path: Path) -> None:
     # detect.capture off: other tests' containers on this machine must not take the capture slots.
     d = nstap({"capture": {"post_seconds": 2}, "detect": {"capture": False}, "alertmanager": {"urls": cluster.urls, "poll_interval": 1.0, "timeout": 2.0}})
@@ -167,3 +170,125 @@ def test_pull_from_every_member_of_a_cluster(nstap, cluster: Cluster, containers
     assert len(captures()) == 3
     print(f"\npull-to-capture latency (poll_interval 1 s): {pull_latency:.2f} s")
     (tmp_path.parent / "pull_latency.txt").write_text(f"{pull_latency:.3f}\n")
+
+
+# -- resolution: the puller's bookkeeping alone, then against the real cluster ----------------------
+
+
+def _alert(name: str, starts: str = "2026-01-01T00:00:00.000Z") -> dict:
+    return {"status": "firing", "labels": {"alertname": name, "instance": "h:9880"}, "fingerprint": f"fp-{name}", "startsAt": starts}
+
+
+def _am(name: str, state: str = "active", silenced: bool = False, instance: str = "h:9880") -> dict:
+    """An alert as Alertmanager's v2 API answers it."""
+    return {"labels": {"alertname": name, "instance": instance}, "fingerprint": f"fp-{name}", "startsAt": "2026-01-01T00:00:00.000Z",
+            "status": {"state": state, "silencedBy": ["s1"] if silenced else [], "inhibitedBy": []}}
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (_am("X"), (_alert("X"), True)),
+    (_am("X", "suppressed", silenced=True), (_alert("X"), False)),  # muted, still firing: held
+    (_am("X", "unprocessed"), (_alert("X"), False)),
+    (_am("X", instance="elsewhere:9880"), None),  # another host's
+    ({**_am("X"), "labels": {"alertname": "X", "instance": "h:9880", "n": 1}}, None),
+    ({**_am("X"), "fingerprint": ""}, None),
+    ({**_am("X"), "status": "active"}, None),
+    ("not an alert", None),
+])
+def test_held_alert(answer: object, expected: object) -> None:
+    assert held_alert(answer, "instance", "h:9880") == expected
+
+
+async def test_a_pulled_alert_resolves_once_no_member_holds_it() -> None:
+    puller = AlertPuller(AlertmanagerConfig(urls=("http://a:9093", "http://b:9093")), "h:9880", lambda *_: None)
+    calls: list[tuple[str, str, str]] = []
+
+    async def handle(alert: dict, source: str) -> dict:
+        calls.append((alert["status"], alert["labels"]["alertname"], source))
+        return {"capture_id": None}
+
+    puller.handle = handle
+    a, b = puller.members
+    x, muted = _alert("X"), _alert("Muted")
+    await puller.answered(a, [(x, True), (muted, False)])  # Muted was silenced before it was ever pulled
+    await puller.answered(b, [(x, True)])
+    await puller.resolve()
+    assert calls == [("firing", "X", "pull")]  # merged across members, handed on once
+    await puller.answered(a, [(x, False)])  # silenced now: still held, nothing recorded
+    await puller.resolve()
+    assert calls == [("firing", "X", "pull")]
+    await puller.answered(a, [])  # gone from a; b still holds it
+    await puller.resolve()
+    assert calls == [("firing", "X", "pull")] and "Muted" not in {k[0][3:] for k in puller.pulled}  # never handed on: forgotten, not "resolved"
+    b.truncated = True
+    await puller.answered(b, [])  # an answer cut at max_alerts says nothing of what is left out
+    await puller.resolve()
+    assert len(calls) == 1
+    b.truncated = False
+    await puller.answered(b, [])
+    await puller.resolve()
+    assert calls == [("firing", "X", "pull"), ("resolved", "X", "pull")]
+    await puller.answered(a, [])
+    await puller.answered(b, [])
+    await puller.resolve()
+    assert len(calls) == 2 and puller.pulled == {}  # recorded once
+
+
+def post_at(base: str, labels: dict[str, str], starts: datetime, ends: datetime | None = None) -> None:
+    """Post one alert with its startsAt (Prometheus sends the same alert, startsAt and all, to every member)."""
+    alert = {"labels": labels, "annotations": {"summary": "test"}, "startsAt": starts.isoformat()}
+    if ends is not None:
+        alert["endsAt"] = ends.isoformat()
+    am_call(base, "/api/v2/alerts", [alert])
+
+
+def silence_of(alertname: str) -> dict:
+    now = datetime.now(timezone.utc)
+    return {"matchers": [{"name": "alertname", "value": alertname, "isRegex": False, "isEqual": True}], "startsAt": now.isoformat(),
+            "endsAt": (now + timedelta(hours=1)).isoformat(), "createdBy": "test", "comment": "muted, not resolved"}
+
+
+@pytest.mark.docker
+def test_pulled_alerts_are_recorded_resolved_once_no_member_holds_them(nstap, cluster: Cluster, containers: Containers, docker_image: str) -> None:
+    d = nstap({"capture": {"post_seconds": 1}, "detect": {"capture": False}, "nat": {"probe": {"enabled": False}},
+               "alertmanager": {"urls": cluster.urls, "poll_interval": 1.0, "timeout": 2.0}})
+    cluster.start(f"http://127.0.0.1:{d.api_port}/api/v1/alertmanager", d.data_dir / "api-token")  # nothing is routed to it here
+    host = f"127.0.0.1:{d.metrics_port}"
+    cid = containers.docker(docker_image, "sleep", "600", name="resolving")
+    d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12]), 5)
+    a, b = cluster.urls
+    starts = datetime.now(timezone.utc) - timedelta(seconds=5)
+    both = {"alertname": "ResolveOnBoth", "instance": host, "container_id": cid}
+    muted = {"alertname": "ResolveSilenced", "instance": host}
+    post_at(a, both, starts)
+    post_at(b, both, starts)
+    post_at(a, muted, starts)
+
+    def rows(name: str, status: str) -> list[dict]:
+        return [r for r in d.api("/api/v1/alerts")[1]["alerts"] if r["alertname"] == name and r["status"] == status]
+
+    def member_holds(base: str, name: str) -> bool:
+        return bool(am_call(base, "/api/v2/alerts?" + urllib.parse.urlencode({"filter": f'alertname="{name}"'})))
+
+    wait_until(lambda: rows("ResolveOnBoth", "firing") and rows("ResolveSilenced", "firing"), 20, 0.2, "both alerts pulled")
+    assert rows("ResolveOnBoth", "firing")[0]["capture_id"]
+    # Silenced after it was pulled: muted, not resolved. Resolved on member a only: b still holds it.
+    am_call(b, "/api/v2/silences", silence_of("ResolveSilenced"))
+    wait_until(lambda: suppressed(a, "ResolveSilenced", "silencedBy"), 20, 0.2, "the silence gossiped to the member holding the alert")
+    ended = datetime.now(timezone.utc) - timedelta(seconds=1)
+    post_at(a, both, starts, ended)
+    wait_until(lambda: not member_holds(a, "ResolveOnBoth") and member_holds(b, "ResolveOnBoth"), 10, 0.2, "resolved on a, held by b")
+    time.sleep(3)  # three polls
+    assert not rows("ResolveOnBoth", "resolved") and not rows("ResolveSilenced", "resolved")
+    # Resolved on b too, and the silenced one resolved: each recorded once, as the webhook records it.
+    post_at(b, both, starts, ended)
+    post_at(a, muted, starts, ended)
+    wait_until(lambda: rows("ResolveOnBoth", "resolved") and rows("ResolveSilenced", "resolved"), 20, 0.2, "both resolutions recorded")
+    time.sleep(3)
+    for name in ("ResolveOnBoth", "ResolveSilenced"):
+        firing, resolved = rows(name, "firing"), rows(name, "resolved")
+        assert len(firing) == 1 and len(resolved) == 1, (name, firing, resolved)
+        assert (resolved[0]["fingerprint"], resolved[0]["starts_at"]) == (firing[0]["fingerprint"], firing[0]["starts_at"])
+        assert resolved[0]["note"] == "recorded" and resolved[0]["labels"] == firing[0]["labels"]
+    assert len(d.api("/api/v1/captures?reason=alertmanager")[1]["captures"]) == 1  # a resolution starts nothing
+    assert len(d.events("alert_received", source="pull", status="resolved")) == 2

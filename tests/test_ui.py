@@ -9,10 +9,12 @@ import json
 import re
 import time
 import urllib.parse
+import urllib.request
+from pathlib import Path
 
 import pytest
 
-from conftest import Containers
+from conftest import Containers, wait_until
 from test_anomalies import finished_capture
 
 pytestmark = pytest.mark.docker
@@ -151,3 +153,39 @@ def test_sessions_expire_and_belong_to_their_token() -> None:
     assert not CapturePage(None, None, "u" * 43).session_ok(value, now=1_000_000)  # type: ignore[arg-type]
     for bad in ("", "x", "1.2", "." * 200, value + "0", "-5." + value.split(".")[1]):
         assert not page.session_ok(bad, now=1_000_000)
+
+
+def test_capture_page_shows_the_talkers_its_evidence_recorded(nstap, containers: Containers, docker_image: str) -> None:
+    """Top talkers (conntrack accounting, turned on with consent and restored after) recorded in a
+    capture's evidence are on its page, peer by peer, as the evidence has them."""
+    acct = Path("/proc/sys/net/netfilter/nf_conntrack_acct")
+    before = acct.read_text().strip()
+    try:
+        d = nstap({"nat": {"talkers": {"conntrack_acct": True, "interval": 2.0}, "probe": {"enabled": False}},
+                   "detect": {"capture": False}, "capture": {"post_seconds": 1}})
+        web = containers.docker(docker_image, "httpd", "-f", "-p", "80", "-h", "/", name="talkpage")
+        ip = Containers.inspect("docker", web)["NetworkSettings"]["IPAddress"]
+        wait_until(lambda: d.api(f"/api/v1/containers/{web[:12]}/talkers")[0] == 200, 10, message="watched")
+        time.sleep(2.5)  # a pass with the container's address known, before the traffic
+        for _ in range(3):  # ~3 busyboxes from the container to the host (bounded)
+            with urllib.request.urlopen(f"http://{ip}/bin/busybox", timeout=5) as r:
+                size = len(r.read())
+        wait_until(lambda: (v := d.api(f"/api/v1/containers/{web[:12]}/talkers")[1])["peers"] and v["peers"][0]["bytes_out"] >= 3 * size,
+                   10, message="talkers counted")
+        status, row = d.api("/api/v1/captures", method="POST", body=json.dumps({"container": web[:12], "duration": 1}).encode())
+        assert status == 202, row
+        finished_capture(d, row["id"])
+        evidence = wait_until(lambda: (e := d.api(f"/api/v1/captures/{row['id']}/evidence"))[0] == 200 and "end" in e[1] and e[1], 20, 0.2,
+                              "the evidence's end snapshot")
+        token = (d.data_dir / "api-token").read_text().strip()
+        status, _, page = Browser(d.api_port).request("GET", f"/ui/captures/{row['id']}", headers={"Authorization": f"Bearer {token}"})
+        assert status == 200
+        for when in ("start", "end"):
+            peers = evidence[when]["nat"]["talkers"]["peers"]
+            assert peers and peers[0]["bytes_out"] >= 3 * size, (when, peers)
+            table = page.split(f'id="talkers-{when}"', 1)[1].split("</table>", 1)[0]
+            for p in peers:
+                cells = "".join(f"<td>{p[k]}</td>" for k in ("bytes_out", "packets_out", "bytes_in", "packets_in", "new_flows"))
+                assert f"<td><code>{p['peer']}</code></td>{cells}" in table, (when, p)
+    finally:
+        acct.write_text(before + "\n")

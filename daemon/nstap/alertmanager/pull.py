@@ -2,10 +2,17 @@
 
 Alertmanager cluster members share silences and the notification log, not alerts: each member
 holds the alerts that were sent to it. So every ``alertmanager.poll_interval`` (jittered) nstap
-asks *each* configured member for the active, unsilenced, uninhibited alerts whose host label
-names this host, and merges the answers by fingerprint + ``startsAt``. Each alert it has not
-handled yet goes through :class:`~nstap.alertmanager.captures.AlertCaptures`, as a webhook
-notification does, so an alert pushed and pulled is captured once.
+asks *each* configured member for the alerts whose host label names this host that have not
+resolved, and merges the answers by fingerprint + ``startsAt``. Each active, unsilenced,
+uninhibited alert it has not handled yet goes through
+:class:`~nstap.alertmanager.captures.AlertCaptures`, as a webhook notification does, so an alert
+pushed and pulled is captured once.
+
+Resolution, as the webhook's ``send_resolved`` notification records it: an alert handed on is
+recorded as resolved once no member holds it any more, that is once every member whose answer
+held it has answered (in full: not cut at ``max_alerts``) without it. Silenced and inhibited
+alerts are asked for too, and count as held: a silence mutes an alert, it does not resolve it. A
+member that is down holds on to its alerts until it answers again (or FORGET_AFTER passes).
 
 Bounded: one request per member per poll, each with a timeout and a size cap, at most
 ``max_alerts`` alerts taken from an answer; members are asked at the same time and each answer is
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import socket
 import ssl
@@ -39,8 +47,8 @@ log = structlog.get_logger("nstap.alertmanager")
 
 JITTER = 0.1  # the poll interval varies by +-10%, so a fleet's hosts do not ask in step
 MAX_BACKOFF = 300.0  # seconds between two attempts at a member that keeps failing, at most
-FORGET_AFTER = 3600.0  # seconds an alert no member returns any more is remembered as handled
-MAX_REMEMBERED = 100_000  # alerts remembered as handled, at most (the index still dedups the rest)
+FORGET_AFTER = 3600.0  # seconds an alert that only unreachable members hold is remembered
+MAX_REMEMBERED = 100_000  # alerts remembered, at most (the index still dedups the rest)
 CHUNK = 64 * 1024
 RESULTS = ("ok", "error", "timeout", "too_large", "bad_answer")
 
@@ -68,9 +76,10 @@ def scrape_address(metrics_listen: str) -> str:
 
 
 def alerts_query(host_label: str, host: str) -> str:
-    """The query of ``GET /api/v2/alerts``: this host's active, unsilenced, uninhibited alerts."""
+    """The query of ``GET /api/v2/alerts``: this host's alerts that have not resolved, silenced and
+    inhibited ones included (they still fire: see held_alert)."""
     value = host.replace("\\", "\\\\").replace('"', '\\"')
-    return urlencode({"active": "true", "silenced": "false", "inhibited": "false", "filter": f'{host_label}="{value}"'})
+    return urlencode({"active": "true", "silenced": "true", "inhibited": "true", "unprocessed": "true", "filter": f'{host_label}="{value}"'})
 
 
 def tls_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -84,21 +93,24 @@ def tls_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-def own_alert(alert: Any, host_label: str, host: str) -> dict[str, Any] | None:
-    """The alert in the webhook's shape if it is firing, neither silenced nor inhibited, and this
-    host's (checked again here: the query asked for that, but a proxy or an old Alertmanager may
-    ignore a filter, and another host's container must never be captured); None otherwise."""
+def held_alert(alert: Any, host_label: str, host: str) -> tuple[dict[str, Any], bool] | None:
+    """(the alert in the webhook's shape, whether to act on it) for an alert of this host that
+    still fires; None for another host's alert (checked again here: a proxy or an old Alertmanager
+    may ignore the query's filter, and another host's container must never be captured) or what
+    is not an alert. Acted on: active, neither silenced nor inhibited; a suppressed or not yet
+    processed alert is held but not acted on."""
     if not isinstance(alert, dict):
         return None
     labels, status = alert.get("labels"), alert.get("status")
     if not isinstance(labels, dict) or labels.get(host_label) != host or not isinstance(status, dict):
         return None
-    if status.get("state") != "active" or status.get("silencedBy") or status.get("inhibitedBy"):
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         return None
     fingerprint, starts_at = alert.get("fingerprint"), alert.get("startsAt")
     if not isinstance(fingerprint, str) or not fingerprint or not isinstance(starts_at, str):
         return None
-    return {"status": "firing", "labels": labels, "fingerprint": fingerprint, "startsAt": starts_at}
+    act = status.get("state") == "active" and not status.get("silencedBy") and not status.get("inhibitedBy")
+    return {"status": "firing", "labels": labels, "fingerprint": fingerprint, "startsAt": starts_at}, act
 
 
 @dataclass
@@ -114,6 +126,18 @@ class Member:
     polls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
 
 
+@dataclass
+class PulledAlert:
+    """One alert of this host that a member returned, and what was done with it."""
+
+    alert: dict[str, Any]  # in the webhook's shape, as last returned
+    seen_at: float  # monotonic time a member last returned it
+    holders: set[str] = field(default_factory=set)  # the members whose last full answer held it
+    retry_at: float = 0.0  # monotonic time to hand it on (again); math.inf: done
+    tries: int = 0  # hand-ons that got no capture
+    recorded: bool = False  # handed on as firing: its resolution is recorded when no member holds it
+
+
 class AlertPuller:
     """Asks every configured Alertmanager for this host's alerts and hands new ones to ``handle``."""
 
@@ -125,8 +149,7 @@ class AlertPuller:
         self.members = [Member(url.rstrip("/")) for url in config.urls]
         self.tls = tls_context(config.tls_config) if any(url.startswith("https:") for url in config.urls) else None
         self.query = alerts_query(config.host_label, host)
-        # alert -> (last time a member returned it, when to try it again (0: captured, never), tries)
-        self.handled: dict[tuple[str, str], tuple[float, float, int]] = {}
+        self.pulled: dict[tuple[str, str], PulledAlert] = {}  # by fingerprint and startsAt
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -143,75 +166,109 @@ class AlertPuller:
                 await asyncio.sleep(max(0.0, started + pause - time.monotonic()))
 
     async def poll(self, session: aiohttp.ClientSession) -> None:
-        """Ask every member that is due, at the same time; act on each answer as it arrives."""
+        """Ask every member that is due, at the same time; act on each answer as it arrives, then
+        record what no member holds any more as resolved."""
         now = time.monotonic()
         asks = [asyncio.ensure_future(self._ask(session, m)) for m in self.members if m.next_at <= now]
         try:
             for answer in asyncio.as_completed(asks):
-                for alert in await answer:
-                    await self._take(alert)
+                member, held = await answer
+                if held is not None:
+                    await self.answered(member, held)
         finally:
             for ask in asks:
                 ask.cancel()
+        await self.resolve()
         self._forget(time.monotonic())
 
-    async def _take(self, alert: dict[str, Any]) -> None:
-        """Hand an alert on unless a member already returned it (merged by fingerprint + startsAt);
-        one that got no capture (slots full, container not running yet) is tried again after a
-        backoff, as Alertmanager's repeat_interval would push it again."""
-        key = (alert["fingerprint"], normal_time(alert["startsAt"]))
+    async def answered(self, member: Member, held: list[tuple[dict[str, Any], bool]]) -> None:
+        """One member's answer (``held``: this host's alerts in it, each with whether to act on it):
+        the alerts to act on are handed on, and the member no longer holds what it left out."""
         now = time.monotonic()
-        seen = self.handled.get(key)
-        self.handled[key] = (now, *(seen[1:] if seen else (0.0, 0)))
-        if self.handle is None or (seen is not None and (seen[1] == 0.0 or now < seen[1])):
+        keys = set()
+        for alert, act in held:
+            key = (alert["fingerprint"], normal_time(alert["startsAt"]))
+            keys.add(key)
+            pulled = self.pulled.get(key)
+            if pulled is None:
+                pulled = self.pulled[key] = PulledAlert(alert, now)
+            pulled.alert, pulled.seen_at = alert, now
+            pulled.holders.add(member.url)
+            if act:
+                await self._take(pulled)
+        if not member.truncated:  # an answer cut at max_alerts does not say what the member no longer holds
+            for key, pulled in self.pulled.items():
+                if key not in keys:
+                    pulled.holders.discard(member.url)
+
+    async def _take(self, pulled: PulledAlert) -> None:
+        """Hand an alert on unless that was done (merged by fingerprint + startsAt); one that got no
+        capture (slots full, container not running yet) is tried again after a backoff, as
+        Alertmanager's repeat_interval would push it again."""
+        now = time.monotonic()
+        if self.handle is None or now < pulled.retry_at:
             return
         try:
-            result = await self.handle(alert, "pull")
+            result = await self.handle(pulled.alert, "pull")
         except Exception as exc:  # noqa: BLE001 - one alert's failure (the index, a capture) must not stop the others
             self.failed("alertmanager-pull", exc)
             result = {}
-        labels = alert["labels"]
-        if (isinstance(result, dict) and result.get("capture_id")) or not (labels.get("container_id") or labels.get("container")):
-            self.handled[key] = (now, 0.0, 0)  # captured, or names no container: done
         else:
-            tries = (seen[2] if seen else 0) + 1
-            self.handled[key] = (now, now + min(self.config.poll_interval * 2 ** tries, MAX_BACKOFF), tries)
+            pulled.recorded = True
+        labels = pulled.alert["labels"]
+        if (isinstance(result, dict) and result.get("capture_id")) or not (labels.get("container_id") or labels.get("container")):
+            pulled.retry_at = math.inf  # captured, or names no container: done
+        else:
+            pulled.tries += 1
+            pulled.retry_at = now + min(self.config.poll_interval * 2 ** pulled.tries, MAX_BACKOFF)
+
+    async def resolve(self) -> None:
+        """Record each alert handed on that no member holds any more as resolved, as the webhook
+        records Alertmanager's resolved notification; forget it (and the others no one holds)."""
+        for key in [k for k, p in self.pulled.items() if not p.holders]:
+            pulled = self.pulled.pop(key)
+            if not pulled.recorded or self.handle is None:
+                continue
+            try:
+                await self.handle({**pulled.alert, "status": "resolved"}, "pull")
+            except Exception as exc:  # noqa: BLE001 - one alert's failure (the index) must not stop the others
+                self.failed("alertmanager-pull", exc)
 
     def _forget(self, now: float) -> None:
-        """Forget alerts no member has returned for a while; the oldest first beyond the cap."""
-        stale = [key for key, (at, _retry, _tries) in self.handled.items() if now - at > FORGET_AFTER]
-        for key in stale:
-            del self.handled[key]
-        if len(self.handled) > MAX_REMEMBERED:
-            for key, _state in sorted(self.handled.items(), key=lambda kv: kv[1][0])[: len(self.handled) - MAX_REMEMBERED]:
-                del self.handled[key]
+        """Forget alerts that only unreachable members have held for a while; the oldest first beyond the cap."""
+        for key in [k for k, p in self.pulled.items() if now - p.seen_at > FORGET_AFTER]:
+            del self.pulled[key]
+        if len(self.pulled) > MAX_REMEMBERED:
+            for key, _pulled in sorted(self.pulled.items(), key=lambda kv: kv[1].seen_at)[: len(self.pulled) - MAX_REMEMBERED]:
+                del self.pulled[key]
 
     # -- one member ------------------------------------------------------------------------------
 
-    async def _ask(self, session: aiohttp.ClientSession, member: Member) -> list[dict[str, Any]]:
-        """This host's alerts from one member; [] when it fails (counted, logged on a change of state)."""
+    async def _ask(self, session: aiohttp.ClientSession, member: Member) -> tuple[Member, list[tuple[dict[str, Any], bool]] | None]:
+        """This host's alerts from one member, each with whether to act on it; None when it fails
+        (counted, logged on a change of state)."""
         try:
             answer = await self._get(session, member)
         except asyncio.TimeoutError:
             self._failed(member, "timeout", f"no answer within {self.config.timeout:g}s")
-            return []
+            return member, None
         except PullFailed as exc:
             self._failed(member, exc.result, str(exc))
-            return []
+            return member, None
         except (aiohttp.ClientError, OSError) as exc:
             self._failed(member, "error", str(exc) or type(exc).__name__)
-            return []
+            return member, None
         limit = self.config.max_alerts
         if len(answer) > limit and not member.truncated:
             log.warning("alertmanager_answer_truncated", url=member.url, alerts=len(answer), max_alerts=limit)
         member.truncated = len(answer) > limit
-        alerts = [a for a in (own_alert(alert, self.config.host_label, self.host) for alert in answer[:limit]) if a is not None]
+        held = [h for h in (held_alert(alert, self.config.host_label, self.host) for alert in answer[:limit]) if h is not None]
         member.polls["ok"] += 1
-        member.alerts = len(alerts)
+        member.alerts = sum(1 for _alert, act in held if act)
         if member.up is not True:
-            log.info("alertmanager_up", url=member.url, alerts=len(alerts), after_failures=member.failures)
+            log.info("alertmanager_up", url=member.url, alerts=member.alerts, after_failures=member.failures)
         member.up, member.failures, member.next_at = True, 0, 0.0
-        return alerts
+        return member, held
 
     async def _get(self, session: aiohttp.ClientSession, member: Member) -> list[Any]:
         cap = self.config.max_response_bytes

@@ -34,6 +34,7 @@ from ..ebpf.service import EbpfService
 from ..nat.monitor import NatMonitor
 from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
+from ..storage.location import capture_storage
 from .server import BadRequest
 
 log = structlog.get_logger("nstap.api")
@@ -186,7 +187,8 @@ class CaptureApi:
             until=_time_param(request, "until"),
             limit=_limit(request),
         )
-        return web.json_response({"captures": [self._view(r) for r in rows]})
+        storage = await self.storage(rows)
+        return web.json_response({"captures": [self._view(r, storage[r.id]) for r in rows]})
 
     def current(self, row: CaptureRow) -> CaptureRow:
         """The row as it is: a finished capture whose outcome the index could not take yet (a full
@@ -204,8 +206,17 @@ class CaptureApi:
             raise BadRequest("no such capture", 404)
         return self.current(row)
 
-    def _view(self, row: CaptureRow) -> dict[str, Any]:
+    async def storage(self, rows: list[CaptureRow]) -> dict[str, dict[str, Any] | None]:
+        """Each capture's place in the bucket and its upload's record (None each: no bucket configured)."""
+        bucket = self.bucket
+        if bucket is None:
+            return {r.id: None for r in rows}
+        queued = await self.index.db.run(self.index.uploads.of, [r.id for r in rows])
+        return {r.id: capture_storage(r, queued.get(r.id), bucket.uploading(r.id), bucket.place(r)) for r in rows}
+
+    def _view(self, row: CaptureRow, storage: dict[str, Any] | None) -> dict[str, Any]:
         view = self.current(row).to_json()
+        view["storage"] = storage
         view["links"] = {
             "self": f"/api/v1/captures/{row.id}",
             "pcap": f"/api/v1/captures/{row.id}/pcap",
@@ -215,7 +226,8 @@ class CaptureApi:
         return view
 
     async def capture(self, request: web.Request) -> web.Response:
-        return web.json_response(self._view(await self._row(request)))
+        row = await self._row(request)
+        return web.json_response(self._view(row, (await self.storage([row]))[row.id]))
 
     async def pcap(self, request: web.Request) -> web.StreamResponse:
         row = await self._row(request)
@@ -388,7 +400,7 @@ class CaptureApi:
 
     async def start_capture(self, request: web.Request) -> web.Response:
         row = await self.start(await _json_object(request))
-        return web.json_response(self._view(row), status=202)
+        return web.json_response(self._view(row, (await self.storage([row]))[row.id]), status=202)
 
     async def start(self, body: dict[str, Any]) -> CaptureRow:
         """Start a manual capture as ``body`` asks (the JSON API's and the capture page's form's

@@ -10,10 +10,8 @@ API. Every POST carries a CSRF field derived from the session, and a cross-origi
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import json
 import math
 import re
 import sqlite3
@@ -32,6 +30,7 @@ from ..capture.store import CaptureStore
 from ..index import Index
 from ..index.captures import EVICTED, RUNNING
 from .auth import bearer_ok
+from .evidence_view import load_evidence
 from .routes import IFNAME, CaptureApi
 from .server import BadRequest
 
@@ -41,7 +40,6 @@ HERE = Path(__file__).resolve().parent
 COOKIE = "nstap_session"
 SESSION_SECONDS = 12 * 3600
 LIST_LIMIT = 200
-MAX_EVIDENCE_SHOWN = 2 << 20  # bytes of evidence shown on a page; a larger one is only downloaded
 MAX_REVOKED = 10_000  # sessions ended by a logout, remembered until they would have expired anyway
 _MAC = re.compile(r"^[0-9a-f]{64}$")
 CAPTURE_STATES = ("running", "complete", "incomplete", "failed", "evicted")
@@ -339,37 +337,35 @@ class CapturePage:
         if row is None:
             return self._error(request, 404, "no such capture")
         row = self.api.current(row)
-        anomaly = await self.indexed.anomalies.get(row.anomaly_id) if row.anomaly_id else None
-        evidence_text, evidence_note = await asyncio.to_thread(self._evidence_text, row)
         alerts = await self.indexed.alerts.for_capture(row.id)
-        if anomaly is None:
-            # An alert's capture: the anomaly the alert reports (nstap's own event of that kind in
-            # the container, begun by the time of the capture), when the alert names one.
-            kinds = {a["labels"].get("kind") for a in alerts if isinstance(a.get("labels"), dict)} - {None}
-            for kind in sorted(kinds):
-                found = await self.indexed.anomalies.list(
-                    container=row.container_id, kind=kind, since=row.trigger_at - 300, until=row.trigger_at, limit=1,
-                )
-                if found and row.container_id:
-                    anomaly = found[0]
-                    break
+        anomaly = await self._anomaly_of(row, alerts)
+        storage = (await self.api.storage([row]))[row.id]
+        location = row.to_json()["location"]
+        in_bucket = storage is not None and location == "bucket"  # evicted here after its upload: served from the bucket
+        evidence_uploaded = in_bucket and storage["objects"].get("evidence", {}).get("uploaded", False)
+        evidence = await load_evidence(self.store, self.api.bucket, row, evidence_uploaded)
+        local = row.state not in (RUNNING, EVICTED) and self.store.path_of(row) is not None
         return self._page(
-            request, "capture.html", row=row, anomaly=anomaly, alerts=alerts, evidence_text=evidence_text, evidence_note=evidence_note,
-            has_evidence=self.store.evidence_path(row) is not None,
-            downloadable=row.state not in (RUNNING, EVICTED) and self.store.path_of(row) is not None, running=row.state == RUNNING,
+            request, "capture.html", row=row, anomaly=anomaly, alerts=alerts, evidence=evidence, storage=storage, location=location,
+            has_evidence=evidence_uploaded or self.store.evidence_path(row) is not None,
+            downloadable=local or (in_bucket and row.state != RUNNING), running=row.state == RUNNING,
         )
 
-    def _evidence_text(self, row) -> tuple[str, str]:
-        """The evidence, indented for reading, and a note when it is not shown (blocking: a thread)."""
-        path = self.store.evidence_path(row)
-        if path is None:
-            return "", ""
-        try:
-            if path.stat().st_size > MAX_EVIDENCE_SHOWN:
-                return "", f"{_size(path.stat().st_size)}: too large to show here, download it"
-            return json.dumps(json.loads(path.read_bytes()), indent=2, sort_keys=True), ""
-        except (OSError, ValueError) as exc:
-            return "", f"unreadable: {exc}"
+    async def _anomaly_of(self, row, alerts: list[dict[str, Any]]):
+        """The capture's anomaly; for an alert's capture, the anomaly the alert reports (nstap's own
+        event of that kind in the container, begun by the time of the capture), when it names one."""
+        if row.anomaly_id:
+            own = await self.indexed.anomalies.get(row.anomaly_id)
+            if own is not None:
+                return own
+        kinds = {a["labels"].get("kind") for a in alerts if isinstance(a.get("labels"), dict)} - {None}
+        for kind in sorted(kinds):
+            found = await self.indexed.anomalies.list(
+                container=row.container_id, kind=kind, since=row.trigger_at - 300, until=row.trigger_at, limit=1,
+            )
+            if found and row.container_id:
+                return found[0]
+        return None
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         """The pcap, bundle or evidence of a capture, with the page's session (the API's handlers)."""

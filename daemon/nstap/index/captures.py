@@ -50,12 +50,14 @@ class CaptureRow:
     interface: str = ""  # the host-side interfaces captured ("" on the container side)
     evidence: str | None = None  # the evidence file's name, once recorded
     uploaded_at: float | None = None  # when its objects were confirmed in the bucket (storage.s3)
+    uploaded_objects: str = ""  # which objects the upload confirmed ("pcap,evidence,..."; kept after an eviction)
 
     def to_json(self) -> dict[str, Any]:
         """The row as the API shows it (without the internal file names)."""
         out = asdict(self)
         out.pop("file")
         out.pop("evidence")
+        out.pop("uploaded_objects")  # the API shows them with their keys (storage.location)
         out["pre_truncated"] = bool(self.pre_truncated)
         out["downloadable"] = self.file is not None and self.state != RUNNING
         out["has_evidence"] = self.evidence is not None and self.state != EVICTED

@@ -107,6 +107,7 @@ MIGRATIONS = {
         "interface": "TEXT NOT NULL DEFAULT ''",
         "evidence": "TEXT",
         "uploaded_at": "REAL",  # storage.s3: when every object of the capture was confirmed in the bucket
+        "uploaded_objects": "TEXT NOT NULL DEFAULT ''",  # storage.s3: which ones (pcap,evidence,bundle,index)
     },
     "anomalies": {"started_at": "REAL", "cause": "TEXT NOT NULL DEFAULT 'unknown'", "cause_text": "TEXT NOT NULL DEFAULT ''"},
 }

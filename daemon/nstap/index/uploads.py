@@ -71,12 +71,12 @@ class UploadIndex:
     def retry(self, capture_id: str, next_at: float, error: str) -> None:
         self.db.execute("UPDATE uploads SET attempts = attempts + 1, next_at = ?, error = ? WHERE capture_id = ?", (next_at, error[:500], capture_id))
 
-    def finish(self, capture_id: str, now: float) -> None:
-        """The capture is in the bucket: its row goes, its capture says when."""
+    def finish(self, capture_id: str, now: float, done: set[str]) -> None:
+        """The capture is in the bucket: its row goes, its capture says when and which objects."""
         self.db.execute("BEGIN")
         try:
             self.db.execute("DELETE FROM uploads WHERE capture_id = ?", (capture_id,))
-            self.db.execute("UPDATE captures SET uploaded_at = ? WHERE id = ?", (now, capture_id))
+            self.db.execute("UPDATE captures SET uploaded_at = ?, uploaded_objects = ? WHERE id = ?", (now, ",".join(sorted(done)), capture_id))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -85,6 +85,17 @@ class UploadIndex:
     def drop(self, capture_id: str) -> None:
         """Give up on a capture (gone from the store, or refused for good)."""
         self.db.execute("DELETE FROM uploads WHERE capture_id = ?", (capture_id,))
+
+    def of(self, capture_ids: list[str]) -> dict[str, UploadRow]:
+        """The queue rows of these captures (those queued), by capture id."""
+        out: dict[str, UploadRow] = {}
+        for start in range(0, len(capture_ids), 500):  # well under SQLite's limit of bound values
+            part = capture_ids[start : start + 500]
+            rows = self.db.fetch(
+                f"SELECT capture_id, queued_at, attempts, next_at, done, error FROM uploads WHERE capture_id IN ({','.join('?' * len(part))})", part,
+            )
+            out.update((r[0], UploadRow(*r)) for r in rows)
+        return out
 
     def pending(self) -> set[str]:
         """Ids of the captures in the queue."""

@@ -168,6 +168,11 @@ class S3Client:
     def __repr__(self) -> str:
         return f"S3Client({self._base}, bucket={self.bucket!r})"
 
+    @property
+    def endpoint(self) -> str:
+        """The server's URL the requests go to, without any user or password a config put in it."""
+        return str(self._base.with_user(None))
+
     async def close(self) -> None:
         """Close the connections."""
         if self._session is not None:
@@ -329,13 +334,18 @@ class S3Client:
     async def get_bytes(self, key: str, limit: int = 1 << 20) -> bytes:
         """A small object whole (at most ``limit`` bytes)."""
         resp = await self.get(key)
+        data = bytearray()
         try:
-            data = await resp.content.read(limit + 1)
+            while len(data) <= limit:  # read(n) returns what has arrived, up to n: not the whole body
+                chunk = await resp.content.read(limit + 1 - len(data))
+                if not chunk:
+                    break
+                data += chunk
         finally:
             resp.release()
         if len(data) > limit:
             raise S3Error(resp.status, "TooLarge", f"{key} is over {limit} bytes")
-        return data
+        return bytes(data)
 
     async def list(self, prefix: str, delimiter: str = "") -> tuple[list[str], list[str]]:
         """Keys and common prefixes under ``prefix`` (every page)."""

@@ -35,6 +35,7 @@ from ..capture.bundle import write_bundle
 from ..capture.store import CaptureStore
 from ..index.captures import EVICTED, FINISHED, CaptureRow
 from ..index.uploads import UploadRow
+from .location import BucketPlace
 from .s3 import S3Client, S3Conflict, S3Error, file_sha256
 
 log = structlog.get_logger("nstap.storage")
@@ -94,6 +95,17 @@ class CaptureUploader:
         if what == "index":
             return f"{p}index/{capture_id}.json"
         return f"{p}captures/{capture_id}/" + {"pcap": "capture.pcap", "evidence": "evidence.json", "bundle": "bundle.tar.gz"}[what]
+
+    def place(self, row: CaptureRow) -> BucketPlace:
+        """The bucket a capture's objects go to and their keys (the evidence's only if it has one
+        here, or the upload confirmed one: an evicted capture's row no longer names its file)."""
+        has_evidence = row.evidence is not None or "evidence" in row.uploaded_objects.split(",")
+        keys = {w: self.key(row.id, w) for w in OBJECTS if w != "evidence" or has_evidence}
+        return BucketPlace(self.client.endpoint, self.client.bucket, self.prefix, keys)
+
+    def uploading(self, capture_id: str) -> bool:
+        """True while the capture's objects are being sent."""
+        return capture_id in self._inflight
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -162,7 +174,7 @@ class CaptureUploader:
         except (S3Error, OSError) as exc:
             await self._failed(job, row, exc)
             return
-        await db.run(uploads.finish, row.id, time.time())
+        await db.run(uploads.finish, row.id, time.time(), done)
         seconds = time.monotonic() - started
         self.results["ok"] += 1
         self._observe(seconds)
