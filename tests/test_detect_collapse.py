@@ -96,6 +96,24 @@ def test_a_reason_that_starts_steadily_is_news() -> None:
     assert first(old_rule, drops_table(3)) == (None, None)  # what the per-sample count alone does
 
 
+def test_a_reason_at_a_little_under_the_rate_is_still_news(monkeypatch) -> None:
+    """3 drops a second as the samples count them: 2 or 3 an interval as the phase and the
+    sender's pace fall (a sender paced by sleeps sends 2.9/s): the measured rate was never quite 3,
+    and the steady rule tripped 6 s late or never. Now within three samples of the fault."""
+    import nstap.detect.kernel_drops as kd
+
+    table, count = [], 0
+    for t in range(FAULT + 6):
+        if t >= FAULT:
+            count += 1 if t == FAULT else (2, 3)[(t - FAULT - 1) % 2]
+        table.append(NamespaceSample(1, float(t), 0.0, kernel_drops={"NETFILTER_DROP": count}))
+    at, f = first(KernelDropDetector(10), table)
+    assert at is not None and at <= FAULT + 2, at
+    assert f.started_at is not None and INJECTED - 1.5 <= f.started_at <= INJECTED, f.started_at
+    monkeypatch.setattr(kd, "RATE_SLACK", 0.0)
+    assert first(KernelDropDetector(10), table) == (None, None)  # what the exact rate did
+
+
 def test_a_reason_right_after_a_firewall_change_trips_at_once() -> None:
     at, f = first(KernelDropDetector(10, steady_seconds=60), drops_table(4, firewall_at=FAULT))
     check_timing(at, f)

@@ -30,6 +30,10 @@ PARAMS = {
     "firewall_seconds": Param(10.0, 0.0, 3600.0, help="a reason starting this soon after the namespace's firewall changed trips at `steady_rate` drops"),
 }
 SLACK = 0.25  # share of an interval a sample may come early (sampling jitter)
+# Share of ``steady_rate`` a run's measured rate may fall short by: whole drops counted over one or
+# two intervals of jittered length (3/s reads 2.9 over a long interval; a sender paced by sleeps
+# sends 2.9/s): 3/s is still news at 2.25/s, and 2/s is not.
+RATE_SLACK = 0.25
 # Reasons a healthy host and container produce all the time (measured here under plain HTTP
 # traffic: QUEUE_PURGE on every closed connection, IPV6DISABLED on the host), or that nstap's own
 # captures cause: off unless the config turns them on.
@@ -142,7 +146,7 @@ class KernelDropDetector:
         # interval after the run's start (the rule and its first drops in the same interval).
         if fw_changed is not None and run.since - self.firewall_seconds <= fw_changed <= run.since + (1 + SLACK) * interval:
             return run.events >= self.steady_rate
-        return run.seconds >= self.steady_seconds - SLACK * interval and run.rate >= self.steady_rate
+        return run.seconds >= self.steady_seconds - SLACK * interval and run.rate >= self.steady_rate * (1 - RATE_SLACK)
 
     def _firewall_changed(self, sample: NamespaceSample) -> float | None:
         """When the namespace's own firewall was last seen to change, if within ``firewall_seconds``."""

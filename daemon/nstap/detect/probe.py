@@ -4,7 +4,9 @@ Pure functions from what nstap holds when a probe fails: the forward's verified 
 monitor's), the listener on the container port (the socket sampler's), the container's own
 firewall counters (their growth since the previous look), and the probe's error. The cause names
 the first broken step along the path a client takes: the DNAT rule, the listener, its accept
-queue, the container's firewall, the route; ``unknown`` when none of them explains it.
+queue, the host's FORWARD verdicts (counted around a second probe after a timeout:
+:mod:`nstap.nat.host_filter`; a SYN they drop never reaches the container), the container's
+firewall, the route; ``unknown`` when none of them explains it.
 
 An anomaly is raised only for a port whose listener exists now or was seen since the container
 started: a container that publishes a port it never serves (still starting, or never meant to)
@@ -49,6 +51,7 @@ class FailedProbe:
     listener: Listener
     drops: tuple[tuple[str, int], ...] = ()  # (rule text, packets since the previous look) of the container's DROP/REJECT rules
     last_ok: float | None = None
+    host_drops: tuple[tuple[str, int], ...] = ()  # (verdict, packets) of the host's FORWARD DROP/REJECT verdicts a second probe met
 
 
 def probe_cause(p: FailedProbe) -> Cause:
@@ -61,6 +64,9 @@ def probe_cause(p: FailedProbe) -> Cause:
         return Cause(NO_LISTENER, f"nothing listens on {p.protocol} port {p.container_port} in the container (probe: {p.error})")
     if p.listener.present and p.listener.limit and p.listener.length >= p.listener.limit:
         return Cause(ACCEPT_QUEUE_FULL, f"{p.protocol} port {p.container_port}'s accept queue is full ({p.listener.length}/{p.listener.limit}): the server does not accept")
+    if p.host_drops:
+        verdict, packets = p.host_drops[0]
+        return Cause(FIREWALL_DROP, f"the host's firewall dropped the probe: {verdict} counted {packets} packet(s) during a second probe along {p.path}")
     if p.drops:
         rule, packets = max(p.drops, key=lambda d: d[1])
         return Cause(FIREWALL_DROP, f"the container's firewall dropped {packets} packet(s) since the last probe: {rule}")

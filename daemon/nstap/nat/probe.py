@@ -47,6 +47,7 @@ from ..registry import ContainerRegistry, WatchedNamespace
 from ..samples import SampleStore
 from ..supervisor import TaskSupervisor
 from .forwards import Forward
+from .host_filter import verdicts_met
 from .probe_netns import ProbeNamespace, tcp_socket, udp_socket
 
 log = structlog.get_logger("nstap.probe")
@@ -72,10 +73,14 @@ class ProbeResult:
     via: str  # dnat, userland-proxy, host-socket (a port reservation, a failure), or "" (unknown / failed)
     seconds: float
     error: str  # "" when ok; refused, timeout, unreachable: ..., no answer
+    host_drops: tuple[tuple[str, int], ...] = ()  # the host's FORWARD DROP/REJECT verdicts a second probe met (after a timeout)
 
     def to_json(self) -> dict[str, Any]:
         """As the API shows it."""
-        return {"ok": self.ok, "at": round(self.at, 3), "path": self.path, "via": self.via, "latency_ms": round(self.seconds * 1000, 3), "error": self.error}
+        out = {"ok": self.ok, "at": round(self.at, 3), "path": self.path, "via": self.via, "latency_ms": round(self.seconds * 1000, 3), "error": self.error}
+        if self.host_drops:
+            out["host_drops"] = [{"verdict": text, "packets": n} for text, n in self.host_drops]
+        return out
 
 
 class ProbeSchedule:
@@ -378,9 +383,26 @@ class PortProber:
             seconds = seconds or time.perf_counter() - started
             sock.close()
         self.probes_total += 1
+        host_drops: tuple[tuple[str, int], ...] = ()
         if error:
             self.failures_total += 1
-        return ProbeResult(time.time(), not error, path, via, seconds, error)
+            if error == "timeout" and path_kind == "probe-netns" and not udp:
+                host_drops = await verdicts_met(lambda: self._fails_again(address, f.host_port, cfg.timeout))
+        return ProbeResult(time.time(), not error, path, via, seconds, error, host_drops)
+
+    async def _fails_again(self, address: str, port: int, timeout: float) -> bool:
+        """One more TCP connect along the probe-netns path: whether it failed too."""
+        try:
+            sock = await self.netns.run(tcp_socket)
+        except OSError:
+            return False
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (address, port)), timeout)
+        except (OSError, asyncio.TimeoutError):
+            return True
+        finally:
+            sock.close()
+        return False
 
     async def _accepted_by(self, f: Forward, address: str, sock: socket.socket, timeout: float) -> tuple[str, str]:
         """(via, error) of an accepted probe connection. A socket of the host that accepted it is
@@ -491,7 +513,7 @@ class PortProber:
         return FailedProbe(
             forward=_describe(f), state=f.state, rule=f.rule, detail=f.detail,
             protocol=f.protocol, container_port=f.container_port, error=result.error, path=result.path, listener=listener,
-            drops=drops, last_ok=self.last_ok.get(forward_key(f)),
+            drops=drops, last_ok=self.last_ok.get(forward_key(f)), host_drops=result.host_drops,
         )
 
     def _drops(self, inode: int) -> tuple[tuple[str, int], ...]:

@@ -80,6 +80,7 @@ class Chain:
     policy: str
     rules: list[Rule] = field(default_factory=list)
     index: tuple | None = None  # built by nstap.nat.paths on first use: rules by destination port
+    policy_packets: int = 0  # packets its policy decided (a built-in chain's ``[packets:bytes]`` under -c)
 
 
 @dataclass(slots=True)
@@ -301,7 +302,10 @@ def parse_save(text: str, family: int = 4, backend: str = "") -> Ruleset:
         if line.startswith(":"):
             parts = line[1:].split()
             if len(parts) >= 2:
-                table.setdefault(parts[0], Chain(parts[0], parts[1]))
+                chain = table.setdefault(parts[0], Chain(parts[0], parts[1]))
+                policy_counters = _COUNTERS.match(parts[2] + " ") if len(parts) >= 3 else None
+                if policy_counters:
+                    chain.policy_packets = int(policy_counters.group(1))
             else:
                 rules.error(line_no, "bad chain line")
             continue
