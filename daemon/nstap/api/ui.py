@@ -81,6 +81,7 @@ UI_FILTERS = (
     Param("container", "query", "container name or id"), Param("kind", "query", "anomaly kind"), Param("reason", "query", "capture reason"),
     Param("state", "query", "active or resolved (anomalies), or a capture state"),
 )
+FILTER_LENGTHS = {"container": 256, "kind": 64, "reason": 32, "state": 16}  # longer values are ignored
 
 
 def _safe_next(target: str | None) -> str:
@@ -262,10 +263,10 @@ class CapturePage:
 
     def _filters(self, request: web.Request) -> dict[str, str]:
         out = {}
-        for name, max_len in (("container", 256), ("kind", 64), ("reason", 32), ("state", 16)):
-            value = request.query.get(name, "").strip()
-            if value and len(value) <= max_len and value.isprintable():
-                out[name] = value
+        for param in UI_FILTERS:
+            value = request.query.get(param.name, "").strip()
+            if value and len(value) <= FILTER_LENGTHS[param.name] and value.isprintable():
+                out[param.name] = value
         return out
 
     async def _lists(self, container: str | None, filters: dict[str, str]) -> tuple[list, list]:
