@@ -6,7 +6,8 @@
 * ``configuration.md`` from the configuration model (the source of ``nstap config-example``);
 * ``detectors.md`` from the detector registry, the NAT and probe kinds and the cause vocabulary;
 * ``api.md`` from the endpoints the handlers declare (the routers are built from the same);
-* ``cli.md`` from the argument parser.
+* ``cli.md`` from the argument parser;
+* ``modules.md`` from the modules' docstrings (one line per module).
 
 ``python -m nstap.docs`` (``make docs``) writes them; ``--check`` says which differ and exits 1.
 Nothing here needs root, a runtime or a running daemon.
@@ -635,6 +636,34 @@ def cli_page() -> str:
     return _page("CLI reference", "the argument parser (`cli.py`)", intro, body)
 
 
+# -- modules -------------------------------------------------------------------------------------------
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def modules() -> list[tuple[str, str]]:
+    """(path under daemon/nstap/, the first sentence of its docstring) for every module (the
+    generated containerd API stubs left out), packages first within a directory."""
+    import ast
+
+    out = []
+    paths = [p for p in PACKAGE.rglob("*.py") if "containerd_api" not in p.parts]
+    for path in sorted(paths, key=lambda p: (p.parent.relative_to(PACKAGE).parts, p.name != "__init__.py", p.name)):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        first = " ".join(doc.split("\n\n")[0].split())
+        sentence = first.split(". ")[0].rstrip(".") + "." if first else ""
+        out.append((str(path.relative_to(PACKAGE)), sentence))
+    return out
+
+
+def modules_page() -> str:
+    """docs/reference/modules.md."""
+    body = _table(("module", "what it is (its docstring's first sentence)"), ((_code(m), doc) for m, doc in modules()))
+    intro = ["Every module of the daemon, one line each, from its own docstring. How they fit together and what each owner "
+             "keeps true: [architecture](../architecture.md)."]
+    return _page("Modules", "the docstrings of `daemon/nstap/`", intro, body)
+
+
 # -- the pages ---------------------------------------------------------------------------------------
 
 PAGES: dict[str, Callable[[], str]] = {
@@ -643,6 +672,7 @@ PAGES: dict[str, Callable[[], str]] = {
     "detectors.md": detectors_page,
     "api.md": api_page,
     "cli.md": cli_page,
+    "modules.md": modules_page,
 }
 
 
