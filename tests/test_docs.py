@@ -257,3 +257,284 @@ def test_every_command_and_argument_is_in_the_reference() -> None:
         assert set(arguments) - {"-h", "--help"} <= listed, command
     headings = re.findall(r"^## `(nstap[^`]*)`", text, re.M)
     assert headings == [c for c, _ in docs.cli_commands()]
+
+
+# -- the hand-written pages: links, metric names, quoted constants -------------------------------------
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+HAND_WRITTEN = [p for p in PAGES if "reference" not in p.parts]
+FENCE = re.compile(r"^```.*?^```[ \t]*$", re.M | re.S)
+
+
+def prose(path: Path) -> str:
+    """A page without its code blocks and inline code (links and names in them are not checked)."""
+    return re.sub(r"`[^`\n]*`", "", FENCE.sub("", path.read_text()))
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub gives a heading."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading).replace("`", "").replace("*", "")
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """Every heading anchor of a page (GitHub numbers repeated ones: -1, -2, ...)."""
+    seen: dict[str, int] = {}
+    out = set()
+    for line in FENCE.sub("", path.read_text()).splitlines():
+        m = re.match(r"^#{1,6} (.+)$", line)
+        if m:
+            base = slug(m.group(1))
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_resolve(path: Path) -> None:
+    """Every relative link of the README and docs/ names a file that exists, and a heading of it."""
+    text = re.sub(r"`[^`\n]*`", "", FENCE.sub("", path.read_text()))
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        if not dest.exists():
+            broken.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(target)
+    assert not broken, f"{path.relative_to(ROOT)}: links that lead nowhere: {broken}"
+
+
+NOT_METRICS = {"nstap_ui", "nstap_host", "nstap_started"}  # a Grafana variable, a label of one's own, a log event
+
+
+def metric_mentions(text: str) -> set[str]:
+    """Metric names and patterns a page mentions; ``a_{b,c}_d`` expanded, label sets
+    (``name{label,...}``) left off."""
+    out = set()
+    for token in re.findall(r"nstap_(?:[a-z0-9_*]|\{[a-z0-9_,]+\})*", text):
+        names = [""]
+        for part in re.split(r"(\{[^}]*\})", token):
+            if part.startswith("{"):
+                if names[0].endswith("_"):
+                    names = [n + alt for n in names for alt in part[1:-1].split(",")]
+                else:
+                    break  # a label set
+            else:
+                names = [n + part for n in names]
+        out.update(n for n in names if not n.endswith("_"))  # a bare prefix is a regex's, not a name
+    return out
+
+
+@pytest.mark.parametrize("path", HAND_WRITTEN, ids=lambda p: str(p.relative_to(ROOT)))
+def test_hand_written_pages_name_only_metrics_that_exist(path: Path) -> None:
+    """A metric named in the README or docs/ (prose, tables, examples) is one nstap exports: a
+    renamed or removed family cannot linger in the text."""
+    import fnmatch
+
+    listed = set(table_column(page("metrics.md")))
+    listed |= {name + suffix for name in listed for suffix in ("_bucket", "_count", "_sum")}  # a histogram's series
+    unknown = sorted(
+        name for name in metric_mentions(path.read_text()) - NOT_METRICS
+        if not (fnmatch.filter(listed, name) if "*" in name else name in listed or name + "_total" in listed)
+    )
+    assert not unknown, f"{path.relative_to(ROOT)} names metrics the reference does not list: {unknown}"
+
+
+def normalized(path: Path) -> str:
+    return " ".join(path.read_text().split())
+
+
+def test_quoted_constants_are_the_codes() -> None:
+    """Numbers the pages quote from the code are the code's."""
+    from nstap.app import RETENTION_INTERVAL
+    from nstap.capture.fleet import PUMP_BUDGET, PUMP_INTERVAL, PUMP_READS
+    from nstap.capture.store import PRUNE_EVERY
+    from nstap.watcher import Ticker
+
+    docs_dir = ROOT / "docs"
+    claims = [
+        (docs_dir / "captures-and-evidence.md", f"and every {RETENTION_INTERVAL:g} s."),
+        (docs_dir / "architecture.md", f"after every capture and every {RETENTION_INTERVAL:g} s"),
+        (docs_dir / "captures-and-evidence.md", "pruned every minute" if PRUNE_EVERY == 60 else f"pruned every {PRUNE_EVERY:g} s"),
+        (docs_dir / "performance.md", f"at most {PUMP_BUDGET * 1000:g} ms per wake-up"),
+        (docs_dir / "performance.md", {0.25: "four times a second"}.get(PUMP_INTERVAL, f"every {PUMP_INTERVAL:g} s")),
+        (docs_dir / "performance.md", f"{PUMP_READS} MiB per recorder"),
+        (docs_dir / "performance.md", f"in slices of at most {Ticker.SLICE * 1000:g} ms"),
+        (docs_dir / "metrics.md", f"no published port has {series_of_a_plain_container()} series"),
+        (docs_dir / "metrics.md", f"a container has {series_of_a_plain_container()} series"),
+    ]
+    wrong = [(p.name, phrase) for p, phrase in claims if phrase not in normalized(p)]
+    assert not wrong, f"pages that do not say what the code does: {wrong}"
+
+
+def series_of_a_plain_container() -> int:
+    """Series of a busybox container with one listener on eth0, no published port, no eBPF: its
+    three interfaces (lo, eth0, the host end of its veth) and the families every sample makes,
+    plus its firewall's change counter."""
+    from nstap.exporter import ContainerCollector
+    from nstap.registry import ContainerRegistry
+    from nstap.runtime.records import ContainerRecord
+    from nstap.samplers.protocols import PROTOCOL_COUNTERS
+    from nstap.samplers.sockets import STATE_NAMES
+    from nstap.samples import InterfaceCounters, ListenQueue, NamespaceSample, SampleStore, SocketSample
+
+    registry, store = ContainerRegistry(), SampleStore()
+    registry.upsert(ContainerRecord("ab" * 32, "web", "docker", 1, "running", "busybox", netns=5))
+    interfaces = tuple(
+        InterfaceCounters(name, side, peer, True, 1500, *([0] * 8)) for name, side, peer in (("lo", "container", ""), ("eth0", "container", ""), ("veth1", "host", "eth0"))
+    )
+    sockets = SocketSample({"tcp": 1}, dict.fromkeys(STATE_NAMES, 0), 1.0, 0, (ListenQueue("80", 0, 128, 1),), 1.0)
+    store.put(NamespaceSample(5, 1.0, 0.001, interfaces, {c.key: 0 for c in PROTOCOL_COUNTERS}, sockets, interval=1.0))
+    lines = [line for line in ContainerCollector(registry, store, []).render().splitlines() if 'container_id="abababababab"' in line]
+    return len(lines) + 1  # nstap_firewall_changes_total: one per watched namespace with the NAT monitor on
+
+
+def test_every_module_is_in_the_architecture_layout() -> None:
+    """The architecture page's layout names every module (the generated modules page lists them all)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    missing = []
+    for module, _ in docs.modules():
+        name = Path(module).name
+        if name in ("__init__.py", "__main__.py"):
+            continue
+        if name not in text and Path(module).stem not in text:
+            missing.append(module)
+    assert not missing, f"modules the architecture page does not mention: {missing}"
+
+
+# -- commands shown in the README and docs/, run ----------------------------------------------------------
+
+BLOCK = re.compile(r"^```console (doctest(?:-demo)?)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+
+
+def command_blocks(kind: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(where, [(command, expected output), ...]) of every ```console <kind> block."""
+    out = []
+    for path in HAND_WRITTEN:
+        text = path.read_text()
+        for m in BLOCK.finditer(text):
+            if m.group(1) != kind:
+                continue
+            commands: list[tuple[str, list[str]]] = []
+            for line in m.group(2).splitlines():
+                if line.startswith("$ "):
+                    commands.append((line[2:], []))
+                else:
+                    assert commands, f"{path.name}: output before any command"
+                    commands[-1][1].append(line)
+            where = f"{path.relative_to(ROOT)}:{text[:m.start()].count(chr(10)) + 1}"
+            out.append((where, [(cmd, "\n".join(expected)) for cmd, expected in commands]))
+    return out
+
+
+def shape_matches(expected: str, actual: str) -> bool:
+    """``actual`` has the shape ``expected`` shows: line by line, runs of spaces compared as one,
+    ``...`` in a line matching anything in it and a line of ``...`` any number of lines; blank lines
+    are not compared."""
+
+    def lines(text: str) -> list[str]:
+        return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+    pattern = ""
+    for line in lines(expected):
+        if line == "...":
+            pattern += r"(?:[^\n]*\n)*?"
+        else:
+            pattern += r"[^\n]*".join(re.escape(part.strip()) for part in line.split("...")) + r"\n"
+    return re.fullmatch(pattern, "".join(line + "\n" for line in lines(actual))) is not None
+
+
+def test_shape_matching() -> None:
+    """The doc tests' matcher: spacing, ... within a line and ... for lines."""
+    assert shape_matches("a  b ... d\n...\nlast", "a b c d\nx\ny\nlast\n")
+    assert shape_matches("a\n...", "a\n")
+    assert not shape_matches("a\nb", "a\nc\n")
+    assert not shape_matches("x ... y", "x y z\n")
+
+
+def shell(tmp: Path, wrapper: str) -> dict[str, str]:
+    """The environment a documented command runs in: ``nstap`` on PATH is this checkout's."""
+    import os
+    import sys
+
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "nstap").write_text(wrapper.replace("PYTHON", sys.executable))
+    (bin_dir / "nstap").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT / "daemon"), "COLUMNS": "80"}
+
+
+def run_documented(command: str, env: dict[str, str], cwd: Path, replace: dict[str, str] | None = None) -> str:
+    """Run a command as the page shows it (``.venv/bin/`` is this checkout's ``nstap`` and Python)."""
+    import subprocess
+    import sys
+
+    command = command.replace(".venv/bin/nstap", "nstap").replace(".venv/bin/python", sys.executable)
+    for old, new in (replace or {}).items():
+        command = command.replace(old, new)
+    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{command}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc.stdout + proc.stderr
+
+
+DOCTESTS = command_blocks("doctest")
+
+
+@pytest.mark.parametrize("where,commands", DOCTESTS, ids=[w for w, _ in DOCTESTS])
+def test_documented_command(where: str, commands: list[tuple[str, str]], tmp_path: Path) -> None:
+    """Each ```console doctest block: its commands run here (no runtime or daemon needed) and print
+    what the page shows."""
+    env = shell(tmp_path, '#!/bin/sh\nexec PYTHON -m nstap "$@"\n')
+    for command, expected in commands:
+        output = run_documented(command, env, ROOT)
+        assert shape_matches(expected, output), f"{where}: {command}\n--- shown:\n{expected}\n--- printed:\n{output}"
+
+
+def test_the_pages_have_doctests() -> None:
+    """The blocks this file runs are there (a renamed info string would silently run nothing)."""
+    places = {where.split(":")[0] for where, _ in DOCTESTS}
+    assert {"docs/troubleshooting.md", "docs/configuration.md", "docs/api-and-cli.md", "docs/operations.md", "docs/alerting-and-dashboards.md"} <= places
+    assert [where for where, _ in command_blocks("doctest-demo")] and command_blocks("doctest-demo")[0][0].startswith("README.md")
+
+
+CLIENT_COMMANDS = "containers|anomalies|nat|exposure|talkers|captures|capture"
+
+
+@pytest.mark.docker
+def test_quick_start(nstap, docker_image: str, tmp_path: Path) -> None:
+    """The README's quick start, for real: ``make demo``'s containers (broken 4 s after they start
+    instead of 20) next to a daemon, then every command of its ```console doctest-demo block, with
+    ``localhost:9880`` the test daemon's /metrics, ``nstap`` asking the test daemon (its config
+    appended) and ``<ID>`` demo-flaky's capture; each output must have the shape shown."""
+    import os
+    import subprocess
+
+    from conftest import sh, wait_until
+
+    (where, commands), = command_blocks("doctest-demo")
+    d = nstap()
+    env = shell(tmp_path, f'#!/bin/bash\ncase "$1" in {CLIENT_COMMANDS}) exec PYTHON -m nstap "$@" --config {d.config_path};; esac\n'
+                          'exec PYTHON -m nstap "$@"\n')
+    demo_env = {**os.environ, "NSTAP_DEMO_BREAK_AFTER": "4"}
+    try:
+        subprocess.run([str(ROOT / "deploy/demo.sh"), "up"], check=True, env=demo_env, capture_output=True, cwd=ROOT, timeout=120)
+
+        def demo_flaky_capture() -> str | None:
+            _, body = d.api("/api/v1/anomalies?container=demo-flaky&kind=tcp_retransmits")
+            ids = {a["capture_id"] for a in body["anomalies"] if a["capture_id"]}
+            _, body = d.api("/api/v1/captures?container=demo-flaky")
+            done = [c["id"] for c in body["captures"] if c["state"] == "complete" and c["id"] in ids]
+            return done[0] if done else None
+
+        capture_id = wait_until(demo_flaky_capture, 90, 0.5, "demo-flaky's tcp_retransmits anomaly with a finished capture")
+        replace = {"localhost:9880": f"127.0.0.1:{d.metrics_port}", "<ID>": capture_id}
+        for command, expected in commands:
+            output = run_documented(command, env, tmp_path, replace)
+            assert shape_matches(expected, output), f"{where}: {command}\n--- shown:\n{expected}\n--- printed:\n{output}"
+    finally:
+        subprocess.run([str(ROOT / "deploy/demo.sh"), "down"], check=True, capture_output=True, cwd=ROOT, timeout=120)
+    assert sh("docker", "ps", "-aq", "--filter", "label=nstap.demo=1").stdout.strip() == ""
