@@ -85,7 +85,7 @@ bench-nat: deps-test venv-bench runtimes
 bench-detect: deps-test venv-bench runtimes
 	$(VENV)/bin/python bench/bench_detect.py $(ARGS)
 
-# The share of anomalies whose cause nstap names right, per injected fault class (README: Causes).
+# The share of anomalies whose cause nstap names right, per injected fault class (docs/performance.md: Causes).
 bench-cause: deps-test venv-bench runtimes
 	$(VENV)/bin/python bench/bench_cause.py $(ARGS)
 
