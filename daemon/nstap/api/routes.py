@@ -467,7 +467,7 @@ class CaptureApi:
         answers=((202, "capture (state running)"), (400, "unknown field, bad number, bad filter"),
                  (403, "a container of the namespace is labelled nstap.capture=off"), NO_CONTAINER,
                  (409, "host network, or not watched"), (429, "capture.max_concurrent captures are running"),
-                 (503, "tcpdump or nsenter is missing"), (507, "the store cannot take it")),
+                 (503, "tcpdump, nsenter or setpriv is missing"), (507, "the store cannot take it")),
     )
     async def start_capture(self, request: web.Request) -> web.Response:
         row = await self.start(await _json_object(request))
