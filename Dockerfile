@@ -1,4 +1,4 @@
-# nstap as a container next to the runtimes it watches. Build (see the README):
+# nstap as a container next to the runtimes it watches. Build (see docs/operations.md):
 #   docker build -t nstap:local .                                  # FROM the public Debian base
 #   docker build --build-arg BASE=nstap-base:local -t nstap:local . # FROM a local rootfs (no registry)
 # Two stages: the first builds the venv (Python packages from deploy/requirements.lock, checked

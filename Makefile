@@ -3,13 +3,14 @@
 #   make test   install what is missing, start the runtimes, run the whole test suite
 #   make soak   the chaos and soak tests at full size (1,000 cycles, 100,000 sockets, 10,000 inputs)
 #   make lock   deploy/requirements.lock again (pip-compile --generate-hashes; ARGS=--upgrade to move versions)
+#   make docs   docs/reference/ again from the code (metrics, configuration, detectors, API, CLI)
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak lock deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-detect bench-nat bench-ebpf bench-cause containerd-api dashboards clean demo demo-clean install uninstall
+.PHONY: run test soak lock deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-detect bench-nat bench-ebpf bench-cause containerd-api dashboards docs clean demo demo-clean install uninstall
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -84,7 +85,7 @@ bench-nat: deps-test venv-bench runtimes
 bench-detect: deps-test venv-bench runtimes
 	$(VENV)/bin/python bench/bench_detect.py $(ARGS)
 
-# The share of anomalies whose cause nstap names right, per injected fault class (README: Causes).
+# The share of anomalies whose cause nstap names right, per injected fault class (docs/performance.md: Causes).
 bench-cause: deps-test venv-bench runtimes
 	$(VENV)/bin/python bench/bench_cause.py $(ARGS)
 
@@ -97,6 +98,11 @@ containerd-api: deps-test venv
 
 dashboards: venv
 	$(VENV)/bin/python grafana/dashboards.py
+
+# The reference pages (docs/reference/*.md) from the code they describe; tests/test_docs.py fails
+# when a committed page is not what this writes.
+docs: venv
+	$(VENV)/bin/python -m nstap.docs
 
 install: deps-run
 	deploy/install.sh

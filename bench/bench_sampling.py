@@ -25,7 +25,7 @@ feature on, 1 s interval) in a cgroup of its own for the measured window while s
   run`` returning to the container's first sample in /metrics (5 probes), the HTTP requests per
   second actually achieved, and how long setting up the containers took.
 
-Each size is printed as a Markdown row in the README's format, with an accounting table and the
+Each size is printed as a Markdown row in the format of docs/performance.md, with an accounting table and the
 breakdown, and appended as one JSON line to ``bench/results/sampling.jsonl``; a run over several
 sizes also draws ``bench/sampling.png`` (bench/plot_sampling.py, matplotlib).
 
@@ -37,7 +37,7 @@ pre-trigger packets is taken from it: the whole ring is read back while the tick
     make bench                                        # 50 containers, 60 s
     make bench ARGS="--containers 50,200,500,1000"    # the cost claims, and bench/sampling.png
     make bench ARGS="--containers 200"                # or --large
-    make bench ARGS="--child-ehash 1024"              # namespaces with their own TCP hash (see README)
+    make bench ARGS="--child-ehash 1024"              # namespaces with their own TCP hash (see docs/performance.md)
     make bench ARGS="--large --scrape-every 1 --capture-load"   # tick lateness under load
 
 Everything it starts (containers, networks, the cgroup, the daemon, the traffic, py-spy) is
@@ -1009,7 +1009,7 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 def readme_table(results: list[dict]) -> Iterator[str]:
-    """The README's table: CPU and RSS with the daemon's children."""
+    """docs/performance.md's table: CPU and RSS with the daemon's children."""
     yield (
         "| containers | CPU per container-sample | lower bound (nslimit), same run | daemon CPU | RSS | `/metrics` scrape (median / max) "
         "| scrape size | start → first sample (median / max) |"

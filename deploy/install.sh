@@ -18,11 +18,16 @@ else
 fi
 "$src/deploy/link-bcc.sh" "$prefix/venv"
 install -m 0644 "$src/README.md" "$prefix/README.md"
+if [ -d "$src/docs" ]; then  # the pages the README links to (the unit's Documentation=)
+  rm -rf "$prefix/docs"
+  cp -r "$src/docs" "$prefix/docs"
+  chmod -R u=rwX,go=rX "$prefix/docs"
+fi
 ln -sfn "$prefix/venv/bin/nstap" /usr/local/bin/nstap
 
 install -d -m 0755 /etc/nstap
 if [ ! -e /etc/nstap/config.yaml ]; then
-  { echo "# nstap's configuration: every key with its default, commented out. See $prefix/README.md."
+  { echo "# nstap's configuration: every key with its default, commented out. See $prefix/docs/configuration.md."
     echo "# Reload after a change: systemctl reload nstap (what needs a restart is logged)."
     "$prefix/venv/bin/nstap" config-example; } > /etc/nstap/config.yaml
   chmod 0644 /etc/nstap/config.yaml

@@ -1,4 +1,4 @@
-"""Every benchmark the README quotes still starts: its imports resolve and it prints its usage.
+"""Every benchmark docs/performance.md quotes still starts: its imports resolve and it prints its usage.
 (A bench's figures come from running it for real: ``make bench*``; this only keeps them runnable.)"""
 
 from __future__ import annotations
@@ -25,3 +25,9 @@ def test_a_bench_starts(name: str) -> None:
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert name == "bench_containers.py" or "usage" in proc.stdout.lower()
+
+
+@pytest.mark.parametrize("name", [b for b in BENCHES if b != "bench_containers.py"])
+def test_the_performance_page_says_what_each_bench_measured(name: str) -> None:
+    """Every benchmark is on docs/performance.md, which quotes its figures with its command."""
+    assert name in (ROOT / "docs" / "performance.md").read_text(), f"{name} is not on docs/performance.md"

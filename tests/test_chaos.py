@@ -6,7 +6,7 @@ the issues (1,000 mixed start/stop cycles and 5,000 Docker ones with eBPF on —
 ``NSTAP_SOAK_CHURN_CYCLES`` —, 100,000 sockets, 1,000 interfaces and 50,000 firewall rules in one
 container beside 50 others, 50 filtered captures under kill -9 — ``NSTAP_SOAK_SEED`` repeats a
 run's kills —, 10,000 fuzzed inputs). Every test reports its figures on one line (``chaos_figures``) and, when
-``NSTAP_SOAK_REPORT`` names a file, appends them there as JSON (the README's soak table).
+``NSTAP_SOAK_REPORT`` names a file, appends them there as JSON (the soak tables of docs/performance.md).
 """
 
 from __future__ import annotations
@@ -713,7 +713,7 @@ def test_a_hostile_container_cannot_starve_the_others(nstap, containers: Contain
     assert rss_series[-1] <= first_half * 1.10 and rss_peak <= rss0 * 2, (rss0, first_half, rss_series[-1])
     # The loop was not held up. Issue 19's goal, p99 of tick lateness at most 10 ms (a bucket
     # boundary of the histogram: read off it exactly), is checked at full size (make soak) and is
-    # NOT met yet (README: a week of churn in minutes; the hostile namespace's interface churn is
+    # NOT met yet (docs/performance.md: a week of churn in minutes; the hostile namespace's interface churn is
     # parsed with the GIL held). Here, at make test size (about 60 ticks, so p99 is nearly the
     # worst tick), a regression guard: no tick held up by more than 100 ms.
     assert lag_p99 <= (0.01 if SOAK else 0.1), (lag_p99, lag_buckets)

@@ -190,7 +190,7 @@ def test_three_hosts_through_agents_to_prometheus_and_victoriametrics(
     evaluated = wait_until(rules_ok, 20, 0.5, "every rule evaluated by the receiver")
     assert len(evaluated) == len(rule_exprs())
 
-    # Series per host as the receivers hold them (the README's cardinality figures).
+    # Series per host as the receivers hold them (the cardinality figures of docs/metrics.md).
     for base in (prom, vm):
         per_host = {r["metric"]["host"]: float(r["value"][1]) for r in query(base, f'count by (host) ({{instance="{INSTANCE}"}})')}
         assert set(per_host) == set(HOSTS)

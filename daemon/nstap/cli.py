@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--interval", metavar="SECONDS", type=float, help="seconds between samples (default 1)")
     run.add_argument("--data-dir", metavar="DIR", type=Path, help="state directory (default /var/lib/nstap)")
     run.add_argument("--log-format", choices=["auto", "json", "console", "journald"], help="default: journald under systemd, else json unless stderr is a TTY")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="the least level logged (default info)")
     run.add_argument("--web.config.file", dest="web_config_file", metavar="FILE", type=Path,
                      help="TLS and basic auth of the listeners, in the Prometheus exporter toolkit's format")
 
@@ -46,8 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     _client_args(anomalies)
     anomalies.add_argument("--container", help="name or id")
     anomalies.add_argument("--active", action="store_true", help="only those going on now")
-    anomalies.add_argument("--limit", type=int, default=50)
-    anomalies.add_argument("--json", action="store_true")
+    anomalies.add_argument("--limit", type=int, default=50, help="at most this many, newest first")
+    anomalies.add_argument("--json", action="store_true", help="print the API's JSON")
 
     sub.add_parser("config-example", help="print every configuration key with its default, commented (/etc/nstap/config.yaml)")
 
@@ -79,12 +79,12 @@ def _capture_parsers(sub: argparse._SubParsersAction) -> None:
     _client_args(listing)
     listing.add_argument("--container", help="name or id")
     listing.add_argument("--kind", help="anomaly kind or alert name")
-    listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many, newest first")
+    listing.add_argument("--json", action="store_true", help="print the API's JSON")
     listing.add_argument("--all-hosts", action="store_true", help="every host's captures, from the bucket's catalogue (storage.s3)")
     get = captures_sub.add_parser("get", help="download one capture's pcap (or its bundle)")
     _client_args(get)
-    get.add_argument("id")
+    get.add_argument("id", help="capture id")
     get.add_argument("--bundle", action="store_true", help="the .tar.gz with the pcap, the evidence and a summary")
     get.add_argument("-o", "--output", type=Path, help="file to write (default: the name the daemon suggests; - for stdout)")
 

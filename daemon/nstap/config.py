@@ -86,11 +86,11 @@ class SocketWalk(Strict):
 class DetectConfig(Strict):
     """Anomaly detection: which detectors, their parameters, and how events are damped."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: no detection at all")
     cooldown: float = Field(60.0, ge=0.0, le=86400.0, description="seconds after an event ends during which it is reopened")
     resolve_after: float = Field(10.0, ge=0.0, le=3600.0, description="seconds without a finding that end an event")
     capture: bool = Field(True, description="capture packets when an event starts")
-    disabled: tuple[str, ...] = ()
+    disabled: tuple[str, ...] = Field((), description="detector kinds switched off for every container (a label cannot switch them on)")
     detectors: dict[str, dict[str, Any]] = Field(default_factory=dict, description="parameters by detector kind (the same ranges as labels)")
 
     @field_validator("disabled")
@@ -124,12 +124,12 @@ class CaptureConfig(Strict):
     """Packet captures: their limits, the store's budget, the flight recorders."""
 
     snaplen: int = Field(256, ge=64, le=65535, description="bytes kept of each packet")
-    pre_seconds: float = Field(10.0, ge=0.0, le=600.0)
+    pre_seconds: float = Field(10.0, ge=0.0, le=600.0, description="seconds of packets before the trigger (an anomaly: before its onset), from the flight recorder")
     max_pre_seconds: float = Field(60.0, ge=0.0, le=3600.0, description="how far before its trigger an anomaly capture may start (from the onset)")
-    post_seconds: float = Field(10.0, ge=1.0, le=600.0)
+    post_seconds: float = Field(10.0, ge=1.0, le=600.0, description="seconds a capture goes on after its trigger")
     max_seconds: float = Field(120.0, ge=1.0, le=3600.0, description="longest post-trigger window a request may ask for")
     max_bytes: int = Field(20 * 1024 * 1024, ge=64 * 1024, le=1 << 34, description="bytes per capture")
-    max_concurrent: int = Field(4, ge=1, le=64)
+    max_concurrent: int = Field(4, ge=1, le=64, description="captures running at once (one more is refused: 429)")
     max_per_container_per_hour: int = Field(6, ge=1, le=3600, description="anomaly captures of one container per hour")
     buffer_kib: int = Field(4096, ge=256, le=1 << 20, description="tcpdump -B")
     store_max_bytes: int = Field(1 << 30, ge=1 << 20, le=1 << 44, description="disk budget of the capture store")
@@ -141,7 +141,7 @@ class CaptureConfig(Strict):
     index_max_rows: int = Field(100_000, ge=1000, le=10_000_000, description="entries the index keeps per table (captures, anomalies, alerts), newest first")
     ring: Literal["off", "labeled", "all"] = Field("labeled", description="flight recorders: none, label nstap.capture=ring, every namespace")
     ring_bytes: int = Field(8 * 1024 * 1024, ge=256 * 1024, le=1 << 32, description="flight-recorder bytes per namespace")
-    ring_segments: int = Field(16, ge=2, le=64)
+    ring_segments: int = Field(16, ge=2, le=64, description="pcap files a flight recorder's ring_bytes are split into")
     ring_seconds: float = Field(60.0, ge=1.0, le=86400.0, description="reach a flight recorder should have; a shorter one is logged")
     evidence: bool = Field(True, description="record the namespace's state (sockets, interfaces, routes, firewall) with every capture")
 
@@ -193,7 +193,7 @@ class TalkersConfig(Strict):
 class NatConfig(Strict):
     """NAT rules, conntrack and the containers' own firewalls."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="read the NAT rules, conntrack and the containers' own firewalls")
     interval: float = Field(15.0, ge=1.0, le=3600.0, description="longest seconds between reads of the NAT rules (their counters); a change is read at once")
     conntrack_interval: float = Field(30.0, ge=1.0, le=3600.0, description="seconds between per-container conntrack passes (longer when a pass costs more than conntrack_budget)")
     conntrack_budget: float = Field(0.005, gt=0.0, le=0.5, description="share of one core the per-container conntrack pass may use")
@@ -237,8 +237,8 @@ class TlsConfig(Strict):
 class BasicAuth(Strict):
     """HTTP basic auth towards Alertmanager; the password is read from a file at every poll."""
 
-    username: str = Field(min_length=1, max_length=256)
-    password_file: Path | None = None
+    username: str = Field(min_length=1, max_length=256, description="user name")
+    password_file: Path | None = Field(None, description="file holding the password (read at every poll)")
 
     _files = field_validator("password_file")(_readable)
 
@@ -246,8 +246,8 @@ class BasicAuth(Strict):
 class Authorization(Strict):
     """An Authorization header towards Alertmanager (``type credentials``), read from a file at every poll."""
 
-    type: str = Field("Bearer", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
-    credentials_file: Path
+    type: str = Field("Bearer", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,31}$", description="the scheme")
+    credentials_file: Path = Field(description="file holding the credentials (read at every poll)")
 
     _files = field_validator("credentials_file")(_readable)
 
@@ -328,13 +328,13 @@ class S3Config(Strict):
     """An S3-compatible bucket the finished captures, their evidence and bundles are uploaded to."""
 
     endpoint: str = Field(description="URL of the S3 server, e.g. https://s3.eu-west-1.amazonaws.com", pattern=r"^https?://[^/?#]+/?$")
-    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="bucket name")
     prefix: str | None = Field(None, max_length=512, description="key prefix of this host's objects (default: '<hostname>/')")
-    region: str = Field("us-east-1", pattern=r"^[a-z0-9-]{1,32}$")
+    region: str = Field("us-east-1", pattern=r"^[a-z0-9-]{1,32}$", description="region the requests are signed for (SigV4)")
     access_key_file: Path | None = Field(None, description="file holding the access key id (else AWS_ACCESS_KEY_ID)")
     secret_key_file: Path | None = Field(None, description="file holding the secret key (else AWS_SECRET_ACCESS_KEY)")
     path_style: bool = Field(False, description="ENDPOINT/BUCKET/KEY instead of BUCKET.ENDPOINT/KEY (MinIO, SeaweedFS, Ceph)")
-    verify_tls: bool = True
+    verify_tls: bool = Field(True, description="verify the server's certificate")
     concurrency: int = Field(2, ge=1, le=16, description="uploads at once")
     multipart_bytes: int = Field(16 * 1024 * 1024, ge=5 * 1024 * 1024, le=1 << 32, description="files larger go in parts of this size")
     max_backoff: float = Field(300.0, ge=1.0, le=86400.0, description="longest seconds between two tries of one upload")
@@ -361,13 +361,15 @@ class Config(Strict):
     api_listen: str = Field("127.0.0.1:9881", description="HOST:PORT of the local API")
     data_dir: Path = Field(Path("/var/lib/nstap"), description="state: API token, captures")
     web_config_file: Path | None = Field(None, description="TLS and basic auth of the listeners (Prometheus exporter toolkit format)")
-    log_format: Literal["auto", "json", "console", "journald"] = "auto"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    proc_root: Path = Path("/proc")
-    runtimes: tuple[RuntimeEndpoint, ...] = DEFAULT_RUNTIMES
-    reconcile_interval: float = Field(30.0, ge=1.0, le=3600.0)
-    reconnect_max_backoff: float = Field(5.0, ge=0.1, le=300.0)
-    samplers: dict[str, bool] = Field(default_factory=dict)
+    log_format: Literal["auto", "json", "console", "journald"] = Field(
+        "auto", description="auto: journald when stderr is systemd's journal stream, else console on a TTY, else json"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="the least level logged")
+    proc_root: Path = Field(Path("/proc"), description="where the host's procfs is mounted (/host/proc in the Kubernetes pod)")
+    runtimes: tuple[RuntimeEndpoint, ...] = Field(DEFAULT_RUNTIMES, description="the runtime sockets to follow (an absent one is retried, not an error)")
+    reconcile_interval: float = Field(30.0, ge=1.0, le=3600.0, description="seconds between full lists of each runtime's containers")
+    reconnect_max_backoff: float = Field(5.0, ge=0.1, le=300.0, description="cap of a runtime's reconnect backoff, seconds")
+    samplers: dict[str, bool] = Field(default_factory=dict, description="switch samplers on or off by name, e.g. {sockets: false}")
     socket_walk: SocketWalk = SocketWalk()
     max_listen_ports: int = Field(64, ge=1, le=10000, description="listener ports per container before port=\"other\"")
     sample_budget_ms: float = Field(2.0, ge=0.1, le=1000.0, description="CPU ms one namespace's sample may cost (3 samples in a row) before it is sampled less often")

@@ -35,6 +35,7 @@ from ..nat.monitor import NatMonitor
 from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
 from ..storage.location import capture_storage
+from .endpoints import WEBHOOK, Param, endpoint, routes
 from .server import BadRequest
 
 log = structlog.get_logger("nstap.api")
@@ -119,6 +120,16 @@ def download_name(row_container: str, what: str, at: float) -> str:
 
 BUNDLE_CHUNK = 256 * 1024  # bytes of a bundle sent at a time
 
+# Parameters and answers several endpoints share (their declarations: docs/reference/api.md).
+CONTAINER = Param("name", "path", "container name, full id or unique id prefix (4+ hex digits)")
+CONTAINER_FILTER = Param("container", "query", "container name, id or id prefix")
+CAPTURE_ID = Param("id", "path", "capture id")
+LIMIT = Param("limit", "query", f"at most this many (1 to {MAX_LIMIT}, default 100)")
+BAD_PARAM = (400, "a parameter that cannot be used")
+NO_CAPTURE = (404, "no such capture")
+NO_CONTAINER = (404, "no running container by that name or id (409: the name matches several)")
+NAT_OFF = (409, "the NAT monitor is off (nat.enabled: false)")
+
 
 class CaptureApi:
     """The /api/v1 routes that read and start captures and anomalies."""
@@ -143,27 +154,18 @@ class CaptureApi:
         self._bundles.shutdown(wait=True)
 
     def routes(self) -> list[web.RouteDef]:
-        """The routes, for ApiServer.add_routes."""
-        return [
-            web.get("/api/v1/anomalies", self.anomalies),
-            web.get("/api/v1/captures", self.captures),
-            web.post("/api/v1/captures", self.start_capture),
-            web.get("/api/v1/captures/{id}", self.capture),
-            web.get("/api/v1/captures/{id}/pcap", self.pcap),
-            web.get("/api/v1/captures/{id}/evidence", self.evidence),
-            web.get("/api/v1/captures/{id}/bundle", self.bundle),
-            web.get("/api/v1/fleet/captures", self.fleet_captures),
-            web.post("/api/v1/alertmanager", self.alertmanager),
-            web.get("/api/v1/alerts", self.alerts),
-            web.get("/api/v1/nat", self.nat_all),
-            web.get("/api/v1/containers/{name}/nat", self.nat_of),
-            web.get("/api/v1/containers/{name}/retransmits", self.retransmits),
-            web.get("/api/v1/containers/{name}/exposure", self.exposure),
-            web.get("/api/v1/containers/{name}/talkers", self.talkers),
-        ]
+        """The routes, for ApiServer.add_routes (from the handlers' declarations)."""
+        return routes(self)
 
     # -- reading ---------------------------------------------------------------------------------
 
+    @endpoint(
+        "GET", "/api/v1/anomalies", "Anomaly events, newest first.",
+        params=(CONTAINER_FILTER, Param("kind", "query", "detector kind"), Param("active", "query", "true: only those going on; false: only ended ones"),
+                Param("since", "query", "events still going on at or after this time (Unix seconds or ISO 8601)"),
+                Param("until", "query", "events that began at or before this time"), LIMIT),
+        answers=((200, '{"anomalies": [anomaly, ...]}'), BAD_PARAM),
+    )
     async def anomalies(self, request: web.Request) -> web.Response:
         active_raw = request.query.get("active")
         if active_raw not in (None, "", "true", "false"):
@@ -178,6 +180,13 @@ class CaptureApi:
         )
         return web.json_response({"anomalies": [r.to_json() for r in rows]})
 
+    @endpoint(
+        "GET", "/api/v1/captures", "Captures, newest first.",
+        params=(CONTAINER_FILTER, Param("kind", "query", "anomaly kind or alert name"), Param("reason", "query", "anomaly, manual or alertmanager"),
+                Param("since", "query", "captures started at or after this time (Unix seconds or ISO 8601)"),
+                Param("until", "query", "captures started at or before this time"), LIMIT),
+        answers=((200, '{"captures": [capture, ...]}'), BAD_PARAM),
+    )
     async def captures(self, request: web.Request) -> web.Response:
         rows = await self.index.captures.list(
             container=_text_param(request, "container"),
@@ -225,10 +234,21 @@ class CaptureApi:
         }
         return view
 
+    @endpoint(
+        "GET", "/api/v1/captures/{id}", "One capture's metadata.",
+        params=(CAPTURE_ID,),
+        answers=((200, "capture"), NO_CAPTURE),
+    )
     async def capture(self, request: web.Request) -> web.Response:
         row = await self._row(request)
         return web.json_response(self._view(row, (await self.storage([row]))[row.id]))
 
+    @endpoint(
+        "GET", "/api/v1/captures/{id}/pcap", "The capture's pcap, streamed (from the bucket once the local file is evicted, with storage.s3).",
+        params=(CAPTURE_ID,),
+        answers=((200, 'the pcap; Content-Disposition: attachment; filename="nstap-<container>-<kind, alert or reason>-<UTC time>.pcap", '
+                       "X-Content-SHA256"), NO_CAPTURE, (409, "the capture is still running"), (410, "the file was evicted by retention")),
+    )
     async def pcap(self, request: web.Request) -> web.StreamResponse:
         row = await self._row(request)
         if row.state == RUNNING:
@@ -249,6 +269,12 @@ class CaptureApi:
             },
         )
 
+    @endpoint(
+        "GET", "/api/v1/captures/{id}/evidence", "The capture's evidence document (JSON).",
+        params=(CAPTURE_ID,),
+        answers=((200, "anomaly, capture, start and end snapshots of the namespace, counter_deltas"),
+                 (404, "no such capture, or its start snapshot is not in yet"), (410, "evicted by retention")),
+    )
     async def evidence(self, request: web.Request) -> web.StreamResponse:
         row = await self._row(request)
         path = self.store.evidence_path(row)
@@ -260,6 +286,11 @@ class CaptureApi:
             raise BadRequest("no evidence recorded for this capture (yet)", 404)
         return web.FileResponse(path, headers={"Content-Type": "application/json"})
 
+    @endpoint(
+        "GET", "/api/v1/captures/{id}/bundle", "nstap-<container>-<id>.tar.gz: SUMMARY.txt, capture.pcap and evidence.json.",
+        params=(CAPTURE_ID,),
+        answers=((200, "the bundle, made as it is sent"), NO_CAPTURE, (409, "the capture is still running"), (410, "evicted by retention")),
+    )
     async def bundle(self, request: web.Request) -> web.Response:
         row = await self._row(request)
         if row.state == RUNNING:
@@ -301,11 +332,21 @@ class CaptureApi:
         await response.write_eof()
         return response
 
+    @endpoint(
+        "GET", "/api/v1/fleet/captures", "Every host's newest captures, from the index documents in the bucket (storage.s3).",
+        params=(Param("host", "query", "one host's prefix name only"), LIMIT),
+        answers=((200, '{"captures": [...]}: each host\'s index documents (host, capture, keys)'), (404, "no bucket configured")),
+    )
     async def fleet_captures(self, request: web.Request) -> web.Response:
         if self.bucket is None:
             raise BadRequest("no bucket configured (storage.s3)", 404)
         return web.json_response({"captures": await fleet_list(self.bucket, _limit(request), _text_param(request, "host"))})
 
+    @endpoint(
+        "GET", "/api/v1/alerts", "The alerts received (webhook and pull), newest first.",
+        params=(LIMIT,),
+        answers=((200, '{"alerts": [alert, ...]}'), BAD_PARAM),
+    )
     async def alerts(self, request: web.Request) -> web.Response:
         return web.json_response({"alerts": await self.index.alerts.list(_limit(request))})
 
@@ -316,6 +357,10 @@ class CaptureApi:
             raise BadRequest("the NAT monitor is off (nat.enabled: false)", 409)
         return self.nat
 
+    @endpoint(
+        "GET", "/api/v1/nat", "Every port forward on the host with its verified state, counters, deciding rule and verdict; the rules read; conntrack's totals.",
+        answers=((200, "read_at, rules, errors, forwards (each with verdict {rule, listener, probe, cause} when probes run), conntrack"), NAT_OFF),
+    )
     async def nat_all(self, request: web.Request) -> web.Response:
         monitor = self._monitor()
         state = monitor.state
@@ -325,6 +370,12 @@ class CaptureApi:
             "conntrack": monitor.conntrack_json(),
         })
 
+    @endpoint(
+        "GET", "/api/v1/containers/{name}/nat",
+        "One container's forwards (with verdicts), masquerade, conntrack flows by protocol and state, its own firewall's DROP/REJECT rules with counters.",
+        params=(CONTAINER,),
+        answers=((200, "forwards, masquerade, conntrack, firewall"), NO_CONTAINER, NAT_OFF),
+    )
     async def nat_of(self, request: web.Request) -> web.Response:
         monitor = self._monitor()
         record = self.find(request.match_info["name"])
@@ -333,6 +384,12 @@ class CaptureApi:
         view["forwards"] = _with_verdicts(monitor, monitor.state.forwards_of({m.id for m in ns.members} if ns is not None else {record.id}))
         return web.json_response(view)
 
+    @endpoint(
+        "GET", "/api/v1/containers/{name}/exposure", "The container's listeners: published, internal or loopback (the nmap step).",
+        params=(CONTAINER,),
+        answers=((200, "container, listeners (protocol, address, port, exposure, published_on), published_without_listener"), NO_CONTAINER,
+                 (409, "the NAT monitor is off, or the container is not watched")),
+    )
     async def exposure(self, request: web.Request) -> web.Response:
         """The container's listeners: published, internal only, or loopback (the nmap step)."""
         monitor = self._monitor()
@@ -343,6 +400,12 @@ class CaptureApi:
         view = await monitor.exposure(namespace)
         return web.json_response({"container": record.name, "container_id": record.short_id, "runtime": record.runtime, **view})
 
+    @endpoint(
+        "GET", "/api/v1/containers/{name}/talkers", "The container's peers by bytes and packets over the last minute, from conntrack accounting (the iftop step).",
+        params=(CONTAINER,),
+        answers=((200, "container, window_seconds, source, peers (peer, bytes_out, packets_out, bytes_in, packets_in, new_flows)"), NO_CONTAINER,
+                 (409, "the NAT monitor is off, or talkers are not tracked")),
+    )
     async def talkers(self, request: web.Request) -> web.Response:
         """The container's peers by bytes over the last minute (the iftop step)."""
         monitor = self._monitor()
@@ -351,6 +414,13 @@ class CaptureApi:
             raise BadRequest("top talkers are not tracked", 409)
         return web.json_response(monitor.talkers.talkers_json(record))
 
+    @endpoint(
+        "GET", "/api/v1/containers/{name}/retransmits",
+        "The flows of the container's namespace that retransmitted in the last minute, and its kernel drops by reason (eBPF).",
+        params=(CONTAINER,),
+        answers=((200, "container, window_seconds, flows (local port, remote address and port, count), kernel_drops"), NO_CONTAINER,
+                 (409, "the eBPF collector is not running, or the container is not watched")),
+    )
     async def retransmits(self, request: web.Request) -> web.Response:
         record = self.find(request.match_info["name"])
         ebpf = self.ebpf
@@ -398,6 +468,19 @@ class CaptureApi:
         target = CaptureTarget(record.name, record.short_id, record.runtime, namespace.inode)
         return record, target
 
+    @endpoint(
+        "POST", "/api/v1/captures", "Start a capture of a container now.",
+        params=(Param("container", "body", "name, full id or unique id prefix (required)"),
+                Param("duration", "body", "seconds after now (default capture.post_seconds, at most capture.max_seconds)"),
+                Param("pre_seconds", "body", "seconds before now, from the flight recorder (default capture.pre_seconds)"),
+                Param("filter", "body", "tcpdump filter expression (compiled before the capture starts)"),
+                Param("side", "body", "container (default) or host: the host end of the container's veth"),
+                Param("interface", "body", "with side host: which host-side interface (default: the first)")),
+        answers=((202, "capture (state running)"), (400, "unknown field, bad number, bad filter"),
+                 (403, "a container of the namespace is labelled nstap.capture=off"), NO_CONTAINER,
+                 (409, "host network, or not watched"), (429, "capture.max_concurrent captures are running"),
+                 (503, "tcpdump, nsenter or setpriv is missing"), (507, "the store cannot take it")),
+    )
     async def start_capture(self, request: web.Request) -> web.Response:
         row = await self.start(await _json_object(request))
         return web.json_response(self._view(row, (await self.storage([row]))[row.id]), status=202)
@@ -444,6 +527,15 @@ class CaptureApi:
         found = await self.index.anomalies.list(container=record.short_id, kind=kind, active=True, limit=1)
         return found[0].capture_id if found and found[0].container_id == record.short_id and found[0].capture_id else None
 
+    @endpoint(
+        "POST", "/api/v1/alertmanager",
+        "Alertmanager webhook (payload version 4): every firing alert with a container_id or container label captures that container, "
+        "once per firing (fingerprint and startsAt); an alert whose kind label names an ongoing anomaly nstap captured gets that capture; "
+        "resolved alerts are recorded.",
+        auth=WEBHOOK,
+        params=(Param("alerts", "body", f"the webhook's alerts (at most {MAX_ALERTS})"), Param("version", "body", '"4" if present')),
+        answers=((200, '{"captures": [ids], "results": [{alertname, fingerprint, status, capture_id, note}]}'), (400, "not a version 4 payload")),
+    )
     async def alertmanager(self, request: web.Request) -> web.Response:
         """Alertmanager webhook (v4): a capture for each firing alert naming a container."""
         body = await _json_object(request)

@@ -18,6 +18,7 @@ from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
 from ..supervisor import FailureReport, log_failure
 from .auth import bearer_ok
+from .endpoints import BASIC, NONE, endpoint, routes
 from .webconfig import WebConfig, basic_auth_middleware
 from ..threads import worker_threads
 
@@ -151,18 +152,19 @@ class ApiServer:
         if self.web.users:
             metrics_middlewares.append(basic_auth_middleware(self.web))
         self.metrics_app = web.Application(middlewares=metrics_middlewares)
-        self.metrics_app.router.add_get("/metrics", self.metrics)
-        self.metrics_app.router.add_get("/healthz", self.healthz)
-        self.metrics_app.router.add_get("/readyz", self.readyz)
+        self.metrics_app.router.add_routes(routes(self, "metrics"))
         self.api_app = web.Application(middlewares=[error_middleware("api", on_error), auth_middleware(token, webhook_token)], client_max_size=MAX_BODY)
-        self.api_app.router.add_get("/healthz", self.healthz)
-        self.api_app.router.add_get("/api/v1/containers", self.containers)
+        self.api_app.router.add_routes(routes(self, "api"))
         self._runners: list[web.AppRunner] = []
 
     def add_routes(self, routes: list[web.RouteDef]) -> None:
         """Add more API routes (before :meth:`start`)."""
         self.api_app.router.add_routes(routes)
 
+    @endpoint(
+        "GET", "/metrics", "Every metric family in the Prometheus text format (gzip when asked): docs/reference/metrics.md.",
+        listener="metrics", auth=BASIC, answers=((200, "text/plain; version=0.0.4"), (401, "basic auth required")),
+    )
     async def metrics(self, request: web.Request) -> web.Response:
         """The daemon's own metrics (prometheus-client) followed by every per-container family.
 
@@ -183,9 +185,15 @@ class ApiServer:
         # ~40 ms at the default level, still about 15 times smaller.
         return gzip.compress(body, compresslevel=1) if compress else body
 
+    @endpoint("GET", "/healthz", "Liveness: the listener is up.", listener="metrics", auth=NONE, answers=((200, '{"status": "ok"}'),))
+    @endpoint("GET", "/healthz", "Liveness: the listener is up.", auth=NONE, answers=((200, '{"status": "ok"}'),))
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    @endpoint(
+        "GET", "/readyz", "Readiness: every runtime tried and the running containers' watchers attached (what READY=1 means under systemd).",
+        listener="metrics", auth=NONE, answers=((200, '{"status": "ready"}'), (503, '{"status": "starting"}')),
+    )
     async def readyz(self, request: web.Request) -> web.Response:
         """200 once every runtime was tried and the running containers' watchers are attached (what
         READY=1 means under systemd; a Kubernetes readiness probe), 503 before."""
@@ -193,6 +201,7 @@ class ApiServer:
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "starting"}, status=503)
 
+    @endpoint("GET", "/api/v1/containers", "What is watched: every running container.", answers=((200, '{"containers": [container, ...]}'),))
     async def containers(self, request: web.Request) -> web.Response:
         watched = self.watched()
         views = [container_view(r, self.registry, watched) for r in self.registry.containers()]

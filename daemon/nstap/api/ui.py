@@ -31,6 +31,7 @@ from ..index import Index
 from ..index.captures import EVICTED, RUNNING
 from .auth import bearer_ok
 from .evidence_view import load_evidence
+from .endpoints import NONE, SESSION, Param, endpoint, routes
 from .routes import IFNAME, CaptureApi
 from .server import BadRequest
 
@@ -74,6 +75,13 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+UI_FILTERS = (
+    Param("container", "query", "container name or id"), Param("kind", "query", "anomaly kind"), Param("reason", "query", "capture reason"),
+    Param("state", "query", "active or resolved (anomalies), or a capture state"),
+)
+FILTER_LENGTHS = {"container": 256, "kind": 64, "reason": 32, "state": 16}  # longer values are ignored
+
+
 def _safe_next(target: str | None) -> str:
     """Where to go after the login: a path of the capture page only (never another site)."""
     if not target or not target.startswith("/ui/") or target.startswith("//") or "\\" in target or any(ord(c) < 32 for c in target):
@@ -112,20 +120,7 @@ class CapturePage:
 
     def routes(self) -> list[web.RouteDef]:
         """The routes, for ApiServer.add_routes (the API's auth middleware lets /ui/ through: this checks)."""
-        return [
-            web.get("/ui", self.root),
-            web.get("/ui/", self.index),
-            web.get("/ui/static/nstap.css", self.stylesheet),
-            web.get("/ui/login", self.login_form),
-            web.post("/ui/login", self.login),
-            web.post("/ui/logout", self.logout),
-            web.get("/ui/containers/{ref}", self.container),
-            web.post("/ui/containers/{ref}/capture", self.start_capture),
-            web.get("/ui/captures/{id}", self.capture),
-            web.get("/ui/captures/{id}/pcap", self.download),
-            web.get("/ui/captures/{id}/bundle", self.download),
-            web.get("/ui/captures/{id}/evidence", self.download),
-        ]
+        return routes(self)
 
     # -- sessions ----------------------------------------------------------------------------------
 
@@ -206,15 +201,26 @@ class CapturePage:
 
     # -- routes ----------------------------------------------------------------------------------
 
+    @endpoint("GET", "/ui", "Redirects to /ui/.", auth=NONE, answers=((308, "to /ui/"),))
     async def root(self, request: web.Request) -> web.Response:
         raise web.HTTPPermanentRedirect("/ui/", headers=HEADERS)
 
+    @endpoint("GET", "/ui/static/nstap.css", "The page's one stylesheet.", auth=NONE, answers=((200, "text/css"),))
     async def stylesheet(self, request: web.Request) -> web.Response:
         return web.Response(body=self.css, content_type="text/css", headers={**HEADERS, "Cache-Control": "max-age=3600"})
 
+    @endpoint(
+        "GET", "/ui/login", "The login form (the API token, once).", auth=NONE,
+        params=(Param("next", "query", "the /ui/ page to go to after the login"),), answers=((200, "HTML"),),
+    )
     async def login_form(self, request: web.Request) -> web.Response:
         return self._page(request, "login.html", next=_safe_next(request.query.get("next")), failed=False, authenticated=False)
 
+    @endpoint(
+        "POST", "/ui/login", "Trade the API token for a session cookie (HttpOnly, SameSite=Strict, Path=/ui/, 12 hours).", auth=NONE,
+        params=(Param("token", "form", "the API token"), Param("next", "form", "the /ui/ page to go to")),
+        answers=((303, "to next, with the cookie"), (401, "wrong token: the form again"), (403, "cross-origin form")),
+    )
     async def login(self, request: web.Request) -> web.Response:
         try:
             form = await self._form(request, csrf=False)  # no session yet; SameSite and Origin guard it
@@ -232,6 +238,10 @@ class CapturePage:
         log.info("ui_login", remote=request.remote)
         return response
 
+    @endpoint(
+        "POST", "/ui/logout", "End the session (the cookie is refused from then on, across restarts).", auth=SESSION,
+        params=(Param("csrf", "form", "the session's CSRF field"),), answers=((303, "to /ui/login"), (403, "missing CSRF field or cross-origin")),
+    )
     async def logout(self, request: web.Request) -> web.Response:
         try:
             self._require(request)
@@ -251,10 +261,10 @@ class CapturePage:
 
     def _filters(self, request: web.Request) -> dict[str, str]:
         out = {}
-        for name, max_len in (("container", 256), ("kind", 64), ("reason", 32), ("state", 16)):
-            value = request.query.get(name, "").strip()
-            if value and len(value) <= max_len and value.isprintable():
-                out[name] = value
+        for param in UI_FILTERS:
+            value = request.query.get(param.name, "").strip()
+            if value and len(value) <= FILTER_LENGTHS[param.name] and value.isprintable():
+                out[param.name] = value
         return out
 
     async def _lists(self, container: str | None, filters: dict[str, str]) -> tuple[list, list]:
@@ -268,6 +278,10 @@ class CapturePage:
         )
         return anomalies, [self.api.current(r) for r in rows]
 
+    @endpoint(
+        "GET", "/ui/", "Anomalies and captures of every container, newest first.", auth=SESSION, params=UI_FILTERS,
+        answers=((200, "HTML"), (303, "to the login form without a session")),
+    )
     async def index(self, request: web.Request) -> web.Response:
         self._require(request)
         filters = self._filters(request)
@@ -276,6 +290,11 @@ class CapturePage:
         containers = sorted(self.api.registry.containers(), key=lambda r: r.name)
         return self._page(request, "index.html", filters=filters, anomalies=anomalies, captures=captures, containers=containers, watched=watched)
 
+    @endpoint(
+        "GET", "/ui/containers/{ref}", "One container's anomalies and captures; a running one's capture form.", auth=SESSION,
+        params=(Param("ref", "path", "container name or id (a gone container: its name or 12-character id)"), *UI_FILTERS),
+        answers=((200, "HTML"), (303, "to the login form without a session"), (404, "an id prefix too short to name one container")),
+    )
     async def container(self, request: web.Request) -> web.Response:
         self._require(request)
         return await self._container_page(request, request.match_info["ref"])
@@ -300,6 +319,13 @@ class CapturePage:
             max_seconds=self.api.max_seconds, error=error,
         )
 
+    @endpoint(
+        "POST", "/ui/containers/{ref}/capture", "Start a capture from the form (the fields of POST /api/v1/captures).", auth=SESSION,
+        params=(Param("ref", "path", "container name or id"), Param("csrf", "form", "the session's CSRF field"),
+                Param("duration", "form", "seconds after now"), Param("pre_seconds", "form", "seconds before now"), Param("filter", "form", "tcpdump filter"),
+                Param("side", "form", "container or host"), Param("interface", "form", "with side host: the host-side interface")),
+        answers=((303, "to the capture's page"), (400, "the container's page again, saying why"), (403, "missing CSRF field or cross-origin")),
+    )
     async def start_capture(self, request: web.Request) -> web.Response:
         self._require(request)
         ref = request.match_info["ref"]
@@ -331,6 +357,11 @@ class CapturePage:
         log.info("ui_capture_started", capture_id=row.id, container=row.container)
         raise web.HTTPSeeOther(location=f"/ui/captures/{row.id}", headers=HEADERS)
 
+    @endpoint(
+        "GET", "/ui/captures/{id}", "One capture: the anomaly that triggered it (or that the alert reported), the alerts that asked for it, "
+        "its evidence, its downloads.", auth=SESSION, params=(Param("id", "path", "capture id"),),
+        answers=((200, "HTML"), (303, "to the login form without a session"), (404, "no such capture")),
+    )
     async def capture(self, request: web.Request) -> web.Response:
         self._require(request)
         row = await self.indexed.captures.get(request.match_info["id"])
@@ -367,6 +398,12 @@ class CapturePage:
                 return found[0]
         return None
 
+    @endpoint("GET", "/ui/captures/{id}/pcap", "The pcap, with the page's session.", auth=SESSION, params=(Param("id", "path", "capture id"),),
+              answers=((200, "as GET /api/v1/captures/{id}/pcap"),))
+    @endpoint("GET", "/ui/captures/{id}/bundle", "The bundle, with the page's session.", auth=SESSION, params=(Param("id", "path", "capture id"),),
+              answers=((200, "as GET /api/v1/captures/{id}/bundle"),))
+    @endpoint("GET", "/ui/captures/{id}/evidence", "The evidence, with the page's session.", auth=SESSION, params=(Param("id", "path", "capture id"),),
+              answers=((200, "as GET /api/v1/captures/{id}/evidence"),))
     async def download(self, request: web.Request) -> web.StreamResponse:
         """The pcap, bundle or evidence of a capture, with the page's session (the API's handlers)."""
         self._require(request)

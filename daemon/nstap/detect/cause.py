@@ -30,6 +30,35 @@ KINDS = (
     FIREWALL_DROP, NAT_MISSING, NAT_SHADOWED, NAT_STALE, ACCEPT_QUEUE_FULL, PROCESS_NOT_ACCEPTING, PEER_ANOMALY, LINK_DOWN, MTU,
     CONNTRACK_FULL, NO_LISTENER, SOCKET_NOT_READING, UNKNOWN, NO_ROUTE,
 )
+MEANINGS = {  # kind -> (when it is named, what its sentence names): docs/reference/detectors.md
+    FIREWALL_DROP: (
+        "a DROP/REJECT rule of the container's own firewall matched packets in the anomaly's window (or NETFILTER_DROP drops where it has such rules)",
+        "table, chain, rule number and text, packets",
+    ),
+    PROCESS_NOT_ACCEPTING: (
+        "the container is paused, frozen or its processes stopped while its listeners overflow, its peers retransmit or its UDP buffers fill",
+        "the container, the port and its queue",
+    ),
+    ACCEPT_QUEUE_FULL: ("listen overflows with the process running", "the port, queue length/limit, overflows"),
+    NAT_MISSING: ("the published-port verification found no DNAT rule for the port (or no MASQUERADE)", "the forward and the rule that decides it"),
+    NAT_SHADOWED: ("an earlier rule decides the published port's packets", "the forward and the rule that decides it"),
+    NAT_STALE: ("the deciding DNAT rule points at an address no container has", "the forward and the rule that decides it"),
+    LINK_DOWN: ("an interface or the host end of its veth is down", "the interface"),
+    MTU: ("the two ends of a veth disagree on the MTU and packets are lost", "both MTUs, packets lost"),
+    CONNTRACK_FULL: ("the host's conntrack table is at its limit, or conntrack dropped flows in the window", "entries/limit, drops"),
+    PEER_ANOMALY: (
+        "retransmissions to a container that has its own anomaly (the server also names its clients)",
+        "the peer, its address, its anomaly id and cause",
+    ),
+    NO_LISTENER: ("RSTs or NO_SOCKET drops for connections to a port nothing listens on", "counts, the ports that do listen"),
+    NO_ROUTE: ("a probe of a published port found no route (EHOSTUNREACH, ENETUNREACH)", "the probe's path and error"),
+    SOCKET_NOT_READING: ("UDP datagrams dropped on a full receive buffer", "datagrams"),
+    UNKNOWN: ("nothing in the window explains it: an honest answer, a wrong cause is worse than none", ""),
+}
+KERNEL_DROP_MEANING = (
+    "the kernel dropped packets in the namespace for a reason a healthy host does not produce (eBPF)",
+    "the reason and its count",
+)
 _REASON = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
 

@@ -46,8 +46,10 @@ MAX_REASONS = 256
 
 
 def check_reasons(value: object) -> dict[str, float | None]:
-    """``reasons:`` of the config: reason name -> ``off`` (None), ``on`` (the default threshold, -1)
-    or its own min_increase."""
+    """``reasons:`` of the config: reason name -> ``off``, ``on`` (at the detector's min_increase) or
+    its own min_increase.
+
+    Returned as None, -1 and the number."""
     if not isinstance(value, Mapping):
         raise ValueError("kernel_drops.reasons must map reason names to off, on or a number")
     if len(value) > MAX_REASONS:

@@ -17,6 +17,14 @@ MASQUERADE_KIND = "nat_masquerade_missing"
 CONTAINER_KINDS = (*FORWARD_KINDS.values(), MASQUERADE_KIND)
 HOST_KINDS = ("conntrack_full", "conntrack_drops")
 KINDS = (*CONTAINER_KINDS, *HOST_KINDS)
+HELP = {  # what each kind means (docs/reference/detectors.md)
+    "nat_missing": "a published port has no DNAT rule that decides it (or the rule is in a chain nothing jumps to), or no docker-proxy socket holds it",
+    "nat_stale": "the deciding DNAT rule points at an address no running container has, or at the wrong port of this one",
+    "nat_shadowed": "an earlier rule sends the port's packets elsewhere (another container, a REDIRECT) or ends their NAT before the right DNAT",
+    MASQUERADE_KIND: "no MASQUERADE on POSTROUTING for the container's IPv4 network (a runtime's default network, or a subnet seen masqueraded before)",
+    "conntrack_full": "the host's conntrack entries reached nat.conntrack_full_ratio of nf_conntrack_max (a host event: no capture)",
+    "conntrack_drops": "conntrack's drop, insert_failed or early_drop statistic grew (a host event: no capture)",
+}
 MAX_LISTED = 10  # forwards named in one finding
 CONNTRACK_DROP_STATS = ("drop", "insert_failed", "early_drop")
 

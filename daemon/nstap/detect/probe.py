@@ -23,6 +23,7 @@ from .cause import ACCEPT_QUEUE_FULL, FIREWALL_DROP, NAT_MISSING, NAT_SHADOWED, 
 
 KIND = "port_unreachable"
 KINDS = (KIND,)
+HELP = {KIND: "a probe of a published port whose listener exists (or existed since the container started) failed; the cause names the first broken step"}
 MAX_LISTED = 10
 
 

@@ -7,7 +7,7 @@ every sample after that is one pass over the bytes that checks those tokens and 
 and converts the wanted numbers. When the file's shape changes (an interface came, a kernel with
 other fields) the pass answers None and the plan is learnt again from that text.
 
-The pass is C (``_scan.c``, built with the package by Debian's compiler; see the README for why):
+The pass is C (``_scan.c``, built with the package by Debian's compiler; see docs/performance.md for why):
 per sample of every namespace it replaces tens of microseconds of ``split``/``int`` in Python,
 which were most of nstap's own cost. :func:`scan_py` is the same in Python, used when the
 extension is not built, and the tests hold both to the same answers.
