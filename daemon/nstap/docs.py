@@ -516,7 +516,7 @@ def _objects() -> list[tuple[str, str, list[str]]]:
 
     api = CaptureApi(ContainerRegistry(), types.SimpleNamespace(), types.SimpleNamespace(index=types.SimpleNamespace(alerts=None)), 10)  # type: ignore[arg-type]
     try:
-        capture = list(api._view(CaptureRow("20260101T000000Z-00000000", "complete", 1.0)))
+        capture = list(api._view(CaptureRow("20260101T000000Z-00000000", "complete", 1.0), None))
     finally:
         api.close()
     record = ContainerRecord("0123456789ab" * 5 + "cdef", "web", "docker", 1, "running", "busybox")
