@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from . import __version__
 from .config import Config, ConfigError, load_config
@@ -86,6 +87,7 @@ def _capture_parsers(sub: argparse._SubParsersAction) -> None:
     _client_args(get)
     get.add_argument("id", help="capture id")
     get.add_argument("--bundle", action="store_true", help="the .tar.gz with the pcap, the evidence and a summary")
+    get.add_argument("--host", help="another host's capture, from the bucket (a HOST of captures list --all-hosts)")
     get.add_argument("-o", "--output", type=Path, help="file to write (default: the name the daemon suggests; - for stdout)")
 
     capture = sub.add_parser("capture", help="capture a container's packets now")
@@ -391,7 +393,10 @@ def _captures(args: argparse.Namespace, config: Config) -> int:
                 rows.append((c["id"], _when(c["trigger_at"]), c["container"], c["reason"], c["kind"] or "-", c["state"], str(c["packets"]), str(c["bytes"]), c.get("location", "-")))
             _print_table(rows)
             return 0
-        return _download(client, args.id, args.output, "bundle" if args.bundle else "pcap")
+        what = "bundle" if args.bundle else "pcap"
+        if args.host:
+            return _download(client, args.id, args.output, what, f"/api/v1/fleet/captures/{quote(args.host, safe='')}/{quote(args.id, safe='')}/{what}")
+        return _download(client, args.id, args.output, what)
     except ApiUnavailable as exc:
         print(f"nstap: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -405,10 +410,8 @@ def safe_file_name(text: str) -> str:
     return safe or "capture"
 
 
-def _download(client: Any, capture_id: str, output: Path | None, what: str = "pcap") -> int:
-    from urllib.parse import quote
-
-    path = f"/api/v1/captures/{quote(capture_id, safe='')}/{what}"
+def _download(client: Any, capture_id: str, output: Path | None, what: str = "pcap", path: str = "") -> int:
+    path = path or f"/api/v1/captures/{quote(capture_id, safe='')}/{what}"
     if output is not None and str(output) == "-":
         name, size = client.download(path, sys.stdout.buffer)
         return 0

@@ -22,7 +22,7 @@ from aiohttp import web
 from .. import labels as nstap_labels
 from ..alertmanager.captures import AlertCaptures
 from ..capture.bundle import ChunkSink, bundle_name, write_bundle
-from .bucket import fleet_list, from_bucket
+from .bucket import fleet_list, fleet_object, from_bucket
 from ..threads import worker_threads
 from ..capture.engine import CaptureEngine
 from ..capture.model import SIDES, CaptureTarget
@@ -341,6 +341,18 @@ class CaptureApi:
         if self.bucket is None:
             raise BadRequest("no bucket configured (storage.s3)", 404)
         return web.json_response({"captures": await fleet_list(self.bucket, _limit(request), _text_param(request, "host"))})
+
+    @endpoint(
+        "GET", "/api/v1/fleet/captures/{host}/{id}/{object}", "Another host's capture (its pcap, evidence or bundle), streamed from the bucket (storage.s3).",
+        params=(Param("host", "path", "the host's prefix name, as the fleet list names it"), CAPTURE_ID, Param("object", "path", "pcap, evidence or bundle")),
+        answers=((200, "the object; Content-Disposition: attachment; filename=\"nstap-<host>-<id>.pcap\" (.evidence.json, .tar.gz)"),
+                 (400, "a host or object that cannot be"), (404, "no bucket configured, or no such object"), (502, "the bucket did not answer")),
+    )
+    async def fleet_capture_object(self, request: web.Request) -> web.StreamResponse:
+        if self.bucket is None:
+            raise BadRequest("no bucket configured (storage.s3)", 404)
+        m = request.match_info
+        return await fleet_object(request, self.bucket, m["host"], m["id"], m["object"])
 
     @endpoint(
         "GET", "/api/v1/alerts", "The alerts received (webhook and pull), newest first.",

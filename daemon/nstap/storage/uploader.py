@@ -268,12 +268,20 @@ class CaptureUploader:
         """The bucket's response for a capture's object, open for streaming (``release()`` it)."""
         return await self.client.get(self.key(capture_id, what))
 
+    async def open_fleet(self, host: str, capture_id: str, what: str) -> Any:
+        """Another host's capture object (under its prefix beside this host's), open for streaming."""
+        return await self.client.get(self.key(capture_id, what, self._parent() + host + "/"))
+
+    def _parent(self) -> str:
+        """The prefix the fleet's hosts share (``fleet/<host>/`` → ``fleet/``; none: "")."""
+        parent = self.prefix.rstrip("/").rpartition("/")[0]
+        return parent + "/" if parent else ""
+
     async def fleet(self, limit: int = 100, host: str | None = None) -> list[dict[str, Any]]:
         """The newest captures of every host sharing the bucket (their index documents), newest first.
 
         Hosts are the prefixes beside this host's (``fleet/<host>/`` → ``fleet/``)."""
-        parent = self.prefix.rstrip("/").rpartition("/")[0]
-        parent = parent + "/" if parent else ""
+        parent = self._parent()
         _keys, hosts = await self.client.list(parent, "/")
         if host is not None:
             hosts = [h for h in hosts if h == f"{parent}{host}/"]
