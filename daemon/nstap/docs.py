@@ -418,7 +418,6 @@ def detectors_page() -> str:
     from .detect import cause as c
     from .detect import nat as nat_kinds
     from .detect import probe as probe_kinds
-    from .detect.kernel_drops import QUIET_REASONS
     from .labels import OFF, ON
 
     body = ["## Sample detectors", "",
@@ -426,18 +425,7 @@ def detectors_page() -> str:
     body += _table(("kind", "trips on", "main"), ((_code(s.kind), s.help, _code(s.main) if s.main else "") for s in DETECTORS.values()))
     body.append("")
     for spec in DETECTORS.values():
-        body += [f"### {_code(spec.kind)}", "", spec.help[:1].upper() + spec.help[1:] + ".", ""]
-        if spec.params:
-            body += _table(("parameter", "default", "accepts", "meaning"), ((_code(n), _number(p.default), _range(p), p.help) for n, p in spec.params.items()))
-        else:
-            body.append("No parameters: only `on` or `off`.")
-        for name in spec.extras:
-            first = (inspect.getdoc(spec.extras[name]) or "").split("\n\n")[0]  # the docstring's first paragraph
-            body += ["", f"`{name}` (configuration only): " + " ".join(first.split())]
-        if spec.kind == "kernel_drops":
-            body += ["", "Reasons off by default (a healthy host produces them all the time; `reasons` turns one on): "
-                     + ", ".join(_code(r) for r in sorted(QUIET_REASONS)) + "."]
-        body.append("")
+        body += _detector_section(spec)
     body += ["## Other kinds", "",
              "Raised by the NAT monitor (`detect/nat.py`) and the published-port probes (`detect/probe.py`) through the same incident "
              "tracker; they take no parameters. `detect.disabled` switches them off too.", ""]
@@ -474,6 +462,24 @@ def detectors_page() -> str:
              "the label syntax that tunes them per container, and the cause vocabulary. How detection works: "
              "[anomalies and causes](../anomalies-and-causes.md)."]
     return _page("Detectors reference", "the detector registry (`detect/__init__.py`), the NAT and probe kinds and `detect/cause.py`", intro, body)
+
+
+def _detector_section(spec: Any) -> list[str]:
+    """One detector's section of the detectors reference: its parameters and extras."""
+    from .detect.kernel_drops import QUIET_REASONS
+
+    body = [f"### {_code(spec.kind)}", "", spec.help[:1].upper() + spec.help[1:] + ".", ""]
+    if spec.params:
+        body += _table(("parameter", "default", "accepts", "meaning"), ((_code(n), _number(p.default), _range(p), p.help) for n, p in spec.params.items()))
+    else:
+        body.append("No parameters: only `on` or `off`.")
+    for name in spec.extras:
+        first = (inspect.getdoc(spec.extras[name]) or "").split("\n\n")[0]  # the docstring's first paragraph
+        body += ["", f"`{name}` (configuration only): " + " ".join(first.split())]
+    if spec.kind == "kernel_drops":
+        body += ["", "Reasons off by default (a healthy host produces them all the time; `reasons` turns one on): "
+                 + ", ".join(_code(r) for r in sorted(QUIET_REASONS)) + "."]
+    return body + [""]
 
 
 def detector_kinds() -> list[str]:
