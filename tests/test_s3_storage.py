@@ -453,7 +453,7 @@ def _served_from_the_bucket(d, tmp_path: Path, capture_id: str, local_bytes: byt
     assert "bytes" in _cli(d, tmp_path, "captures", "get", other_id, "--host", "otherhost", "-o", str(out))
     assert hashlib.sha256(out.read_bytes()).hexdigest() == other["capture"]["sha256"]
     status, headers, body = _fetch(d, f"/api/v1/fleet/captures/otherhost/{other_id}/evidence")
-    assert status == 200 and headers["X-Nstap-Source"] == "bucket" and json.loads(body)["capture"]["id"] == other_id
+    assert status == 200 and headers["X-Nstap-Source"] == "bucket" and json.loads(body) == {"capture": other_id}, body[:200]
     assert 'filename="nstap-otherhost-' in headers["Content-Disposition"]
     for path, expect in ((f"otherhost/{other_id}/nothing", 400), (f"-dots..x/{other_id}/pcap", 400), (f"nohost/{other_id}/pcap", 404),
                          (f"otherhost/{'9' * 8}T000000Z-00000000/pcap", 404)):
