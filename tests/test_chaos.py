@@ -5,7 +5,8 @@ Each test runs shortened in ``make test``; ``make soak`` (``NSTAP_SOAK=1``) runs
 the issues (1,000 mixed start/stop cycles and 5,000 Docker ones with eBPF on — fewer with
 ``NSTAP_SOAK_CHURN_CYCLES`` —, 100,000 sockets, 1,000 interfaces and 50,000 firewall rules in one
 container beside 50 others, 50 filtered captures under kill -9 — ``NSTAP_SOAK_SEED`` repeats a
-run's kills —, 10,000 fuzzed inputs). Every test reports its figures on one line (``chaos_figures``) and, when
+run's kills —, 10,000 fuzzed inputs; ``NSTAP_SOAK_HOSTILE_WINDOW`` shortens the hostile
+container's window, in seconds). Every test reports its figures on one line (``chaos_figures``) and, when
 ``NSTAP_SOAK_REPORT`` names a file, appends them there as JSON (the README's soak table).
 """
 
@@ -581,6 +582,7 @@ def test_a_hostile_container_cannot_starve_the_others(nstap, containers: Contain
     container's anomaly still gets its capture, and nothing crashes."""
     listeners, pairs, interfaces = scale(300, 2000), scale(4000, 49000), scale(200, 1000)
     rules, normal_count, window = scale(5000, 50000), scale(8, 50), scale(30, 300)
+    window = int(os.environ.get("NSTAP_SOAK_HOSTILE_WINDOW", window))  # a full-size run in less time (profiling)
     interval = 0.5
     d = nstap({"interval": interval, "ebpf": "on", "detect": {"resolve_after": 1, "cooldown": 0}, "capture": {"post_seconds": 2, "max_concurrent": 4}})
     victim = containers.docker("--label", "nstap.capture=ring", docker_image, *HTTPD, name="victim")
