@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..gate import ROUND
+
 NETLINK_ROUTE = 0
 NETLINK_SOCK_DIAG = 4
 NETLINK_NETFILTER = 12
@@ -424,7 +426,9 @@ def count_inet(sock: socket.socket, family: int, protocol: int, states: int, cou
     sock.send(diag_request(family, protocol, states, seq))
     syn_retrans = 0
     head = _DIAG_HEAD.unpack_from
+    pause = ROUND.pause  # in the walk's thread: it waits out each sampling round (see nstap.gate)
     for _mtype, data, off in _messages(sock, seq):
+        pause()
         _fam, state, _timer, retrans = head(data, off + 16)
         if state < len(counts):
             counts[state] += 1
