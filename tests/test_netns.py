@@ -600,6 +600,57 @@ async def test_a_round_of_many_namespaces_leaves_the_loop_to_others_between_slic
     assert firsts[-1] - firsts[0] < 0.2  # one round, spread over slices, within its interval
 
 
+class ReadingWatcher(FakeWatcher):
+    """A namespace's sample as the loop sees it: reads, each a system call that lets the GIL go."""
+
+    def __init__(self, fd: int, reads: int) -> None:
+        super().__init__(0)
+        self.fd, self.reads, self.ended = fd, reads, []
+
+    def sample_guarded(self) -> None:
+        self.samples.append(time.perf_counter())
+        for _ in range(self.reads):
+            os.pread(self.fd, 65536, 0)
+        self.ended.append(time.perf_counter())
+
+
+async def test_a_round_is_not_slowed_by_python_in_worker_threads() -> None:
+    """Defect: beside a worker thread running Python (a hostile container's firewall parsed), each
+    read of the round let the GIL go and waited a switch interval (5 ms) to get it back: 300 reads,
+    7 ms alone, took 150-400 ms, and ticks were skipped. The ticker closes the round's gate; the
+    worker's loop waits at it (nstap.gate), and the round takes what it takes alone."""
+    import threading
+
+    from nstap.gate import ROUND
+    from nstap.watcher import Ticker
+
+    fd = os.open("/proc/self/net/snmp", os.O_RDONLY)
+    stop = threading.Event()
+    steps = [0]
+
+    def worker() -> None:  # a parser's loop: Python all along, a pause between steps
+        while not stop.is_set():
+            ROUND.pause()
+            sum(range(300))
+            steps[0] += 1
+
+    ticker = Ticker(0.1)
+    watchers = [ReadingWatcher(fd, 30) for _ in range(10)]
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        for w in watchers:
+            ticker.add(w)
+        await asyncio.sleep(1.5)
+    finally:
+        ticker.close()
+        stop.set()
+        thread.join()
+        os.close(fd)
+    rounds = sorted(last - first for first, last in zip(watchers[0].samples, watchers[-1].ended))
+    assert len(rounds) >= 10 and rounds[len(rounds) // 2] < 0.03 and steps[0] > 1000, (rounds, steps)
+
+
 async def test_a_round_longer_than_the_interval_is_late_not_skipped() -> None:
     """A host with more namespaces than one interval can sample: the next round starts as soon as
     the last one ends (and its lateness is counted), instead of waiting for the slot after the one
