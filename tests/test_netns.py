@@ -707,3 +707,27 @@ async def test_the_early_hooks_result_is_what_the_ticks_samples_see() -> None:
         ticker.close()
     assert len(seen) >= 4, seen
     assert all(tick == read for tick, read in seen), seen
+
+
+def test_a_gate_left_closed_stops_workers_no_longer_than_max_wait() -> None:
+    """A round that never ends (or a gate left closed by a bug) must not stop the workers' parses
+    for good: past MAX_WAIT after it closed, every pause returns at once."""
+    import threading
+
+    from nstap.gate import MAX_WAIT, RoundGate
+
+    gate = RoundGate()
+    took: list[float] = []
+
+    def worker() -> None:
+        started = time.monotonic()
+        for _ in range(1000):
+            gate.pause()
+        took.append(time.monotonic() - started)
+
+    gate.close()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(10)
+    gate.pause()  # the main thread never waits
+    assert took and MAX_WAIT * 0.9 <= took[0] < MAX_WAIT + 0.2, took

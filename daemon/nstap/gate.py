@@ -6,16 +6,17 @@ and the loop's thread waits a switch interval (5 ms) to get it back: a round of 
 hundreds of reads, so it took 20 to 50 times as long (300 reads: 7 ms alone, 150-400 ms beside one
 parsing thread) and ticks were skipped. The ticker closes the gate shortly before each tick and
 opens it when the round is done; long Python loops in worker threads call :meth:`RoundGate.pause`
-between steps, and wait there (without the GIL) while it is closed, at most MAX_WAIT at a time so
-that a round that never ends cannot stop them for good. The workers lose the round's few
+between steps, and wait there (without the GIL) while it is closed, but never past MAX_WAIT after
+it closed, so that a round that never ends (or a gate left closed) cannot stop them for good. The workers lose the round's few
 milliseconds per interval; the round loses nothing.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
-MAX_WAIT = 0.25  # seconds a worker waits at one pause, at most
+MAX_WAIT = 0.25  # seconds after the gate closed when workers go on, whether it opened or not
 
 
 class RoundGate:
@@ -25,9 +26,11 @@ class RoundGate:
         self._open = threading.Event()
         self._open.set()
         self._main = threading.main_thread().ident
+        self._closed_at = 0.0
 
     def close(self) -> None:
         """A round is about to start (event loop's thread)."""
+        self._closed_at = time.monotonic()
         self._open.clear()
 
     def open(self) -> None:
@@ -40,10 +43,13 @@ class RoundGate:
         return not self._open.is_set()
 
     def pause(self) -> None:
-        """Wait while a round runs (at most MAX_WAIT); at once if none does. Never waits in the
-        event loop's (main) thread: the round itself goes through parsers that call this."""
+        """Wait while a round runs (until MAX_WAIT after the gate closed); at once if none does.
+        Never waits in the event loop's (main) thread: the round itself goes through parsers
+        that call this."""
         if not self._open.is_set() and threading.get_ident() != self._main:
-            self._open.wait(MAX_WAIT)
+            left = self._closed_at + MAX_WAIT - time.monotonic()
+            if left > 0:
+                self._open.wait(left)
 
 
 ROUND = RoundGate()  # the daemon's one ticker closes it; parsers in worker threads pause on it
