@@ -306,7 +306,7 @@ def test_a_huge_native_firewall_is_read_without_holding_the_gil() -> None:
     reads = []
     stall = longest_stall(lambda: reads.append(_firewall_rules([], [text.replace('"right": 1024}', '"right": 1023}', 1)], 32, first.text)))
     assert first.total == 50000 and len(first.rules) == 32 and reads[0].diff and len(reads[0].diff) == 2, reads[0].diff
-    assert stall < 0.04, stall
+    assert stall < 0.06, stall  # (freed at once: 0.075-0.09 s here)
 
 
 def test_the_collector_waits_for_every_builder() -> None:
