@@ -289,7 +289,9 @@ class Ticker:
     reading the kernel (CPU caches stay warm from one namespace to the next). A round is cut into
     slices of at most SLICE seconds with the loop's other callbacks in between: at a thousand
     namespaces a round is a third of a second, which the API, the scrapes and the runtimes' events
-    would otherwise wait for.
+    would otherwise wait for. From EARLY before each tick until its round is done the round's gate
+    is closed (:mod:`nstap.gate`): Python loops in worker threads wait, so that each of the
+    round's reads gets the GIL back at once instead of after a switch interval.
     """
 
     SLICE = 0.005
