@@ -6,7 +6,8 @@ the issues (1,000 mixed start/stop cycles and 5,000 Docker ones with eBPF on —
 ``NSTAP_SOAK_CHURN_CYCLES`` —, 100,000 sockets, 1,000 interfaces and 50,000 firewall rules in one
 container beside 50 others, 50 filtered captures under kill -9 — ``NSTAP_SOAK_SEED`` repeats a
 run's kills —, 10,000 fuzzed inputs; ``NSTAP_SOAK_HOSTILE_WINDOW`` shortens the hostile
-container's window, in seconds). Every test reports its figures on one line (``chaos_figures``) and, when
+container's window, in seconds, and ``NSTAP_SOAK_HOSTILE_FIREWALL_BUDGET`` sets its
+``nat.firewall_budget``, so that its firewall is parsed more often in the window). Every test reports its figures on one line (``chaos_figures``) and, when
 ``NSTAP_SOAK_REPORT`` names a file, appends them there as JSON (the README's soak table).
 """
 
@@ -584,7 +585,10 @@ def test_a_hostile_container_cannot_starve_the_others(nstap, containers: Contain
     rules, normal_count, window = scale(5000, 50000), scale(8, 50), scale(30, 300)
     window = int(os.environ.get("NSTAP_SOAK_HOSTILE_WINDOW", window))  # a full-size run in less time (profiling)
     interval = 0.5
-    d = nstap({"interval": interval, "ebpf": "on", "detect": {"resolve_after": 1, "cooldown": 0}, "capture": {"post_seconds": 2, "max_concurrent": 4}})
+    config = {"interval": interval, "ebpf": "on", "detect": {"resolve_after": 1, "cooldown": 0}, "capture": {"post_seconds": 2, "max_concurrent": 4}}
+    if os.environ.get("NSTAP_SOAK_HOSTILE_FIREWALL_BUDGET"):  # its firewall read more often than once or twice in the window
+        config["nat"] = {"firewall_budget": float(os.environ["NSTAP_SOAK_HOSTILE_FIREWALL_BUDGET"])}
+    d = nstap(config)
     victim = containers.docker("--label", "nstap.capture=ring", docker_image, *HTTPD, name="victim")
     with ThreadPoolExecutor(max_workers=4) as pool:
         normals = list(pool.map(lambda i: containers.docker(docker_image, *HTTPD, name=f"normal{i}"), range(normal_count)))
