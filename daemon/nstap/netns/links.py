@@ -24,7 +24,7 @@ from .scan import Plan, dev_plan
 # rx bytes, packets, errs, drop (cols 0-3); tx bytes, packets, errs, drop (cols 8-11)
 DevCounters = tuple[int, int, int, int, int, int, int, int]
 MIN_GETS = 64  # links asked for one by one before a dump is cheaper (also beyond a quarter of them)
-CHANGES_CAP = 1 << 20  # bytes of link announcements kept between two samples; beyond, a new dump
+CHANGES_CAP = 256 << 10  # bytes of link announcements kept between two samples (~170); beyond, a new dump
 
 
 def parse_net_dev(data: bytes) -> dict[str, DevCounters]:
