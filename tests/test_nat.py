@@ -303,10 +303,13 @@ def test_a_huge_native_firewall_is_read_without_holding_the_gil() -> None:
     head = [{"table": {"family": "inet", "name": "t"}}, {"chain": {"family": "inet", "table": "t", "name": "c", "hook": "input", "prio": 0, "type": "filter", "policy": "accept"}}]
     text = json.dumps({"nftables": head + [rule(i) for i in range(50000)]})
     first = _firewall_rules([], [text], 32)
+    changed = text.replace('"right": 1024}', '"right": 1023}', 1)
     reads = []
-    stall = longest_stall(lambda: reads.append(_firewall_rules([], [text.replace('"right": 1024}', '"right": 1023}', 1)], 32, first.text)))
+    # The least of three: other processes preempting this one only add to a stall (a loaded
+    # 2-core host added up to 50 ms), the GIL held is there every time.
+    stall = min(longest_stall(lambda: reads.append(_firewall_rules([], [changed], 32, first.text))) for _ in range(3))
     assert first.total == 50000 and len(first.rules) == 32 and reads[0].diff and len(reads[0].diff) == 2, reads[0].diff
-    assert stall < 0.06, stall  # (freed at once: 0.075-0.09 s here)
+    assert stall < 0.05, stall  # (freed at once: 0.075-0.09 s here)
 
 
 def test_the_collector_waits_for_every_builder() -> None:
