@@ -88,6 +88,63 @@ async def test_interfaces_both_sides_of_the_veth_match_proc(netns: NsUnderTest, 
         host.close()
 
 
+async def test_link_changes_are_applied_without_dumping_every_interface(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    """Defect: every announced link change made the next sample dump every interface of the
+    namespace again (1,000 interfaces: 20-30 ms of the event loop per sample of a container that
+    churns them). The announcements carry the metadata: the table kept from them equals a fresh
+    dump, bridge-port announcements (partial metadata, a DELLINK when a port only leaves its
+    bridge) included, after one dump only; a lost announcement (over the cap) means one more dump."""
+    from nstap.netns import links as links_module
+    from nstap.netns.links import LinkTable
+    from nstap.netns.netlink import dump_links
+
+    handles = await opener.open(netns.pid)
+    table = LinkTable(handles.rtnl, handles.rtnl_events, handles.proc["dev"])
+    table.follow(asyncio.get_running_loop())
+    ip = ["ip", "netns", "exec", netns.name, tool("ip")]
+
+    def batch(text: str) -> None:
+        subprocess.run([*ip, "-force", "-batch", "-"], input=text, text=True, check=True, capture_output=True, timeout=30)
+
+    def fresh() -> dict:
+        return {link.name: link for link in dump_links(handles.rtnl)}
+
+    try:
+        batch("link add br0 type bridge\nlink set br0 up\n" + "".join(f"link add a{i} type veth peer name b{i}\nlink set a{i} master br0\nlink set a{i} up\n" for i in range(30)))
+        await asyncio.sleep(0.1)
+        table.refresh()
+        for step in range(4):
+            batch("".join(f"link add c{step}x{i} type veth peer name d{step}x{i}\nlink set c{step}x{i} up\n" for i in range(10))
+                  + "".join(f"link del c{step - 1}x{i}\n" for i in range(10) if step)
+                  + f"link set a{step} nomaster\nlink set a{step} mtu 1400\nlink set b{step} name r{step}\n")
+            await asyncio.sleep(0.1)  # the event loop keeps the announcements, as between two samples
+            assert table.refresh()
+            assert table.links() == fresh(), step
+        other = f"{netns.name}-other"
+        sh(tool("ip"), "netns", "add", other)
+        try:  # a veth end moving away changes the other end's IFLA_LINK_NETNSID unannounced
+            batch("link add m0 type veth peer name m1\n")
+            await asyncio.sleep(0.1)
+            table.refresh()
+            batch(f"link set m1 netns {other}\n")
+            await asyncio.sleep(0.1)
+            assert table.refresh() and table.links() == fresh() and table.links()["m0"].link_netnsid >= 0
+        finally:
+            sh(tool("ip"), "netns", "del", other)
+        assert table.dumps == 1 and table.links()["a0"].mtu == 1400 and table.links()["a5"].kind == "veth" and "r1" in table.links()
+        assert not table.refresh()
+        links_module.CHANGES_CAP, cap = 2000, links_module.CHANGES_CAP
+        try:
+            batch("".join(f"link set a{i} down\n" for i in range(10, 30)))
+            await asyncio.sleep(0.1)
+        finally:
+            links_module.CHANGES_CAP = cap
+        assert table.refresh() and table.dumps == 2 and table.links() == fresh() and not table.links()["a20"].up
+    finally:
+        table.close()
+        handles.close()
+
+
 LISTENER = """
 import socket, sys, time
 s = socket.socket()
@@ -543,6 +600,57 @@ async def test_a_round_of_many_namespaces_leaves_the_loop_to_others_between_slic
     assert firsts[-1] - firsts[0] < 0.2  # one round, spread over slices, within its interval
 
 
+class ReadingWatcher(FakeWatcher):
+    """A namespace's sample as the loop sees it: reads, each a system call that lets the GIL go."""
+
+    def __init__(self, fd: int, reads: int) -> None:
+        super().__init__(0)
+        self.fd, self.reads, self.ended = fd, reads, []
+
+    def sample_guarded(self) -> None:
+        self.samples.append(time.perf_counter())
+        for _ in range(self.reads):
+            os.pread(self.fd, 65536, 0)
+        self.ended.append(time.perf_counter())
+
+
+async def test_a_round_is_not_slowed_by_python_in_worker_threads() -> None:
+    """Defect: beside a worker thread running Python (a hostile container's firewall parsed), each
+    read of the round let the GIL go and waited a switch interval (5 ms) to get it back: 300 reads,
+    7 ms alone, took 150-400 ms, and ticks were skipped. The ticker closes the round's gate; the
+    worker's loop waits at it (nstap.gate), and the round takes what it takes alone."""
+    import threading
+
+    from nstap.gate import ROUND
+    from nstap.watcher import Ticker
+
+    fd = os.open("/proc/self/net/snmp", os.O_RDONLY)
+    stop = threading.Event()
+    steps = [0]
+
+    def worker() -> None:  # a parser's loop: Python all along, a pause between steps
+        while not stop.is_set():
+            ROUND.pause()
+            sum(range(300))
+            steps[0] += 1
+
+    ticker = Ticker(0.1)
+    watchers = [ReadingWatcher(fd, 30) for _ in range(10)]
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        for w in watchers:
+            ticker.add(w)
+        await asyncio.sleep(1.5)
+    finally:
+        ticker.close()
+        stop.set()
+        thread.join()
+        os.close(fd)
+    rounds = sorted(last - first for first, last in zip(watchers[0].samples, watchers[-1].ended))
+    assert len(rounds) >= 10 and rounds[len(rounds) // 2] < 0.03 and steps[0] > 1000, (rounds, steps)
+
+
 async def test_a_round_longer_than_the_interval_is_late_not_skipped() -> None:
     """A host with more namespaces than one interval can sample: the next round starts as soon as
     the last one ends (and its lateness is counted), instead of waiting for the slot after the one
@@ -599,3 +707,27 @@ async def test_the_early_hooks_result_is_what_the_ticks_samples_see() -> None:
         ticker.close()
     assert len(seen) >= 4, seen
     assert all(tick == read for tick, read in seen), seen
+
+
+def test_a_gate_left_closed_stops_workers_no_longer_than_max_wait() -> None:
+    """A round that never ends (or a gate left closed by a bug) must not stop the workers' parses
+    for good: past MAX_WAIT after it closed, every pause returns at once."""
+    import threading
+
+    from nstap.gate import MAX_WAIT, RoundGate
+
+    gate = RoundGate()
+    took: list[float] = []
+
+    def worker() -> None:
+        started = time.monotonic()
+        for _ in range(1000):
+            gate.pause()
+        took.append(time.monotonic() - started)
+
+    gate.close()
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(10)
+    gate.pause()  # the main thread never waits
+    assert took and MAX_WAIT * 0.9 <= took[0] < MAX_WAIT + 0.2, took

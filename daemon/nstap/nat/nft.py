@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..gate import ROUND
 from ..heap import collector_paused
 from .rules import Chain, Cond, Dnat, Rule
 
@@ -226,7 +227,9 @@ def nft_items(text: str) -> Iterator[Any]:
     at = head.end()
     if text.startswith("]", at):
         return
+    pause = ROUND.pause  # a worker thread waits out each sampling round (see nstap.gate)
     while True:
+        pause()
         item, at = _DECODER.raw_decode(text, at)
         yield item
         at = _SPACE.match(text, at).end()
@@ -280,8 +283,10 @@ def _native(items: Iterator[Any], out: NativeRuleset) -> None:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             out.error(f"bad object {next(iter(item), '?')}: {exc}")
     keys = set(out.chains)
+    pause = ROUND.pause
     for i, r in enumerate(rules):
         rules[i] = None
+        pause()
         try:
             key = f"{r['family']} {r['table']} {r['chain']}"  # type: ignore[index]
             chain = out.chains.get(key)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from ..gate import ROUND
+
 MAX_ERRORS = 20  # parse errors kept per read (a garbage input could have millions of lines)
 MAX_RULE_TEXT = 400
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -278,7 +280,9 @@ def parse_save(text: str, family: int = 4, backend: str = "") -> Ruleset:
     counted = 0
     table: dict[str, Chain] | None = None
     table_name = ""
+    pause = ROUND.pause  # a worker thread waits out each sampling round (see nstap.gate)
     for line_no, raw in enumerate(text.splitlines(), 1):
+        pause()
         line = raw.strip()
         rules.lines = line_no
         if not line:

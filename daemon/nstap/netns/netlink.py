@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ..gate import ROUND
+
 NETLINK_ROUTE = 0
 NETLINK_SOCK_DIAG = 4
 NETLINK_NETFILTER = 12
@@ -29,6 +31,7 @@ NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
 
 RTM_NEWLINK = 16
+RTM_DELLINK = 17
 RTM_GETLINK = 18
 RTM_NEWNSID = 88
 RTM_GETNSID = 90
@@ -226,6 +229,72 @@ def drain(sock: socket.socket) -> bool:
         seen = True
 
 
+def queued(sock: socket.socket, kept: list[bytes], cap: int) -> bool:
+    """Append every queued notification batch to ``kept``; False (and ``kept`` emptied) when they
+    are more than ``cap`` bytes in all or the kernel dropped some: then only a new dump tells."""
+    size = sum(map(len, kept))
+    while True:
+        try:
+            data = sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise
+            data = b""
+            size = cap + 1  # the kernel dropped notifications: what is kept is not the whole story
+        size += len(data)
+        if size > cap:
+            kept.clear()
+            drain(sock)
+            return False
+        if not data:
+            return True
+        kept.append(data)
+
+
+def link_changes(batches: list[bytes]) -> Iterator[int]:
+    """The ifindex of each RTM_NEWLINK/RTM_DELLINK notification in ``batches``, in order.
+
+    What a notification carries is not trusted as the link's state: the peer of a veth pair is
+    announced before its other end exists (no IFLA_LINK yet), a veth whose peer moves to another
+    namespace changes IFLA_LINK_NETNSID unannounced, and AF_BRIDGE ones are about a bridge port
+    (partial, and a DELLINK of those only means the port left its bridge). Ask with
+    :func:`get_link`.
+    """
+    for data in batches:
+        off, end = 0, len(data)
+        while off + 32 <= end:
+            length, mtype = _NLMSGHDR.unpack_from(data, off)[:2]
+            if length < 16:
+                break
+            family, _type, ifindex = _IFINFOMSG.unpack_from(data, off + 16)[:3]
+            if family == 0 and mtype in (RTM_NEWLINK, RTM_DELLINK):
+                yield ifindex
+            off += (length + 3) & ~3
+
+
+def get_link(sock: socket.socket, ifindex: int) -> LinkInfo | None:
+    """The metadata of interface ``ifindex`` now; None if there is none."""
+    seq = send(sock, RTM_GETLINK, _IFINFOMSG.pack(0, 0, ifindex, 0, 0), NLM_F_REQUEST)
+    while True:
+        data = receive(sock)
+        off, end = 0, len(data)
+        while off + 16 <= end:
+            length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
+            if length < 16:
+                raise NetlinkError(errno.EPROTO, "truncated netlink message")
+            if mseq == seq:
+                if mtype == RTM_NEWLINK:
+                    return parse_link(data, off)
+                if mtype == NLMSG_ERROR:
+                    (code,) = _S32.unpack_from(data, off + 16)
+                    if code in (-errno.ENODEV, 0):
+                        return None
+                    raise NetlinkError(-code, "netlink: " + os.strerror(-code))
+            off += (length + 3) & ~3
+
+
 _seq = 0
 
 
@@ -357,7 +426,9 @@ def count_inet(sock: socket.socket, family: int, protocol: int, states: int, cou
     sock.send(diag_request(family, protocol, states, seq))
     syn_retrans = 0
     head = _DIAG_HEAD.unpack_from
+    pause = ROUND.pause  # in the walk's thread: it waits out each sampling round (see nstap.gate)
     for _mtype, data, off in _messages(sock, seq):
+        pause()
         _fam, state, _timer, retrans = head(data, off + 16)
         if state < len(counts):
             counts[state] += 1
