@@ -107,7 +107,7 @@ def test_image_watches_this_hosts_runtimes_and_captures(image: str, containers: 
         # A container started now is in its /metrics within 2 s.
         web = containers.docker(docker_image, *HTTPD, name="imgweb")
         started = time.monotonic()
-        wait_until(lambda: f'nstap_interface_up{{container="imgweb' in scrape() and web[:12] in scrape(), 2.0, 0.05, "sampled within 2 s")
+        wait_until(lambda: 'nstap_interface_up{container="imgweb' in scrape() and web[:12] in scrape(), 2.0, 0.05, "sampled within 2 s")
         assert time.monotonic() - started <= 2.0
         pod = containers.podman(podman_image, *HTTPD, name="imgpod")
         wait_until(lambda: pod[:12] in scrape(), 5, 0.1, "the podman container too")

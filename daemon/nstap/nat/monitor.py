@@ -39,7 +39,6 @@ from typing import Any
 import structlog
 
 from ..config import NatConfig
-from ..detect.base import Finding
 from ..detect.incidents import HOST_ID, IncidentTracker
 from ..gate import ROUND
 from ..detect.nat import CONTAINER_KINDS, HOST_KINDS, conntrack_findings, forward_findings
