@@ -343,6 +343,12 @@ def test_docker_ports_probed_and_failures_caused(nstap, containers: Containers, 
         assert "docker-proxy accepted, but its connection to" in lo["error"] and "refused" in lo["error"], lo
     verdict = wait_until(lambda: (v := _verdicts(d, local)[lo_port]["verdict"]) and v.get("cause") and v, 10, message="its verdict")
     assert verdict["listener"] is False and verdict["cause"]["kind"] == "no_listener", verdict
+    # The container's page shows the same verdicts, one row per published port.
+    status, page = d.api(f"/ui/containers/{local[:12]}")
+    assert status == 200, page
+    page = page.decode()
+    assert 'id="ports"' in page and f"127.0.0.1:{lo_port}" in page and "<code>no_listener</code>" in page, page[:3000]
+    assert f"failed: {lo['error']}" in page, lo
 
 
 @pytest.mark.podman

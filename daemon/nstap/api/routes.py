@@ -392,9 +392,16 @@ class CaptureApi:
         monitor = self._monitor()
         record = self.find(request.match_info["name"])
         view = monitor.container_json(record)
-        ns = self.registry.namespaces().get(record.netns)
-        view["forwards"] = _with_verdicts(monitor, monitor.state.forwards_of({m.id for m in ns.members} if ns is not None else {record.id}))
+        view["forwards"] = self.forwards_of(record)
         return web.json_response(view)
+
+    def forwards_of(self, record: ContainerRecord) -> list[dict[str, Any]]:
+        """The published ports of ``record``'s namespace with their verdicts ([] without the NAT monitor)."""
+        monitor = self.nat
+        if monitor is None:
+            return []
+        ns = self.registry.namespaces().get(record.netns)
+        return _with_verdicts(monitor, monitor.state.forwards_of({m.id for m in ns.members} if ns is not None else {record.id}))
 
     @endpoint(
         "GET", "/api/v1/containers/{name}/exposure", "The container's listeners: published, internal or loopback (the nmap step).",

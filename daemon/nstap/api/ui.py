@@ -316,7 +316,7 @@ class CapturePage:
         return self._page(
             request, "container.html", status=status, ref=ref, name=name, record=record, filters=filters, anomalies=anomalies,
             captures=captures, defaults={"duration": settings.post_seconds, "pre_seconds": settings.pre_seconds},
-            max_seconds=self.api.max_seconds, error=error,
+            max_seconds=self.api.max_seconds, error=error, forwards=self.api.forwards_of(record) if record is not None else [],
         )
 
     @endpoint(
