@@ -384,8 +384,12 @@ def _podman_dnat_deleted(d: Daemon, cid: str, port: int) -> None:
     started = time.time()
     _ipt("-D", *line.split()[1:])
     try:
-        event = wait_until(lambda: _unreachable(d, cid, started), 10, message="port_unreachable (DNAT deleted)")[0]
-        assert event["numbers"]["causes"][0] == "nat_missing"
+        wait_until(lambda: _unreachable(d, cid, started), 10, message="port_unreachable (DNAT deleted)")
+        # (the probe may fail before the NAT monitor has read the rules again: the anomaly's cause
+        # is named once it has)
+        wait_until(lambda: any(a["cause"]["kind"] == "nat_missing" and a["first_seen"] >= started
+                               for a in d.api(f"/api/v1/anomalies?container={cid[:12]}&kind=port_unreachable")[1]["anomalies"]),
+                   20, 0.5, "port_unreachable caused by nat_missing")
         verdict = _verdicts(d, cid)[port]["verdict"]
         # conmon holds the host port (a reservation): the probe's SYN reached it, not the container.
         assert verdict["probe"]["ok"] is False and "not the container" in verdict["probe"]["error"] and verdict["cause"]["kind"] == "nat_missing"
