@@ -67,6 +67,30 @@ def free_port() -> int:
             return port
 
 
+def free_port_range(count: int) -> int:
+    """The first of ``count`` consecutive TCP ports, all free on every address right now, below the
+    kernel's ephemeral range (a range inside it collides with the outgoing connections of the run)
+    and not handed out before. Returns the first port."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    start = 20000 + int(time.time() * 1000) % 5000
+    for base in [*range(start, low - count, count), *range(20000, start, count)]:
+        ports = range(base, base + count)
+        if _HANDED_OUT.intersection(ports) or not all(_bindable(p) for p in ports):
+            continue
+        _HANDED_OUT.update(ports)
+        return base
+    raise AssertionError(f"no {count} consecutive free ports between 20000 and {low}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
 def sh(*args: str, check: bool = True, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a command, capturing output; raise with its stderr if it fails and ``check``."""
     proc = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=timeout)

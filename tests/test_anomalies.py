@@ -464,6 +464,8 @@ def test_syn_acks_dropped_on_the_client_side(nstap, containers: Containers, dock
         event = detected(d, server, "tcp_syn_recv_stuck")
     finally:
         in_netns(pid, "iptables", "-D", *rule[2:], check=False)
-    assert event["numbers"]["syn_ack_retransmits"] >= 3 and event["numbers"]["handshakes_completed"] == 0, event
+    # The window reaches back before the rule went in: the client's last connection before it may
+    # be counted (seen in CI); none completes under the fault.
+    assert event["numbers"]["syn_ack_retransmits"] >= 3 and event["numbers"]["handshakes_completed"] <= 1, event
     # The fault bites at the client's next SYN (its onset); the first SYN-ACK retransmission comes a second later.
     check_onset(event, injected, kernel_delay=1.0, takes_effect_later=True)

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import RUN_ID, Containers, Daemon, sh, wait_until
+from conftest import RUN_ID, Containers, Daemon, free_port_range, sh, wait_until
 from nstap.detect.nat import conntrack_findings
 from nstap.nat.conntrack import ConntrackReader, flows_by_container, parse_stat
 from nstap.nat.forwards import HostRules, refresh_counters, verify_all, verify_masquerades
@@ -379,7 +379,7 @@ def _ipt(*args: str) -> None:
 @pytest.mark.daemon_log_allows("anomaly_capture_refused")
 def test_docker_forwards_verified_broken_and_repaired(nstap, containers: Containers, docker_image: str) -> None:
     d: Daemon = nstap(NAT_CONFIG)
-    port = 28000 + int(time.time()) % 1000
+    port = free_port_range(1)
     cid = containers.docker("-p", f"{port}:80", docker_image, "httpd", "-f", "-p", "80", "-h", "/", name="natweb")
     other = containers.docker(docker_image, "sleep", "600", name="natother")
     ip = containers.inspect("docker", cid)["NetworkSettings"]["IPAddress"]
@@ -451,7 +451,7 @@ def _text_of(args: tuple[str, ...]) -> str:
 @pytest.mark.daemon_log_allows("anomaly_capture_refused")
 def test_podman_forward_and_masquerade(nstap, containers: Containers, podman_image: str, docker_image: str) -> None:
     d: Daemon = nstap(NAT_CONFIG)
-    port = 29000 + int(time.time()) % 1000
+    port = free_port_range(1)
     cid = containers.podman("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "-p", f"{port}:80", podman_image,
                             "httpd", "-f", "-p", "80", "-h", "/", name="natpod")
     ip = containers.inspect("podman", cid)["NetworkSettings"]["IPAddress"]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Containers, Daemon, sh, wait_until
+from conftest import Containers, Daemon, free_port_range, sh, wait_until
 from nstap.detect.probe import FailedProbe, Listener, probe_cause, probe_findings, wants_anomaly
 from nstap.nat.exposure import classify
 from nstap.nat.forwards import Forward
@@ -402,7 +402,7 @@ def _podman_dnat_deleted(d: Daemon, cid: str, port: int) -> None:
 
 @pytest.mark.podman
 def test_many_published_ports_stay_within_the_rate(nstap, containers: Containers, podman_image: str) -> None:
-    base = 40000 + int(time.time()) % 50 * 400
+    base = free_port_range(301)
     config = {"nat": {"interval": 1.0, "probe": {"interval": 1.0, "rate": 20.0, "max_per_container": 150}}, "detect": {"capture": False}}
     d = nstap(config)
     many = containers.podman(*ULIMITS, "-p", f"{base}-{base + 199}:{base}-{base + 199}", podman_image, "sleep", "600", name="probemany")

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..subprocesses import reap
+from ..subprocesses import reap, spawn
 from .pcap import PcapHeader, Record, StreamParser
 
 MAX_FILTER_LEN = 1024
@@ -99,7 +99,7 @@ class Tools:
             raise FilterError("filter must not contain control characters")
         if not bpf.strip():
             return
-        proc = await asyncio.create_subprocess_exec(
+        proc = await spawn(
             self.tcpdump, "-i", "any", "-d", "--", bpf,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
         )
@@ -118,7 +118,7 @@ class Tools:
     async def filter_file(self, src: Path, dst: Path, bpf: str, timeout: float = FILTER_TIMEOUT) -> None:
         """Write the packets of pcap ``src`` that match ``bpf`` to ``dst`` (tcpdump -r ... -w ...);
         FilterError if tcpdump fails or takes longer than ``timeout`` (it is killed)."""
-        proc = await asyncio.create_subprocess_exec(
+        proc = await spawn(
             self.tcpdump, "-Z", "root", "-r", str(src), "-w", str(dst), "--", bpf,  # -Z: the file stays root's
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
         )
@@ -165,7 +165,7 @@ class TcpdumpProcess:
         Its output goes to an asyncio stream read with :meth:`records`, or to ``stdout`` (the
         write end of a pipe the caller reads itself). ``pass_fds`` are inherited by the child.
         """
-        self.proc = await asyncio.create_subprocess_exec(
+        self.proc = await spawn(
             *self.argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=stdout if stdout is not None else asyncio.subprocess.PIPE,

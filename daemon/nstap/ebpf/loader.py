@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ..subprocesses import reap
+from ..subprocesses import reap, spawn
 from .collector import TRACEPOINTS, EbpfUnavailable, check_prerequisites, program_text, reason_names
 
 LOADER = (sys.executable, "-m", "nstap.ebpf.loader")
@@ -82,7 +82,7 @@ async def load_in_child(command: Sequence[str] = LOADER, timeout: float = LOAD_T
         raise EbpfUnavailable(f"cannot start the eBPF loader: socketpair: {exc.strerror or exc}") from None
     try:
         try:
-            proc = await asyncio.create_subprocess_exec(
+            proc = await spawn(
                 *command, "--socket-fd", str(theirs.fileno()), "--parent", str(os.getpid()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=asyncio.subprocess.STDOUT,
                 pass_fds=(theirs.fileno(),), start_new_session=True,

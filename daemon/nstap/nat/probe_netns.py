@@ -39,6 +39,7 @@ import structlog
 
 from ..netns.evidence import run_tool
 from ..netns.handles import CLONE_NEWNET
+from ..subprocesses import reap, spawn
 from ..threads import worker_threads
 
 log = structlog.get_logger("nstap.probe")
@@ -162,11 +163,15 @@ class ProbeNamespace:
     async def _ip(self, *argv: str, inside: bool = False, pass_fd: int | None = None) -> None:
         if pass_fd is not None:
             # ``netns /proc/self/fd/N``: the child must inherit the descriptor.
-            proc = await asyncio.create_subprocess_exec(
+            proc = await spawn(
                 "ip", *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                 pass_fds=(pass_fd,),
             )
-            _, stderr = await proc.communicate()
+            try:
+                _, stderr = await proc.communicate()
+            except asyncio.CancelledError:
+                await reap(proc)
+                raise
             err = stderr.decode(errors="replace").strip() if proc.returncode else ""
         else:
             _, err = await run_tool(["ip", *argv], self._fd if inside else None)

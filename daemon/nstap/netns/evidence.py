@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..gate import ROUND
-from ..subprocesses import reap
+from ..subprocesses import reap, spawn
 from . import netlink
 from .handles import _setns
 from ..threads import worker_threads
@@ -261,22 +261,12 @@ async def run_tool(argv: list[str], ns_fd: int | None = None, timeout: float = T
             return "", "nsenter is not installed"
         full = [nsenter, f"--net=/proc/self/fd/{ns_fd}", "--", *full]
         pass_fds = (ns_fd,)
-    creating = asyncio.ensure_future(asyncio.create_subprocess_exec(
-        *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds,
-    ))
     try:
-        proc = await asyncio.shield(creating)
+        proc = await spawn(
+            *full, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds,
+        )
     except OSError as exc:
         return "", f"cannot run {argv[0]}: {exc}"
-    except asyncio.CancelledError:
-        # Cancelled while the child was being started (the daemon stops): it still starts, and
-        # must be reaped before the loop goes, or its transport outlives the loop.
-        try:
-            late = await creating
-        except OSError:
-            raise asyncio.CancelledError from None
-        await reap(late)
-        raise
     try:
         out, err, over = await asyncio.wait_for(_read_capped(proc, cap), timeout)
     except asyncio.TimeoutError:
