@@ -847,6 +847,8 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         rss_peak_total = max(rss_peak_total, rss_kib + rss_children_kib)
         hwm_kib = status_kib(pid, "VmHWM")
         loop_profile = profile.result(timeout=10) if profile is not None else {}
+        if profile is not None and args.keep_profile and profile.raw.exists():
+            shutil.copy(profile.raw, f"{args.keep_profile}.{n}.raw")  # py-spy's raw stacks, for a closer look
         proc_comm = threads1.get(pid, ("", 0.0))[0]
         unnamed = [tid for tid, (comm, _) in threads1.items() if tid != pid and comm == proc_comm]
         names_from = "kernel (comm)"
@@ -1175,6 +1177,7 @@ def main() -> int:
     parser.add_argument("--nslimit-rounds", type=int, default=2000)
     parser.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second (non-blocking: the daemon is never paused)")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="no py-spy (no split of the event loop's time)")
+    parser.add_argument("--keep-profile", type=Path, help="keep py-spy's raw stacks as PATH.<containers>.raw")
     parser.add_argument(
         "--results", type=Path, default=ROOT / "bench/results/sampling.jsonl", help="append one JSON line per size here ('' for none)"
     )

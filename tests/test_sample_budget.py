@@ -123,9 +123,12 @@ def test_no_ordinary_container_misses_a_sample_while_the_daemon_is_busy(nstap, c
         times = scraper.samples[cid[:12]]
         assert len(times) >= WATCH - 5, (cid[:12], len(times))
         gaps[cid[:12]], where[cid[:12]] = max((b - a, a) for a, b in zip(times, times[1:]))
-    # Sampled on every tick: a missed sample would be a gap of two intervals.
+    # Sampled on every tick: a missed sample is a gap of two intervals (less the few milliseconds a
+    # round of 22 lasts); a late round, not a missed one, is shorter (one of 0.56 s was seen once in
+    # CI, every container at once: the tick lag below says how late the rounds were).
     worst = sorted(gaps, key=lambda c: -gaps[c])[:5]
-    assert max(gaps.values()) <= 1.5 * INTERVAL, [(c, round(gaps[c], 2), time.strftime("%H:%M:%S", time.gmtime(where[c]))) for c in worst]
+    lags = {s.labels["le"]: s.value for s in scraper.last.find("nstap_tick_lag_seconds_bucket")}
+    assert max(gaps.values()) <= 1.8 * INTERVAL, ([(c, round(gaps[c], 2), time.strftime("%H:%M:%S", time.gmtime(where[c]))) for c in worst], lags)
     ordinary_names = {f"ordinary{i}" for i in range(ORDINARY)}
     slowed = [e for e in d.events("sampling_slowed") if e.get("container", "").rsplit("-", 1)[0] in ordinary_names | {"late", "recorded"}]
     assert not slowed, slowed
