@@ -1218,7 +1218,7 @@ def main() -> int:
                 setup_total += setup
                 result = measure(args, n, fleet, settings, setup, setup_total)
                 results.append(result)
-                if args.results and str(args.results):
+                if args.results and str(args.results) != ".":  # Path("") is "."
                     args.results.parent.mkdir(parents=True, exist_ok=True)
                     with open(args.results, "a") as out:
                         out.write(json.dumps(result) + "\n")

@@ -602,3 +602,25 @@ async def test_the_ring_pump_holds_the_loop_a_bounded_time_and_starves_no_record
     assert all(len(r.pumped) >= 2 for r in recorders), [len(r.pumped) for r in recorders]  # every one in turn
     assert {x for r in recorders for x in r.reads} == {fleet_module.PUMP_READS}
     assert engine.fleet.pumps_cut_total >= 4 and engine.fleet.backlog == 10_000
+
+
+def test_a_ring_read_back_in_a_worker_thread_waits_out_the_sampling_round() -> None:
+    """Reading a ring back parses the records of its edge segments in Python, in a worker thread:
+    like the firewall parses, it waits at the round's gate (a round beside it took seconds: each
+    of the round's reads waited a switch interval for the GIL)."""
+    import threading
+
+    from nstap.gate import MAX_WAIT, ROUND
+
+    data, _ = stream(5000)
+    done: list[float] = []
+    ROUND.close()
+    try:
+        worker = threading.Thread(target=lambda: done.append(len(StreamParser().feed(data))))
+        worker.start()
+        worker.join(MAX_WAIT / 2)
+        assert not done  # held at the gate while the round runs
+    finally:
+        ROUND.open()
+    worker.join(5)
+    assert done == [5000]

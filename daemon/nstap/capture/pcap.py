@@ -12,6 +12,8 @@ import struct
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from ..gate import ROUND
+
 MAGIC_US = 0xA1B2C3D4
 MAGIC_NS = 0xA1B23C4D
 HEADER_LEN = 24
@@ -90,7 +92,10 @@ class StreamParser:
         off = 0
         end = len(buf)
         scale = self._scale
+        pause = ROUND.pause  # in a worker thread reading a ring back: it waits out each sampling round (see nstap.gate)
         while end - off >= RECORD_HEADER_LEN:
+            if len(out) & 1023 == 1023:
+                pause()
             sec, frac, incl, _orig = rec.unpack_from(buf, off)
             if incl > MAX_RECORD:
                 raise PcapError(f"record of {incl} bytes")
