@@ -22,8 +22,10 @@ import pytest
 import yaml
 
 from conftest import Containers, free_port, tool, wait_until
-from nstap.alertmanager.pull import AlertPuller, held_alert
+from nstap.alertmanager.captures import AlertCaptures
+from nstap.alertmanager.pull import MAX_REMEMBERED, AlertPuller, held_alert
 from nstap.config import AlertmanagerConfig
+from nstap.index import Index
 from test_alertmanager import _ready, post_alert
 
 
@@ -234,6 +236,82 @@ async def test_a_pulled_alert_resolves_once_no_member_holds_it() -> None:
     assert len(calls) == 2 and puller.pulled == {}  # recorded once
 
 
+async def test_a_restarted_puller_takes_back_what_it_held_from_the_index(tmp_path: Path) -> None:
+    """Defect: the puller's memory was lost with the daemon: an alert that resolved while it was
+    down was never recorded resolved, and one still firing was recorded firing again. A real index
+    (SQLite) and the webhook's own handler; the Alertmanager answers are the puller's bookkeeping."""
+    index = Index(tmp_path / "index.db")
+    await index.db.run(index.db.open)
+    try:
+        record = index.alerts.record
+        host = {"instance": "h:9880"}
+        t = "2026-01-01T00:00:00.000Z"
+        await record("firing", "Held", "fp-held", t, {"alertname": "Held", **host, "container_id": "c"}, "cap-1", "capture started")
+        await record("firing", "GoneMeanwhile", "fp-gone", t, {"alertname": "GoneMeanwhile", **host}, None, "recorded")
+        await record("firing", "Done", "fp-done", t, {"alertname": "Done", **host}, None, "recorded")
+        await record("resolved", "Done", "fp-done", t, {"alertname": "Done", **host}, None, "recorded")
+        await record("firing", "Elsewhere", "fp-else", t, {"alertname": "Elsewhere", "instance": "other:9880"}, None, "recorded")
+        assert {r["fingerprint"] for r in await index.alerts.unresolved(10)} == {"fp-held", "fp-gone", "fp-else"}
+
+        handler = AlertCaptures(index.alerts, None, None)  # type: ignore[arg-type] - no capture is asked for here
+        puller = AlertPuller(AlertmanagerConfig(urls=("http://a:9093", "http://b:9093")), "h:9880", lambda *_: None)
+        puller.handle, puller.remembered = handler.handle, index.alerts.unresolved
+        puller.restore(await index.alerts.unresolved(MAX_REMEMBERED))
+        assert set(puller.pulled) == {("fp-held", t), ("fp-gone", t)}  # another host's is not this puller's
+        a, b = puller.members
+        held = {**_alert("Held"), "labels": {"alertname": "Held", **host, "container_id": "c"}, "fingerprint": "fp-held", "startsAt": t}
+        await puller.answered(a, [(held, True)])
+        await puller.resolve()
+        assert ("fp-gone", t) in puller.pulled  # b has not answered yet: it may still hold it
+        await puller.answered(b, [])
+        await puller.resolve()
+
+        def rows(name: str, status: str) -> list[dict]:
+            return [r for r in index.alerts.db.fetch("SELECT alertname, status FROM alerts") if r == (name, status)]
+
+        got = await index.db.run(lambda: {name: (len(rows(name, "firing")), len(rows(name, "resolved"))) for name in ("Held", "GoneMeanwhile", "Done")})
+        assert got == {"Held": (1, 0), "GoneMeanwhile": (1, 1), "Done": (1, 1)}, got  # still firing: not recorded again
+        await puller.answered(a, [])
+        await puller.resolve()
+        assert await index.db.run(lambda: len(rows("Held", "resolved"))) == 1
+        # Its resolution pushed by the webhook as well: still one row.
+        assert (await handler.handle({"status": "resolved", "labels": held["labels"], "fingerprint": "fp-held", "startsAt": t}))["note"] == "resolution already recorded"
+        assert await index.db.run(lambda: len(rows("Held", "resolved"))) == 1
+    finally:
+        await index.db.close()
+
+
+def test_a_restarted_daemon_records_what_resolved_while_it_was_down(nstap, cluster: Cluster) -> None:
+    """The real thing: a daemon pulls two alerts from a real cluster and stops; one resolves on both
+    members meanwhile; a daemon started again on the same index records that resolution, and does
+    not record the other (still firing) again."""
+    pull = {"urls": cluster.urls, "poll_interval": 1.0, "timeout": 2.0, "host": "restarting:9880"}
+    config = {"detect": {"capture": False}, "nat": {"probe": {"enabled": False}}, "alertmanager": pull}
+    first = nstap(config)
+    cluster.start(f"http://127.0.0.1:{first.api_port}/api/v1/alertmanager", first.data_dir / "api-token")  # nothing is routed to it
+    a, b = cluster.urls
+    starts = datetime.now(timezone.utc) - timedelta(seconds=5)
+    gone, still = {"alertname": "GoneWhileDown", "instance": "restarting:9880"}, {"alertname": "StillFiring", "instance": "restarting:9880"}
+    for member in (a, b):
+        post_at(member, gone, starts)
+        post_at(member, still, starts)
+
+    def rows(d, name: str, status: str) -> list[dict]:
+        return [r for r in d.api("/api/v1/alerts")[1]["alerts"] if r["alertname"] == name and r["status"] == status]
+
+    wait_until(lambda: rows(first, "GoneWhileDown", "firing") and rows(first, "StillFiring", "firing"), 20, 0.2, "both pulled")
+    assert first.stop() == 0
+    ended = datetime.now(timezone.utc) - timedelta(seconds=1)
+    for member in (a, b):
+        post_at(member, gone, starts, ended)
+    second = nstap({**config, "data_dir": str(first.data_dir)})
+    wait_until(lambda: rows(second, "GoneWhileDown", "resolved"), 20, 0.2, "the resolution recorded after the restart")
+    time.sleep(3)  # three more polls
+    assert len(rows(second, "GoneWhileDown", "resolved")) == 1 and len(rows(second, "StillFiring", "firing")) == 1
+    assert not rows(second, "StillFiring", "resolved")
+    assert second.events("alertmanager_pull_restored", alerts=2)
+
+
 def post_at(base: str, labels: dict[str, str], starts: datetime, ends: datetime | None = None) -> None:
     """Post one alert with its startsAt (Prometheus sends the same alert, startsAt and all, to every member)."""
     alert = {"labels": labels, "annotations": {"summary": "test"}, "startsAt": starts.isoformat()}
@@ -260,9 +338,11 @@ def test_pulled_alerts_are_recorded_resolved_once_no_member_holds_them(nstap, cl
     starts = datetime.now(timezone.utc) - timedelta(seconds=5)
     both = {"alertname": "ResolveOnBoth", "instance": host, "container_id": cid}
     muted = {"alertname": "ResolveSilenced", "instance": host}
+    pushed = {"alertname": "ResolvePushed", "instance": host, "push": "yes"}  # the webhook's too, with send_resolved
     post_at(a, both, starts)
     post_at(b, both, starts)
     post_at(a, muted, starts)
+    post_at(a, pushed, starts)
 
     def rows(name: str, status: str) -> list[dict]:
         return [r for r in d.api("/api/v1/alerts")[1]["alerts"] if r["alertname"] == name and r["status"] == status]
@@ -271,6 +351,7 @@ def test_pulled_alerts_are_recorded_resolved_once_no_member_holds_them(nstap, cl
         return bool(am_call(base, "/api/v2/alerts?" + urllib.parse.urlencode({"filter": f'alertname="{name}"'})))
 
     wait_until(lambda: rows("ResolveOnBoth", "firing") and rows("ResolveSilenced", "firing"), 20, 0.2, "both alerts pulled")
+    wait_until(lambda: d.events("alert_received", source="webhook", alertname="ResolvePushed", status="firing"), 20, 0.2, "the pushed alert's notification")
     assert rows("ResolveOnBoth", "firing")[0]["capture_id"]
     # Silenced after it was pulled: muted, not resolved. Resolved on member a only: b still holds it.
     am_call(b, "/api/v2/silences", silence_of("ResolveSilenced"))
@@ -283,12 +364,21 @@ def test_pulled_alerts_are_recorded_resolved_once_no_member_holds_them(nstap, cl
     # Resolved on b too, and the silenced one resolved: each recorded once, as the webhook records it.
     post_at(b, both, starts, ended)
     post_at(a, muted, starts, ended)
+    post_at(a, pushed, starts, ended)
     wait_until(lambda: rows("ResolveOnBoth", "resolved") and rows("ResolveSilenced", "resolved"), 20, 0.2, "both resolutions recorded")
+    # The pushed one: Alertmanager's resolved notification and the puller's resolution, one row.
+    wait_until(
+        lambda: d.events("alert_received", source="webhook", alertname="ResolvePushed", status="resolved")
+        and d.events("alert_received", source="pull", alertname="ResolvePushed", status="resolved"),
+        20, 0.2, "the pushed alert's resolution pushed and pulled",
+    )
     time.sleep(3)
-    for name in ("ResolveOnBoth", "ResolveSilenced"):
+    told = d.events("alert_received", alertname="ResolvePushed", status="resolved")
+    assert sorted(e["note"] for e in told) == ["recorded", "resolution already recorded"], told
+    for name in ("ResolveOnBoth", "ResolveSilenced", "ResolvePushed"):
         firing, resolved = rows(name, "firing"), rows(name, "resolved")
         assert len(firing) == 1 and len(resolved) == 1, (name, firing, resolved)
         assert (resolved[0]["fingerprint"], resolved[0]["starts_at"]) == (firing[0]["fingerprint"], firing[0]["starts_at"])
         assert resolved[0]["note"] == "recorded" and resolved[0]["labels"] == firing[0]["labels"]
     assert len(d.api("/api/v1/captures?reason=alertmanager")[1]["captures"]) == 1  # a resolution starts nothing
-    assert len(d.events("alert_received", source="pull", status="resolved")) == 2
+    assert len(d.events("alert_received", source="pull", status="resolved")) == 3

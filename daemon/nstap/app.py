@@ -371,6 +371,7 @@ class App:
             self.supervisor.service("capture-upload", self.uploader.run)
         if parts.puller is not None and parts.capture_api is not None:
             parts.puller.handle = parts.capture_api.alert_captures.handle
+            parts.puller.remembered = parts.capture_api.alert_captures.alerts.unresolved
             self.supervisor.service("alertmanager-pull", parts.puller.run)
             log.info("alertmanager_pull_started", urls=[m.url for m in parts.puller.members], host_label=cfg.alertmanager.host_label, host=parts.puller.host)
         self._parts = parts

@@ -91,6 +91,14 @@ class AlertCaptures:
             async with self._alone((fingerprint, starts_at)):  # the check, the capture and the row: one at a time per alert
                 capture_id, note = await self._capture(ref, name, labels, fingerprint, starts_at)
                 await self.alerts.record(status, name, fingerprint, starts_at, dict(labels), capture_id, note)
+        elif status == "resolved" and fingerprint:
+            # Pushed by the webhook and pulled from the cluster, or from two members: one row.
+            async with self._alone((fingerprint, starts_at)):
+                if await self.alerts.resolved(fingerprint, starts_at):
+                    note = "resolution already recorded"
+                else:
+                    note = "recorded"
+                    await self.alerts.record(status, name, fingerprint, starts_at, dict(labels), capture_id, note)
         else:
             note = "recorded" if status == "resolved" else "no container or container_id label"
             await self.alerts.record(status, name, fingerprint, starts_at, dict(labels), capture_id, note)

@@ -146,6 +146,8 @@ class AlertPuller:
         self.host = host
         self.failed = failed
         self.handle: AlertHandler | None = None  # set before run(): the webhook's AlertCaptures.handle
+        # set before run(): the alerts the index holds as firing and not resolved (AlertIndex.unresolved)
+        self.remembered: Callable[[int], Awaitable[list[dict[str, Any]]]] | None = None
         self.members = [Member(url.rstrip("/")) for url in config.urls]
         self.tls = tls_context(config.tls_config) if any(url.startswith("https:") for url in config.urls) else None
         self.query = alerts_query(config.host_label, host)
@@ -158,6 +160,11 @@ class AlertPuller:
         cfg = self.config
         timeout = aiohttp.ClientTimeout(total=cfg.timeout)
         connector = aiohttp.TCPConnector(ssl=self.tls if self.tls is not None else True, limit_per_host=2)
+        if self.remembered is not None and not self.pulled:
+            try:
+                self.restore(await self.remembered(MAX_REMEMBERED))
+            except Exception as exc:  # noqa: BLE001 - the index unreadable: pull all the same, as a first start would
+                self.failed("alertmanager-pull", exc)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False) as session:
             while True:
                 started = time.monotonic()
@@ -180,6 +187,24 @@ class AlertPuller:
                 ask.cancel()
         await self.resolve()
         self._forget(time.monotonic())
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Take back what the puller held before the daemon stopped (the index's firing alerts of
+        this host with no resolution recorded): each counts as held by every member until each has
+        answered without it, so an alert that resolved while the daemon was down is recorded
+        resolved at the first polls, and one still firing is not handed on (recorded) again."""
+        now = time.monotonic()
+        members = {m.url for m in self.members}
+        for row in rows:
+            labels = row.get("labels")
+            if not isinstance(labels, dict) or labels.get(self.config.host_label) != self.host or not row.get("fingerprint"):
+                continue
+            alert = {"status": "firing", "labels": labels, "fingerprint": row["fingerprint"], "startsAt": row["starts_at"]}
+            done = bool(row.get("capture_id")) or not (labels.get("container_id") or labels.get("container"))
+            key = (row["fingerprint"], normal_time(row["starts_at"]))
+            self.pulled[key] = PulledAlert(alert, now, set(members), math.inf if done else 0.0, 0, True)
+        if self.pulled:
+            log.info("alertmanager_pull_restored", alerts=len(self.pulled))
 
     async def answered(self, member: Member, held: list[tuple[dict[str, Any], bool]]) -> None:
         """One member's answer (``held``: this host's alerts in it, each with whether to act on it):

@@ -31,6 +31,29 @@ class AlertIndex:
         )
         return rows[0][0] if rows else None
 
+    async def resolved(self, fingerprint: str, starts_at: str) -> bool:
+        """Whether this alert's resolution is recorded already (pushed by the webhook, or pulled)."""
+        rows = await self.db.run(
+            self.db.fetch, "SELECT 1 FROM alerts WHERE fingerprint = ? AND starts_at = ? AND status = 'resolved' LIMIT 1", (fingerprint, starts_at)
+        )
+        return bool(rows)
+
+    async def unresolved(self, limit: int) -> list[dict[str, Any]]:
+        """The alerts recorded firing whose resolution is not recorded, newest first, one row each
+        (its labels, and the capture it got if any): what the puller held when the daemon stopped."""
+        rows = await self.db.run(
+            self.db.fetch,
+            "SELECT alertname, fingerprint, starts_at, labels, MAX(capture_id) FROM alerts a"
+            " WHERE status = 'firing' AND fingerprint != '' AND NOT EXISTS"
+            " (SELECT 1 FROM alerts r WHERE r.fingerprint = a.fingerprint AND r.starts_at = a.starts_at AND r.status = 'resolved')"
+            " GROUP BY fingerprint, starts_at ORDER BY MAX(seq) DESC LIMIT ?",
+            (limit,),
+        )
+        return [
+            {"alertname": r[0], "fingerprint": r[1], "starts_at": r[2], "labels": json.loads(r[3]), "capture_id": r[4]}
+            for r in rows
+        ]
+
     async def list(self, limit: int = 100) -> list[dict[str, Any]]:
         """The alerts received, newest first."""
         rows = await self.db.run(self.db.fetch, f"SELECT {','.join(COLUMNS)} FROM alerts ORDER BY seq DESC LIMIT ?", (limit,))
