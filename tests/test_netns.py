@@ -743,3 +743,36 @@ def test_a_gate_left_closed_stops_workers_no_longer_than_max_wait() -> None:
     thread.join(10)
     gate.pause()  # the main thread never waits
     assert took and MAX_WAIT * 0.9 <= took[0] < MAX_WAIT + 0.2, took
+
+
+
+@pytest.mark.parametrize("loop", ["flows_by_container", "tally", "flows_of"])
+def test_host_wide_conntrack_loops_wait_out_the_sampling_round(loop: str) -> None:
+    """The host's conntrack table is as large as the host's traffic (100,000 flows and more): the
+    Python loops over it, in worker threads, wait at the round's gate like the firewall parses."""
+    import threading
+
+    from nstap.gate import MAX_WAIT, ROUND
+    from nstap.nat import conntrack, talkers
+
+    me, peer = bytes([172, 17, 0, 2]), bytes([10, 0, 0, 1])
+    n = 5000
+    if loop == "flows_by_container":
+        run = lambda: conntrack.flows_by_container([(6, me, peer, 0, 3)] * n, {me: "c1"})  # noqa: E731
+    elif loop == "tally":
+        run = lambda: talkers.tally([(i, me, peer, peer, 1, 100, 1, 100, 6) for i in range(n)], {me: "c1"}, {}, n, 10)  # noqa: E731
+    else:
+        flow = conntrack.Flow()
+        flow.proto, flow.orig_src, flow.orig_dst, flow.reply_src, flow.reply_dst = 6, me, peer, peer, me
+        run = lambda: conntrack.flows_of([flow] * n, {me})  # noqa: E731
+    done: list[object] = []
+    ROUND.close()
+    try:
+        worker = threading.Thread(target=lambda: done.append(run()))
+        worker.start()
+        worker.join(MAX_WAIT / 2)
+        assert not done  # held at the gate while the round runs
+    finally:
+        ROUND.open()
+    worker.join(5)
+    assert done

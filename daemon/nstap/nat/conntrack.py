@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..gate import ROUND
 from ..netns import netlink
 
 NFNL_SUBSYS_CTNETLINK = 1
@@ -294,7 +295,10 @@ def flows_by_container(flows: Iterable[Summary], owners: Mapping[bytes, str]) ->
     answers it (reply source): a connection between two containers counts for both.
     """
     out: dict[str, Counter[tuple[str, str]]] = {}
-    for proto, orig_src, reply_src, status, tcp_state in flows:
+    pause = ROUND.pause  # in the NAT thread: it waits out each sampling round (see nstap.gate)
+    for n, (proto, orig_src, reply_src, status, tcp_state) in enumerate(flows):
+        if n & 1023 == 1023:
+            pause()
         first = owners.get(orig_src)
         second = owners.get(reply_src)
         if first is None and second is None:
@@ -311,7 +315,10 @@ def flows_of(flows: Iterable[Flow], addresses: set[bytes], limit: int = EVIDENCE
     """The flows from or to ``addresses`` (first ``limit`` listed) and how many there are."""
     listed = []
     count = 0
-    for flow in flows:
+    pause = ROUND.pause  # in a worker thread (the evidence): it waits out each sampling round (see nstap.gate)
+    for n, flow in enumerate(flows):
+        if n & 1023 == 1023:
+            pause()
         if flow.orig_src in addresses or flow.reply_src in addresses:
             count += 1
             if len(listed) < limit:

@@ -31,6 +31,7 @@ from typing import Any
 import structlog
 
 from ..config import TalkersConfig
+from ..gate import ROUND
 from ..log import Once
 from ..netns import netlink
 from ..registry import ContainerRegistry
@@ -115,7 +116,10 @@ def tally(
     out: dict[str, dict[str, Totals]] = {}
     seen: dict[tuple, tuple[int, int, int, int]] = {}
     untracked = 0
-    for ct_id, orig_src, orig_dst, reply_src, opk, oby, rpk, rby, proto in flows:
+    pause = ROUND.pause  # in the talkers' thread: it waits out each sampling round (see nstap.gate)
+    for n, (ct_id, orig_src, orig_dst, reply_src, opk, oby, rpk, rby, proto) in enumerate(flows):
+        if n & 1023 == 1023:
+            pause()
         first, second = owners.get(orig_src), owners.get(reply_src)
         if first is None and second is None:
             continue
