@@ -132,6 +132,8 @@ async def test_link_changes_are_applied_without_dumping_every_interface(netns: N
         finally:
             sh(tool("ip"), "netns", "del", other)
         assert table.dumps == 1 and table.links()["a0"].mtu == 1400 and table.links()["a5"].kind == "veth" and "r1" in table.links()
+        # What the loop spent receiving them is the namespace's, taken once (charged to its next sample).
+        assert table.take_notified_cpu() > 0 and table.take_notified_cpu() == 0
         assert not table.refresh()
         links_module.CHANGES_CAP, cap = 2000, links_module.CHANGES_CAP
         try:
@@ -506,6 +508,47 @@ async def test_a_namespace_is_slowed_on_sustained_cost_and_restored_at_once(netn
             n = len(seen)
             await asyncio.sleep(0.5)
             assert len(seen) - n >= 4
+        finally:
+            await pool.stop()
+
+
+class Announcer:
+    """A sampler whose namespace made the loop spend ``ms`` of CPU on its link announcements
+    between two samples while ``on`` (fault injection: what take_loop_cpu reports of a namespace
+    that churns links; the real LinkTable's measure is tested above)."""
+
+    name = "announcer"
+
+    def __init__(self) -> None:
+        self.on = False
+
+    def sample(self):
+        return None
+
+    def take_loop_cpu(self) -> float:
+        return 0.006 if self.on else 0.0
+
+
+async def test_link_announcements_between_samples_are_charged_to_the_namespace(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    """Defect: the loop's work on a namespace's link announcements, done between its samples, was
+    charged to nobody: a container churning links cost the loop without ever being slowed."""
+    from structlog.testing import capture_logs
+
+    announcer = Announcer()
+    pool, _store = budget_pool(opener, [announcer])
+    ns = namespace_for(netns)
+    with capture_logs() as logs:
+        pool.registry.upsert(ns.owner)
+        pool.start()
+        try:
+            await asyncio.sleep(0.5)
+            watcher = pool.watchers[ns.inode].watcher
+            assert watcher.every == 1
+            announcer.on = True
+            await asyncio.sleep(1.0)
+            assert watcher.every >= 3, watcher.every
+            slowed = [e for e in logs if e["event"] == "sampling_slowed"]
+            assert len(slowed) == 1 and slowed[0]["cause"] == "interfaces 6.0 ms: link announcements between samples", slowed
         finally:
             await pool.stop()
 

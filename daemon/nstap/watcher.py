@@ -62,6 +62,9 @@ class NamespaceWatcher:
         self.every = 1  # sampled on every ``every``-th tick (more than 1 when its samples cost too much)
         self.skip = 0  # ticks to skip before the next sample
         self._profile: dict[str, float] | None = None  # CPU seconds by sampler, while its cost is over the budget
+        # Work the loop did for this namespace between its samples (link announcements received),
+        # charged to its next sample: each sampler's take_loop_cpu(), if it has one.
+        self._loop_cpu: list[Callable[[], float]] = []
         owner = namespace.owner
         self.log = log.bind(netns=namespace.inode, container=owner.name, container_id=owner.short_id, runtime=owner.runtime)
 
@@ -88,6 +91,7 @@ class NamespaceWatcher:
             for sampler in self.samplers:
                 if isinstance(sampler, SocketSampler):
                     self._sockets = sampler
+            self._loop_cpu = [take for take in (getattr(s, "take_loop_cpu", None) for s in self.samplers) if take is not None]
             pool.instruments.attaches.inc()
             self.log.info("watcher_attached", members=len(self.namespace.members), pid=self.namespace.owner.pid)
             pool.attached(self)
@@ -204,6 +208,8 @@ class NamespaceWatcher:
         """
         pool = self.pool
         budget = pool.context.sample_budget
+        between = sum(take() for take in self._loop_cpu) if self._loop_cpu else 0.0
+        cost += between
         costs = self.costs
         costs.append(cost)
         sustained = min(costs) if len(costs) == SUSTAINED else 0.0
@@ -215,14 +221,17 @@ class NamespaceWatcher:
             if every > 1:
                 self.log.info(
                     "sampling_slowed", interval=every * pool.interval, cost_ms=round(sustained * 1000, 3),
-                    budget_ms=round(budget * 1000, 3), cause=self._cause(profile),
+                    budget_ms=round(budget * 1000, 3), cause=self._cause(profile, between),
                 )
             else:
                 self.log.info("sampling_restored", interval=pool.interval, cost_ms=round(cost * 1000, 3), budget_ms=round(budget * 1000, 3))
         self.every = every
 
-    def _cause(self, profile: dict[str, float] | None) -> str:
-        """Which sampler costs most, with what it had to read ("sockets 3.1 ms: 2000 listeners")."""
+    def _cause(self, profile: dict[str, float] | None, between: float = 0.0) -> str:
+        """Which sampler costs most, with what it had to read ("sockets 3.1 ms: 2000 listeners"),
+        or the link announcements the loop received between two samples, if they cost more."""
+        if between > max((profile or {}).values(), default=0.0):
+            return f"interfaces {between * 1000:.1f} ms: link announcements between samples"
         if not profile:
             return "detectors and bookkeeping"
         name, cpu = max(profile.items(), key=lambda item: item[1])

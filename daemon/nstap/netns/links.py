@@ -6,8 +6,9 @@ rtnetlink dump taken once, then kept current by the changes the kernel announces
 subscribed to RTMGRP_LINK: each announcement carries the changed link's metadata, so only what
 changed is parsed (a container that makes and deletes interfaces all the time among a thousand
 would otherwise cost a dump of all of them, 20-30 ms, at each of its samples). The event loop
-watches that socket and only keeps what arrives; in the namespace's own sample (so the namespace
-is charged for it) each announced link is asked for by itself. More of them than a quarter of the
+watches that socket and only keeps what arrives (the CPU that takes is charged to the namespace's
+next sample); in the namespace's own sample (so the namespace is charged for it) each announced
+link is asked for by itself. More of them than a quarter of the
 links, announcements beyond CHANGES_CAP bytes, or lost by the kernel mean one new dump: the cost
 of a sample is bounded by the smaller of its changes and its links.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 from . import netlink
 from .handles import ProcFile
@@ -59,6 +61,7 @@ class LinkTable:
         self._plan: Plan | None = None  # where the counters are in the current shape of /proc/net/dev
         self._names: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.notified_cpu = 0.0  # CPU seconds the loop spent receiving announcements since take_notified_cpu
 
     def follow(self, loop: asyncio.AbstractEventLoop) -> None:
         """Have ``loop`` watch for link-change notifications (until :meth:`close`)."""
@@ -66,8 +69,16 @@ class LinkTable:
         loop.add_reader(self._events.fileno(), self._notified)
 
     def _notified(self) -> None:
+        started = time.thread_time()
         if not netlink.queued(self._events, self._changes, CHANGES_CAP):
             self._dumped = False
+        self.notified_cpu += time.thread_time() - started
+
+    def take_notified_cpu(self) -> float:
+        """The CPU the loop spent receiving this namespace's announcements since the last call:
+        a namespace that churns links is charged for it (see NamespaceWatcher.account)."""
+        cpu, self.notified_cpu = self.notified_cpu, 0.0
+        return cpu
 
     def close(self) -> None:
         """Stop watching notifications (the handles' owner closes the sockets)."""

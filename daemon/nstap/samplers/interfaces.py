@@ -116,6 +116,10 @@ class InterfaceSampler:
         """What a sample has to read, for the log line of a namespace that costs too much."""
         return f"{len(self._table.links())} interfaces"
 
+    def take_loop_cpu(self) -> float:
+        """The CPU the event loop spent on this namespace's link announcements since the last call."""
+        return self._table.take_notified_cpu()
+
     def sample(self) -> tuple[InterfaceCounters, ...]:
         """Read every interface now."""
         table = self._table
