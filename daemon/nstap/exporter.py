@@ -32,7 +32,7 @@ from .registry import ContainerRegistry, WatchedNamespace
 from .runtime.records import ContainerRecord
 from .samplers.protocols import PROTOCOL_COUNTERS
 from .samplers.sockets import STATE_NAMES
-from .samples import NamespaceSample, SampleStore
+from .samples import InterfaceCounters, NamespaceSample, SampleStore
 
 if TYPE_CHECKING:
     from .detect.incidents import IncidentTracker
@@ -182,8 +182,14 @@ class SampleFamilies:
         self.sample_every = Family(
             "nstap_sample_interval_seconds", "gauge", "Seconds between samples of the namespace (longer than the interval while its samples cost more than the budget)."
         )
-        self._iface_adds = [(family.add, attr) for family, attr in self.iface_counters if family.name not in disabled]
+        # The hot lines (tens of thousands a scrape) are formatted straight into their family's
+        # lines: their values are the kernel's counters, always ints (Family.add checks each value
+        # for floats, NaN and infinities; that call is half of a render).
+        self._iface_lines = [
+            (family.lines.append, family.name, InterfaceCounters._fields.index(attr)) for family, attr in self.iface_counters if family.name not in disabled
+        ]
         self._proto_on = [(key, family) for key, family in self.proto if family.name not in disabled]
+        self._proto_lines = [(key, family.lines.append, family.name) for key, family in self._proto_on]
         self._tcp_states = [(state, ("tcp", state)) for state in STATE_NAMES]
 
     def add(self, sample: NamespaceSample, okey: tuple, base: Labels, label: Callable[..., Labels]) -> None:
@@ -191,19 +197,20 @@ class SampleFamilies:
         self.sample_ts.add(base, sample.taken_at)
         self.sample_every.add(base, sample.interval)
         if sample.interfaces is not None:
-            up_add, mtu_add, adds = self.iface_up.add, self.iface_mtu.add, self._iface_adds
+            up_add, mtu_add, lines = self.iface_up.add, self.iface_mtu.add, self._iface_lines
             for iface in sample.interfaces:
                 il = label((okey, iface.name, iface.side, iface.peer), base, ("interface", iface.name), ("side", iface.side), ("peer", iface.peer))
-                for add, attr in adds:
-                    add(il, getattr(iface, attr))
+                text = il.text
+                for append, name, index in lines:
+                    append(f"{name}{text} {iface[index]}\n")
                 up_add(il, 1 if iface.up else 0)
                 mtu_add(il, iface.mtu)
         if sample.protocols is not None:
-            values = sample.protocols
-            for key, family in self._proto_on:
+            values, text = sample.protocols, base.text
+            for key, append, name in self._proto_lines:
                 value = values.get(key)
                 if value is not None:
-                    family.add(base, value)
+                    append(f"{name}{text} {value}\n")
         if sample.sockets is not None:
             self._add_sockets(sample, okey, base, label)
 
