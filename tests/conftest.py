@@ -413,6 +413,16 @@ class Daemon:
                 return int(line.split()[1])
         raise KeyError(key)
 
+    def thread_names(self) -> Counter:
+        """The daemon's threads by their kernel name (``nstap-nat_0``, ...), counted."""
+        names: Counter = Counter()
+        for comm in Path(f"/proc/{self.pid}/task").glob("*/comm"):
+            try:
+                names[comm.read_text().strip()] += 1
+            except OSError:
+                continue  # ended meanwhile
+        return names
+
     def cpu_seconds(self) -> float:
         """User + system CPU of the daemon (all its threads) so far."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
