@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Benchmark: what rendering ``/metrics`` costs, without the rest of the daemon.
+
+N synthetic containers (two interfaces, every protocol counter, the socket families, one listening
+port: the series a plain busybox httpd container has) are put in a registry and sample store, and
+the exporter renders them as a scrape does; then gzip level 1 of the text, as the server sends it.
+Reports the best of ``--rounds`` runs of each, in ms of CPU, and the text's lines and bytes. No container,
+no kernel read: this isolates the renderer, which a scrape in the daemon also runs beside the
+sampling rounds (the scrape figures of ``make bench`` include that contention).
+
+    .venv/bin/python bench/bench_render.py [--containers 500] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "daemon"))
+from nstap.exporter import ContainerCollector  # noqa: E402
+from nstap.registry import ContainerRegistry  # noqa: E402
+from nstap.runtime.records import ContainerRecord  # noqa: E402
+from nstap.samplers.protocols import PROTOCOL_COUNTERS  # noqa: E402
+from nstap.samplers.sockets import STATE_NAMES  # noqa: E402
+from nstap.samples import InterfaceCounters, ListenQueue, NamespaceSample, SampleStore, SocketSample  # noqa: E402
+
+
+class Runtime:
+    name, kind, version, up, events_total, reconnects_total = "docker", "docker", "28.0", True, 0, 0
+
+
+def fleet(n: int) -> ContainerCollector:
+    registry, store = ContainerRegistry(), SampleStore()
+    for i in range(n):
+        netns = 4026530000 + i
+        registry.upsert(
+            ContainerRecord(id=f"{i:012x}" * 5 + "0000", name=f"web{i}", runtime="docker", pid=1000 + i, status="running", image="busybox", network_mode="bridge")
+            .with_netns(netns, 1)
+        )
+        iface = InterfaceCounters("eth0", "container", f"veth{i:x}", True, 1500, 10_000 + i, 200, 0, 1, 20_000, 300, 0, 0)
+        host = InterfaceCounters(f"veth{i:x}", "host", "eth0", True, 1500, 20_000, 300, 0, 0, 10_000 + i, 200, 0, 4)
+        states = {"listen": 1, "time_wait": 2, **{s: 0 for s in STATE_NAMES[2:]}}
+        sockets = SocketSample({"tcp": 1, "udp": 0, "tcp6": 0}, states, 0.0, 0, (ListenQueue("80", 0, 128, 1),), 60.0)
+        protocols = {c.key: 1000 + i for c in PROTOCOL_COUNTERS}
+        store.put(NamespaceSample(netns, 1_700_000_000.5 + i / 1000, 0.0002, (iface, host), protocols, sockets))
+    return ContainerCollector(registry, store, [Runtime()])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--containers", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    collector = fleet(args.containers)
+    render, gzip = [], []
+    text = ""
+    for _ in range(args.rounds):
+        started = time.thread_time()  # CPU, not wall: a busy machine does not move it as much
+        text = collector.render(collector.snapshot())
+        rendered = time.thread_time()
+        zlib.compressobj(1, zlib.DEFLATED, 31).compress(text.encode())
+        render.append(rendered - started)
+        gzip.append(time.thread_time() - rendered)
+    print(f"{args.containers} containers: {text.count(chr(10))} lines, {len(text) / 1024:.0f} KiB; "
+          f"render {min(render) * 1000:.1f} ms, gzip level 1 {min(gzip) * 1000:.1f} ms of CPU (best of {args.rounds})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
