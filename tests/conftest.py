@@ -91,6 +91,27 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def held_at_a_closed_gate(work: Callable[[], Any]) -> Any:
+    """Run ``work`` in a worker thread while the sampling round's gate is closed: it must still be
+    running half of MAX_WAIT later (it waits at the gate), and end once the gate opens. Its result."""
+    import threading
+
+    from nstap.gate import MAX_WAIT, ROUND
+
+    done: list[Any] = []
+    ROUND.close()
+    try:
+        worker = threading.Thread(target=lambda: done.append(work()))
+        worker.start()
+        worker.join(MAX_WAIT / 2)
+        assert not done  # held at the gate while the round runs
+    finally:
+        ROUND.open()
+    worker.join(5)
+    assert done, "the work did not end once the gate opened"
+    return done[0]
+
+
 def sh(*args: str, check: bool = True, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a command, capturing output; raise with its stderr if it fails and ``check``."""
     proc = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=timeout)

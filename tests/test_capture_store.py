@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import held_at_a_closed_gate
 from nstap.capture.pcap import MAGIC_NS, MAGIC_US, PcapError, PcapWriter, Record, StreamParser, parse_header, read_file, read_records
 from nstap.capture.engine import CaptureEngine
 from nstap.capture.model import CaptureSettings
@@ -608,19 +609,5 @@ def test_a_ring_read_back_in_a_worker_thread_waits_out_the_sampling_round() -> N
     """Reading a ring back parses the records of its edge segments in Python, in a worker thread:
     like the firewall parses, it waits at the round's gate (a round beside it took seconds: each
     of the round's reads waited a switch interval for the GIL)."""
-    import threading
-
-    from nstap.gate import MAX_WAIT, ROUND
-
     data, _ = stream(5000)
-    done: list[float] = []
-    ROUND.close()
-    try:
-        worker = threading.Thread(target=lambda: done.append(len(StreamParser().feed(data))))
-        worker.start()
-        worker.join(MAX_WAIT / 2)
-        assert not done  # held at the gate while the round runs
-    finally:
-        ROUND.open()
-    worker.join(5)
-    assert done == [5000]
+    assert held_at_a_closed_gate(lambda: len(StreamParser().feed(data))) == 5000

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import NsUnderTest, ping, sh, tool
+from conftest import NsUnderTest, held_at_a_closed_gate, ping, sh, tool
 from nstap.instruments import Instruments
 from nstap.netns.handles import NamespaceGone, NamespaceOpener
 from nstap.netns.links import parse_net_dev
@@ -793,9 +793,6 @@ def test_a_gate_left_closed_stops_workers_no_longer_than_max_wait() -> None:
 def test_host_wide_conntrack_loops_wait_out_the_sampling_round(loop: str) -> None:
     """The host's conntrack table is as large as the host's traffic (100,000 flows and more): the
     Python loops over it, in worker threads, wait at the round's gate like the firewall parses."""
-    import threading
-
-    from nstap.gate import MAX_WAIT, ROUND
     from nstap.nat import conntrack, talkers
 
     me, peer = bytes([172, 17, 0, 2]), bytes([10, 0, 0, 1])
@@ -808,14 +805,4 @@ def test_host_wide_conntrack_loops_wait_out_the_sampling_round(loop: str) -> Non
         flow = conntrack.Flow()
         flow.proto, flow.orig_src, flow.orig_dst, flow.reply_src, flow.reply_dst = 6, me, peer, peer, me
         run = lambda: conntrack.flows_of([flow] * n, {me})  # noqa: E731
-    done: list[object] = []
-    ROUND.close()
-    try:
-        worker = threading.Thread(target=lambda: done.append(run()))
-        worker.start()
-        worker.join(MAX_WAIT / 2)
-        assert not done  # held at the gate while the round runs
-    finally:
-        ROUND.open()
-    worker.join(5)
-    assert done
+    held_at_a_closed_gate(run)
