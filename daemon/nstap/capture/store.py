@@ -242,10 +242,11 @@ class CaptureStore:
         rows = self._rows.select("file IS NOT NULL AND state != ?", (EVICTED,))
         by_id = {r.id: r for r in rows}
         held = [HeldCapture(r.id, r.container_id, r.created_at, self.files.size((r.file, r.evidence)), r.state in FINISHED) for r in rows]
-        # The index lives in the same budget: the captures get what its database file leaves (its
-        # write-ahead log, at most SQLite's checkpoint size of ~4 MiB, is folded into it there).
+        # The index lives in the same budget: the captures get what its database leaves, counted
+        # at the size its file has once the write-ahead log is folded in (at a checkpoint, or when
+        # the daemon stops), so a restart does not shrink the budget and evict what it kept.
         self.index_bytes = self.index.db.bytes()
-        budget = max(self.retention.max_bytes - self.index.db.file_bytes(), 0)
+        budget = max(self.retention.max_bytes - self.index.db.folded_bytes(), 0)
         queued = self.index.uploads.pending() if self.uploads_enabled else set()
         if not queued:
             evicted = plan_evictions(held, budget, self.retention.max_age_seconds, now)

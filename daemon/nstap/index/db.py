@@ -175,6 +175,13 @@ class IndexDb:
         except OSError:
             return 0
 
+    def folded_bytes(self) -> int:
+        """Bytes the database file has once its write-ahead log is folded in (its pages as this
+        connection sees them; blocking: the index's thread). At least the file's size now."""
+        pages = self.fetch("PRAGMA page_count")[0][0]
+        size = self.fetch("PRAGMA page_size")[0][0]
+        return max(pages * size, self.file_bytes())
+
     def bytes(self) -> int:
         """Bytes of the index on disk: the database and its write-ahead log."""
         total = self.file_bytes()
