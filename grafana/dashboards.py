@@ -6,8 +6,8 @@
 Two dashboards:
 
 * *nstap / host overview* (uid ``nstap-host``): containers ranked by drops on both veth ends,
-  retransmission ratio, resets, listen overflows and kernel drop reasons; NAT state of every
-  published port; conntrack use; anomalies of the time range; nstap's own health.
+  retransmission ratio, resets, listen overflows, failed DNS lookups and kernel drop reasons; NAT
+  state of every published port; conntrack use; anomalies of the time range; nstap's own health.
 * *nstap / container* (uid ``nstap-container``, variables ``host``, ``instance`` and ``container``): the
   drill-down the alert rules link to, with every capture a link to nstap's capture page.
 
@@ -152,6 +152,11 @@ def host_overview() -> dash.Dashboard:
     d = d.with_panel(graph(
         "Listen queue overflows", "Connections dropped because a listener's accept queue was full, per second; top 10.", "ops",
         query(f"topk(10, sum by (host, instance, container) (rate(nstap_tcp_listen_overflows_total{{{HOST}}}[{RATE}])))", "{{container}}"),
+    ).data_links(link))
+    d = d.with_panel(graph(
+        "Failed DNS lookups by container", "DNS lookups per second that failed: every answer but NOERROR (NXDOMAIN, SERVFAIL, REFUSED, other) "
+        "and the lookups no answer came to (timeout); top 10.", "ops",
+        query(f'topk(10, sum by (host, instance, container) (rate(nstap_dns_requests_total{{{HOST}, rcode!="NOERROR"}}[{RATE}])))', "{{container}}"),
     ).data_links(link))
     d = d.with_panel(graph(
         "Kernel drop reasons by container", "Packets the kernel dropped in each container's namespace, by the kernel's reason (eBPF); top 10.", "pps",
@@ -307,6 +312,27 @@ def container_drill_down() -> dash.Dashboard:
         query(f"sum by (host, protocol, host_ip, host_port) (rate(nstap_nat_port_forward_new_connections_total{{{ONE}}}[{RATE}]))", "new/s {{host_ip}}:{{host_port}}"),
         query(f"sum by (host, protocol, state) (nstap_container_conntrack_entries{{{ONE}}})", "conntrack {{protocol}} {{state}}", "B"),
         width=12,
+    ))
+    d = d.with_row(dash.Row("DNS"))
+    d = d.with_panel(graph(
+        "DNS lookups by outcome", "DNS lookups the container made per second, by the answer's rcode (timeout: no answer came).", "ops",
+        query(f"sum by (host, rcode) (rate(nstap_dns_requests_total{{{ONE}}}[{RATE}]))", "{{rcode}}"),
+        width=8,
+    ))
+    d = d.with_panel(graph(
+        "DNS failure ratio", "Share of the container's DNS lookups that failed: every answer but NOERROR (NXDOMAIN, SERVFAIL, REFUSED, other) "
+        "and the lookups no answer came to (timeout).", "percentunit",
+        query(f'(sum by (host) (rate(nstap_dns_requests_total{{{ONE}, rcode!="NOERROR"}}[{RATE}])) '
+              f"or 0 * sum by (host) (rate(nstap_dns_requests_total{{{ONE}}}[{RATE}]))) "
+              f"/ sum by (host) (rate(nstap_dns_requests_total{{{ONE}}}[{RATE}]))", "failed"),
+        width=8,
+    ))
+    d = d.with_panel(graph(
+        "DNS lookup latency", "How long the container's answered DNS lookups waited for their answer (p50, p95, p99); timeouts are not in it.", "s",
+        query(f"histogram_quantile(0.5, sum by (host, le) (rate(nstap_dns_request_duration_seconds_bucket{{{ONE}}}[{RATE}])))", "p50"),
+        query(f"histogram_quantile(0.95, sum by (host, le) (rate(nstap_dns_request_duration_seconds_bucket{{{ONE}}}[{RATE}])))", "p95", "B"),
+        query(f"histogram_quantile(0.99, sum by (host, le) (rate(nstap_dns_request_duration_seconds_bucket{{{ONE}}}[{RATE}])))", "p99", "C"),
+        width=8,
     ))
     d = d.with_row(dash.Row("Anomalies and captures"))
     d = d.with_panel(graph(

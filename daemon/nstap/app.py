@@ -41,6 +41,7 @@ from .detect.process_state import ProcessStateReader
 from .detect.incidents import IncidentTracker
 from .detect.pipeline import DetectionPipeline
 from .exporter import ContainerCollector, build_registry
+from .dns.service import DnsService
 from .ebpf.collector import EbpfUnavailable
 from .ebpf.service import EbpfService
 from .instruments import Instruments
@@ -69,7 +70,7 @@ STATUS_EVERY = 10.0  # seconds between STATUS= updates
 RETENTION_INTERVAL = 60.0  # seconds between passes of the store's age limit (and retries of unsaved outcomes)
 KNOWN_TASKS = (
     "capture-retention", "ring-pump", "capture", "ring", "evidence", "anomaly-capture", "anomaly-save", "watcher", "watcher-listener",
-    "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall", "ebpf-load", "systemd",
+    "sample", "detector", "registry-listener", "sample-listener", "runtime-refresh", "metrics", "api", "nat", "firewall", "ebpf-load", "dns-load", "systemd",
     "port-probe", "talkers", "capture-upload", "alertmanager-pull",
 )
 
@@ -126,6 +127,7 @@ class Parts:
     tracker: IncidentTracker
     nat: NatMonitor | None
     ebpf: EbpfService
+    dns: DnsService
     pipeline: DetectionPipeline
     collector: ContainerCollector
     capture_api: CaptureApi | None = None
@@ -163,9 +165,10 @@ class App:
         fd_limit = self._prepare_process()
         token, webhook_token, web_config = self._credentials()
         ebpf = await self._load_ebpf()
+        dns = await self._load_dns()
         store = await self._open_store()
         try:
-            parts = self._build(store, ebpf)
+            parts = self._build(store, ebpf, dns)
         except BaseException:
             await store.close()
             raise
@@ -220,6 +223,18 @@ class App:
                 raise StartupError(f"ebpf: on, but {exc}", 2) from None
         return ebpf
 
+    async def _load_dns(self) -> DnsService:
+        """The DNS collector; loaded now with ``dns.mode: on`` (a failure stops the start), later with ``auto``."""
+        cfg = self.config.dns
+        dns = DnsService(cfg.mode, cfg.timeout, proc_root=self.config.proc_root)
+        if cfg.mode == "on":
+            try:
+                await dns.load()
+            except EbpfUnavailable as exc:
+                dns.close()
+                raise StartupError(f"dns.mode: on, but {exc}", 2) from None
+        return dns
+
     async def _open_store(self) -> CaptureStore:
         """The capture store and its index, recovered from an unclean stop."""
         cfg, cap = self.config, self.config.capture
@@ -240,7 +255,7 @@ class App:
             log.warning("capture_store_recovered", **recovered)
         return store
 
-    def _build(self, store: CaptureStore, ebpf: EbpfService) -> Parts:
+    def _build(self, store: CaptureStore, ebpf: EbpfService, dns: DnsService) -> Parts:
         """Every part, wired in the order data flows through them (nothing runs yet)."""
         cfg = self.config
         opener = NamespaceOpener(cfg.proc_root)
@@ -263,7 +278,7 @@ class App:
                 cfg.nat, cfg.interval, self.registry, pool.netns_fd, opener.home_inode, self.supervisor,
                 tracker if cfg.detect.enabled else None, frozenset(cfg.detect.disabled), cfg.proc_root,
             )
-        engine.nat, engine.ebpf = nat, ebpf
+        engine.nat, engine.ebpf, engine.dns = nat, ebpf, dns
         if self.uploader is not None:
             self.uploader.busy = engine.recording
             self.prometheus.register(self.uploader)
@@ -272,6 +287,9 @@ class App:
         pool.subscribe(lambda: ebpf.follow(set(pool.watched())))  # entries of namespaces no longer watched are deleted
         no_drops: dict[str, int] = {}  # a namespace without drops since the program loaded: counted, none
         pool.kernel_drops = lambda inode: ebpf.counts.get(inode, no_drops) if ebpf.up else None
+        pool.ticker.early_hooks.append(dns.new_round)
+        pool.subscribe(lambda: dns.follow({inode: pool.netns_fd(inode) for inode in pool.watched()}))  # links in every watched namespace
+        pool.dns = dns.of
         pipeline = DetectionPipeline(self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled}, self.supervisor)
         exits = ProcessExits(asyncio.get_running_loop())
         self.sources = [
@@ -282,8 +300,8 @@ class App:
             )
             for endpoint in cfg.runtimes
         ]
-        collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine, nat, ebpf, cfg.metrics.expand())
-        parts = Parts(store, opener, host_links, exits, pool, engine, tracker, nat, ebpf, pipeline, collector)
+        collector = ContainerCollector(self.registry, self.store, self.sources, pool, tracker, engine, nat, ebpf, cfg.metrics.expand(), dns)
+        parts = Parts(store, opener, host_links, exits, pool, engine, tracker, nat, ebpf, dns, pipeline, collector)
         if nat is not None:
             self._build_runbook_checks(parts, nat, pool)
         parts.puller = self._build_puller()
@@ -319,7 +337,7 @@ class App:
             cfg.metrics_listen, cfg.api_listen, self.prometheus, parts.collector, self.registry, lambda: set(pool.watched()), token,
             self.supervisor.failed, webhook_token, web_config, self.ready,
         )
-        parts.capture_api = CaptureApi(self.registry, parts.engine, parts.store, cfg.capture.max_seconds, parts.nat, parts.ebpf)
+        parts.capture_api = CaptureApi(self.registry, parts.engine, parts.store, cfg.capture.max_seconds, parts.nat, parts.ebpf, parts.dns)
         parts.capture_api.bucket = self.uploader
         self.api.add_routes(parts.capture_api.routes())
         page = CapturePage(parts.capture_api, parts.store, token)
@@ -364,6 +382,10 @@ class App:
             parts.talkers.start()
         if cfg.ebpf == "auto":
             self.supervisor.spawn("ebpf-load", parts.ebpf.load())  # about a second, in a thread: sampling starts meanwhile
+        if cfg.dns.mode == "auto":
+            self.supervisor.spawn("dns-load", self._start_dns(parts))
+        else:
+            self._follow_dns(parts)
         for source in self.sources:
             self.supervisor.service(f"runtime-{source.name}", source.run)
         self.supervisor.service("capture-retention", lambda: self._retention(parts.store, parts.engine))
@@ -377,6 +399,16 @@ class App:
         self._parts = parts
         if self.notifier.enabled:
             self.supervisor.service("systemd", self._systemd)
+
+    async def _start_dns(self, parts: Parts) -> None:
+        """Load the DNS collector (a child compiles it: seconds) and attach it where watchers are."""
+        await parts.dns.load()
+        self._follow_dns(parts)
+
+    @staticmethod
+    def _follow_dns(parts: Parts) -> None:
+        pool = parts.pool
+        parts.dns.follow({inode: pool.netns_fd(inode) for inode in pool.watched()})
 
     async def _shutdown(self, parts: Parts) -> None:
         """Stop everything, upstream first, and close every descriptor opened."""
@@ -395,6 +427,7 @@ class App:
         if parts.exposure is not None:
             parts.exposure.close()
         parts.ebpf.close()
+        parts.dns.close()
         if self.api is not None:
             await self.api.stop()
         if parts.capture_api is not None:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -62,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     nat.add_argument("--json", action="store_true", help="print the API's JSON")
 
     for name, what in (("exposure", "a container's listeners: published, internal only, or loopback"),
-                       ("talkers", "a container's peers by bytes over the last minute (conntrack accounting)")):
+                       ("talkers", "a container's peers by bytes over the last minute (conntrack accounting)"),
+                       ("dns", "a container's DNS lookups: outcomes, the last minute's failing names, the servers asked")):
         view = sub.add_parser(name, help=what)
         _client_args(view)
         view.add_argument("container", help="name or id")
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             return _doctor(args, _config(args, ()))
         if args.command == "nat":
             return _nat(args, _config(args, ("data_dir",)))
-        if args.command in ("exposure", "talkers"):
+        if args.command in ("exposure", "talkers", "dns"):
             return _container_view(args, _config(args, ("data_dir",)))
         if args.command == "captures":
             return _captures(args, _config(args, ("data_dir",)))
@@ -359,12 +361,43 @@ def _container_view(args: argparse.Namespace, config: Config) -> int:
         for p in data.get("published_without_listener", []):
             print(f"published, nothing listens: {p}")
         return 0
+    if args.command == "dns":
+        _print_dns(data)
+        return 0
     print(f"{data['container']}: peers over the last {data['window_seconds']:g} s (from {data['source']})")
     rows = [("PEER", "BYTES OUT", "PKTS OUT", "BYTES IN", "PKTS IN", "NEW FLOWS")]
     for p in data.get("peers", []):
         rows.append((p["peer"], str(p["bytes_out"]), str(p["packets_out"]), str(p["bytes_in"]), str(p["packets_in"]), str(p["new_flows"])))
     _print_table(rows)
     return 0
+
+
+def _print_dns(data: dict) -> None:
+    """``nstap dns C``: what ``dig`` and ``tcpdump port 53`` would have shown, summed up."""
+    total = sum(r["count"] for r in data.get("requests", []))
+    mean = data.get("mean_latency_ms")
+    print(f"{data['container']}: {total} lookups ({data.get('failed', 0)} failed), "
+          f"mean latency {'-' if mean is None else f'{mean:g} ms'}; unanswered after {data['timeout_seconds']:g} s is a timeout")
+    rows = [("RCODE", "QTYPE", "LOOKUPS")]
+    rows += [(r["rcode"], r["qtype"], str(r["count"])) for r in data.get("requests", [])]
+    _print_table(rows)
+    print(f"\nfailing names, last {data['window_seconds']:g} s:")
+    names = [("NAME", "RCODE", "QTYPE", "COUNT", "LAST SEEN")]
+    names += [(n["name"], n["rcode"], n["qtype"], str(n["count"]), time.strftime("%H:%M:%S", time.localtime(n["last_seen"])))
+              for n in data.get("failing_names", [])]
+    if len(names) > 1:
+        _print_table(names)
+    else:
+        print("  none")
+    print("\nservers asked:")
+    servers = [("SERVER", "QUERIES", "ANSWERS", "FAILURES", "TIMEOUTS", "MEAN MS", "VIA EMBEDDED")]
+    servers += [(f"{s['address']}:{s['port']}", str(s["queries"]), str(s["answers"]), str(s["failures"]), str(s["timeouts"]),
+                 "-" if s["mean_latency_ms"] is None else f"{s['mean_latency_ms']:g}", str(s["via_embedded_resolver"]))
+                for s in data.get("servers", [])]
+    if len(servers) > 1:
+        _print_table(servers)
+    else:
+        print("  none")
 
 
 def _captures(args: argparse.Namespace, config: Config) -> int:

@@ -190,6 +190,13 @@ class TalkersConfig(Strict):
     max_flows: int = Field(65536, ge=1000, le=1_000_000, description="flows followed at once, host-wide")
 
 
+class DnsConfig(Strict):
+    """DNS per container (eBPF tc programs in each watched namespace)."""
+
+    mode: Literal["auto", "on", "off"] = Field("auto", description="lookups by outcome and latency (bcc, TCX: Linux 6.14+): on = required (exit 2 without)")
+    timeout: float = Field(5.0, ge=0.5, le=60.0, description="seconds a lookup may go unanswered before it counts as rcode=\"timeout\"")
+
+
 class NatConfig(Strict):
     """NAT rules, conntrack and the containers' own firewalls."""
 
@@ -382,6 +389,7 @@ class Config(Strict):
     storage: StorageConfig = StorageConfig()
     alertmanager: AlertmanagerConfig = AlertmanagerConfig()
     ebpf: Literal["auto", "on", "off"] = Field("auto", description="kernel drop reasons and retransmitted flows (bcc): on = required (exit 2 without)")
+    dns: DnsConfig = DnsConfig()
 
     @field_validator("interval", "reconcile_interval", "reconnect_max_backoff", "sample_budget_ms")
     @classmethod

@@ -83,6 +83,7 @@ def _specimen_scrape() -> Any:
     from .runtime.records import ContainerRecord
     from .samplers.protocols import PROTOCOL_COUNTERS
     from .samplers.sockets import STATE_NAMES
+    from .dns.lookups import BOUNDS, Lookups
     from .samples import InterfaceCounters, ListenQueue, NamespaceSample, SocketSample
 
     record = ContainerRecord("0123456789ab" * 5 + "cdef", "web", "docker", 1, "running", "busybox", netns=4026531999)
@@ -91,6 +92,7 @@ def _specimen_scrape() -> Any:
     sample = NamespaceSample(
         record.netns, 1.0, 0.001, (InterfaceCounters("eth0", "container", "", True, 1500, *([0] * 8)),),
         {c.key: 0 for c in PROTOCOL_COUNTERS}, sockets, interval=1.0, kernel_drops={"NO_SOCKET": 0},
+        dns=Lookups({("NOERROR", "A"): 0}, (0,) * len(BOUNDS), 0, 0.0),
     )
     forward = Forward(record.id, record.name, "docker", "tcp", "0.0.0.0", 8080, "172.17.0.2", 80, "iptables-nft", "ok", "", "DOCKER", "", 0)
     nat = {
@@ -115,7 +117,7 @@ def _specimen_scrape() -> Any:
         runtimes=[("docker", "docker", "20.10", True, 0, 0)], tasks=1,
         anomalies_total={(record.name, record.short_id, "docker", "tcp_retransmits", "unknown"): 1},
         incidents=[(record.name, record.short_id, "docker", "tcp_retransmits", "unknown", True)],
-        captures=captures, nat=nat, ebpf=(1, {"NO_SOCKET": 0}, 0),
+        captures=captures, nat=nat, ebpf=(1, {"NO_SOCKET": 0}, 0), dns_up=1,
     )
 
 

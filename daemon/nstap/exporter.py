@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 
 from . import __version__
 from .capture.model import CaptureReadModel, CaptureStats
+from .dns.lookups import BOUNDS
 from .registry import ContainerRegistry, WatchedNamespace
 from .runtime.records import ContainerRecord
 from .samplers.protocols import PROTOCOL_COUNTERS
@@ -36,6 +37,7 @@ from .samples import InterfaceCounters, NamespaceSample, SampleStore
 
 if TYPE_CHECKING:
     from .detect.incidents import IncidentTracker
+    from .dns.service import DnsService
     from .ebpf.service import EbpfService
     from .nat.monitor import NatMonitor
 
@@ -85,6 +87,10 @@ class ScrapeState(NamedTuple):
     captures: CaptureStats | None
     nat: dict[str, Any] | None = None
     ebpf: tuple[int, dict[str, int], int] | None = None  # collector up, the host's drops by reason, drops not counted (map full)
+    dns_up: int | None = None  # the DNS collector's, None without one
+
+
+DNS_BOUNDS = tuple(repr(b) for b in BOUNDS)  # the le label values of nstap_dns_request_duration_seconds
 
 
 def _escape(value: str) -> str:
@@ -259,6 +265,7 @@ class ContainerCollector:
         nat: NatMonitor | None = None,
         ebpf: EbpfService | None = None,
         disabled: Collection[str] = (),
+        dns: DnsService | None = None,
     ) -> None:
         self.disabled = frozenset(disabled)  # families not exported (metrics.disabled)
         self.registry = registry
@@ -269,6 +276,7 @@ class ContainerCollector:
         self.captures = captures
         self.nat = nat
         self.ebpf = ebpf
+        self.dns = dns
         self._labels: dict[tuple, Labels] = {}
         self._used: dict[tuple, Labels] = {}
 
@@ -296,6 +304,7 @@ class ContainerCollector:
             nat=self._nat_snapshot(),
             ebpf=(self.ebpf.up, self.ebpf.host_counts(), self.ebpf.collector.lost if self.ebpf.collector is not None else 0)
             if self.ebpf is not None else None,
+            dns_up=self.dns.up if self.dns is not None else None,
         )
 
     def _nat_snapshot(self) -> dict[str, Any] | None:
@@ -336,6 +345,7 @@ class ContainerCollector:
                 *self._capture_families(scrape),
                 *self._nat_families(scrape),
                 *self._ebpf_families(scrape),
+                *self._dns_families(scrape),
                 *self._collector_up(scrape),
             ]
             disabled = self.disabled
@@ -529,16 +539,42 @@ class ContainerCollector:
         uncounted.add(NO_LABELS, lost)
         return [drops, host_drops, uncounted]
 
+    def _dns_families(self, scrape: ScrapeState) -> list[Family]:
+        if scrape.dns_up is None:
+            return []
+        requests = Family("nstap_dns_requests_total", "counter",
+                          "DNS lookups the container made, by outcome (rcode, or timeout: unanswered after dns.timeout) and question type (eBPF, tc).")
+        duration = Family("nstap_dns_request_duration_seconds", "histogram", "Time from a DNS query to its answer, answered lookups (eBPF, tc).")
+        lines = duration.lines
+        for sample in scrape.samples:
+            lookups = sample.dns
+            ns = scrape.namespaces.get(sample.netns)
+            if lookups is None or ns is None:
+                continue
+            owner = ns.owner
+            base = (("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))
+            for (rcode, qtype), count in sorted(lookups.requests.items()):
+                requests.add(Labels((*base, ("rcode", rcode), ("qtype", qtype))), count)
+            for bound, count in zip(DNS_BOUNDS, lookups.buckets):
+                lines.append(f"nstap_dns_request_duration_seconds_bucket{Labels((*base, ('le', bound))).text} {count}\n")
+            tail = Labels(base).text
+            lines.append(f"nstap_dns_request_duration_seconds_bucket{Labels((*base, ('le', '+Inf'))).text} {lookups.answered}\n")
+            lines.append(f"nstap_dns_request_duration_seconds_sum{tail} {_number(lookups.seconds)}\n")
+            lines.append(f"nstap_dns_request_duration_seconds_count{tail} {lookups.answered}\n")
+        return [requests, duration]
+
     def _collector_up(self, scrape: ScrapeState) -> list[Family]:
         up = Family(
             "nstap_collector_up", "gauge",
-            "1 when the collector can read what it needs (nat: the NAT rules; conntrack: the table; firewall: the containers' rules; ebpf_drops: the eBPF program).",
+            "1 when the collector can read what it needs (nat: the NAT rules; conntrack: the table; firewall: the containers' rules; ebpf_drops: the eBPF program; dns: the DNS program).",
         )
         values = dict(scrape.nat["up"]) if scrape.nat is not None else {}
         if scrape.nat is not None and scrape.nat.get("probe_up") is not None:
             values["port_probe"] = scrape.nat["probe_up"]
         if scrape.ebpf is not None:
             values["ebpf_drops"] = scrape.ebpf[0]
+        if scrape.dns_up is not None:
+            values["dns"] = scrape.dns_up
         for collector, value in sorted(values.items()):
             up.add(Labels((("collector", collector),)), value)
         return [up] if values else []

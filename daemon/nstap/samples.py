@@ -8,9 +8,12 @@ time. They are never mutated after creation: a consumer can keep one while the n
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .supervisor import FailureReport, log_failure
+
+if TYPE_CHECKING:
+    from .dns.lookups import Lookups
 
 # NamedTuples rather than frozen dataclasses: a frozen dataclass's __init__ sets every field
 # through object.__setattr__, which costs microseconds per sample on the hot path.
@@ -80,6 +83,7 @@ class NamespaceSample(NamedTuple):
     interval: float = 0.0  # seconds between this namespace's samples now (longer while they cost more than the budget)
     firewall: FirewallSample | None = None
     kernel_drops: Mapping[str, int] | None = None  # drops so far by kernel reason (eBPF), None without the collector
+    dns: Lookups | None = None  # lookups so far by outcome, latency (the DNS collector), None without it
 
 
 class SampleStore:

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -28,6 +29,9 @@ from .samplers.sockets import SocketSampler
 from .samples import NamespaceSample, SampleStore
 from .supervisor import TaskSupervisor
 from .threads import worker_threads
+
+if TYPE_CHECKING:
+    from .dns.lookups import Lookups
 
 log = structlog.get_logger("nstap.watcher")
 
@@ -187,7 +191,7 @@ class NamespaceWatcher:
         # Built positionally through _make: a NamedTuple's keyword __new__ is a Python call per sample.
         sample = NamespaceSample._make((
             inode, taken_at, duration, parts.get("interfaces"), protocols, parts.get("sockets"),
-            tuple(failed) if failed else (), self.every * pool.interval, parts.get("firewall"), pool.kernel_drops(inode),
+            tuple(failed) if failed else (), self.every * pool.interval, parts.get("firewall"), pool.kernel_drops(inode), pool.dns(inode),
         ))
         pool.store.put(sample)
         return sample
@@ -478,6 +482,8 @@ class WatcherPool:
         self._closed = False
         # The kernel's drop counts of a namespace by reason (the eBPF collector), or None.
         self.kernel_drops: Callable[[int], Mapping[str, int] | None] = lambda inode: None
+        # The namespace's DNS lookups so far (the DNS collector), or None.
+        self.dns: Callable[[int], Lookups | None] = lambda inode: None
 
     def attach_failed(self, inode: int) -> bool:
         """Whether attaching the namespace's watcher failed at least once (it is retried)."""

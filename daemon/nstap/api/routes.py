@@ -30,6 +30,9 @@ from ..capture.store import CaptureStore
 from ..index import CaptureRow
 from ..index.captures import EVICTED, RUNNING
 from ..capture.tcpdump import FilterError
+from ..dns.lookups import WINDOW as DNS_WINDOW
+from ..dns.lookups import to_json as dns_json
+from ..dns.service import DnsService
 from ..ebpf.service import EbpfService
 from ..nat.monitor import NatMonitor
 from ..registry import ContainerRegistry
@@ -136,7 +139,7 @@ class CaptureApi:
 
     def __init__(
         self, registry: ContainerRegistry, engine: CaptureEngine, store: CaptureStore, max_seconds: float,
-        nat: NatMonitor | None = None, ebpf: EbpfService | None = None,
+        nat: NatMonitor | None = None, ebpf: EbpfService | None = None, dns: DnsService | None = None,
     ) -> None:
         self.registry = registry
         self.engine = engine
@@ -145,6 +148,7 @@ class CaptureApi:
         self.max_seconds = max_seconds
         self.nat = nat
         self.ebpf = ebpf
+        self.dns = dns
         self._bundles = worker_threads("nstap-bundle")  # bundles are made here, one at a time
         self.bucket: Any = None  # storage.s3: the CaptureUploader (downloads of evicted captures, the fleet list)
         self.alert_captures = AlertCaptures(self.index.alerts, engine, self)  # the webhook's and the puller's
@@ -453,6 +457,30 @@ class CaptureApi:
             "flows": ebpf.retransmits({namespace.inode}),
             "kernel_drops": dict(ebpf.counts.get(namespace.inode, {})),
         })
+
+    @endpoint(
+        "GET", "/api/v1/containers/{name}/dns",
+        "The container's DNS lookups (from the kernel): so far by outcome and type, the last minute's failing names, the servers asked with their latency (the dig / tcpdump port 53 step).",
+        params=(CONTAINER,),
+        answers=((200, "container, timeout_seconds, window_seconds, requests (rcode, qtype, count), answered, failed, mean_latency_ms, "
+                       "failing_names (name, rcode, qtype, count, last_seen), servers (address, port, queries, answers, failures, timeouts, "
+                       "mean_latency_ms, via_embedded_resolver)"), NO_CONTAINER,
+                 (409, "the DNS collector is not running, or the container is not watched")),
+    )
+    async def dns_view(self, request: web.Request) -> web.Response:
+        record = self.find(request.match_info["name"])
+        dns = self.dns
+        if dns is None or not dns.up:
+            raise BadRequest(f"the DNS collector is not running: {dns.error if dns is not None else 'off'}", 409)
+        namespace = self.registry.namespaces().get(record.netns)
+        if namespace is None:
+            raise BadRequest(f"{record.name} is not watched (host network, opted out or not started yet)", 409)
+        await dns.refresh()
+        lookups = dns.of(namespace.inode)
+        body = {"container": record.name, "container_id": record.short_id, "runtime": record.runtime,
+                "timeout_seconds": dns.tally.timeout, "window_seconds": DNS_WINDOW}
+        body.update(dns_json(lookups) or {"requests": [], "answered": 0, "failed": 0, "mean_latency_ms": None, "failing_names": [], "servers": []})
+        return web.json_response(body)
 
     # -- starting captures -----------------------------------------------------------------------
 

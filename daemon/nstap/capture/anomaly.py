@@ -19,6 +19,9 @@ from .quota import SlotQuota
 log = structlog.get_logger("nstap.capture")
 
 HOST_SIDE_KIND = "interface_drops"  # an anomaly of this kind on a host end captures there too
+# Anomalies whose capture holds only what they are about (their flows): DNS, to any server, and
+# to Docker's embedded resolver (whose queries its own NAT rules send to a random port).
+KIND_FILTERS = {"dns_failures": "port 53 or host 127.0.0.11"}
 
 
 class AnomalyCaptures:
@@ -49,7 +52,7 @@ class AnomalyCaptures:
             if why:
                 self._refused(anomaly, why)
                 return None
-            row_id = await self._capture(target, anomaly, now, onset_at=anomaly.started_at, margin=margin)
+            row_id = await self._capture(target, anomaly, now, onset_at=anomaly.started_at, margin=margin, bpf=KIND_FILTERS.get(anomaly.kind, ""))
             if row_id is None:
                 self.quota.forget_start(target.container_id, now)
                 return None

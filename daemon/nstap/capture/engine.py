@@ -62,6 +62,7 @@ from .store import CaptureStore
 from .tcpdump import CaptureToolMissing, Tools
 
 if TYPE_CHECKING:
+    from ..dns.service import DnsService
     from ..ebpf.service import EbpfService
     from ..nat.monitor import NatMonitor
 
@@ -103,6 +104,7 @@ class CaptureEngine:
         self.evidence = EvidenceRecorder(store) if settings.evidence else None
         self.nat: NatMonitor | None = None  # set by the daemon: its view joins each capture's evidence
         self.ebpf: EbpfService | None = None  # likewise
+        self.dns: DnsService | None = None  # likewise
         self._evidence_tasks: set[asyncio.Task] = set()
         self._evidence_of: dict[str, asyncio.Task] = {}  # capture id -> its evidence task
         self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # host-side captures
@@ -319,7 +321,7 @@ class CaptureEngine:
         if held is None:
             return
         fd = os.dup(held)
-        nat, ebpf = self.nat, self.ebpf
+        nat, ebpf, dns = self.nat, self.ebpf, self.dns
         namespace = self.registry.namespaces().get(row.netns)
         netns = row.netns
 
@@ -329,6 +331,8 @@ class CaptureEngine:
                 out["nat"] = await nat.evidence(namespace)  # forwards, own firewall, conntrack entries
             if ebpf is not None:
                 out["ebpf"] = ebpf.evidence(netns)  # drop reasons so far, top retransmitting flows
+            if dns is not None:
+                out["dns"] = await dns.evidence(netns)  # lookups by outcome, failing names, servers
             return out
 
         task = self.supervisor.spawn(

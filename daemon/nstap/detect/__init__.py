@@ -24,8 +24,8 @@ import structlog
 
 from .. import labels as nstap_labels
 from . import (
-    accept_stall, collapse, interface_down, interface_errors, kernel_drops, listen_overflows, resets, retransmits, syn_recv, syn_sent,
-    udp_buffers,
+    accept_stall, collapse, dns_failures, interface_down, interface_errors, kernel_drops, listen_overflows, resets, retransmits, syn_recv,
+    syn_sent, udp_buffers,
 )
 from .base import Detector, Finding, Param
 
@@ -67,6 +67,8 @@ DETECTORS: dict[str, DetectorSpec] = {
             kernel_drops.KIND, kernel_drops.PARAMS, "min_increase", "kernel drops by reason (eBPF)", kernel_drops.KernelDropDetector,
             {"reasons": kernel_drops.check_reasons},
         ),
+        DetectorSpec(dns_failures.KIND, dns_failures.PARAMS, "threshold", "failed or unanswered DNS lookups against the baseline (eBPF)",
+                     dns_failures.DnsFailureDetector),
     )
 }
 

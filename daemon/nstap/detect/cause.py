@@ -24,11 +24,16 @@ CONNTRACK_FULL = "conntrack_full"
 NO_LISTENER = "no_listener"
 NO_ROUTE = "no_route"  # a probe of a published port found no route (EHOSTUNREACH, ENETUNREACH)
 SOCKET_NOT_READING = "socket_not_reading"  # a UDP socket whose receive buffer stays full
+DNS_UPSTREAM_UNREACHABLE = "dns_upstream_unreachable"  # lookups unanswered: the server (or the embedded resolver's upstream) is silent
+DNS_RESOLVER_FAILING = "dns_resolver_failing"  # SERVFAIL/REFUSED from a server
+DNS_NXDOMAIN_STORM = "dns_nxdomain_storm"  # NXDOMAIN, often one name tried with every search suffix
+DNS_EMBEDDED_DOWN = "dns_embedded_resolver_down"  # Docker's 127.0.0.11 does not answer
 UNKNOWN = "unknown"
 
 KINDS = (
     FIREWALL_DROP, NAT_MISSING, NAT_SHADOWED, NAT_STALE, ACCEPT_QUEUE_FULL, PROCESS_NOT_ACCEPTING, PEER_ANOMALY, LINK_DOWN, MTU,
-    CONNTRACK_FULL, NO_LISTENER, SOCKET_NOT_READING, UNKNOWN, NO_ROUTE,
+    CONNTRACK_FULL, NO_LISTENER, SOCKET_NOT_READING, UNKNOWN, NO_ROUTE, DNS_UPSTREAM_UNREACHABLE, DNS_RESOLVER_FAILING, DNS_NXDOMAIN_STORM,
+    DNS_EMBEDDED_DOWN,
 )
 MEANINGS = {  # kind -> (when it is named, what its sentence names): docs/reference/detectors.md
     FIREWALL_DROP: (
@@ -53,6 +58,13 @@ MEANINGS = {  # kind -> (when it is named, what its sentence names): docs/refere
     NO_LISTENER: ("RSTs or NO_SOCKET drops for connections to a port nothing listens on", "counts, the ports that do listen"),
     NO_ROUTE: ("a probe of a published port found no route (EHOSTUNREACH, ENETUNREACH)", "the probe's path and error"),
     SOCKET_NOT_READING: ("UDP datagrams dropped on a full receive buffer", "datagrams"),
+    DNS_UPSTREAM_UNREACHABLE: (
+        "DNS lookups went unanswered after dns.timeout: the server asked (or the one Docker's embedded resolver forwards to) is silent",
+        "the server, its unanswered queries",
+    ),
+    DNS_RESOLVER_FAILING: ("DNS lookups answered SERVFAIL or REFUSED", "the rcode, the server, a name"),
+    DNS_NXDOMAIN_STORM: ("DNS lookups answered NXDOMAIN (a name tried with several search suffixes: a wrong search path or ndots)", "the name and its suffixes"),
+    DNS_EMBEDDED_DOWN: ("lookups to Docker's embedded resolver 127.0.0.11 went unanswered and it asked no upstream", "its unanswered queries"),
     UNKNOWN: ("nothing in the window explains it: an honest answer, a wrong cause is worse than none", ""),
 }
 KERNEL_DROP_MEANING = (

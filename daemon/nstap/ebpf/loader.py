@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from ..subprocesses import reap, spawn
-from .collector import TRACEPOINTS, EbpfUnavailable, check_prerequisites, program_text, reason_names
+from .collector import TRACEPOINTS, EbpfUnavailable, check_prerequisites, need_bcc, need_headers, need_root, program_text, reason_names
 
 LOADER = (sys.executable, "-m", "nstap.ebpf.loader")
 LOAD_TIMEOUT = 60.0  # seconds: compiling takes one to three
@@ -189,6 +189,30 @@ def handed_fds(program: Any) -> dict[str, int]:
     return fds
 
 
+def load_dns() -> tuple[Any, dict[str, int], dict[str, Any]]:
+    """Check, compile and load the DNS program (:mod:`nstap.dns.program`): the bcc.BPF object
+    (which must outlive the send: the descriptors close with it), its two entry points' and its
+    maps' descriptors, and the report. The daemon attaches it (TCX links, per namespace)."""
+    from ..dns import program as dns  # noqa: PLC0415 - only this child's mode needs it
+
+    need_root()
+    bcc = need_bcc()
+    need_headers()
+    started = time.monotonic()
+    try:
+        program = bcc.BPF(text=dns.program_text())
+        functions = {name: program.load_func(name, bcc.BPF.SCHED_CLS) for name in dns.FUNCTIONS}
+    except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception on a failed compile or load
+        text = str(exc)
+        if "get_netns_cookie" in text or "unknown func" in text:
+            text = "this kernel does not let tc programs call bpf_get_netns_cookie (Linux 6.14 or later does)"
+        raise EbpfUnavailable(f"the DNS program did not compile or load: {text}") from None
+    fds = {f"prog:{name}": function.fd for name, function in functions.items()}
+    fds.update({f"map:{name}": program[name].get_fd() for name in dns.MAPS})
+    report = {"ok": True, "compile_seconds": time.monotonic() - started, "bcc_version": getattr(bcc, "__version__", "")}
+    return program, fds, report
+
+
 def _peak_rss_kib() -> int:
     try:
         with open("/proc/self/status") as status:
@@ -205,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="nstap.ebpf.loader")
     parser.add_argument("--socket-fd", type=int, required=True)
     parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--program", choices=("drops", "dns"), default="drops")
     args = parser.parse_args(argv)
     # A daemon killed meanwhile takes the loader with it.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -213,12 +238,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     sock = socket.socket(fileno=args.socket_fd)
     try:
         try:
-            program, report = attach()
+            if args.program == "dns":
+                program, fds, report = load_dns()
+            else:
+                program, report = attach()
+                fds = handed_fds(program)
         except EbpfUnavailable as exc:
             sock.send(json.dumps({"ok": False, "error": str(exc)}).encode())
             code = EXIT_UNAVAILABLE
         else:
-            fds = handed_fds(program)
             report.update(fds=list(fds), peak_rss_kib=_peak_rss_kib())
             socket.send_fds(sock, [json.dumps(report).encode()], list(fds.values()))
             code = 0

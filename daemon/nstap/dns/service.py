@@ -1,0 +1,306 @@
+"""The DNS collector inside the daemon: loaded once by a child process, attached in every watched
+namespace, read once per sampling round.
+
+``dns.mode: auto`` loads it when everything it needs is there and otherwise logs one line saying
+what is missing and how to fix it (``nstap_collector_up{collector="dns"} 0``; the rest of the
+daemon runs unchanged); ``on`` makes a missing prerequisite stop the daemon (exit code 2); ``off``
+never loads it. Attaching (entering a namespace), reading the maps and deleting entries run in
+one thread of the collector's own, never on the event loop or in a sampling thread: the cost of
+a container's lookups is not charged to any container's sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import structlog
+
+from ..ebpf.collector import EbpfUnavailable
+from ..ebpf.loader import LOAD_TIMEOUT, LOADER, Handover, load_in_child
+from ..ebpf.maps import BpfMap
+from ..threads import worker_threads
+from . import tcx
+from .lookups import HISTORY_EVERY, Lookups, Tally, to_json
+from .program import FUNCTIONS, MAPS, cookie_of
+
+log = structlog.get_logger("nstap.dns")
+
+RESCAN_EVERY = 10.0  # seconds between looks for interfaces a namespace gained (docker network connect)
+
+
+class DnsService:
+    """Owns the DNS program's links and maps; the latest :class:`Lookups` by namespace inode."""
+
+    def __init__(self, mode: str, timeout: float = 5.0, loader: Sequence[str] = (*LOADER, "--program", "dns"),
+                 load_timeout: float = LOAD_TIMEOUT, proc_root: Path = Path("/proc")) -> None:
+        self.mode = mode
+        self.loader = tuple(loader)
+        self.load_timeout = load_timeout
+        self.up = 0
+        self.error = ""
+        self.lookups: Mapping[int, Lookups] = {}  # inode -> the namespace's DNS as last read
+        self.tally = Tally(timeout)
+        self.attach_errors = 0
+        self.read_errors = 0
+        self.timeouts_total = 0
+        self._progs: dict[str, int] = {}
+        self._maps: dict[str, BpfMap] = {}
+        self._links: dict[int, tcx.NamespaceLinks] = {}  # inode -> links (the thread's)
+        self._ns_fds: dict[int, int] = {}  # inode -> our duplicate of the watcher's namespace descriptor (the thread's)
+        self._cookies: dict[int, int] = {}  # inode -> cookie, for the loop
+        self._wanted: set[int] = set()
+        self._thread = worker_threads("nstap-dns")
+        self._home_fd = os.open(proc_root / "thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self._reading: asyncio.Future | None = None
+        self._names_at = float("-inf")
+        self._rescanned_at = time.monotonic()
+        self._failed_before = -1
+        self._failing = False
+        self._closed = False
+        self._boot_offset = time.time() - time.monotonic()
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Compile in a child process and take the program and maps; EbpfUnavailable only in mode ``on``."""
+        if self.mode == "off":
+            self.error = "dns.mode: off in the configuration"
+            return
+        started = time.monotonic()
+        try:
+            self._take(await load_in_child(self.loader, self.load_timeout))
+        except EbpfUnavailable as exc:
+            self.error = str(exc)
+            if self.mode == "on":
+                raise
+            log.warning("dns_unavailable", collector="dns", error=self.error)
+            return
+        if self._closed:
+            self._release()
+            return
+        self.up = 1
+        log.info("dns_loaded", collector="dns", load_seconds=round(time.monotonic() - started, 3))
+
+    def _take(self, handover: Handover) -> None:
+        fds = dict(handover.fds)
+        try:
+            progs = {name: fds.pop(f"prog:{name}") for name in FUNCTIONS}
+            maps = {}
+            try:
+                for name in MAPS:
+                    maps[name] = BpfMap.from_fd(fds.pop(f"map:{name}"), name)
+                    if (maps[name].key_size, maps[name].value_size) != MAPS[name]:
+                        raise EbpfUnavailable(f"the loader's {name} map has {maps[name].key_size}-byte keys and "
+                                              f"{maps[name].value_size}-byte values, not {MAPS[name]}")
+            except BaseException:
+                for bpf_map in maps.values():
+                    bpf_map.close()
+                for fd in progs.values():
+                    os.close(fd)
+                raise
+        except (KeyError, ValueError, OSError) as exc:
+            handover.close()
+            raise EbpfUnavailable(f"the DNS loader handed over something else than expected: {type(exc).__name__}: {exc}") from None
+        except EbpfUnavailable:
+            handover.close()
+            raise
+        handover.fds = fds
+        handover.close()
+        self._progs, self._maps = progs, maps
+
+    def _release(self) -> None:
+        for bpf_map in self._maps.values():
+            with contextlib.suppress(OSError):
+                bpf_map.close()
+        for fd in self._progs.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._maps, self._progs = {}, {}
+
+    # -- namespaces ------------------------------------------------------------------------------
+
+    def follow(self, watched: Mapping[int, int | None]) -> None:
+        """The watched namespaces now, with the descriptor each watcher holds (valid now, on the
+        loop: duplicated here). New ones get links, gone ones lose them and their map entries."""
+        if not self.up or self._closed:
+            return
+        new = {}
+        for inode, fd in watched.items():
+            if inode not in self._wanted and fd is not None:
+                with contextlib.suppress(OSError):
+                    new[inode] = os.dup(fd)
+        gone = self._wanted - set(watched)
+        self._wanted = (self._wanted - gone) | set(new)
+        for inode in gone:
+            self._cookies.pop(inode, None)
+        if new or gone:
+            job = asyncio.get_running_loop().run_in_executor(self._thread, self._follow, new, gone)
+            job.add_done_callback(self._followed)
+
+    def _follow(self, new: dict[int, int], gone: set[int]) -> dict[int, int]:
+        """In the thread: attach in the new namespaces, detach and forget the gone ones; the new cookies."""
+        cookies = {}
+        for inode in gone:
+            self._detach(inode)
+        for inode, fd in new.items():
+            self._ns_fds[inode] = fd
+            try:
+                links = tcx.attach_namespace(fd, self._home_fd, inode, self._progs["dns_egress"], self._progs["dns_ingress"])
+            except OSError as exc:
+                self.attach_errors += 1
+                self._ns_fds.pop(inode)
+                os.close(fd)
+                if isinstance(exc, tcx.NoTcx):
+                    raise
+                log.info("dns_attach_skipped", netns=inode, error=f"{type(exc).__name__}: {exc}")
+                continue
+            self._links[inode] = links
+            cookies[inode] = links.cookie
+        return cookies
+
+    def _followed(self, job: asyncio.Future) -> None:
+        if job.cancelled():
+            return
+        exc = job.exception()
+        if isinstance(exc, tcx.NoTcx):
+            self.error = str(exc)
+            self.up = 0
+            log.warning("dns_unavailable", collector="dns", error=self.error)
+            return
+        if exc is not None:
+            log.warning("dns_attach_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        for inode, cookie in job.result().items():
+            if inode in self._wanted:
+                self._cookies[inode] = cookie
+
+    def _detach(self, inode: int) -> None:
+        links = self._links.pop(inode, None)
+        fd = self._ns_fds.pop(inode, None)
+        if fd is not None:
+            os.close(fd)
+        if links is None:
+            return
+        links.close()
+        self._forget({links.cookie})
+
+    def _forget(self, cookies: set[int]) -> int:
+        """Delete every map entry of ``cookies`` (every key starts with the cookie); how many went."""
+        gone = 0
+        for name, bpf_map in self._maps.items():
+            for key, value in bpf_map.items():
+                if cookie_of(name, key, value) in cookies and bpf_map.delete(key):
+                    gone += 1
+        self.tally.forget(cookies)
+        return gone
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def new_round(self) -> None:
+        """Read the maps in the collector's thread, unless the last read is still going; the
+        samples take the latest read done."""
+        if not self.up or self._closed or (self._reading is not None and not self._reading.done()):
+            return
+        self._reading = asyncio.get_running_loop().run_in_executor(self._thread, self._read)
+        self._reading.add_done_callback(self._read_done)
+
+    async def refresh(self) -> None:
+        """Read now and wait for it (what a round does, awaited: for the API and tests)."""
+        self._names_at = float("-inf")  # names and servers too
+        self.new_round()
+        if self._reading is not None:
+            await asyncio.gather(self._reading, return_exceptions=True)
+
+    def _read(self) -> dict[int, Lookups]:
+        maps, tally = self._maps, self.tally
+        live = {links.cookie for links in self._links.values()}
+        stale: set[int] = set()
+
+        def items(name: str) -> list[tuple[bytes, bytes]]:
+            out = []
+            for key, value in maps[name].items():
+                cookie = cookie_of(name, key, value)
+                if cookie in live:
+                    out.append((key, value))
+                else:
+                    stale.add(cookie)  # counted after its namespace's links closed
+            return out
+
+        tally.counts(items("dns_counts"))
+        tally.latencies(items("dns_latency"))
+        expired = tally.expired(items("dns_inflight"), time.monotonic_ns(), time.time())
+        for key in expired:
+            maps["dns_inflight"].delete(key)
+        self.timeouts_total += len(expired)
+        failed = sum(n for per in tally.requests.values() for (rcode, _), n in per.items() if rcode != "NOERROR") + self.timeouts_total
+        now = time.monotonic()
+        if failed != self._failed_before or now - self._names_at >= HISTORY_EVERY:
+            self._failed_before, self._names_at = failed, now
+            tally.failing(items("dns_names"), self._boot_offset, time.time())
+            tally.server_list(items("dns_servers"))
+        if stale:
+            self._forget(stale)
+        if now - self._rescanned_at >= RESCAN_EVERY:
+            self._rescanned_at = now
+            self._rescan()
+        return {inode: tally.lookups(links.cookie) for inode, links in self._links.items()}
+
+    def _rescan(self) -> None:
+        """Give interfaces that appeared since the attach their links."""
+        for inode, links in list(self._links.items()):
+            fd = self._ns_fds.get(inode)
+            if fd is None:
+                continue
+            try:
+                tcx.attach_namespace(fd, self._home_fd, inode, self._progs["dns_egress"], self._progs["dns_ingress"], links)
+            except OSError as exc:
+                self.attach_errors += 1
+                log.info("dns_rescan_skipped", netns=inode, error=f"{type(exc).__name__}: {exc}")
+
+    def _read_done(self, reading: asyncio.Future) -> None:
+        if reading.cancelled():
+            return
+        exc = reading.exception()
+        if exc is not None:
+            self.read_errors += 1
+            if not self._failing:
+                self._failing = True
+                log.warning("dns_read_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        self._failing = False
+        self.lookups = reading.result()
+
+    def of(self, inode: int) -> Lookups | None:
+        """The namespace's DNS as last read (None without the collector, or before its first read)."""
+        return self.lookups.get(inode) if self.up else None
+
+    async def evidence(self, inode: int) -> dict:
+        """The namespace's DNS now, as the evidence document holds it (read afresh)."""
+        if not self.up:
+            return {"error": self.error or "not loaded"}
+        await self.refresh()
+        return to_json(self.of(inode)) or {"error": "no lookups seen since its links were made"}
+
+    def attached(self) -> int:
+        """Namespaces with links."""
+        return len(self._cookies)
+
+    def close(self) -> None:
+        """Detach everywhere (close the links) once a read under way is done, and let the maps go."""
+        self._closed = True
+        self._thread.shutdown(wait=True)
+        tcx.close_all(self._links.values())
+        self._links = {}
+        for fd in self._ns_fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._ns_fds = {}
+        self._release()
+        with contextlib.suppress(OSError):
+            os.close(self._home_fd)
+        self.up = 0

@@ -1,0 +1,327 @@
+"""DNS per container (eBPF tc programs on TCX links): the pure parts with tables, the kernel side
+in namespaces the test makes (``ip netns``, a veth pair, the test's own DNS server:
+tests/dnsserver.py), and the daemon on real dockerd and podman."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, sh, wait_until
+from nstap.detect.cause import DNS_EMBEDDED_DOWN, DNS_NXDOMAIN_STORM, DNS_RESOLVER_FAILING, DNS_UPSTREAM_UNREACHABLE, UNKNOWN
+from nstap.detect.dns_failures import DnsFailureDetector, dns_cause
+from nstap.dns import program
+from nstap.dns.lookups import MAX_TIMEOUT_NAMES, Lookups, Name, Server, Tally
+from nstap.dns.service import DnsService
+from nstap.samples import NamespaceSample
+
+SERVER = str(ROOT / "tests" / "dnsserver.py")
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("wire", "name"), [
+    (b"\x03www\x07example\x03com\x00", "www.example.com."),
+    (b"\x00", "."),
+    (b"\x03a.b\x01z\x00", "a\\046b.z."),  # a dot inside a label, escaped as dig does
+    (b"\x02\x01\xff\x00", "\\001\\255."),
+    (b"\x05abcde\x09abc", "abcde.abc..."),  # cut at NAME_BYTES
+    (b"\x3fx", "x..."),
+])
+def test_names_decode_as_dig_shows_them(wire: bytes, name: str) -> None:
+    assert program.decode_name(wire.ljust(program.NAME_BYTES, b"\0") if wire.endswith(b"\0") else wire) == name
+
+
+def count_item(cookie: int, rcode: int, qtype: int, n: int) -> tuple[bytes, bytes]:
+    return program.COUNT_KEY.pack(cookie, rcode, qtype), program.COUNT.pack(n)
+
+
+def flight_item(cookie: int, port: int, sent_ns: int, name: bytes, forwarded: int = 0, server: str = "10.0.0.2") -> tuple[bytes, bytes]:
+    key = program.FLIGHT_KEY.pack(0, socket.inet_aton("10.0.0.9").ljust(16, b"\0"), port, 7, socket.AF_INET, 0)
+    value = program.FLIGHT_VALUE.pack(sent_ns, cookie, socket.inet_aton(server).ljust(16, b"\0"), 53, 1, forwarded, len(name), name.ljust(program.NAME_BYTES, b"\0"))
+    return key, value
+
+
+def test_tally_counts_timeouts_and_the_histogram() -> None:
+    tally = Tally(timeout=5.0)
+    tally.counts([count_item(1, 0, 1, 7), count_item(1, 3, 28, 2), count_item(1, 15, 0, 1), count_item(2, 0, 1, 4)])
+    # log2 buckets of microseconds: 9 -> [256, 512) us, 13 -> [4096, 8192) us
+    tally.latencies([(program.LATENCY_KEY.pack(1, 9, 0), program.COUNT.pack(3)), (program.LATENCY_KEY.pack(1, 13, 0), program.COUNT.pack(6)),
+                     (program.LATENCY_KEY.pack(1, program.SUM_BUCKET, 0), program.COUNT.pack(45_000_000))])
+    now = 100 * 10**9
+    items = [flight_item(1, 1000, now - 6 * 10**9, b"\x06silent\x04test\x00"), flight_item(1, 1001, now - 1 * 10**9, b"\x04soon\x00"),
+             flight_item(1, 1002, now - 9 * 10**9, b"\x03fwd\x00", forwarded=1)]
+    expired = tally.expired(items, now, 1000.0)
+    assert expired == [items[0][0], items[2][0]]  # the young one waits; the forwarded one goes, but is not the container's
+    one, two = tally.lookups(1), tally.lookups(2)
+    assert one.requests == {("NOERROR", "A"): 7, ("NXDOMAIN", "AAAA"): 2, ("other", "other"): 1, ("timeout", "A"): 1}
+    assert one.failed() == 4 and one.total() == 11
+    assert one.answered == 9 and one.seconds == pytest.approx(0.045)
+    assert one.buckets == (0, 3, 3, 9, 9, 9, 9, 9)  # at or under 256 us, 1 ms, 4 ms, 16 ms, ...
+    assert two.requests == {("NOERROR", "A"): 4} and two.answered == 0
+    assert tally.server_timeouts == {(1, "10.0.0.2", 53): 2}
+    assert tally.lookups(1) is tally.lookups(1)  # unchanged: the same object (what a detector keeps)
+    tally.forget({1})
+    assert tally.lookups(1).total() == 0 and not tally.timeout_names and not tally.server_timeouts
+
+
+def test_failing_names_are_the_last_minutes_and_the_timed_out_names_are_bounded() -> None:
+    tally = Tally(timeout=1.0)
+    name = lambda text, rcode, n, last: (program.NAME_KEY.pack(1, rcode, 1, text.ljust(program.NAME_BYTES, b"\0")), program.NAME_VALUE.pack(n, last))  # noqa: E731
+    boot = 0.0
+    tally.failing([name(b"\x03old\x00", 3, 5, int(1000e9))], boot, 1000.0)
+    assert [(n.name, n.count) for n in tally.names[1]] == [("old.", 5)]  # the maps are under a minute old: all of it
+    tally.failing([name(b"\x03old\x00", 3, 5, int(1000e9)), name(b"\x03new\x00", 2, 2, int(1090e9))], boot, 1090.0)
+    assert [(n.name, n.rcode, n.count) for n in tally.names[1]] == [("new.", "SERVFAIL", 2)]  # old: none in the last minute
+    for i in range(MAX_TIMEOUT_NAMES + 50):
+        tally.expired([flight_item(1, 1000 + i % 60000, 0, bytes([5]) + f"n{i:04d}".encode() + b"\x00")], 10**10, 2000.0)
+    assert len(tally.timeout_names) == MAX_TIMEOUT_NAMES
+
+
+def lookups(requests: dict, servers: tuple = (), names: tuple = (), timeout: float = 5.0) -> Lookups:
+    return Lookups(requests, (0,) * 8, 0, 0.0, names, servers, timeout)
+
+
+def server(address: str, queries: int, failures: int = 0, timeouts: int = 0, forwarded: int = 0) -> Server:
+    return Server(address, 53, queries, queries - timeouts, failures, timeouts, 0.0, forwarded)
+
+
+BEFORE = lookups({("NOERROR", "A"): 100}, (server("127.0.0.11", 100), server("10.0.0.2", 100, forwarded=100)))
+
+
+@pytest.mark.parametrize(("now", "kind", "words"), [
+    (lookups({("NOERROR", "A"): 100, ("timeout", "A"): 8}, (server("127.0.0.11", 108, timeouts=8), server("10.0.0.2", 108, timeouts=8, forwarded=108))),
+     DNS_UPSTREAM_UNREACHABLE, ("10.0.0.2:53", "forwarded by the embedded resolver", "8 of 8")),
+    (lookups({("NOERROR", "A"): 100, ("timeout", "A"): 8}, (server("127.0.0.11", 108, timeouts=8), server("10.0.0.2", 100, forwarded=100))),
+     DNS_EMBEDDED_DOWN, ("127.0.0.11", "asked no upstream")),
+    (lookups({("NOERROR", "A"): 100, ("SERVFAIL", "A"): 9}, (server("127.0.0.11", 109, failures=9), server("10.0.0.2", 100, forwarded=100)),
+             (Name("db.internal.", "SERVFAIL", "A", 9, 0.0),)),
+     DNS_RESOLVER_FAILING, ("SERVFAIL from 127.0.0.11:53", "9 of 9", "db.internal.")),
+    (lookups({("NOERROR", "A"): 100, ("SERVFAIL", "A"): 9}, (server("127.0.0.11", 109, failures=9), server("10.0.0.2", 109, timeouts=9, forwarded=109))),
+     DNS_UPSTREAM_UNREACHABLE, ("SERVFAIL from 127.0.0.11:53", "its upstream 10.0.0.2:53")),
+    (lookups({("NOERROR", "A"): 100, ("NXDOMAIN", "A"): 12}, (server("127.0.0.11", 112, failures=12),),
+             tuple(Name(f"api.{s}", "NXDOMAIN", "A", 3, 0.0) for s in ("default.svc.cluster.local.", "svc.cluster.local.", "cluster.local.", "corp.")) + (Name("api.", "NXDOMAIN", "A", 0, 0.0),)),
+     DNS_NXDOMAIN_STORM, ("'api' tried with 5 search suffixes", "12 NXDOMAIN")),
+    (lookups({("NOERROR", "A"): 100, ("NXDOMAIN", "A"): 4}, (server("127.0.0.11", 104, failures=4),), (Name("typo.example.", "NXDOMAIN", "A", 4, 0.0),)),
+     DNS_NXDOMAIN_STORM, ("most for typo.example. (4)",)),
+    (lookups({("NOERROR", "A"): 120}), UNKNOWN, ()),
+])
+def test_dns_causes_table(now: Lookups, kind: str, words: tuple[str, ...]) -> None:
+    cause = dns_cause(now, BEFORE)
+    assert cause.kind == kind, cause
+    for word in words:
+        assert word in cause.text, cause.text
+
+
+def sample_at(t: float, requests: dict) -> NamespaceSample:
+    return NamespaceSample(1, t, 0.0, dns=lookups(requests))
+
+
+def run_detector(detector: DnsFailureDetector, series: list[tuple[int, int, int]]) -> list:
+    """(seconds, ok so far, timeouts so far) -> the finding of each sample."""
+    return [detector.observe(sample_at(1000.0 + t, {("NOERROR", "A"): ok, ("timeout", "A"): bad})) for t, ok, bad in series]
+
+
+def test_dns_failures_detector_trips_on_a_fault_not_on_the_namespace_s_normal() -> None:
+    # 10 lookups/s, none failing for a minute, then 5 of each 10 time out from t=60 s (reaped 5 s later).
+    series = [(t, 10 * t, 0) for t in range(60)] + [(t, 600 + 5 * (t - 60), 5 * (t - 60)) for t in range(60, 70)]
+    found = run_detector(DnsFailureDetector(0.2), series)
+    first = next(i for i, f in enumerate(found) if f is not None)
+    assert first == 61  # the first sample with failures (5 >= min_failures), at a 50 % share
+    finding = found[first]
+    assert finding.kind == "dns_failures" and finding.numbers["rcode_timeout"] == 5 and finding.cause.kind == DNS_UPSTREAM_UNREACHABLE
+    assert finding.started_at == pytest.approx(1000.0 + 60 - 5.0)  # the last sample before, less dns.timeout
+    # A namespace whose search path always fails half its lookups: its normal, not a fault.
+    steady = [(t, 5 * t, 5 * t) for t in range(120)]
+    assert run_detector(DnsFailureDetector(0.2), steady)[5] is not None  # timeouts from the start: never normal
+    nx_steady = [NamespaceSample(1, 1000.0 + t, 0.0, dns=lookups({("NOERROR", "A"): 5 * t, ("NXDOMAIN", "A"): 5 * t})) for t in range(120)]
+    detector = DnsFailureDetector(0.2)
+    assert not any(detector.observe(s) for s in nx_steady)  # NXDOMAIN from the start: a search path, judged against itself
+    nx_fault = [NamespaceSample(1, 1120.0 + t, 0.0, dns=lookups({("NOERROR", "A"): 600 + t, ("NXDOMAIN", "A"): 600 + 9 * t})) for t in range(1, 5)]
+    assert any(detector.observe(s) for s in nx_fault)  # then 90 %: a storm
+    # Too few failures to be an incident.
+    few = [(t, 10 * t, 0) for t in range(30)] + [(30, 300, 4)]
+    assert not any(run_detector(DnsFailureDetector(0.2), few))
+
+
+# -- the kernel side, in namespaces the test makes ---------------------------------------------------
+
+
+def netns_exec(ns: str, *argv: str, timeout: float = 60) -> str:
+    return sh("ip", "netns", "exec", ns, *argv, timeout=timeout).stdout
+
+
+def ask(ns: str, server_ip: str, name: str, count: int = 1, qtype: str = "A", tcp: bool = False, timeout: float = 2.0) -> list:
+    args = [sys.executable, SERVER, "ask", server_ip, name, "--count", str(count), "--type", qtype, "--timeout", str(timeout)]
+    return json.loads(netns_exec(ns, *args, *(["--tcp"] if tcp else [])))
+
+
+@contextlib.contextmanager
+def dns_server(ns: str, bind: str) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, SERVER, "serve", "--bind", bind], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def namespaces() -> Iterator[tuple[str, str, str]]:
+    """Two client namespaces and a server one: client A (10.98.0.2, fd98::2) and B (10.98.1.2) each
+    with a veth to the server namespace (10.98.0.1, fd98::1 / 10.98.1.1); lo up everywhere."""
+    tag = f"{os.getpid() % 100000}"
+    a, b, s = f"nstap-dnsa-{tag}", f"nstap-dnsb-{tag}", f"nstap-dnss-{tag}"
+    for ns in (a, b, s):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    try:
+        for ns, net in ((a, 0), (b, 1)):
+            sh("ip", "link", "add", f"dq{net}{tag}", "netns", ns, "type", "veth", "peer", "name", f"ds{net}{tag}", "netns", s)
+            sh("ip", "-n", ns, "addr", "add", f"10.98.{net}.2/24", "dev", f"dq{net}{tag}")
+            sh("ip", "-n", s, "addr", "add", f"10.98.{net}.1/24", "dev", f"ds{net}{tag}")
+            sh("ip", "-n", ns, "-6", "addr", "add", f"fd98:{net}::2/64", "dev", f"dq{net}{tag}", "nodad")
+            sh("ip", "-n", s, "-6", "addr", "add", f"fd98:{net}::1/64", "dev", f"ds{net}{tag}", "nodad")
+            sh("ip", "-n", ns, "link", "set", f"dq{net}{tag}", "up")
+            sh("ip", "-n", s, "link", "set", f"ds{net}{tag}", "up")
+        yield a, b, s
+    finally:
+        for ns in (a, b, s):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def inode_of(ns: str) -> int:
+    return os.stat(f"/run/netns/{ns}").st_ino
+
+
+@contextlib.asynccontextmanager
+async def service(timeout: float = 1.0):
+    dns = DnsService("on", timeout)
+    await dns.load()
+    try:
+        yield dns
+    finally:
+        dns.close()
+
+
+async def follow(dns: DnsService, *names: str, as_inode: dict[str, int] | None = None) -> dict[str, int]:
+    """Attach in the namespaces ``names`` (keyed by their inode, or ``as_inode``'s number); wait for the links."""
+    fds = {ns: os.open(f"/run/netns/{ns}", os.O_RDONLY) for ns in names}
+    try:
+        inodes = {ns: (as_inode or {}).get(ns, os.fstat(fd).st_ino) for ns, fd in fds.items()}
+        dns.follow({inodes[ns]: fd for ns, fd in fds.items()})
+        await asyncio.to_thread(wait_until, lambda: set(inodes.values()) <= set(dns._cookies), 10, 0.05, "links made")
+        return inodes
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+async def read(dns: DnsService, inode: int) -> Lookups:
+    await dns.refresh()
+    got = dns.of(inode)
+    assert got is not None
+    return got
+
+
+@pytest.mark.docker  # root and bcc, like the other eBPF tests
+async def test_lookups_counted_exactly_by_namespace_outcome_and_type(namespaces) -> None:
+    a, b, s = namespaces
+    async with service(timeout=1.0) as dns:
+        inodes = await follow(dns, a, b)
+        with dns_server(s, "::"):
+            results = [
+                *ask(a, "10.98.0.1", "ok.test", 5), *ask(a, "10.98.0.1", "ok.test", 2, qtype="AAAA"), *ask(a, "10.98.0.1", "nxname.test", 3),
+                *ask(a, "10.98.0.1", "failing.test", 2), *ask(a, "10.98.0.1", "refused.test"), *ask(a, "10.98.0.1", "slow120.test", 2),
+                *ask(a, "fd98:0::1", "ok6.test", 2, qtype="AAAA"), *ask(a, "10.98.0.1", "oktcp.test", 2, tcp=True),
+                *ask(a, "10.98.0.1", "silent.test", 2, timeout=0.3),
+            ]
+            b_results = ask(b, "10.98.1.1", "nxother.test", 4)
+        assert [r for r, _ in results].count("NOERROR") == 13 and [r for r, _ in b_results] == ["NXDOMAIN"] * 4
+        await asyncio.sleep(1.5)  # the silent ones time out (dns.timeout 1 s)
+        got = await read(dns, inodes[a])
+        assert got.requests == {
+            ("NOERROR", "A"): 9, ("NOERROR", "AAAA"): 4, ("NXDOMAIN", "A"): 3, ("SERVFAIL", "A"): 2, ("REFUSED", "A"): 1, ("timeout", "A"): 2,
+        }
+        assert (await read(dns, inodes[b])).requests == {("NXDOMAIN", "A"): 4}  # two namespaces never mixed
+        # Latency: the two slow lookups took the server's 120 ms (and the client saw the same).
+        assert got.answered == 19
+        slow = [t for (_, t) in results[13:15]]
+        assert all(0.12 <= t < 0.5 for t in slow)
+        assert got.buckets[5] - got.buckets[4] == 2  # between 65 ms and 262 ms: exactly the two slow ones
+        assert got.buckets[4] == 17  # every other one under 65 ms
+        names = {(n.name, n.rcode): n.count for n in got.names}
+        assert names == {("nxname.test.", "NXDOMAIN"): 3, ("failing.test.", "SERVFAIL"): 2, ("refused.test.", "REFUSED"): 1, ("silent.test.", "timeout"): 2}
+        servers = {(x.address, x.port): x for x in got.servers}
+        assert set(servers) == {("10.98.0.1", 53), ("fd98::1", 53)}
+        v4 = servers[("10.98.0.1", 53)]
+        assert (v4.queries, v4.answers, v4.failures, v4.timeouts) == (19, 17, 6, 2)
+
+
+@pytest.mark.docker
+async def test_a_reused_namespace_inode_starts_from_zero_and_detach_leaves_the_maps_empty(namespaces) -> None:
+    a, b, s = namespaces
+    async with service() as dns:
+        with dns_server(s, "0.0.0.0"):
+            inodes = await follow(dns, a)
+            ask(a, "10.98.0.1", "nx.test", 3)
+            assert (await read(dns, inodes[a])).requests == {("NXDOMAIN", "A"): 3}
+            dns.follow({})  # the watcher detached
+            await asyncio.to_thread(wait_until, lambda: not any(m.keys() for m in dns._maps.values()), 5, 0.05, "entries deleted")
+            # Another namespace on the same inode number (as the kernel reuses them): nothing inherited.
+            await follow(dns, b, as_inode={b: inodes[a]})
+            ask(b, "10.98.1.1", "ok.test", 2)
+            assert (await read(dns, inodes[a])).requests == {("NOERROR", "A"): 2}
+
+
+@pytest.mark.docker
+async def test_the_embedded_resolver_s_forwarded_queries_are_not_the_container_s(namespaces) -> None:
+    """Docker's embedded resolver listens at 127.0.0.11 inside the namespace and forwards what it
+    does not know upstream from the same namespace: one lookup of the container, two queries on the
+    wire. Here a forwarder on 127.0.0.11 in the namespace does the same."""
+    a, _b, s = namespaces
+    sh("ip", "-n", a, "addr", "add", "127.0.0.11/8", "dev", "lo")
+    forwarder = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, "-c", FORWARDER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert forwarder.stdout is not None and forwarder.stdout.readline().strip() == "ready"
+        async with service() as dns:
+            inodes = await follow(dns, a)
+            with dns_server(s, "0.0.0.0"):
+                assert [r for r, _ in ask(a, "127.0.0.11", "via.test", 3)] == ["NOERROR"] * 3
+                assert [r for r, _ in ask(a, "127.0.0.11", "nxvia.test", 2)] == ["NXDOMAIN"] * 2
+            got = await read(dns, inodes[a])
+            assert got.requests == {("NOERROR", "A"): 3, ("NXDOMAIN", "A"): 2}
+            servers = {x.address: x for x in got.servers}
+            assert (servers["127.0.0.11"].queries, servers["127.0.0.11"].forwarded) == (5, 0)
+            assert (servers["10.98.0.1"].queries, servers["10.98.0.1"].forwarded, servers["10.98.0.1"].answers) == (5, 5, 5)
+    finally:
+        forwarder.kill()
+        forwarder.wait()
+
+
+FORWARDER = r"""
+import socket
+inside = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); inside.bind(("127.0.0.11", 53))
+print("ready", flush=True)
+while True:
+    data, client = inside.recvfrom(4096)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as up:
+        up.settimeout(2); up.sendto(data, ("10.98.0.1", 53))
+        try:
+            inside.sendto(up.recv(4096), client)
+        except OSError:
+            pass
+"""
