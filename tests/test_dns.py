@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, sh, wait_until
+from conftest import ROOT, Containers, free_port, sh, wait_until
 from nstap.detect.cause import DNS_EMBEDDED_DOWN, DNS_NXDOMAIN_STORM, DNS_RESOLVER_FAILING, DNS_UPSTREAM_UNREACHABLE, UNKNOWN
 from nstap.detect.dns_failures import DnsFailureDetector, dns_cause
 from nstap.dns import program
@@ -325,3 +324,168 @@ while True:
         except OSError:
             pass
 """
+
+
+# -- the daemon, on real dockerd and podman --------------------------------------------------------
+
+DNS_ON = {"dns": {"mode": "on", "timeout": 1.0}, "detect": {"capture": False}}
+SLEEP = ("sleep", "3600")
+
+
+def ask_in(pid: int, server_ip: str, name: str, count: int = 1, timeout: float = 2.0, qtype: str = "A") -> list:
+    """Lookups from inside the container's namespace (the test's client: exact counts)."""
+    out = sh("nsenter", f"--net=/proc/{pid}/ns/net", sys.executable, SERVER, "ask", server_ip, name, "--count", str(count),
+             "--timeout", str(timeout), "--type", qtype).stdout
+    return [r for r, _ in json.loads(out)]
+
+
+@contextlib.contextmanager
+def host_dns_server(bind: str) -> Iterator[None]:
+    """The test's DNS server on the host, on ``bind`` (a bridge's gateway address)."""
+    proc = subprocess.Popen([sys.executable, SERVER, "serve", "--bind", bind], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def docker_network() -> Iterator[tuple[str, str]]:
+    """A user-defined network (Docker's embedded resolver serves it): (name, gateway address)."""
+    from conftest import RUN_ID  # noqa: PLC0415
+
+    name = f"nstap-dns-{RUN_ID}"
+    sh("docker", "network", "create", name)
+    try:
+        config = json.loads(sh("docker", "network", "inspect", name).stdout)[0]["IPAM"]["Config"][0]
+        yield name, config["Gateway"]
+    finally:
+        sh("docker", "network", "rm", name, check=False)
+
+
+def dns_view(d, cid: str) -> dict:
+    status, body = d.api(f"/api/v1/containers/{cid[:12]}/dns")
+    assert status == 200, body
+    return body
+
+
+def attached(d, cid: str) -> dict:
+    d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12]), 20, f"{cid[:12]} watched")
+    return wait_until(lambda: (lambda b: b if b["attached"] else None)(dns_view(d, cid)), 20, 0.2, f"DNS links in {cid[:12]}")
+
+
+def requests_of(body: dict) -> dict:
+    return {(r["rcode"], r["qtype"]): r["count"] for r in body["requests"]}
+
+
+@pytest.mark.docker
+def test_docker_lookups_through_the_embedded_resolver_exported_and_shown(nstap, containers, docker_image: str, docker_network) -> None:
+    net, gateway = docker_network
+    with host_dns_server(gateway):
+        d = nstap(DNS_ON)
+        asker = containers.docker("--network", net, "--dns", gateway, docker_image, *SLEEP, name="dnsask")
+        quiet = containers.docker("--network", net, "--dns", gateway, docker_image, *SLEEP, name="dnsquiet")
+        attached(d, asker)
+        attached(d, quiet)
+        pid = containers.pid("docker", asker)
+        quiet_name = Containers.inspect("docker", quiet)["Name"].lstrip("/")
+        assert ask_in(pid, "127.0.0.11", "ok.test", 4) == ["NOERROR"] * 4
+        assert ask_in(pid, "127.0.0.11", "nxname.test", 3) == ["NXDOMAIN"] * 3
+        assert ask_in(pid, "127.0.0.11", quiet_name, 2) == ["NOERROR"] * 2  # dockerd answers for its own containers
+        assert ask_in(pid, "127.0.0.11", "ok.test", 2, qtype="AAAA") == ["NOERROR"] * 2
+        body = wait_until(lambda: (lambda b: b if sum(requests_of(b).values()) >= 11 else None)(dns_view(d, asker)), 10, 0.3, "lookups counted")
+        assert requests_of(body) == {("NOERROR", "A"): 6, ("NXDOMAIN", "A"): 3, ("NOERROR", "AAAA"): 2}
+        assert body["answered"] == 11 and body["failed"] == 3 and body["mean_latency_ms"] > 0
+        assert [(n["name"], n["rcode"], n["count"]) for n in body["failing_names"]] == [("nxname.test.", "NXDOMAIN", 3)]
+        servers = {(s["address"], s["port"]): s for s in body["servers"]}
+        embedded = servers[("127.0.0.11", 53)]
+        assert (embedded["queries"], embedded["answers"], embedded["via_embedded_resolver"]) == (11, 11, 0)
+        upstream = servers[(gateway, 53)]  # what the embedded resolver forwarded: not the container's own names
+        assert upstream["queries"] == upstream["via_embedded_resolver"] == 9 and upstream["answers"] == 9
+        # The samples carry what the round's read saw (the API read afresh): a round later at most.
+        m = d.wait_metric(lambda m: m.value("nstap_dns_requests_total", container_id=asker[:12], rcode="NXDOMAIN", qtype="A") == 3 and m, 5)
+        assert m.value("nstap_collector_up", collector="dns") == 1
+        assert m.value("nstap_dns_request_duration_seconds_count", container_id=asker[:12]) == 11
+        assert m.value("nstap_dns_request_duration_seconds_bucket", container_id=asker[:12], le="+Inf") == 11
+        assert not m.find("nstap_dns_requests_total", container_id=quiet[:12])  # never mixed
+        assert sum(requests_of(dns_view(d, quiet)).values()) == 0
+        # A busybox client (what a container runs): counted as well.
+        sh("docker", "exec", asker, "nslookup", "-type=a", "ok.test", check=False)
+        wait_until(lambda: requests_of(dns_view(d, asker))[("NOERROR", "A")] >= 7, 10, 0.3, "busybox's lookup counted")
+        out = sh(sys.executable, "-m", "nstap", "dns", asker[:12], "--config", str(d.config_path)).stdout
+        assert "nxname.test." in out and "127.0.0.11:53" in out and f"{gateway}:53" in out and "NXDOMAIN" in out, out
+
+
+@pytest.mark.docker
+def test_dns_failures_anomaly_with_its_cause_and_a_dns_capture(nstap, containers, docker_image: str, docker_network) -> None:
+    from test_anomalies import anomaly, finished_capture
+    from test_causes_live import get
+
+    net, gateway = docker_network
+    with host_dns_server(gateway):
+        d = nstap({"dns": {"mode": "on", "timeout": 1.0}, "capture": {"post_seconds": 2}})
+        # Its flight recorder holds the lookups from before the onset (over in milliseconds: a live
+        # capture started at detection would hold none of them).
+        failing = containers.docker("--network", net, "--dns", gateway, "--label", "nstap.capture=ring", docker_image, *SLEEP, name="dnsfail")
+        silent = containers.docker("--network", net, "--dns", gateway, docker_image, *SLEEP, name="dnssilent")
+        attached(d, failing)
+        attached(d, silent)
+        d.wait_metric(lambda m: m.value("nstap_flight_recorders_running") == 1, 10, "flight recorder running")
+        pid = containers.pid("docker", failing)
+        assert ask_in(pid, "127.0.0.11", "ok.test", 3) == ["NOERROR"] * 3
+        time.sleep(2)
+        assert set(ask_in(pid, "127.0.0.11", "failing.test", 8)) == {"SERVFAIL"}  # the upstream's, relayed by dockerd
+        event = anomaly(d, failing, "dns_failures")
+        assert event["cause"]["kind"] == DNS_RESOLVER_FAILING and "SERVFAIL from 127.0.0.11:53" in event["cause"]["text"], event["cause"]
+        capture = finished_capture(d, event["capture_id"])
+        # Each lookup is 2 packets on lo and 2 on eth0 (dockerd's forward), and the ring holds them all.
+        assert capture["filter"] == "port 53 or host 127.0.0.11" and capture["packets"] >= 4 * 8, capture
+        doc = wait_until(lambda: (lambda e: e if "end" in e else None)(json.loads(get(d, f"/api/v1/captures/{capture['id']}/evidence"))), 30, 0.5)
+        names = {(n["name"], n["rcode"]) for n in doc["end"]["dns"]["failing_names"]}
+        assert ("failing.test.", "SERVFAIL") in names, doc["end"]["dns"]
+        # Straight to the upstream, which stays silent: timeouts, and the cause names it.
+        spid = containers.pid("docker", silent)
+        assert ask_in(spid, gateway, "silent.test", 6, timeout=0.3) == ["timeout"] * 6
+        event = anomaly(d, silent, "dns_failures")
+        assert event["cause"]["kind"] == DNS_UPSTREAM_UNREACHABLE and f"{gateway}:53" in event["cause"]["text"], event["cause"]
+
+
+@pytest.mark.docker
+def test_podman_lookups_to_the_bridge_gateway(nstap, containers, podman_image: str) -> None:
+    """Podman's resolver (aardvark-dns with netavark) listens on the bridge's gateway; this host's
+    Podman uses CNI, so the test's own server stands there instead: the same path (the container's
+    eth0, out and back)."""
+    d = nstap(DNS_ON)
+    cid = containers.podman("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", podman_image, *SLEEP, name="dnspod")
+    gateway = json.loads(sh("podman", "network", "inspect", "podman").stdout)[0]
+    gateway = (gateway.get("subnets") or [{}])[0].get("gateway") or gateway["plugins"][0]["ipam"]["ranges"][0][0]["gateway"]
+    with host_dns_server(gateway):
+        attached(d, cid)
+        pid = containers.pid("podman", cid)
+        assert ask_in(pid, gateway, "ok.test", 3) == ["NOERROR"] * 3
+        assert ask_in(pid, gateway, "refused.test", 2) == ["REFUSED"] * 2
+        body = wait_until(lambda: (lambda b: b if sum(requests_of(b).values()) >= 5 else None)(dns_view(d, cid)), 10, 0.3, "lookups counted")
+        assert requests_of(body) == {("NOERROR", "A"): 3, ("REFUSED", "A"): 2}
+        assert [(s["address"], s["queries"]) for s in body["servers"]] == [(gateway, 5)]
+        d.wait_metric(lambda m: m.value("nstap_dns_requests_total", container_id=cid[:12], rcode="REFUSED", qtype="A") == 2, 5)
+
+
+@pytest.mark.docker
+def test_without_bcc_dns_degrades_and_on_refuses_to_start(nstap, tmp_path: Path, monkeypatch) -> None:
+    fake = tmp_path / "nobcc" / "bcc"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("bcc hidden by the test")\n')
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    d = nstap({"dns": {"mode": "auto"}, "ebpf": "off"})
+    event = wait_until(lambda: d.events("dns_unavailable"), 15, message="dns_unavailable logged")[0]
+    assert "bcc is not importable" in event["error"]
+    assert len(d.events("dns_unavailable")) == 1
+    m = d.wait_metric(lambda m: m.value("nstap_collector_up", collector="dns") == 0 and m, 5)
+    assert m.value("nstap_namespaces_watched") is not None
+    config = tmp_path / "on.yaml"
+    config.write_text(f"dns: {{mode: 'on'}}\nebpf: 'off'\ndata_dir: {tmp_path / 'on'}\nmetrics_listen: 127.0.0.1:{free_port()}\napi_listen: 127.0.0.1:{free_port()}\n")
+    proc = subprocess.run([sys.executable, "-m", "nstap", "run", "--config", str(config)], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(fake.parent)})
+    assert proc.returncode == 2 and "dns.mode: on, but bcc is not importable" in proc.stderr

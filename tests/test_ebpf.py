@@ -242,7 +242,7 @@ def test_doctor(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stdout
     lines = ok.stdout.splitlines()
     assert lines[0].split()[:3] == ["FEATURE", "CHECK", "STATUS"]
-    for check in ("tcpdump", "nsenter", "bcc", "BTF", "drop reasons", "setns", "conntrack", "data dir", "/proc/net scanner"):
+    for check in ("tcpdump", "nsenter", "bcc", "BTF", "drop reasons", "setns", "conntrack", "data dir", "/proc/net scanner", "DNS program", "TCX links"):
         assert any(check in line and " OK " in line for line in lines), (check, ok.stdout)
     # tcpdump hidden from PATH: a MISSING line with its fix, exit code 1.
     bin_dir = tmp_path / "bin"

@@ -213,6 +213,22 @@ def check_ebpf(config: Config) -> list[Check]:
     return out
 
 
+def check_dns(config: Config) -> list[Check]:
+    """What the DNS collector needs: its program loaded and verified, and a TCX link made."""
+    if config.dns.mode == "off":
+        return [Check("dns", "DNS program", OK, "off in the configuration")]
+    bad = MISSING if config.dns.mode == "on" else DEGRADED
+    from .dns import service, tcx  # noqa: PLC0415 - only this check needs them
+
+    try:
+        steps = asyncio.run(service.probe())
+    except tcx.NoTcx as exc:
+        return [Check("dns", "DNS program", OK, "compiled and verified"), Check("dns", "TCX links", bad, str(exc), "a kernel of 6.6 or later")]
+    except (ebpf.EbpfUnavailable, OSError) as exc:
+        return [Check("dns", "DNS program", bad, str(exc), "the eBPF checks above; bpf_get_netns_cookie in tc programs needs Linux 6.14 or later")]
+    return [Check("dns", name, OK, detail) for name, detail in steps.items()]
+
+
 def _fix_for(name: str) -> str:
     return {
         "privileges": "run as root (or with CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)",
@@ -244,7 +260,7 @@ def check_data_dir(config: Config) -> list[Check]:
 
 def run_checks(config: Config) -> list[Check]:
     """Every check, in report order."""
-    return [*check_runtimes(config), *check_process(config), *check_scanner(), *check_tools(config), *check_ebpf(config), *check_data_dir(config)]
+    return [*check_runtimes(config), *check_process(config), *check_scanner(), *check_tools(config), *check_ebpf(config), *check_dns(config), *check_data_dir(config)]
 
 
 def report(checks: list[Check], as_json: bool) -> str:

@@ -33,6 +33,22 @@ log = structlog.get_logger("nstap.dns")
 RESCAN_EVERY = 10.0  # seconds between looks for interfaces a namespace gained (docker network connect)
 
 
+async def probe(loader: Sequence[str] = (*LOADER, "--program", "dns")) -> dict[str, str]:
+    """Load the DNS program as the daemon would and make one TCX link in a scratch namespace
+    (``nstap doctor``): what worked, by step; EbpfUnavailable (or tcx.NoTcx) naming what did not."""
+    started = time.monotonic()
+    handover = await load_in_child(loader)
+    try:
+        egress = handover.fds.get("prog:dns_egress")
+        if egress is None:
+            raise EbpfUnavailable(f"the DNS loader handed over {sorted(handover.fds)}")
+        loaded = f"compiled and verified in {time.monotonic() - started:.1f} s (bpf_get_netns_cookie allowed in tc programs)"
+        cookie = await asyncio.to_thread(tcx.try_links, egress)
+        return {"DNS program": loaded, "TCX links": f"a link on lo of a scratch namespace (cookie {cookie}) made and closed"}
+    finally:
+        handover.close()
+
+
 class DnsService:
     """Owns the DNS program's links and maps; the latest :class:`Lookups` by namespace inode."""
 
@@ -286,9 +302,9 @@ class DnsService:
         await self.refresh()
         return to_json(self.of(inode)) or {"error": "no lookups seen since its links were made"}
 
-    def attached(self) -> int:
-        """Namespaces with links."""
-        return len(self._cookies)
+    def attached_to(self, inode: int) -> bool:
+        """Whether the namespace has its links (lookups before that were not seen)."""
+        return inode in self._cookies
 
     def close(self) -> None:
         """Detach everywhere (close the links) once a read under way is done, and let the maps go."""

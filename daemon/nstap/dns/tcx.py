@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable
 
 from ..ebpf.maps import bpf
-from ..netns.handles import _setns
+from ..netns.handles import CLONE_NEWNET, _setns
 
 BPF_LINK_CREATE = 28
 BPF_TCX_INGRESS = 46
@@ -29,6 +29,7 @@ SO_NETNS_COOKIE = 71
 MAX_INTERFACES = 32  # interfaces of one namespace given links (a container can make thousands)
 
 _u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class LinkAttr(ctypes.Structure):
@@ -131,6 +132,29 @@ def attach_namespace(ns_fd: int, home_fd: int, inode: int, egress_fd: int, ingre
             _setns(home_fd)
         except OSError:  # pragma: no cover - a thread left in a container's namespace must not go on
             os.abort()
+
+
+def try_links(egress_fd: int) -> int:
+    """Make and close a link on lo of a namespace made for the purpose (blocking: a thread of its
+    own, which comes back to its namespace): NoTcx if this kernel cannot; the scratch
+    namespace's cookie otherwise. For ``nstap doctor``."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                cookie = netns_cookie(probe)
+            os.close(link_create(egress_fd, 1, BPF_TCX_EGRESS))
+            return cookie
+        finally:
+            try:
+                _setns(home)
+            except OSError:  # pragma: no cover
+                os.abort()
+    finally:
+        os.close(home)
 
 
 def close_all(namespaces: Iterable[NamespaceLinks]) -> None:
