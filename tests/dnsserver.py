@@ -9,7 +9,8 @@ Names decide the answer, by their first label's prefix:
 
 Run as ``python3 dnsserver.py serve --bind ADDR [--port 53]`` (UDP and TCP; prints "ready" when it
 listens) or ``python3 dnsserver.py ask SERVER NAME [--type A|AAAA] [--count N] [--tcp]`` (prints one
-JSON line: the rcodes answered, "timeout" for none, and the seconds each took).
+JSON line: the rcodes answered, "timeout" for none, and the seconds each took), or ``blast SERVER
+PREFIX --count N`` (a flood of distinct lookups, not waiting for their answers).
 """
 
 from __future__ import annotations
@@ -140,6 +141,25 @@ def ask(server: str, name: str, qtype: int, count: int, tcp: bool, timeout: floa
     return out
 
 
+def blast(server: str, prefix: str, count: int, linger: float) -> int:
+    """``count`` queries for distinct names (``<prefix><i>.test``), distinct ids, one socket, without
+    waiting between them (a flood); then ``linger`` seconds taking answers. Prints how many came."""
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    answers = 0
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        for i in range(count):
+            sock.sendto(query(f"{prefix}{i}.test", 1, i % 65535 + 1), (server, 53))
+        sock.settimeout(0.2)
+        end = time.monotonic() + linger
+        while time.monotonic() < end:
+            try:
+                sock.recv(4096)
+                answers += 1
+            except socket.timeout:
+                pass
+    return answers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,7 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--count", type=int, default=1)
     a.add_argument("--tcp", action="store_true")
     a.add_argument("--timeout", type=float, default=2.0)
+    b = sub.add_parser("blast")
+    b.add_argument("server")
+    b.add_argument("prefix")
+    b.add_argument("--count", type=int, default=1000)
+    b.add_argument("--linger", type=float, default=1.0)
     args = parser.parse_args(argv)
+    if args.command == "blast":
+        print(json.dumps({"answers": blast(args.server, args.prefix, args.count, args.linger)}))
+        return 0
     if args.command == "serve":
         serve(args.bind, args.port)
         return 0

@@ -63,7 +63,7 @@ def test_tally_counts_timeouts_and_the_histogram() -> None:
     items = [flight_item(1, 1000, now - 6 * 10**9, b"\x06silent\x04test\x00"), flight_item(1, 1001, now - 1 * 10**9, b"\x04soon\x00"),
              flight_item(1, 1002, now - 9 * 10**9, b"\x03fwd\x00", forwarded=1)]
     expired = tally.expired(items, now, 1000.0)
-    assert expired == [items[0][0], items[2][0]]  # the young one waits; the forwarded one goes, but is not the container's
+    assert expired == [(1, items[0][0]), (1, items[2][0])]  # the young one waits; the forwarded one goes, but is not the container's
     one, two = tally.lookups(1), tally.lookups(2)
     assert one.requests == {("NOERROR", "A"): 7, ("NXDOMAIN", "AAAA"): 2, ("other", "other"): 1, ("timeout", "A"): 1}
     assert one.failed() == 4 and one.total() == 11
@@ -82,8 +82,12 @@ def test_failing_names_are_the_last_minutes_and_the_timed_out_names_are_bounded(
     boot = 0.0
     tally.failing([name(b"\x03old\x00", 3, 5, int(1000e9))], boot, 1000.0)
     assert [(n.name, n.count) for n in tally.names[1]] == [("old.", 5)]  # the maps are under a minute old: all of it
-    tally.failing([name(b"\x03old\x00", 3, 5, int(1000e9)), name(b"\x03new\x00", 2, 2, int(1090e9))], boot, 1090.0)
+    old = name(b"\x03old\x00", 3, 5, int(1000e9))
+    stale = tally.failing([old, name(b"\x03new\x00", 2, 2, int(1090e9))], boot, 1090.0)
     assert [(n.name, n.rcode, n.count) for n in tally.names[1]] == [("new.", "SERVFAIL", 2)]  # old: none in the last minute
+    assert stale == [(1, old[0])]  # not seen for longer than the window: the daemon deletes it (its room back)
+    tally.release(1, 1)
+    assert tally.released_changed() == [((1).to_bytes(8, "little"), program.BUDGET.pack(0, 1, 0, 0, 0))] and tally.released_changed() == []
     for i in range(MAX_TIMEOUT_NAMES + 50):
         tally.expired([flight_item(1, 1000 + i % 60000, 0, bytes([5]) + f"n{i:04d}".encode() + b"\x00")], 10**10, 2000.0)
     assert len(tally.timeout_names) == MAX_TIMEOUT_NAMES
@@ -279,11 +283,45 @@ async def test_a_reused_namespace_inode_starts_from_zero_and_detach_leaves_the_m
             ask(a, "10.98.0.1", "nx.test", 3)
             assert (await read(dns, inodes[a])).requests == {("NXDOMAIN", "A"): 3}
             dns.follow({})  # the watcher detached
-            await asyncio.to_thread(wait_until, lambda: not any(m.keys() for m in dns._maps.values()), 5, 0.05, "entries deleted")
+            await asyncio.to_thread(wait_until, lambda: not any(m.keys() for n, m in dns._maps.items() if n != "dns_lost"), 5, 0.05, "entries deleted")
             # Another namespace on the same inode number (as the kernel reuses them): nothing inherited.
             await follow(dns, b, as_inode={b: inodes[a]})
             ask(b, "10.98.1.1", "ok.test", 2)
             assert (await read(dns, inodes[a])).requests == {("NOERROR", "A"): 2}
+
+
+@pytest.mark.docker
+async def test_a_flooding_namespace_is_held_to_its_room_and_the_others_are_counted(namespaces) -> None:
+    """A container chooses its lookups: thousands of distinct unanswered ones, or failing names,
+    fill the maps every namespace shares only up to its own room; the rest is counted as
+    untracked, and a quiet namespace's lookups are counted exactly meanwhile."""
+    a, b, s = namespaces
+    async with service(timeout=1.0) as dns:
+        inodes = await follow(dns, a, b)
+        with dns_server(s, "0.0.0.0"):
+            # 400 distinct failing names: the namespace keeps 128 of them. (The test's server, a
+            # thread per datagram, may drop some of the flood: those are lookups left unanswered.)
+            answered = json.loads(netns_exec(a, sys.executable, SERVER, "blast", "10.98.0.1", "nx", "--count", "400", "--linger", "1"))["answers"]
+            assert answered > program.MAX_NAMES_PER_NS
+            cookie = dns._cookies[inodes[a]].to_bytes(8, "little")
+            assert sum(1 for k in dns._maps["dns_names"].keys() if k[:8] == cookie) == program.MAX_NAMES_PER_NS
+            # 3000 distinct lookups nobody answers: 1024 are followed.
+            netns_exec(a, sys.executable, SERVER, "blast", "10.98.0.1", "silent", "--count", "3000", "--linger", "0.2")
+            assert [r for r, _ in ask(b, "10.98.1.1", "nxb.test", 3)] == ["NXDOMAIN"] * 3
+            held = [v for k, v in dns._maps["dns_inflight"].items() if program.cookie_of("dns_inflight", k, v) == dns._cookies[inodes[a]]]
+            assert len(held) == program.MAX_FLIGHTS_PER_NS
+            flooder = await read(dns, inodes[a])
+            unanswered = 400 - answered  # still awaiting their answers, in the namespace's room
+            assert flooder.untracked == (answered - program.MAX_NAMES_PER_NS) + (3000 - (program.MAX_FLIGHTS_PER_NS - unanswered))
+            assert flooder.requests[("NXDOMAIN", "A")] == answered  # counted all the same
+            quiet = await read(dns, inodes[b])
+            assert quiet.requests == {("NXDOMAIN", "A"): 3} and [(n.name, n.count) for n in quiet.names] == [("nxb.test.", 3)]
+            # Its lookups time out (dns.timeout 1 s) and the room comes back: tracked again.
+            await asyncio.sleep(1.5)
+            await read(dns, inodes[a])
+            ask(a, "10.98.0.1", "okagain.test", 2)
+            after = await read(dns, inodes[a])
+            assert after.requests[("NOERROR", "A")] == 2 and after.requests[("timeout", "A")] == program.MAX_FLIGHTS_PER_NS
 
 
 @pytest.mark.docker
@@ -353,10 +391,9 @@ def host_dns_server(bind: str) -> Iterator[None]:
 
 @pytest.fixture
 def docker_network() -> Iterator[tuple[str, str]]:
-    """A user-defined network (Docker's embedded resolver serves it): (name, gateway address)."""
-    from conftest import RUN_ID  # noqa: PLC0415
-
-    name = f"nstap-dns-{RUN_ID}"
+    """A user-defined network (Docker's embedded resolver serves it): (name, gateway address).
+    Asked for before ``containers``: removed after them."""
+    name = f"nstap-dns-{os.urandom(4).hex()}"
     sh("docker", "network", "create", name)
     try:
         config = json.loads(sh("docker", "network", "inspect", name).stdout)[0]["IPAM"]["Config"][0]
@@ -381,7 +418,7 @@ def requests_of(body: dict) -> dict:
 
 
 @pytest.mark.docker
-def test_docker_lookups_through_the_embedded_resolver_exported_and_shown(nstap, containers, docker_image: str, docker_network) -> None:
+def test_docker_lookups_through_the_embedded_resolver_exported_and_shown(nstap, docker_network, containers, docker_image: str) -> None:
     net, gateway = docker_network
     with host_dns_server(gateway):
         d = nstap(DNS_ON)
@@ -406,7 +443,7 @@ def test_docker_lookups_through_the_embedded_resolver_exported_and_shown(nstap, 
         assert upstream["queries"] == upstream["via_embedded_resolver"] == 9 and upstream["answers"] == 9
         # The samples carry what the round's read saw (the API read afresh): a round later at most.
         m = d.wait_metric(lambda m: m.value("nstap_dns_requests_total", container_id=asker[:12], rcode="NXDOMAIN", qtype="A") == 3 and m, 5)
-        assert m.value("nstap_collector_up", collector="dns") == 1
+        assert m.value("nstap_collector_up", collector="dns") == 1 and m.value("nstap_dns_untracked_total", container_id=asker[:12]) == 0
         assert m.value("nstap_dns_request_duration_seconds_count", container_id=asker[:12]) == 11
         assert m.value("nstap_dns_request_duration_seconds_bucket", container_id=asker[:12], le="+Inf") == 11
         assert not m.find("nstap_dns_requests_total", container_id=quiet[:12])  # never mixed
@@ -419,7 +456,7 @@ def test_docker_lookups_through_the_embedded_resolver_exported_and_shown(nstap, 
 
 
 @pytest.mark.docker
-def test_dns_failures_anomaly_with_its_cause_and_a_dns_capture(nstap, containers, docker_image: str, docker_network) -> None:
+def test_dns_failures_anomaly_with_its_cause_and_a_dns_capture(nstap, docker_network, containers, docker_image: str) -> None:
     from test_anomalies import anomaly, finished_capture
     from test_causes_live import get
 

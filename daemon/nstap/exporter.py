@@ -87,7 +87,7 @@ class ScrapeState(NamedTuple):
     captures: CaptureStats | None
     nat: dict[str, Any] | None = None
     ebpf: tuple[int, dict[str, int], int] | None = None  # collector up, the host's drops by reason, drops not counted (map full)
-    dns_up: int | None = None  # the DNS collector's, None without one
+    dns: tuple[int, int] | None = None  # the DNS collector: up, entries its program could not make (a map full); None without one
 
 
 DNS_BOUNDS = tuple(repr(b) for b in BOUNDS)  # the le label values of nstap_dns_request_duration_seconds
@@ -304,7 +304,7 @@ class ContainerCollector:
             nat=self._nat_snapshot(),
             ebpf=(self.ebpf.up, self.ebpf.host_counts(), self.ebpf.collector.lost if self.ebpf.collector is not None else 0)
             if self.ebpf is not None else None,
-            dns_up=self.dns.up if self.dns is not None else None,
+            dns=(self.dns.up, self.dns.lost) if self.dns is not None else None,
         )
 
     def _nat_snapshot(self) -> dict[str, Any] | None:
@@ -540,11 +540,13 @@ class ContainerCollector:
         return [drops, host_drops, uncounted]
 
     def _dns_families(self, scrape: ScrapeState) -> list[Family]:
-        if scrape.dns_up is None:
+        if scrape.dns is None:
             return []
         requests = Family("nstap_dns_requests_total", "counter",
                           "DNS lookups the container made, by outcome (rcode, or timeout: unanswered after dns.timeout) and question type (eBPF, tc).")
         duration = Family("nstap_dns_request_duration_seconds", "histogram", "Time from a DNS query to its answer, answered lookups (eBPF, tc).")
+        untracked = Family("nstap_dns_untracked_total", "counter",
+                           "DNS lookups, failing names or servers not followed: the container already held as many as one namespace may.")
         lines = duration.lines
         for sample in scrape.samples:
             lookups = sample.dns
@@ -555,13 +557,16 @@ class ContainerCollector:
             base = (("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))
             for (rcode, qtype), count in sorted(lookups.requests.items()):
                 requests.add(Labels((*base, ("rcode", rcode), ("qtype", qtype))), count)
+            untracked.add(Labels(base), lookups.untracked)
             for bound, count in zip(DNS_BOUNDS, lookups.buckets):
                 lines.append(f"nstap_dns_request_duration_seconds_bucket{Labels((*base, ('le', bound))).text} {count}\n")
             tail = Labels(base).text
             lines.append(f"nstap_dns_request_duration_seconds_bucket{Labels((*base, ('le', '+Inf'))).text} {lookups.answered}\n")
             lines.append(f"nstap_dns_request_duration_seconds_sum{tail} {_number(lookups.seconds)}\n")
             lines.append(f"nstap_dns_request_duration_seconds_count{tail} {lookups.answered}\n")
-        return [requests, duration]
+        uncounted = Family("nstap_dns_uncounted_total", "counter", "DNS map entries the program could not make because a map of every namespace was full.")
+        uncounted.add(NO_LABELS, scrape.dns[1])
+        return [requests, duration, untracked, uncounted]
 
     def _collector_up(self, scrape: ScrapeState) -> list[Family]:
         up = Family(
@@ -573,8 +578,8 @@ class ContainerCollector:
             values["port_probe"] = scrape.nat["probe_up"]
         if scrape.ebpf is not None:
             values["ebpf_drops"] = scrape.ebpf[0]
-        if scrape.dns_up is not None:
-            values["dns"] = scrape.dns_up
+        if scrape.dns is not None:
+            values["dns"] = scrape.dns[0]
         for collector, value in sorted(values.items()):
             up.add(Labels((("collector", collector),)), value)
         return [up] if values else []

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from .program import (
-    COUNT, COUNT_KEY, FLIGHT_KEY, FLIGHT_VALUE, LATENCY_KEY, NAME_KEY, NAME_VALUE, SERVER_KEY, SERVER_VALUE, SUM_BUCKET, TIMEOUT,
+    BUDGET, COUNT, COUNT_KEY, FLIGHT_KEY, FLIGHT_VALUE, LATENCY_KEY, NAME_KEY, NAME_VALUE, SERVER_KEY, SERVER_VALUE, SUM_BUCKET, TIMEOUT,
     decode_name, qtype_name, rcode_name,
 )
 
@@ -23,6 +23,7 @@ WINDOW = 60.0  # "the last minute" of failing names and servers
 HISTORY_EVERY = 5.0  # seconds between the snapshots that window is measured against
 MAX_TIMEOUT_NAMES = 4096  # names of timed-out lookups kept (least recently timed out go first)
 TOP = 20  # names and servers listed
+SERVER_IDLE = 600.0  # seconds after which a server not asked any more leaves the list (and the map)
 
 
 class Name(NamedTuple):
@@ -58,6 +59,7 @@ class Lookups(NamedTuple):
     names: tuple[Name, ...] = ()  # failing names of the last minute, most first (at most TOP)
     servers: tuple[Server, ...] = ()
     timeout: float = 5.0  # seconds after which an unanswered lookup counted as a timeout (dns.timeout)
+    untracked: int = 0  # lookups not followed: the namespace had as many awaiting an answer as it may (program.MAX_FLIGHTS_PER_NS)
 
     def failed(self) -> int:
         """Lookups that did not end in NOERROR."""
@@ -86,6 +88,9 @@ class Tally:
         self.names: dict[int, list[Name]] = {}
         self.servers: dict[int, list[Server]] = {}
         self._history: deque[tuple[float, dict[tuple, int]]] = deque()  # (at, name key -> count) for the window
+        self.untracked: dict[int, int] = {}  # cookie -> lookups not tracked: the namespace was at its room
+        self.released: dict[int, list[int]] = {}  # cookie -> [lookups, names, servers] the daemon deleted
+        self._released_changed: set[int] = set()
         self._listed = 0  # reads of the names and servers so far (a Lookups made before the last one is stale)
         self._made: dict[int, tuple[tuple, Lookups]] = {}  # cookie -> (what it was made from, the Lookups): unchanged, reused
 
@@ -115,7 +120,7 @@ class Tally:
                 per[bucket] = per.get(bucket, 0) + n
         self.latency, self.latency_ns = buckets, total
 
-    def expired(self, items: Iterable[tuple[bytes, bytes]], now_ns: int, wall: float) -> list[bytes]:
+    def expired(self, items: Iterable[tuple[bytes, bytes]], now_ns: int, wall: float) -> list[tuple[int, bytes]]:
         """dns_inflight read whole: the keys of lookups unanswered after ``timeout`` (the caller
         deletes them: an answer that comes later finds nothing and is not counted twice), counted
         as timeouts of their namespace, server and name."""
@@ -126,7 +131,7 @@ class Tally:
             if now_ns - sent_ns < limit:
                 continue
             family = FLIGHT_KEY.unpack(key)[4]
-            gone.append(key)
+            gone.append((cookie, key))
             skey = (cookie, _address(server, family), server_port)
             self.server_timeouts[skey] = self.server_timeouts.get(skey, 0) + 1
             if forwarded:
@@ -143,13 +148,18 @@ class Tally:
                 self.timeout_names.popitem(last=False)
         return gone
 
-    def failing(self, items: Iterable[tuple[bytes, bytes]], boot_offset: float, now: float) -> None:
+    def failing(self, items: Iterable[tuple[bytes, bytes]], boot_offset: float, now: float) -> list[tuple[int, bytes]]:
         """dns_names read whole (with the timed-out names): each namespace's failing names of the
-        last minute, most first."""
+        last minute, most first. Returns the (cookie, key) of names not seen for longer than the
+        window: the caller deletes them (and releases their room in the namespace's budget)."""
         current: dict[tuple, tuple[int, float]] = {}
+        stale = []
         for key, value in items:
             cookie, rcode, qtype, name = NAME_KEY.unpack(key)
             count, last_ns = NAME_VALUE.unpack(value)
+            if now - (last_ns / 1e9 + boot_offset) > WINDOW + HISTORY_EVERY:
+                stale.append((cookie, key))
+                continue
             current[(cookie, decode_name(name), rcode_name(rcode), qtype_name(qtype))] = (count, last_ns / 1e9 + boot_offset)
         for (cookie, name, qtype), (count, last) in self.timeout_names.items():
             current[(cookie, name, TIMEOUT, qtype)] = (count, last)
@@ -164,6 +174,7 @@ class Tally:
             del per[TOP:]
         self.names = names
         self._listed += 1
+        return stale
 
     def _window_base(self, now: float, counts: dict[tuple, int]) -> dict[tuple, int]:
         """The counts of a minute ago: the newest snapshot at least WINDOW old, or nothing (the
@@ -177,12 +188,17 @@ class Tally:
             history.append((now, counts))
         return base
 
-    def server_list(self, items: Iterable[tuple[bytes, bytes]]) -> None:
-        """dns_servers read whole: each namespace's servers, most asked first."""
+    def server_list(self, items: Iterable[tuple[bytes, bytes]], now_ns: int) -> list[tuple[int, bytes]]:
+        """dns_servers read whole: each namespace's servers, most asked first. Returns the
+        (cookie, key) of servers not asked for SERVER_IDLE seconds: the caller deletes them."""
         servers: dict[int, list[Server]] = {}
+        idle = []
         for key, value in items:
             cookie, addr, family, port, _ = SERVER_KEY.unpack(key)
-            queries, answers, failures, latency_ns, forwarded = SERVER_VALUE.unpack(value)
+            queries, answers, failures, latency_ns, forwarded, last_ns = SERVER_VALUE.unpack(value)
+            if now_ns - last_ns > SERVER_IDLE * 1e9:
+                idle.append((cookie, key))
+                continue
             address = _address(addr, family)
             timeouts = self.server_timeouts.get((cookie, address, port), 0)
             servers.setdefault(cookie, []).append(Server(address, port, queries, answers, failures, timeouts, latency_ns / 1e9, forwarded))
@@ -191,14 +207,32 @@ class Tally:
             del per[TOP:]
         self.servers = servers
         self._listed += 1
+        return idle
 
     # -- per namespace ---------------------------------------------------------------------------
+
+    def budgets(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """dns_budget read whole: the lookups each namespace had no room for, so far."""
+        self.untracked = {int.from_bytes(key[:8], "little"): BUDGET.unpack(value)[4] for key, value in items}
+
+    def release(self, cookie: int, what: int) -> None:
+        """The daemon deleted an entry of ``what`` (0 lookups, 1 names, 2 servers) of the namespace:
+        its room back (written to dns_released by the caller: :meth:`released_changed`)."""
+        counts = self.released.setdefault(cookie, [0, 0, 0])
+        counts[what] += 1
+        self._released_changed.add(cookie)
+
+    def released_changed(self) -> list[tuple[bytes, bytes]]:
+        """The dns_released entries to write: (key, value) of the namespaces whose count changed."""
+        out = [(cookie.to_bytes(8, "little"), BUDGET.pack(*self.released[cookie], 0, 0)) for cookie in self._released_changed if cookie in self.released]
+        self._released_changed = set()
+        return out
 
     def lookups(self, cookie: int) -> Lookups:
         """The namespace's totals now (the same object as last time if nothing changed: a sample
         of an idle namespace, and what detectors keep of it, costs nothing new)."""
         counts, timeouts = self.requests.get(cookie, {}), self.timeouts.get(cookie, {})
-        made = (sum(counts.values()), sum(timeouts.values()), self.latency_ns.get(cookie, 0), self._listed)
+        made = (sum(counts.values()), sum(timeouts.values()), self.latency_ns.get(cookie, 0), self._listed, self.untracked.get(cookie, 0))
         last = self._made.get(cookie)
         if last is not None and last[0] == made:
             return last[1]
@@ -215,11 +249,11 @@ class Tally:
         # log2 bucket b holds [2^(b-1), 2^b) microseconds: at or under 2^k us are the buckets <= k.
         buckets = tuple(sum(n for b, n in per.items() if b <= k) for k in BUCKET_LOG2)
         return Lookups(requests, buckets, answered, self.latency_ns.get(cookie, 0) / 1e9,
-                       tuple(self.names.get(cookie, ())), tuple(self.servers.get(cookie, ())), self.timeout)
+                       tuple(self.names.get(cookie, ())), tuple(self.servers.get(cookie, ())), self.timeout, self.untracked.get(cookie, 0))
 
     def forget(self, cookies: set[int]) -> None:
         """Drop everything of namespaces no longer watched."""
-        for table in (self.requests, self.latency, self.latency_ns, self.timeouts, self.names, self.servers, self._made):
+        for table in (self.requests, self.latency, self.latency_ns, self.timeouts, self.names, self.servers, self._made, self.untracked, self.released):
             for cookie in cookies & set(table):
                 del table[cookie]
         self.server_timeouts = {k: v for k, v in self.server_timeouts.items() if k[0] not in cookies}
@@ -239,6 +273,7 @@ def to_json(lookups: Lookups | None) -> dict[str, Any]:
         "answered": lookups.answered,
         "failed": lookups.failed(),
         "mean_latency_ms": round(mean * 1000, 3) if mean is not None else None,
+        "untracked": lookups.untracked,
         "failing_names": [{"name": n.name, "rcode": n.rcode, "qtype": n.qtype, "count": n.count, "last_seen": round(n.last_seen, 3)} for n in lookups.names],
         "servers": [
             {"address": s.address, "port": s.port, "queries": s.queries, "answers": s.answers, "failures": s.failures, "timeouts": s.timeouts,

@@ -28,9 +28,14 @@ LO_IFINDEX = 1  # the loopback device's index, the same in every namespace
 SUM_BUCKET = 0xFFFF  # dns_latency's key holding the answered lookups' total nanoseconds
 MAX_COUNT_KEYS = 16384  # (namespace, rcode, qtype): 15 per namespace at most
 MAX_LATENCY_KEYS = 16384  # (namespace, log2 bucket): about 25 per namespace
-MAX_INFLIGHT = 16384  # lookups awaiting their answer (least recently used go first)
-MAX_SERVERS = 4096  # (namespace, server)
-MAX_NAMES = 8192  # (namespace, rcode, qtype, failing name)
+MAX_INFLIGHT = 65536  # lookups awaiting their answer, host-wide (maps allocate as entries come)
+MAX_SERVERS = 16384  # (namespace, server)
+MAX_NAMES = 32768  # (namespace, rcode, qtype, failing name)
+MAX_BUDGETS = 16384  # namespaces
+# What one namespace may hold (a flood of distinct lookups, names or servers stops there, counted):
+MAX_FLIGHTS_PER_NS = 1024  # lookups awaiting an answer
+MAX_NAMES_PER_NS = 128  # failing names (the daemon prunes those not seen for a minute)
+MAX_SERVERS_PER_NS = 32  # servers (the daemon prunes those not asked for SERVER_IDLE seconds)
 BPF_FUNC_GET_NETNS_COOKIE = 122  # declared here: the headers bcc compiles against may predate it
 FUNCTIONS = ("dns_egress", "dns_ingress")
 
@@ -42,7 +47,8 @@ FLIGHT_KEY = struct.Struct("=Q16sHHHH")  # cookie (lo only, else 0), client, cli
 FLIGHT_VALUE = struct.Struct(f"=QQ16sHHBB2x{NAME_BYTES}s")  # sent_ns, cookie, server, server port, qtype, forwarded, len, name
 PENDING_KEY = struct.Struct(f"=QH6x{NAME_BYTES}s")  # cookie, qtype, name
 SERVER_KEY = struct.Struct("=Q16sHHI")  # cookie, address, family, port, pad
-SERVER_VALUE = struct.Struct("=5Q")  # queries, answers, failures, latency_ns, forwarded
+SERVER_VALUE = struct.Struct("=6Q")  # queries, answers, failures, latency_ns, forwarded, last_ns
+BUDGET = struct.Struct("=5Q")  # flights, names, servers, answered, refused (dns_budget: the kernel's; dns_released: the daemon's)
 NAME_KEY = struct.Struct(f"=QBB6x{NAME_BYTES}s")  # cookie, rcode, qtype, name
 NAME_VALUE = struct.Struct("=QQ")  # count, last_ns
 MAPS = {
@@ -52,6 +58,9 @@ MAPS = {
     "dns_embedded": (PENDING_KEY.size, COUNT.size),
     "dns_servers": (SERVER_KEY.size, SERVER_VALUE.size),
     "dns_names": (NAME_KEY.size, NAME_VALUE.size),
+    "dns_budget": (8, BUDGET.size),
+    "dns_released": (8, BUDGET.size),
+    "dns_lost": (4, 8),
 }
 
 def cookie_of(map_name: str, key: bytes, value: bytes) -> int:
@@ -100,7 +109,8 @@ def program_text() -> str:
     defines = {
         "NAME_BYTES": NAME_BYTES, "LO_IFINDEX": LO_IFINDEX, "TCX_NEXT": -1, "SUM_BUCKET": SUM_BUCKET,
         "MAX_COUNT_KEYS": MAX_COUNT_KEYS, "MAX_LATENCY_KEYS": MAX_LATENCY_KEYS, "MAX_INFLIGHT": MAX_INFLIGHT,
-        "MAX_SERVERS": MAX_SERVERS, "MAX_NAMES": MAX_NAMES, "BPF_FUNC_get_netns_cookie_NR": BPF_FUNC_GET_NETNS_COOKIE,
+        "MAX_SERVERS": MAX_SERVERS, "MAX_NAMES": MAX_NAMES, "MAX_BUDGETS": MAX_BUDGETS, "MAX_FLIGHTS_PER_NS": MAX_FLIGHTS_PER_NS,
+        "MAX_NAMES_PER_NS": MAX_NAMES_PER_NS, "MAX_SERVERS_PER_NS": MAX_SERVERS_PER_NS, "EEXIST": 17, "BPF_FUNC_get_netns_cookie_NR": BPF_FUNC_GET_NETNS_COOKIE,
     }
     return "".join(f"#define {k} ({v})\n" for k, v in defines.items()) + PROGRAM
 
@@ -111,9 +121,19 @@ PROGRAM = r"""
 static u64 (*netns_cookie)(void *ctx) = (void *)BPF_FUNC_get_netns_cookie_NR;
 
 struct count_key { u64 cookie; u8 rcode; u8 qtype; u8 pad[6]; };
-BPF_HASH(dns_counts, struct count_key, u64, MAX_COUNT_KEYS);
+BPF_F_TABLE("hash", struct count_key, u64, dns_counts, MAX_COUNT_KEYS, BPF_F_NO_PREALLOC);
 struct latency_key { u64 cookie; u32 bucket; u32 pad; };
-BPF_HASH(dns_latency, struct latency_key, u64, MAX_LATENCY_KEYS);
+BPF_F_TABLE("hash", struct latency_key, u64, dns_latency, MAX_LATENCY_KEYS, BPF_F_NO_PREALLOC);
+
+/* What one namespace holds in the maps all share: a container chooses its lookups, and a flood of
+   distinct ids, names or servers must not push the others' out (none of these maps is LRU). The
+   kernel counts what it added (and the answered lookups it deleted) in dns_budget, the daemon
+   what it released (lookups that timed out, names and servers it pruned) in dns_released: each
+   side writes its own map only. A lookup past the namespace's room is not tracked, and counted. */
+struct budget { u64 flights; u64 names; u64 servers; u64 answered; u64 refused; };
+BPF_F_TABLE("hash", u64, struct budget, dns_budget, MAX_BUDGETS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", u64, struct budget, dns_released, MAX_BUDGETS, BPF_F_NO_PREALLOC);
+BPF_ARRAY(dns_lost, u64, 1);  /* entries not made because a map was full */
 
 /* A lookup awaiting its answer. The namespace's cookie is the query's (on egress the packet's
    socket, or device, is the namespace's), kept in the value: on a veth's ingress the kernel's
@@ -122,20 +142,61 @@ BPF_HASH(dns_latency, struct latency_key, u64, MAX_LATENCY_KEYS);
    directions are this namespace's, and the cookie is in the key too (127.0.0.1 is in every one). */
 struct flight_key { u64 cookie; u8 client[16]; u16 client_port; u16 id; u16 family; u16 pad; };
 struct flight_val { u64 sent_ns; u64 cookie; u8 server[16]; u16 server_port; u16 qtype; u8 forwarded; u8 len; u8 pad[2]; u8 name[NAME_BYTES]; };
-BPF_TABLE("lru_hash", struct flight_key, struct flight_val, dns_inflight, MAX_INFLIGHT);
+BPF_F_TABLE("hash", struct flight_key, struct flight_val, dns_inflight, MAX_INFLIGHT, BPF_F_NO_PREALLOC);
 
 struct pending_key { u64 cookie; u16 qtype; u8 pad[6]; u8 name[NAME_BYTES]; };
 BPF_TABLE("lru_hash", struct pending_key, u64, dns_embedded, MAX_INFLIGHT);
 
 struct server_key { u64 cookie; u8 addr[16]; u16 family; u16 port; u32 pad; };
-struct server_val { u64 queries; u64 answers; u64 failures; u64 latency_ns; u64 forwarded; };
-BPF_TABLE("lru_hash", struct server_key, struct server_val, dns_servers, MAX_SERVERS);
+struct server_val { u64 queries; u64 answers; u64 failures; u64 latency_ns; u64 forwarded; u64 last_ns; };
+BPF_F_TABLE("hash", struct server_key, struct server_val, dns_servers, MAX_SERVERS, BPF_F_NO_PREALLOC);
 
 struct name_key { u64 cookie; u8 rcode; u8 qtype; u8 pad[6]; u8 name[NAME_BYTES]; };
 struct name_val { u64 count; u64 last_ns; };
-BPF_TABLE("lru_hash", struct name_key, struct name_val, dns_names, MAX_NAMES);
+BPF_F_TABLE("hash", struct name_key, struct name_val, dns_names, MAX_NAMES, BPF_F_NO_PREALLOC);
 
 BPF_PERCPU_ARRAY(scratch, struct flight_val, 2);
+
+#define FLIGHTS 0
+#define NAMES 1
+#define SERVERS 2
+
+static __always_inline void lost_one(void) {
+    int first = 0;
+    u64 *lost = dns_lost.lookup(&first);
+    if (lost)
+        __sync_fetch_and_add(lost, 1);
+}
+
+static __always_inline struct budget *budget_of(u64 cookie) {
+    struct budget zero = {};
+    struct budget *b = dns_budget.lookup_or_try_init(&cookie, &zero);
+    if (!b)
+        lost_one();
+    return b;
+}
+
+/* Whether the namespace may add one more entry of a kind (else counted as refused). */
+static __always_inline int room(u64 cookie, struct budget *b, int what) {
+    struct budget *r = dns_released.lookup(&cookie);
+    u64 held, limit;
+    if (what == FLIGHTS) {
+        held = b->flights - b->answered - (r ? r->flights : 0);
+        limit = MAX_FLIGHTS_PER_NS;
+    } else if (what == NAMES) {
+        held = b->names - (r ? r->names : 0);
+        limit = MAX_NAMES_PER_NS;
+    } else {
+        held = b->servers - (r ? r->servers : 0);
+        limit = MAX_SERVERS_PER_NS;
+    }
+    if ((s64)held >= (s64)limit) {
+        __sync_fetch_and_add(&b->refused, 1);
+        return 0;
+    }
+    return 1;
+}
+
 
 struct packet {
     u64 cookie;
@@ -286,25 +347,49 @@ static __always_inline void on_query(struct __sk_buff *skb, struct packet *p, u1
             v->forwarded = 1;
     }
 
+    struct budget *b = budget_of(p->cookie);
+    if (!b)
+        return;
     struct flight_key fk = {};
     fk.cookie = skb->ifindex == LO_IFINDEX ? p->cookie : 0;  /* see flight_key */
     __builtin_memcpy(fk.client, p->src, 16);
     fk.client_port = p->sport;
     fk.id = id;
     fk.family = p->family;
-    dns_inflight.update(&fk, v);
+    if (dns_inflight.lookup(&fk)) {
+        dns_inflight.update(&fk, v);  /* the same query again (a retry): its time starts again */
+    } else {
+        if (!room(p->cookie, b, FLIGHTS))
+            return;
+        int err = dns_inflight.insert(&fk, v);
+        if (err == 0)
+            __sync_fetch_and_add(&b->flights, 1);
+        else if (err == -EEXIST)
+            dns_inflight.update(&fk, v);
+        else
+            lost_one();
+    }
 
     struct server_key sk = {};
     sk.cookie = p->cookie;
     __builtin_memcpy(sk.addr, p->dst, 16);
     sk.family = p->family;
     sk.port = v->server_port;
-    struct server_val none = {};
-    struct server_val *s = dns_servers.lookup_or_try_init(&sk, &none);
+    struct server_val *s = dns_servers.lookup(&sk);
+    if (!s && room(p->cookie, b, SERVERS)) {
+        struct server_val none = {};
+        int err = dns_servers.insert(&sk, &none);
+        if (err == 0)
+            __sync_fetch_and_add(&b->servers, 1);
+        else if (err != -EEXIST)
+            lost_one();
+        s = dns_servers.lookup(&sk);
+    }
     if (s) {
         __sync_fetch_and_add(&s->queries, 1);
         if (v->forwarded)
             __sync_fetch_and_add(&s->forwarded, 1);
+        s->last_ns = v->sent_ns;
     }
 }
 
@@ -343,12 +428,16 @@ static __always_inline void on_answer(struct __sk_buff *skb, struct packet *p, u
         u64 *c = dns_counts.lookup_or_try_init(&ck, &zero);
         if (c)
             __sync_fetch_and_add(c, 1);
+        else
+            lost_one();
         struct latency_key lk = {};
         lk.cookie = v->cookie;
         lk.bucket = bpf_log2l(took / 1000);
         u64 *l = dns_latency.lookup_or_try_init(&lk, &zero);
         if (l)
             __sync_fetch_and_add(l, 1);
+        else
+            lost_one();
         lk.bucket = SUM_BUCKET;  /* the answered lookups' total time, in nanoseconds */
         l = dns_latency.lookup_or_try_init(&lk, &zero);
         if (l)
@@ -374,15 +463,29 @@ static __always_inline void on_answer(struct __sk_buff *skb, struct packet *p, u
             nk->rcode = rc;
             nk->qtype = (u8)qtype_bucket(v->qtype);
             __builtin_memcpy(nk->name, v->name, NAME_BYTES);
-            struct name_val nv = {};
-            struct name_val *n = dns_names.lookup_or_try_init(nk, &nv);
+            struct name_val *n = dns_names.lookup(nk);
+            struct budget *b = n ? NULL : budget_of(v->cookie);
+            if (b && room(v->cookie, b, NAMES)) {
+                struct name_val nv = {};
+                int err = dns_names.insert(nk, &nv);
+                if (err == 0)
+                    __sync_fetch_and_add(&b->names, 1);
+                else if (err != -EEXIST)
+                    lost_one();
+                n = dns_names.lookup(nk);
+            }
             if (n) {
                 __sync_fetch_and_add(&n->count, 1);
                 n->last_ns = now;
             }
         }
     }
-    dns_inflight.delete(&fk);
+    u64 cookie = v->cookie;
+    if (dns_inflight.delete(&fk) == 0) {
+        struct budget *b = dns_budget.lookup(&cookie);
+        if (b)
+            __sync_fetch_and_add(&b->answered, 1);
+    }
 }
 
 static __always_inline int handle(struct __sk_buff *skb, int egress) {

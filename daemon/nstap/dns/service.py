@@ -28,6 +28,8 @@ from . import tcx
 from .lookups import HISTORY_EVERY, Lookups, Tally, to_json
 from .program import FUNCTIONS, MAPS, cookie_of
 
+FLIGHTS, NAMES, SERVERS = 0, 1, 2  # what the daemon releases (tally.release)
+
 log = structlog.get_logger("nstap.dns")
 
 RESCAN_EVERY = 10.0  # seconds between looks for interfaces a namespace gained (docker network connect)
@@ -64,6 +66,7 @@ class DnsService:
         self.attach_errors = 0
         self.read_errors = 0
         self.timeouts_total = 0
+        self.lost = 0  # entries the program could not make: a map of all namespaces was full
         self._progs: dict[str, int] = {}
         self._maps: dict[str, BpfMap] = {}
         self._links: dict[int, tcx.NamespaceLinks] = {}  # inode -> links (the thread's)
@@ -209,6 +212,8 @@ class DnsService:
         """Delete every map entry of ``cookies`` (every key starts with the cookie); how many went."""
         gone = 0
         for name, bpf_map in self._maps.items():
+            if name == "dns_lost":  # an array: nobody's
+                continue
             for key, value in bpf_map.items():
                 if cookie_of(name, key, value) in cookies and bpf_map.delete(key):
                     gone += 1
@@ -249,22 +254,34 @@ class DnsService:
 
         tally.counts(items("dns_counts"))
         tally.latencies(items("dns_latency"))
-        expired = tally.expired(items("dns_inflight"), time.monotonic_ns(), time.time())
-        for key in expired:
-            maps["dns_inflight"].delete(key)
+        tally.budgets(items("dns_budget"))
+        now_ns = time.monotonic_ns()
+        expired = tally.expired(items("dns_inflight"), now_ns, time.time())
+        self._delete("dns_inflight", expired, FLIGHTS)
         self.timeouts_total += len(expired)
         failed = sum(n for per in tally.requests.values() for (rcode, _), n in per.items() if rcode != "NOERROR") + self.timeouts_total
         now = time.monotonic()
         if failed != self._failed_before or now - self._names_at >= HISTORY_EVERY:
             self._failed_before, self._names_at = failed, now
-            tally.failing(items("dns_names"), self._boot_offset, time.time())
-            tally.server_list(items("dns_servers"))
+            self._delete("dns_names", tally.failing(items("dns_names"), self._boot_offset, time.time()), NAMES)
+            self._delete("dns_servers", tally.server_list(items("dns_servers"), now_ns), SERVERS)
+        for key, value in tally.released_changed():
+            maps["dns_released"].update(key, value)
+        self.lost = sum(int.from_bytes(value, "little") for _, value in maps["dns_lost"].items())
         if stale:
             self._forget(stale)
         if now - self._rescanned_at >= RESCAN_EVERY:
             self._rescanned_at = now
             self._rescan()
         return {inode: tally.lookups(links.cookie) for inode, links in self._links.items()}
+
+    def _delete(self, name: str, entries: list[tuple[int, bytes]], what: int) -> None:
+        """Delete entries of a map the daemon prunes, giving their namespace its room back (an
+        entry the program deleted first, an answered lookup, is not released twice)."""
+        bpf_map = self._maps[name]
+        for cookie, key in entries:
+            if bpf_map.delete(key):
+                self.tally.release(cookie, what)
 
     def _rescan(self) -> None:
         """Give interfaces that appeared since the attach their links."""
