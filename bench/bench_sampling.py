@@ -321,7 +321,7 @@ class Daemon:
     """``nstap run`` started through a shell that first moves itself into the cgroup, then execs
     the daemon: everything the daemon forks is born in the group."""
 
-    def __init__(self, workdir: Path, port: int, cgroup: CpuCgroup, ring_bytes: int) -> None:
+    def __init__(self, workdir: Path, port: int, cgroup: CpuCgroup, ring_bytes: int, dns: str = "auto") -> None:
         self.port = port
         self.workdir = workdir
         config = workdir / "nstap.yaml"
@@ -329,6 +329,7 @@ class Daemon:
             f"interval: {INTERVAL}\nmetrics_listen: 127.0.0.1:{port}\napi_listen: 127.0.0.1:{port + 1}\n"
             f"data_dir: {workdir}/data\nlog_format: json\nlog_level: warning\n"
             f"capture: {{ring_bytes: {ring_bytes}, pre_seconds: 60, max_seconds: 120}}\n"
+            f"dns: {{mode: '{dns}'}}\n"
         )
         self.log_path = workdir / "nstap.log"
         with open(self.log_path, "wb") as out:
@@ -782,7 +783,7 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         cgroup = CpuCgroup(f"{NAME}-{n}")
         leftovers: list[int] = []
         stack.callback(lambda: leftovers.extend(cgroup.remove()))
-        daemon = Daemon(workdir, port, cgroup, args.ring_bytes)
+        daemon = Daemon(workdir, port, cgroup, args.ring_bytes, args.dns)
         stack.callback(daemon.stop)
         pid = daemon.pid
 
@@ -923,6 +924,8 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         variant.append(f"capture-load ring={args.ring_bytes}")
     if args.scrape_every != 15.0:
         variant.append(f"scrape-every={args.scrape_every:g}")
+    if args.dns != "auto":
+        variant.append(f"dns={args.dns}")
 
     def ms(s: float) -> float:
         return round(s * 1e3, 3)
@@ -1181,6 +1184,7 @@ def main() -> int:
     parser.add_argument(
         "--results", type=Path, default=ROOT / "bench/results/sampling.jsonl", help="append one JSON line per size here ('' for none)"
     )
+    parser.add_argument("--dns", choices=("auto", "on", "off"), default="auto", help="dns.mode of the daemon (its cost: on against off)")
     parser.add_argument("--json", type=Path, help="also write this run's results here (a JSON list)")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench/sampling.png", help="drawn when the run covers several sizes")
     parser.add_argument("--always-plot", action="store_true", help="draw the plot after a single size too")
