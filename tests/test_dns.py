@@ -526,3 +526,25 @@ def test_without_bcc_dns_degrades_and_on_refuses_to_start(nstap, tmp_path: Path,
     proc = subprocess.run([sys.executable, "-m", "nstap", "run", "--config", str(config)], capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(fake.parent)})
     assert proc.returncode == 2 and "dns.mode: on, but bcc is not importable" in proc.stderr
+
+
+@pytest.mark.docker
+def test_an_interface_added_later_gets_its_links(nstap, docker_network, containers, docker_image: str) -> None:
+    """``docker network connect`` gives a running container a new interface: its next sample shows
+    it, and the lookups that leave through it are counted."""
+    net, gateway = docker_network
+    d = nstap(DNS_ON)
+    cid = containers.docker(docker_image, *SLEEP, name="dnslater")
+    attached(d, cid)
+    sh("docker", "network", "connect", net, cid)
+    d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12], interface="eth1"), 10, "eth1 sampled")
+    pid = containers.pid("docker", cid)
+    with host_dns_server(gateway):
+        def counted():
+            ask_in(pid, gateway, "later.test", 1)
+            return sum(requests_of(dns_view(d, cid)).values())
+        wait_until(counted, 10, 0.5, "a lookup through eth1 counted")
+    n = sum(requests_of(dns_view(d, cid)).values())
+    with host_dns_server(gateway):
+        assert ask_in(pid, gateway, "later.test", 3) == ["NOERROR"] * 3
+    assert sum(requests_of(dns_view(d, cid)).values()) == n + 3

@@ -26,6 +26,8 @@ import yaml
 
 from conftest import Containers, free_port, tool, wait_until
 from test_anomalies import container_ip, download, finished_capture, in_netns, tcpdump_lines
+from test_dns import ask_in, attached, host_dns_server
+from test_ebpf import gateway
 
 pytestmark = pytest.mark.docker
 
@@ -212,6 +214,10 @@ def test_alert_to_pcap_dashboards_and_capture_page(nstap, containers: Containers
             with socket.socket() as c:
                 c.settimeout(0.3)
                 c.connect_ex((ip, 82))
+        # DNS lookups, two of them failing (the DNS panels), to the test's server on docker0.
+        with host_dns_server(gateway()):
+            attached(d, cid)
+            assert ask_in(pid, gateway(), "ok.test", 3) + ask_in(pid, gateway(), "nxe2e.test", 2) == ["NOERROR"] * 3 + ["NXDOMAIN"] * 2
         stop = threading.Event()
         storm = reset_storm(ip, stop)
         try:
@@ -249,7 +255,8 @@ def test_alert_to_pcap_dashboards_and_capture_page(nstap, containers: Containers
         wait_until(lambda: d.scrape().find("nstap_kernel_drops_total", container_id=cid[:12])
                    and d.scrape().find("nstap_container_conntrack_entries", container_id=cid[:12])
                    and d.scrape().find("nstap_firewall_rule_packets_total", container_id=cid[:12])
-                   and d.scrape().find("nstap_capture_info", container_id=cid[:12]), 30, 0.5, "kernel drops, conntrack, firewall, captures")
+                   and d.scrape().find("nstap_capture_info", container_id=cid[:12])
+                   and d.scrape().find("nstap_dns_requests_total", container_id=cid[:12]), 30, 0.5, "kernel drops, conntrack, firewall, captures, DNS")
         time.sleep(6)  # a few more scrapes of them
         substitute = {"$__rate_interval": "10s", "$__range": f"{int(time.time() - started) + 60}s", "$instance": instance, "$container": name, "$host": ".*"}
         empty = [(board, title, expr) for board, title, expr in dashboard_queries(substitute)

@@ -551,8 +551,8 @@ class ContainerCollector:
         for sample in scrape.samples:
             lookups = sample.dns
             ns = scrape.namespaces.get(sample.netns)
-            if lookups is None or ns is None:
-                continue
+            if lookups is None or ns is None or not (lookups.requests or lookups.untracked):
+                continue  # a container that made no lookup pays no series for them
             owner = ns.owner
             base = (("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))
             for (rcode, qtype), count in sorted(lookups.requests.items()):

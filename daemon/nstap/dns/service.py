@@ -23,6 +23,7 @@ import structlog
 from ..ebpf.collector import EbpfUnavailable
 from ..ebpf.loader import LOAD_TIMEOUT, LOADER, Handover, load_in_child
 from ..ebpf.maps import BpfMap
+from ..samples import NamespaceSample
 from ..threads import worker_threads
 from . import tcx
 from .lookups import HISTORY_EVERY, Lookups, Tally, to_json
@@ -32,7 +33,7 @@ FLIGHTS, NAMES, SERVERS = 0, 1, 2  # what the daemon releases (tally.release)
 
 log = structlog.get_logger("nstap.dns")
 
-RESCAN_EVERY = 10.0  # seconds between looks for interfaces a namespace gained (docker network connect)
+RESCAN_EVERY = 300.0  # seconds between looks at every namespace for interfaces it gained (besides a change its samples show)
 
 
 async def probe(loader: Sequence[str] = (*LOADER, "--program", "dns")) -> dict[str, str]:
@@ -73,6 +74,8 @@ class DnsService:
         self._ns_fds: dict[int, int] = {}  # inode -> our duplicate of the watcher's namespace descriptor (the thread's)
         self._cookies: dict[int, int] = {}  # inode -> cookie, for the loop
         self._wanted: set[int] = set()
+        self._interfaces: dict[int, int] = {}  # inode -> interfaces in its last sample (a change: look again)
+        self._rescan_soon: set[int] = set()  # namespaces whose interfaces changed (replaced on the loop, read by the thread)
         self._thread = worker_threads("nstap-dns")
         self._home_fd = os.open(proc_root / "thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._reading: asyncio.Future | None = None
@@ -157,6 +160,7 @@ class DnsService:
         self._wanted = (self._wanted - gone) | set(new)
         for inode in gone:
             self._cookies.pop(inode, None)
+            self._interfaces.pop(inode, None)
         if new or gone:
             job = asyncio.get_running_loop().run_in_executor(self._thread, self._follow, new, gone)
             job.add_done_callback(self._followed)
@@ -220,6 +224,18 @@ class DnsService:
         self.tally.forget(cookies)
         return gone
 
+    def observe(self, sample: NamespaceSample) -> None:
+        """A sample stored (a SampleStore listener, on the loop): a namespace whose interfaces
+        changed (``docker network connect``) gets links on the new ones at the next read."""
+        interfaces = sample.interfaces
+        if interfaces is None or sample.netns not in self._cookies:
+            return
+        count, before = len(interfaces), self._interfaces.get(sample.netns)
+        if count != before:
+            self._interfaces[sample.netns] = count
+            if before is not None:
+                self._rescan_soon = self._rescan_soon | {sample.netns}
+
     # -- reading ---------------------------------------------------------------------------------
 
     def new_round(self) -> None:
@@ -272,7 +288,10 @@ class DnsService:
             self._forget(stale)
         if now - self._rescanned_at >= RESCAN_EVERY:
             self._rescanned_at = now
-            self._rescan()
+            self._rescan(set(self._links))
+        elif self._rescan_soon:
+            soon, self._rescan_soon = self._rescan_soon, set()
+            self._rescan(soon)
         return {inode: tally.lookups(links.cookie) for inode, links in self._links.items()}
 
     def _delete(self, name: str, entries: list[tuple[int, bytes]], what: int) -> None:
@@ -283,11 +302,11 @@ class DnsService:
             if bpf_map.delete(key):
                 self.tally.release(cookie, what)
 
-    def _rescan(self) -> None:
-        """Give interfaces that appeared since the attach their links."""
-        for inode, links in list(self._links.items()):
-            fd = self._ns_fds.get(inode)
-            if fd is None:
+    def _rescan(self, inodes: set[int]) -> None:
+        """Give the interfaces the namespaces ``inodes`` gained since their attach their links."""
+        for inode in inodes:
+            links, fd = self._links.get(inode), self._ns_fds.get(inode)
+            if links is None or fd is None:
                 continue
             try:
                 tcx.attach_namespace(fd, self._home_fd, inode, self._progs["dns_egress"], self._progs["dns_ingress"], links)
