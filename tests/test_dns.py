@@ -91,6 +91,13 @@ def test_failing_names_are_the_last_minutes_and_the_timed_out_names_are_bounded(
     for i in range(MAX_TIMEOUT_NAMES + 50):
         tally.expired([flight_item(1, 1000 + i % 60000, 0, bytes([5]) + f"n{i:04d}".encode() + b"\x00")], 10**10, 2000.0)
     assert len(tally.timeout_names) == MAX_TIMEOUT_NAMES
+    # Timeouts to servers past the namespace's room (not in the map) are not kept.
+    for i in range(3000):
+        tally.expired([flight_item(1, 2000, 0, b"\x01x\x00", server=f"10.1.{i // 250}.{i % 250}")], 10**10, 2000.0)
+    assert len(tally.server_timeouts) == 3001  # and the one of the timed-out names above
+    server_key = program.SERVER_KEY.pack(1, socket.inet_aton("10.1.0.7").ljust(16, b"\0"), socket.AF_INET, 53, 0)
+    tally.server_list([(server_key, program.SERVER_VALUE.pack(1, 0, 0, 0, 0, 10**10))], 10**10)
+    assert tally.server_timeouts == {(1, "10.1.0.7", 53): 1} and tally.servers[1][0].timeouts == 1
 
 
 def lookups(requests: dict, servers: tuple = (), names: tuple = (), timeout: float = 5.0) -> Lookups:
@@ -283,7 +290,7 @@ async def test_a_reused_namespace_inode_starts_from_zero_and_detach_leaves_the_m
             ask(a, "10.98.0.1", "nx.test", 3)
             assert (await read(dns, inodes[a])).requests == {("NXDOMAIN", "A"): 3}
             dns.follow({})  # the watcher detached
-            await asyncio.to_thread(wait_until, lambda: not any(m.keys() for n, m in dns._maps.items() if n != "dns_lost"), 5, 0.05, "entries deleted")
+            await asyncio.to_thread(wait_until, lambda: not any(m.keys() for n, m in dns._maps.items() if n not in ("dns_lost", "dns_changes")), 5, 0.05, "entries deleted")
             # Another namespace on the same inode number (as the kernel reuses them): nothing inherited.
             await follow(dns, b, as_inode={b: inodes[a]})
             ask(b, "10.98.1.1", "ok.test", 2)

@@ -144,8 +144,8 @@ class DnsFailureDetector:
             coarse.append((now, failed, total))
         while len(coarse) > 2 and coarse[1][0] <= now - self.window - self.baseline:
             coarse.popleft()
-        if len(points) < 2:
-            return None
+        if len(points) < 2 or failed - points[0][2] < self.min_failures:
+            return None  # (the window's start has the fewest failures: no reference has enough)
         base_share = self._base_share(points[0][0])
         for ref in (points[0], self._short_reference(now)):
             bad = failed - ref[2]

@@ -192,6 +192,7 @@ class Tally:
         """dns_servers read whole: each namespace's servers, most asked first. Returns the
         (cookie, key) of servers not asked for SERVER_IDLE seconds: the caller deletes them."""
         servers: dict[int, list[Server]] = {}
+        listed: set[tuple[int, str, int]] = set()
         idle = []
         for key, value in items:
             cookie, addr, family, port, _ = SERVER_KEY.unpack(key)
@@ -200,12 +201,16 @@ class Tally:
                 idle.append((cookie, key))
                 continue
             address = _address(addr, family)
+            listed.add((cookie, address, port))
             timeouts = self.server_timeouts.get((cookie, address, port), 0)
             servers.setdefault(cookie, []).append(Server(address, port, queries, answers, failures, timeouts, latency_ns / 1e9, forwarded))
         for per in servers.values():
             per.sort(key=lambda s: (-s.queries, s.address))
             del per[TOP:]
         self.servers = servers
+        # Timeouts are kept for the servers in the map only (a namespace that asks servers past
+        # its room, or pruned ones, would grow this table without end).
+        self.server_timeouts = {k: v for k, v in self.server_timeouts.items() if k in listed}
         self._listed += 1
         return idle
 

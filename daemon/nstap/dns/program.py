@@ -61,6 +61,7 @@ MAPS = {
     "dns_budget": (8, BUDGET.size),
     "dns_released": (8, BUDGET.size),
     "dns_lost": (4, 8),
+    "dns_changes": (4, 8),
 }
 
 def cookie_of(map_name: str, key: bytes, value: bytes) -> int:
@@ -134,6 +135,7 @@ struct budget { u64 flights; u64 names; u64 servers; u64 answered; u64 refused; 
 BPF_F_TABLE("hash", u64, struct budget, dns_budget, MAX_BUDGETS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", u64, struct budget, dns_released, MAX_BUDGETS, BPF_F_NO_PREALLOC);
 BPF_ARRAY(dns_lost, u64, 1);  /* entries not made because a map was full */
+BPF_ARRAY(dns_changes, u64, 1);  /* DNS packets handled: the daemon reads the other maps when it moved */
 
 /* A lookup awaiting its answer. The namespace's cookie is the query's (on egress the packet's
    socket, or device, is the namespace's), kept in the value: on a veth's ingress the kernel's
@@ -537,6 +539,10 @@ static __always_inline int handle(struct __sk_buff *skb, int egress) {
     if ((flags >> 11) & 0xf)   /* not a standard query */
         return TCX_NEXT;
     p.cookie = netns_cookie(skb);
+    int first = 0;
+    u64 *changes = dns_changes.lookup(&first);
+    if (changes)
+        __sync_fetch_and_add(changes, 1);
     if (!answer && egress)
         on_query(skb, &p, h.id);
     else if (answer && (!egress || skb->ifindex == LO_IFINDEX))

@@ -30,6 +30,8 @@ from .lookups import HISTORY_EVERY, Lookups, Tally, to_json
 from .program import FUNCTIONS, MAPS, cookie_of
 
 FLIGHTS, NAMES, SERVERS = 0, 1, 2  # what the daemon releases (tally.release)
+FIRST = bytes(4)  # the key of a one-element array
+ARRAYS = ("dns_lost", "dns_changes")  # one counter for all namespaces each
 
 log = structlog.get_logger("nstap.dns")
 
@@ -82,6 +84,9 @@ class DnsService:
         self._names_at = float("-inf")
         self._rescanned_at = time.monotonic()
         self._failed_before = -1
+        self._changes_seen = -1  # dns_changes at the last read
+        self._waiting = 0  # lookups awaiting their answer at the last read of dns_inflight
+        self._listed_entries = 0  # failing names and servers in the maps at their last read
         self._failing = False
         self._closed = False
         self._boot_offset = time.time() - time.monotonic()
@@ -165,26 +170,33 @@ class DnsService:
             job = asyncio.get_running_loop().run_in_executor(self._thread, self._follow, new, gone)
             job.add_done_callback(self._followed)
 
-    def _follow(self, new: dict[int, int], gone: set[int]) -> dict[int, int]:
-        """In the thread: attach in the new namespaces, detach and forget the gone ones; the new cookies."""
-        cookies = {}
-        for inode in gone:
-            self._detach(inode)
-        for inode, fd in new.items():
-            self._ns_fds[inode] = fd
-            try:
-                links = tcx.attach_namespace(fd, self._home_fd, inode, self._progs["dns_egress"], self._progs["dns_ingress"])
-            except OSError as exc:
-                self.attach_errors += 1
-                self._ns_fds.pop(inode)
+    def _follow(self, new: dict[int, int], gone: set[int]) -> tuple[dict[int, int], set[int]]:
+        """In the thread: attach in the new namespaces, detach and forget the gone ones; the new
+        cookies, and the namespaces that could not be attached (tried again at the next change)."""
+        cookies: dict[int, int] = {}
+        detached = {cookie for cookie in map(self._detach, gone) if cookie is not None}
+        if detached:
+            self._forget(detached)  # one pass over the maps for all of them
+        pending = dict(new)
+        try:
+            for inode, fd in new.items():
+                del pending[inode]
+                try:
+                    links = tcx.attach_namespace(fd, self._home_fd, inode, self._progs["dns_egress"], self._progs["dns_ingress"])
+                except OSError as exc:
+                    self.attach_errors += 1
+                    os.close(fd)
+                    if isinstance(exc, tcx.NoTcx):
+                        raise
+                    log.info("dns_attach_skipped", netns=inode, error=f"{type(exc).__name__}: {exc}")
+                    continue
+                self._ns_fds[inode] = fd
+                self._links[inode] = links
+                cookies[inode] = links.cookie
+        finally:
+            for fd in pending.values():  # not reached (no TCX on this kernel): nothing holds them
                 os.close(fd)
-                if isinstance(exc, tcx.NoTcx):
-                    raise
-                log.info("dns_attach_skipped", netns=inode, error=f"{type(exc).__name__}: {exc}")
-                continue
-            self._links[inode] = links
-            cookies[inode] = links.cookie
-        return cookies
+        return cookies, set(new) - set(cookies)
 
     def _followed(self, job: asyncio.Future) -> None:
         if job.cancelled():
@@ -198,25 +210,28 @@ class DnsService:
         if exc is not None:
             log.warning("dns_attach_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        for inode, cookie in job.result().items():
+        cookies, failed = job.result()
+        for inode, cookie in cookies.items():
             if inode in self._wanted:
                 self._cookies[inode] = cookie
+        self._wanted -= failed
 
-    def _detach(self, inode: int) -> None:
+    def _detach(self, inode: int) -> int | None:
+        """Close the namespace's links and descriptor; its cookie (None if it had no links)."""
         links = self._links.pop(inode, None)
         fd = self._ns_fds.pop(inode, None)
         if fd is not None:
             os.close(fd)
         if links is None:
-            return
+            return None
         links.close()
-        self._forget({links.cookie})
+        return links.cookie
 
     def _forget(self, cookies: set[int]) -> int:
         """Delete every map entry of ``cookies`` (every key starts with the cookie); how many went."""
         gone = 0
         for name, bpf_map in self._maps.items():
-            if name == "dns_lost":  # an array: nobody's
+            if name in ARRAYS:  # nobody's
                 continue
             for key, value in bpf_map.items():
                 if cookie_of(name, key, value) in cookies and bpf_map.delete(key):
@@ -249,14 +264,19 @@ class DnsService:
     async def refresh(self) -> None:
         """Read now and wait for it (what a round does, awaited: for the API and tests)."""
         self._names_at = float("-inf")  # names and servers too
+        self._changes_seen = -1  # and everything else
         self.new_round()
         if self._reading is not None:
             await asyncio.gather(self._reading, return_exceptions=True)
 
     def _read(self) -> dict[int, Lookups]:
+        """Read what changed. The program counts the DNS packets it handled in dns_changes: a
+        round with none, no lookup awaiting its answer and no listing due reads that one counter
+        only (a batched read walks all of a hash map's buckets, used or not: about 30 us a map)."""
         maps, tally = self._maps, self.tally
         live = {links.cookie for links in self._links.values()}
         stale: set[int] = set()
+        now, now_ns = time.monotonic(), time.monotonic_ns()
 
         def items(name: str) -> list[tuple[bytes, bytes]]:
             out = []
@@ -268,22 +288,29 @@ class DnsService:
                     stale.add(cookie)  # counted after its namespace's links closed
             return out
 
-        tally.counts(items("dns_counts"))
-        tally.latencies(items("dns_latency"))
-        tally.budgets(items("dns_budget"))
-        now_ns = time.monotonic_ns()
-        expired = tally.expired(items("dns_inflight"), now_ns, time.time())
-        self._delete("dns_inflight", expired, FLIGHTS)
-        self.timeouts_total += len(expired)
+        changes = int.from_bytes(maps["dns_changes"].lookup(FIRST) or bytes(8), "little")
+        changed, self._changes_seen = changes != self._changes_seen, changes  # (read first: a change during the reads is seen next round)
+        if changed:
+            tally.counts(items("dns_counts"))
+            tally.latencies(items("dns_latency"))
+            tally.budgets(items("dns_budget"))
+            self.lost = int.from_bytes(maps["dns_lost"].lookup(FIRST) or bytes(8), "little")
+        if changed or self._waiting:
+            flights = items("dns_inflight")
+            expired = tally.expired(flights, now_ns, time.time())
+            self._delete("dns_inflight", expired, FLIGHTS)
+            self.timeouts_total += len(expired)
+            self._waiting = len(flights) - len(expired)
         failed = sum(n for per in tally.requests.values() for (rcode, _), n in per.items() if rcode != "NOERROR") + self.timeouts_total
-        now = time.monotonic()
-        if failed != self._failed_before or now - self._names_at >= HISTORY_EVERY:
+        due = now - self._names_at >= HISTORY_EVERY and (changed or self._listed_entries)
+        if failed != self._failed_before or due:
             self._failed_before, self._names_at = failed, now
-            self._delete("dns_names", tally.failing(items("dns_names"), self._boot_offset, time.time()), NAMES)
-            self._delete("dns_servers", tally.server_list(items("dns_servers"), now_ns), SERVERS)
+            names, servers = items("dns_names"), items("dns_servers")
+            self._listed_entries = len(names) + len(servers)
+            self._delete("dns_names", tally.failing(names, self._boot_offset, time.time()), NAMES)
+            self._delete("dns_servers", tally.server_list(servers, now_ns), SERVERS)
         for key, value in tally.released_changed():
             maps["dns_released"].update(key, value)
-        self.lost = sum(int.from_bytes(value, "little") for _, value in maps["dns_lost"].items())
         if stale:
             self._forget(stale)
         if now - self._rescanned_at >= RESCAN_EVERY:
