@@ -462,7 +462,7 @@ class CaptureApi:
         "GET", "/api/v1/containers/{name}/dns",
         "The container's DNS lookups (from the kernel): so far by outcome and type, the last minute's failing names, the servers asked with their latency (the dig / tcpdump port 53 step).",
         params=(CONTAINER,),
-        answers=((200, "container, attached (the program is on its interfaces), timeout_seconds, window_seconds, requests (rcode, qtype, count), answered, failed, mean_latency_ms, "
+        answers=((200, "container, attached (the program is on its interfaces), interfaces (how many), timeout_seconds, window_seconds, requests (rcode, qtype, count), answered, failed, mean_latency_ms, "
                        "failing_names (name, rcode, qtype, count, last_seen), servers (address, port, queries, answers, failures, timeouts, "
                        "mean_latency_ms, via_embedded_resolver)"), NO_CONTAINER,
                  (409, "the DNS collector is not running, or the container is not watched")),
@@ -478,7 +478,7 @@ class CaptureApi:
         await dns.refresh()
         lookups = dns.of(namespace.inode)
         body = {"container": record.name, "container_id": record.short_id, "runtime": record.runtime,
-                "attached": dns.attached_to(namespace.inode), "timeout_seconds": dns.tally.timeout, "window_seconds": DNS_WINDOW}
+                "attached": dns.attached_to(namespace.inode), "interfaces": dns.interfaces_of(namespace.inode), "timeout_seconds": dns.tally.timeout, "window_seconds": DNS_WINDOW}
         body.update(dns_json(lookups) or {"requests": [], "answered": 0, "failed": 0, "mean_latency_ms": None, "failing_names": [], "servers": []})
         return web.json_response(body)
 

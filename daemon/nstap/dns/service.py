@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -76,8 +77,9 @@ class DnsService:
         self._ns_fds: dict[int, int] = {}  # inode -> our duplicate of the watcher's namespace descriptor (the thread's)
         self._cookies: dict[int, int] = {}  # inode -> cookie, for the loop
         self._wanted: set[int] = set()
-        self._interfaces: dict[int, int] = {}  # inode -> interfaces in its last sample (a change: look again)
-        self._rescan_soon: set[int] = set()  # namespaces whose interfaces changed (replaced on the loop, read by the thread)
+        self._interfaces: dict[int, int] = {}  # inode -> interfaces in its last sample (a change: compared with its links)
+        self._rescan_soon: set[int] = set()  # namespaces whose interfaces changed (added on the loop, taken by the thread)
+        self._rescan_lock = threading.Lock()
         self._thread = worker_threads("nstap-dns")
         self._home_fd = os.open(proc_root / "thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._reading: asyncio.Future | None = None
@@ -245,11 +247,15 @@ class DnsService:
         interfaces = sample.interfaces
         if interfaces is None or sample.netns not in self._cookies:
             return
-        count, before = len(interfaces), self._interfaces.get(sample.netns)
-        if count != before:
-            self._interfaces[sample.netns] = count
-            if before is not None:
-                self._rescan_soon = self._rescan_soon | {sample.netns}
+        count = len(interfaces)
+        if count == self._interfaces.get(sample.netns):
+            return
+        self._interfaces[sample.netns] = count
+        # (against the links made, not the sample before: an interface added before the first
+        # sample after the attach is a change too)
+        if sum(1 for i in interfaces if i.side == "container") != self.interfaces_of(sample.netns):
+            with self._rescan_lock:
+                self._rescan_soon.add(sample.netns)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -262,7 +268,10 @@ class DnsService:
         self._reading.add_done_callback(self._read_done)
 
     async def refresh(self) -> None:
-        """Read now and wait for it (what a round does, awaited: for the API and tests)."""
+        """Read everything now and wait for it (for the API, the evidence and tests): a read
+        under way may have begun before what the caller wants seen, so it is waited for first."""
+        if self._reading is not None and not self._reading.done():
+            await asyncio.gather(self._reading, return_exceptions=True)
         self._names_at = float("-inf")  # names and servers too
         self._changes_seen = -1  # and everything else
         self.new_round()
@@ -317,7 +326,8 @@ class DnsService:
             self._rescanned_at = now
             self._rescan(set(self._links))
         elif self._rescan_soon:
-            soon, self._rescan_soon = self._rescan_soon, set()
+            with self._rescan_lock:  # (a swap without it could lose the loop's addition made meanwhile)
+                soon, self._rescan_soon = self._rescan_soon, set()
             self._rescan(soon)
         return {inode: tally.lookups(links.cookie) for inode, links in self._links.items()}
 
@@ -364,6 +374,11 @@ class DnsService:
             return {"error": self.error or "not loaded"}
         await self.refresh()
         return to_json(self.of(inode)) or {"error": "no lookups seen since its links were made"}
+
+    def interfaces_of(self, inode: int) -> int:
+        """How many of the namespace's interfaces have links (0: not attached)."""
+        links = self._links.get(inode)  # (the thread's: a count read from the loop may be a round old)
+        return len(links.links) if links is not None else 0
 
     def attached_to(self, inode: int) -> bool:
         """Whether the namespace has its links (lookups before that were not seen)."""
