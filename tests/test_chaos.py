@@ -171,9 +171,10 @@ def test_churn_of_docker_and_podman_containers_leaks_nothing(nstap, containers: 
 
 
 def _bpf_maps(pid: int) -> dict[str, int]:
-    """The daemon's BPF maps by what they hold: ``drops`` (8-byte keys: netns, reason) and
-    ``flows`` (28-byte keys: netns, ports, family, address), each with its map id (from fdinfo)."""
-    by_size = {"8": "drops", "28": "flows"}
+    """The daemon's BPF maps by what they hold: ``drops`` (8-byte keys: netns, reason; 8-byte
+    counts) and ``flows`` (28-byte keys: netns, ports, family, address; count and time), each with
+    its map id (from fdinfo)."""
+    by_size = {"8/8": "drops", "28/16": "flows"}
     return {by_size[size]: map_id for map_id, size in _map_ids(pid).items() if size in by_size}
 
 

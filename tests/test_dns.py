@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, Containers, free_port, sh, wait_until
 from nstap.detect.cause import DNS_EMBEDDED_DOWN, DNS_NXDOMAIN_STORM, DNS_RESOLVER_FAILING, DNS_UPSTREAM_UNREACHABLE, UNKNOWN
 from nstap.detect.dns_failures import DnsFailureDetector, dns_cause
-from nstap.dns import program
+from nstap.dns import program, tcx
 from nstap.dns.lookups import MAX_TIMEOUT_NAMES, Lookups, Name, Server, Tally
 from nstap.dns.service import DnsService
 from nstap.samples import NamespaceSample
@@ -329,6 +329,20 @@ async def test_a_flooding_namespace_is_held_to_its_room_and_the_others_are_count
             ask(a, "10.98.0.1", "okagain.test", 2)
             after = await read(dns, inodes[a])
             assert after.requests[("NOERROR", "A")] == 2 and after.requests[("timeout", "A")] == program.MAX_FLIGHTS_PER_NS
+
+
+@pytest.mark.docker
+async def test_a_namespace_with_many_interfaces_gets_links_on_a_bounded_number(namespaces) -> None:
+    """A container makes its own interfaces: each costs two links, so a namespace gets at most
+    MAX_INTERFACES of them (lo first), the rest counted and logged."""
+    a, _b, _s = namespaces
+    for i in range(20):  # 40 interfaces: veth pairs with both ends in the namespace
+        sh("ip", "-n", a, "link", "add", f"many{i}a", "type", "veth", "peer", "name", f"many{i}b")
+    async with service() as dns:
+        inodes = await follow(dns, a)
+        links = dns._links[inodes[a]]
+        assert len(links.links) == tcx.MAX_INTERFACES and 1 in links.links
+        assert links.skipped == 40 + 2 - tcx.MAX_INTERFACES  # lo, the veth to the server and 40 more
 
 
 @pytest.mark.docker

@@ -381,10 +381,11 @@ class App:
             await parts.probes.start()
         if parts.talkers is not None:
             parts.talkers.start()
+        ebpf_loading = None
         if cfg.ebpf == "auto":
-            self.supervisor.spawn("ebpf-load", parts.ebpf.load())  # about a second, in a thread: sampling starts meanwhile
+            ebpf_loading = self.supervisor.spawn("ebpf-load", parts.ebpf.load())  # about a second, in a child: sampling starts meanwhile
         if cfg.dns.mode == "auto":
-            self.supervisor.spawn("dns-load", self._start_dns(parts))
+            self.supervisor.spawn("dns-load", self._start_dns(parts, ebpf_loading))
         else:
             self._follow_dns(parts)
         for source in self.sources:
@@ -401,8 +402,12 @@ class App:
         if self.notifier.enabled:
             self.supervisor.service("systemd", self._systemd)
 
-    async def _start_dns(self, parts: Parts) -> None:
-        """Load the DNS collector (a child compiles it: seconds) and attach it where watchers are."""
+    async def _start_dns(self, parts: Parts, after: asyncio.Task | None = None) -> None:
+        """Load the DNS collector (a child compiles it: seconds) and attach it where watchers are;
+        after the drop-reason collector's load (``after``): two compilers at once took both cores
+        of a small host from the samples (a round missed in CI)."""
+        if after is not None:
+            await asyncio.wait({after})
         await parts.dns.load()
         self._follow_dns(parts)
 

@@ -32,6 +32,7 @@ MAX_INFLIGHT = 65536  # lookups awaiting their answer, host-wide (maps allocate 
 MAX_SERVERS = 16384  # (namespace, server)
 MAX_NAMES = 32768  # (namespace, rcode, qtype, failing name)
 MAX_BUDGETS = 16384  # namespaces
+MAX_PENDING = 8192  # lookups at Docker's embedded resolver not answered yet (to tell its forwards from the container's own)
 # What one namespace may hold (a flood of distinct lookups, names or servers stops there, counted):
 MAX_FLIGHTS_PER_NS = 1024  # lookups awaiting an answer
 MAX_NAMES_PER_NS = 128  # failing names (the daemon prunes those not seen for a minute)
@@ -110,7 +111,7 @@ def program_text() -> str:
     defines = {
         "NAME_BYTES": NAME_BYTES, "LO_IFINDEX": LO_IFINDEX, "TCX_NEXT": -1, "SUM_BUCKET": SUM_BUCKET,
         "MAX_COUNT_KEYS": MAX_COUNT_KEYS, "MAX_LATENCY_KEYS": MAX_LATENCY_KEYS, "MAX_INFLIGHT": MAX_INFLIGHT,
-        "MAX_SERVERS": MAX_SERVERS, "MAX_NAMES": MAX_NAMES, "MAX_BUDGETS": MAX_BUDGETS, "MAX_FLIGHTS_PER_NS": MAX_FLIGHTS_PER_NS,
+        "MAX_SERVERS": MAX_SERVERS, "MAX_NAMES": MAX_NAMES, "MAX_BUDGETS": MAX_BUDGETS, "MAX_PENDING": MAX_PENDING, "MAX_FLIGHTS_PER_NS": MAX_FLIGHTS_PER_NS,
         "MAX_NAMES_PER_NS": MAX_NAMES_PER_NS, "MAX_SERVERS_PER_NS": MAX_SERVERS_PER_NS, "EEXIST": 17, "BPF_FUNC_get_netns_cookie_NR": BPF_FUNC_GET_NETNS_COOKIE,
     }
     return "".join(f"#define {k} ({v})\n" for k, v in defines.items()) + PROGRAM
@@ -147,7 +148,7 @@ struct flight_val { u64 sent_ns; u64 cookie; u8 server[16]; u16 server_port; u16
 BPF_F_TABLE("hash", struct flight_key, struct flight_val, dns_inflight, MAX_INFLIGHT, BPF_F_NO_PREALLOC);
 
 struct pending_key { u64 cookie; u16 qtype; u8 pad[6]; u8 name[NAME_BYTES]; };
-BPF_TABLE("lru_hash", struct pending_key, u64, dns_embedded, MAX_INFLIGHT);
+BPF_TABLE("lru_hash", struct pending_key, u64, dns_embedded, MAX_PENDING);  /* a hint only: LRU (preallocated) and small */
 
 struct server_key { u64 cookie; u8 addr[16]; u16 family; u16 port; u32 pad; };
 struct server_val { u64 queries; u64 answers; u64 failures; u64 latency_ns; u64 forwarded; u64 last_ns; };

@@ -195,6 +195,8 @@ class DnsService:
                 self._ns_fds[inode] = fd
                 self._links[inode] = links
                 cookies[inode] = links.cookie
+                if links.skipped:
+                    log.info("dns_interfaces_skipped", netns=inode, skipped=links.skipped, linked=len(links.links))
         finally:
             for fd in pending.values():  # not reached (no TCX on this kernel): nothing holds them
                 os.close(fd)

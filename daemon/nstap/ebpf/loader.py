@@ -43,6 +43,7 @@ REPORT_BYTES = 1 << 18  # the report is a few KiB (the reason names)
 MAX_FDS = 16
 OUTPUT_TAIL = 2000  # characters of the child's output kept for the error message
 EXIT_UNAVAILABLE = 3
+LOADER_NICE = 10  # the child's CPU priority below the daemon's
 PR_SET_PDEATHSIG = 1
 
 
@@ -233,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # A daemon killed meanwhile takes the loader with it.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Compiling is a few seconds of CPU that can wait: the daemon's samples cannot.
+    os.nice(LOADER_NICE)
     if os.getppid() != args.parent:
         os._exit(1)
     sock = socket.socket(fileno=args.socket_fd)
