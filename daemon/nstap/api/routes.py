@@ -35,7 +35,7 @@ from ..dns.lookups import to_json as dns_json
 from ..dns.service import DnsService
 from ..ebpf.service import EbpfService
 from ..nat.monitor import NatMonitor
-from ..registry import ContainerRegistry
+from ..registry import ContainerRegistry, WatchedNamespace
 from ..runtime.records import ContainerRecord
 from ..storage.location import capture_storage
 from .endpoints import WEBHOOK, Param, endpoint, routes
@@ -417,8 +417,8 @@ class CaptureApi:
         """The container's listeners: published, internal only, or loopback (the nmap step)."""
         monitor = self._monitor()
         record = self.find(request.match_info["name"])
-        namespace = self.registry.namespaces().get(record.netns)
-        if namespace is None or monitor.exposure is None:
+        namespace = self._watched(record)
+        if monitor.exposure is None:
             raise BadRequest(f"{record.name} is not watched (host network, opted out or not started yet)", 409)
         view = await monitor.exposure(namespace)
         return web.json_response({"container": record.name, "container_id": record.short_id, "runtime": record.runtime, **view})
@@ -449,9 +449,7 @@ class CaptureApi:
         ebpf = self.ebpf
         if ebpf is None or not ebpf.up:
             raise BadRequest(f"the eBPF collector is not running: {ebpf.error if ebpf is not None else 'off'}", 409)
-        namespace = self.registry.namespaces().get(record.netns)
-        if namespace is None:
-            raise BadRequest(f"{record.name} is not watched (host network, opted out or not started yet)", 409)
+        namespace = self._watched(record)
         return web.json_response({
             "container": record.name, "container_id": record.short_id, "runtime": record.runtime, "window_seconds": 60,
             "flows": ebpf.retransmits({namespace.inode}),
@@ -472,15 +470,20 @@ class CaptureApi:
         dns = self.dns
         if dns is None or not dns.up:
             raise BadRequest(f"the DNS collector is not running: {dns.error if dns is not None else 'off'}", 409)
-        namespace = self.registry.namespaces().get(record.netns)
-        if namespace is None:
-            raise BadRequest(f"{record.name} is not watched (host network, opted out or not started yet)", 409)
+        namespace = self._watched(record)
         await dns.refresh()
         lookups = dns.of(namespace.inode)
         body = {"container": record.name, "container_id": record.short_id, "runtime": record.runtime,
                 "attached": dns.attached_to(namespace.inode), "interfaces": dns.interfaces_of(namespace.inode), "timeout_seconds": dns.tally.timeout, "window_seconds": DNS_WINDOW}
         body.update(dns_json(lookups) or {"requests": [], "answered": 0, "failed": 0, "mean_latency_ms": None, "failing_names": [], "servers": []})
         return web.json_response(body)
+
+    def _watched(self, record: ContainerRecord) -> WatchedNamespace:
+        """The namespace of a container nstap watches; 409 if it is not watched."""
+        namespace = self.registry.namespaces().get(record.netns)
+        if namespace is None:
+            raise BadRequest(f"{record.name} is not watched (host network, opted out or not started yet)", 409)
+        return namespace
 
     # -- starting captures -----------------------------------------------------------------------
 

@@ -321,6 +321,16 @@ static __always_inline int is_embedded(u8 *addr, u16 family) {
     return family == 2 && addr[0] == 127 && addr[1] == 0 && addr[2] == 0 && addr[3] == 11;
 }
 
+/* The key of a lookup: its client's address and port (the query's source, the answer's
+   destination), its id; the cookie on lo only (see flight_key). */
+static __always_inline void flight_of(struct flight_key *fk, struct __sk_buff *skb, struct packet *p, u8 *client, u16 port, u16 id) {
+    fk->cookie = skb->ifindex == LO_IFINDEX ? p->cookie : 0;
+    __builtin_memcpy(fk->client, client, 16);
+    fk->client_port = port;
+    fk->id = id;
+    fk->family = p->family;
+}
+
 static __always_inline void on_query(struct __sk_buff *skb, struct packet *p, u16 id) {
     int zero = 0;
     struct flight_val *v = scratch.lookup(&zero);
@@ -354,11 +364,7 @@ static __always_inline void on_query(struct __sk_buff *skb, struct packet *p, u1
     if (!b)
         return;
     struct flight_key fk = {};
-    fk.cookie = skb->ifindex == LO_IFINDEX ? p->cookie : 0;  /* see flight_key */
-    __builtin_memcpy(fk.client, p->src, 16);
-    fk.client_port = p->sport;
-    fk.id = id;
-    fk.family = p->family;
+    flight_of(&fk, skb, p, p->src, p->sport, id);
     if (dns_inflight.lookup(&fk)) {
         dns_inflight.update(&fk, v);  /* the same query again (a retry): its time starts again */
     } else {
@@ -398,11 +404,7 @@ static __always_inline void on_query(struct __sk_buff *skb, struct packet *p, u1
 
 static __always_inline void on_answer(struct __sk_buff *skb, struct packet *p, u16 id, u8 rcode) {
     struct flight_key fk = {};
-    fk.cookie = skb->ifindex == LO_IFINDEX ? p->cookie : 0;
-    __builtin_memcpy(fk.client, p->dst, 16);
-    fk.client_port = p->dport;
-    fk.id = id;
-    fk.family = p->family;
+    flight_of(&fk, skb, p, p->dst, p->dport, id);
     struct flight_val *v = dns_inflight.lookup(&fk);
     if (!v)
         return;
