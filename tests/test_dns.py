@@ -556,10 +556,10 @@ def test_an_interface_added_later_gets_its_links(nstap, docker_network, containe
     net, gateway = docker_network
     d = nstap(DNS_ON)
     cid = containers.docker(docker_image, *SLEEP, name="dnslater")
-    attached(d, cid)
-    sh("docker", "network", "connect", net, cid)
-    before = dns_view(d, cid)["interfaces"]  # lo, eth0 (and tunl0, sit0 where those modules are loaded)
+    before = attached(d, cid)["interfaces"]  # lo, eth0 (and tunl0, sit0 where those modules are loaded)
     assert before >= 2
+    # read before the connect: a sample taken between the connect and a later read links eth1 first
+    sh("docker", "network", "connect", net, cid)
     d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12], interface="eth1"), 10, "eth1 sampled")
     wait_until(lambda: dns_view(d, cid)["interfaces"] == before + 1, 10, 0.2, "links on eth1")
     pid = containers.pid("docker", cid)
