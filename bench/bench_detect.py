@@ -440,7 +440,7 @@ def main() -> int:
         time.sleep(3)
         rows = []
         for cls in [f for f in FAULTS if f.kind in args.kinds.split(",")]:
-            latency, onset_error, reach, missed = [], [], [], 0
+            latency, onset_error, reach, missed, numbers = [], [], [], 0, []
             for _ in range(args.rounds):
                 fault = cls(image, api)
                 try:
@@ -454,6 +454,7 @@ def main() -> int:
                         continue
                     base = event["started_at"] if fault.takes_effect_later else injected
                     latency.append(event["first_seen"] - base)
+                    numbers.append(event.get("numbers", {}))
                     if not fault.takes_effect_later:  # otherwise the onset is the only time the fault has
                         onset_error.append(event["started_at"] - injected)
                     r = pcap_reach(api, event["capture_id"], base)
@@ -461,7 +462,7 @@ def main() -> int:
                         reach.append(r)
                 finally:
                     fault.cleanup()
-            rows.append((cls.kind, cls.takes_effect_later, latency, onset_error, reach, missed))
+            rows.append((cls.kind, cls.takes_effect_later, latency, onset_error, reach, missed, numbers))
         seconds = time.time() - started
         false_positives = []
         for cid in healthy:
@@ -480,15 +481,16 @@ def main() -> int:
         return f"{statistics.median(values):.1f} / {max(values):.1f} s" if values else "-"
 
     print(json.dumps({"healthy_containers": args.containers, "rounds": args.rounds, "seconds": round(seconds), "false_positives": len(false_positives),
-                      "kinds": {k: {"latency": [round(x, 2) for x in lat], "onset_error": [round(x, 2) for x in err], "pre_fault_seconds": pre, "missed": m}
-                                for k, _, lat, err, pre, m in rows}}))
+                      "kinds": {k: {"latency": [round(x, 2) for x in lat], "onset_error": [round(x, 2) for x in err], "pre_fault_seconds": pre, "missed": m,
+                                              "numbers": nums}
+                                for k, _, lat, err, pre, m, nums in rows}}))
     print()
     print(f"{args.containers} healthy containers, {args.rounds} injections per kind, interval 1 s, pre_seconds {PRE:g}, {seconds:.0f} s in all; "
           f"anomalies in the healthy containers: {len(false_positives)}")
     print()
     print("| fault (kind) | detected | fault → detection (median / max) | onset − fault (min / max) | pcap before the fault (min) |")
     print("|---|---|---|---|---|")
-    for kind, later, lat, err, pre, missed in rows:
+    for kind, later, lat, err, pre, missed, _ in rows:
         detected = f"{len(lat)}/{len(lat) + missed}"
         errors = f"{min(err):+.2f} / {max(err):+.2f} s" if err else "-"
         note = " (from its onset)" if later else ""

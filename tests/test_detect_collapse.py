@@ -220,6 +220,27 @@ def test_a_paused_listener_whose_clients_give_up() -> None:
     assert f.numbers["waiting"] >= 1 and "80 (" in f.numbers["queues"]
 
 
+def test_a_listener_known_to_be_held_is_stalled_at_its_first_queued_connection() -> None:
+    """Paused, frozen or stopped (the pipeline asks the cause finder): the first sample whose queue
+    holds every connection completed since an empty one trips; without that, a whole interval more."""
+    asked = []
+    d = AcceptStallDetector(1.0)
+    d.held = lambda: asked.append(1) or "web is paused (docker pause): its processes cannot accept connections"
+    at, f = first(d, accept_table(2))
+    assert at == FAULT and asked == [1]
+    check_timing(at, f)
+    assert f.cause is not None and f.cause.kind == PROCESS_NOT_ACCEPTING and "web is paused" in f.cause.text
+    running = AcceptStallDetector(1.0)
+    running.held = lambda: asked.append(1) or ""
+    at, f = first(running, accept_table(2))
+    assert at == FAULT + 1 and f.cause is None  # not held: the whole interval it takes
+    asked.clear()
+    busy = AcceptStallDetector(1.0)
+    busy.held = lambda: asked.append(1) or "held"
+    assert first(busy, accept_table(30, busy=True)[: FAULT - 1]) == (None, None)
+    assert asked == []  # a listener that accepts more than it queues is never asked about
+
+
 def test_a_full_queue_that_stays_full_says_so() -> None:
     d = AcceptStallDetector(1.0)
     found = [d.observe(s) for s in accept_table(20)]
@@ -249,6 +270,20 @@ def test_completed_connections_collapse_while_retransmissions_go_on() -> None:
     at, f = first(CollapseDetector(0.8, 2, 20, 2, 0.2), collapse_table(errors_after=2))
     check_timing(at, f)
     assert f.numbers["connections_per_second"] == 0 and f.numbers["usual_connections_per_second"] == pytest.approx(10)
+
+
+def test_a_collapse_that_begins_late_in_an_interval() -> None:
+    """The fault 0.1 s before the sample: that interval keeps nine tenths of its traffic (it has
+    not departed) but holds the first error; the next one has no traffic and one error more."""
+    out, passive, segs, retrans = [], 0, 0, 0
+    for t in range(FAULT + 5):
+        passive += 10 if t < FAULT else (9 if t == FAULT else 0)
+        segs += 100 if t < FAULT else (90 if t == FAULT else 0)
+        retrans += 1 if t >= FAULT else 0
+        out.append(NamespaceSample(1, float(t), 0.0, protocols={"tcp_passive_opens": passive, "tcp_segments_received": segs, "tcp_retransmitted_segments": retrans}))
+    at, f = first(CollapseDetector(0.8, 2, 20, 2, 0.2), out)
+    assert at == FAULT + 1 and f.numbers["errors"] == 2
+    assert f.started_at == FAULT - 1  # the sample before the interval of the first error
 
 
 def test_less_traffic_with_nothing_going_wrong_is_not_a_collapse() -> None:
@@ -337,12 +372,13 @@ async def test_the_cause_of_a_stalled_listener_is_the_paused_process_behind_it(t
             pass
 
     tracker = IncidentTracker(NoIndex(), None, cooldown=0, resolve_after=5, causes=CauseFinder(registry, Reader(tmp_path, tmp_path)))  # type: ignore[arg-type]
-    pipeline = DetectionPipeline(registry, tracker, {}, {})
+    pipeline = DetectionPipeline(registry, tracker, {}, {}, held=tracker.causes.held)
     samples = [s._replace(netns=77) for s in accept_table(1)]
     for s in samples:
         pipeline.on_sample(s)
     rows = [i.row for i in tracker.incidents.values() if i.row.kind == "tcp_accept_stalled"]
     assert rows and rows[0].cause == PROCESS_NOT_ACCEPTING and "web is paused" in rows[0].cause_text, rows
+    assert rows[0].first_seen == FAULT + 1  # one client a second: its first connection queued is in the sample after the fault's
     seconds = samples[-1].taken_at - samples[0].taken_at
     assert 1 <= len(reads) <= seconds / PROCESS_EVERY + 2
     await tracker.close()

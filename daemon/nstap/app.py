@@ -291,7 +291,9 @@ class App:
         pool.subscribe(lambda: dns.follow({inode: pool.netns_fd(inode) for inode in pool.watched()}))  # links in every watched namespace
         pool.dns = dns.of
         self.store.subscribe(dns.observe)  # a namespace that gained an interface: links on it too
-        pipeline = DetectionPipeline(self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled}, self.supervisor)
+        pipeline = DetectionPipeline(
+            self.registry, tracker, cfg.detect.detectors, {kind: False for kind in cfg.detect.disabled}, self.supervisor, causes.held,
+        )
         exits = ProcessExits(asyncio.get_running_loop())
         self.sources = [
             (ContainerdSource if endpoint.kind == "containerd" else RuntimeSource)(

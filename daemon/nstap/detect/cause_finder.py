@@ -94,7 +94,7 @@ class CauseFinder:
         if sample is not None:
             fields.update(_sample_fields(sample, before))
         if ns is not None and row.kind in NOT_ACCEPTING_KINDS:
-            fields["paused"] = self._paused(ns, row.last_seen)
+            fields["paused"] = self.held(ns, row.last_seen)
         fields["clients"] = tuple(clients)
         fields.update(self._nat_fields(ns, start))
         peer_netns = None
@@ -103,9 +103,10 @@ class CauseFinder:
             fields["peers"] = peers
         return Window(**fields), peer_netns
 
-    def _paused(self, ns: WatchedNamespace, at: float) -> str:
-        """What keeps the namespace's processes from running (paused, frozen, stopped), read at
-        most every PROCESS_EVERY seconds (cgroup and /proc files of its containers)."""
+    def held(self, ns: WatchedNamespace, at: float) -> str:
+        """What keeps the namespace's processes from running (paused, frozen, stopped), in a
+        sentence ("" if nothing does), read at most every PROCESS_EVERY seconds (cgroup and /proc
+        files of its containers; a pause or unpause the runtime reports is seen at once)."""
         held = self._held.get(ns.inode)
         if held is None or not 0 <= at - held[0] < PROCESS_EVERY:
             if len(self._held) >= 4096:

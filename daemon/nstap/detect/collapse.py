@@ -42,7 +42,11 @@ class CollapseDetector:
     ``min_connections`` / ``min_segments`` a second) while retransmissions or drops went on: some
     in this interval, ``min_errors`` since the fall began. A fall with nothing going wrong is
     only less traffic: the usual rates learn it (four times slower than healthy intervals). The
-    onset is the last sample before the run of intervals below DEPART of the usual rate."""
+    onset is the last sample before the run of intervals below DEPART of the usual rate.
+
+    A fault that begins late in an interval leaves its rates near the usual but puts its first
+    errors there: the errors of the interval just before the run count towards ``min_errors``, and
+    the onset is then the sample before that interval."""
 
     kind = KIND
 
@@ -57,6 +61,7 @@ class CollapseDetector:
         self._before: tuple[float, int, int, int] | None = None
         self._departed_since: float | None = None
         self._errors_since_departure = 0
+        self._lead: tuple[float, int] = (0.0, 0)  # the last interval that did not depart: (its start, its errors)
 
     def observe(self, sample: NamespaceSample) -> Finding | None:
         p = sample.protocols
@@ -77,9 +82,11 @@ class CollapseDetector:
         self._learn(rates, departed, errors)
         if not departed:
             self._departed_since, self._errors_since_departure = None, 0
+            self._lead = (before[0], errors)
             return None
         if self._departed_since is None:
-            self._departed_since, self._errors_since_departure = before[0], 0
+            lead_start, lead_errors = self._lead
+            self._departed_since, self._errors_since_departure = (lead_start, lead_errors) if lead_errors else (before[0], 0)
         self._errors_since_departure += errors
         if not fallen or errors == 0 or self._errors_since_departure < self.min_errors:
             return None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 import structlog
 
@@ -31,8 +32,10 @@ class DetectionPipeline:
         params: Mapping[str, Mapping[str, float]],
         enabled: Mapping[str, bool],
         supervisor: TaskSupervisor | None = None,
+        held: Callable[[WatchedNamespace, float], str] | None = None,
     ) -> None:
         self.registry = registry
+        self.held = held  # what keeps a namespace's processes from running ("" if nothing): for detectors that ask
         self.tracker = tracker
         self.params = params
         self.enabled = enabled
@@ -64,6 +67,10 @@ class DetectionPipeline:
         if detectors is None:
             labels = self._labels_of[sample.netns] = detect_labels(ns)
             detectors = self._detectors[sample.netns] = build_detectors(self.params, self.enabled, labels, ns.owner.name)
+            if self.held is not None:
+                for detector in detectors:
+                    if hasattr(detector, "held"):
+                        detector.held = self._held_of(sample.netns)
         seen = set()
         previous = self._previous.get(sample.netns)
         self._previous[sample.netns] = sample
@@ -82,6 +89,12 @@ class DetectionPipeline:
                 seen.add(finding.kind)
                 self.tracker.found(ns, finding, sample.taken_at, sample.interval, sample=sample, previous=previous)
         self.tracker.quiet(sample.netns, seen, sample.taken_at, DETECTORS)
+
+    def _held_of(self, netns: int) -> Callable[[], str]:
+        def held() -> str:
+            ns = self.registry.namespaces().get(netns)
+            return self.held(ns, time.time()) if ns is not None and self.held is not None else ""
+        return held
 
     def _forget_gone(self) -> None:
         namespaces = self.registry.namespaces()
