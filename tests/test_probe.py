@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from conftest import Containers, Daemon, free_port_range, sh, wait_until
 from nstap.detect.probe import FailedProbe, Listener, probe_cause, probe_findings, wants_anomaly
 from nstap.nat.exposure import classify
 from nstap.nat.forwards import Forward
-from nstap.nat.probe import ProbeSchedule, TokenBucket, probe_plan
+from nstap.nat.probe import ProbeSchedule, TokenBucket, _host_addresses, probe_plan, proxy_sockid
 from nstap.nat.probe_netns import free_subnet, host_link_name
 from nstap.nat.talkers import OTHER, tally, top
 from nstap.nat.conntrack import pack
@@ -158,18 +159,46 @@ def test_schedule_serves_containers_in_turn_and_bounds_the_rate() -> None:
     (_forward(host_ip="127.0.0.1"), False, ("host-loopback", "127.0.0.1")),
     (_forward(host_ip="10.1.2.3"), False, ("probe-netns", "10.1.2.3")),
     (_forward(host_ip="10.9.9.9"), False, "10.9.9.9 is not an address of this host"),
-    (_forward(host_ip="::"), False, "IPv6 forwards are not probed"),
+    (_forward(host_ip="::"), False, ("probe-netns", "fd6e:7374:6170::1")),
+    (_forward(host_ip="::1"), False, ("host-loopback", "::1")),
+    (_forward(host_ip="fd00::2"), False, ("probe-netns", "fd00::2")),
+    (_forward(host_ip="fd00::9"), False, "fd00::9 is not an address of this host"),
     (_forward(protocol="udp"), False, "udp is not probed (nat.probe.udp: false)"),
     (_forward(protocol="udp"), True, ("probe-netns", "169.254.252.1")),
     (_forward(protocol="sctp"), True, "sctp is not probed"),
 ])
 def test_probe_plan(forward: Forward, udp: bool, expected) -> None:
-    assert probe_plan(forward, "169.254.252.2", "169.254.252.1", {"10.1.2.3"}, udp) == expected
+    sources = {4: ("169.254.252.2", "169.254.252.1"), 6: ("fd6e:7374:6170::2", "fd6e:7374:6170::1")}
+    assert probe_plan(forward, sources, {"10.1.2.3", "fd00::2"}, udp) == expected
 
 
 def test_probe_plan_without_the_namespace_still_probes_loopback() -> None:
-    assert probe_plan(_forward(), None, "", set(), False) == "the probe namespace is not up"
-    assert probe_plan(_forward(host_ip="127.0.0.1"), None, "", set(), False) == ("host-loopback", "127.0.0.1")
+    assert probe_plan(_forward(), {}, set(), False) == "the probe namespace is not up"
+    assert probe_plan(_forward(host_ip="127.0.0.1"), {}, set(), False) == ("host-loopback", "127.0.0.1")
+    assert probe_plan(_forward(host_ip="::1"), {}, set(), False) == ("host-loopback", "::1")
+    v4_only = {4: ("169.254.252.2", "169.254.252.1")}
+    assert probe_plan(_forward(host_ip="::"), v4_only, set(), False, "the host has no IPv6") == "the probe namespace has no IPv6: the host has no IPv6"
+    assert probe_plan(_forward(), v4_only, set(), False) == ("probe-netns", "169.254.252.1")
+
+
+def test_host_addresses_of_both_families(tmp_path: Path) -> None:
+    (tmp_path / "fib_trie").write_text(
+        "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.1.2.3\n        /32 host LOCAL\n     |-- 10.1.2.0\n        /24 link UNICAST\n")
+    (tmp_path / "if_inet6").write_text(
+        "fd000000000000000000000000000002 04 40 00 80     eth0\n"
+        "fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n"  # link scope: not a published address
+        "00000000000000000000000000000001 01 80 10 80       lo\n"
+        "garbage\n")
+    assert _host_addresses(tmp_path) == {"10.1.2.3", "fd00::2", "::1"}
+    assert _host_addresses(tmp_path / "missing") == set()
+
+
+def test_proxy_sockid_of_both_families() -> None:
+    v4 = proxy_sockid("169.254.252.1", 8080, "169.254.252.2", 40000)
+    v6 = proxy_sockid("fd6e:7374:6170::1", 8080, "fd6e:7374:6170::2", 40000)
+    assert len(v4) == len(v6) == 48  # struct inet_diag_sockid
+    assert v4[4:8] == socket.inet_aton("169.254.252.1") and v4[8:20] == bytes(12)
+    assert v6[4:20] == socket.inet_pton(socket.AF_INET6, "fd6e:7374:6170::1") and v6[20:36] == socket.inet_pton(socket.AF_INET6, "fd6e:7374:6170::2")
 
 
 def test_probe_subnet_and_link_name() -> None:
@@ -177,6 +206,10 @@ def test_probe_subnet_and_link_name() -> None:
     taken = [ipaddress.ip_network("169.254.252.0/30"), ipaddress.ip_network("169.254.252.4/31")]
     assert str(free_subnet(pool, taken)) == "169.254.252.8/30"
     assert free_subnet(ipaddress.ip_network("10.0.0.0/30"), [ipaddress.ip_network("10.0.0.0/8")]) is None
+    pool6 = ipaddress.ip_network("fd6e:7374:6170::/48")
+    taken6 = [ipaddress.ip_network("fd6e:7374:6170::/64"), ipaddress.ip_network("fe80::/64"), ipaddress.ip_network("169.254.252.0/30")]
+    assert str(free_subnet(pool6, taken6)) == "fd6e:7374:6170:1::/64"
+    assert free_subnet(pool6, [ipaddress.ip_network("fd6e::/16")]) is None  # bounded: not millions of /64s looked at
     name = host_link_name(Path("/var/lib/nstap"))
     assert name.startswith("nsp-") and len(name) <= 15 and name != host_link_name(Path("/tmp/other"))
 
@@ -223,14 +256,17 @@ def nstap_cli(d: Daemon, *args: str) -> subprocess.CompletedProcess:
     return sh(sys.executable, "-m", "nstap", *args, "--config", str(d.config_path))
 
 
-def _verdicts(d: Daemon, cid: str) -> dict[int, dict]:
+def _verdicts(d: Daemon, cid: str, version: int = 4) -> dict[int, dict]:
+    """The container's published ports of one IP version (by host address), by host port."""
     status, view = d.api(f"/api/v1/containers/{cid[:12]}/nat")
     assert status in (200, 404), view
-    return {f["host_port"]: f for f in view["forwards"]} if status == 200 else {}  # 404: not listed yet
+    if status != 200:  # not listed yet
+        return {}
+    return {f["host_port"]: f for f in view["forwards"] if (":" in f["host_ip"]) == (version == 6)}
 
 
-def _probe(d: Daemon, cid: str, port: int) -> dict | None:
-    return ((_verdicts(d, cid).get(port) or {}).get("verdict") or {}).get("probe")
+def _probe(d: Daemon, cid: str, port: int, version: int = 4) -> dict | None:
+    return ((_verdicts(d, cid, version).get(port) or {}).get("verdict") or {}).get("probe")
 
 
 def _unreachable(d: Daemon, cid: str, after: float) -> list[dict]:
@@ -351,6 +387,33 @@ def test_docker_ports_probed_and_failures_caused(nstap, containers: Containers, 
     page = page.decode()
     assert 'id="ports"' in page and f"127.0.0.1:{lo_port}" in page and "<code>no_listener</code>" in page, page[:3000]
     assert f"failed: {lo['error']}" in page, lo
+
+
+@pytest.mark.daemon_log_allows("anomaly_capture_refused")
+def test_docker_ipv6_port_probed_over_ipv6(nstap, containers: Containers, docker_image: str) -> None:
+    """``-p PORT:80`` publishes on ``[::]`` too. Docker without ``ip6tables`` serves that with
+    docker-proxy, which connects to the container's IPv4 address: the probe goes from the probe
+    namespace's IPv6 side to the host's, and then tries the proxy's IPv4 leg."""
+    port = _port()
+    d = nstap(PROBE_CONFIG)
+    ready = wait_until(lambda: d.events("probe_netns_ready"), 10, message="probe namespace")[0]
+    assert ready["probe_address6"] and ready["host_address6"], ready  # this host has IPv6 (it is what is tested)
+    web = containers.docker("-p", f"{port}:80", docker_image, "sh", "-c", "httpd -p 80 -h /; exec sleep 600", name="probe6")
+    six = wait_until(lambda: (p := _probe(d, web, port, 6)) and p["ok"] and p, 10, message="the IPv6 binding probed ok")
+    assert six["path"] == f"probe-netns {ready['probe_address6']} -> [{ready['host_address6']}]:{port} (PREROUTING)", six
+    assert six["via"] == "userland-proxy", six
+    four = wait_until(lambda: (p := _probe(d, web, port)) and p["ok"] and p, 10, message="the IPv4 binding probed ok")
+    assert four["via"] == "dnat" and ready["probe_address"] in four["path"]
+    d.wait_metric(lambda m: m.value("nstap_port_probe_success", container_id=web[:12], host_port=str(port), host_ip="::") == 1, 5, "IPv6 series")
+    assert f"[::]:{port}" in nstap_cli(d, "nat", web[:12]).stdout
+    # The server killed: docker-proxy still accepts over IPv6; its connection to the container is refused.
+    sh("docker", "exec", web, "sh", "-c", "kill $(pidof httpd)")
+    six = wait_until(lambda: (p := _probe(d, web, port, 6)) and not p["ok"] and p, 10, message="the IPv6 binding without a listener fails")
+    ip = containers.inspect("docker", web)["NetworkSettings"]["IPAddress"]
+    assert six["error"].startswith(f"docker-proxy accepted, but its connection to {ip}:80 failed") and "refused" in six["error"], six
+    verdict = wait_until(lambda: (v := _verdicts(d, web, 6)[port]["verdict"]) and v.get("cause", {}).get("kind") == "no_listener" and v, 10,
+                         message="its verdict: no_listener")
+    assert verdict["listener"] is False
 
 
 @pytest.mark.podman

@@ -165,6 +165,10 @@ class ProbeConfig(Strict):
     max_concurrent: int = Field(8, ge=1, le=64, description="probes in flight at once")
     max_per_container: int = Field(64, ge=1, le=10000, description="published ports probed per container (the lowest); the rest are listed as not probed")
     subnet: str = Field("169.254.252.0/22", description="IPv4 pool of the probe namespace's /30 (the first one no host route overlaps)")
+    subnet6: str = Field(
+        "fd6e:7374:6170::/48",
+        description="IPv6 pool of the probe namespace's /64 (the first one no host route overlaps); \"\" for IPv4 probes only",
+    )
 
     @field_validator("subnet")
     @classmethod
@@ -175,6 +179,19 @@ class ProbeConfig(Strict):
             raise ValueError(f"not an IPv4 network: {exc}") from None
         if net.version != 4 or net.prefixlen > 30:
             raise ValueError("must be an IPv4 network of /30 or larger")
+        return value
+
+    @field_validator("subnet6")
+    @classmethod
+    def _pool6(cls, value: str) -> str:
+        if value == "":
+            return value
+        try:
+            net = ipaddress.ip_network(value, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"not an IPv6 network: {exc}") from None
+        if net.version != 6 or net.prefixlen > 64:
+            raise ValueError("must be an IPv6 network of /64 or larger")
         return value
 
 

@@ -10,8 +10,9 @@ every DROP/REJECT rule reachable from ``FORWARD`` and of the chain's policy, rea
 just after one more probe of the port; those that grew by the probe's SYNs name the verdict.
 
 Only after a probe timed out (a bounded rate: nat.probe.rate), one ``iptables-save -t filter -c``
-(~4 ms at a few hundred rules) each side. Another client's packets dropped by the same verdict in
-that second count too: the text says what was counted, during what.
+(~4 ms at a few hundred rules) each side, ``ip6tables-save`` for a probe over IPv6. Another
+client's packets dropped by the same verdict in that second count too: the text says what was
+counted, during what.
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ def forward_verdicts(rules: Ruleset) -> dict[str, int]:
     return out
 
 
-async def read_forward_verdicts() -> dict[str, int] | None:
-    """The host's (IPv4) FORWARD verdict counters now; None when they cannot be read."""
-    text, error = await run_tool(["iptables-save", "-t", "filter", "-c"], None, READ_TIMEOUT, READ_CAP)
+async def read_forward_verdicts(version: int = 4) -> dict[str, int] | None:
+    """The host's FORWARD verdict counters of one IP version now (``iptables-save`` or
+    ``ip6tables-save``); None when they cannot be read."""
+    tool = "ip6tables-save" if version == 6 else "iptables-save"
+    text, error = await run_tool([tool, "-t", "filter", "-c"], None, READ_TIMEOUT, READ_CAP)
     if error or not text:
         return None
-    return forward_verdicts(parse_save(text, 4))
+    return forward_verdicts(parse_save(text, version))
 
 
 def grown(before: Mapping[str, int], after: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
@@ -66,14 +69,15 @@ def grown(before: Mapping[str, int], after: Mapping[str, int]) -> tuple[tuple[st
     return tuple(sorted(out, key=lambda item: -item[1]))
 
 
-async def verdicts_met(probe_again: Callable[[], Awaitable[bool]]) -> tuple[tuple[str, int], ...]:
-    """The host's FORWARD DROP/REJECT verdicts that counted packets while ``probe_again`` ran
-    (which returns whether it failed too: if it got through, nothing is blamed)."""
-    before = await read_forward_verdicts()
+async def verdicts_met(probe_again: Callable[[], Awaitable[bool]], version: int = 4) -> tuple[tuple[str, int], ...]:
+    """The host's FORWARD DROP/REJECT verdicts (of the probe's IP version) that counted packets
+    while ``probe_again`` ran (which returns whether it failed too: if it got through, nothing is
+    blamed)."""
+    before = await read_forward_verdicts(version)
     if before is None:
         return ()
     failed = await probe_again()
-    after = await read_forward_verdicts()
+    after = await read_forward_verdicts(version)
     if not failed or after is None:
         return ()
     return grown(before, after)

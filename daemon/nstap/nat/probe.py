@@ -10,7 +10,11 @@ Which path is tried (``path`` in every result):
 * ``host-loopback``: a port published on 127.0.0.1 is only reachable from the host itself, so it
   is connected to from the host, as its clients do (``OUTPUT``, then docker-proxy or the
   runtime's loopback DNAT).
-* IPv6 forwards and, unless ``nat.probe.udp``, UDP ones are listed as not probed.
+* IPv6 forwards take the same paths over IPv6: the probe namespace's IPv6 side for ``::`` and the
+  host's own IPv6 addresses (Docker without ``ip6tables`` serves them with docker-proxy, which
+  connects to the container's IPv4 address: that second leg is tried too), ``::1`` from the host.
+  A host without IPv6 lists them as not probed, with the reason.
+* Unless ``nat.probe.udp``, UDP forwards are listed as not probed.
 
 Rate: each port every ``nat.probe.interval`` (jittered ±20 %), at once when its verified state
 changes (a NAT change); at most ``nat.probe.rate`` probes a second host-wide and
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import random
 import socket
@@ -165,8 +170,10 @@ class TokenBucket:
         self.tokens -= n
 
 
-def probe_plan(f: Forward, probe_address: str | None, host_address: str, local: set[str], udp: bool) -> tuple[str, str] | str:
-    """(path, destination address) for a forward, or why it is not probed."""
+def probe_plan(f: Forward, sources: Mapping[int, tuple[str, str]], local: set[str], udp: bool, no_ipv6: str = "") -> tuple[str, str] | str:
+    """(path, destination address) for a forward, or why it is not probed. ``sources``: the probe
+    namespace's (own address, host-side address) by IP version (empty: the namespace is not up);
+    ``no_ipv6``: why it has no IPv6 side."""
     if f.protocol not in ("tcp", "udp"):
         return f"{f.protocol} is not probed"
     if f.protocol == "udp" and not udp:
@@ -177,14 +184,15 @@ def probe_plan(f: Forward, probe_address: str | None, host_address: str, local: 
         address = ipaddress.ip_address(f.host_ip) if f.host_ip else ipaddress.IPv4Address("0.0.0.0")
     except ValueError:
         return f"host address {f.host_ip!r} is not an address"
-    if address.version == 6:
-        return "IPv6 forwards are not probed"
     if address.is_loopback:
         return ("host-loopback", str(address))
-    if probe_address is None:
+    if not sources:
         return "the probe namespace is not up"
+    source = sources.get(address.version)
+    if source is None:
+        return f"the probe namespace has no IPv{address.version}" + (f": {no_ipv6}" if no_ipv6 and address.version == 6 else "")
     if address.is_unspecified:
-        return ("probe-netns", host_address)
+        return ("probe-netns", source[1])
     if str(address) not in local:
         return f"{address} is not an address of this host"
     return ("probe-netns", str(address))
@@ -217,13 +225,23 @@ def _error(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}"
 
 
+def family_of(address: str) -> int:
+    """AF_INET6 for an IPv6 address, AF_INET otherwise."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def _packed(address: str) -> bytes:
+    family = family_of(address)
+    return socket.inet_pton(family, address).ljust(16, b"\0")
+
+
 def proxy_sockid(local: str, local_port: int, peer: str, peer_port: int) -> bytes:
     """The inet_diag_sockid of the host socket that would have accepted a probe (docker-proxy's)."""
-    pad = bytes(12)
-    return (
-        struct.pack(">HH", local_port, peer_port) + socket.inet_aton(local) + pad + socket.inet_aton(peer) + pad
-        + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
-    )
+    return struct.pack(">HH", local_port, peer_port) + _packed(local) + _packed(peer) + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)
+
+
+def _hostport(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 class PortProber:
@@ -255,7 +273,8 @@ class PortProber:
         self.disabled = disabled
         self.proxied = proxied  # runtimes whose host sockets are proxies (docker-proxy), not mere port reservations
         cfg = config()
-        self.netns = ProbeNamespace(data_dir, ipaddress.ip_network(cfg.subnet))
+        pool6 = ipaddress.ip_network(cfg.subnet6) if cfg.subnet6 else None
+        self.netns = ProbeNamespace(data_dir, ipaddress.ip_network(cfg.subnet), pool6=pool6)  # type: ignore[arg-type]
         self.schedule = ProbeSchedule(cfg.interval)
         self.results: dict[Key, ProbeResult] = {}
         self.last_ok: dict[Key, float] = {}
@@ -334,7 +353,7 @@ class PortProber:
             if nstap_labels.probe_opted_out(record.labels):
                 skipped[key] = "opted out (nstap.probe=off)"
                 continue
-            plan = probe_plan(f, self.netns.probe_address or None, self.netns.host_address, self._local, cfg.udp)
+            plan = self._plan(f, cfg)
             if isinstance(plan, str):
                 skipped[key] = plan
                 continue
@@ -352,20 +371,27 @@ class PortProber:
                 del store[key]
         self.seen_listening &= set(current)
 
+    def _plan(self, f: Forward, cfg: ProbeConfig) -> tuple[str, str] | str:
+        sources = {v: pair for v in (4, 6) if (pair := self.netns.addresses(v)) is not None}
+        return probe_plan(f, sources, self._local, cfg.udp, self.netns.error6)
+
     async def _probe(self, f: Forward, cfg: ProbeConfig) -> ProbeResult | None:
-        plan = probe_plan(f, self.netns.probe_address or None, self.netns.host_address, self._local, cfg.udp)
+        plan = self._plan(f, cfg)
         if isinstance(plan, str):
             return None
         path_kind, address = plan
         loop = asyncio.get_running_loop()
         udp = f.protocol == "udp"
+        family = family_of(address)
+        make = functools.partial(udp_socket if udp else tcp_socket, family)
         try:
             if path_kind == "probe-netns":
-                sock = await self.netns.run(udp_socket if udp else tcp_socket)
-                path = f"probe-netns {self.netns.probe_address} -> {address}:{f.host_port} (PREROUTING)"
+                sock = await self.netns.run(make)
+                source = (self.netns.addresses(6 if family == socket.AF_INET6 else 4) or ("?",))[0]
+                path = f"probe-netns {source} -> {_hostport(address, f.host_port)} (PREROUTING)"
             else:
-                sock = (udp_socket if udp else tcp_socket)()
-                path = f"host-loopback -> {address}:{f.host_port} (OUTPUT)"
+                sock = make()
+                path = f"host-loopback -> {_hostport(address, f.host_port)} (OUTPUT)"
         except OSError as exc:
             return ProbeResult(time.time(), False, path_kind, "", 0.0, _error(exc))
         started = time.perf_counter()
@@ -387,13 +413,13 @@ class PortProber:
         if error:
             self.failures_total += 1
             if error == "timeout" and path_kind == "probe-netns" and not udp:
-                host_drops = await verdicts_met(lambda: self._fails_again(address, f.host_port, cfg.timeout))
+                host_drops = await verdicts_met(lambda: self._fails_again(address, f.host_port, cfg.timeout), 6 if family == socket.AF_INET6 else 4)
         return ProbeResult(time.time(), not error, path, via, seconds, error, host_drops)
 
     async def _fails_again(self, address: str, port: int, timeout: float) -> bool:
         """One more TCP connect along the probe-netns path: whether it failed too."""
         try:
-            sock = await self.netns.run(tcp_socket)
+            sock = await self.netns.run(functools.partial(tcp_socket, family_of(address)))
         except OSError:
             return False
         try:
@@ -415,16 +441,25 @@ class PortProber:
             return via, ""
         if f.runtime not in self.proxied:
             return via, "accepted by a socket of the host, not the container: the DNAT rule did not apply"
-        if not f.container_ip:
+        target = f.container_ip or self._proxy_target(f)
+        if not target:
             return "userland-proxy", ""
-        backend = tcp_socket()
+        backend = tcp_socket(family_of(target))
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(backend, (f.container_ip, f.container_port)), timeout)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(backend, (target, f.container_port)), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            return "userland-proxy", f"docker-proxy accepted, but its connection to {f.container_ip}:{f.container_port} failed: {_error(exc)}"
+            return "userland-proxy", f"docker-proxy accepted, but its connection to {_hostport(target, f.container_port)} failed: {_error(exc)}"
         finally:
             backend.close()
         return "userland-proxy", ""
+
+    def _proxy_target(self, f: Forward) -> str:
+        """Where docker-proxy connects for a binding served by it alone (an IPv6 one of a container
+        without IPv6: its first IPv4 address, as Docker passes it the container's address)."""
+        record = self.registry.get(f.container_id)
+        if record is None:
+            return ""
+        return next((n.ipv4 for n in record.networks if n.ipv4), "")
 
     async def _udp(self, sock: socket.socket, address: str, port: int, timeout: float) -> str:
         loop = asyncio.get_running_loop()
@@ -444,7 +479,7 @@ class PortProber:
             peer, peer_port = sock.getsockname()[:2]
             if self._diag is None:
                 self._diag = netlink.open_socket(netlink.NETLINK_SOCK_DIAG)
-            request = netlink.LookupRequest(socket.AF_INET, socket.IPPROTO_TCP, 0xFFF, [proxy_sockid(address, port, peer, peer_port)])
+            request = netlink.LookupRequest(family_of(address), socket.IPPROTO_TCP, 0xFFF, [proxy_sockid(address, port, peer, peer_port)])
             found = netlink.lookup_inet(self._diag, request)[0]
         except OSError:
             if self._diag is not None:
@@ -575,17 +610,31 @@ def _describe(f: Forward) -> str:
     return f"{f.protocol} {host or '*'}:{f.host_port} -> {f.container_ip or '?'}:{f.container_port} {f.state}"
 
 
-def _host_addresses() -> set[str]:
-    """The host's own IPv4 addresses (a port published on one of them is this host's)."""
+def _host_addresses(proc_net: Path = Path("/proc/net")) -> set[str]:
+    """The host's own IPv4 and IPv6 addresses but link-local ones (a port published on one of
+    them is this host's)."""
     out = set()
     try:
-        with open("/proc/net/fib_trie") as fh:
+        with open(proc_net / "fib_trie") as fh:
             lines = fh.read(1 << 20).splitlines()
     except OSError:
-        return out
+        lines = []
     for previous, line in zip(lines, lines[1:]):
         if "/32 host LOCAL" in line:
             parts = previous.split()
             if parts:
                 out.add(parts[-1])
+    try:
+        with open(proc_net / "if_inet6") as fh:
+            rows = fh.read(1 << 20).splitlines()
+    except OSError:
+        rows = []
+    for row in rows:  # address (32 hex digits), ifindex, prefix length, scope, flags, name
+        parts = row.split()
+        if len(parts) < 4 or len(parts[0]) != 32 or parts[3] == "20":  # 0x20: link scope
+            continue
+        try:
+            out.add(str(ipaddress.IPv6Address(int(parts[0], 16))))
+        except ValueError:
+            continue
     return out

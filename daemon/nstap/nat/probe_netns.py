@@ -6,7 +6,8 @@ meets. So the daemon makes a small namespace of its own, joined to the host by a
 
     probe namespace                      host
     probe0 169.254.252.2/30  <--veth-->  nsp-<id> 169.254.252.1/30
-    default via 169.254.252.1
+           fd6e:7374:6170::2/64                   fd6e:7374:6170::1/64
+    default via 169.254.252.1, default via fd6e:7374:6170::1
 
 A probe's SYN leaves ``probe0`` and enters the host on ``nsp-<id>``: it meets ``PREROUTING``
 (the runtimes' DNAT), then ``FORWARD`` to the container's bridge, exactly as a packet from the
@@ -18,7 +19,9 @@ moment, its half of the veth. The host side is named after the data directory (o
 data directory), so the next start finds a stale one of its own and deletes it
 (``probe_netns_recovered``), and never touches another daemon's. The /30 is the first of
 ``nat.probe.subnet`` that no route of the host overlaps, chosen under a host-wide lock so that
-two daemons starting together take different ones.
+two daemons starting together take different ones; the IPv6 /64 likewise from
+``nat.probe.subnet6`` (addresses without duplicate address detection, usable at once). A host
+without IPv6 (or with it disabled on new links) gets IPv4 probes only, and the reason is kept.
 """
 
 from __future__ import annotations
@@ -59,15 +62,24 @@ def host_link_name(data_dir: Path) -> str:
     return "nsp-" + hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]
 
 
-def free_subnet(pool: ipaddress.IPv4Network, taken: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network | None:
-    """The first /30 of ``pool`` that overlaps none of ``taken`` (the host's routes and addresses)."""
-    for candidate in pool.subnets(new_prefix=30):
-        if not any(candidate.overlaps(t) for t in taken):
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+PREFIX = {4: 30, 6: 64}  # the link's subnet, per family
+MAX_CANDIDATES = 4096  # subnets of a pool looked at (an IPv6 pool holds millions of /64s)
+
+
+def free_subnet(pool: Network, taken: list[Network]) -> Network | None:
+    """The first /30 (IPv4) or /64 (IPv6) of ``pool`` that overlaps none of ``taken`` (the host's
+    routes and addresses)."""
+    new_prefix = max(PREFIX[pool.version], pool.prefixlen)
+    for n, candidate in enumerate(pool.subnets(new_prefix=new_prefix)):
+        if n >= MAX_CANDIDATES:
+            break
+        if not any(candidate.version == t.version and candidate.overlaps(t) for t in taken):
             return candidate
     return None
 
 
-def _routes(text: str) -> list[ipaddress.IPv4Network]:
+def _routes(text: str, version: int = 4) -> list[Network]:
     out = []
     try:
         entries = json.loads(text or "[]")
@@ -80,20 +92,26 @@ def _routes(text: str) -> list[ipaddress.IPv4Network]:
                 out.append(ipaddress.ip_network(dst, strict=False))
             except ValueError:
                 continue
-    return [n for n in out if n.version == 4]
+    return [n for n in out if n.version == version]
 
 
 class ProbeNamespace:
     """Makes, holds and removes the probe namespace; runs functions (socket creation) inside it."""
 
-    def __init__(self, data_dir: Path, pool: ipaddress.IPv4Network, lock_file: Path = LOCK_FILE) -> None:
+    def __init__(self, data_dir: Path, pool: ipaddress.IPv4Network, lock_file: Path = LOCK_FILE,
+                 pool6: ipaddress.IPv6Network | None = None, proc_sys: Path = Path("/proc/sys")) -> None:
         self.name = host_link_name(data_dir)
         self.pool = pool
+        self.pool6 = pool6
         self.lock_file = lock_file
+        self.proc_sys = proc_sys
         self.subnet: ipaddress.IPv4Network | None = None
         self.host_address = ""
         self.probe_address = ""
         self.error = ""
+        self.host_address6 = ""
+        self.probe_address6 = ""
+        self.error6 = ""  # why there are no IPv6 probes ("" when there are)
         self._fd: int | None = None
         self._thread = worker_threads("nstap-probe")  # lives in the probe namespace once it is made
 
@@ -110,8 +128,16 @@ class ProbeNamespace:
             log.warning("probe_netns_unavailable", error=self.error, fix="run nstap as root with iproute2 (ip) and nsenter installed")
             await self.stop()
             return False
-        log.info("probe_netns_ready", host_link=self.name, host_address=self.host_address, probe_address=self.probe_address)
+        log.info("probe_netns_ready", host_link=self.name, host_address=self.host_address, probe_address=self.probe_address,
+                 host_address6=self.host_address6, probe_address6=self.probe_address6, ipv6_error=self.error6)
         return True
+
+    def addresses(self, version: int) -> tuple[str, str] | None:
+        """(probe address, host-side address) of one family, None if the namespace has none."""
+        if self._fd is None:
+            return None
+        pair = (self.probe_address, self.host_address) if version == 4 else (self.probe_address6, self.host_address6)
+        return pair if pair[0] else None
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -136,8 +162,35 @@ class ProbeNamespace:
             for argv in (["link", "set", "lo", "up"], ["addr", "add", f"{self.probe_address}/30", "dev", INSIDE],
                          ["link", "set", INSIDE, "up"], ["route", "add", "default", "via", self.host_address]):
                 await self._ip(*argv, inside=True)
+            try:
+                await self._start6()
+            except ProbeNetnsError as exc:
+                self.error6, self.host_address6, self.probe_address6 = str(exc), "", ""
         finally:
             await loop.run_in_executor(None, self._unlock, lock)
+
+    async def _start6(self) -> None:
+        """The IPv6 side of the link, if the host has IPv6 on it (ProbeNetnsError saying why not)."""
+        if self.pool6 is None:
+            raise ProbeNetnsError("nat.probe.subnet6 is empty")
+        conf = self.proc_sys / "net/ipv6/conf"
+        for where in (conf / self.name, conf / "all"):
+            try:
+                if (where / "disable_ipv6").read_text().strip() == "1":
+                    raise ProbeNetnsError(f"IPv6 is disabled ({where}/disable_ipv6 = 1)")
+            except OSError:
+                raise ProbeNetnsError("the host has no IPv6") from None
+        routes, err = await run_tool(["ip", "-j", "-6", "route", "show", "table", "all"])
+        if err:
+            raise ProbeNetnsError(f"ip -6 route: {err}")
+        subnet = free_subnet(self.pool6, _routes(routes, 6))
+        if subnet is None:
+            raise ProbeNetnsError(f"no free /64 in nat.probe.subnet6 {self.pool6}")
+        host, probe = str(subnet.network_address + 1), str(subnet.network_address + 2)
+        await self._ip("-6", "addr", "add", f"{host}/{subnet.prefixlen}", "dev", self.name, "nodad")
+        for argv in (["-6", "addr", "add", f"{probe}/{subnet.prefixlen}", "dev", INSIDE, "nodad"], ["-6", "route", "add", "default", "via", host]):
+            await self._ip(*argv, inside=True)
+        self.host_address6, self.probe_address6 = host, probe
 
     def _lock(self) -> int:
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
