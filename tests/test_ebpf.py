@@ -397,7 +397,11 @@ def test_daemon_holds_the_program_but_not_bcc(nstap, containers: Containers, doc
                 s.connect((ip, 81))
             except OSError:
                 pass
-    d.wait_metric(lambda m: drops_of(m, cid).get("NO_SOCKET", 0) >= 10, 5, "NO_SOCKET counted")
+    seen: list[dict] = []
+    try:  # (10 s: one CI run saw fewer than 10 in 5 s, on a busy host; what was counted is in the failure)
+        d.wait_metric(lambda m: seen.append(drops_of(m, cid)) or seen[-1].get("NO_SOCKET", 0) >= 10, 10, "NO_SOCKET counted")
+    except pytest.fail.Exception:
+        pytest.fail(f"NO_SOCKET not counted 10 times: {seen[-1:]}; warnings {[e for e in d.logs() if e.get('level') in ('warning', 'error')][-5:]}")
     assert d.stop() == 0
     assert not [p for p in os.listdir("/proc") if p.isdigit() and f"--parent\0{d.pid}\0".encode() in _cmdline(p)]
 
