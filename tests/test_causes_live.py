@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Containers, Daemon, sh, wait_until
+from conftest import PODMAN_ENV, Containers, Daemon, sh, wait_until
 from test_anomalies import HTTPD, TICKER, Reader, anomaly, container_ip, finished_capture, in_netns, reset_burst
 
 pytestmark = pytest.mark.docker
@@ -104,6 +104,33 @@ def test_a_paused_listener_is_named_with_its_queue(nstap, containers: Containers
     out = sh(".venv/bin/nstap", "anomalies", "--data-dir", str(d.data_dir), "--api", f"http://127.0.0.1:{d.api_port}", "--container", cid[:12]).stdout
     header = out.splitlines()[0].split()
     assert "CAUSE" in header and "process_not_accepting" in out and f"why: {name} is paused" in out, out
+
+
+@pytest.mark.podman
+def test_a_paused_podman_listener_is_named(nstap, containers: Containers, podman_image: str) -> None:
+    """``podman pause`` (the cgroup freezer): the same cause, from Podman's status or the freezer."""
+    d = nstap()
+    cid = containers.podman(podman_image, *HTTPD, name="pausedpod")
+    data = Containers.inspect("podman", cid)
+    ip = next(n["IPAddress"] for n in data["NetworkSettings"]["Networks"].values() if n["IPAddress"])
+    d.wait_metric(lambda m: m.value("nstap_tcp_listen_queue_limit", container_id=cid[:12], port="80"), 15)
+    sh("podman", "pause", cid, env=PODMAN_ENV)
+    clients = []
+    try:
+        for _ in range(20):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex((ip, 80))
+            clients.append(c)
+        event = wait_until(lambda: next((a for kind in ("tcp_listen_overflows", "tcp_accept_stalled")
+                                         for a in d.api(f"/api/v1/anomalies?container={cid[:12]}&kind={kind}")[1]["anomalies"]
+                                         if a["cause"]["kind"] == "process_not_accepting"), None), 25, 0.3, "process_not_accepting in the podman container")
+    finally:
+        for c in clients:
+            c.close()
+        sh("podman", "unpause", cid, env=PODMAN_ENV, check=False)
+    name = data["Name"].lstrip("/")
+    assert name in event["cause"]["text"] and ("is paused (podman pause)" in event["cause"]["text"] or "is frozen" in event["cause"]["text"]), event["cause"]
 
 
 def test_connections_to_a_closed_port_are_named(nstap, containers: Containers, docker_image: str) -> None:
