@@ -30,7 +30,7 @@ from nstap.detect.probe import FailedProbe, Listener, probe_cause, probe_finding
 from nstap.nat.exposure import classify
 from nstap.nat.forwards import Forward
 from nstap.nat.probe import ProbeSchedule, TokenBucket, _host_addresses, probe_plan, proxy_sockid
-from nstap.nat.probe_netns import free_subnet, host_link_name
+from nstap.nat.probe_netns import ProbeNamespace, ProbeNetnsError, free_subnet, host_link_name
 from nstap.nat.talkers import OTHER, tally, top
 from nstap.nat.conntrack import pack
 
@@ -212,6 +212,24 @@ def test_probe_subnet_and_link_name() -> None:
     assert free_subnet(pool6, [ipaddress.ip_network("fd6e::/16")]) is None  # bounded: not millions of /64s looked at
     name = host_link_name(Path("/var/lib/nstap"))
     assert name.startswith("nsp-") and len(name) <= 15 and name != host_link_name(Path("/tmp/other"))
+
+
+@pytest.mark.parametrize("files, error", [
+    ({}, "the host has no IPv6"),
+    ({"all": "0", "LINK": "1"}, "IPv6 is disabled"),
+    ({"all": "1", "LINK": "0"}, "IPv6 is disabled"),
+])
+async def test_probe_namespace_without_ipv6_says_why(tmp_path: Path, files: dict, error: str) -> None:
+    """No IPv6 on the host or on the new link: IPv4 probes only, and the reason (nothing is run)."""
+    netns = ProbeNamespace(tmp_path / "data", ipaddress.ip_network("169.254.252.0/22"), tmp_path / "lock",
+                           pool6=ipaddress.ip_network("fd6e:7374:6170::/48"), proc_sys=tmp_path / "sys")
+    for name, value in files.items():
+        where = tmp_path / "sys/net/ipv6/conf" / (netns.name if name == "LINK" else name)
+        where.mkdir(parents=True)
+        (where / "disable_ipv6").write_text(value + "\n")
+    with pytest.raises(ProbeNetnsError, match=error):
+        await netns._start6()
+    assert netns.addresses(6) is None
 
 
 def test_exposure_classifies_each_listener() -> None:

@@ -176,10 +176,11 @@ class ProbeNamespace:
         conf = self.proc_sys / "net/ipv6/conf"
         for where in (conf / self.name, conf / "all"):
             try:
-                if (where / "disable_ipv6").read_text().strip() == "1":
-                    raise ProbeNetnsError(f"IPv6 is disabled ({where}/disable_ipv6 = 1)")
+                disabled = (where / "disable_ipv6").read_text().strip() == "1"
             except OSError:
                 raise ProbeNetnsError("the host has no IPv6") from None
+            if disabled:
+                raise ProbeNetnsError(f"IPv6 is disabled ({where}/disable_ipv6 = 1)")
         routes, err = await run_tool(["ip", "-j", "-6", "route", "show", "table", "all"])
         if err:
             raise ProbeNetnsError(f"ip -6 route: {err}")
