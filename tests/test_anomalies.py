@@ -92,6 +92,17 @@ def container_ip(cid: str) -> str:
     return next(n["IPAddress"] for n in data["NetworkSettings"]["Networks"].values() if n["IPAddress"])
 
 
+def connecting(ip: str, port: int, n: int) -> list[socket.socket]:
+    """``n`` non-blocking connections begun to ``ip``:``port`` (their handshakes left to the kernel)."""
+    clients = []
+    for _ in range(n):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex((ip, port))
+        clients.append(c)
+    return clients
+
+
 def anomaly(d: Daemon, cid: str, kind: str, timeout: float = 20) -> dict:
     """The container's first event of ``kind``, once its capture has been started (its id is set)."""
     def find():
@@ -210,11 +221,7 @@ def test_listener_that_stops_accepting(nstap, containers: Containers, docker_ima
     clients = []
     injected = time.time()
     try:
-        for _ in range(20):
-            c = socket.socket()
-            c.setblocking(False)
-            c.connect_ex((ip, 80))
-            clients.append(c)
+        clients += connecting(ip, 80, 20)
         event = anomaly(d, cid, "tcp_listen_overflows")
         assert event["numbers"]["overflows"] > 0 and "80 (" in event["numbers"]["full_queues"]
         check_onset(event, injected)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import tarfile
 import time
 import urllib.request
@@ -18,7 +17,7 @@ import urllib.request
 import pytest
 
 from conftest import PODMAN_ENV, Containers, Daemon, sh, wait_until
-from test_anomalies import HTTPD, TICKER, Reader, anomaly, container_ip, finished_capture, in_netns, reset_burst
+from test_anomalies import HTTPD, TICKER, Reader, anomaly, connecting, container_ip, finished_capture, in_netns, reset_burst
 
 pytestmark = pytest.mark.docker
 
@@ -88,11 +87,7 @@ def test_a_paused_listener_is_named_with_its_queue(nstap, containers: Containers
     sh("docker", "pause", cid)
     clients = []
     try:
-        for _ in range(20):
-            c = socket.socket()
-            c.setblocking(False)
-            c.connect_ex((ip, 80))
-            clients.append(c)
+        clients += connecting(ip, 80, 20)
         event = caused(d, cid, "tcp_listen_overflows", "process_not_accepting")
     finally:
         for c in clients:
@@ -117,11 +112,7 @@ def test_a_paused_podman_listener_is_named(nstap, containers: Containers, podman
     sh("podman", "pause", cid, env=PODMAN_ENV)
     clients = []
     try:
-        for _ in range(20):
-            c = socket.socket()
-            c.setblocking(False)
-            c.connect_ex((ip, 80))
-            clients.append(c)
+        clients += connecting(ip, 80, 20)
         event = wait_until(lambda: next((a for kind in ("tcp_listen_overflows", "tcp_accept_stalled")
                                          for a in d.api(f"/api/v1/anomalies?container={cid[:12]}&kind={kind}")[1]["anomalies"]
                                          if a["cause"]["kind"] == "process_not_accepting"), None), 25, 0.3, "process_not_accepting in the podman container")

@@ -173,26 +173,23 @@ class ProbeConfig(Strict):
     @field_validator("subnet")
     @classmethod
     def _pool(cls, value: str) -> str:
-        try:
-            net = ipaddress.ip_network(value, strict=True)
-        except ValueError as exc:
-            raise ValueError(f"not an IPv4 network: {exc}") from None
-        if net.version != 4 or net.prefixlen > 30:
-            raise ValueError("must be an IPv4 network of /30 or larger")
-        return value
+        return _pool_of(value, 4, 30)
 
     @field_validator("subnet6")
     @classmethod
     def _pool6(cls, value: str) -> str:
-        if value == "":
-            return value
-        try:
-            net = ipaddress.ip_network(value, strict=True)
-        except ValueError as exc:
-            raise ValueError(f"not an IPv6 network: {exc}") from None
-        if net.version != 6 or net.prefixlen > 64:
-            raise ValueError("must be an IPv6 network of /64 or larger")
-        return value
+        return value if value == "" else _pool_of(value, 6, 64)
+
+
+def _pool_of(value: str, version: int, longest: int) -> str:
+    """``value`` if it is an IPv``version`` network of /``longest`` or larger; ValueError otherwise."""
+    try:
+        net = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"not an IPv{version} network: {exc}") from None
+    if net.version != version or net.prefixlen > longest:
+        raise ValueError(f"must be an IPv{version} network of /{longest} or larger")
+    return value
 
 
 class TalkersConfig(Strict):
