@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -23,7 +24,7 @@ import yaml
 
 from conftest import Containers, free_port, tool, wait_until
 from nstap.alertmanager.captures import AlertCaptures
-from nstap.alertmanager.pull import MAX_REMEMBERED, AlertPuller, held_alert
+from nstap.alertmanager.pull import MAX_REMEMBERED, AlertPuller, held_alert, host_value
 from nstap.config import AlertmanagerConfig
 from nstap.index import Index
 from test_alertmanager import _ready, post_alert
@@ -177,6 +178,30 @@ def test_pull_from_every_member_of_a_cluster(nstap, cluster: Cluster, containers
     (tmp_path.parent / "pull_latency.txt").write_text(f"{pull_latency:.3f}\n")
 
 
+@pytest.mark.docker
+def test_a_fleet_through_agents_pulls_by_the_host_label(nstap, cluster: Cluster, containers: Containers, docker_image: str) -> None:
+    """Through Prometheus agents (deploy/prometheus/prometheus-agent.yml) every host's alerts say
+    instance="127.0.0.1:9880", and the agent's external label ``host`` holds the host's name: with
+    ``host_label: host`` and no ``host`` set, nstap takes its own name and captures its alerts only."""
+    d = nstap({"capture": {"post_seconds": 2}, "detect": {"capture": False},
+               "alertmanager": {"urls": cluster.urls, "poll_interval": 1.0, "timeout": 2.0, "host_label": "host"}})
+    cluster.start(f"http://127.0.0.1:{d.api_port}/api/v1/alertmanager", d.data_dir / "api-token")
+    cid = containers.docker(docker_image, "httpd", "-f", "-p", "80", "-h", "/www", name="fleetpulled")
+    d.wait_metric(lambda m: m.find("nstap_interface_up", container_id=cid[:12]), 5)
+    agent = {"instance": "127.0.0.1:9880", "container_id": cid}  # what every host's agent sends
+    a, b = cluster.urls
+    post_alert(a, {"alertname": "FleetOtherHost", "host": "another-node", **agent})
+    post_alert(b, {"alertname": "FleetMine", "host": socket.gethostname(), **agent})
+
+    def kinds() -> list[str]:
+        return [c["kind"] for c in d.api("/api/v1/captures?reason=alertmanager")[1]["captures"]]
+
+    wait_until(lambda: "FleetMine" in kinds(), 20, 0.1, "this host's alert captured")
+    time.sleep(3)  # three more polls: another host's alert is still not captured
+    assert kinds() == ["FleetMine"]
+    assert d.scrape().value("nstap_alertmanager_alerts", url=b) == 1 and d.scrape().value("nstap_alertmanager_alerts", url=a) == 0
+
+
 # -- resolution: the puller's bookkeeping alone, then against the real cluster ----------------------
 
 
@@ -202,6 +227,17 @@ def _am(name: str, state: str = "active", silenced: bool = False, instance: str 
 ])
 def test_held_alert(answer: object, expected: object) -> None:
     assert held_alert(answer, "instance", "h:9880") == expected
+
+
+@pytest.mark.parametrize("label, listen, expected", [
+    ("instance", "0.0.0.0:9880", f"{socket.gethostname()}:9880"),  # scraped directly: the scrape address
+    ("instance", "10.0.0.5:9991", "10.0.0.5:9991"),
+    ("instance", "[fd00::5]:9880", "[fd00::5]:9880"),
+    ("host", "127.0.0.1:9880", socket.gethostname()),  # the agents' external label: the host's name
+    ("nstap_host", "0.0.0.0:9880", socket.gethostname()),
+])
+def test_the_default_host_value_follows_the_label(label: str, listen: str, expected: str) -> None:
+    assert host_value(label, listen) == expected
 
 
 async def test_a_pulled_alert_resolves_once_no_member_holds_it() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 
 from . import __version__
-from .alertmanager.pull import AlertPuller, PullCollector, scrape_address
+from .alertmanager.pull import AlertPuller, PullCollector, host_value
 from .api.auth import WEBHOOK_TOKEN_FILE, TokenError, ensure_token
 from .api.webconfig import WebConfig, WebConfigError, load_web_config
 from .api.routes import CaptureApi
@@ -316,7 +316,7 @@ class App:
         if not am.urls:
             return None
         try:
-            puller = AlertPuller(am, am.host or scrape_address(self.config.metrics_listen), self.supervisor.failed)
+            puller = AlertPuller(am, am.host or host_value(am.host_label, self.config.metrics_listen), self.supervisor.failed)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise StartupError(f"alertmanager.tls_config: {exc}", 2) from None
         self.prometheus.register(PullCollector(puller))

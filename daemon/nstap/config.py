@@ -279,7 +279,7 @@ class AlertmanagerConfig(Strict):
     urls: tuple[str, ...] = Field((), max_length=32, description="every Alertmanager to ask (each cluster member), http:// or https://; none: pull off")
     poll_interval: float = Field(15.0, ge=1.0, le=3600.0, description="seconds between two polls of each Alertmanager (jittered +-10%)")
     host_label: str = Field("instance", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]{0,127}$", description="the label naming the host an alert belongs to")
-    host: str | None = Field(None, min_length=1, max_length=256, description="its value for this host (default: this host's scrape address, hostname:metrics port)")
+    host: str | None = Field(None, min_length=1, max_length=256, description="its value for this host (default: for instance, this host's scrape address, hostname:metrics port; for any other label, this host's name)")
     timeout: float = Field(10.0, ge=0.5, le=300.0, description="seconds one request may take")
     max_alerts: int = Field(1000, ge=1, le=100_000, description="alerts taken from one answer (the rest are logged as skipped)")
     max_response_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=1 << 30, description="bytes one answer may have")

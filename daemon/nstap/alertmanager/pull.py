@@ -75,6 +75,15 @@ def scrape_address(metrics_listen: str) -> str:
     return f"{host}:{port}"
 
 
+def host_value(host_label: str, metrics_listen: str) -> str:
+    """This host's value of ``host_label`` when the config gives none: its scrape address for
+    ``instance`` (Prometheus scraping every host directly), its name for any other label. Through
+    Prometheus agents or a PodMonitor every host's ``instance`` reads alike (127.0.0.1:9880, or a
+    pod address), so fleets tell hosts apart by a label holding the host's name (the agents'
+    external label ``host``, the PodMonitor's node name): that name is what this host calls itself."""
+    return scrape_address(metrics_listen) if host_label == "instance" else socket.gethostname()
+
+
 def alerts_query(host_label: str, host: str) -> str:
     """The query of ``GET /api/v2/alerts``: this host's alerts that have not resolved, silenced and
     inhibited ones included (they still fire: see held_alert)."""
