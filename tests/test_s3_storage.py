@@ -409,9 +409,15 @@ def test_daemon_uploads_then_serves_an_evicted_capture_from_the_bucket(nstap, we
         assert queued["upload"]["attempts"] >= 1 and queued["upload"]["error"] and queued["bucket"] == BUCKET
         page = _fetch(d, f"/ui/captures/{first['id']}")[2].decode()
         assert "<code>retrying</code>" in page and 'id="upload-error"' in page and str(markupsafe.escape(queued["upload"]["error"])) in page
+        m = d.scrape()  # the failed tries and the waiting capture, as Prometheus sees them
+        assert m.value("nstap_capture_uploads_total", result="retry") >= 1 and m.value("nstap_capture_upload_queue") == 1
+        assert not m.value("nstap_capture_uploads_total", result="ok") and not m.value("nstap_capture_upload_seconds_count")
     finally:
         weed.start()
     wait_until(lambda: _storage(d, first["id"])["location"] == "both", 30, 0.2, "uploaded once the server is back")
+    m = d.scrape()
+    assert m.value("nstap_capture_uploads_total", result="ok") == 1 and m.value("nstap_capture_upload_queue") == 0
+    assert m.value("nstap_capture_upload_seconds_count") == 1 and m.value("nstap_capture_upload_bytes_total") > 300_000
     status, headers, local_bytes = _fetch(d, f"/api/v1/captures/{first['id']}/pcap")
     assert status == 200 and "X-Nstap-Source" not in headers and hashlib.sha256(local_bytes).hexdigest() == first["sha256"]
     assert len(local_bytes) > 300_000, len(local_bytes)  # the budget below counts on it
