@@ -474,6 +474,18 @@ def test_docker_lookups_through_the_embedded_resolver_exported_and_shown(nstap, 
         wait_until(lambda: requests_of(dns_view(d, asker))[("NOERROR", "A")] >= 7, 10, 0.3, "busybox's lookup counted")
         out = sh(sys.executable, "-m", "nstap", "dns", asker[:12], "--config", str(d.config_path)).stdout
         assert "nxname.test." in out and "127.0.0.11:53" in out and f"{gateway}:53" in out and "NXDOMAIN" in out, out
+        # Latency: two lookups the upstream answers after 150 ms each land in the 65-262 ms bucket,
+        # and add 300 ms (and the embedded resolver's own few) to the histogram's sum and the server's.
+        def latency_state() -> tuple[float, float, float, float, float]:
+            m, upstream = d.scrape(), next(s for s in dns_view(d, asker)["servers"] if s["address"] == gateway)
+            bucket = lambda le: m.value("nstap_dns_request_duration_seconds_bucket", container_id=asker[:12], le=le)  # noqa: E731
+            return (m.value("nstap_dns_request_duration_seconds_count", container_id=asker[:12]), bucket("0.065536"), bucket("0.262144"),
+                    m.value("nstap_dns_request_duration_seconds_sum", container_id=asker[:12]), upstream["mean_latency_ms"] * upstream["answers"])
+        before = count, fast, slow, total, upstream_ms = wait_until(lambda: (s := latency_state())[0] == 12 and s, 5, 0.2, "the busybox lookup exported")
+        assert ask_in(pid, "127.0.0.11", "slow150.test", 2) == ["NOERROR"] * 2
+        after = wait_until(lambda: (s := latency_state())[0] == count + 2 and s, 5, 0.2, "the slow lookups exported")
+        assert after[1] == fast and after[2] == slow + 2, (before, after)
+        assert 0.3 <= after[3] - total < 0.5 and 300 <= after[4] - upstream_ms < 400, (before, after)
 
 
 @pytest.mark.docker
@@ -547,6 +559,14 @@ def test_without_bcc_dns_degrades_and_on_refuses_to_start(nstap, tmp_path: Path,
     proc = subprocess.run([sys.executable, "-m", "nstap", "run", "--config", str(config)], capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(fake.parent)})
     assert proc.returncode == 2 and "dns.mode: on, but bcc is not importable" in proc.stderr
+    # nstap doctor says the same, with the fix: DEGRADED with mode auto, MISSING (exit 1) with on.
+    for mode, status, code in (("auto", "DEGRADED", 0), ("on", "MISSING", 1)):
+        (tmp_path / f"doctor-{mode}.yaml").write_text(f"dns: {{mode: '{mode}'}}\ndata_dir: {tmp_path / 'doctor'}\n")
+        proc = subprocess.run([sys.executable, "-m", "nstap", "doctor", "--json", "--config", str(tmp_path / f"doctor-{mode}.yaml")], capture_output=True,
+                              text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(fake.parent)})
+        [dns] = [c for c in json.loads(proc.stdout)["checks"] if c["feature"] == "dns"]
+        assert (dns["check"], dns["status"]) == ("DNS program", status) and "bcc is not importable" in dns["detail"], dns
+        assert "eBPF checks above" in dns["fix"] and proc.returncode == code, (proc.returncode, proc.stdout)
 
 
 @pytest.mark.docker
