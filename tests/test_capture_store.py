@@ -635,3 +635,39 @@ def test_a_ring_read_back_in_a_worker_thread_waits_out_the_sampling_round() -> N
     of the round's reads waited a switch interval for the GIL)."""
     data, _ = stream(5000)
     assert held_at_a_closed_gate(lambda: len(StreamParser().feed(data))) == 5000
+
+
+async def test_a_live_capture_is_parsed_and_written_in_a_worker_thread(tmp_path: Path, monkeypatch) -> None:
+    """A live capture's packets (a busy flow is hundreds of 64 KiB chunks a second) are parsed,
+    written and hashed in a worker thread, never on the event loop, and every record lands in the
+    file in order. tcpdump is replaced by ``cat`` of a recorded stream (the argv is all that
+    differs: the same TcpdumpProcess reads its output)."""
+    import threading
+
+    from nstap.capture import writer
+    from nstap.capture.writer import CaptureFile
+
+    data, times = stream(20_000)
+    (tmp_path / "in.pcap").write_bytes(data)
+    threads: set[str] = set()
+    add = CaptureFile.add
+
+    def add_noting_the_thread(self, head, records) -> None:
+        threads.add(threading.current_thread().name)
+        add(self, head, records)
+
+    monkeypatch.setattr(CaptureFile, "add", add_noting_the_thread)
+
+    class Played:
+        def argv(self, fd: int, bpf: str, interface: str) -> list[str]:
+            return ["cat", str(tmp_path / "in.pcap")]
+
+    out = CaptureFile(tmp_path / "out.pcap", times[0], time.time() + 30, times[0], 1 << 30)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        await writer.live(Played(), fd, "", out)  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
+        out.close()
+    assert (tmp_path / "out.pcap").read_bytes() == data and out.packets == 20_000
+    assert threads and threading.main_thread().name not in threads, threads

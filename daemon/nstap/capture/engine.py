@@ -28,8 +28,8 @@ concurrent captures (a slot is taken before the first ``await``, so simultaneous
 all pass), the anomaly captures' per-container quota (:mod:`.quota`), the store's disk budget,
 files 0600. A tcpdump that is missing or dies, or a disk that is full, makes the capture
 "failed" with what it said; every capture ends with a state, whatever goes wrong; the daemon
-carries on. Reading a ring back, hashing and filtering run off the event loop. Outcomes go to the
-index through :mod:`.outcomes`.
+carries on. Reading a ring back, a live capture's packets, hashing and filtering run off the
+event loop. Outcomes go to the index through :mod:`.outcomes`.
 """
 
 from __future__ import annotations

@@ -195,11 +195,17 @@ class TcpdumpProcess:
 
     async def records(self) -> AsyncIterator[list[Record]]:
         """Batches of records until tcpdump's output ends (when started without ``stdout``)."""
-        assert self.proc is not None and self.proc.stdout is not None
-        while chunk := await self.proc.stdout.read(1 << 16):
+        async for chunk in self.chunks():
             batch = self.parser.feed(chunk)
             if batch or self.parser.header is not None:
                 yield batch
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """tcpdump's output as it comes, up to 64 KiB at a time, unparsed (for :attr:`parser` to
+        parse elsewhere: a worker thread)."""
+        assert self.proc is not None and self.proc.stdout is not None
+        while chunk := await self.proc.stdout.read(1 << 16):
+            yield chunk
 
     async def request_stats(self, timeout: float = 1.0) -> dict[str, int]:
         """Ask a running tcpdump for its statistics (SIGUSR1); the latest known ones if it does not

@@ -3,7 +3,7 @@ tcpdump, within its window and its byte cap.
 
 :class:`CaptureFile` writes; :func:`from_ring` reads the ring back from the window's start (in a
 worker thread, whole segments copied by the kernel) and then takes the records as they arrive;
-:func:`live` runs a tcpdump for the window; :func:`summary` says what the finished file holds;
+:func:`live` runs a tcpdump for the window (its output parsed and written in a worker thread); :func:`summary` says what the finished file holds;
 :func:`take` does all of it for one capture and returns its outcome.
 A write that fails (a full disk) is never raised: the file keeps what it got and says why.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..gate import ROUND
 from ..index.captures import COMPLETE, FAILED, INCOMPLETE
 
 from .pcap import HEADER_LEN, PcapError, PcapHeader, PcapWriter, Record, StreamParser, read_file, sha256_file
@@ -217,11 +218,22 @@ async def live(tools: Tools, fd: int, bpf: str, out: CaptureFile, interface: str
     except OSError as exc:
         return 0, f"cannot start tcpdump: {exc}"
 
+    def take(chunk: bytes) -> bool:
+        """Parse one chunk and write its records (in a worker thread, after the sampling round:
+        a busy flow is hundreds of chunks a second of Python); whether to read on."""
+        ROUND.pause()
+        batch = proc.parser.feed(chunk)
+        if batch:
+            out.add(proc.header, batch)  # type: ignore[arg-type]
+        return not (out.capped or out.write_error)
+
+    writing: list[asyncio.Future] = []  # the chunk being written, awaited before the file is touched here
+
     async def read() -> None:
-        async for batch in proc.records():
-            if batch:
-                out.add(proc.header, batch)  # type: ignore[arg-type]
-            if out.capped or out.write_error:
+        loop = asyncio.get_running_loop()
+        async for chunk in proc.chunks():
+            writing[:] = [loop.run_in_executor(None, take, chunk)]  # the default executor: nstap-io
+            if not await asyncio.shield(writing[0]):
                 return
 
     reader = asyncio.create_task(read())  # awaited below, whatever happens
@@ -234,6 +246,8 @@ async def live(tools: Tools, fd: int, bpf: str, out: CaptureFile, interface: str
             await asyncio.wait_for(reader, 5)
         except (asyncio.TimeoutError, PcapError):
             reader.cancel()
+        if writing:  # a cancelled reader leaves its chunk's write running in the thread
+            await asyncio.wait(writing)
     if out.writer is None and proc.header is not None:
         out.add(proc.header, [])
     error = ""
