@@ -455,6 +455,54 @@ async def test_drops_counted_after_the_loader_left(containers: Containers, docke
     assert fds_now() == before  # close() closed the perf events and maps, nothing else was left
 
 
+async def test_a_full_drop_map_counts_what_it_could_not_and_says_so_once(containers: Containers, docker_image: str) -> None:
+    """The drops map filled to its max_entries (with keys of namespaces that do not exist, written
+    by the test): a container's new drops are not counted in it, the program counts them in
+    ``lost`` (nstap_kernel_drops_uncounted_total), and the service logs ebpf_map_full once."""
+    import errno
+
+    import structlog
+
+    service = EbpfService("on")
+    await service.load()
+    filled: list[bytes] = []
+    try:
+        collector = service.collector
+        assert collector is not None and collector.drops is not None and collector.lost == 0
+        victim = containers.docker(docker_image, *HTTPD, name="fullmap")
+        ip = containers.inspect("docker", victim)["NetworkSettings"]["IPAddress"]
+        ns = netns_of(containers.pid("docker", victim))
+        inode = 0xFFFF0000  # above any namespace inode the kernel hands out here
+        while True:
+            key = DROP_KEY.pack(inode, 2)
+            try:
+                collector.drops.update(key, b"\0" * 8)
+            except OSError as exc:
+                assert exc.errno == errno.E2BIG, exc
+                break
+            filled.append(key)
+            inode += 1
+        assert len(filled) <= collector.drops.max_entries
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):
+                for _ in range(10):
+                    with socket.socket() as s:
+                        s.settimeout(2)
+                        try:
+                            s.connect((ip, 81))  # nothing listens: NO_SOCKET drops in the victim's namespace
+                        except OSError:
+                            pass
+                await service.refresh()
+        assert collector.lost >= 20 and "NO_SOCKET" not in service.counts.get(ns, {}), (collector.lost, service.counts.get(ns))
+        full = [e for e in logs if e["event"] == "ebpf_map_full"]
+        assert len(full) == 1 and full[0]["max_entries"] == collector.drops.max_entries, full
+    finally:
+        if collector is not None and collector.drops is not None:
+            for key in filled:
+                collector.drops.delete(key)
+        service.close()
+
+
 async def test_forget_empties_both_maps_of_a_namespace(containers: Containers, docker_image: str) -> None:
     service = EbpfService("on")
     await service.load()
