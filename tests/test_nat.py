@@ -657,3 +657,48 @@ def test_a_firewall_without_drop_rules_is_not_read_again_for_counters() -> None:
         assert list(monitor._fw_pending) == [8, 7]  # a change is read whatever its rules
     finally:
         monitor._executor.shutdown()
+
+
+async def test_a_firewall_that_changes_all_the_time_is_read_at_a_bounded_rate() -> None:
+    """A container that commits to its own firewall without end: its reads (the tools and the
+    parse, here a stand-in that takes 0.1 s) take at most nat.firewall_budget of the time, and
+    never come closer than FIREWALL_MIN_GAP; another namespace's change is still read at once."""
+    import asyncio
+
+    from nstap.config import NatConfig
+    from nstap.nat.monitor import FIREWALL_MIN_GAP, NatMonitor
+    from nstap.registry import ContainerRegistry
+    from nstap.supervisor import TaskSupervisor
+
+    monitor = NatMonitor(NatConfig(firewall_budget=0.05), 1.0, ContainerRegistry(), lambda inode: None, 1, TaskSupervisor())
+    loop = asyncio.get_running_loop()
+    reads: list[tuple[int, float]] = []
+
+    async def read(inode: int) -> None:  # stands in for iptables-save, nft and the parse
+        reads.append((inode, loop.time()))
+        await asyncio.sleep(0.1 if inode == 7 else 0.0)
+
+    monitor._read_firewall = read  # type: ignore[method-assign]
+
+    def changed(inode: int) -> None:  # what _on_sample does when a namespace's generation moved
+        monitor._fw_pending.setdefault(inode, None)
+        monitor._fw_wake.set()
+
+    task = asyncio.create_task(monitor._firewall_loop())
+    try:
+        start = loop.time()
+        while loop.time() - start < 2.5:
+            changed(7)  # every 10 ms
+            if 1.0 < loop.time() - start and not any(i == 8 for i, _ in reads):
+                changed(8)
+                quiet_asked = loop.time()
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        monitor._executor.shutdown()
+    hostile = [t for i, t in reads if i == 7]
+    gaps = [b - a for a, b in zip(hostile, hostile[1:])]
+    # cost 0.1 s over a budget of 5 %: 2 s of read time, so 1.9 s from one read's end to the next
+    assert len(hostile) == 2 and all(g >= max(FIREWALL_MIN_GAP, 0.1 / 0.05 - 0.1) + 0.1 - 0.02 for g in gaps), hostile
+    [quiet] = [t for i, t in reads if i == 8]
+    assert quiet - quiet_asked < 0.1  # not behind the hostile one's wait
