@@ -41,6 +41,35 @@ def test_incidents_of_a_gone_namespace_are_forgotten() -> None:
     assert not tracker.incidents and not tracker._of
 
 
+def test_a_namespace_s_quiet_look_touches_only_its_own_incidents() -> None:
+    """Defect: quiet() (called for every namespace's every sample) went through every incident of
+    the host to find the namespace's own: with many open incidents a round cost that times the
+    number of namespaces. It reads the namespace's own index only."""
+    from nstap.detect.base import Finding
+    from nstap.detect.incidents import IncidentTracker
+    from nstap.registry import WatchedNamespace
+    from nstap.runtime.records import ContainerRecord
+
+    class Untouchable(dict):
+        def _touched(self, *args):
+            raise AssertionError("quiet() went through every incident of the host")
+
+        __iter__ = items = values = keys = __len__ = _touched
+
+    tracker = IncidentTracker(None, None, cooldown=0, resolve_after=5)  # type: ignore[arg-type]
+    tracker._save = lambda inc, at: None  # no index here: only the maps matter
+    namespaces = []
+    for i in range(500):
+        record = ContainerRecord(id=f"{i:064x}", name=f"c{i}", runtime="docker", pid=1, status="running", image="i").with_netns(1000 + i, 1)
+        namespaces.append(ns := WatchedNamespace(record.netns, record, (record,)))
+        for kind in ("tcp_retransmits", "tcp_reset_spike"):
+            tracker.found(ns, Finding(kind, "x"), 1.0)
+    tracker.incidents = Untouchable(tracker.incidents)
+    tracker.quiet(namespaces[7].inode, {"tcp_retransmits"}, 100.0)
+    resolved = [(ns.inode, kind) for ns in namespaces for kind, inc in tracker._of[ns.inode].items() if not inc.active]
+    assert resolved == [(namespaces[7].inode, "tcp_reset_spike")]
+
+
 def test_ebpf_entries_of_gone_unwatched_namespaces_are_swept(monkeypatch) -> None:
     """Defect: only a watched namespace's entries were deleted (when its watcher went); those of a
     namespace nstap never watched (a build step's, an `ip netns` one, a container gone before its
