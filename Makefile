@@ -1,7 +1,7 @@
 # nstap: the two commands of the README, and the pieces they are made of.
 #   make run    install what is missing, start the runtimes, run the daemon in the foreground
 #   make test   install what is missing, start the runtimes, run the whole test suite
-#   make soak   the chaos and soak tests at full size (1,000 cycles, 100,000 sockets, 10,000 inputs)
+#   make soak   the chaos and soak tests at full size (1,000 mixed and 5,000 Docker churn cycles, 100,000 sockets, 10,000 inputs)
 #   make lock   deploy/requirements.lock again (pip-compile --generate-hashes; ARGS=--upgrade to move versions)
 #   make docs   docs/reference/ again from the code (metrics, configuration, detectors, API, CLI)
 SHELL := /bin/bash
