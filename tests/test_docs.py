@@ -408,7 +408,7 @@ def test_every_module_is_in_the_architecture_layout() -> None:
 
 # -- commands shown in the README and docs/, run ----------------------------------------------------------
 
-BLOCK = re.compile(r"^```console (doctest(?:-demo)?)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+BLOCK = re.compile(r"^```console (doctest(?:-demo|-containers)?)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
 def command_blocks(kind: str) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -538,3 +538,111 @@ def test_quick_start(nstap, docker_image: str, tmp_path: Path) -> None:
     finally:
         subprocess.run([str(ROOT / "deploy/demo.sh"), "down"], check=True, capture_output=True, cwd=ROOT, timeout=120)
     assert sh("docker", "ps", "-aq", "--filter", "label=nstap.demo=1").stdout.strip() == ""
+
+
+@pytest.mark.docker
+def test_readme_containers(nstap, containers, docker_image: str, podman_image: str, tmp_path: Path) -> None:
+    """The README's first look, for real: a web server publishing a port, a sidecar in its
+    namespace, a container on the host's network and a Podman pod with a member publishing a port,
+    then the ```console doctest-containers block's commands; their output must have the shape
+    shown (its names are the test's containers; pids, namespace inodes, addresses, ids, ports and
+    veth names are whatever this run gave)."""
+    from conftest import RUN_ID, free_port, wait_until
+
+    (where, commands), = command_blocks("doctest-containers")
+    d = nstap()
+    web_port, pod_port = free_port(), free_port()
+    web = containers.docker("-p", f"127.0.0.1:{web_port}:80", docker_image, "httpd", "-f", "-p", "80", "-h", "/", name="web")
+    containers.docker("--network", f"container:{web}", docker_image, "sleep", "600", name="sidecar")
+    containers.docker("--network", "host", docker_image, "sleep", "600", name="ci-runner")
+    pod = containers.pod("pm", "-p", f"{pod_port}:80")
+    containers.podman("--pod", pod, podman_image, "httpd", "-f", "-p", "80", "-h", "/", name="pm1")
+    infra = infra_name(pod)
+    d.wait_metric(lambda m: m.find("nstap_interface_receive_drops_total", container_id=web[:12], side="host"), 10, "web's host-side veth sampled")
+    listed = lambda: [c for c in d.api("/api/v1/containers")[1]["containers"] if RUN_ID in c["name"] or c["name"] == infra]  # noqa: E731
+    wait_until(lambda: len(listed()) == 5 and all(c["watched"] or c["netns"] == "host" for c in listed()), 15, 0.2, "the five listed and watched")
+    names = {"web": f"web-{RUN_ID}", "sidecar": f"sidecar-{RUN_ID}", "ci-runner": f"ci-runner-{RUN_ID}", "pm1": f"pm1-{RUN_ID}",
+             "112738293f62-infra": infra}
+    env = shell(tmp_path, f'#!/bin/bash\ncase "$1" in {CLIENT_COMMANDS}) exec PYTHON -m nstap "$@" --config {d.config_path};; esac\n'
+                          'exec PYTHON -m nstap "$@"\n')
+    for command, expected in commands:
+        command = command.replace('container="web"', f'container="{names["web"]}"')
+        output = run_documented(command, env, tmp_path, {"localhost:9880": f"127.0.0.1:{d.metrics_port}"})
+        if "nstap containers" in command:  # the rows of other tests' containers are not this block's
+            output = "\n".join(line for line in output.splitlines() if line.startswith("CONTAINER") or RUN_ID in line or line.startswith(infra))
+        assert shape_matches(varying(expected, names), output), f"{where}: {command}\n--- shown:\n{expected}\n--- printed:\n{output}"
+
+
+def infra_name(pod: str) -> str:
+    """The name Podman gave the pod's infra container."""
+    from conftest import PODMAN_ENV, sh
+
+    infra_id = sh("podman", "pod", "inspect", "--format", "{{.InfraContainerID}}", pod, env=PODMAN_ENV).stdout.strip()
+    return sh("podman", "inspect", "--format", "{{.Name}}", infra_id, env=PODMAN_ENV).stdout.strip()
+
+
+def varying(expected: str, names: dict[str, str]) -> str:
+    """``expected`` with the README's names made the test's, and what differs from run to run
+    (pids, namespace inodes, addresses, container ids, published ports, veth names) made ``...``."""
+    out = []
+    for line in expected.splitlines():
+        line = re.sub(r"\b\d+\.\d+\.\d+\.\d+\b", "...", line)
+        line = re.sub(r'container_id="[0-9a-f]{12}"', 'container_id="..."', line)
+        line = re.sub(r"\bveth[0-9a-f]+\b", "...", line)
+        line = re.sub(r"(?<![\w.])\d{3,}(?![\w.])", "...", line)  # pids, inodes, host ports (not 80/tcp, not a value of 0)
+        for readme, test in sorted(names.items(), key=lambda kv: -len(kv[0])):
+            line = re.sub(rf"(?<![\w-]){re.escape(readme)}(?![\w-])", test, line)
+        out.append(line)
+    return "\n".join(out)
+
+
+def test_the_cli_page_lists_every_command_with_options_it_has() -> None:
+    """docs/api-and-cli.md's list of commands: every command of the parser (``captures`` by its
+    own commands), and only options that command takes (it had lost ``nstap dns``)."""
+    import argparse
+
+    from nstap.cli import _parser
+
+    def commands(parser: argparse.ArgumentParser, prefix: str) -> dict[str, set[str]]:
+        out = {}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    out.update(commands(sub, f"{prefix} {name}"))
+                return out
+        return {prefix: {o for a in parser._actions for o in a.option_strings}}
+
+    parser_commands = commands(_parser(), "nstap")
+    page = (ROOT / "docs/api-and-cli.md").read_text()
+    block = page[page.index("## The CLI"):]
+    block = block[block.index("```sh\n") + 6:]
+    listed = {}
+    for line in block[:block.index("```")].splitlines():
+        words = line.split()
+        name = " ".join(words[:3]) if words[1] == "captures" else " ".join(words[:2])
+        listed[name] = set(re.findall(r"(?<![\w-])(--?[a-z][\w.-]*)", line))
+    assert set(listed) == set(parser_commands), set(parser_commands) ^ set(listed)
+    for name, options in listed.items():
+        assert options <= parser_commands[name], (name, options - parser_commands[name])
+
+
+def test_the_readme_is_a_newcomer_s_page() -> None:
+    """At most 300 lines, and its first screenful (24 lines) says how to set it up, try it and run
+    it in production, linking to each."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, len(lines)
+    first = "\n".join(lines[:24])
+    for needed in ("`make run`", "`make test`", "`make demo`", "systemd", "Kubernetes", "](#running-it-in-production)", "](#quick-start-"):
+        assert needed in first, needed
+
+
+def test_the_configuration_page_points_every_top_level_key_somewhere() -> None:
+    """docs/configuration.md's table of which page explains which keys: every top-level key of the
+    config model is in it (``dns.*`` had been left out)."""
+    from nstap.config import Config
+
+    page = (ROOT / "docs/configuration.md").read_text()
+    table = page[page.index("| keys | page |"):]
+    table = table[:table.index("\n\n")]
+    named = {m.split(".")[0] for m in re.findall(r"`([a-z_0-9.*]+)`", table)}
+    assert set(Config.model_fields) <= named, set(Config.model_fields) - named

@@ -203,7 +203,10 @@ def _containers(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(data, indent=2))
         return 0
     rows = [("CONTAINER", "RUNTIME", "PID", "NETNS", "WATCHED", "IPS", "PORTS")]
-    for c in data.get("containers", []):
+    # By runtime; a namespace's owner, then the containers that share it; host-network ones last.
+    listed = sorted(data.get("containers", []), key=lambda c: (
+        c["runtime"], c["netns"] == "host", c.get("netns_owner") or c["name"], c["name"] != c.get("netns_owner"), c["name"]))
+    for c in listed:
         ips = ",".join(ip for n in c["networks"] for ip in (n["ipv4"], n["ipv6"]) if ip) or "-"
         ports = ",".join(
             f"{p['host_ip'] + ':' if p['host_ip'] else ''}{p['host_port']}->{p['container_port']}/{p['protocol']}" for p in c["ports"]
