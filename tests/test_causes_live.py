@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import time
 import urllib.request
 
 import pytest
 
-from conftest import PODMAN_ENV, Containers, Daemon, sh, wait_until
+from conftest import PODMAN_ENV, ROOT, Containers, Daemon, sh, wait_until
 from test_anomalies import HTTPD, TICKER, Reader, anomaly, connecting, container_ip, finished_capture, in_netns, reset_burst
+from test_docs import command_blocks, shape_matches
 
 pytestmark = pytest.mark.docker
 
@@ -85,20 +87,25 @@ def test_a_paused_listener_is_named_with_its_queue(nstap, containers: Containers
     ip = container_ip(cid)
     d.wait_metric(lambda m: m.value("nstap_tcp_listen_queue_limit", container_id=cid[:12], port="80"), 10)
     sh("docker", "pause", cid)
+    name = Containers.inspect("docker", cid)["Name"].lstrip("/")
     clients = []
     try:
         clients += connecting(ip, 80, 20)
         event = caused(d, cid, "tcp_listen_overflows", "process_not_accepting")
+        # docs/anomalies-and-causes.md's example, run while the listener is still paused
+        (where, [(command, expected)]), = command_blocks("doctest-causes")
+        out = sh("bash", "-c", command.replace("nstap ", f"{ROOT}/.venv/bin/nstap ", 1).replace("pausedweb", name)
+                 + f" --data-dir {d.data_dir} --api http://127.0.0.1:{d.api_port}").stdout
     finally:
         for c in clients:
             c.close()
         sh("docker", "unpause", cid)
-    name = Containers.inspect("docker", cid)["Name"].lstrip("/")
     assert f"{name} is paused (docker pause)" in event["cause"]["text"], event["cause"]
     assert "port 80 holds" in event["cause"]["text"]
-    out = sh(".venv/bin/nstap", "anomalies", "--data-dir", str(d.data_dir), "--api", f"http://127.0.0.1:{d.api_port}", "--container", cid[:12]).stdout
-    header = out.splitlines()[0].split()
-    assert "CAUSE" in header and "process_not_accepting" in out and f"why: {name} is paused" in out, out
+    shown = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d( \(\+[\d.]+s\))?", "...", expected.replace("pausedweb-e5bd5218", name))
+    shown = re.sub(r"\b\d{8}T\d{6}Z-[0-9a-f]{8}\b", "...", shown)
+    shown = re.sub(r"(?<![\w-])\d+(/\d+)?(?![\w-])", "...", shown).replace("port ...", "port 80")
+    assert shape_matches(shown, out), f"{where}: {command}\n--- shown:\n{shown}\n--- printed:\n{out}"
 
 
 @pytest.mark.podman

@@ -408,7 +408,7 @@ def test_every_module_is_in_the_architecture_layout() -> None:
 
 # -- commands shown in the README and docs/, run ----------------------------------------------------------
 
-BLOCK = re.compile(r"^```console (doctest(?:-demo|-containers)?)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+BLOCK = re.compile(r"^```console (doctest(?:-demo|-containers|-causes|-shop)?)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
 def command_blocks(kind: str) -> list[tuple[str, list[tuple[str, str]]]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Containers, Daemon, free_port_range, sh, wait_until
+from conftest import Containers, Daemon, free_port, free_port_range, sh, wait_until
 from nstap.detect.probe import FailedProbe, Listener, probe_cause, probe_findings, wants_anomaly
 from nstap.nat.exposure import classify
 from nstap.nat.forwards import Forward
@@ -58,6 +59,7 @@ def _failed(**changes) -> FailedProbe:
     (dict(state="shadowed", detail="PREROUTING rule 1 decides first"), "nat_shadowed"),
     (dict(listener=Listener(False)), "no_listener"),
     (dict(listener=Listener(True, 129, 128)), "accept_queue_full"),
+    (dict(listener=Listener(True, 0, 128, loopback=True)), "no_listener"),  # on 127.0.0.1 only: not on the address forwarded to
     (dict(drops=(("ipv4-filter INPUT rule 1: -A INPUT -p tcp --dport 80 -j DROP", 3),), error="timeout"), "firewall_drop"),
     (dict(host_drops=(("filter FORWARD policy DROP", 2),), error="timeout"), "firewall_drop"),
     (dict(drops=(("ipv4-filter INPUT rule 1: -A INPUT -j DROP", 1),), host_drops=(("filter FORWARD policy DROP", 2),), error="timeout"), "firewall_drop"),
@@ -560,3 +562,52 @@ def test_probe_namespace_removed_at_stop_and_stale_one_recovered(nstap, tmp_path
     finally:
         sh("ip", "link", "del", name, check=False)
         sh("ip", "link", "del", f"{name}x", check=False)
+
+
+def test_the_nat_page_examples(nstap, containers: Containers, docker_image: str) -> None:
+    """docs/nat-and-firewalls.md's ```console doctest-shop blocks, run against their scenario: a
+    web server publishing port 80 on every host address and 8081 on 127.0.0.1, listening on 80
+    and 8082 on every address and on 8081 on loopback only, fetched from a few times; each
+    command's output must have the shape shown (names are the test's, and addresses, ports,
+    counts, times and latencies this run's)."""
+    from test_docs import command_blocks, shape_matches
+
+    blocks = command_blocks("doctest-shop")
+    acct = Path("/proc/sys/net/netfilter/nf_conntrack_acct")
+    before = acct.read_text().strip()
+    try:
+        d = nstap({"nat": {"talkers": {"conntrack_acct": True, "interval": 2.0}, "probe": {"interval": 2.0}}})
+        public, local = free_port(), free_port()
+        web = containers.docker("-p", f"0.0.0.0:{public}:80", "-p", f"127.0.0.1:{local}:8081", docker_image, "sh", "-c",
+                                "httpd -p 127.0.0.1:8081 -h / && httpd -p 8082 -h / && exec httpd -f -p 80 -h /", name="shop-web")
+        name = Containers.inspect("docker", web)["Name"].lstrip("/")
+        ip = Containers.inspect("docker", web)["NetworkSettings"]["IPAddress"]
+        wait_until(lambda: d.api(f"/api/v1/containers/{web[:12]}/talkers")[0] == 200, 10, message="watched")
+        time.sleep(2.5)  # a talkers' pass with the container's address known, before the traffic
+        for _ in range(6):
+            with urllib.request.urlopen(f"http://{ip}/bin/busybox", timeout=5) as r:
+                r.read()
+
+        def probed_and_talked() -> bool:
+            peers = d.api(f"/api/v1/containers/{web[:12]}/talkers")[1]["peers"]
+            probes = d.scrape().find("nstap_port_probe_success", container_id=web[:12])
+            return len(peers) >= 2 and len(probes) == 2
+
+        wait_until(probed_and_talked, 20, 0.5, "both ports probed, the host and the probe namespace among the peers")
+        for where, commands in blocks:
+            for command, expected in commands:
+                out = sh("bash", "-c", command.replace("nstap ", f"{sys.executable} -m nstap ", 1).replace("shop-web", name)
+                         + f" --config {d.config_path}").stdout
+                assert shape_matches(shop_shape(expected, name), out), f"{where}: {command}\n--- shown:\n{expected}\n--- printed:\n{out}"
+    finally:
+        acct.write_text(before + "\n")
+
+
+def shop_shape(expected: str, name: str) -> str:
+    """The docs' shop-web output with what differs from run to run made ``...``: addresses, ports
+    the host published, counts, times and latencies (the container's own ports, 80, 8081 and 8082,
+    stay)."""
+    out = expected.replace("shop-web", name)
+    out = re.sub(r"\b\d+\.\d+\.\d+\.\d+\b", "...", out)
+    out = re.sub(r"\b\d+\.\d+ (ms|s)\b", r"... \1", out)
+    return re.sub(r"(?<![\w.])(?!(?:80|8081|8082)(?![\w.]))\d+(?![\w.])", "...", out)

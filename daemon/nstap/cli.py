@@ -335,7 +335,8 @@ def _print_verdicts(forwards: list[dict]) -> None:
             continue
         via = f" via {probe['via']}" if probe.get("via") else ""
         why = v["cause"]["kind"] + ": " + v["cause"]["text"] if "cause" in v else probe["error"] or "-"
-        rows.append((f["container"], port, _yes(v["rule"]), _yes(v["listener"]), "ok" if probe["ok"] else "FAILED",
+        listener = "loopback" if v.get("listener_loopback_only") else _yes(v["listener"])
+        rows.append((f["container"], port, _yes(v["rule"]), listener, "ok" if probe["ok"] else "FAILED",
                      f"{probe['latency_ms']:.2f} ms", probe["path"] + via, why))
     _print_table(rows)
 

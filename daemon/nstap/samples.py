@@ -44,6 +44,7 @@ class ListenQueue(NamedTuple):
     length: int
     limit: int
     sockets: int
+    loopback: bool = False  # every one of them bound to a loopback address (127.0.0.0/8, ::1)
 
 
 class SocketSample(NamedTuple):

@@ -35,6 +35,7 @@ class Listener:
     present: bool | None
     length: int = 0
     limit: int = 0
+    loopback: bool = False  # bound to loopback only: nothing listens on the address the port forwards to
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,9 @@ def probe_cause(p: FailedProbe) -> Cause:
         return Cause(NAT_SHADOWED, f"{p.detail or 'an earlier rule decides first'} [{p.rule}]" if p.rule else p.detail or "an earlier rule decides first")
     if p.listener.present is False:
         return Cause(NO_LISTENER, f"nothing listens on {p.protocol} port {p.container_port} in the container (probe: {p.error})")
+    if p.listener.present and p.listener.loopback:
+        return Cause(NO_LISTENER, f"{p.protocol} port {p.container_port} listens on loopback only in the container: nothing listens on the address the "
+                                  f"published port forwards to (probe: {p.error}); bind it to 0.0.0.0 or the container's address")
     if p.listener.present and p.listener.limit and p.listener.length >= p.listener.limit:
         return Cause(ACCEPT_QUEUE_FULL, f"{p.protocol} port {p.container_port}'s accept queue is full ({p.listener.length}/{p.listener.limit}): the server does not accept")
     if p.host_drops:

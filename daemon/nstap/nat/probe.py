@@ -207,7 +207,7 @@ def listener_of(sample: Any, port: int) -> Listener:
     labels = {q.port for q in sockets.listen}
     for q in sockets.listen:
         if q.port == str(port):
-            return Listener(True, q.length, q.limit)
+            return Listener(True, q.length, q.limit, q.loopback)
     if labels & {"ephemeral", "other"}:
         return Listener(None)
     return Listener(False)
@@ -582,6 +582,8 @@ class PortProber:
         }
         if listener.present:
             out["accept_queue"] = {"length": listener.length, "limit": listener.limit}
+            if listener.loopback:
+                out["listener_loopback_only"] = True
         if key in self.skipped:
             out["not_probed"] = self.skipped[key]
         elif result is None:

@@ -55,6 +55,7 @@ MAX_LOOKUPS = 8  # more known listeners than this: one dump is cheaper than aski
 REDISCOVER_AFTER = 10.0  # seconds: dump listeners at least this often while sockets are unexplained
 
 _FAMILIES = ((socket.AF_INET, "tcp"), (socket.AF_INET6, "tcp6"))
+V6_LOOPBACK = bytes(15) + b"\x01"
 
 
 SOCKSTAT_WANTED = (
@@ -213,7 +214,7 @@ class SocketSampler:
         for found in listeners:
             self._add_ports(found, ports)
         states = {"listen": sum(p[2] for p in ports.values()), "time_wait": time_wait, **self._walked}
-        listen = tuple(ListenQueue(label, q, limit, n) for label, (q, limit, n) in ports.items())
+        listen = tuple(ListenQueue(label, q, limit, n, not routable) for label, (q, limit, n, routable) in ports.items())
         self._last = SocketSample(in_use, states, self._walked_at, self._syn_retrans, listen, self.walk_interval)
         self._last_listeners = listeners
         return self._last
@@ -252,10 +253,15 @@ class SocketSampler:
                     label = "other"
                     entry = ports.get(label)
                 if entry is None:
-                    entry = ports[label] = [0, 0, 0]
+                    entry = ports[label] = [0, 0, 0, 0]
             entry[0] += sock.rqueue
             entry[1] += sock.wqueue
             entry[2] += 1
+            # bound elsewhere than loopback (the sockid's source address: 127.0.0.0/8 in its first
+            # byte, or ::1): a published port's connections can reach it
+            sid = sock.sockid
+            if sid[4] != 127 and sid[4:20] != V6_LOOPBACK:
+                entry[3] += 1
 
     def load(self) -> str:
         """What a sample has to read, for the log line of a namespace that costs too much."""
