@@ -222,8 +222,10 @@ async def test_upload_multipart_and_queue_survives_server_outage(weed, tmp_path)
 
 
 async def test_restart_mid_upload_no_duplicate(weed, tmp_path):
-    """A daemon stopped after the pcap reached the bucket but before the queue said so: the next
-    start resumes, If-None-Match meets the same digest (no second object, nothing overwritten)."""
+    """A daemon stopped after the pcap reached the bucket but before the queue said so (the crash
+    between the two, made by uploading the object alone: a kill could not hit that instant): the
+    next start resumes, If-None-Match meets the same digest (no second object, nothing
+    overwritten). A process killed mid-upload, for real: the test below."""
     prefix = f"host-restart-{new_id()}/"
     store = await _store(tmp_path / "d")
     up = CaptureUploader(store, weed.client(), prefix)
@@ -241,6 +243,76 @@ async def test_restart_mid_upload_no_duplicate(weed, tmp_path):
         keys, _ = await up.client.list(prefix)
         assert sorted(keys) == sorted([up.key(row.id, w) for w in ("pcap", "evidence", "bundle", "index")])
         assert (await store.index.captures.get(row.id)).uploaded_at is not None
+    finally:
+        await up.close()
+        await store.close()
+
+
+KILLED_MID_PART = r"""
+import asyncio, sys
+from pathlib import Path
+from nstap.capture.store import CaptureStore, Retention
+from nstap.storage import s3
+from nstap.storage.uploader import CaptureUploader
+
+data_dir, endpoint, bucket, prefix = sys.argv[1:5]
+real = s3.S3Client._put_body
+
+async def put_body(self, *args, **kwargs):
+    resp = await real(self, *args, **kwargs)
+    if "partNumber" in (kwargs.get("query") or {}):
+        print("part", kwargs["query"]["partNumber"], flush=True)
+        await asyncio.sleep(60)  # SIGKILLed here, its first part in the bucket
+    return resp
+
+s3.S3Client._put_body = put_body
+
+async def main():
+    store = CaptureStore(Path(data_dir), Retention(1 << 30, 86400.0))
+    store.uploads_enabled = True
+    await store.open()
+    client = s3.S3Client(endpoint, bucket, "us-east-1", s3.load_credentials(None, None), path_style=True)  # keys from the environment
+    await CaptureUploader(store, client, prefix, multipart_bytes=5 * 1024 * 1024).run()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_process_killed_mid_multipart_upload_resumes_after_restart(weed, tmp_path):
+    """The uploading process SIGKILLed after the first part of a multipart upload reached the
+    server (no abort sent, the queue row untouched): the next start uploads the capture whole,
+    once, with its digest. The killed process took its keys from AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY (no key files)."""
+    prefix = f"host-killed-{new_id()}/"
+    store = await _store(tmp_path / "d")
+    big = await _capture(store, size=12 * 1024 * 1024 + 7)
+    await store.close()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_MID_PART, str(tmp_path / "d"), weed.endpoint, BUCKET, prefix],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60)
+        assert line.strip() == "part 1", line
+    finally:
+        child.kill()
+        child.wait()
+    store = await _store(tmp_path / "d")  # the restart
+    up = CaptureUploader(store, weed.client(), prefix, multipart_bytes=5 * 1024 * 1024)
+    try:
+        assert await store.index.db.run(store.index.uploads.count) == 1
+        assert await up.client.head(up.key(big.id, "pcap")) is None  # one part in, no object
+        await _drain(up)
+        assert up.results["ok"] == 1 and up.results["failed"] == 0
+        keys, _ = await up.client.list(prefix)
+        assert sorted(keys) == sorted(up.key(big.id, w) for w in ("pcap", "evidence", "bundle", "index"))
+        head = await up.client.head(up.key(big.id, "pcap"))
+        assert head["x-amz-meta-sha256"] == big.sha256 and int(head["content-length"]) == big.bytes
+        resp = await up.open(big.id, "pcap")
+        h = hashlib.sha256()
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            h.update(chunk)
+        resp.release()
+        assert h.hexdigest() == big.sha256 and (await store.index.captures.get(big.id)).uploaded_at is not None
     finally:
         await up.close()
         await store.close()
