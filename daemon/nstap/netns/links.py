@@ -62,6 +62,7 @@ class LinkTable:
         self._names: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.notified_cpu = 0.0  # CPU seconds the loop spent receiving announcements since take_notified_cpu
+        self.notices = 0  # wake-ups for announcements since take_notices
 
     def follow(self, loop: asyncio.AbstractEventLoop) -> None:
         """Have ``loop`` watch for link-change notifications (until :meth:`close`)."""
@@ -69,6 +70,7 @@ class LinkTable:
         loop.add_reader(self._events.fileno(), self._notified)
 
     def _notified(self) -> None:
+        self.notices += 1
         started = time.thread_time()
         if not netlink.queued(self._events, self._changes, CHANGES_CAP):
             self._dumped = False
@@ -79,6 +81,11 @@ class LinkTable:
         a namespace that churns links is charged for it (see NamespaceWatcher.account)."""
         cpu, self.notified_cpu = self.notified_cpu, 0.0
         return cpu
+
+    def take_notices(self) -> int:
+        """Wake-ups for this namespace's link announcements since the last call."""
+        notices, self.notices = self.notices, 0
+        return notices
 
     def close(self) -> None:
         """Stop watching notifications (the handles' owner closes the sockets)."""

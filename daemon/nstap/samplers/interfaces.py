@@ -120,6 +120,11 @@ class InterfaceSampler:
         """The CPU the event loop spent on this namespace's link announcements since the last call."""
         return self._table.take_notified_cpu()
 
+    def work(self) -> int:
+        """What the namespace made this sample read: its interfaces, and the link announcements
+        received since the last sample (see NamespaceWatcher.account)."""
+        return len(self._table.links()) + self._table.take_notices()
+
     def sample(self) -> tuple[InterfaceCounters, ...]:
         """Read every interface now."""
         table = self._table

@@ -263,6 +263,10 @@ class SocketSampler:
             if sid[4] != 127 and sid[4:20] != V6_LOOPBACK:
                 entry[3] += 1
 
+    def work(self) -> int:
+        """What the namespace made this sample read: its listeners (see NamespaceWatcher.account)."""
+        return sum(len(known) for known in self._known.values())
+
     def load(self) -> str:
         """What a sample has to read, for the log line of a namespace that costs too much."""
         listeners = sum(len(known) for known in self._known.values())
