@@ -10,7 +10,7 @@ VENV := .venv
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test soak lock deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-detect bench-nat bench-ebpf bench-cause containerd-api dashboards docs clean demo demo-clean install uninstall
+.PHONY: run test soak lock deps-run deps-test deps-demo runtimes venv venv-bench bench bench-plot bench-capture bench-evidence bench-upload bench-detect bench-nat bench-ebpf bench-cause containerd-api dashboards docs clean demo demo-clean install uninstall
 
 run: deps-run venv runtimes
 	$(VENV)/bin/nstap run $(ARGS)
@@ -69,6 +69,10 @@ bench-capture: deps-test venv-bench runtimes
 
 bench-evidence: deps-test venv-bench
 	$(VENV)/bin/python bench/bench_evidence.py $(ARGS)
+
+# What uploading captures to S3-compatible storage costs the daemon (docs/performance.md: Uploads).
+bench-upload: deps-test venv-bench
+	$(VENV)/bin/python bench/bench_upload.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache
