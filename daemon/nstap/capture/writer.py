@@ -3,8 +3,9 @@ tcpdump, within its window and its byte cap.
 
 :class:`CaptureFile` writes; :func:`from_ring` reads the ring back from the window's start (in a
 worker thread, whole segments copied by the kernel) and then takes the records as they arrive;
-:func:`live` runs a tcpdump for the window (its output parsed and written in a worker thread); :func:`summary` says what the finished file holds;
-:func:`take` does all of it for one capture and returns its outcome.
+:func:`live` runs a tcpdump for the window (its output parsed and written in a worker thread);
+:func:`summary` says what the finished file holds; :func:`take` does all of it for one capture
+and returns its outcome.
 A write that fails (a full disk) is never raised: the file keeps what it got and says why.
 """
 
