@@ -502,26 +502,31 @@ async def test_the_budget_judges_the_namespace_cpu_not_the_daemon_busy_elsewhere
     assert len(seen) >= 25 and max(gaps) < 0.25, (len(seen), max(gaps))
 
 
+async def watched_beside(opener: NamespaceOpener, netns: NsUnderTest, burner: Burner) -> tuple[WatcherPool, NamespaceWatcher, list[float]]:
+    """A pool sampling ``netns`` every 0.1 s with the real samplers and ``burner``, on a 5 ms
+    budget (15 ms burns against it: the real samplers of an idle namespace take 0.3-1.5 ms of a
+    sample here, more now and then); its watcher once attached, and the times of its samples."""
+    pool, store = budget_pool(opener, [burner], budget=0.005)
+    ns = namespace_for(netns)
+    seen: list[float] = []
+    store.subscribe(lambda s: seen.append(time.monotonic()))
+    pool.registry.upsert(ns.owner)
+    pool.start()
+    await asyncio.sleep(0.5)
+    return pool, pool.watchers[ns.inode].watcher, seen
+
+
 async def test_a_namespace_is_slowed_on_sustained_cost_and_restored_at_once(netns: NsUnderTest, opener: NamespaceOpener) -> None:
     """One expensive sample does not slow a namespace (a first sample, a garbage collection); three
     in a row do, and the log says which sampler costs and what it reads; one cheap sample restores it."""
     from structlog.testing import capture_logs
 
-    # 15 ms against a budget of 5 ms: the real samplers of an idle namespace take 0.3-1.5 ms of a
-    # sample here, more now and then, which must neither make a sample expensive nor change the
-    # slowed interval (ceil((15 + their part) / 5) = 4).
+    # 15 ms against the 5 ms budget: slowed to every ceil((15 + the real samplers' part) / 5) = 4 ticks.
     burner = Burner()
     burner.ms = 15.0
-    pool, store = budget_pool(opener, [burner], budget=0.005)
-    ns = namespace_for(netns)
-    seen: list[float] = []
-    store.subscribe(lambda s: seen.append(time.monotonic()))
     with capture_logs() as logs:
-        pool.registry.upsert(ns.owner)
-        pool.start()
+        pool, watcher, seen = await watched_beside(opener, netns, burner)
         try:
-            await asyncio.sleep(0.5)
-            watcher = pool.watchers[ns.inode].watcher
             # Two expensive samples in a row: not sustained (counted, not timed: a late wake-up of
             # this test would let a third in).
             burner.left, burner.on = 2, True
@@ -565,16 +570,9 @@ async def test_an_ordinary_namespace_is_never_slowed_whatever_its_samples_cost(n
 
     burner = Burner()
     burner.items = 0  # the cost of a cold machine, not of the namespace's state
-    pool, store = budget_pool(opener, [burner], budget=0.005)
-    ns = namespace_for(netns)
-    seen: list[float] = []
-    store.subscribe(lambda s: seen.append(time.monotonic()))
     with capture_logs() as logs:
-        pool.registry.upsert(ns.owner)
-        pool.start()
+        pool, watcher, seen = await watched_beside(opener, netns, burner)
         try:
-            await asyncio.sleep(0.5)
-            watcher = pool.watchers[ns.inode].watcher
             burner.on = True
             await asyncio.sleep(1.0)
             n = len(seen)

@@ -151,6 +151,19 @@ async def _drain(uploader: CaptureUploader, timeout: float = 30.0) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def _pcap_in_the_bucket(up: CaptureUploader, row: CaptureRow) -> None:
+    """The capture's pcap object is in the bucket whole: its digest and length as metadata, and
+    the bytes read back hash to it."""
+    head = await up.client.head(up.key(row.id, "pcap"))
+    assert head["x-amz-meta-sha256"] == row.sha256 and int(head["content-length"]) == row.bytes
+    resp = await up.open(row.id, "pcap")
+    h = hashlib.sha256()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        h.update(chunk)
+    resp.release()
+    assert h.hexdigest() == row.sha256
+
+
 async def test_checksum_sent_and_wrong_one_refused(weed, tmp_path):
     """The server checks the SHA-256 nstap sends: the right one is stored, a wrong one is refused (BadDigest)."""
     c = weed.client()
@@ -207,14 +220,7 @@ async def test_upload_multipart_and_queue_survives_server_outage(weed, tmp_path)
         elapsed = time.monotonic() - started
         row = await store.index.captures.get(big.id)
         assert row.uploaded_at is not None and row.to_json()["location"] == "both"
-        head = await up.client.head(up.key(big.id, "pcap"))
-        assert head["x-amz-meta-sha256"] == big.sha256 and int(head["content-length"]) == big.bytes
-        resp = await up.open(big.id, "pcap")
-        h = hashlib.sha256()
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            h.update(chunk)
-        resp.release()
-        assert h.hexdigest() == big.sha256
+        await _pcap_in_the_bucket(up, big)
         print(f"\nupload figure: {big.bytes / elapsed / 1e6:.1f} MB/s for a {big.bytes} byte pcap in parts (+evidence, bundle, index)")
     finally:
         await up.close()
@@ -305,14 +311,8 @@ async def test_a_process_killed_mid_multipart_upload_resumes_after_restart(weed,
         assert up.results["ok"] == 1 and up.results["failed"] == 0
         keys, _ = await up.client.list(prefix)
         assert sorted(keys) == sorted(up.key(big.id, w) for w in ("pcap", "evidence", "bundle", "index"))
-        head = await up.client.head(up.key(big.id, "pcap"))
-        assert head["x-amz-meta-sha256"] == big.sha256 and int(head["content-length"]) == big.bytes
-        resp = await up.open(big.id, "pcap")
-        h = hashlib.sha256()
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            h.update(chunk)
-        resp.release()
-        assert h.hexdigest() == big.sha256 and (await store.index.captures.get(big.id)).uploaded_at is not None
+        await _pcap_in_the_bucket(up, big)
+        assert (await store.index.captures.get(big.id)).uploaded_at is not None
     finally:
         await up.close()
         await store.close()
