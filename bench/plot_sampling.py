@@ -50,6 +50,9 @@ def plot(results: list[dict], out: Path) -> None:
     bounded = [(r["containers"], r["lower_bound_ms"] * 1000) for r in results if r.get("lower_bound_ms")]
     if bounded:
         cpu.plot([b[0] for b in bounded], [b[1] for b in bounded], "s-", color="C2", label="lower bound (nslimit), same run")
+    paced = [(r["containers"], r["paced_bound_ms"] * 1000) for r in results if r.get("paced_bound_ms")]
+    if paced:
+        cpu.plot([b[0] for b in paced], [b[1] for b in paced], "s--", color="C2", alpha=0.6, label="the same reads once a second (nspaced)")
     for r, y in zip(results, every, strict=True):
         if r.get("multiple_of_lower_bound"):
             label = f"×{r['multiple_of_lower_bound']:.1f}"
