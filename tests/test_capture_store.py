@@ -574,6 +574,40 @@ async def test_a_restart_does_not_shrink_the_budget(tmp_path: Path) -> None:
         await s.close()
 
 
+async def test_the_ring_pump_sleeps_while_no_flight_recorder_runs(tmp_path: Path, monkeypatch) -> None:
+    """The pump wakes the event loop four times a second to empty the recorders' pipes; with no
+    recorder (the default: only labelled containers have one) it does not wake at all, since each
+    wake-up costs CPU of its own (docs/performance.md, "Wake-ups"), and it wakes again as soon
+    as a recorder starts."""
+    import asyncio
+
+    s = CaptureStore(tmp_path, Retention(max_bytes=10**9, max_age_seconds=10**6))
+    await s.open()
+    engine = CaptureEngine(CaptureSettings(), s, None, ContainerRegistry(), tmp_path)  # type: ignore[arg-type]
+    fleet = engine.fleet
+    pumps = []
+    monkeypatch.setattr(fleet, "pump_once", lambda start=0: pumps.append(start) or start)
+    pump = asyncio.create_task(fleet._pump())
+    try:
+        await asyncio.sleep(1.0)
+        assert pumps == []
+        fleet.rings = {1: BusyRecorder("r1")}
+        fleet._ringing.set()  # as _start_ring does
+        await asyncio.sleep(0.6)
+        assert len(pumps) >= 2
+        fleet.rings = {}
+        await asyncio.sleep(0.3)  # (the wake-up under way)
+        seen = len(pumps)
+        await asyncio.sleep(0.6)
+        assert len(pumps) == seen  # asleep again
+    finally:
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+        fleet.rings = {}
+        await engine.stop()
+        await s.close()
+
+
 class BusyRecorder:
     """A flight recorder whose pump takes 8 ms (fault-free stand-in for one under heavy traffic:
     the real pump is exercised by tests/test_capture.py)."""

@@ -702,3 +702,86 @@ async def test_a_firewall_that_changes_all_the_time_is_read_at_a_bounded_rate() 
     assert len(hostile) == 2 and all(g >= max(FIREWALL_MIN_GAP, 0.1 / 0.05 - 0.1) + 0.1 - 0.02 for g in gaps), hostile
     [quiet] = [t for i, t in reads if i == 8]
     assert quiet - quiet_asked < 0.1  # not behind the hostile one's wait
+
+
+async def test_one_trip_to_the_nat_thread_per_quiet_tick_and_conntrack_missing_said(tmp_path: Path) -> None:
+    """Each trip of the NAT monitor to its thread is one more wake-up of the event loop, and a
+    wake-up costs CPU of its own (hundreds of µs on a VM whose caches went cold: see
+    docs/performance.md, "Wake-ups"): a tick with neither rules nor flows due makes one, for the
+    generation id and conntrack's totals together. Each keeps its own error: a host without
+    conntrack (here a /proc without its files; the rules and nftables are this host's) says so."""
+    from nstap.config import NatConfig
+    from nstap.nat.monitor import NatMonitor
+    from nstap.registry import ContainerRegistry
+    from nstap.supervisor import TaskSupervisor
+
+    missing = NatMonitor(NatConfig(), 1.0, ContainerRegistry(), lambda inode: None, 1, TaskSupervisor(), proc_root=tmp_path)
+    real = NatMonitor(NatConfig(), 1.0, ContainerRegistry(), lambda inode: None, 1, TaskSupervisor())
+    try:
+        await missing.tick()  # the first tick reads the rules too
+        assert missing.up["conntrack"] == 0 and missing.state.conntrack is None
+        assert "conntrack is not loaded" in missing.state.conntrack_error
+        assert missing.reads_total == 1 and missing.state.read_at > 0  # the rules were read all the same
+        await real.tick()
+        assert real.up["conntrack"] == 1 and real.state.conntrack is not None and not real.state.conntrack_error
+        trips = []
+        thread = real._thread
+
+        async def counted(fn, *args):
+            trips.append(getattr(fn, "__name__", fn))
+            return await thread(fn, *args)
+
+        real._thread = counted  # type: ignore[method-assign]
+        real._flows_due = float("inf")
+        await real.tick()  # rules not due (nat.interval), flows not due
+        assert trips == ["_look"], trips
+        assert real.up["conntrack"] == 1 and real.state.conntrack is not None
+    finally:
+        missing._executor.shutdown()
+        real._executor.shutdown()
+
+
+async def test_the_nat_monitor_ticks_when_the_sampling_ticker_kicks_it() -> None:
+    """The monitor's ticks join the wake-up the sampling ticker's early hook makes anyway (each
+    wake-up of the loop costs CPU of its own), and it still ticks, every SLACK intervals, while
+    nothing kicks it (no namespace watched: the ticker stops). Each tick kicks the prober."""
+    import asyncio
+
+    from nstap.config import NatConfig
+    from nstap.nat.monitor import SLACK, NatMonitor
+    from nstap.registry import ContainerRegistry
+    from nstap.supervisor import TaskSupervisor
+
+    interval = 0.2
+    monitor = NatMonitor(NatConfig(), interval, ContainerRegistry(), lambda inode: None, 1, TaskSupervisor())
+    loop = asyncio.get_running_loop()
+    ticks: list[float] = []
+    kicked_prober: list[float] = []
+
+    async def tick() -> None:
+        ticks.append(loop.time())
+
+    class Prober:
+        def kick(self) -> None:
+            kicked_prober.append(loop.time())
+
+    monitor.tick = tick  # type: ignore[method-assign]
+    monitor.probes = Prober()
+    task = asyncio.create_task(monitor._run())
+    try:
+        await asyncio.sleep(0.05)
+        start = loop.time()
+        for _ in range(4):  # kicked every 0.13 s: ticks every 0.13 s, none in between
+            monitor.kick()
+            await asyncio.sleep(0.13)
+        kicked = [t - start for t in ticks if t >= start]
+        assert len(kicked) == 4 and all(b - a < interval for a, b in zip(kicked, kicked[1:])), kicked
+        quiet = loop.time()
+        await asyncio.sleep(interval * SLACK * 2 + 0.1)  # nothing kicks: it ticks on its own
+        alone = [t - quiet for t in ticks if t >= quiet]
+        assert len(alone) == 2 and alone[0] >= interval * SLACK - 0.15 - 0.02, alone
+        assert len(kicked_prober) == len(ticks)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        monitor._executor.shutdown()

@@ -155,6 +155,25 @@ def test_schedule_serves_containers_in_turn_and_bounds_the_rate() -> None:
     assert list(schedule.due) == [key]  # gone forwards are forgotten: the state is bounded by the forwards
 
 
+def test_the_prober_looks_again_when_a_port_is_due_not_five_times_a_second() -> None:
+    """Each look at the schedule is a wake-up of the event loop, which costs CPU of its own:
+    without published ports, once an interval (when the NAT monitor may have found new ones);
+    with ports, when the next is due, never sooner than TICK nor later than an interval."""
+    from nstap.nat.probe import TICK
+
+    schedule = ProbeSchedule(30.0, random.Random(7))
+    assert schedule.next_look(0.0, TICK, 1.0) == 1.0  # nothing to probe
+    schedule.update({("a", "tcp", "", 80): ("ok",)}, 0.0)
+    assert schedule.next_look(0.0, TICK, 1.0) == TICK  # due now (a token may be missing: soon again)
+    schedule.take(0.0, 1)
+    assert schedule.next_look(0.1, TICK, 1.0) == 1.0  # in flight
+    schedule.done(("a", "tcp", "", 80), 0.5)
+    assert schedule.next_look(1.0, TICK, 1.0) == 1.0  # due in 23-35 s
+    due = schedule.due[("a", "tcp", "", 80)]
+    assert schedule.next_look(due - 0.5, TICK, 1.0) == pytest.approx(0.5)
+    assert schedule.next_look(due + 3, TICK, 1.0) == TICK  # overdue (the rate held it back)
+
+
 @pytest.mark.parametrize("forward, udp, expected", [
     (_forward(), False, ("probe-netns", "169.254.252.1")),
     (_forward(host_ip=""), False, ("probe-netns", "169.254.252.1")),

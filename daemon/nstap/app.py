@@ -278,6 +278,7 @@ class App:
                 cfg.nat, cfg.interval, self.registry, pool.netns_fd, opener.home_inode, self.supervisor,
                 tracker if cfg.detect.enabled else None, frozenset(cfg.detect.disabled), cfg.proc_root,
             )
+            pool.ticker.early_hooks.append(nat.kick)  # its interval's reads in the same wake-up as the others'
         engine.nat, engine.ebpf, engine.dns = nat, ebpf, dns
         if self.uploader is not None:
             self.uploader.busy = engine.recording

@@ -78,6 +78,7 @@ class RecorderFleet:
         self.backlog = 0  # bytes waiting in the recorders' pipes after the last pump
         self.pumps_cut_total = 0  # pumps that ran out of PUMP_BUDGET before every recorder
         self.lost_stopped = 0  # records lost by recorders that were stopped since
+        self._ringing = asyncio.Event()  # set when a recorder starts: the pump sleeps without one
 
     def start(self) -> None:
         """Start following the watched namespaces (rings a dead daemon left are removed first:
@@ -127,6 +128,7 @@ class RecorderFleet:
         )
         recorder.on_listener_error = lambda exc: self.supervisor.failed("capture", exc)
         self.rings[inode] = recorder
+        self._ringing.set()
         task = self._track(self.supervisor.spawn("ring", self._run_ring(recorder, owner.name, owner.short_id, inode, fd)))
         task.add_done_callback(lambda _task: os.close(fd))
 
@@ -168,6 +170,12 @@ class RecorderFleet:
         """
         start = 0
         while True:
+            if not self.rings:
+                # No recorder, nothing to pump: no wake-up until one starts. (Each wake-up of the
+                # event loop costs CPU of its own, up to hundreds of microseconds on a VM whose
+                # caches went cold meanwhile: docs/performance.md, "Wake-ups".)
+                self._ringing.clear()
+                await self._ringing.wait()
             await asyncio.sleep(PUMP_INTERVAL)
             start = self.pump_once(start)
 

@@ -61,6 +61,7 @@ log = structlog.get_logger("nstap.nat")
 READ_CAP = 64 << 20  # bytes of one iptables-save/nft output (10,000 rules print about 1 MB)
 DIFF_LINES = 20
 FIREWALL_MIN_GAP = 1.0  # seconds between two reads of one namespace's firewall, at the least
+SLACK = 1.5  # intervals between ticks when nothing kicks the monitor (no namespace watched)
 MAX_NATIVE_TABLES = 64  # native nftables tables read per namespace
 KEEP_TEXT = 4 << 20  # bytes of a firewall's text kept to compare the next read with; beyond, a digest
 FIREWALL_TARGETS = frozenset({"DROP", "REJECT"})
@@ -179,6 +180,7 @@ class NatMonitor:
         self._fw_pending: dict[int, None] = {}
         self._fw_next: dict[int, float] = {}  # loop time before which a namespace's firewall is not read again
         self._fw_wake = asyncio.Event()
+        self._kicked = asyncio.Event()  # set by kick(): time for a tick
         self._logged = Once()
         self.probes: Any = None  # the published-port prober (nat/probe.py), when it runs
         self.talkers: Any = None  # the top-talker tracker (nat/talkers.py), when it runs
@@ -205,29 +207,59 @@ class NatMonitor:
 
     # -- the host ----------------------------------------------------------------------------
 
+    def kick(self) -> None:
+        """Tick now (the sampling ticker's early hook: once an interval, in the wake-up the loop
+        makes for the eBPF and DNS reads anyway)."""
+        self._kicked.set()
+
     async def _run(self) -> None:
+        # A tick once an interval, when kicked: each wake-up of the event loop costs CPU of its
+        # own (hundreds of µs on a VM whose caches went cold meanwhile; docs/performance.md,
+        # "Wake-ups"), so the monitor's ticks join the sampling ticker's. Nothing kicks while no
+        # namespace is watched (the ticker stops): then every SLACK intervals.
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
+            self._kicked.clear()
             await self.tick()
-            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
+            if self.probes is not None:
+                self.probes.kick()  # new forwards are looked at in this wake-up, not the prober's own
+            if not self._kicked.is_set():
+                try:
+                    await asyncio.wait_for(self._kicked.wait(), max(0.0, self.interval * SLACK - (loop.time() - started)))
+                except TimeoutError:
+                    pass
 
     async def tick(self) -> None:
         """One round: rules if they changed (or are due), conntrack, findings."""
         now = time.time()
-        try:
-            generation, native, legacy = await self._thread(self._probe)
-        except OSError as exc:  # no nf_tables, or no privilege: the rules are then polled
-            self._once("nat_generation_unavailable", error=f"{type(exc).__name__}: {exc}")
+        probed, totals = await self._thread(self._look)  # one trip to the thread for both: one wake-up of the loop
+        if isinstance(probed, OSError):  # no nf_tables, or no privilege: the rules are then polled
+            self._once("nat_generation_unavailable", error=f"{type(probed).__name__}: {probed}")
             generation, native, legacy = -1, None, False
+        else:
+            generation, native, legacy = probed
         # Legacy tables do not move the generation id: like a host without nf_tables, they are
         # polled every nat.interval.
         changed = self._dirty or (generation >= 0 and generation != self._generation)
         if changed or now - self._rules_at >= self.config.interval:
             self._dirty = False
             await self._read_rules(generation, native or [], legacy, now, changed)
-        await self._read_conntrack(now)
+        await self._read_conntrack(now, totals)
         self._report(now)
+
+    def _look(self) -> tuple[tuple[int, list[tuple[str, str]], bool] | OSError, ConntrackTotals | ConntrackUnavailable]:
+        """The interval's two cheap reads, in the thread: :meth:`_probe` and conntrack's totals,
+        each with the error it met in place of its answer."""
+        try:
+            probed: tuple[int, list[tuple[str, str]], bool] | OSError = self._probe()
+        except OSError as exc:
+            probed = exc
+        try:
+            totals: ConntrackTotals | ConntrackUnavailable = self._conntrack.totals()
+        except ConntrackUnavailable as exc:
+            totals = exc
+        return probed, totals
 
     def _probe(self) -> tuple[int, list[tuple[str, str]], bool]:
         """(generation id, native tables, whether legacy nat tables exist); runs in the thread.
@@ -362,13 +394,11 @@ class NatMonitor:
             self._once("nat_listeners_unavailable", error=str(exc))
             return None
 
-    async def _read_conntrack(self, now: float) -> None:
-        try:
-            totals = await self._thread(self._conntrack.totals)
-        except ConntrackUnavailable as exc:
+    async def _read_conntrack(self, now: float, totals: ConntrackTotals | ConntrackUnavailable) -> None:
+        if isinstance(totals, ConntrackUnavailable):
             self.up["conntrack"] = 0
-            self._once("conntrack_unavailable", error=str(exc), fix="modprobe nf_conntrack, and run nstap as root (CAP_NET_ADMIN)")
-            self.state = _with(self.state, conntrack=None, conntrack_error=str(exc))
+            self._once("conntrack_unavailable", error=str(totals), fix="modprobe nf_conntrack, and run nstap as root (CAP_NET_ADMIN)")
+            self.state = _with(self.state, conntrack=None, conntrack_error=str(totals))
             return
         self.up["conntrack"] = 1
         flows, flows_at, flows_seconds = self.state.flows, self.state.flows_at, self.state.flows_seconds

@@ -152,6 +152,11 @@ class ProbeSchedule:
         if key in self.due:
             self.due[key] = now + self.interval * self.rng.uniform(0.8, 1.2)
 
+    def next_look(self, now: float, shortest: float, longest: float) -> float:
+        """Seconds until the next port is due, within [``shortest``, ``longest``]."""
+        due = min(self.due.values(), default=float("inf"))
+        return min(max(due - now, shortest), longest)
+
 
 class TokenBucket:
     """``rate`` tokens a second, at most ``rate`` (one second's worth) saved up."""
@@ -288,6 +293,7 @@ class PortProber:
         self._drops_seen: dict[tuple[int, str, str, int], int] = {}
         self._diag: socket.socket | None = None
         self._open: set[str] = set()  # containers with a port_unreachable event going on
+        self._kicked = asyncio.Event()
 
     @property
     def up(self) -> int:
@@ -312,6 +318,7 @@ class PortProber:
         loop = asyncio.get_running_loop()
         bucket = TokenBucket(self.config().rate, loop.time())
         while True:
+            self._kicked.clear()  # (a kick while this look probes makes the next look at once)
             cfg = self.config()
             now = loop.time()
             bucket.rate = cfg.rate
@@ -330,7 +337,20 @@ class PortProber:
                 self._report({k[0] for k in keys})
             elif self._open:
                 self._report(set(self._open))  # ongoing events resolve after a quiet while, probed or not
-            await asyncio.sleep(TICK)
+            # Until the next port is due, or the NAT monitor read the rules (kick: new ports are
+            # looked at in its wake-up), at most an interval: a host without published ports does
+            # not wake the loop for the prober at all, where it did five times a second. Each
+            # wake-up costs CPU of its own (hundreds of µs on a VM whose caches went cold
+            # meanwhile: docs/performance.md, "Wake-ups").
+            if not self._kicked.is_set():
+                try:
+                    await asyncio.wait_for(self._kicked.wait(), self.schedule.next_look(loop.time(), TICK, max(self.interval, TICK)))
+                except TimeoutError:
+                    pass
+
+    def kick(self) -> None:
+        """Look at the schedule now (the NAT monitor read the forwards)."""
+        self._kicked.set()
 
     def _sync(self, now: float) -> None:
         """Follow the NAT monitor's forwards: which ports to probe, and which are due at once."""
