@@ -366,6 +366,7 @@ def test_quoted_constants_are_the_codes() -> None:
         (docs_dir / "performance.md", f"in slices of at most {Ticker.SLICE * 1000:g} ms"),
         (docs_dir / "metrics.md", f"no published port has {series_of_a_plain_container()} series"),
         (docs_dir / "metrics.md", f"a container has {series_of_a_plain_container()} series"),
+        (ROOT / "README.md", f"{series_of_a_plain_container()} series per container"),
     ]
     wrong = [(p.name, phrase) for p, phrase in claims if phrase not in normalized(p)]
     assert not wrong, f"pages that do not say what the code does: {wrong}"
