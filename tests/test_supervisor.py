@@ -137,3 +137,34 @@ def test_the_log_check_lets_through_only_what_a_test_allows() -> None:
     lines = [json.dumps({"event": "task_failed", "level": "error", "task": "runtime-x"}), json.dumps({"event": "api_error", "level": "error"})]
     assert len(log_problems(lines)) == 2
     assert [p.split(": ")[1] for p in log_problems(lines, allowed={"task_failed"})] == ["api_error"]
+
+
+async def test_a_loop_waiting_for_a_kick_stops_when_cancelled_whenever_the_kick_comes() -> None:
+    """Defect: the NAT monitor waited for its once-a-second kick with asyncio.wait_for, which on
+    Python 3.11 loses a cancellation that lands in the iterations between the kick and the wait's
+    return (CPython gh-86296): the loop went on, and the daemon hung at SIGTERM until killed (seen
+    once in CI). Cancelled at every one of those iterations, a loop on event_or_timeout stops."""
+    import asyncio
+
+    from nstap.supervisor import event_or_timeout
+
+    async def service(kick: asyncio.Event) -> None:
+        while True:
+            await event_or_timeout(kick, 10.0)
+            kick.clear()
+
+    for delay in range(8):  # cancel 0..7 loop iterations after the kick
+        kick = asyncio.Event()
+        task = asyncio.create_task(service(kick))
+        for _ in range(3):
+            await asyncio.sleep(0)  # waiting now
+        kick.set()
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        assert task in done and task.cancelled(), f"a cancellation {delay} iterations after the kick was lost"
+    assert await event_or_timeout(asyncio.Event(), 0.05) is False
+    already = asyncio.Event()
+    already.set()
+    assert await event_or_timeout(already, 10.0) is True

@@ -49,7 +49,7 @@ from ..netns.evidence import run_tool
 from ..registry import ContainerRegistry, WatchedNamespace
 from ..runtime.records import ContainerRecord
 from ..samples import NamespaceSample, SampleStore
-from ..supervisor import TaskSupervisor
+from ..supervisor import TaskSupervisor, event_or_timeout
 from .conntrack import ConntrackReader, ConntrackTotals, ConntrackUnavailable, flows_by_container, flows_of, pack
 from .forwards import DEFAULT_NETWORKS, Forward, HostRules, Masquerade, refresh_counters, verify_all, verify_masquerades
 from .nft import IPTABLES_TABLES, NativeRuleset, native_tables, parse_nft_json
@@ -224,11 +224,7 @@ class NatMonitor:
             await self.tick()
             if self.probes is not None:
                 self.probes.kick()  # new forwards are looked at in this wake-up, not the prober's own
-            if not self._kicked.is_set():
-                try:
-                    await asyncio.wait_for(self._kicked.wait(), max(0.0, self.interval * SLACK - (loop.time() - started)))
-                except TimeoutError:
-                    pass
+            await event_or_timeout(self._kicked, max(0.0, self.interval * SLACK - (loop.time() - started)))
 
     async def tick(self) -> None:
         """One round: rules if they changed (or are due), conntrack, findings."""
@@ -599,10 +595,7 @@ class NatMonitor:
                     # Every pending namespace read recently and at a cost: wait for the first, or
                     # for a new one to be pending.
                     wait = min(self._fw_next.get(i, 0.0) for i in self._fw_pending) - now
-                    try:
-                        await asyncio.wait_for(self._fw_wake.wait(), max(wait, 0.01))
-                    except asyncio.TimeoutError:
-                        pass
+                    await event_or_timeout(self._fw_wake, max(wait, 0.01))
                     self._fw_wake.clear()
                     continue
                 inode = due[0]

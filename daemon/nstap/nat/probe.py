@@ -50,7 +50,7 @@ from ..detect.probe import KINDS, FailedProbe, Listener, probe_cause, probe_find
 from ..netns import netlink
 from ..registry import ContainerRegistry, WatchedNamespace
 from ..samples import SampleStore
-from ..supervisor import TaskSupervisor
+from ..supervisor import TaskSupervisor, event_or_timeout
 from .forwards import Forward
 from .host_filter import verdicts_met
 from .probe_netns import ProbeNamespace, tcp_socket, udp_socket
@@ -342,11 +342,7 @@ class PortProber:
             # not wake the loop for the prober at all, where it did five times a second. Each
             # wake-up costs CPU of its own (hundreds of µs on a VM whose caches went cold
             # meanwhile: docs/performance.md, "Wake-ups").
-            if not self._kicked.is_set():
-                try:
-                    await asyncio.wait_for(self._kicked.wait(), self.schedule.next_look(loop.time(), TICK, max(self.interval, TICK)))
-                except TimeoutError:
-                    pass
+            await event_or_timeout(self._kicked, self.schedule.next_look(loop.time(), TICK, max(self.interval, TICK)))
 
     def kick(self) -> None:
         """Look at the schedule now (the NAT monitor read the forwards)."""

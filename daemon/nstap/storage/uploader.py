@@ -35,6 +35,7 @@ from ..capture.bundle import write_bundle
 from ..capture.store import CaptureStore
 from ..index.captures import EVICTED, FINISHED, CaptureRow
 from ..index.uploads import UploadRow
+from ..supervisor import event_or_timeout
 from .location import BucketPlace
 from .s3 import S3Client, S3Conflict, S3Error, file_sha256
 
@@ -137,10 +138,7 @@ class CaptureUploader:
                 wait = IDLE_POLL if next_at is None else min(IDLE_POLL, max(next_at - time.time(), 0.05))
                 if self._inflight and len(self._inflight) >= self.concurrency:
                     wait = IDLE_POLL
-                try:
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
+                await event_or_timeout(self._wake, wait)
         finally:
             for task in list(self._inflight.values()):
                 task.cancel()
