@@ -298,6 +298,43 @@ async def test_a_reused_namespace_inode_starts_from_zero_and_detach_leaves_the_m
 
 
 @pytest.mark.docker
+async def test_once_the_daemon_stops_no_attach_or_detach_starts_and_close_takes_every_link(monkeypatch) -> None:
+    """Each link made or closed waits out an RCU grace period in the kernel (some 30 ms a
+    namespace): beside 1,000 containers the daemon went on attaching, then detached the watchers'
+    namespaces one by one, for 40 s after SIGTERM. Once stopping, the attach under way is the last
+    and the watchers' detaches start nothing; close() then takes every link."""
+    tag = f"{os.getpid() % 100000}"
+    names = [f"nstap-dnsx-{tag}-{i}" for i in range(60)]
+    for ns in names:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    attaches: list[int] = []
+    real = tcx.attach_namespace
+    monkeypatch.setattr(tcx, "attach_namespace", lambda *args: attaches.append(args[2]) or real(*args))
+    try:
+        async with service() as dns:
+            first = await follow(dns, *names[:10])
+            fds = {ns: os.open(f"/run/netns/{ns}", os.O_RDONLY) for ns in names}
+            try:
+                dns.follow({os.fstat(fd).st_ino: fd for fd in fds.values()})  # 50 more to attach
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            await asyncio.to_thread(wait_until, lambda: len(attaches) > 11, 10, 0.005, "attaching")
+            dns.stop_following()
+            dns.follow({})  # every watcher detached
+            await asyncio.to_thread(lambda: dns._thread.submit(lambda: None).result())  # the thread's work done
+            attached = set(dns._links)
+            assert 10 < len(attaches) < 30, len(attaches)  # stopped at the next namespace, not after 50 more
+            assert set(first.values()) < attached and len(attached) == len(attaches)  # nothing detached
+            assert not dns.follow({}) and len(dns._links) == len(attached)
+        assert dns._links == {} and dns._ns_fds == {}  # close took them all
+    finally:
+        for ns in names:
+            sh("ip", "netns", "del", ns, check=False)
+
+
+@pytest.mark.docker
 async def test_a_flooding_namespace_is_held_to_its_room_and_the_others_are_counted(namespaces) -> None:
     """A container chooses its lookups: thousands of distinct unanswered ones, or failing names,
     fill the maps every namespace shares only up to its own room; the rest is counted as

@@ -147,3 +147,44 @@ def test_disabled_families_are_left_out() -> None:
     assert {k: v for k, v in full.items() if k[0] not in gone} == less
     # Every family the collector exported is one metrics.disabled may name.
     assert {name for name, _ in full} <= set(family_names())
+
+
+def test_process_families_match_prometheus_clients_and_count_descriptors_without_listing() -> None:
+    """The daemon's process collector exports prometheus-client's process_* families (names, help,
+    types); its open-descriptor count is the kernel's (the size of /proc/self/fd) and follows
+    descriptors opened and closed, and a directory whose size says nothing is counted entry by entry."""
+    import os
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import ProcessCollector as ClientProcessCollector
+
+    from nstap.exporter import build_registry
+    from nstap.instruments import open_fds
+
+    def process_families(registry: CollectorRegistry) -> dict[str, tuple[str, str]]:
+        text = generate_latest(registry).decode()
+        return {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(text) if f.name.startswith("process_")}
+
+    client = CollectorRegistry()
+    ClientProcessCollector(registry=client)
+    ours = process_families(build_registry())
+    assert ours == process_families(client) and len(ours) == 6
+
+    def exported_fds() -> float:
+        text = generate_latest(build_registry()).decode()
+        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "process_open_fds")
+
+    before = open_fds()
+    assert os.stat("/proc/self/fd").st_size == before > 0  # this kernel counts them (6.2+)
+    assert before == len(os.listdir("/proc/self/fd")) - 1  # the listing holds one more while it lists
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(300)]
+    try:
+        assert open_fds() == before + 300
+        assert exported_fds() == before + 300
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert open_fds() == before
+    # /proc/self/task reports size 0: the fallback counts its entries (this process's threads).
+    assert os.stat("/proc/self/task").st_size == 0
+    assert open_fds("/proc/self/task") == len(os.listdir("/proc/self/task")) >= 1

@@ -840,6 +840,30 @@ async def test_the_early_hooks_result_is_what_the_ticks_samples_see() -> None:
     assert all(tick == read for tick, read in seen), seen
 
 
+async def test_the_done_hooks_run_once_a_round_after_its_last_sample() -> None:
+    """A done hook (the full garbage collection) runs when a round's last sample is taken, round
+    after round: never between a tick and its samples (it would make them late) nor in the
+    middle of a round cut into slices."""
+    from nstap.watcher import Ticker
+
+    ticker = Ticker(0.2)
+    watchers = [FakeWatcher(0.1) for _ in range(120)]  # 12 ms a round: three slices
+    done: list[float] = []
+    ticker.done_hooks.append(lambda: done.append(time.monotonic()))
+    for w in watchers:
+        ticker.add(w)
+    try:
+        await asyncio.sleep(1.1)
+    finally:
+        ticker.close()
+    rounds = len(watchers[-1].samples)
+    assert rounds >= 4 and len(done) == rounds, (rounds, done)
+    for k, at in enumerate(done):
+        assert watchers[-1].samples[k] <= at  # after the round's last sample
+        if k + 1 < rounds:
+            assert at <= watchers[0].samples[k + 1]  # before the next round's first
+
+
 def test_a_gate_left_closed_stops_workers_no_longer_than_max_wait() -> None:
     """A round that never ends (or a gate left closed by a bug) must not stop the workers' parses
     for good: past MAX_WAIT after it closed, every pause returns at once."""

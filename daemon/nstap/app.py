@@ -41,6 +41,7 @@ from .detect.process_state import ProcessStateReader
 from .detect.incidents import IncidentTracker
 from .detect.pipeline import DetectionPipeline
 from .exporter import ContainerCollector, build_registry
+from .heap import FullCollections
 from .dns.service import DnsService
 from .ebpf.collector import EbpfUnavailable
 from .ebpf.service import EbpfService
@@ -158,6 +159,7 @@ class App:
         self.pool: WatcherPool | None = None
         self.api: ApiServer | None = None
         self.uploader: Any = None  # storage.s3: the CaptureUploader
+        self.full_collections = FullCollections()
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT (or :meth:`stop`): the start-up phases in order, then the
@@ -370,8 +372,10 @@ class App:
         """Start every long-running part, downstream first: nothing produces before its consumer runs."""
         cfg = self.config
         # Everything allocated so far (modules, config, listeners) lives as long as the daemon:
-        # keep it out of the cyclic collector's full passes.
+        # keep it out of the cyclic collector's full passes, which the ticker runs from now on.
         gc.freeze()
+        self.full_collections.take_over()
+        parts.pool.ticker.done_hooks.append(self.full_collections.after_round)
         if cfg.detect.enabled:
             parts.pipeline.start(self.store)
         parts.pool.start()
@@ -423,6 +427,8 @@ class App:
         """Stop everything, upstream first, and close every descriptor opened."""
         log.info("nstap_stopping")
         self.notifier.send(stopping=1, status="stopping")
+        self.full_collections.give_back()
+        parts.dns.stop_following()
         await self.supervisor.stop_services()
         await parts.pool.stop()
         await parts.tracker.close()

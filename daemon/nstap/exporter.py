@@ -24,11 +24,12 @@ import platform
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, disable_created_metrics
 
 from . import __version__
 from .capture.model import CaptureReadModel, CaptureStats
 from .dns.lookups import BOUNDS
+from .instruments import ProcessCollector
 from .registry import ContainerRegistry, WatchedNamespace
 from .runtime.records import ContainerRecord
 from .samplers.protocols import PROTOCOL_COUNTERS
@@ -715,7 +716,7 @@ def build_registry() -> CollectorRegistry:
     """A Prometheus registry holding the standard process and Python collectors."""
     disable_created_metrics()  # *_created series double the output and no dashboard uses them
     registry = CollectorRegistry(auto_describe=False)
-    ProcessCollector(registry=registry)
+    ProcessCollector(registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry

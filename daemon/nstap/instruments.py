@@ -6,11 +6,12 @@ samples. These are the few things that have to be counted as they happen.
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 SAMPLE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -48,6 +49,50 @@ class LoopHistogram(Collector):
             total += n
             cumulative.append((str(bound) if bound != float("inf") else "+Inf", total))
         yield HistogramMetricFamily(self.name, self.help, buckets=cumulative, sum_value=total_sum)
+
+
+def open_fds(fd_dir: str = "/proc/self/fd") -> int:
+    """How many descriptors the process holds: the size the kernel reports for its fd directory
+    (Linux 6.2 and later count the open descriptors there, in constant time); where that is 0 (an
+    older kernel), the directory's entries, counted one by one."""
+    size = os.stat(fd_dir).st_size
+    return size if size > 0 else len(os.listdir(fd_dir))
+
+
+class ProcessCollector(Collector):
+    """The standard ``process_*`` families of prometheus-client's ProcessCollector (same names, help
+    and values), with ``process_open_fds`` counted by :func:`open_fds`. prometheus-client lists
+    ``/proc/self/fd``: beside 1,000 containers the daemon holds about 7,000 descriptors, and that
+    listing took 40 ms of each scrape there (it gives up the GIL at every entry and waits for it
+    back behind the sampling round)."""
+
+    def __init__(self, registry: CollectorRegistry, proc: str = "/proc/self") -> None:
+        self.proc = proc
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.pagesize = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/stat", "rb") as stat:
+            self.btime = next(float(line.split()[1]) for line in stat if line.startswith(b"btime "))
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with open(f"{self.proc}/stat", "rb") as stat:
+                parts = stat.read().rsplit(b")", 1)[-1].split()
+            with open(f"{self.proc}/limits", "rb") as limits:
+                max_fds = next(float(line.split()[3]) for line in limits if line.startswith(b"Max open file"))
+            fds = open_fds(f"{self.proc}/fd")
+        except (OSError, StopIteration, IndexError, ValueError):
+            return
+        yield GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.", value=float(parts[20]))
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes.", value=float(parts[21]) * self.pagesize)
+        yield GaugeMetricFamily(
+            "process_start_time_seconds", "Start time of the process since unix epoch in seconds.", value=float(parts[19]) / self.ticks + self.btime
+        )
+        yield CounterMetricFamily(
+            "process_cpu_seconds", "Total user and system CPU time spent in seconds.", value=(float(parts[11]) + float(parts[12])) / self.ticks
+        )
+        yield GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", value=fds)
+        yield GaugeMetricFamily("process_max_fds", "Maximum number of open file descriptors.", value=max_fds)
 
 
 class Instruments:

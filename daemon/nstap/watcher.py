@@ -339,6 +339,9 @@ class Ticker:
         # samples use (the eBPF map read, ~1 ms: started at the tick, its counts were one interval old).
         self.early_hooks: list[Callable[[], None]] = []
         self._early: asyncio.Handle | None = None
+        # Called when a round is done, before the next tick is armed: work that must not delay
+        # a tick runs when the next one is furthest away (a full garbage collection).
+        self.done_hooks: list[Callable[[], None]] = []
         self.lag = lag  # how late each tick started, in seconds (a blocked event loop shows here)
         self._watchers: dict[NamespaceWatcher, None] = {}
         self._timer: asyncio.Handle | None = None  # the next tick, or the next slice of this one
@@ -426,6 +429,8 @@ class Ticker:
                 self._timer = asyncio.get_running_loop().call_soon(self._slice, round_, at)
                 return
         self.gate.open()
+        for hook in self.done_hooks:
+            hook()
         if self._watchers:
             self._arm()
 

@@ -176,12 +176,16 @@ class DnsService:
         """In the thread: attach in the new namespaces, detach and forget the gone ones; the new
         cookies, and the namespaces that could not be attached (tried again at the next change)."""
         cookies: dict[int, int] = {}
-        detached = {cookie for cookie in map(self._detach, gone) if cookie is not None}
+        # Each link attached or closed waits out an RCU grace period (8 ms here): once the daemon
+        # stops, what is left is closed by close(), all at once.
+        detached = {cookie for cookie in (self._detach(inode) for inode in gone if not self._closed) if cookie is not None}
         if detached:
             self._forget(detached)  # one pass over the maps for all of them
         pending = dict(new)
         try:
             for inode, fd in new.items():
+                if self._closed:  # some 30 ms each: 1,000 new namespaces took 40 s
+                    break
                 del pending[inode]
                 try:
                     links = tcx.attach_namespace(fd, self._home_fd, inode, self._progs["dns_egress"], self._progs["dns_ingress"])
@@ -198,7 +202,7 @@ class DnsService:
                 if links.skipped:
                     log.info("dns_interfaces_skipped", netns=inode, skipped=links.skipped, linked=len(links.links))
         finally:
-            for fd in pending.values():  # not reached (no TCX on this kernel): nothing holds them
+            for fd in pending.values():  # not reached (no TCX on this kernel, or closing): nothing holds them
                 os.close(fd)
         return cookies, set(new) - set(cookies)
 
@@ -385,6 +389,12 @@ class DnsService:
     def attached_to(self, inode: int) -> bool:
         """Whether the namespace has its links (lookups before that were not seen)."""
         return inode in self._cookies
+
+    def stop_following(self) -> None:
+        """The daemon stops: the attach or detach under way is the last (the watchers' detaches
+        that follow change nothing; :meth:`close` closes every link left at once). Following the
+        1,000 watchers' detaches closed 4,000 links one by one: 43 s."""
+        self._closed = True
 
     def close(self) -> None:
         """Detach everywhere (close the links) once a read under way is done, and let the maps go."""
