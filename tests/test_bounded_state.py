@@ -96,3 +96,48 @@ def test_ebpf_entries_of_gone_unwatched_namespaces_are_swept(monkeypatch) -> Non
         assert sorted(counts) == [0, 1, 2] and ebpf.swept_total == 2
     finally:
         ebpf._thread.shutdown()
+
+
+def test_the_sweep_scans_proc_only_for_namespaces_that_may_be_gone_and_waits_out_the_rounds(monkeypatch) -> None:
+    """The sweep's /proc scan is a stat per process (some 3,000 beside 1,000 containers, each
+    giving the GIL up): not made when the only unwatched namespace is the daemon's own (the host's
+    drops, always there), and it waits while a sampling round runs."""
+    import os
+    import threading
+
+    from nstap.ebpf import service
+    from nstap.gate import ROUND
+
+    home = os.stat("/proc/self/ns/net").st_ino
+
+    class Maps:
+        def flow_keys(self) -> list[tuple]:
+            return [(home, 1, 2, 2, 0, b"")]
+
+        def forget(self, netns) -> int:
+            return len(netns)
+
+    real = service.live_netns
+    scans: list[int] = []
+    monkeypatch.setattr(service, "live_netns", lambda proc_root="/proc": scans.append(1) or real(proc_root))
+    ebpf = service.EbpfService("off")
+    try:
+        counts = ebpf._sweep(Maps(), {0: {"A": 1}, home: {"A": 1}})  # type: ignore[arg-type]
+        assert scans == [] and sorted(counts) == sorted([0, home])
+        gone = 4026000001  # no process is in it
+        counts = ebpf._sweep(Maps(), {home: {"A": 1}, gone: {"A": 1}})  # type: ignore[arg-type]
+        assert scans == [1] and list(counts) == [home] and ebpf.swept_total == 1
+    finally:
+        ebpf._thread.shutdown()
+
+    found: list[set[int]] = []
+    ROUND.close()
+    try:
+        worker = threading.Thread(target=lambda: found.append(real()))
+        worker.start()
+        worker.join(0.15)
+        assert worker.is_alive() and not found  # waiting for the round to end
+    finally:
+        ROUND.open()
+    worker.join(5)
+    assert found and home in found[0]

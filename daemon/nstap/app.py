@@ -442,7 +442,6 @@ class App:
         if parts.exposure is not None:
             parts.exposure.close()
         parts.ebpf.close()
-        parts.dns.close()
         if self.api is not None:
             await self.api.stop()
         if parts.capture_api is not None:
@@ -454,6 +453,9 @@ class App:
         parts.exits.forget_all()
         parts.host_links.close()
         parts.opener.close()
+        # Last, once everything else is saved and closed: the kernel takes each DNS link away under
+        # its rtnl lock after an RCU grace period, some 40 s for 1,000 namespaces' 4,000 links.
+        parts.dns.close()
         log.info("nstap_stopped")
 
     async def _retention(self, store: CaptureStore, engine: CaptureEngine) -> None:

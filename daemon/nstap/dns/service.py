@@ -400,6 +400,8 @@ class DnsService:
         """Detach everywhere (close the links) once a read under way is done, and let the maps go."""
         self._closed = True
         self._thread.shutdown(wait=True)
+        if len(self._links) >= 100:  # about 10 ms a link (the kernel's rtnl lock and an RCU grace period each)
+            log.info("dns_detaching", namespaces=len(self._links), links=sum(len(fds) for links in self._links.values() for fds in links.links.values()))
         tcx.close_all(self._links.values())
         self._links = {}
         for fd in self._ns_fds.values():
