@@ -906,3 +906,27 @@ def test_host_wide_conntrack_loops_wait_out_the_sampling_round(loop: str) -> Non
         flow.proto, flow.orig_src, flow.orig_dst, flow.reply_src, flow.reply_dst = 6, me, peer, peer, me
         run = lambda: conntrack.flows_of([flow] * n, {me})  # noqa: E731
     held_at_a_closed_gate(run)
+
+
+async def test_a_done_hook_that_fails_does_not_stop_the_ticks() -> None:
+    """A done hook runs after the next tick is armed: one that raises is the loop's to report,
+    and the namespaces are still sampled every interval."""
+    from nstap.watcher import Ticker
+
+    ticker = Ticker(0.1)
+    watcher = FakeWatcher(0.0)
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+
+    def failing() -> None:
+        raise RuntimeError("hook failed")
+
+    ticker.done_hooks.append(failing)
+    ticker.add(watcher)
+    try:
+        await asyncio.sleep(0.55)
+    finally:
+        ticker.close()
+        loop.set_exception_handler(None)
+    assert len(watcher.samples) >= 4 and len(errors) >= 4, (watcher.samples, errors)

@@ -48,7 +48,7 @@ class FullCollections:
     survived the last one have reached the oldest generation, in whatever thread allocates at that
     moment. Beside 1,000 containers that was every 4 to 15 s, each walking some 180,000 objects
     for 50 to 200 ms with the GIL held: ticks started 30 to 45 ms late (the p99 of
-    ``nstap_tick_lag_seconds``), and the passes took 3 to 9 ms of CPU a second. Taken over, the
+    ``nstap_tick_lag_seconds``), and the passes took 3 to 9 ms a second. Taken over, the
     interpreter runs only the young collections; :meth:`after_round` runs a full one at most every
     ``every`` seconds, when a round is done and the next tick is furthest away, and never while a
     worker thread builds a large structure (:func:`collector_paused`). With no round to run after

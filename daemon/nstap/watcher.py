@@ -429,10 +429,10 @@ class Ticker:
                 self._timer = asyncio.get_running_loop().call_soon(self._slice, round_, at)
                 return
         self.gate.open()
+        if self._watchers:
+            self._arm()  # first: a hook that fails must not stop the ticks
         for hook in self.done_hooks:
             hook()
-        if self._watchers:
-            self._arm()
 
     def close(self) -> None:
         """Stop ticking."""
