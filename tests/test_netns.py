@@ -689,6 +689,16 @@ class FakeWatcher:
         pass
 
 
+async def tick_for(ticker, watchers, seconds: float) -> None:
+    """Drive ``ticker`` over ``watchers`` for ``seconds``, then stop it."""
+    for w in watchers:
+        ticker.add(w)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        ticker.close()
+
+
 async def test_a_round_of_many_namespaces_leaves_the_loop_to_others_between_slices() -> None:
     """A round of 400 samples of 0.1 ms (40 ms) is cut into 5 ms slices: a callback the loop has
     to run meanwhile (a scrape, an API request, a runtime event) waits at most about a slice, and
@@ -793,12 +803,7 @@ async def test_a_round_longer_than_the_interval_is_late_not_skipped() -> None:
     lag = LoopHistogram("lag", "lag", (0.01, 0.05, 0.1), CollectorRegistry())
     ticker = Ticker(0.1, lag=lag)
     watchers = [FakeWatcher(1.3) for _ in range(100)]  # 130 ms a round
-    for w in watchers:
-        ticker.add(w)
-    try:
-        await asyncio.sleep(1.6)
-    finally:
-        ticker.close()
+    await tick_for(ticker, watchers, 1.6)
     rounds = min(len(w.samples) for w in watchers)
     # Each round starts as the last one ends (its last sample), not at the slot after the one it
     # missed (up to 70 ms later); measured between rounds, so that other processes preempting
@@ -831,11 +836,7 @@ async def test_the_early_hooks_result_is_what_the_ticks_samples_see() -> None:
             seen.append((ticks, reads[-1] if reads else 0))
 
     ticker.early_hooks.append(start_read)
-    ticker.add(Watcher(0.0))
-    try:
-        await asyncio.sleep(1.1)
-    finally:
-        ticker.close()
+    await tick_for(ticker, [Watcher(0.0)], 1.1)
     assert len(seen) >= 4, seen
     assert all(tick == read for tick, read in seen), seen
 
@@ -850,12 +851,7 @@ async def test_the_done_hooks_run_once_a_round_after_its_last_sample() -> None:
     watchers = [FakeWatcher(0.1) for _ in range(120)]  # 12 ms a round: three slices
     done: list[float] = []
     ticker.done_hooks.append(lambda: done.append(time.monotonic()))
-    for w in watchers:
-        ticker.add(w)
-    try:
-        await asyncio.sleep(1.1)
-    finally:
-        ticker.close()
+    await tick_for(ticker, watchers, 1.1)
     rounds = len(watchers[-1].samples)
     assert rounds >= 4 and len(done) == rounds, (rounds, done)
     for k, at in enumerate(done):
@@ -923,10 +919,8 @@ async def test_a_done_hook_that_fails_does_not_stop_the_ticks() -> None:
         raise RuntimeError("hook failed")
 
     ticker.done_hooks.append(failing)
-    ticker.add(watcher)
     try:
-        await asyncio.sleep(0.55)
+        await tick_for(ticker, [watcher], 0.55)
     finally:
-        ticker.close()
         loop.set_exception_handler(None)
     assert len(watcher.samples) >= 4 and len(errors) >= 4, (watcher.samples, errors)
