@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import re
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 from nstap.heap import NEVER, FullCollections, collector_paused
+
+DAEMON = Path(__file__).resolve().parent.parent / "daemon"
 
 
 class Node:
@@ -76,3 +83,35 @@ async def test_with_no_round_a_timer_runs_the_full_collections() -> None:
     runs = fc.runs
     await asyncio.sleep(0.3)
     assert fc.runs == runs  # given back: its timer is gone
+
+
+ARENAS = r"""
+import ctypes, os, sys, threading
+from nstap.heap import limit_malloc_arenas
+print(limit_malloc_arenas() if sys.argv[1] == "limit" else None, flush=True)
+ready, done = threading.Barrier(9), threading.Event()
+def worker():
+    held = [bytes(20_000) for _ in range(50)]  # C's malloc, from this thread (below the mmap threshold)
+    ready.wait()
+    done.wait()
+threads = [threading.Thread(target=worker) for _ in range(8)]
+for t in threads: t.start()
+ready.wait()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" block per arena, on stderr
+done.set()
+for t in threads: t.join()
+"""
+
+
+def arenas(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
+    run = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(DAEMON), **(env or {})}, check=True)
+    return run.stdout.strip(), len(re.findall(r"^Arena \d+:", run.stderr, re.M))
+
+
+def test_eight_allocating_threads_share_two_malloc_arenas() -> None:
+    """glibc's own limit (eight per core) gives each of eight threads an arena that keeps its
+    peak; limited, they share two. An operator's MALLOC_ARENA_MAX is left as it is."""
+    assert arenas("none")[1] >= 8
+    assert arenas("limit") == ("True", 2)
+    assert arenas("limit", {"MALLOC_ARENA_MAX": "3"}) == ("False", 3)

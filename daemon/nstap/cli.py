@@ -168,8 +168,10 @@ def _watch_children_with_pidfds() -> None:
 
 def _run(config: Config, reread: Any = None) -> int:
     from .app import App, StartupError
+    from .heap import limit_malloc_arenas
     from .log import configure_logging
 
+    limit_malloc_arenas()
     configure_logging(config.log_format, config.log_level)
     _watch_children_with_pidfds()
     try:
