@@ -446,7 +446,9 @@ async def test_drops_counted_after_the_loader_left(containers: Containers, docke
                     s.connect((ip, 81))
                 except OSError:
                     pass
+        asked = time.time()
         await service.refresh()
+        assert asked <= service.read_at <= time.time()  # the samples' kernel_drops_at: which read they carry
         assert service.counts.get(netns_of(containers.pid("docker", victim)), {}).get("NO_SOCKET", 0) >= 20, service.counts
         assert "NO_SOCKET" not in service.counts.get(netns_of(containers.pid("docker", bystander)), {})
         assert collector.drops is not None and collector.drops.batch  # read with BPF_MAP_LOOKUP_BATCH

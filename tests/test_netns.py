@@ -328,10 +328,14 @@ async def test_watcher_samples_on_its_interval(netns: NsUnderTest, opener: Names
     pool, store, prom = make_pool(opener, None)
     seen: list[float] = []
     store.subscribe(lambda s: seen.append(s.taken_at))
+    reads: list[float | None] = []  # when the eBPF counts each sample carries were read
+    store.subscribe(lambda s: reads.append(s.kernel_drops_at))
+    pool.kernel_drops_at = lambda: 1234.5
     task = asyncio.create_task(NamespaceWatcher(namespace_for(netns), pool).run())
     try:
         await asyncio.sleep(1.05)
         assert 5 <= len(seen) <= 7  # at attach, then on every 0.2 s tick
+        assert set(reads) == {1234.5}
         gaps = [b - a for a, b in zip(seen, seen[1:])]
         assert 0 <= gaps[0] <= 0.25 and all(0.15 < g < 0.25 for g in gaps[1:]), gaps
     finally:

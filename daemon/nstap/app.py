@@ -290,6 +290,7 @@ class App:
         pool.subscribe(lambda: ebpf.follow(set(pool.watched())))  # entries of namespaces no longer watched are deleted
         no_drops: dict[str, int] = {}  # a namespace without drops since the program loaded: counted, none
         pool.kernel_drops = lambda inode: ebpf.counts.get(inode, no_drops) if ebpf.up else None
+        pool.kernel_drops_at = lambda: ebpf.read_at or None
         pool.ticker.early_hooks.append(dns.new_round)
         pool.subscribe(lambda: dns.follow({inode: pool.netns_fd(inode) for inode in pool.watched()}))  # links in every watched namespace
         pool.dns = dns.of

@@ -85,6 +85,9 @@ class NamespaceSample(NamedTuple):
     firewall: FirewallSample | None = None
     kernel_drops: Mapping[str, int] | None = None  # drops so far by kernel reason (eBPF), None without the collector
     dns: Lookups | None = None  # lookups so far by outcome, latency (the DNS collector), None without it
+    # When ``kernel_drops`` were read from the kernel (wall clock; None: at ``taken_at``). A read
+    # made late leaves a sample with the counts of the one before: the same time, no new interval.
+    kernel_drops_at: float | None = None
 
 
 class SampleStore:

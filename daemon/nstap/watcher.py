@@ -202,6 +202,7 @@ class NamespaceWatcher:
         sample = NamespaceSample._make((
             inode, taken_at, duration, parts.get("interfaces"), protocols, parts.get("sockets"),
             tuple(failed) if failed else (), self.every * pool.interval, parts.get("firewall"), pool.kernel_drops(inode), pool.dns(inode),
+            pool.kernel_drops_at(),
         ))
         pool.store.put(sample)
         return sample
@@ -499,6 +500,7 @@ class WatcherPool:
         self._closed = False
         # The kernel's drop counts of a namespace by reason (the eBPF collector), or None.
         self.kernel_drops: Callable[[int], Mapping[str, int] | None] = lambda inode: None
+        self.kernel_drops_at: Callable[[], float | None] = lambda: None  # when those were read
         # The namespace's DNS lookups so far (the DNS collector), or None.
         self.dns: Callable[[int], Lookups | None] = lambda inode: None
 

@@ -101,8 +101,13 @@ class KernelDropDetector:
         now = sample.kernel_drops
         if now is None:
             return None
-        at = sample.taken_at
+        at = sample.kernel_drops_at or sample.taken_at
         fw_changed = self._firewall_changed(sample)
+        if self._before is not None and at == self._before_at:
+            # The counts of the read before (the read was late, behind a loaded round): no new
+            # interval. Taken as one without drops, it broke a run that had just started, and the
+            # run that went on was no longer a start against a still baseline: hidden for good.
+            return None
         before, self._before = self._before, now
         before_at, self._before_at = self._before_at, at
         if self._watched_since is None:

@@ -53,6 +53,7 @@ class EbpfService:
         self.up = 0
         self.error = ""
         self.counts: Mapping[int, Mapping[str, int]] = {}
+        self.read_at = 0.0  # when the counts were read (wall clock; 0: not yet)
         self.host = HostDrops()
         self._failing = False
         self._closed = False
@@ -104,14 +105,15 @@ class EbpfService:
         if self._reading is not None:
             await asyncio.gather(self._reading, return_exceptions=True)
 
-    def _read(self, collector: DropCollector) -> dict[int, dict[str, int]]:
+    def _read(self, collector: DropCollector) -> tuple[float, dict[int, dict[str, int]]]:
+        at = time.time()
         counts = collector.read()
         if collector.flows_due(time.time()):
             collector.read_flows()
         if time.monotonic() - self._swept_at >= SWEEP_EVERY:
             self._swept_at = time.monotonic()
             counts = self._sweep(collector, counts)
-        return counts
+        return at, counts
 
     def _sweep(self, collector: DropCollector, counts: dict[int, dict[str, int]]) -> dict[int, dict[str, int]]:
         """Delete the entries of unwatched namespaces that no longer exist (in the eBPF thread).
@@ -145,7 +147,7 @@ class EbpfService:
                 log.warning("ebpf_read_failed", error=f"{type(exc).__name__}: {exc}")
             return
         self._failing = False
-        self.counts = reading.result()
+        self.read_at, self.counts = reading.result()
         self.host.update(self.counts, self._watched)
         if collector.lost > self._lost_logged:
             if not self._lost_logged:
