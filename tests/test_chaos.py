@@ -549,15 +549,28 @@ GARBAGE_LABELS = [
 ]
 
 
+HEAP_MAX_SIZE = 64 << 20  # glibc's, on 64-bit
+
+
 def malloc_arenas(pid: int) -> int:
-    """glibc malloc arenas in a process: the main one, and a heap for each other one, mapped
-    (read-write, anonymous) at a 64 MiB boundary (HEAP_MAX_SIZE on 64-bit)."""
-    heaps = 0
+    """glibc malloc arenas in a process: the main one, and a heap for each other one. A heap is
+    HEAP_MAX_SIZE reserved at a boundary of that size: its used part read-write, the rest (if any)
+    right after it with no access, both anonymous (any other mapping that happens to start at such
+    a boundary does not add up to exactly that size)."""
+    regions = []
     with open(f"/proc/{pid}/maps") as maps:
         for line in maps:
             fields = line.split()
-            if len(fields) == 5 and fields[1] == "rw-p" and int(fields[0].split("-")[0], 16) % (64 << 20) == 0:
-                heaps += 1
+            if len(fields) == 5:  # anonymous
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                regions.append((start, end, fields[1]))
+    heaps = 0
+    for i, (start, end, perms) in enumerate(regions):
+        if perms != "rw-p" or start % HEAP_MAX_SIZE:
+            continue
+        if i + 1 < len(regions) and regions[i + 1][0] == end and regions[i + 1][2] == "---p":
+            end = regions[i + 1][1]
+        heaps += end - start == HEAP_MAX_SIZE
     return 1 + heaps
 
 
