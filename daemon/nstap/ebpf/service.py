@@ -28,9 +28,8 @@ SWEEP_EVERY = 10.0  # seconds between sweeps of the entries of namespaces that n
 def live_netns(proc_root: str = "/proc") -> set[int]:
     """Inodes of the network namespaces some process is in now (a stat per process: some 3,000
     beside 1,000 containers). Not held at the round's gate: it runs in the read whose counts the
-    next tick's samples take (a read that waited out the round was a sample late, and one sample
-    without the drops of a reason that had just started hid the start from the kernel_drops
-    detector for good)."""
+    next tick's samples take, and a read that waited out the round was a sample late (the
+    kernel_drops detector skips a sample with the read before's counts: a detection a sample late)."""
     inodes = set()
     with os.scandir(proc_root) as entries:
         for entry in entries:
@@ -108,7 +107,7 @@ class EbpfService:
     def _read(self, collector: DropCollector) -> tuple[float, dict[int, dict[str, int]]]:
         at = time.time()
         counts = collector.read()
-        if collector.flows_due(time.time()):
+        if collector.flows_due(at):
             collector.read_flows()
         if time.monotonic() - self._swept_at >= SWEEP_EVERY:
             self._swept_at = time.monotonic()
