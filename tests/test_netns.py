@@ -845,6 +845,61 @@ async def test_the_early_hooks_result_is_what_the_ticks_samples_see() -> None:
     assert all(tick == read for tick, read in seen), seen
 
 
+async def test_an_early_read_slower_than_the_lead_starts_earlier_and_is_done_at_the_tick() -> None:
+    """Defect: the early hooks ran EARLY (50 ms) before the tick whatever their reads took. At
+    1,000 containers on a loaded host the eBPF map read took 30-100 ms of wall time: still running
+    when the tick came, and the tick waited for it, 20-100 ms late. The ticker now times the reads
+    a hook returns and runs the hooks LEAD_FACTOR times the longest recent one before the tick (at
+    most a quarter of the interval), while the gate still closes EARLY before it; reads that are
+    quick again bring the lead back. (A read stands in as a sleep in a worker thread: what is
+    tested is when it starts, not what it reads.)"""
+    from nstap.gate import RoundGate
+    from nstap.watcher import Ticker
+
+    class FewLeads(Ticker):
+        LEADS = 3  # the test forgets slow reads in 3 rounds instead of 16
+
+    gate = RoundGate()
+    ticker = FewLeads(0.4, gate=gate)  # EARLY: 40 ms (a tenth); the lead at most 100 ms
+    early = min(ticker.EARLY, ticker.interval / 10)
+    loop = asyncio.get_running_loop()
+    read_takes = [0.05]
+    reads: list[int] = []
+    seen: list[tuple[int, int, bool]] = []  # (tick, the latest read done, gate closed) at the tick's sample
+    ticks = 0
+
+    def start_read() -> asyncio.Future:
+        n = len(reads) + 1
+        reading = loop.run_in_executor(None, time.sleep, read_takes[0])
+        reading.add_done_callback(lambda _f: reads.append(n))
+        return reading
+
+    class Watcher(FakeWatcher):
+        def sample_guarded(self) -> None:
+            nonlocal ticks
+            ticks += 1
+            seen.append((ticks, reads[-1] if reads else 0, gate.closed))
+
+    ticker.early_hooks.append(start_read)
+    watcher = Watcher(0.0)
+    ticker.add(watcher)
+    try:
+        await asyncio.sleep(2.5)  # 6 ticks of reads taking 50 ms
+        slow_lead = ticker.lead()
+        slow_seen = list(seen)
+        read_takes[0] = 0.001
+        await asyncio.sleep(2.0)  # 5 ticks of quick reads
+        quick_lead = ticker.lead()
+    finally:
+        ticker.close()
+    # From the third tick on (the first read timed), each tick sees the read made for it.
+    assert len(slow_seen) >= 5 and all(tick == read for tick, read, _ in slow_seen[2:]), slow_seen
+    assert 0.05 * ticker.LEAD_FACTOR - 0.001 <= slow_lead <= ticker.interval / 4, slow_lead
+    assert all(closed for _, _, closed in seen), seen  # the gate closed before every tick, lead or not
+    assert quick_lead == early, quick_lead
+    assert not gate.closed
+
+
 async def test_the_done_hooks_run_once_a_round_after_its_last_sample() -> None:
     """A done hook (the full garbage collection) runs when a round's last sample is taken, round
     after round: never between a tick and its samples (it would make them late) nor in the

@@ -321,7 +321,9 @@ class Ticker:
     """
 
     SLICE = 0.005
-    EARLY = 0.05  # seconds before a tick its early hooks run (at most a tenth of the interval)
+    EARLY = 0.05  # seconds before a tick the gate closes and its early hooks run (at most a tenth of the interval)
+    LEAD_FACTOR = 1.5  # early hooks run this many times their reads' recent longest wall time before the tick, if more than EARLY
+    LEADS = 16  # early reads whose wall time is remembered (a few rounds' worth)
 
     def __init__(
         self,
@@ -336,10 +338,13 @@ class Ticker:
         self.budget = budget  # CPU seconds of one namespace's sample before it counts as costly
         self.on_round = on_round  # called as each tick starts, before the samples
         self.hooks: list[Callable[[], None]] = []  # more of those
-        # Called EARLY seconds before each tick: work in other threads whose result the tick's
-        # samples use (the eBPF map read, ~1 ms: started at the tick, its counts were one interval old).
-        self.early_hooks: list[Callable[[], None]] = []
+        # Called before each tick: work in other threads whose result the tick's samples use (the
+        # eBPF map read: started at the tick, its counts were one interval old). A hook that
+        # returns a future (its read) is timed: see lead().
+        self.early_hooks: list[Callable[[], object]] = []
         self._early: asyncio.Handle | None = None
+        self._gate_close: asyncio.Handle | None = None  # when the early hooks run before the gate closes
+        self._early_took: deque[float] = deque(maxlen=self.LEADS)  # wall seconds of the latest early reads
         # Called when a round is done, before the next tick is armed: work that must not delay
         # a tick runs when the next one is furthest away (a full garbage collection).
         self.done_hooks: list[Callable[[], None]] = []
@@ -371,13 +376,43 @@ class Ticker:
             slot = (now // self.interval + 1) * self.interval
         self._due = slot
         self._timer = loop.call_at(max(slot, now), self._tick)
-        self._early = loop.call_at(max(slot - min(self.EARLY, self.interval / 10), now), self._run_early)
+        early = min(self.EARLY, self.interval / 10)
+        lead = self.lead()
+        if lead > early:  # the reads take longer than the gate's lead: they start first, the gate closes later
+            self._early = loop.call_at(max(slot - lead, now), self._run_early, False)
+            self._gate_close = loop.call_at(max(slot - early, now), self._close_gate)
+        else:  # the common case: one wake-up for both
+            self._early = loop.call_at(max(slot - early, now), self._run_early, True)
 
-    def _run_early(self) -> None:
+    def lead(self) -> float:
+        """Seconds before a tick its early hooks run.
+
+        EARLY (at most a tenth of the interval), or LEAD_FACTOR times the longest wall time of the
+        latest early reads if that is more (at most a quarter of the interval): at 1,000
+        containers on a loaded host the eBPF map read took 30-160 ms of wall time; started EARLY
+        before the tick, it was still running when the tick came, and the tick waited for it (for
+        a CPU and the GIL): 10 of 60 ticks were 25-100 ms late in one run. Reads that are quick
+        again bring it back to EARLY once they are all that is remembered (LEADS reads).
+        """
+        early = min(self.EARLY, self.interval / 10)
+        took = max(self._early_took, default=0.0)
+        return min(max(early, took * self.LEAD_FACTOR), max(early, self.interval / 4))
+
+    def _close_gate(self) -> None:
+        self._gate_close = None
+        self.gate.close()
+
+    def _run_early(self, close_gate: bool) -> None:
         self._early = None
-        self.gate.close()  # worker threads' Python stops, so that the tick finds the GIL free
+        loop = asyncio.get_running_loop()
+        if close_gate:
+            self.gate.close()  # worker threads' Python stops, so that the tick finds the GIL free
+        started = loop.time()
+        took = self._early_took
         for hook in self.early_hooks:
-            hook()
+            reading = hook()
+            if isinstance(reading, asyncio.Future):
+                reading.add_done_callback(lambda _f: took.append(loop.time() - started))
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -437,10 +472,10 @@ class Ticker:
 
     def close(self) -> None:
         """Stop ticking."""
-        for handle in (self._timer, self._early):
+        for handle in (self._timer, self._early, self._gate_close):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._early = None
+        self._timer = self._early = self._gate_close = None
         self._watchers.clear()
         self.gate.open()
 

@@ -265,13 +265,15 @@ class DnsService:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def new_round(self) -> None:
+    def new_round(self) -> asyncio.Future | None:
         """Read the maps in the collector's thread, unless the last read is still going; the
-        samples take the latest read done."""
+        samples take the latest read done. Returns the read started (the ticker times it:
+        Ticker.lead)."""
         if not self.up or self._closed or (self._reading is not None and not self._reading.done()):
-            return
+            return None
         self._reading = asyncio.get_running_loop().run_in_executor(self._thread, self._read)
         self._reading.add_done_callback(self._read_done)
+        return self._reading
 
     async def refresh(self) -> None:
         """Read everything now and wait for it (for the API, the evidence and tests): a read

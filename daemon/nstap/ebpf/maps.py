@@ -1,8 +1,8 @@
 """BPF maps read through the bpf(2) system call: no bcc, no libbpf, no LLVM in the daemon.
 
 The loader child (:mod:`nstap.ebpf.loader`) creates the maps and hands their descriptors over; a
-:class:`BpfMap` reads a whole map with ``BPF_MAP_LOOKUP_BATCH`` (a few system calls for thousands
-of entries) or, on kernels without it (before 5.6), key by key with ``BPF_MAP_GET_NEXT_KEY`` and
+:class:`BpfMap` reads a whole map with ``BPF_MAP_LOOKUP_BATCH`` (one system call, once it knows the size
+of the map) or, on kernels without it (before 5.6), key by key with ``BPF_MAP_GET_NEXT_KEY`` and
 ``BPF_MAP_LOOKUP_ELEM``, and deletes entries with ``BPF_MAP_DELETE_ELEM``.
 """
 
@@ -31,7 +31,12 @@ BPF_MAP_LOOKUP_BATCH = 24
 
 ENOTSUPP = 524  # the kernel's internal "not supported", which bpf(2) lets through
 NO_BATCH = {errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP}
-BATCH = 256  # entries per BPF_MAP_LOOKUP_BATCH call (grown if a hash bucket holds more)
+# Entries asked for by the first BPF_MAP_LOOKUP_BATCH call of a read (grown if a hash bucket holds
+# more); the next reads ask for twice what the last one found, so that a whole map is one call:
+# each call lets the GIL go and waits for it back, a switch interval (5 ms) whenever another thread
+# runs Python. A map of 4,000 entries read 256 at a time took 1.1 ms alone and 85 ms beside such a
+# thread (16 calls); in one call, 1 ms and 6.5 ms (bench/bench_map_read.py).
+BATCH = 256
 
 _u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
 
@@ -103,6 +108,7 @@ class BpfMap:
     value_size: int
     max_entries: int
     batch: bool = True  # BPF_MAP_LOOKUP_BATCH works on this kernel (cleared at its first refusal)
+    found: int = 0  # entries the last read returned (the next one asks for twice as many at once)
 
     @classmethod
     def from_fd(cls, fd: int, name: str) -> BpfMap:
@@ -127,7 +133,7 @@ class BpfMap:
 
     def _items_batch(self) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
-        size = min(BATCH, max(self.max_entries, 1))
+        size = min(max(BATCH, 2 * self.found), max(self.max_entries, 1))
         keys = ctypes.create_string_buffer(size * self.key_size)
         values = ctypes.create_string_buffer(size * self.value_size)
         # The batch token: a bucket number for hash maps, a key for others; as large as either.
@@ -154,6 +160,7 @@ class BpfMap:
             ks, vs = self.key_size, self.value_size
             out.extend((k[i * ks : (i + 1) * ks], v[i * vs : (i + 1) * vs]) for i in range(attr.count))
             if done:
+                self.found = len(out)
                 return out
             ctypes.memmove(token_in, token_out, len(token_out))
             first = False

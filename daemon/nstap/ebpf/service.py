@@ -89,14 +89,16 @@ class EbpfService:
                  load_seconds=round(time.monotonic() - started, 3), reasons=len(collector.reasons),
                  loader_pid=collector.loader_pid, loader_peak_rss_mib=round(collector.loader_peak_rss_kib / 1024, 1))
 
-    def new_round(self) -> None:
+    def new_round(self) -> asyncio.Future | None:
         """Start reading the drop map (one batched lookup; the flow map too when due) in the eBPF
-        thread, unless the last read is still going; the samples use the latest read done."""
+        thread, unless the last read is still going; the samples use the latest read done.
+        Returns the read started (the ticker times it: Ticker.lead)."""
         collector = self.collector
         if collector is None or self._closed or (self._reading is not None and not self._reading.done()):
-            return
+            return None
         self._reading = asyncio.get_running_loop().run_in_executor(self._thread, self._read, collector)
         self._reading.add_done_callback(self._read_done)
+        return self._reading
 
     async def refresh(self) -> None:
         """Read the maps now and wait for it (what a round does, awaited: for tools and tests)."""
