@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: what rendering ``/metrics`` costs, without the rest of the daemon.
 
-N synthetic containers (two interfaces, every protocol counter, the socket families, one listening
-port: the series a plain busybox httpd container has) are put in a registry and sample store, and
+N synthetic containers (lo, eth0 and its host veth, every protocol counter, the socket families, one
+listening port, three kernel drop reasons: the series a plain busybox httpd container has) are put in a registry and sample store, and
 the exporter renders them as a scrape does; then gzip level 1 of the text, as the server sends it.
 Reports the best of ``--rounds`` runs of each, in ms of CPU, and the text's lines and bytes. No container,
 no kernel read: this isolates the renderer, which a scrape in the daemon also runs beside the
@@ -33,6 +33,10 @@ class Runtime:
     name, kind, version, up, events_total, reconnects_total = "docker", "docker", "28.0", True, 0, 0
 
 
+# Three of the kernel's drop reasons (kfree_skb): a namespace with traffic shows a few.
+DROP_REASONS = ("NOT_SPECIFIED", "NO_SOCKET", "TCP_CLOSE")
+
+
 def fleet(n: int) -> ContainerCollector:
     registry, store = ContainerRegistry(), SampleStore()
     for i in range(n):
@@ -41,13 +45,26 @@ def fleet(n: int) -> ContainerCollector:
             ContainerRecord(id=f"{i:012x}" * 5 + "0000", name=f"web{i}", runtime="docker", pid=1000 + i, status="running", image="busybox", network_mode="bridge")
             .with_netns(netns, 1)
         )
+        lo = InterfaceCounters("lo", "container", "", True, 65536, 5_000 + i, 50, 0, 0, 5_000 + i, 50, 0, 0)
         iface = InterfaceCounters("eth0", "container", f"veth{i:x}", True, 1500, 10_000 + i, 200, 0, 1, 20_000, 300, 0, 0)
         host = InterfaceCounters(f"veth{i:x}", "host", "eth0", True, 1500, 20_000, 300, 0, 0, 10_000 + i, 200, 0, 4)
         states = {"listen": 1, "time_wait": 2, **{s: 0 for s in STATE_NAMES[2:]}}
         sockets = SocketSample({"tcp": 1, "udp": 0, "tcp6": 0}, states, 0.0, 0, (ListenQueue("80", 0, 128, 1),), 60.0)
         protocols = {c.key: 1000 + i for c in PROTOCOL_COUNTERS}
-        store.put(NamespaceSample(netns, 1_700_000_000.5 + i / 1000, 0.0002, (iface, host), protocols, sockets))
-    return ContainerCollector(registry, store, [Runtime()])
+        drops = {reason: i + n for n, reason in enumerate(DROP_REASONS)}
+        store.put(NamespaceSample(netns, 1_700_000_000.5 + i / 1000, 0.0002, (lo, iface, host), protocols, sockets, kernel_drops=drops))
+    collector = ContainerCollector(registry, store, [Runtime()])
+    collector.ebpf = Drops()
+    return collector
+
+
+class Drops:
+    """What the exporter reads of the eBPF service (the host's drops and the map's state)."""
+
+    up, collector = True, None
+
+    def host_counts(self) -> dict[str, int]:
+        return {"NOT_SPECIFIED": 10, "NO_SOCKET": 3}
 
 
 def main() -> int:

@@ -53,6 +53,9 @@ def test_series_follow_the_registry_and_the_store() -> None:
     assert got[("nstap_tcp_established_connections", tuple(sorted(base)))] == 1
     assert got[("nstap_sockets", tuple(sorted(base + (("protocol", "udp"), ("state", "open")))))] == 3
     assert got[("nstap_tcp_listen_queue_length", tuple(sorted(base + (("port", "80"),))))] == 3
+    assert got[("nstap_tcp_listen_queue_limit", tuple(sorted(base + (("port", "80"),))))] == 9
+    assert got[("nstap_interface_up", host_labels)] == 1 and got[("nstap_interface_mtu_bytes", host_labels)] == 1500
+    assert got[("nstap_sockets", tuple(sorted(base + (("protocol", "tcp"), ("state", "time_wait")))))] == 2
     assert got[("nstap_socket_states_timestamp_seconds", tuple(sorted(base)))] == 1_700_000_000.5  # exact: as of the sample
     # Both members are listed with the shared netns; only the owner has series.
     infos = {dict(k[1])["container"]: dict(k[1])["netns"] for k in got if k[0] == "nstap_container_info"}
@@ -65,6 +68,29 @@ def test_series_follow_the_registry_and_the_store() -> None:
     left = parse(collector.render())
     assert not [k for k in left if ("container_id", "abababababab") in k[1] or ("container_id", "cdcdcdcdcdcd") in k[1]]
     assert left[("nstap_runtime_events_total", (("runtime", "docker"),))] == 7
+
+
+class Drops:
+    """What the exporter reads of the eBPF service (a stand-in: the real one needs the program loaded,
+    which tests/test_ebpf.py does)."""
+
+    up, collector = True, None
+
+    def host_counts(self) -> dict[str, int]:
+        return {"NO_SOCKET": 2}
+
+
+def test_kernel_drops_are_a_series_per_reason_from_each_scrapes_counts() -> None:
+    registry, store = ContainerRegistry(), SampleStore()
+    registry.upsert(record("ab", 5, "web"))
+    collector = ContainerCollector(registry, store, [Runtime()], ebpf=Drops())
+    base = (("container", "web"), ("container_id", "abababababab"), ("runtime", "docker"))
+    for counts in ({"NO_SOCKET": 3, "TCP_CLOSE": 1}, {"NO_SOCKET": 4, "TCP_CLOSE": 1, "OTHERHOST": 7}):
+        store.put(sample(5)._replace(kernel_drops=counts))
+        got = parse(collector.render())  # the second render reuses the first one's label sets
+        drops = {dict(k[1])["reason"]: v for k, v in got.items() if k[0] == "nstap_kernel_drops_total" and set(base) <= set(k[1])}
+        assert drops == counts
+    assert got[("nstap_host_kernel_drops_total", (("reason", "NO_SOCKET"),))] == 2
 
 
 def test_rendered_text_passes_promtool() -> None:

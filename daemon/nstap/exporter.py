@@ -195,6 +195,8 @@ class SampleFamilies:
         self._iface_lines = [
             (family.lines.append, family.name, InterfaceCounters._fields.index(attr)) for family, attr in self.iface_counters if family.name not in disabled
         ]
+        self._up_line = (self.iface_up.lines.append, self.iface_up.name)
+        self._mtu_line = (self.iface_mtu.lines.append, self.iface_mtu.name)
         self._proto_on = [(key, family) for key, family in self.proto if family.name not in disabled]
         self._proto_lines = [(key, family.lines.append, family.name) for key, family in self._proto_on]
         self._tcp_states = [(state, ("tcp", state)) for state in STATE_NAMES]
@@ -204,14 +206,13 @@ class SampleFamilies:
         self.sample_ts.add(base, sample.taken_at)
         self.sample_every.add(base, sample.interval)
         if sample.interfaces is not None:
-            up_add, mtu_add, lines = self.iface_up.add, self.iface_mtu.add, self._iface_lines
+            (up_append, up_name), (mtu_append, mtu_name), lines = self._up_line, self._mtu_line, self._iface_lines
             for iface in sample.interfaces:
-                il = label((okey, iface.name, iface.side, iface.peer), base, ("interface", iface.name), ("side", iface.side), ("peer", iface.peer))
-                text = il.text
+                text = label((okey, iface.name, iface.side, iface.peer), base, ("interface", iface.name), ("side", iface.side), ("peer", iface.peer)).text
                 for append, name, index in lines:
                     append(f"{name}{text} {iface[index]}\n")
-                up_add(il, 1 if iface.up else 0)
-                mtu_add(il, iface.mtu)
+                up_append(f"{up_name}{text} {1 if iface.up else 0}\n")
+                mtu_append(f"{mtu_name}{text} {iface.mtu}\n")
         if sample.protocols is not None:
             values, text = sample.protocols, base.text
             for key, append, name in self._proto_lines:
@@ -222,23 +223,23 @@ class SampleFamilies:
             self._add_sockets(sample, okey, base, label)
 
     def _add_sockets(self, sample: NamespaceSample, okey: tuple, base: Labels, label: Callable[..., Labels]) -> None:
+        # Counts are ints: formatted straight into the family's lines, as the hot lines above.
         sock = sample.sockets
         assert sock is not None
-        states, sockets = sock.tcp_states, self.sockets
+        states, in_use = sock.tcp_states, sock.in_use
+        append, name = self.sockets.lines.append, self.sockets.name
         for state, pair in self._tcp_states:
-            sockets.add(label((okey, *pair), base, ("protocol", "tcp"), ("state", state)), states.get(state, 0))
+            append(f"{name}{label((okey, *pair), base, ('protocol', 'tcp'), ('state', state)).text} {states.get(state, 0)}\n")
         for protocol in ("udp", "raw"):
-            sockets.add(
-                label((okey, protocol, "open"), base, ("protocol", protocol), ("state", "open")),
-                sock.in_use.get(protocol, 0) + sock.in_use.get(protocol + "6", 0),
-            )
+            text = label((okey, protocol, "open"), base, ("protocol", protocol), ("state", "open")).text
+            append(f"{name}{text} {in_use.get(protocol, 0) + in_use.get(protocol + '6', 0)}\n")
         self.states_at.add(base, sock.states_at or sample.taken_at)
         self.walk_every.add(base, sock.walk_interval)
         self.syn_retrans.add(base, sock.syn_sent_max_retransmits)
         for queue in sock.listen:
-            pl = label((okey, "port", queue.port), base, ("port", queue.port))
-            self.q_len.add(pl, queue.length)
-            self.q_limit.add(pl, queue.limit)
+            text = label((okey, "port", queue.port), base, ("port", queue.port)).text
+            self.q_len.lines.append(f"{self.q_len.name}{text} {queue.length}\n")
+            self.q_limit.lines.append(f"{self.q_limit.name}{text} {queue.limit}\n")
 
     def all(self) -> list[Family]:
         """Every family, in the order they are exported."""
@@ -524,6 +525,8 @@ class ContainerCollector:
             return []
         _up, host, lost = scrape.ebpf
         drops = Family("nstap_kernel_drops_total", "counter", "Packets the kernel dropped in the container's namespace, by the kernel's drop reason (eBPF, kfree_skb).")
+        used, known = self._used, self._labels  # label sets kept from one scrape to the next (see _label)
+        append, name = drops.lines.append, drops.name
         for sample in scrape.samples:
             counts = sample.kernel_drops
             ns = scrape.namespaces.get(sample.netns)
@@ -531,7 +534,12 @@ class ContainerCollector:
                 continue
             owner = ns.owner
             for reason, count in sorted(counts.items()):
-                drops.add(Labels((("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime), ("reason", reason))), count)
+                key = ("drops", owner.name, owner.short_id, owner.runtime, reason)
+                labels = used.get(key) or known.get(key)
+                if labels is None:
+                    labels = Labels((("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime), ("reason", reason)))
+                used[key] = labels
+                append(f"{name}{labels.text} {count}\n")
         host_drops = Family("nstap_host_kernel_drops_total", "counter", "Packets the kernel dropped outside container namespaces, by drop reason (eBPF).")
         for reason, count in sorted(host.items()):
             host_drops.add(Labels((("reason", reason),)), count)
