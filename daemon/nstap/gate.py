@@ -28,13 +28,9 @@ class RoundGate:
         self._main = threading.main_thread().ident
         self._closed_at = 0.0
 
-    def close(self, at: float | None = None) -> None:
-        """A round is about to start (event loop's thread). ``at`` (time.monotonic()): when
-        MAX_WAIT counts from, if not now: the ticker closes the gate with its early reads, which
-        may start well before the round, and the workers are held as long into the round as when
-        it closed just before the tick."""
-        now = time.monotonic()
-        self._closed_at = now if at is None else max(now, at)
+    def close(self) -> None:
+        """A round is about to start (event loop's thread)."""
+        self._closed_at = time.monotonic()
         self._open.clear()
 
     def open(self) -> None:

@@ -398,9 +398,8 @@ class Ticker:
         # Worker threads' Python stops, so that the early reads and then the tick find the GIL
         # free. In the same wake-up as the reads, however early they start: a wake-up of its own
         # costs CPU (docs/performance.md, "Wake-ups"; an A/B at 50 containers read 5 % more with
-        # one), where the workers only wait a little longer. Their longest wait counts from EARLY
-        # before the tick, as if the gate had closed then (the loop's clock is time.monotonic).
-        self.gate.close(at=self._due - min(self.EARLY, self.interval / 10))
+        # one), where the workers only wait a little longer.
+        self.gate.close()
         started = loop.time()
         took = self._early_took
         for hook in self.early_hooks:
