@@ -321,7 +321,7 @@ class Ticker:
     """
 
     SLICE = 0.005
-    EARLY = 0.05  # seconds before a tick the gate closes and its early hooks run (at most a tenth of the interval; see lead())
+    EARLY = 0.05  # seconds before a tick the gate closes and its early hooks run (at most a tenth of the interval)
     LEAD_FACTOR = 1.5  # early hooks run this many times their reads' recent longest wall time before the tick, if more than EARLY
     LEADS = 16  # early reads whose wall time is remembered (a few rounds' worth)
 
@@ -343,6 +343,7 @@ class Ticker:
         # returns a future (its read) is timed: see lead().
         self.early_hooks: list[Callable[[], object]] = []
         self._early: asyncio.Handle | None = None
+        self._gate_close: asyncio.Handle | None = None  # when the early hooks run before the gate closes
         self._early_took: deque[float] = deque(maxlen=self.LEADS)  # wall seconds of the latest early reads
         # Called when a round is done, before the next tick is armed: work that must not delay
         # a tick runs when the next one is furthest away (a full garbage collection).
@@ -375,7 +376,13 @@ class Ticker:
             slot = (now // self.interval + 1) * self.interval
         self._due = slot
         self._timer = loop.call_at(max(slot, now), self._tick)
-        self._early = loop.call_at(max(slot - self.lead(), now), self._run_early)
+        early = min(self.EARLY, self.interval / 10)
+        lead = self.lead()
+        if lead > early:  # the reads take longer than the gate's lead: they start first, the gate closes later
+            self._early = loop.call_at(max(slot - lead, now), self._run_early, False)
+            self._gate_close = loop.call_at(max(slot - early, now), self._close_gate)
+        else:  # the common case: one wake-up for both
+            self._early = loop.call_at(max(slot - early, now), self._run_early, True)
 
     def lead(self) -> float:
         """Seconds before a tick its early hooks run.
@@ -385,21 +392,21 @@ class Ticker:
         containers on a loaded host the eBPF map read took 30-160 ms of wall time; started EARLY
         before the tick, it was still running when the tick came, and the tick waited for it (for
         a CPU and the GIL): 10 of 60 ticks were 25-100 ms late in one run. Reads that are quick
-        again bring it back to EARLY once they are all that is remembered (LEADS reads). The
-        round's gate closes with them (workers' Python then waits for up to gate.MAX_WAIT).
+        again bring it back to EARLY once they are all that is remembered (LEADS reads).
         """
         early = min(self.EARLY, self.interval / 10)
         took = max(self._early_took, default=0.0)
         return min(max(early, took * self.LEAD_FACTOR), max(early, self.interval / 4))
 
-    def _run_early(self) -> None:
+    def _close_gate(self) -> None:
+        self._gate_close = None
+        self.gate.close()
+
+    def _run_early(self, close_gate: bool) -> None:
         self._early = None
         loop = asyncio.get_running_loop()
-        # Worker threads' Python stops, so that the early reads and then the tick find the GIL
-        # free. In the same wake-up as the reads, however early they start: a wake-up of its own
-        # costs CPU (docs/performance.md, "Wake-ups"; an A/B at 50 containers read 5 % more with
-        # one), where the workers only wait a little longer.
-        self.gate.close()
+        if close_gate:
+            self.gate.close()  # worker threads' Python stops, so that the tick finds the GIL free
         started = loop.time()
         took = self._early_took
         for hook in self.early_hooks:
@@ -465,10 +472,10 @@ class Ticker:
 
     def close(self) -> None:
         """Stop ticking."""
-        for handle in (self._timer, self._early):
+        for handle in (self._timer, self._early, self._gate_close):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._early = None
+        self._timer = self._early = self._gate_close = None
         self._watchers.clear()
         self.gate.open()
 
