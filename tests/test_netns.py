@@ -848,7 +848,7 @@ async def test_the_early_hooks_result_is_what_the_ticks_samples_see() -> None:
 async def test_an_early_read_slower_than_the_lead_starts_earlier_and_is_done_at_the_tick() -> None:
     """Defect: the early hooks ran EARLY (50 ms) before the tick whatever their reads took. At
     1,000 containers on a loaded host the eBPF map read took 30-100 ms of wall time: still running
-    when the tick came, and the tick waited for it, 20-100 ms late. The ticker now times the reads
+    when the tick came, and the tick waited for it, 25-100 ms late. The ticker now times the reads
     a hook returns and runs the hooks LEAD_FACTOR times the longest recent one before the tick (at
     most a quarter of the interval), while the gate still closes EARLY before it; reads that are
     quick again bring the lead back. (A read stands in as a sleep in a worker thread: what is

@@ -391,7 +391,7 @@ class Ticker:
         latest early reads if that is more (at most a quarter of the interval): at 1,000
         containers on a loaded host the eBPF map read took 30-160 ms of wall time; started EARLY
         before the tick, it was still running when the tick came, and the tick waited for it (for
-        a CPU and the GIL): 10 of 60 ticks were 25-100 ms late in one run. Reads that are quick
+        a CPU and the GIL): 7 of 60 ticks were 25-100 ms late in one run, 16 in another. Reads that are quick
         again bring it back to EARLY once they are all that is remembered (LEADS reads).
         """
         early = min(self.EARLY, self.interval / 10)
