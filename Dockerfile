@@ -2,7 +2,7 @@
 #   docker build -t nstap:local .                                  # FROM the public Debian base
 #   docker build --build-arg BASE=nstap-base:local -t nstap:local . # FROM a local rootfs (no registry)
 # Two stages: the first builds the venv (Python packages from deploy/requirements.lock, checked
-# against its hashes, then nstap with its C scanner compiled); the second is the runtime, with
+# against its hashes, then nstap with its C scanner and line formatter compiled); the second is the runtime, with
 # that venv and none of the compiler, headers or source. Packages come from PyPI, or, for a
 # build that cannot reach it, from wheels placed in build/wheels/:
 #   pip wheel --require-hashes --no-deps -r deploy/requirements.lock --wheel-dir build/wheels
@@ -21,13 +21,13 @@ RUN python3 -m venv /opt/nstap/venv \
  && /opt/nstap/venv/bin/pip install --no-cache-dir --disable-pip-version-check --require-hashes --no-deps $from \
       -r /src/deps/requirements.lock
 # nstap itself: no dependency resolved here (they are all in the lock), built with the locked
-# setuptools, which then goes (nothing needs it at run time); the C scanner is optional in
-# setup.py, so the build checks it was compiled.
+# setuptools, which then goes (nothing needs it at run time); the C parts are optional in
+# setup.py, so the build checks they were compiled.
 COPY pyproject.toml setup.py README.md /src/nstap/
 COPY daemon /src/nstap/daemon
 RUN /opt/nstap/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps --no-index --no-build-isolation /src/nstap \
  && /opt/nstap/venv/bin/pip uninstall --quiet --yes --disable-pip-version-check setuptools \
- && /opt/nstap/venv/bin/python -c "from nstap.netns import scan; assert scan.COMPILED, 'the C scanner was not compiled'" \
+ && /opt/nstap/venv/bin/python -c "from nstap import exporter; from nstap.netns import scan; assert scan.COMPILED and exporter.COMPILED, 'a C part was not compiled'" \
  && /opt/nstap/venv/bin/pip check --disable-pip-version-check
 
 FROM ${BASE}

@@ -43,7 +43,7 @@ runtimes:
 venv: $(VENV)/.installed
 	deploy/link-bcc.sh $(VENV)
 
-$(VENV)/.installed: pyproject.toml setup.py daemon/nstap/netns/_scan.c
+$(VENV)/.installed: pyproject.toml setup.py daemon/nstap/netns/_scan.c daemon/nstap/_exposition.c
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	deploy/pip-install.sh $(VENV) --upgrade pip
 	deploy/pip-install.sh $(VENV) -e '.[test]'

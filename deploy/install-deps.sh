@@ -9,8 +9,9 @@ profile=${1:-run}
 # iptables and nftables: the NAT monitor reads the rules with iptables-save and nft.
 # python3-bpfcc and bpftool: the eBPF drop-reason collector (bcc compiles against kernel headers,
 # which deploy/kernel-headers.sh provides).
-# gcc and python3-dev: the /proc/net scanner (daemon/nstap/netns/_scan.c) is built with the package;
-# without them nstap installs anyway and scans in Python, at several times the CPU.
+# gcc and python3-dev: the /proc/net scanner (daemon/nstap/netns/_scan.c) and the /metrics line
+# formatter (daemon/nstap/_exposition.c) are built with the package; without them nstap installs
+# anyway and does both in Python, at several times the CPU.
 run_pkgs=(python3 python3-venv python3-pip python3-dev gcc tcpdump iproute2 util-linux curl ca-certificates iptables nftables
           python3-bpfcc bpftool)
 # chromium and chromium-driver: the end-to-end test drives the capture page in a headless browser.

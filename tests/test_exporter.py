@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import tool
+from nstap import exporter
 from nstap.exporter import ContainerCollector, Family, Labels, render
 from nstap.registry import ContainerRegistry
 from nstap.runtime.records import ContainerRecord
@@ -103,12 +106,71 @@ def test_rendered_text_passes_promtool() -> None:
     assert parse(text)  # and it parses, label escaping included
 
 
+EDGE_VALUES = (5, 0, -3, 1.5, float("inf"), float("-inf"), float("nan"), True, False, 1e22, -0.0, 1 << 63, (1 << 64) - 1, 1 << 64, -(1 << 63), -(1 << 70))
+EDGE_TEXT = ["5", "0", "-3", "1.5", "+Inf", "-Inf", "NaN", "1", "0", "1e+22", "-0.0", str(1 << 63), str((1 << 64) - 1), str(1 << 64), str(-(1 << 63)), str(-(1 << 70))]
+
+
 def test_render_formats_values() -> None:
     fam = Family("x_total", "counter", "help")
-    for v in (5, 1.5, float("inf"), float("-inf"), float("nan"), True):
+    for v in EDGE_VALUES:
         fam.add(Labels((("a", "1"),)), v)
-    lines = render([fam]).splitlines()[2:]
-    assert [line.split(" ")[1] for line in lines] == ["5", "1.5", "+Inf", "-Inf", "NaN", "1"]
+    lines = render([fam]).decode().splitlines()[2:]
+    assert [line.split(" ")[1] for line in lines] == EDGE_TEXT
+
+
+def test_the_line_formatter_is_built_and_formats_as_family_add() -> None:
+    """make test builds the C formatter (the daemon's scrapes use it); it writes every value as
+    Family.add does, and as its Python twin does, from a tuple by index and from a dict by key."""
+    assert exporter.COMPILED and exporter.put is not exporter.put_py
+    from nstap._exposition import put as c_put
+
+    for formatter in (c_put, exporter.put_py):
+        body = bytearray(b"kept\n")
+        formatter(tuple((body, b"x_total", i) for i in range(len(EDGE_VALUES))), b'{a="1"}', EDGE_VALUES, None)
+        assert body.decode().splitlines()[1:] == [f'x_total{{a="1"}} {text}' for text in EDGE_TEXT]
+        by_key = bytearray()
+        formatter(((by_key, b"a", "x"), (by_key, b"b", "gone"), (by_key, b"c", "none"), (by_key, b"d", "y")), "{é=\"ü\"}".encode(), {"x": 1, "none": None, "y": 2.5}, None)
+        assert by_key.decode() == 'a{é="ü"} 1\nd{é="ü"} 2.5\n'
+        by_key.clear()
+        formatter(((by_key, b"b", "gone"), (by_key, b"c", "none")), b"", {"none": None}, 0)
+        assert by_key == b"b 0\nc 0\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(), st.floats(), st.booleans()), max_size=8), st.binary(max_size=30), st.data())
+def test_c_and_python_formatters_agree_on_any_values(values, text, data) -> None:
+    """Any int (of any width), float or bool, by index or by key, missing or not: the same bytes."""
+    from nstap._exposition import put as c_put
+
+    specs_at = [(i, data.draw(st.binary(min_size=1, max_size=10))) for i in range(len(values))]
+    keyed = {f"k{i}": v for i, v in enumerate(values) if data.draw(st.booleans())}
+    missing = data.draw(st.one_of(st.none(), st.integers(-5, 5)))
+    out = []
+    for formatter in (c_put, exporter.put_py):
+        body = bytearray()
+        formatter(tuple((body, name, i) for i, name in specs_at), text, tuple(values), None)
+        formatter(tuple((body, name, f"k{i}") for i, name in specs_at), text, keyed, missing)
+        out.append(bytes(body))
+    assert out[0] == out[1]
+
+
+def test_a_render_in_python_is_the_same_bytes(monkeypatch) -> None:
+    """Where the formatter is not built, a scrape gives the same exposition, byte for byte."""
+    registry, store = ContainerRegistry(), SampleStore()
+    registry.upsert(record("ab", 5, "wéb"))
+    registry.upsert(record("cd", 6, "other"))
+    store.put(sample(5)._replace(kernel_drops={"NO_SOCKET": 3, "TCP_CLOSE": 1}))
+    idle = SocketSample({"tcp": 1}, {"listen": 1}, 0.0, 0, (), float("inf"))  # the other states left out: 0
+    store.put(sample(6)._replace(protocols={"tcp_retransmitted_segments": 1 << 64}, sockets=idle))
+    compiled = ContainerCollector(registry, store, [Runtime()], ebpf=Drops())
+    first = compiled.exposition()
+    assert compiled.exposition() == first  # the second render, from the label sets and specs it kept
+    monkeypatch.setattr(exporter, "put", exporter.put_py)
+    python = ContainerCollector(registry, store, [Runtime()], ebpf=Drops())
+    assert python.exposition() == first and python.exposition() == first
+    got, other = parse(first.decode()), (("container", "other"), ("container_id", "cdcdcdcdcdcd"), ("runtime", "docker"))
+    assert got[("nstap_tcp_retransmitted_segments_total", other)] == 1 << 64
+    assert got[("nstap_sockets", tuple(sorted((*other, ("protocol", "tcp"), ("state", "established")))))] == 0
 
 
 class Watched:

@@ -149,7 +149,7 @@ def test_image_watches_this_hosts_runtimes_and_captures(image: str, containers: 
 
 def test_image_is_the_runtime_stage_only(image: str) -> None:
     """No source layer, compiler or Python headers in the image; the venv is the lock's and
-    consistent, nstap's C scanner compiled in it, Debian's bcc linked into it."""
+    consistent, nstap's C scanner and line formatter compiled in it, Debian's bcc linked into it."""
     history = sh("docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
     assert "/src" not in history, history  # the build stage's layers are not the image's
     script = (
@@ -157,11 +157,11 @@ def test_image_is_the_runtime_stage_only(image: str) -> None:
         "for tool in gcc cc x86_64-linux-gnu-gcc-12; do if command -v $tool; then echo found $tool; exit 1; fi; done; "
         "test -z \"$(ls -d /usr/include/python3* 2>/dev/null)\"; "
         "/opt/nstap/venv/bin/pip check --disable-pip-version-check; "
-        "/opt/nstap/venv/bin/python -c 'from nstap.netns import scan; import bcc, nstap; print(\"compiled\", scan.COMPILED)'; "
+        "/opt/nstap/venv/bin/python -c 'from nstap.netns import scan; from nstap import exporter; import bcc; print(\"compiled\", scan.COMPILED, exporter.COMPILED)'; "
         "nstap --version"
     )
     out = sh("docker", "run", "--rm", "--entrypoint", "/bin/sh", image, "-c", script, timeout=60).stdout
-    assert "No broken requirements found." in out and "compiled True" in out, out
+    assert "No broken requirements found." in out and "compiled True True" in out, out
     # Every Python package in the venv is the lock's version, and nothing else is there but pip and
     # nstap (bcc is Debian's, linked by a .pth: not a distribution pip lists; setuptools, in the
     # lock to build nstap, is removed after).

@@ -143,7 +143,7 @@ def exporter_metrics() -> list[MetricDoc]:
     collector = ContainerCollector(ContainerRegistry(), SampleStore(), [])
     collector.incidents = types.SimpleNamespace(anomalies_total={}, incidents={})  # type: ignore[assignment]
     families = collector.families(_specimen_scrape())
-    empty = sorted({f.name for f in families if not f.lines})
+    empty = sorted({f.name for f in families if not f.body})
     if empty:
         raise RuntimeError(f"the docs' specimen scrape makes no series of {', '.join(empty)}: give it what they are made from")
     missing = sorted(set(family_names()) - {f.name for f in families})
@@ -151,7 +151,7 @@ def exporter_metrics() -> list[MetricDoc]:
         raise RuntimeError(f"families the specimen scrape does not make: {', '.join(missing)}")
     out = []
     for family in families:
-        parsed = _parsed_labels(render([family]))
+        parsed = _parsed_labels(render([family]).decode())
         (labels,) = parsed.values()
         out.append(MetricDoc(family.name, family.kind, labels, family.help))
     return sorted(out)

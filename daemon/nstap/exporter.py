@@ -91,7 +91,8 @@ class ScrapeState(NamedTuple):
     dns: tuple[int, int] | None = None  # the DNS collector: up, entries its program could not make (a map full); None without one
 
 
-DNS_BOUNDS = tuple(repr(b) for b in BOUNDS)  # the le label values of nstap_dns_request_duration_seconds
+DNS_BOUNDS = tuple(repr(b) for b in BOUNDS)
+INFO_LABELS = ("container", "container_id", "runtime", "image", "compose_project", "compose_service", "pod", "k8s_namespace", "netns")  # nstap_container_info  # the le label values of nstap_dns_request_duration_seconds
 
 
 def _escape(value: str) -> str:
@@ -99,13 +100,15 @@ def _escape(value: str) -> str:
 
 
 class Labels:
-    """A label set, with its text-format rendering made once."""
+    """A label set, with its text-format rendering made once (as text, and as the UTF-8 bytes the
+    exposition is made of)."""
 
-    __slots__ = ("pairs", "text")
+    __slots__ = ("pairs", "text", "raw")
 
     def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
         self.pairs = pairs
         self.text = "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}" if pairs else ""
+        self.raw = self.text.encode()
 
     def extend(self, *pairs: tuple[str, str]) -> Labels:
         """This label set with more labels."""
@@ -117,29 +120,29 @@ NO_LABELS = Labels(())
 
 class Family:
     """One metric family: name (the sample name, ``_total`` included for counters), type, help, and
-    its sample lines, formatted as they are added."""
+    its sample lines, formatted as they are added into ``body`` (UTF-8 bytes)."""
 
-    __slots__ = ("name", "kind", "help", "lines")
+    __slots__ = ("name", "raw", "kind", "help", "body")
 
     def __init__(self, name: str, kind: str, help: str) -> None:
         self.name = name
+        self.raw = name.encode()
         self.kind = kind
         self.help = help
-        self.lines: list[str] = []
+        self.body = bytearray()
 
     def add(self, labels: Labels, value: float) -> None:
-        """One sample. Values are ints (counters, gauges) or finite floats (timestamps, seconds),
-        which format as Prometheus expects; anything else goes through _number."""
-        if type(value) is int or (type(value) is float and math.isfinite(value)):
-            self.lines.append(f"{self.name}{labels.text} {value}\n")
-        else:
-            self.lines.append(f"{self.name}{labels.text} {_number(value)}\n")
+        """One sample. Values are ints (counters, gauges) or floats (timestamps, seconds), which
+        format as Prometheus expects (:func:`number`)."""
+        self.body += b"%b%b %b\n" % (self.raw, labels.raw, (str(value) if type(value) is int else number(value)).encode())
 
 
-def _number(value: float) -> str:
+def number(value: Any) -> str:
+    """A sample's value as Prometheus text: an int's digits, 1 or 0 for a bool, a float's repr or
+    +Inf, -Inf, NaN; str() of anything else."""
     if isinstance(value, bool):
         return "1" if value else "0"
-    if isinstance(value, int):
+    if type(value) is not float:
         return str(value)
     if math.isnan(value):
         return "NaN"
@@ -148,15 +151,40 @@ def _number(value: float) -> str:
     return repr(value)
 
 
-def render(families: Iterable[Family]) -> str:
-    """Families in the Prometheus text format 0.0.4."""
-    parts: list[str] = []
+def put_py(specs: tuple[tuple[bytearray, bytes, Any], ...], text: bytes, values: Sequence[Any] | Mapping[Any, Any], missing: int | None) -> None:
+    """One line ``<name><text> <value>`` per ``(body, name, key)`` spec, into its body: the value is
+    ``values[key]``; from a dict, a key it does not hold (or holds None) gives ``missing``'s line, or
+    none when ``missing`` is None. What ``_exposition.put`` does in C, which the tests hold it to."""
+    if isinstance(values, dict):
+        for body, name, key in specs:
+            value = values.get(key)
+            if value is None:
+                if missing is None:
+                    continue
+                value = missing
+            body += b"%b%b %b\n" % (name, text, number(value).encode())
+    else:
+        for body, name, index in specs:
+            body += b"%b%b %b\n" % (name, text, number(values[index]).encode())
+
+
+try:
+    from ._exposition import put
+except ImportError:  # not built (no compiler at install): the same in Python
+    put = put_py
+
+COMPILED = put is not put_py
+
+
+def render(families: Iterable[Family]) -> bytes:
+    """Families in the Prometheus text format 0.0.4 (UTF-8)."""
+    parts: list[bytes | bytearray] = []
     for fam in families:
-        if not fam.lines:
+        if not fam.body:
             continue
-        parts.append(f"# HELP {fam.name} {fam.help}\n# TYPE {fam.name} {fam.kind}\n")
-        parts.extend(fam.lines)
-    return "".join(parts)
+        parts.append(f"# HELP {fam.name} {fam.help}\n# TYPE {fam.name} {fam.kind}\n".encode())
+        parts.append(fam.body)
+    return b"".join(parts)
 
 
 class SampleFamilies:
@@ -189,57 +217,59 @@ class SampleFamilies:
         self.sample_every = Family(
             "nstap_sample_interval_seconds", "gauge", "Seconds between samples of the namespace (longer than the interval while its samples cost more than the budget)."
         )
-        # The hot lines (tens of thousands a scrape) are formatted straight into their family's
-        # lines: their values are the kernel's counters, always ints (Family.add checks each value
-        # for floats, NaN and infinities; that call is half of a render).
-        self._iface_lines = [
-            (family.lines.append, family.name, InterfaceCounters._fields.index(attr)) for family, attr in self.iface_counters if family.name not in disabled
-        ]
-        self._up_line = (self.iface_up.lines.append, self.iface_up.name)
-        self._mtu_line = (self.iface_mtu.lines.append, self.iface_mtu.name)
+        # The hot lines (tens of thousands a scrape) are formatted by put (C) straight into their
+        # family's body: one call per interface and one per namespace's protocol counters. Their
+        # values are the kernel's counters, always ints (Family.add checks each value for floats,
+        # NaN and infinities; that call was half of a render).
+        self._iface_specs = tuple(
+            (family.body, family.raw, InterfaceCounters._fields.index(attr)) for family, attr in self.iface_counters if family.name not in disabled
+        ) + ((self.iface_mtu.body, self.iface_mtu.raw, InterfaceCounters._fields.index("mtu")),)
         self._proto_on = [(key, family) for key, family in self.proto if family.name not in disabled]
-        self._proto_lines = [(key, family.lines.append, family.name) for key, family in self._proto_on]
-        self._tcp_states = [(state, ("tcp", state)) for state in STATE_NAMES]
+        self._proto_specs = tuple((family.body, family.raw, key) for key, family in self._proto_on)
+        self._tcp_pairs = [(state, (("protocol", "tcp"), ("state", state))) for state in STATE_NAMES]
+        # The lines with the container's own labels: (taken_at, interval) and the sockets' (states_at, walk interval, SYN retransmits).
+        self._sample_specs = ((self.sample_ts.body, self.sample_ts.raw, 0), (self.sample_every.body, self.sample_every.raw, 1))
+        self._socket_specs = ((self.states_at.body, self.states_at.raw, 0), (self.walk_every.body, self.walk_every.raw, 1),
+                              (self.syn_retrans.body, self.syn_retrans.raw, 2))
 
-    def add(self, sample: NamespaceSample, okey: tuple, base: Labels, label: Callable[..., Labels]) -> None:
-        """Add one namespace's sample (``label`` makes, or reuses, the labels of a key)."""
-        self.sample_ts.add(base, sample.taken_at)
-        self.sample_every.add(base, sample.interval)
+    def clear(self) -> None:
+        """Empty every family for the next scrape (the bodies stay the same objects: the specs above
+        and the socket specs kept with the label sets hold them)."""
+        for family in self.all():
+            family.body.clear()
+
+    def add(self, sample: NamespaceSample, okey: tuple, base: Labels, label: Callable[..., Labels], keep: Callable[[tuple, Callable[[], Any]], Any]) -> None:
+        """Add one namespace's sample (``label`` makes, or reuses, the labels of a key; ``keep``
+        anything else kept with them from one scrape to the next)."""
+        put(self._sample_specs, base.raw, (sample.taken_at, sample.interval), None)
         if sample.interfaces is not None:
-            (up_append, up_name), (mtu_append, mtu_name), lines = self._up_line, self._mtu_line, self._iface_lines
+            specs, up, up_name = self._iface_specs, self.iface_up.body, self.iface_up.raw
             for iface in sample.interfaces:
-                text = label((okey, iface.name, iface.side, iface.peer), base, ("interface", iface.name), ("side", iface.side), ("peer", iface.peer)).text
-                for append, name, index in lines:
-                    append(f"{name}{text} {iface[index]}\n")
-                up_append(f"{up_name}{text} {1 if iface.up else 0}\n")
-                mtu_append(f"{mtu_name}{text} {iface.mtu}\n")
+                raw = label((okey, iface.name, iface.side, iface.peer), base, ("interface", iface.name), ("side", iface.side), ("peer", iface.peer)).raw
+                put(specs, raw, iface, None)
+                up += b"%b%b %d\n" % (up_name, raw, 1 if iface.up else 0)
         if sample.protocols is not None:
-            values, text = sample.protocols, base.text
-            for key, append, name in self._proto_lines:
-                value = values.get(key)
-                if value is not None:
-                    append(f"{name}{text} {value}\n")
+            put(self._proto_specs, base.raw, sample.protocols, None)
         if sample.sockets is not None:
-            self._add_sockets(sample, okey, base, label)
+            self._add_sockets(sample, okey, base, label, keep)
 
-    def _add_sockets(self, sample: NamespaceSample, okey: tuple, base: Labels, label: Callable[..., Labels]) -> None:
-        # Counts are ints: formatted straight into the family's lines, as the hot lines above.
+    def _add_sockets(self, sample: NamespaceSample, okey: tuple, base: Labels, label: Callable[..., Labels], keep: Callable[[tuple, Callable[[], Any]], Any]) -> None:
+        # Counts are ints: the TCP states by put, from (body, name and labels, state) specs kept
+        # per container with its label sets.
         sock = sample.sockets
         assert sock is not None
-        states, in_use = sock.tcp_states, sock.in_use
-        append, name = self.sockets.lines.append, self.sockets.name
-        for state, pair in self._tcp_states:
-            append(f"{name}{label((okey, *pair), base, ('protocol', 'tcp'), ('state', state)).text} {states.get(state, 0)}\n")
+        body, name = self.sockets.body, self.sockets.raw
+        specs = keep((okey, "tcp states"), lambda: tuple((body, name + base.extend(*pair).raw, state) for state, pair in self._tcp_pairs))
+        put(specs, b"", sock.tcp_states, 0)
+        in_use = sock.in_use
         for protocol in ("udp", "raw"):
-            text = label((okey, protocol, "open"), base, ("protocol", protocol), ("state", "open")).text
-            append(f"{name}{text} {in_use.get(protocol, 0) + in_use.get(protocol + '6', 0)}\n")
-        self.states_at.add(base, sock.states_at or sample.taken_at)
-        self.walk_every.add(base, sock.walk_interval)
-        self.syn_retrans.add(base, sock.syn_sent_max_retransmits)
+            raw = label((okey, protocol, "open"), base, ("protocol", protocol), ("state", "open")).raw
+            body += b"%b%b %d\n" % (name, raw, in_use.get(protocol, 0) + in_use.get(protocol + "6", 0))
+        put(self._socket_specs, base.raw, (sock.states_at or sample.taken_at, sock.walk_interval, sock.syn_sent_max_retransmits), None)
         for queue in sock.listen:
-            text = label((okey, "port", queue.port), base, ("port", queue.port)).text
-            self.q_len.lines.append(f"{self.q_len.name}{text} {queue.length}\n")
-            self.q_limit.lines.append(f"{self.q_limit.name}{text} {queue.limit}\n")
+            raw = label((okey, "port", queue.port), base, ("port", queue.port)).raw
+            self.q_len.body += b"%b%b %d\n" % (self.q_len.raw, raw, queue.length)
+            self.q_limit.body += b"%b%b %d\n" % (self.q_limit.raw, raw, queue.limit)
 
     def all(self) -> list[Family]:
         """Every family, in the order they are exported."""
@@ -279,8 +309,13 @@ class ContainerCollector:
         self.nat = nat
         self.ebpf = ebpf
         self.dns = dns
-        self._labels: dict[tuple, Labels] = {}
-        self._used: dict[tuple, Labels] = {}
+        # Label sets (and the socket lines' specs) by key, kept from one scrape to the next: those
+        # a scrape did not use are dropped after it (one render at a time).
+        self._labels: dict[tuple, Any] = {}
+        self._used: dict[tuple, Any] = {}
+        # Families whose bodies are emptied and refilled by each render (the specs kept above hold them).
+        self._samples = SampleFamilies(self.disabled)
+        self._drops = Family("nstap_kernel_drops_total", "counter", "Packets the kernel dropped in the container's namespace, by the kernel's drop reason (eBPF, kfree_skb).")
 
     def snapshot(self) -> ScrapeState:
         """What a scrape reads, now (call on the event loop: it is what mutates these)."""
@@ -324,9 +359,13 @@ class ContainerCollector:
             "probe_counts": (monitor.probes.probes_total, monitor.probes.failures_total) if monitor.probes is not None else (0, 0),
         }
 
-    def render(self, scrape: ScrapeState | None = None) -> str:
-        """The text exposition of every family (from ``scrape``, or a snapshot taken now)."""
+    def exposition(self, scrape: ScrapeState | None = None) -> bytes:
+        """The text exposition of every family, UTF-8 (from ``scrape``, or a snapshot taken now)."""
         return render(self.families(scrape if scrape is not None else self.snapshot()))
+
+    def render(self, scrape: ScrapeState | None = None) -> str:
+        """:meth:`exposition` as text."""
+        return self.exposition(scrape).decode()
 
     def _label(self, key: tuple, make) -> Labels:
         labels = self._used.get(key)
@@ -391,26 +430,14 @@ class ContainerCollector:
             "gauge",
             "One series per running container; netns is shared by containers in one namespace ('host' for host network).",
         )
+        body, name = info.body, info.raw
         for r in scrape.containers:
             if not r.enabled:
                 continue
             netns = "host" if r.host_network else str(r.netns)
-            info.add(
-                Labels(
-                    (
-                        ("container", r.name),
-                        ("container_id", r.short_id),
-                        ("runtime", r.runtime),
-                        ("image", r.image),
-                        ("compose_project", r.compose_project),
-                        ("compose_service", r.compose_service),
-                        ("pod", r.pod),
-                        ("k8s_namespace", r.k8s_namespace),
-                        ("netns", netns),
-                    )
-                ),
-                1,
-            )
+            values = (r.name, r.short_id, r.runtime, r.image, r.compose_project, r.compose_service, r.pod, r.k8s_namespace, netns)
+            labels = self._label(("info", *values), lambda: Labels(tuple(zip(INFO_LABELS, values))))  # noqa: B023 - called at once
+            body += b"%b%b 1\n" % (name, labels.raw)
         return [info]
 
     def _sample_families(self, scrape: ScrapeState) -> list[Family]:
@@ -424,7 +451,8 @@ class ContainerCollector:
             used[key] = labels
             return labels
 
-        families = SampleFamilies(self.disabled)
+        families = self._samples
+        families.clear()
         for sample in scrape.samples:
             ns = namespaces.get(sample.netns)
             if ns is None:  # its watcher is being cancelled
@@ -433,7 +461,7 @@ class ContainerCollector:
             okey = (owner.name, owner.short_id, owner.runtime)
             base = used.get(okey) or known.get(okey) or Labels((("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime)))
             used[okey] = base
-            families.add(sample, okey, base, label)
+            families.add(sample, okey, base, label, self._label)
         return families.all()
 
 
@@ -524,22 +552,17 @@ class ContainerCollector:
         if scrape.ebpf is None:
             return []
         _up, host, lost = scrape.ebpf
-        drops = Family("nstap_kernel_drops_total", "counter", "Packets the kernel dropped in the container's namespace, by the kernel's drop reason (eBPF, kfree_skb).")
-        used, known = self._used, self._labels  # label sets kept from one scrape to the next (see _label)
-        append, name = drops.lines.append, drops.name
+        drops = self._drops
+        drops.body.clear()
         for sample in scrape.samples:
             counts = sample.kernel_drops
             ns = scrape.namespaces.get(sample.netns)
             if not counts or ns is None:
                 continue
             owner = ns.owner
-            for reason, count in sorted(counts.items()):
-                key = ("drops", owner.name, owner.short_id, owner.runtime, reason)
-                labels = used.get(key) or known.get(key)
-                if labels is None:
-                    labels = Labels((("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime), ("reason", reason)))
-                used[key] = labels
-                append(f"{name}{labels.text} {count}\n")
+            # One line per reason, by put, from specs kept per container and set of reasons (which changes seldom).
+            specs = self._label(("drops", owner.name, owner.short_id, owner.runtime, *counts), lambda: self._drop_specs(owner, counts))  # noqa: B023
+            put(specs, b"", counts, None)
         host_drops = Family("nstap_host_kernel_drops_total", "counter", "Packets the kernel dropped outside container namespaces, by drop reason (eBPF).")
         for reason, count in sorted(host.items()):
             host_drops.add(Labels((("reason", reason),)), count)
@@ -547,6 +570,11 @@ class ContainerCollector:
                            "Drops the eBPF program could not count because its map of (namespace, reason) was full.")
         uncounted.add(NO_LABELS, lost)
         return [drops, host_drops, uncounted]
+
+    def _drop_specs(self, owner: ContainerRecord, counts: Mapping[str, int]) -> tuple:
+        base = (("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))
+        prefix = self._drops.raw
+        return tuple((self._drops.body, prefix + Labels((*base, ("reason", reason))).raw, reason) for reason in sorted(counts))
 
     def _dns_families(self, scrape: ScrapeState) -> list[Family]:
         if scrape.dns is None:
@@ -556,7 +584,7 @@ class ContainerCollector:
         duration = Family("nstap_dns_request_duration_seconds", "histogram", "Time from a DNS query to its answer, answered lookups (eBPF, tc).")
         untracked = Family("nstap_dns_untracked_total", "counter",
                            "DNS lookups, failing names or servers not followed: the container already held as many as one namespace may.")
-        lines = duration.lines
+        body = duration.body
         for sample in scrape.samples:
             lookups = sample.dns
             ns = scrape.namespaces.get(sample.netns)
@@ -567,12 +595,12 @@ class ContainerCollector:
             for (rcode, qtype), count in sorted(lookups.requests.items()):
                 requests.add(Labels((*base, ("rcode", rcode), ("qtype", qtype))), count)
             untracked.add(Labels(base), lookups.untracked)
-            for bound, count in zip(DNS_BOUNDS, lookups.buckets):
-                lines.append(f"nstap_dns_request_duration_seconds_bucket{Labels((*base, ('le', bound))).text} {count}\n")
+            lines = [f"nstap_dns_request_duration_seconds_bucket{Labels((*base, ('le', bound))).text} {count}\n" for bound, count in zip(DNS_BOUNDS, lookups.buckets)]
             tail = Labels(base).text
             lines.append(f"nstap_dns_request_duration_seconds_bucket{Labels((*base, ('le', '+Inf'))).text} {lookups.answered}\n")
-            lines.append(f"nstap_dns_request_duration_seconds_sum{tail} {_number(lookups.seconds)}\n")
+            lines.append(f"nstap_dns_request_duration_seconds_sum{tail} {number(lookups.seconds)}\n")
             lines.append(f"nstap_dns_request_duration_seconds_count{tail} {lookups.answered}\n")
+            body += "".join(lines).encode()
         uncounted = Family("nstap_dns_uncounted_total", "counter", "DNS map entries the program could not make because a map of every namespace was full.")
         uncounted.add(NO_LABELS, scrape.dns[1])
         return [requests, duration, untracked, uncounted]
@@ -598,7 +626,7 @@ class ContainerCollector:
         if nat is None:
             return []
         ids = {r.id: r for r in scrape.containers}
-        return [*_forward_families(nat["state"], ids), *_nat_host_families(nat), *_nat_container_families(scrape, nat, ids), *_probe_families(nat, ids)]
+        return [*_forward_families(nat["state"], ids), *_nat_host_families(nat), *_nat_container_families(scrape, nat, ids, self._label), *_probe_families(nat, ids)]
 
 
 def _single(name: str, kind: str, help_: str, value: float) -> Family:
@@ -656,15 +684,17 @@ def _nat_host_families(nat: dict[str, Any]) -> list[Family]:
     return out
 
 
-def _nat_container_families(scrape: ScrapeState, nat: dict[str, Any], ids: Mapping[str, ContainerRecord]) -> list[Family]:
-    """Each container's conntrack entries and its own firewall's DROP/REJECT counters and changes."""
+def _nat_container_families(scrape: ScrapeState, nat: dict[str, Any], ids: Mapping[str, ContainerRecord], label: Callable[[tuple, Callable[[], Labels]], Labels]) -> list[Family]:
+    """Each container's conntrack entries and its own firewall's DROP/REJECT counters and changes
+    (``label``: the collector's label sets kept from one scrape to the next)."""
     flows = Family("nstap_container_conntrack_entries", "gauge", "Conntrack entries of the container (it opened or answers them), by protocol and state.")
     for cid, counts in nat["state"].flows.items():
         record = ids.get(cid)
         if record is None:
             continue
         for (protocol, st), count in sorted(counts.items()):
-            flows.add(Labels((("container", record.name), ("container_id", record.short_id), ("runtime", record.runtime), ("protocol", protocol), ("state", st))), count)
+            flows.add(label(("flows", record.name, record.short_id, record.runtime, protocol, st), lambda: Labels(  # noqa: B023 - called at once
+                (("container", record.name), ("container_id", record.short_id), ("runtime", record.runtime), ("protocol", protocol), ("state", st)))), count)
     packets = Family("nstap_firewall_rule_packets_total", "counter", "Packets matched by a DROP or REJECT rule of the container's own firewall (rule: its position in the chain).")
     changes = Family("nstap_firewall_changes_total", "counter", "Changes of the container's own firewall seen by nstap.")
     for inode, fw_rules, changed in nat["firewalls"]:
@@ -673,7 +703,7 @@ def _nat_container_families(scrape: ScrapeState, nat: dict[str, Any], ids: Mappi
             continue
         owner = ns.owner
         base = (("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))
-        changes.add(Labels(base), changed)
+        changes.add(label((owner.name, owner.short_id, owner.runtime), lambda: Labels(base)), changed)  # noqa: B023 - the container's own label set
         for rule in fw_rules:
             packets.add(Labels((*base, ("table", rule.table), ("chain", rule.chain), ("target", rule.target), ("rule", str(rule.position)))), rule.packets)
     return [flows, packets, changes]

@@ -180,7 +180,7 @@ class ApiServer:
         return web.Response(body=body, headers=headers)
 
     def _render(self, scrape: ScrapeState, compress: bool) -> bytes:
-        body = generate_latest(self.prometheus) + self.collector.render(scrape).encode()
+        body = generate_latest(self.prometheus) + self.collector.exposition(scrape)
         # Prometheus asks for gzip. Level 1: 2 MB of text (200 containers) in ~10 ms instead of
         # ~40 ms at the default level, still about 15 times smaller.
         return gzip.compress(body, compresslevel=1) if compress else body
