@@ -276,38 +276,3 @@ def test_process_families_match_prometheus_clients_and_count_descriptors_without
     # /proc/self/task reports size 0: the fallback counts its entries (this process's threads).
     assert os.stat("/proc/self/task").st_size == 0
     assert open_fds("/proc/self/task") == len(os.listdir("/proc/self/task")) >= 1
-
-
-def test_a_render_in_a_worker_thread_waits_out_the_sampling_round() -> None:
-    """The render thread does not compete with a sampling round for the GIL: while the round's gate
-    is closed it waits (at most the gate's MAX_WAIT), and renders as soon as it opens."""
-    import threading
-    import time
-
-    from nstap.gate import MAX_WAIT, ROUND
-
-    registry, store = ContainerRegistry(), SampleStore()
-    for i in range(3):
-        registry.upsert(record(f"{i:02x}", 10 + i, f"web{i}"))
-        store.put(sample(10 + i))
-    collector = ContainerCollector(registry, store, [Runtime()], ebpf=Drops())
-    scrape = collector.snapshot()
-    done: list[float] = []
-    ROUND.close()
-    try:
-        worker = threading.Thread(target=lambda: done.append(len(collector.exposition(scrape))))
-        worker.start()
-        time.sleep(MAX_WAIT / 3)
-        assert not done, "the render went on while a round ran"
-    finally:
-        ROUND.open()
-    worker.join(5)
-    assert done and done[0] > 0
-    # In the event loop's (main) thread it never waits.
-    ROUND.close()
-    try:
-        started = time.monotonic()
-        collector.exposition(scrape)
-        assert time.monotonic() - started < MAX_WAIT / 3
-    finally:
-        ROUND.open()

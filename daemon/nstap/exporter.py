@@ -4,10 +4,7 @@ Series are made fresh from the latest sample of each watched namespace, so a con
 vanish with it by construction (no stale series, nothing to unregister). A scrape takes a
 :class:`ScrapeState` on the event loop (references to immutable samples and records, copies of
 the few mutable counters: well under a millisecond), and the families are built, rendered and
-gzipped from it in a worker thread, so a scrape of hundreds of containers never holds up a tick;
-and that thread waits out each sampling round (the round's gate, :mod:`nstap.gate`): beside a
-round the two threads pass the GIL back and forth at every read the round makes, which slowed
-both (a scrape of 1,000 containers took 0.25-0.45 s of wall time for 50 ms of work alone).
+gzipped from it in a worker thread, so a scrape of hundreds of containers never holds up a tick.
 
 The families are rendered to the text format here, with each container's and interface's label
 string built once and reused by all of its series: prometheus-client's generic encoder spends
@@ -32,7 +29,6 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from . import __version__
 from .capture.model import CaptureReadModel, CaptureStats
 from .dns.lookups import BOUNDS
-from .gate import ROUND
 from .instruments import ProcessCollector
 from .registry import ContainerRegistry, WatchedNamespace
 from .runtime.records import ContainerRecord
@@ -46,7 +42,6 @@ if TYPE_CHECKING:
     from .ebpf.service import EbpfService
     from .nat.monitor import NatMonitor
 
-PAUSE_EVERY = 64  # samples between two looks of the render at the round's gate (a few hundred microseconds of work)
 HOST_ID = "host"  # nstap.detect.incidents.HOST_ID (not imported: the exporter stays free of the detection modules)
 
 # (metric name, help, InterfaceCounters attribute)
@@ -458,10 +453,7 @@ class ContainerCollector:
 
         families = self._samples
         families.clear()
-        pause = ROUND.pause
-        for i, sample in enumerate(scrape.samples):
-            if not i % PAUSE_EVERY:
-                pause()  # in the render thread: it waits out each sampling round (see nstap.gate)
+        for sample in scrape.samples:
             ns = namespaces.get(sample.netns)
             if ns is None:  # its watcher is being cancelled
                 continue
@@ -562,10 +554,7 @@ class ContainerCollector:
         _up, host, lost = scrape.ebpf
         drops = self._drops
         drops.body.clear()
-        pause = ROUND.pause
-        for i, sample in enumerate(scrape.samples):
-            if not i % PAUSE_EVERY:
-                pause()
+        for sample in scrape.samples:
             counts = sample.kernel_drops
             ns = scrape.namespaces.get(sample.netns)
             if not counts or ns is None:
