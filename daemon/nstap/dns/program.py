@@ -179,25 +179,41 @@ static __always_inline struct budget *budget_of(u64 cookie) {
     return b;
 }
 
-/* Whether the namespace may add one more entry of a kind (else counted as refused). */
-static __always_inline int room(u64 cookie, struct budget *b, int what) {
+/* Takes a place for one more entry of a kind in the namespace: added to what it holds first, then
+   checked, so that two CPUs can never both take its last place (each sees the other's; at worst
+   both give theirs back and the next lookup takes it). 1 when taken (given back with give_back
+   when the entry is not made after all), else 0, counted as refused. */
+static __always_inline int reserve(u64 cookie, struct budget *b, int what) {
     struct budget *r = dns_released.lookup(&cookie);
-    u64 held, limit;
+    u64 *count, held, limit;
     if (what == FLIGHTS) {
-        held = b->flights - b->answered - (r ? r->flights : 0);
+        count = &b->flights;
         limit = MAX_FLIGHTS_PER_NS;
     } else if (what == NAMES) {
-        held = b->names - (r ? r->names : 0);
+        count = &b->names;
         limit = MAX_NAMES_PER_NS;
     } else {
-        held = b->servers - (r ? r->servers : 0);
+        count = &b->servers;
         limit = MAX_SERVERS_PER_NS;
     }
-    if ((s64)held >= (s64)limit) {
+    __sync_fetch_and_add(count, 1);
+    held = *(volatile u64 *)count;
+    if (what == FLIGHTS)
+        held -= *(volatile u64 *)&b->answered + (r ? r->flights : 0);
+    else if (what == NAMES)
+        held -= r ? r->names : 0;
+    else
+        held -= r ? r->servers : 0;
+    if ((s64)held > (s64)limit) {
+        __sync_fetch_and_add(count, -1);
         __sync_fetch_and_add(&b->refused, 1);
         return 0;
     }
     return 1;
+}
+
+static __always_inline void give_back(u64 *count) {
+    __sync_fetch_and_add(count, -1);
 }
 
 
@@ -368,15 +384,16 @@ static __always_inline void on_query(struct __sk_buff *skb, struct packet *p, u1
     if (dns_inflight.lookup(&fk)) {
         dns_inflight.update(&fk, v);  /* the same query again (a retry): its time starts again */
     } else {
-        if (!room(p->cookie, b, FLIGHTS))
+        if (!reserve(p->cookie, b, FLIGHTS))
             return;
         int err = dns_inflight.insert(&fk, v);
-        if (err == 0)
-            __sync_fetch_and_add(&b->flights, 1);
-        else if (err == -EEXIST)
-            dns_inflight.update(&fk, v);
-        else
-            lost_one();
+        if (err) {
+            give_back(&b->flights);
+            if (err == -EEXIST)
+                dns_inflight.update(&fk, v);
+            else
+                lost_one();
+        }
     }
 
     struct server_key sk = {};
@@ -385,13 +402,14 @@ static __always_inline void on_query(struct __sk_buff *skb, struct packet *p, u1
     sk.family = p->family;
     sk.port = v->server_port;
     struct server_val *s = dns_servers.lookup(&sk);
-    if (!s && room(p->cookie, b, SERVERS)) {
+    if (!s && reserve(p->cookie, b, SERVERS)) {
         struct server_val none = {};
         int err = dns_servers.insert(&sk, &none);
-        if (err == 0)
-            __sync_fetch_and_add(&b->servers, 1);
-        else if (err != -EEXIST)
-            lost_one();
+        if (err) {
+            give_back(&b->servers);
+            if (err != -EEXIST)
+                lost_one();
+        }
         s = dns_servers.lookup(&sk);
     }
     if (s) {
@@ -470,13 +488,14 @@ static __always_inline void on_answer(struct __sk_buff *skb, struct packet *p, u
             __builtin_memcpy(nk->name, v->name, NAME_BYTES);
             struct name_val *n = dns_names.lookup(nk);
             struct budget *b = n ? NULL : budget_of(v->cookie);
-            if (b && room(v->cookie, b, NAMES)) {
+            if (b && reserve(v->cookie, b, NAMES)) {
                 struct name_val nv = {};
                 int err = dns_names.insert(nk, &nv);
-                if (err == 0)
-                    __sync_fetch_and_add(&b->names, 1);
-                else if (err != -EEXIST)
-                    lost_one();
+                if (err) {
+                    give_back(&b->names);
+                    if (err != -EEXIST)
+                        lost_one();
+                }
                 n = dns_names.lookup(nk);
             }
             if (n) {
