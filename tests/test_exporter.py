@@ -276,3 +276,22 @@ def test_process_families_match_prometheus_clients_and_count_descriptors_without
     # /proc/self/task reports size 0: the fallback counts its entries (this process's threads).
     assert os.stat("/proc/self/task").st_size == 0
     assert open_fds("/proc/self/task") == len(os.listdir("/proc/self/task")) >= 1
+
+
+def test_a_reload_of_metrics_disabled_applies_to_the_next_scrape() -> None:
+    """metrics.disabled set again (a reload): a family turned back on is exported with its values,
+    one turned off goes, and the socket lines kept from the scrapes before still land."""
+    registry, store = ContainerRegistry(), SampleStore()
+    registry.upsert(record("ab", 5, "web"))
+    store.put(sample(5))
+    collector = ContainerCollector(registry, store, [Runtime()], disabled=frozenset({"nstap_interface_receive_bytes_total"}))
+    base = (("container", "web"), ("container_id", "abababababab"), ("runtime", "docker"))
+    host = tuple(sorted(base + (("interface", "veth1"), ("peer", "eth0"), ("side", "host"))))
+    tcp_tw = tuple(sorted(base + (("protocol", "tcp"), ("state", "time_wait"))))
+    before = parse(collector.render())
+    assert ("nstap_interface_receive_bytes_total", host) not in before and before[("nstap_sockets", tcp_tw)] == 2
+    collector.disabled = frozenset({"nstap_interface_mtu_bytes"})
+    after = parse(collector.render())
+    assert after[("nstap_interface_receive_bytes_total", host)] == 20
+    assert ("nstap_interface_mtu_bytes", host) not in after
+    assert after[("nstap_sockets", tcp_tw)] == 2 and after == parse(collector.render())

@@ -91,8 +91,8 @@ class ScrapeState(NamedTuple):
     dns: tuple[int, int] | None = None  # the DNS collector: up, entries its program could not make (a map full); None without one
 
 
-DNS_BOUNDS = tuple(repr(b) for b in BOUNDS)
-INFO_LABELS = ("container", "container_id", "runtime", "image", "compose_project", "compose_service", "pod", "k8s_namespace", "netns")  # nstap_container_info  # the le label values of nstap_dns_request_duration_seconds
+DNS_BOUNDS = tuple(repr(b) for b in BOUNDS)  # the le label values of nstap_dns_request_duration_seconds
+INFO_LABELS = ("container", "container_id", "runtime", "image", "compose_project", "compose_service", "pod", "k8s_namespace", "netns")  # nstap_container_info
 
 
 def _escape(value: str) -> str:
@@ -259,7 +259,8 @@ class SampleFamilies:
         sock = sample.sockets
         assert sock is not None
         body, name = self.sockets.body, self.sockets.raw
-        specs = keep((okey, "tcp states"), lambda: tuple((body, name + base.extend(*pair).raw, state) for state, pair in self._tcp_pairs))
+        # Keyed by these families too: specs kept from before a reload made new ones write to the old.
+        specs = keep((okey, "tcp states", self), lambda: tuple((body, name + base.extend(*pair).raw, state) for state, pair in self._tcp_pairs))
         put(specs, b"", sock.tcp_states, 0)
         in_use = sock.in_use
         for protocol in ("udp", "raw"):
@@ -299,7 +300,7 @@ class ContainerCollector:
         disabled: Collection[str] = (),
         dns: DnsService | None = None,
     ) -> None:
-        self.disabled = frozenset(disabled)  # families not exported (metrics.disabled)
+        self.disabled = frozenset(disabled)  # families not exported (metrics.disabled; a reload sets it again)
         self.registry = registry
         self.store = store
         self.runtimes = runtimes
@@ -313,9 +314,19 @@ class ContainerCollector:
         # a scrape did not use are dropped after it (one render at a time).
         self._labels: dict[tuple, Any] = {}
         self._used: dict[tuple, Any] = {}
-        # Families whose bodies are emptied and refilled by each render (the specs kept above hold them).
-        self._samples = SampleFamilies(self.disabled)
+        # Families whose bodies are emptied and refilled by each render (the specs kept above hold
+        # them); the per-container families are made again when the disabled set changes.
         self._drops = Family("nstap_kernel_drops_total", "counter", "Packets the kernel dropped in the container's namespace, by the kernel's drop reason (eBPF, kfree_skb).")
+
+    @property
+    def disabled(self) -> frozenset[str]:
+        """The families not exported."""
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, names: Collection[str]) -> None:
+        self._disabled = frozenset(names)
+        self._samples = SampleFamilies(self._disabled)  # a render under way keeps the one it took
 
     def snapshot(self) -> ScrapeState:
         """What a scrape reads, now (call on the event loop: it is what mutates these)."""
