@@ -34,7 +34,7 @@ from .registry import ContainerRegistry, WatchedNamespace
 from .runtime.records import ContainerRecord
 from .samplers.protocols import PROTOCOL_COUNTERS
 from .samplers.sockets import STATE_NAMES
-from .samples import InterfaceCounters, NamespaceSample, SampleStore
+from .samples import InterfaceCounters, ListenQueue, NamespaceSample, SampleStore
 
 if TYPE_CHECKING:
     from .detect.incidents import IncidentTracker
@@ -218,12 +218,12 @@ class SampleFamilies:
             "nstap_sample_interval_seconds", "gauge", "Seconds between samples of the namespace (longer than the interval while its samples cost more than the budget)."
         )
         # The hot lines (tens of thousands a scrape) are formatted by put (C) straight into their
-        # family's body: one call per interface and one per namespace's protocol counters. Their
+        # family's body: one call per interface, per listening port, per namespace's protocol counters. Their
         # values are the kernel's counters, always ints (Family.add checks each value for floats,
         # NaN and infinities; that call was half of a render).
         self._iface_specs = tuple(
             (family.body, family.raw, InterfaceCounters._fields.index(attr)) for family, attr in self.iface_counters if family.name not in disabled
-        ) + ((self.iface_mtu.body, self.iface_mtu.raw, InterfaceCounters._fields.index("mtu")),)
+        ) + tuple((family.body, family.raw, InterfaceCounters._fields.index(attr)) for family, attr in ((self.iface_up, "up"), (self.iface_mtu, "mtu")))
         self._proto_on = [(key, family) for key, family in self.proto if family.name not in disabled]
         self._proto_specs = tuple((family.body, family.raw, key) for key, family in self._proto_on)
         self._tcp_pairs = [(state, (("protocol", "tcp"), ("state", state))) for state in STATE_NAMES]
@@ -231,6 +231,7 @@ class SampleFamilies:
         self._sample_specs = ((self.sample_ts.body, self.sample_ts.raw, 0), (self.sample_every.body, self.sample_every.raw, 1))
         self._socket_specs = ((self.states_at.body, self.states_at.raw, 0), (self.walk_every.body, self.walk_every.raw, 1),
                               (self.syn_retrans.body, self.syn_retrans.raw, 2))
+        self._queue_specs = tuple((family.body, family.raw, ListenQueue._fields.index(attr)) for family, attr in ((self.q_len, "length"), (self.q_limit, "limit")))
 
     def clear(self) -> None:
         """Empty every family for the next scrape (the bodies stay the same objects: the specs above
@@ -243,11 +244,10 @@ class SampleFamilies:
         anything else kept with them from one scrape to the next)."""
         put(self._sample_specs, base.raw, (sample.taken_at, sample.interval), None)
         if sample.interfaces is not None:
-            specs, up, up_name = self._iface_specs, self.iface_up.body, self.iface_up.raw
+            specs = self._iface_specs
             for iface in sample.interfaces:
                 raw = label((okey, iface.name, iface.side, iface.peer), base, ("interface", iface.name), ("side", iface.side), ("peer", iface.peer)).raw
-                put(specs, raw, iface, None)
-                up += b"%b%b %d\n" % (up_name, raw, 1 if iface.up else 0)
+                put(specs, raw, iface, None)  # its counters, up (a bool: 1 or 0) and MTU
         if sample.protocols is not None:
             put(self._proto_specs, base.raw, sample.protocols, None)
         if sample.sockets is not None:
@@ -268,9 +268,7 @@ class SampleFamilies:
             body += b"%b%b %d\n" % (name, raw, in_use.get(protocol, 0) + in_use.get(protocol + "6", 0))
         put(self._socket_specs, base.raw, (sock.states_at or sample.taken_at, sock.walk_interval, sock.syn_sent_max_retransmits), None)
         for queue in sock.listen:
-            raw = label((okey, "port", queue.port), base, ("port", queue.port)).raw
-            self.q_len.body += b"%b%b %d\n" % (self.q_len.raw, raw, queue.length)
-            self.q_limit.body += b"%b%b %d\n" % (self.q_limit.raw, raw, queue.limit)
+            put(self._queue_specs, label((okey, "port", queue.port), base, ("port", queue.port)).raw, queue, None)
 
     def all(self) -> list[Family]:
         """Every family, in the order they are exported."""
