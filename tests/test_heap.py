@@ -70,6 +70,39 @@ async def test_the_interpreter_starts_no_full_collection_the_rounds_do_at_most_e
     assert gc.get_threshold() == thresholds
 
 
+async def test_a_due_collection_waits_for_a_round_that_leaves_it_room() -> None:
+    """A round that ended close to the next tick (at 1,000 containers on a loaded host, rounds of
+    0.5-0.9 s) leaves too little room for a full collection of 100-200 ms: run there, it delayed
+    the next tick's early reads and the tick. A due collection waits for a round that leaves
+    ROOM_FACTOR times the wall time of the longest recent one, and runs anyway once it is
+    OVERDUE periods old."""
+    now = [0.0]
+    fc = FullCollections(every=10.0, clock=lambda: now[0])
+    fc.take_over()
+    kept = [[Node() for _ in range(1000)] for _ in range(200)]  # a heap a collection takes a while to walk
+    try:
+        now[0] = 10.0
+        fc.after_round(0.0)  # none measured yet: no room needed
+        assert fc.runs == 1 and fc.need() > 0.0
+        garbage = old_cycle()
+        now[0] = 20.0
+        fc.after_round(fc.need() * 0.9)  # due, but it would not fit
+        assert fc.runs == 1 and fc.deferred == 1 and garbage() is not None
+        fc.after_round(fc.need() * 1.1)  # a round that leaves room
+        assert fc.runs == 2 and garbage() is None
+        garbage = old_cycle()
+        for t in (30.0, 45.0, 59.9):  # due from 30 s; no round leaves it room
+            now[0] = t
+            fc.after_round(0.0)
+        assert fc.runs == 2 and fc.deferred == 4 and garbage() is not None
+        now[0] = 20.0 + fc.OVERDUE * 10.0  # overdue: a host whose rounds fill every interval gets one all the same
+        fc.after_round(0.0)
+        assert fc.runs == 3 and garbage() is None
+    finally:
+        del kept
+        fc.give_back()
+
+
 async def test_with_no_round_a_timer_runs_the_full_collections() -> None:
     """No namespace watched, so no round: cyclic garbage is still freed, every two periods."""
     fc = FullCollections(every=0.1)

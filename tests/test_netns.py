@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import socket
 import subprocess
@@ -820,6 +821,28 @@ async def test_a_round_longer_than_the_interval_is_late_not_skipped() -> None:
     idle = sorted(watchers[0].samples[k + 1] - watchers[-1].samples[k] for k in range(rounds - 1))
     assert rounds >= 6 and idle[len(idle) // 2] < 0.02, (rounds, idle)
     assert sum(lag.counts[1:]) >= rounds - 3  # late by more than 10 ms, and counted as such
+
+
+async def test_the_done_hooks_are_told_the_room_left_before_the_next_tick() -> None:
+    """A round's done hooks run after the next tick is armed, and ``room()`` is the time until it
+    needs the loop again (its early hooks: EARLY before the tick): short after a round that
+    filled most of the interval, long after a short one. The full collection uses it to wait for
+    a round that leaves it room (nstap.heap; tests/test_heap.py)."""
+    from nstap.watcher import Ticker
+
+    ticker = Ticker(0.2)
+    assert ticker.room() == math.inf  # nothing armed
+    rooms: list[tuple[float, float]] = []  # (the round's wall time, the room its done hooks were told)
+    loop = asyncio.get_running_loop()
+    started = [0.0]
+    ticker.hooks.append(lambda: started.__setitem__(0, loop.time()))
+    ticker.done_hooks.append(lambda: rooms.append((loop.time() - started[0], ticker.room())))
+    watchers = [FakeWatcher(3.0) for _ in range(40)]  # 120 ms a round
+    await tick_for(ticker, watchers, 1.1)
+    assert len(rooms) >= 3, rooms
+    for took, room in rooms:  # the tick is 200 ms after the last, its early hooks 20 ms before it
+        assert 0.0 <= room <= 0.2 - 0.02 - took + 0.01, rooms
+    assert max(room for _, room in rooms) >= 0.03, rooms  # a round of 120 ms leaves about 60 ms
 
 
 async def test_the_early_hooks_result_is_what_the_ticks_samples_see() -> None:

@@ -376,7 +376,8 @@ class App:
         # keep it out of the cyclic collector's full passes, which the ticker runs from now on.
         gc.freeze()
         self.full_collections.take_over()
-        parts.pool.ticker.done_hooks.append(self.full_collections.after_round)
+        ticker = parts.pool.ticker
+        ticker.done_hooks.append(lambda: self.full_collections.after_round(ticker.room()))
         if cfg.detect.enabled:
             parts.pipeline.start(self.store)
         parts.pool.start()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -84,13 +86,26 @@ class FullCollections:
     worker thread builds a large structure (:func:`collector_paused`). With no round to run after
     (no namespace watched), a timer runs it every ``2 * every`` seconds. Cyclic garbage that reached
     the oldest generation waits at most that long to be freed.
+
+    A round that ends late leaves little room before the next tick (at 1,000 containers on a
+    loaded 2-core host, rounds of 0.5-0.9 s): a collection there delays the next tick's early
+    reads and the tick itself. So one runs only when the room the ticker reports is at least
+    ROOM_FACTOR times the wall time of the longest of the latest collections; otherwise it waits
+    for a round that leaves more, for at most OVERDUE periods (a host whose rounds fill every
+    interval still gets one then).
     """
+
+    ROOM_FACTOR = 2.0
+    OVERDUE = 4  # periods a due collection waits for room at most
+    TOOK = 4  # collections whose wall time is remembered
 
     def __init__(self, every: float = FULL_EVERY, clock: Callable[[], float] = time.monotonic) -> None:
         self.every = every
         self.clock = clock
         self.last = clock()
         self.runs = 0
+        self.deferred = 0  # rounds after which a due collection waited for more room
+        self._took: deque[float] = deque(maxlen=self.TOOK)  # wall seconds of the latest collections
         self._thresholds: tuple[int, int, int] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -112,10 +127,20 @@ class FullCollections:
             gc.set_threshold(*self._thresholds)
             self._thresholds = None
 
-    def after_round(self) -> None:
-        """A sampling round is done: a full collection if one is due (the event loop's thread)."""
-        if self.clock() - self.last >= self.every:
-            self._collect()
+    def need(self) -> float:
+        """Seconds of room before the next tick a collection needs to run after a round."""
+        return self.ROOM_FACTOR * max(self._took, default=0.0)
+
+    def after_round(self, room: float = math.inf) -> None:
+        """A sampling round is done, ``room`` seconds before the next tick needs the event loop's
+        thread: a full collection if one is due and fits (the event loop's thread)."""
+        since = self.clock() - self.last
+        if since < self.every:
+            return
+        if room < self.need() and since < self.OVERDUE * self.every:
+            self.deferred += 1
+            return
+        self._collect()
 
     def _idle(self) -> None:
         if self.clock() - self.last >= 2 * self.every:  # no round ran one
@@ -125,6 +150,8 @@ class FullCollections:
     def _collect(self) -> None:
         if not gc.isenabled():  # a builder is at work (collector_paused): after the next round
             return
+        started = time.perf_counter()
         gc.collect(2)
+        self._took.append(time.perf_counter() - started)
         self.last = self.clock()
         self.runs += 1

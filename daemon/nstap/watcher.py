@@ -345,8 +345,8 @@ class Ticker:
         self._early: asyncio.Handle | None = None
         self._gate_close: asyncio.Handle | None = None  # when the early hooks run before the gate closes
         self._early_took: deque[float] = deque(maxlen=self.LEADS)  # wall seconds of the latest early reads
-        # Called when a round is done, before the next tick is armed: work that must not delay
-        # a tick runs when the next one is furthest away (a full garbage collection).
+        # Called when a round is done, after the next tick is armed: work that must not delay a
+        # tick runs when the next one is furthest away (a full garbage collection, if room() allows).
         self.done_hooks: list[Callable[[], None]] = []
         self.lag = lag  # how late each tick started, in seconds (a blocked event loop shows here)
         self._watchers: dict[NamespaceWatcher, None] = {}
@@ -397,6 +397,14 @@ class Ticker:
         early = min(self.EARLY, self.interval / 10)
         took = max(self._early_took, default=0.0)
         return min(max(early, took * self.LEAD_FACTOR), max(early, self.interval / 4))
+
+    def room(self) -> float:
+        """Seconds until the next tick needs the loop's thread (its early reads, its gate, or the
+        tick itself); infinite while none is armed."""
+        handles = [h for h in (self._early, self._gate_close, self._timer) if h is not None]
+        if not handles:
+            return math.inf
+        return max(min(h.when() for h in handles) - asyncio.get_running_loop().time(), 0.0)
 
     def _close_gate(self) -> None:
         self._gate_close = None
