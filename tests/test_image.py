@@ -34,7 +34,7 @@ HTTPD = ("httpd", "-f", "-p", "80", "-h", "/")
 # sandbox's bounding set).
 RUN_LINE = (
     "--pid=host", "--network=host", "--cap-drop", "ALL",
-    *(x for cap in ("SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", "NET_ADMIN", "NET_RAW", "SETUID", "SETGID") for x in ("--cap-add", cap)),
+    *(x for cap in ("SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", "NET_ADMIN", "NET_RAW", "SYS_NICE", "SETUID", "SETGID") for x in ("--cap-add", cap)),
     "--security-opt", "apparmor=unconfined",
     "-v", "/var/run/docker.sock:/var/run/docker.sock:ro", "-v", "/run/podman/podman.sock:/run/podman/podman.sock:ro",
 )

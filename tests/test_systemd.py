@@ -80,6 +80,17 @@ def test_journal_native_protocol(tmp_path: Path) -> None:
     sock.close()
 
 
+def thread_nices(pid: int) -> list[int]:
+    """The nice value of each thread of ``pid``."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.append(os.getpriority(os.PRIO_PROCESS, int(tid)))
+        except ProcessLookupError:
+            pass  # ended meanwhile
+    return out
+
+
 @pytest.mark.docker
 def test_ready_watchdog_status_and_reload(nstap, containers: Containers, docker_image: str, tmp_path: Path, monkeypatch) -> None:
     cid = containers.docker(docker_image, *HTTPD, name="sdready")
@@ -92,6 +103,7 @@ def test_ready_watchdog_status_and_reload(nstap, containers: Containers, docker_
     attached = [e for e in d.events("watcher_attached") if e["container_id"] == cid[:12]]
     assert attached and ready[1]["READY"] == "1" and ready[1]["STATUS"].startswith("watching ") and "docker up" in ready[1]["STATUS"]
     assert int(ready[1]["MAINPID"]) == d.pid
+    assert set(thread_nices(d.pid)) == {-5}  # the default priority (nstap.priority), every thread of the daemon
     # Pings from the loop, several per WatchdogSec.
     time.sleep(3.5)
     pings = [at for at, m in listener.drain() if m.get("WATCHDOG") == "1"]
@@ -109,10 +121,13 @@ def test_ready_watchdog_status_and_reload(nstap, containers: Containers, docker_
     config = yaml.safe_load(d.config_path.read_text())
     config["interval"] = 0.25
     config["api_listen"] = "127.0.0.1:1"
+    config["nice"] = 2
     d.config_path.write_text(yaml.safe_dump(config))
     os.kill(d.pid, signal.SIGHUP)
     event = wait_until(lambda: d.events("config_reloaded"), 5, message="config_reloaded")[0]
-    assert event["applied"] == ["interval"] and event["needs_restart"] == ["api_listen"]
+    assert event["applied"] == ["interval", "nice"] and event["needs_restart"] == ["api_listen"]
+    nices = thread_nices(d.pid)
+    assert set(nices) == {2} and len(nices) > 5, nices  # every thread, the workers started before the reload too
     assert wait_until(lambda: listener.with_key("RELOADING"), 5)
     stamps = []
     for _ in range(10):

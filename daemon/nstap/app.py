@@ -42,6 +42,7 @@ from .detect.incidents import IncidentTracker
 from .detect.pipeline import DetectionPipeline
 from .exporter import ContainerCollector, build_registry
 from .heap import FullCollections
+from .priority import nice_now, set_nice
 from .dns.service import DnsService
 from .ebpf.collector import EbpfUnavailable
 from .ebpf.service import EbpfService
@@ -366,7 +367,7 @@ class App:
             log.info("own_container_not_watched", container_id=self.registry.own_id[:12])
         log.info(
             "nstap_started", version=__version__, interval=cfg.interval, metrics_listen=cfg.metrics_listen, api_listen=cfg.api_listen,
-            runtimes=[r.name for r in cfg.runtimes], samplers=[s.name for s in parts.pool.specs], fd_limit=fd_limit,
+            runtimes=[r.name for r in cfg.runtimes], samplers=[s.name for s in parts.pool.specs], fd_limit=fd_limit, nice=nice_now(),
         )
 
     async def _start(self, parts: Parts) -> None:
@@ -546,6 +547,10 @@ class App:
                 pool.set_interval(new.interval)
                 if nat is not None:
                     nat.interval = new.interval
+            elif key == "nice":
+                refused = set_nice(new.nice)
+                if refused:
+                    log.warning("nice_not_set", nice=new.nice, error=refused, fix="grant CAP_SYS_NICE, or set nice: 0")
             elif key in ("log_level", "log_format"):
                 configure_logging(new.log_format, new.log_level)
             elif key == "detect" and (old.detect.enabled, old.detect.capture) == (new.detect.enabled, new.detect.capture):

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from .priority import DEFAULT_NICE
 from .samplers import SAMPLERS
 
 
@@ -378,6 +379,10 @@ class Config(Strict):
     """Everything ``nstap run`` can be told."""
 
     interval: float = Field(1.0, ge=0.1, le=300.0, description="seconds between samples")
+    nice: int = Field(
+        DEFAULT_NICE, ge=-20, le=19,
+        description="CPU priority (Linux nice) of the daemon's threads and children: below 0 its ticks keep time on a saturated host (needs CAP_SYS_NICE); 0 as other processes",
+    )
     metrics_listen: str = Field("0.0.0.0:9880", description="HOST:PORT of /metrics")
     api_listen: str = Field("127.0.0.1:9881", description="HOST:PORT of the local API")
     data_dir: Path = Field(Path("/var/lib/nstap"), description="state: API token, captures")

@@ -29,6 +29,7 @@ CAPABILITIES = {  # bit -> name, and why nstap needs it
     2: ("CAP_DAC_READ_SEARCH", "reading /proc of processes of other users"),
     39: ("CAP_BPF", "loading eBPF (with CAP_PERFMON)"),
     38: ("CAP_PERFMON", "attaching eBPF to tracepoints"),
+    23: ("CAP_SYS_NICE", "its CPU priority (nice below the one it was started with)"),
 }
 _CLONE_NEWNET = 0x40000000
 

@@ -1,0 +1,51 @@
+"""The daemon's CPU priority (nstap.priority): every thread at the configured nice, and what starts
+later inherits it; without CAP_SYS_NICE a clear reason, not a crash. Each case runs in a process of
+its own: the test process's priority is not touched. (The daemon itself at its default and after a
+reload: tests/test_systemd.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+DAEMON = Path(__file__).resolve().parent.parent / "daemon"
+
+SCRIPT = r"""
+import json, os, subprocess, sys, threading
+from nstap.priority import set_nice, nice_now
+before = threading.Event(); stop = threading.Event()
+early = threading.Thread(target=lambda: (before.set(), stop.wait()))  # a thread from before the call
+early.start(); before.wait()
+refused = set_nice(int(sys.argv[1]))
+late = threading.Thread(target=stop.wait)  # one started after it
+late.start()
+tids = [int(t) for t in os.listdir("/proc/self/task")]
+child = subprocess.run([sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"], capture_output=True, text=True).stdout
+print(json.dumps({"refused": refused, "threads": {t: os.getpriority(os.PRIO_PROCESS, t) for t in tids}, "child": int(child), "now": nice_now()}))
+stop.set(); early.join(); late.join()
+"""
+
+
+def run(nice: int, *prefix: str) -> dict:
+    proc = subprocess.run([*prefix, sys.executable, "-c", SCRIPT, str(nice)], capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(DAEMON), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_every_thread_and_what_starts_later_take_the_nice() -> None:
+    for nice in (-5, 3):  # raising the priority (root: allowed), and lowering it
+        out = run(nice)
+        assert out["refused"] == "", out
+        assert len(out["threads"]) == 3 and set(out["threads"].values()) == {nice}, out  # main, the thread from before, the one after
+        assert out["child"] == nice and out["now"] == nice, out
+
+
+def test_without_cap_sys_nice_the_daemon_is_told_why_and_keeps_its_priority() -> None:
+    out = run(-5, "setpriv", "--bounding-set", "-sys_nice")  # root without CAP_SYS_NICE, as in a container not granted it
+    assert "CAP_SYS_NICE" in out["refused"] and "runs at nice 0" in out["refused"], out
+    assert set(out["threads"].values()) == {0} and out["child"] == 0, out
+    out = run(4, "setpriv", "--bounding-set", "-sys_nice")  # a lower priority needs no capability
+    assert out["refused"] == "" and set(out["threads"].values()) == {4}, out
