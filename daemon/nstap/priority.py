@@ -2,11 +2,11 @@
 
 A host where nstap matters most is a busy one. Beside 1,000 containers on a 2-core host (the
 benchmark's: 1,000 busybox httpd, their shims, dockerd, an HTTP client), the event loop's thread
-waited on the CPU's run queue for 10-140 ms at a time (its ``schedstat``), and sampling ticks
-started 50-250 ms late in three runs of four at nice 0: the samples of an incident's first second
-are the ones that come late. At nice -5 (``nice`` in the configuration, the default) the same run
-had no tick later than 10 ms. What the daemon uses does not grow: it asks for the CPU it needs
-sooner, and no more of it (its work per namespace has its own budgets).
+waited on the CPU's run queue for 10-140 ms at a time (its ``schedstat``), and in each of three
+runs at nice 0 some sampling ticks came 25-411 ms late: the samples of an incident's first second
+are the ones that come late. At nice -5 (``nice`` in the configuration, the default) two runs of
+the same benchmark had no tick later than 10 ms. What the daemon uses does not grow: it asks for
+the CPU it needs sooner, and no more of it (its work per namespace has its own budgets).
 
 Linux keeps a nice value per thread, and a new thread or child takes its creator's: :func:`set_nice`
 sets every thread there is (at start, before any worker thread, and again on a reload), and what
