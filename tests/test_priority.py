@@ -49,3 +49,14 @@ def test_without_cap_sys_nice_the_daemon_is_told_why_and_keeps_its_priority() ->
     assert set(out["threads"].values()) == {0} and out["child"] == 0, out
     out = run(4, "setpriv", "--bounding-set", "-sys_nice")  # a lower priority needs no capability
     assert out["refused"] == "" and set(out["threads"].values()) == {4}, out
+
+
+def test_a_refusal_is_logged_with_its_fix() -> None:
+    """What the daemon does with a refusal at start and on a reload (nstap.priority.apply_nice):
+    one ``nice_not_set`` line saying why and what to do, and it goes on."""
+    script = "from nstap.priority import apply_nice; print('set' if apply_nice(-5) else 'not set')"
+    proc = subprocess.run(["setpriv", "--bounding-set", "-sys_nice", sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, env={"PYTHONPATH": str(DAEMON), "PATH": "/usr/bin:/bin"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "not set" in out, out
+    assert "nice_not_set" in out and "CAP_SYS_NICE" in out and "set nice: 0" in out, out

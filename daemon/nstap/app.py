@@ -42,7 +42,7 @@ from .detect.incidents import IncidentTracker
 from .detect.pipeline import DetectionPipeline
 from .exporter import ContainerCollector, build_registry
 from .heap import FullCollections
-from .priority import nice_now, set_nice
+from .priority import apply_nice, nice_now
 from .dns.service import DnsService
 from .ebpf.collector import EbpfUnavailable
 from .ebpf.service import EbpfService
@@ -548,9 +548,7 @@ class App:
                 if nat is not None:
                     nat.interval = new.interval
             elif key == "nice":
-                refused = set_nice(new.nice)
-                if refused:
-                    log.warning("nice_not_set", nice=new.nice, error=refused, fix="grant CAP_SYS_NICE, or set nice: 0")
+                apply_nice(new.nice)
             elif key in ("log_level", "log_format"):
                 configure_logging(new.log_format, new.log_level)
             elif key == "detect" and (old.detect.enabled, old.detect.capture) == (new.detect.enabled, new.detect.capture):

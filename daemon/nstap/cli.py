@@ -167,18 +167,14 @@ def _watch_children_with_pidfds() -> None:
 
 
 def _run(config: Config, reread: Any = None) -> int:
-    import structlog
-
     from .app import App, StartupError
     from .heap import limit_malloc_arenas
     from .log import configure_logging
-    from .priority import set_nice
+    from .priority import apply_nice
 
     limit_malloc_arenas()
     configure_logging(config.log_format, config.log_level)
-    refused = set_nice(config.nice)  # before any worker thread: they and the children inherit it
-    if refused:
-        structlog.get_logger("nstap").warning("nice_not_set", nice=config.nice, error=refused, fix="grant CAP_SYS_NICE, or set nice: 0")
+    apply_nice(config.nice)  # before any worker thread: they and the children inherit it
     _watch_children_with_pidfds()
     try:
         asyncio.run(App(config, reread).run())

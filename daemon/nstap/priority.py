@@ -19,6 +19,10 @@ from __future__ import annotations
 import errno
 import os
 
+import structlog
+
+log = structlog.get_logger("nstap.priority")
+
 DEFAULT_NICE = -5
 
 
@@ -41,9 +45,17 @@ def set_nice(nice: int, tasks: str = "/proc/self/task") -> str:
     return ""
 
 
+def apply_nice(nice: int) -> bool:
+    """:func:`set_nice`, a refusal logged (``nice_not_set``: why, and the fix); True if set."""
+    refused = set_nice(nice)
+    if refused:
+        log.warning("nice_not_set", nice=nice, error=refused, fix="grant CAP_SYS_NICE, or set nice: 0")
+    return not refused
+
+
 def nice_now() -> int:
     """The calling thread's nice value."""
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
-__all__ = ["DEFAULT_NICE", "nice_now", "set_nice"]
+__all__ = ["DEFAULT_NICE", "apply_nice", "nice_now", "set_nice"]
