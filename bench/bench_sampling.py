@@ -34,7 +34,10 @@ sizes also draws ``bench/sampling.png`` (bench/plot_sampling.py, matplotlib).
 With ``--capture-load``, one more container has a flight recorder (``--ring-bytes``, 8 MiB) and is
 downloaded from without pause, so its ring stays full, and every 3-7 s a capture with 60 s of
 pre-trigger packets is taken from it: the whole ring is read back while the ticks go on.
-``--scrape-every 1`` scrapes every second (jittered) instead of every 15.
+``--scrape-every 1`` scrapes every second instead of every 15. The scraper keeps a steady cadence from
+the daemon's start, as Prometheus does, so the daemon renders its bodies ahead (metrics.render_ahead);
+``--scrape-jitter 0.5`` scrapes at intervals times a uniform [0.5, 1.5], as the runs before
+2026-12-05 did.
 
     make bench                                        # 50 containers, 60 s
     make bench ARGS="--containers 50,200,500,1000"    # the cost claims, and bench/sampling.png
@@ -250,16 +253,51 @@ class CpuCgroup:
 # --- the daemon -------------------------------------------------------------------------------
 
 
-def scrape(port: int) -> tuple[float, str]:
+def scrape(port: int, agent: str = "nstap-bench") -> tuple[float, str]:
     """GET /metrics as Prometheus does (gzip accepted); returns (seconds, uncompressed text)."""
     t0 = time.perf_counter()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": "gzip"})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": "gzip", "User-Agent": agent})
     with urllib.request.urlopen(request, timeout=60) as r:
         body = r.read()
         seconds = time.perf_counter() - t0  # the scraper's own decompression is not nstap's time
         if r.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
     return seconds, body.decode()
+
+
+class Scraper(threading.Thread):
+    """Scrapes /metrics as Prometheus does: every ``every`` seconds from a random phase, from the
+    daemon's start on (so the daemon has learnt its cadence, metrics.render_ahead, as it has a
+    real Prometheus's); ``jitter`` > 0 scrapes at ``every`` times a uniform [1 - jitter, 1 + jitter]
+    instead (the bench's way before 2026-12-05, which a scraper at a steady cadence never is).
+    Records (monotonic time, seconds, bytes of text, RSS of the daemon's cgroup in KiB)."""
+
+    AGENT = "Prometheus/bench"
+
+    def __init__(self, port: int, every: float, jitter: float, rss: Callable[[], int]) -> None:
+        super().__init__(daemon=True)
+        self.port, self.every, self.jitter, self.rss = port, every, jitter, rss
+        self.halt = threading.Event()
+        self.records: list[tuple[float, float, int, int]] = []
+
+    def run(self) -> None:
+        due = time.monotonic() + random.uniform(0.0, self.every)
+        while not self.halt.wait(max(0.0, due - time.monotonic())):
+            at = time.monotonic()
+            try:
+                taken, text = scrape(self.port, self.AGENT)
+                self.records.append((at, taken, len(text.encode()), self.rss()))
+            except OSError:
+                pass
+            due += self.every * (random.uniform(1 - self.jitter, 1 + self.jitter) if self.jitter else 1.0)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(70)
+
+    def within(self, t0: float, t1: float) -> list[tuple[float, float, int, int]]:
+        """The scrapes that started in [t0, t1)."""
+        return [r for r in list(self.records) if t0 <= r[0] < t1]
 
 
 def metric(text: str, name: str, default: float | None = None) -> float:
@@ -839,6 +877,9 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
             time.sleep(0.2 if n <= 200 else 1.0)
         attach_s = time.monotonic() - started
 
+        scraper = Scraper(port, args.scrape_every, args.scrape_jitter, lambda: sum(status_kib(p, "VmRSS") for p in cgroup.pids()))
+        scraper.start()
+        stack.callback(scraper.stop)
         traffic = Traffic(ips, workdir, args.http_concurrency)
         stack.callback(traffic.stop)
         load = None
@@ -848,7 +889,9 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
             load.start()
             stack.callback(load.stop)
             time.sleep(20)  # the ring fills
-        time.sleep(args.warmup)  # the first walks and layouts are done, traffic is flowing
+        # The first walks and layouts are done, traffic is flowing, and (at a steady cadence) the
+        # daemon has seen the scraper's first three scrapes, as it has seen a real Prometheus's.
+        time.sleep(max(args.warmup, 0 if args.scrape_jitter else 3 * args.scrape_every + 1))
 
         # The window: both ends at the same phase of the ticks and a whole number of intervals apart.
         seconds = max(1, round(args.duration / INTERVAL)) * INTERVAL
@@ -860,20 +903,13 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         profile = LoopProfile(pyspy, pid, seconds, workdir, args.profile_rate) if pyspy else None
         if profile is not None:
             stack.callback(profile.stop)
-        scrapes: list[tuple[float, int]] = []
-        rss_peak_total = 0
         t1 = t0 + seconds
-        next_scrape = t0 + random.uniform(0.0, min(args.scrape_every, seconds - 0.5))  # at least one in the window
-        while time.monotonic() < t1 - 0.01:
-            if time.monotonic() >= next_scrape:
-                taken, text = scrape(port)
-                scrapes.append((taken, len(text.encode())))
-                rss_peak_total = max(rss_peak_total, sum(status_kib(p, "VmRSS") for p in cgroup.pids()))
-                # Jittered: a scraper at a fixed phase to the 1 s ticks would meet them always or never.
-                next_scrape += args.scrape_every * random.uniform(0.5, 1.5)
-            time.sleep(max(0.0, min(0.05, t1 - time.monotonic(), next_scrape - time.monotonic())))
         time.sleep(max(0.0, t1 - time.monotonic()))
         cg1, proc1, threads1 = cgroup.usage_s(), cpu_seconds(pid), thread_cpu(pid)
+        window = scraper.within(t0, t1)
+        scraper.stop()
+        scrapes = [(taken, size) for _, taken, size, _ in window]
+        rss_peak_total = max((rss for *_, rss in window), default=0)
         http1, http_cpu1 = traffic.counts(), traffic.cpu_seconds()
         _, text1 = scrape(port)
         measured = time.monotonic() - t0
@@ -969,6 +1005,8 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         variant.append(f"capture-load ring={args.ring_bytes}")
     if args.scrape_every != 15.0:
         variant.append(f"scrape-every={args.scrape_every:g}")
+    if args.scrape_jitter:
+        variant.append(f"scrape-jitter={args.scrape_jitter:g}")
     if args.dns != "auto":
         variant.append(f"dns={args.dns}")
 
@@ -1029,6 +1067,10 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         "scrape_ms_median": ms(statistics.median(s for s, _ in scrapes)) if scrapes else None,
         "scrape_ms_max": ms(max(s for s, _ in scrapes)) if scrapes else None,
         "scrape_kib": round(statistics.median(b for _, b in scrapes) / 1024, 1) if scrapes else None,
+        "scrape_jitter": args.scrape_jitter,
+        # Bodies rendered ahead of the scrapes in the window (metrics.render_ahead), served or not.
+        "renders_ahead": {r: metric_sum(text1, f'nstap_metrics_renders_ahead_total{{result="{r}"}}') - metric_sum(text0, f'nstap_metrics_renders_ahead_total{{result="{r}"}}')
+                          for r in ("served", "unused")},
         "socket_walks": int(delta("nstap_socket_walk_cpu_seconds_count")),
         "first_sample_s_median": round(statistics.median(first_sample), 2) if first_sample else None,
         "first_sample_s_max": round(max(first_sample), 2) if first_sample else None,
@@ -1221,7 +1263,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds between the first sample of every container and the window")
     parser.add_argument("--child-ehash", type=int, default=0, help="set tcp_child_ehash_entries before starting containers")
     parser.add_argument("--first-sample-probes", type=int, default=5)
-    parser.add_argument("--scrape-every", type=float, default=15.0, help="seconds between scrapes during the measured window")
+    parser.add_argument("--scrape-every", type=float, default=15.0, help="seconds between scrapes (from the daemon's start)")
+    parser.add_argument(
+        "--scrape-jitter", type=float, default=0.0,
+        help="0: scrape at a steady cadence, as Prometheus does; 0.5: each interval times a uniform [0.5, 1.5] (the bench before 2026-12-05)",
+    )
     parser.add_argument("--capture-load", action="store_true", help="a flight-recorded container downloaded from, captured every 3-7 s")
     parser.add_argument("--ring-bytes", type=int, default=8 * 1024 * 1024, help="capture.ring_bytes (with --capture-load)")
     parser.add_argument("--parallel", type=int, default=5, help="docker run at a time")

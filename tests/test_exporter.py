@@ -295,3 +295,27 @@ def test_a_reload_of_metrics_disabled_applies_to_the_next_scrape() -> None:
     assert after[("nstap_interface_receive_bytes_total", host)] == 20
     assert ("nstap_interface_mtu_bytes", host) not in after
     assert after[("nstap_sockets", tcp_tw)] == 2 and after == parse(collector.render())
+
+
+def test_the_samples_part_and_the_rest_make_the_whole_exposition() -> None:
+    """What a scrape rendered ahead serves (api/ahead.py): the samples' families made ahead and the
+    rest at the scrape are the full exposition, each family in one part only, and either part
+    rendered alone keeps its label sets (the same bytes however the parts alternate)."""
+    registry, store = ContainerRegistry(), SampleStore()
+    registry.upsert(record("ab", 5, "web"))
+    registry.upsert(record("cd", 6, "other"))
+    store.put(sample(5)._replace(kernel_drops={"NO_SOCKET": 3, "TCP_CLOSE": 1}))
+    store.put(sample(6))
+    collector = ContainerCollector(registry, store, [Runtime()], ebpf=Drops())
+    scrape = collector.snapshot()
+    whole = collector.exposition(scrape)
+    samples, rest = collector.exposition(scrape, exporter.SAMPLES), collector.exposition(scrape, exporter.STATE)
+    assert samples + rest == whole
+    names = [{f.name for f in text_string_to_metric_families(part.decode())} for part in (samples, rest)]
+    assert not names[0] & names[1]
+    assert {"nstap_interface_receive_bytes", "nstap_kernel_drops", "nstap_sockets"} <= names[0]
+    assert {"nstap_container_info", "nstap_host_kernel_drops", "nstap_build_info"} <= names[1]
+    for _ in range(2):
+        assert collector.exposition(scrape, exporter.SAMPLES) == samples
+        assert collector.exposition(scrape, exporter.STATE) == rest
+    assert collector.exposition(scrape) == whole

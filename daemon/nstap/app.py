@@ -343,7 +343,8 @@ class App:
         cfg, pool = self.config, parts.pool
         self.api = ApiServer(
             cfg.metrics_listen, cfg.api_listen, self.prometheus, parts.collector, self.registry, lambda: set(pool.watched()), token,
-            self.supervisor.failed, webhook_token, web_config, self.ready,
+            self.supervisor.failed, webhook_token, web_config, self.ready, cfg.metrics.render_ahead,
+            lambda result: self.instruments.renders_ahead.labels(result=result).inc(),
         )
         parts.capture_api = CaptureApi(self.registry, parts.engine, parts.store, cfg.capture.max_seconds, parts.nat, parts.ebpf, parts.dns)
         parts.capture_api.bucket = self.uploader
@@ -379,6 +380,9 @@ class App:
         self.full_collections.take_over()
         ticker = parts.pool.ticker
         ticker.done_hooks.append(lambda: self.full_collections.after_round(ticker.room()))
+        api = self.api
+        assert api is not None
+        ticker.done_hooks.append(lambda: api.after_round(ticker.interval))
         if cfg.detect.enabled:
             parts.pipeline.start(self.store)
         parts.pool.start()
@@ -560,6 +564,8 @@ class App:
                 nat.config = new.nat
             elif key == "metrics":
                 collector.disabled = new.metrics.expand()
+                if self.api is not None:
+                    self.api.render_ahead = new.metrics.render_ahead
             else:
                 continue
             applied.append(key)

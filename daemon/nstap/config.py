@@ -319,10 +319,15 @@ DEFAULT_RUNTIMES = (
 
 
 class MetricsConfig(Strict):
-    """What /metrics leaves out."""
+    """What /metrics leaves out, and when it is rendered."""
 
     disabled: tuple[str, ...] = Field(
         (), description="metric families not exported: names or shell patterns (nstap_udp_*), each matching at least one family nstap exports"
+    )
+    render_ahead: bool = Field(
+        True,
+        description="render the per-container families after the sampling round before a scrape expected from a scraper's steady cadence "
+        "(served only if no later round completed and no namespace came or went); false: every scrape renders at its arrival",
     )
 
     @field_validator("disabled")

@@ -91,6 +91,10 @@ class ScrapeState(NamedTuple):
     dns: tuple[int, int] | None = None  # the DNS collector: up, entries its program could not make (a map full); None without one
 
 
+# The two parts of an exposition: the families made from the namespaces' samples (which change only
+# as samples come: rendered ahead of a scrape, api/ahead.py), and the rest (at the scrape).
+SAMPLES, STATE = "samples", "state"
+PARTS = (SAMPLES, STATE)
 DNS_BOUNDS = tuple(repr(b) for b in BOUNDS)  # the le label values of nstap_dns_request_duration_seconds
 INFO_LABELS = ("container", "container_id", "runtime", "image", "compose_project", "compose_service", "pod", "k8s_namespace", "netns")  # nstap_container_info
 
@@ -309,7 +313,9 @@ class ContainerCollector:
         self.ebpf = ebpf
         self.dns = dns
         # Label sets (and the socket lines' specs) by key, kept from one scrape to the next: those
-        # a scrape did not use are dropped after it (one render at a time).
+        # a render of a part did not use are dropped after it (one render at a time). One cache
+        # per part: a part may be rendered alone (the samples ahead of a scrape, the rest at it).
+        self._kept: dict[str, dict[tuple, Any]] = {part: {} for part in PARTS}
         self._labels: dict[tuple, Any] = {}
         self._used: dict[tuple, Any] = {}
         # Families whose bodies are emptied and refilled by each render (the specs kept above hold
@@ -368,9 +374,10 @@ class ContainerCollector:
             "probe_counts": (monitor.probes.probes_total, monitor.probes.failures_total) if monitor.probes is not None else (0, 0),
         }
 
-    def exposition(self, scrape: ScrapeState | None = None) -> bytes:
-        """The text exposition of every family, UTF-8 (from ``scrape``, or a snapshot taken now)."""
-        return render(self.families(scrape if scrape is not None else self.snapshot()))
+    def exposition(self, scrape: ScrapeState | None = None, part: str | None = None) -> bytes:
+        """The text exposition of every family, or of one part's (:data:`PARTS`), UTF-8 (from
+        ``scrape``, or a snapshot taken now)."""
+        return render(self.families(scrape if scrape is not None else self.snapshot(), part))
 
     def render(self, scrape: ScrapeState | None = None) -> str:
         """:meth:`exposition` as text."""
@@ -383,25 +390,25 @@ class ContainerCollector:
             self._used[key] = labels
         return labels
 
-    def families(self, scrape: ScrapeState) -> list[Family]:
-        """Every family not disabled, built from one scrape's state (one render at a time: the label cache)."""
-        self._used = {}
-        try:
-            families = [
-                *self._daemon_families(scrape),
-                *self._container_info(scrape),
-                *self._sample_families(scrape),
-                *self._anomaly_families(scrape),
-                *self._capture_families(scrape),
-                *self._nat_families(scrape),
-                *self._ebpf_families(scrape),
-                *self._dns_families(scrape),
-                *self._collector_up(scrape),
-            ]
-            disabled = self.disabled
-            return [f for f in families if f.name not in disabled] if disabled else families
-        finally:
-            self._labels = self._used  # keep the label sets used this time, drop the rest
+    def families(self, scrape: ScrapeState, part: str | None = None) -> list[Family]:
+        """Every family not disabled, or one part's (:data:`PARTS`), built from one scrape's state
+        (one render at a time: the label caches)."""
+        families: list[Family] = []
+        for name in PARTS if part is None else (part,):
+            self._labels, self._used = self._kept[name], {}
+            try:
+                if name == SAMPLES:
+                    families += (*self._sample_families(scrape), *self._sample_ebpf_families(scrape), *self._sample_dns_families(scrape))
+                else:
+                    families += (
+                        *self._daemon_families(scrape), *self._container_info(scrape), *self._anomaly_families(scrape),
+                        *self._capture_families(scrape), *self._nat_families(scrape), *self._ebpf_families(scrape),
+                        *self._dns_families(scrape), *self._collector_up(scrape),
+                    )
+            finally:
+                self._kept[name] = self._used  # keep the label sets used this time, drop the rest
+        disabled = self.disabled
+        return [f for f in families if f.name not in disabled] if disabled else families
 
     def _daemon_families(self, scrape: ScrapeState) -> list[Family]:
         build = Family("nstap_build_info", "gauge", "nstap version and the Python it runs on; always 1.")
@@ -557,10 +564,10 @@ class ContainerCollector:
         return out
 
 
-    def _ebpf_families(self, scrape: ScrapeState) -> list[Family]:
+    def _sample_ebpf_families(self, scrape: ScrapeState) -> list[Family]:
+        """The containers' kernel drops (from their samples)."""
         if scrape.ebpf is None:
             return []
-        _up, host, lost = scrape.ebpf
         drops = self._drops
         drops.body.clear()
         for sample in scrape.samples:
@@ -572,20 +579,28 @@ class ContainerCollector:
             # One line per reason, by put, from specs kept per container and set of reasons (which changes seldom).
             specs = self._label(("drops", owner.name, owner.short_id, owner.runtime, *counts), lambda: self._drop_specs(owner, counts))  # noqa: B023
             put(specs, b"", counts, None)
+        return [drops]
+
+    def _ebpf_families(self, scrape: ScrapeState) -> list[Family]:
+        """The eBPF collector's host-wide families."""
+        if scrape.ebpf is None:
+            return []
+        _up, host, lost = scrape.ebpf
         host_drops = Family("nstap_host_kernel_drops_total", "counter", "Packets the kernel dropped outside container namespaces, by drop reason (eBPF).")
         for reason, count in sorted(host.items()):
             host_drops.add(Labels((("reason", reason),)), count)
         uncounted = Family("nstap_kernel_drops_uncounted_total", "counter",
                            "Drops the eBPF program could not count because its map of (namespace, reason) was full.")
         uncounted.add(NO_LABELS, lost)
-        return [drops, host_drops, uncounted]
+        return [host_drops, uncounted]
 
     def _drop_specs(self, owner: ContainerRecord, counts: Mapping[str, int]) -> tuple:
         base = (("container", owner.name), ("container_id", owner.short_id), ("runtime", owner.runtime))
         prefix = self._drops.raw
         return tuple((self._drops.body, prefix + Labels((*base, ("reason", reason))).raw, reason) for reason in sorted(counts))
 
-    def _dns_families(self, scrape: ScrapeState) -> list[Family]:
+    def _sample_dns_families(self, scrape: ScrapeState) -> list[Family]:
+        """The containers' DNS lookups (from their samples)."""
         if scrape.dns is None:
             return []
         requests = Family("nstap_dns_requests_total", "counter",
@@ -610,9 +625,15 @@ class ContainerCollector:
             lines.append(f"nstap_dns_request_duration_seconds_sum{tail} {number(lookups.seconds)}\n")
             lines.append(f"nstap_dns_request_duration_seconds_count{tail} {lookups.answered}\n")
             body += "".join(lines).encode()
+        return [requests, duration, untracked]
+
+    def _dns_families(self, scrape: ScrapeState) -> list[Family]:
+        """The DNS collector's own family."""
+        if scrape.dns is None:
+            return []
         uncounted = Family("nstap_dns_uncounted_total", "counter", "DNS map entries the program could not make because a map of every namespace was full.")
         uncounted.add(NO_LABELS, scrape.dns[1])
-        return [requests, duration, untracked, uncounted]
+        return [uncounted]
 
     def _collector_up(self, scrape: ScrapeState) -> list[Family]:
         up = Family(

@@ -139,3 +139,12 @@ class Instruments:
             "Namespace watchers detached.",
             registry=registry,
         )
+        self.renders_ahead = Counter(
+            "nstap_metrics_renders_ahead",
+            "Bodies of /metrics rendered after a sampling round for a scrape expected before the next one ended (metrics.render_ahead), "
+            "by what became of each: served, or unused (the scrape came later, asked another encoding, or a namespace came or went).",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("served", "unused"):
+            self.renders_ahead.labels(result=result)

@@ -99,6 +99,7 @@ class SampleStore:
 
     def __init__(self, on_error: FailureReport = log_failure) -> None:
         self._latest: dict[int, NamespaceSample] = {}
+        self.generation = 0  # counts the namespaces that came or went
         self._listeners: list[Callable[[NamespaceSample], None]] = []
         self._on_error = on_error
 
@@ -108,7 +109,10 @@ class SampleStore:
 
     def put(self, sample: NamespaceSample) -> None:
         """Record a sample and hand it to the subscribers."""
-        self._latest[sample.netns] = sample
+        latest = self._latest
+        if sample.netns not in latest:
+            self.generation += 1
+        latest[sample.netns] = sample
         for listener in self._listeners:
             try:
                 listener(sample)
@@ -117,7 +121,8 @@ class SampleStore:
 
     def drop(self, netns: int) -> None:
         """Forget a namespace (its watcher stopped)."""
-        self._latest.pop(netns, None)
+        if self._latest.pop(netns, None) is not None:
+            self.generation += 1
 
     def get(self, netns: int) -> NamespaceSample | None:
         """The latest sample of one namespace."""

@@ -6,7 +6,7 @@ import asyncio
 import gzip
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -14,16 +14,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ..capture.model import CaptureRefused
 from ..config import parse_listen
+from ..exporter import SAMPLES, STATE, ContainerCollector, ScrapeState
 from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
 from ..supervisor import FailureReport, log_failure
+from .ahead import Part, RenderAhead, Tag, deflate_part, gzip_join
 from .auth import bearer_ok
 from .endpoints import BASIC, NONE, endpoint, routes
 from .webconfig import WebConfig, basic_auth_middleware
 from ..threads import worker_threads
-
-if TYPE_CHECKING:
-    from ..exporter import ContainerCollector, ScrapeState
 
 log = structlog.get_logger("nstap.api")
 
@@ -137,6 +136,8 @@ class ApiServer:
         webhook_token: str | None = None,
         web_config: WebConfig | None = None,
         ready: Callable[[], bool] = lambda: True,
+        render_ahead: bool = True,
+        count_ahead: Callable[[str], None] = lambda result: None,
     ) -> None:
         self.ready = ready  # what /readyz answers: every runtime tried and its running containers' watchers attached
         self.metrics_listen = parse_listen(metrics_listen)
@@ -147,6 +148,10 @@ class ApiServer:
         self.collector = collector
         # One thread renders every scrape: the collector's label cache is not shared between two.
         self._render_thread = worker_threads("nstap-metrics")
+        self._on_error = on_error
+        self._count_ahead = count_ahead
+        self.ahead: RenderAhead | None = None
+        self.render_ahead = render_ahead
         self.web = web_config or WebConfig()
         metrics_middlewares = [error_middleware("metrics", on_error)]
         if self.web.users:
@@ -156,6 +161,46 @@ class ApiServer:
         self.api_app = web.Application(middlewares=[error_middleware("api", on_error), auth_middleware(token, webhook_token)], client_max_size=MAX_BODY)
         self.api_app.router.add_routes(routes(self, "api"))
         self._runners: list[web.AppRunner] = []
+
+    @property
+    def render_ahead(self) -> bool:
+        """Whether bodies are rendered ahead of expected scrapes (metrics.render_ahead; a reload sets it)."""
+        return self.ahead is not None
+
+    @render_ahead.setter
+    def render_ahead(self, on: bool) -> None:
+        if on != self.render_ahead:
+            self.ahead = RenderAhead(self._count_ahead) if on else None
+
+    def after_round(self, period: float) -> None:
+        """A sampling round completed (on the event loop): the body ahead made before it is out of
+        date, and if a scraper's next scrape is expected before the next round ends, its body is
+        rendered now, from this round's state."""
+        ahead = self.ahead
+        if ahead is None:
+            return
+        ahead.round_done()
+        loop = asyncio.get_running_loop()
+        compress = ahead.due(loop.time(), period)
+        if compress is None:
+            return
+        scrape = self.collector.snapshot()
+        body = loop.run_in_executor(self._render_thread, self._render_ahead, scrape, compress)
+        body.add_done_callback(self._rendered_ahead)
+        ahead.started(self._tag(ahead, compress), body)
+
+    def _tag(self, ahead: RenderAhead, compress: bool) -> Tag:
+        """What a body ahead must have been made from to be served now."""
+        collector = self.collector
+        return Tag(ahead.round, collector.store.generation, collector.registry.namespaces(), collector.disabled, compress)
+
+    def _render_ahead(self, scrape: ScrapeState, compress: bool) -> Part:
+        text = self.collector.exposition(scrape, SAMPLES)
+        return deflate_part(text) if compress else Part(text, 0, len(text))
+
+    def _rendered_ahead(self, body: asyncio.Future[Part]) -> None:
+        if not body.cancelled() and (exc := body.exception()) is not None:
+            self._on_error("metrics-ahead", exc)
 
     def add_routes(self, routes: list[web.RouteDef]) -> None:
         """Add more API routes (before :meth:`start`)."""
@@ -169,15 +214,42 @@ class ApiServer:
         """The daemon's own metrics (prometheus-client) followed by every per-container family.
 
         The state is taken on the event loop; text and gzip are made in the render thread, so a
-        scrape of hundreds of containers (tens of milliseconds) does not delay the next tick.
+        scrape of hundreds of containers (tens of milliseconds) does not delay the next tick. The
+        samples' families come from the body rendered ahead for this scrape if there is one that
+        may be served (api/ahead.py), the rest is rendered now.
         """
-        scrape = self.collector.snapshot()
+        loop = asyncio.get_running_loop()
         compress = "gzip" in request.headers.get("Accept-Encoding", "")
-        body = await asyncio.get_running_loop().run_in_executor(self._render_thread, self._render, scrape, compress)
+        body = await self._ahead_body(request, loop, compress)
+        if body is None:
+            scrape = self.collector.snapshot()
+            body = await loop.run_in_executor(self._render_thread, self._render, scrape, compress)
         headers = {"Content-Type": CONTENT_TYPE_LATEST}
         if compress:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
+
+    async def _ahead_body(self, request: web.Request, loop: asyncio.AbstractEventLoop, compress: bool) -> bytes | None:
+        """The scrape's body from the one rendered ahead for it, or None if there is none to serve."""
+        ahead = self.ahead
+        if ahead is None:
+            return None
+        ahead.scraped((request.remote or "", request.headers.get("User-Agent", "")), loop.time(), compress)
+        tag = self._tag(ahead, compress)
+        pending = ahead.body(tag)
+        if pending is None:
+            return None
+        try:
+            part = await asyncio.shield(pending)  # (a scraper that hangs up does not cancel it for the others)
+        except Exception:  # noqa: BLE001 - reported by _rendered_ahead; this scrape renders at once
+            return None
+        if not ahead.serve(tag):  # a round completed while it was being made
+            return None
+        return await loop.run_in_executor(self._render_thread, self._join, part, self.collector.snapshot(), compress)
+
+    def _join(self, part: Part, scrape: ScrapeState, compress: bool) -> bytes:
+        rest = generate_latest(self.prometheus) + self.collector.exposition(scrape, STATE)
+        return gzip_join(part, rest) if compress else part.data + rest
 
     def _render(self, scrape: ScrapeState, compress: bool) -> bytes:
         body = generate_latest(self.prometheus) + self.collector.exposition(scrape)
@@ -220,4 +292,5 @@ class ApiServer:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        self.ahead = None  # no render ahead after the thread is gone
         self._render_thread.shutdown(wait=True)

@@ -1,0 +1,119 @@
+"""Scrapes rendered ahead (api/ahead.py): the gzip body joined from two deflate streams, the
+scrapers' cadence, and when a body made ahead is served. The daemon serving them to a real
+Prometheus: tests/test_prometheus.py."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import subprocess
+import zlib
+
+import pytest
+
+from nstap.api import ahead
+from nstap.api.ahead import Cadence, Part, RenderAhead, Tag, deflate_part, gzip_join
+
+
+@pytest.mark.parametrize("first, rest", [(b"", b""), (b"a 1\n" * 50_000, b"b 2\n"), (bytes(range(256)) * 999, b"# tail\n" * 3000)])
+def test_a_body_ahead_and_the_rest_are_one_gzip_member(first: bytes, rest: bytes) -> None:
+    body = gzip_join(deflate_part(first), rest)
+    # One member: a decoder that stops after the first (curl's) still gets all of it.
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert decoder.decompress(body) == first + rest
+    assert decoder.eof and decoder.unused_data == b""
+    assert gzip.decompress(body) == first + rest
+    assert subprocess.run(["gzip", "-dc"], input=body, capture_output=True, check=True).stdout == first + rest
+
+
+def test_a_wrong_crc_is_caught_by_a_real_gzip() -> None:
+    """The CRC chained over both streams is what gzip checks: one made over the rest alone fails."""
+    part = deflate_part(b"x 1\n" * 1000)
+    wrong = gzip_join(part._replace(crc=0), b"y 2\n")
+    assert subprocess.run(["gzip", "-t"], input=wrong, capture_output=True).returncode != 0
+
+
+def steady(cadence: Cadence, start: float, every: float, n: int = 4) -> None:
+    for i in range(n):
+        cadence.arrivals.append(start + i * every)
+
+
+def test_the_next_scrape_is_expected_only_from_a_steady_cadence() -> None:
+    c = Cadence()
+    steady(c, 100.0, 15.0, 2)
+    assert c.next() is None  # one interval: nothing to compare it with
+    c.arrivals.append(130.2)
+    assert c.next() == pytest.approx(130.2 + 30.2 / 2)
+    c.arrivals.append(152.0)  # a scrape 6.8 s late: the cadence is broken until two intervals agree again
+    assert c.next() is None
+    c.arrivals.append(167.0)
+    assert c.next() is None
+    c.arrivals.append(182.0)
+    assert c.next() == pytest.approx(197.0)
+
+
+def tag(round_: int, generation: int = 1, compress: bool = True, namespaces: dict | None = None) -> Tag:
+    return Tag(round_, generation, namespaces if namespaces is not None else {}, frozenset(), compress)
+
+
+def test_a_body_is_rendered_once_per_expected_scrape_and_served_only_while_it_holds() -> None:
+    async def run() -> None:
+        counts: list[str] = []
+        a = RenderAhead(counts.append)
+        who = ("127.0.0.1", "Prometheus/2.42.0")
+        for i in range(1, 4):
+            a.scraped(who, 100.0 + 15 * i, True)  # the next expected at 160
+        a.round_done()
+        assert a.due(now=150.0, period=1.0) is None  # not before the next round ends
+        assert a.due(now=159.5, period=1.0) is True  # gzip, as it asked
+        assert a.due(now=159.5, period=1.0) is None  # once: a body is there
+        loop = asyncio.get_running_loop()
+        body: asyncio.Future[Part] = loop.create_future()
+        a.started(tag(a.round), body)
+        assert a.body(tag(a.round, compress=False)) is None  # another encoding
+        assert a.body(tag(a.round, generation=2)) is None  # a namespace came or went
+        assert a.body(tag(a.round, namespaces={5: "renamed"})) is None  # names or owners changed
+        assert a.body(tag(a.round)) is body and a.body(tag(a.round)) is body  # every scrape of this round
+        assert a.serve(tag(a.round)) and a.serve(tag(a.round))
+        assert not a.serve(tag(a.round, generation=2))
+        a.round_done()
+        assert not a.serve(tag(a.round - 1)) and a.body(tag(a.round - 1)) is None
+        assert a.due(now=160.5, period=1.0) is None  # rendered for already
+        # The next one is missed (no scrape came): its body counts as unused.
+        a.scraped(who, 160.0, True)
+        assert a.due(now=174.6, period=1.0) is True
+        a.started(tag(a.round), loop.create_future())
+        a.round_done()
+        assert counts == ["served", "unused"]
+        # Long gone: a scrape expected more than half a period ago is not rendered for.
+        a.scraped(who, 175.0, True)
+        assert a.due(now=190.6, period=1.0) is None
+
+    asyncio.run(run())
+
+
+def test_the_scrapers_kept_are_bounded() -> None:
+    a = RenderAhead()
+    for i in range(10 * ahead.SCRAPERS):
+        a.scraped((f"10.0.0.{i}", "x"), float(i), False)
+    assert len(a._scrapers) == ahead.SCRAPERS
+    assert ("10.0.0.%d" % (10 * ahead.SCRAPERS - 1), "x") in a._scrapers  # the most recent stay
+
+
+def test_the_sample_store_counts_namespaces_that_come_or_go() -> None:
+    """A body ahead is served only while the store's generation holds: a new namespace's first
+    sample (or one gone) changes it, another sample of one already there does not."""
+    from test_exporter import sample
+
+    from nstap.samples import SampleStore
+
+    store = SampleStore()
+    store.put(sample(5))
+    first = store.generation
+    store.put(sample(5))
+    assert store.generation == first
+    store.put(sample(6))
+    assert store.generation == first + 1
+    store.drop(6)
+    store.drop(6)
+    assert store.generation == first + 2
