@@ -6,7 +6,7 @@ For each size N (``--containers 50,200,500,1000``; the fleet grows from one size
 starts N busybox httpd containers in dockerd, sends each one HTTP request per second from the host
 (an asyncio client in its own process), runs the real daemon (``nstap run``, every default
 feature on, 1 s interval) in a cgroup of its own for the measured window while scraping it every
-15 s (jittered, gzip) like Prometheus would, and reports:
+15 s (gzip) at a steady cadence from its start, as Prometheus does, and reports:
 
 * CPU per container-sample of the daemon WITH every child it forks (iptables-save, nft, tcpdump,
   ...: the cgroup's cpuacct.usage), and of the daemon's process alone (utime+stime), both divided
