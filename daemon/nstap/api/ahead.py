@@ -15,8 +15,13 @@ scrape gets is what a render at its arrival would give, but for the samples of t
 in progress: a body is served only while no later round has completed, no namespace has come or
 gone (a new container's first sample shows as soon as before), the containers' names and owners
 are the same and the families disabled and the encoding are those it was made with. Otherwise the
-scrape renders everything at once, as without this, and the body counts as unused. The state the
-scrapers leave is bounded (:data:`SCRAPERS`).
+scrape renders everything at once, as without this, and the body counts as unused.
+
+Anyone who reaches the metrics listener is a scraper: what one can cost is bounded. At most one
+body is rendered per sampling round, whoever it is for; a scraper that breaks its cadence wastes
+at most one render per three of its own scrapes (each rendered at once anyway); the cadences kept
+are the most recent :data:`SCRAPERS`, so one that sprays from many addresses only pushes the
+others back to a render at arrival, as without this.
 
 gzip: the body ahead is raw deflate ended by a full flush; the scrape's part follows it in a deflate
 stream of its own, in one gzip member whose CRC is chained over both (:func:`gzip_join`): a client
