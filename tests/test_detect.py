@@ -47,6 +47,18 @@ def test_retransmits_need_enough_segments() -> None:
     assert run(d, seq) == [None] * 8
 
 
+def test_a_lone_retransmission_is_not_an_incident() -> None:
+    """CI's e2e run: one retransmission among a quiet container's 16 segments (6 %) tripped the
+    long window; ``min_retransmits`` (2) of them are needed, in either window."""
+    quiet = [proto_sample(t, tcp_retransmitted_segments=0, tcp_segments_sent=2 * t) for t in range(8)]
+    lone = quiet + [proto_sample(8, tcp_retransmitted_segments=1, tcp_segments_sent=15)]
+    assert run(RetransmitDetector(threshold=0.05, window=10, min_segments=10), lone) == [None] * 9
+    two = quiet + [proto_sample(8, tcp_retransmitted_segments=2, tcp_segments_sent=15)]
+    hit = run(RetransmitDetector(threshold=0.05, window=10, min_segments=10), two)[-1]
+    assert hit is not None and hit.numbers["retransmitted"] == 2
+    assert run(RetransmitDetector(threshold=0.05, window=10, min_segments=10, min_retransmits=1), lone)[-1] is not None
+
+
 def test_retransmits_after_counter_reset() -> None:
     d = RetransmitDetector(threshold=0.05, window=10, min_segments=1)
     run(d, [proto_sample(0, tcp_retransmitted_segments=100, tcp_segments_sent=1000)])

@@ -15,6 +15,7 @@ PARAMS = {
     "min_segments": Param(10.0, 1.0, 1e12, help="segments over the long window, at least"),
     "short_window": Param(2.0, 0.5, 600.0, help="seconds of the short window (a fault that just began)"),
     "short_min_segments": Param(30.0, 1.0, 1e12, help="segments over the short window, at least"),
+    "min_retransmits": Param(2.0, 1.0, 1e12, help="retransmitted segments over either window, at least"),
     "steady_rate": Param(3.0, 0.0, 1e12, low_open=True, help="retransmissions/s, after `baseline` s without any"),
     "steady_seconds": Param(2.0, 1.0, 3600.0, help="seconds they keep coming, every interval"),
     "baseline": Param(30.0, 2.0, 86400.0, help="seconds without a retransmission before they start"),
@@ -32,7 +33,10 @@ class RetransmitDetector:
     The long window catches a steady, moderate loss; the short one catches a fault that just
     began under steady traffic, whose retransmissions the healthy segments of the long window
     would dilute for seconds. Both need a minimum of segments, so two retransmits of three
-    segments on an idle connection are not an incident.
+    segments on an idle connection are not an incident, and ``min_retransmits`` of them: one
+    retransmission among a quiet container's 16 segments (on a busy host) is 6 %, and not an
+    incident either; a fault's own come at once (a lost ACK's segment is resent after 0.2, 0.6,
+    1.4 s: two within a sample or two of the fault).
 
     A fault that makes clients give up collapses the traffic the ratio divides by, so
     retransmissions are also measured against the namespace's own baseline: none for ``baseline``
@@ -48,9 +52,10 @@ class RetransmitDetector:
 
     def __init__(
         self, threshold: float, window: float, min_segments: float, short_window: float = 2.0, short_min_segments: float = 30.0,
-        steady_rate: float = 3.0, steady_seconds: float = 2.0, baseline: float = 30.0,
+        steady_rate: float = 3.0, steady_seconds: float = 2.0, baseline: float = 30.0, min_retransmits: float = 2.0,
     ) -> None:
         self.threshold = threshold
+        self.min_retransmits = min_retransmits
         self.steady_rate = steady_rate
         self.steady_seconds = steady_seconds
         self._steady = NewSteadyCounter(baseline)
@@ -113,7 +118,7 @@ class RetransmitDetector:
         retrans, sent = r1 - r0, s1 - s0
         total = sent + retrans
         least = self.min_segments if which == "long" else self.short_min_segments
-        if total < least or retrans == 0:
+        if total < least or retrans == 0 or retrans < self.min_retransmits:
             return None
         rate = retrans / total
         if rate < self.threshold:
