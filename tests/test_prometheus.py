@@ -122,7 +122,7 @@ def test_scrapes_rendered_ahead_reach_prometheus_whole(nstap, prometheus, contai
     def stored() -> set[str]:
         return {r["metric"]["__name__"] for r in poll(base, f'group by (__name__) ({{container_id="{cid[:12]}", job="nstap"}})')}
 
-    wait_until(lambda: stored() == fresh, 10, 0.5, f"Prometheus's families of the container == a fresh scrape's: {sorted(fresh ^ stored())}")
+    wait_until(lambda: stored() == fresh, 10, 0.5, f"Prometheus's families of the container == a fresh scrape's (differing at first: {sorted(fresh ^ stored())})")
     assert float(query(base, 'min_over_time(up{job="nstap"}[10s])')[0]["value"][1]) == 1.0
     with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
         own = {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples}
