@@ -105,6 +105,9 @@ LOOP_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("captures", ("nstap/capture/",)),  # not in the issue's list: flight recorders, captures and their evidence
 )
 LOOP_OTHER = "other"
+# The samplers' part, split by sampler: the file of the innermost frame in nstap/samplers/ (its
+# kernel reads are frames below it, in nstap/netns/).
+SAMPLER_NAMES = ("interfaces", "protocols", "sockets", "firewall")
 
 
 def log(message: str) -> None:
@@ -462,6 +465,15 @@ def loop_part(frames: list[str]) -> tuple[str, str]:
     return LOOP_OTHER, innermost if ours in (None, innermost) else f"{innermost} (in {ours})"
 
 
+def sampler_of(frames: list[str]) -> str:
+    """Which sampler a stack of the samplers' part is in ("other": none of SAMPLER_NAMES)."""
+    for frame in reversed(frames):  # innermost first
+        match = re.search(r"nstap/samplers/(\w+)\.py:\d+\)$", frame)
+        if match:
+            return match.group(1) if match.group(1) in SAMPLER_NAMES else "other"
+    return "other"
+
+
 class LoopProfile:
     """A low-rate, non-blocking ``py-spy record --threads --format raw`` over the window: which part
     of the daemon's code the event-loop thread's active samples are in."""
@@ -496,6 +508,7 @@ class LoopProfile:
         if not self.raw.exists():
             return {"error": self.log.read_text(errors="replace").strip()[-300:]}
         parts: Counter[str] = Counter()
+        samplers: Counter[str] = Counter()
         other: Counter[str] = Counter()
         threads: Counter[str] = Counter()
         names: dict[int, str] = {}
@@ -515,6 +528,8 @@ class LoopProfile:
                 continue
             part, where = loop_part(frames[1:])
             parts[part] += count
+            if part == "samplers":
+                samplers[sampler_of(frames[1:])] += count
             if where:
                 other[where] += count
         loop_samples = sum(parts.values())
@@ -523,7 +538,10 @@ class LoopProfile:
         return {
             "loop_samples": loop_samples,
             "samples_by_thread": dict(threads.most_common()),
-            "loop_share": {part: parts.get(part, 0) / loop_samples for part, _ in (*LOOP_PARTS, (LOOP_OTHER, ()))} if loop_samples else {},
+            "loop_share": {
+                **{part: parts.get(part, 0) / loop_samples for part, _ in (*LOOP_PARTS, (LOOP_OTHER, ()))},
+                **{f"samplers: {name}": samplers.get(name, 0) / loop_samples for name in (*SAMPLER_NAMES, "other")},
+            } if loop_samples else {},
             "other_top": [{"where": w, "share_of_loop": round(c / loop_samples, 4)} for w, c in other.most_common(8)],
             "errors": int(errors.group(1)) if errors else None,
             "thread_names": names,
@@ -1170,6 +1188,11 @@ def breakdown_table(results: list[dict]) -> Iterator[str]:
     for part in (*(p for p, _ in LOOP_PARTS), LOOP_OTHER):
         rows.append((f"  loop: {part}", lambda b, part=part: b["loop"].get(part)))
         errors[f"  loop: {part}"] = lambda b, part=part: b.get("loop_standard_error", {}).get(part)
+        if part == "samplers":  # each sampler (runs before 2026-12-05: n/a)
+            for name in (*SAMPLER_NAMES, "other"):
+                key = f"samplers: {name}"
+                rows.append((f"    sampler: {name}", lambda b, key=key: b["loop"].get(key)))
+                errors[f"    sampler: {name}"] = lambda b, key=key: b.get("loop_standard_error", {}).get(key)
     for name in thread_names:
         rows.append((f"thread: {name}", lambda b, name=name: b["threads"].get(name, 0.0)))
     rows.append(("threads that exited in the window (and the process figure's 10 ms steps)", lambda b: b["exited_threads"]))

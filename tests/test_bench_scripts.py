@@ -31,3 +31,23 @@ def test_a_bench_starts(name: str) -> None:
 def test_the_performance_page_says_what_each_bench_measured(name: str) -> None:
     """Every benchmark is on docs/performance.md, which quotes its figures with its command."""
     assert name in (ROOT / "docs" / "performance.md").read_text(), f"{name} is not on docs/performance.md"
+
+
+def test_the_loop_split_names_each_sampler() -> None:
+    """bench_sampling's split of the event loop's py-spy stacks: a kernel read below a sampler is that
+    sampler's, a detector's frame below the store's is the detectors'."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_sampling as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    tick = ["Ticker._slice (nstap/watcher.py:460)", "NamespaceWatcher.sample_once (nstap/watcher.py:178)"]
+    read = "ProcFile.read (nstap/netns/handles.py:62)"
+    protocols = [*tick, "ProtocolSampler.sample (nstap/samplers/protocols.py:111)", read]
+    sockets = [*tick, "SocketSampler.sample (nstap/samplers/sockets.py:194)", "lookup_inet (nstap/netns/netlink.py:470)"]
+    detectors = [*tick, "SampleStore.put (nstap/samples.py:118)", "CollapseDetector.observe (nstap/detect/collapse.py:77)"]
+    assert bench.loop_part(protocols) == ("samplers", "") and bench.sampler_of(protocols) == "protocols"
+    assert bench.loop_part(sockets) == ("samplers", "") and bench.sampler_of(sockets) == "sockets"
+    assert bench.loop_part(detectors) == ("detectors", "")
+    assert bench.loop_part(tick) == ("tick bookkeeping", "")
+    assert bench.sampler_of([*tick, "enabled_samplers (nstap/samplers/__init__.py:80)"]) == "other"
