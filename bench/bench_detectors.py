@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Benchmark: what the detectors cost per sample, each of them and all together, warm and cold.
+
+The daemon runs every namespace's detectors over each of its samples, once a second: by then the
+CPU's caches hold other work, and the same Python costs more than in a tight loop. This feeds
+synthetic samples shaped like a busybox web server's under one HTTP request a second (the
+protocol counters nstap exports, ``lo`` and ``eth0`` with the host end of the veth, one listener,
+three kernel drop reasons; no retransmission, nothing that trips) to the default detectors of
+``--namespaces`` namespaces, round after round, and reports CPU µs per sample (thread time):
+
+* ``warm``: one namespace's detectors over its samples back to back;
+* ``cold``: every namespace's detectors per round, with a 64 MiB buffer written between rounds
+  (the daemon's other work between two ticks), each detector kind timed over the round;
+* ``cold, all``: the same rounds untimed per kind: the detectors' whole cost.
+
+    .venv/bin/python bench/bench_detectors.py [--namespaces 500] [--rounds 40] [--daemon PATH]
+
+``--daemon`` imports nstap from another tree's ``daemon/`` (an A/B of a change: ``git worktree
+add /tmp/base HEAD~1`` and ``--daemon /tmp/base/daemon``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EVICT_BYTES = 64 << 20
+LINE = 64
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--namespaces", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5, help="rounds not counted (the detectors' first samples take other paths)")
+    parser.add_argument("--daemon", type=Path, default=ROOT / "daemon", help="the daemon/ directory to import nstap from")
+    args = parser.parse_args()
+    if args.rounds <= args.warmup:
+        parser.error("--rounds must be more than --warmup")
+    sys.path.insert(0, str(args.daemon))
+    from nstap.detect import build_detectors
+    from nstap.samplers.protocols import PROTOCOL_COUNTERS
+    from nstap.samples import InterfaceCounters, ListenQueue, NamespaceSample, SocketSample
+
+    keys = [c.key for c in PROTOCOL_COUNTERS]
+    growth = {"tcp_segments_received": 7, "tcp_segments_sent": 7, "tcp_passive_opens": 1, "tcp_active_opens": 0}
+    interfaces = (("lo", "container"), ("eth0", "container"), ("veth0", "host"))
+
+    def sample(netns: int, i: int) -> NamespaceSample:
+        protocols = {k: 1000 + i * growth.get(k, 0) for k in keys}
+        links = tuple(InterfaceCounters(n, side, "", True, 1500, 600 * i, 7 * i, 0, 0, 900 * i, 7 * i, 0, 0) for n, side in interfaces)
+        sockets = SocketSample({"tcp": 1, "tcp6": 1, "udp": 0}, {"listen": 1, "time_wait": 1}, 0.0, 0, (ListenQueue("80", 0, 128, 1),), 1.0)
+        drops = {"NOT_SPECIFIED": i, "TCP_OLD_DATA": 0, "NO_SOCKET": 0}
+        return NamespaceSample._make((netns, 1000.0 + i, 0.0001, links, protocols, sockets, (), 1.0, None, drops, None, None))
+
+    clock = time.thread_time
+    evict = bytearray(EVICT_BYTES)
+
+    def rounds(timed: bool) -> tuple[dict[str, float], float]:
+        detectors = [build_detectors({}, {}, {}) for _ in range(args.namespaces)]
+        kinds = {d.kind: 0.0 for d in detectors[0]}
+        total = 0.0
+        for r in range(args.rounds):
+            batch = [sample(n, r) for n in range(args.namespaces)]
+            for k in range(0, EVICT_BYTES, LINE):
+                evict[k] = r & 0xFF
+            started = clock()
+            if timed:
+                for kind_at in range(len(detectors[0])):
+                    kind_started = clock()
+                    for n, s in enumerate(batch):
+                        detectors[n][kind_at].observe(s)
+                    if r >= args.warmup:
+                        kinds[detectors[0][kind_at].kind] += clock() - kind_started
+            else:
+                for n, s in enumerate(batch):
+                    for detector in detectors[n]:
+                        detector.observe(s)
+            if r >= args.warmup:
+                total += clock() - started
+        counted = (args.rounds - args.warmup) * args.namespaces
+        return {k: v / counted * 1e6 for k, v in kinds.items()}, total / counted * 1e6
+
+    def warm() -> dict[str, float]:
+        detectors = build_detectors({}, {}, {})
+        batch = [sample(1, i) for i in range(args.rounds * 20)]
+        out = {}
+        for detector in detectors:
+            for s in batch[: args.warmup]:
+                detector.observe(s)
+            started = clock()
+            for s in batch[args.warmup:]:
+                detector.observe(s)
+            out[detector.kind] = (clock() - started) / (len(batch) - args.warmup) * 1e6
+        return out
+
+    hot = warm()
+    by_kind, _ = rounds(timed=True)
+    alls = [rounds(timed=False)[1] for _ in range(3)]
+    print(f"detectors of {args.namespaces} namespaces, {args.rounds - args.warmup} rounds counted ({args.daemon})")
+    print("| detector | warm µs/sample | cold µs/sample |")
+    print("|---|---|---|")
+    for kind in sorted(by_kind, key=lambda k: -by_kind[k]):
+        print(f"| {kind} | {hot[kind]:.2f} | {by_kind[kind]:.2f} |")
+    print(f"| **all (sum)** | {sum(hot.values()):.2f} | {sum(by_kind.values()):.2f} |")
+    print(f"cold, all detectors per namespace in turn (as the daemon runs them): {statistics.median(alls):.2f} µs/sample "
+          f"(median of 3: {', '.join(f'{a:.2f}' for a in alls)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
