@@ -352,6 +352,46 @@ def test_detectors_are_built_again_when_a_members_labels_change() -> None:
     assert pipeline._detectors[7] is kept
 
 
+
+async def test_samples_stored_in_one_turn_of_the_loop_are_looked_at_after_it_one_kind_at_a_time() -> None:
+    """The pipeline looks at the samples stored in one turn of the event loop (a slice of the round)
+    right after it: each detector kind over all of them, then the next (each namespace's own
+    instances); a finding reaches the tracker then, and nothing is left pending."""
+    from nstap.detect.base import Finding as DetectorFinding
+    from nstap.detect.pipeline import DetectionPipeline
+    from nstap.registry import ContainerRegistry
+
+    calls: list[tuple[str, int]] = []
+
+    class Recorder:
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
+
+        def observe(self, sample: NamespaceSample) -> DetectorFinding | None:
+            calls.append((self.kind, sample.netns))
+            return DetectorFinding("tcp_listen_overflows", "3 listen overflows") if self.kind == "a" and sample.netns == 12 else None
+
+    registry = ContainerRegistry()
+    tracker = IncidentTracker(None, None, cooldown=0, resolve_after=5)  # type: ignore[arg-type]
+    tracker._save = lambda inc, at: None  # no index in this test: only what reaches the tracker matters
+    store = SampleStore()
+    pipeline = DetectionPipeline(registry, tracker, {}, {})
+    pipeline.start(store)
+    for n in (11, 12, 13):
+        registry.upsert(ContainerRecord(id=f"{n:02x}" * 32, name=f"c{n}", runtime="docker", pid=1, status="running", image="i").with_netns(n, 1))
+        pipeline._detectors[n] = [Recorder("a"), Recorder("b")]
+    for n in (11, 12, 13):
+        store.put(NamespaceSample(n, 10.0, 0.001))
+    assert calls == [] and not tracker.incidents  # stored, not looked at yet: the slice goes on
+    await asyncio.sleep(0)
+    assert calls == [("a", 11), ("a", 12), ("a", 13), ("b", 11), ("b", 12), ("b", 13)]
+    assert list(tracker.incidents) == [(12, "tcp_listen_overflows")]
+    assert pipeline._pending == []
+    store.put(NamespaceSample(11, 11.0, 0.001))  # the next turn's samples make a batch of their own
+    await asyncio.sleep(0)
+    assert calls[6:] == [("a", 11), ("b", 11)] and pipeline._pending == []
+
+
 # -- onsets and detection latency: a fault at t=10 under steady traffic, sampled once a second ------
 
 FAULT = 10.0

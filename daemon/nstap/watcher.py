@@ -210,8 +210,9 @@ class NamespaceWatcher:
     def account(self, cost: float) -> None:
         """Sample this namespace less often while its own samples cost more than the budget.
 
-        ``cost`` is the CPU time the event-loop thread spent on this namespace's sample (its reads,
-        parsing, and the detectors that ran over it; see Ticker._tick for how it is measured):
+        ``cost`` is the CPU time the event-loop thread spent on this namespace's sample (its reads
+        and parsing; see Ticker._slice for how it is measured; its detectors run after the slice:
+        see DetectionPipeline.on_samples):
         what the namespace itself costs, not the wall time, which also counts the time the thread
         waited for the GIL or a core while the daemon did its own work elsewhere (parsing NAT
         rules, reading a ring back). A namespace whose state is expensive to read (thousands of listeners or
@@ -250,7 +251,7 @@ class NamespaceWatcher:
         if between > max((profile or {}).values(), default=0.0):
             return f"interfaces {between * 1000:.1f} ms: link announcements between samples"
         if not profile:
-            return "detectors and bookkeeping"
+            return "the sample's bookkeeping"
         name, cpu = max(profile.items(), key=lambda item: item[1])
         sampler = next((s for s in self.samplers if s.name == name), None)
         load = getattr(sampler, "load", None)
