@@ -392,6 +392,31 @@ async def test_samples_stored_in_one_turn_of_the_loop_are_looked_at_after_it_one
     assert calls[6:] == [("a", 11), ("b", 11)] and pipeline._pending == []
 
 
+
+def test_a_namespace_whose_detectors_cannot_be_built_does_not_stop_the_others_of_its_batch() -> None:
+    from nstap.detect.pipeline import DetectionPipeline
+    from nstap.registry import ContainerRegistry
+    from nstap.supervisor import TaskSupervisor
+
+    registry = ContainerRegistry()
+    tracker = IncidentTracker(None, None, cooldown=0, resolve_after=5)  # type: ignore[arg-type]
+    supervisor = TaskSupervisor()
+    pipeline = DetectionPipeline(registry, tracker, {}, {}, supervisor=supervisor)
+    for n in (21, 22):
+        registry.upsert(ContainerRecord(id=f"{n:02x}" * 32, name=f"c{n}", runtime="docker", pid=1, status="running", image="i").with_netns(n, 1))
+    built = pipeline._build
+
+    def build(netns, ns):
+        if netns == 21:
+            raise RuntimeError("a bug building its detectors")
+        return built(netns, ns)
+
+    pipeline._build = build  # type: ignore[method-assign]
+    pipeline.on_samples([NamespaceSample(21, 1.0, 0.0), NamespaceSample(22, 1.0, 0.0)])
+    assert 21 not in pipeline._detectors and [d.kind for d in pipeline._detectors[22]] == list(DETECTORS)
+    assert pipeline._previous.keys() == {22} and supervisor.failures["sample-listener"] == 1
+
+
 # -- onsets and detection latency: a fault at t=10 under steady traffic, sampled once a second ------
 
 FAULT = 10.0

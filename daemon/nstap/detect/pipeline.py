@@ -102,7 +102,11 @@ class DetectionPipeline:
                 continue
             detectors = self._detectors.get(sample.netns)
             if detectors is None:
-                detectors = self._build(sample.netns, ns)
+                try:
+                    detectors = self._build(sample.netns, ns)
+                except Exception as exc:  # noqa: BLE001 - one namespace's detectors must not stop the batch's others
+                    self.supervisor.failed("sample-listener", exc, netns=sample.netns)
+                    continue
             previous = self._previous.get(sample.netns)
             self._previous[sample.netns] = sample
             batch.append((ns, sample, previous, detectors, []))
