@@ -88,7 +88,8 @@ def main() -> int:
     def pipeline(batched: bool) -> float:
         registry = ContainerRegistry()
         for n in range(args.namespaces):
-            registry.upsert(ContainerRecord(id=f"{n:064x}", name=f"c{n}", runtime="docker", pid=1, status="running", image="i").with_netns(n + 1, 1))
+            record = ContainerRecord(id=f"{n:064x}", name=f"c{n}", runtime="docker", pid=1, status="running", image="i")
+            registry.upsert(record.with_netns(n + 1, 1))
         tracker = IncidentTracker(None, None, cooldown=0, resolve_after=5)  # type: ignore[arg-type]
         tracker._save = lambda inc, at: None  # type: ignore[method-assign]  # nothing trips; no index either way
         feed = DetectionPipeline(registry, tracker, {}, {})
@@ -133,8 +134,8 @@ def main() -> int:
     for kind in sorted(by_kind, key=lambda k: -by_kind[k]):
         print(f"| {kind} | {hot[kind]:.2f} | {by_kind[kind]:.2f} |")
     print(f"| **all (sum)** | {sum(hot.values()):.2f} | {sum(by_kind.values()):.2f} |")
-    print(f"pipeline, cold, one sample at a time: {statistics.median(one):.2f} µs/sample (runs: {', '.join(f'{a:.2f}' for a in one)})")
-    print(f"pipeline, cold, batches of {args.slice}: {statistics.median(batched):.2f} µs/sample (runs: {', '.join(f'{a:.2f}' for a in batched)})")
+    for label, runs in (("one sample at a time", one), (f"batches of {args.slice}", batched)):
+        print(f"pipeline, cold, {label}: {statistics.median(runs):.2f} µs/sample (runs: {', '.join(f'{a:.2f}' for a in runs)})")
     return 0
 
 

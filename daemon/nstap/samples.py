@@ -2,7 +2,8 @@
 
 Samples are what flows from the watchers to everything downstream: the detectors, which see every
 sample (those stored in one turn of the event loop together, right after it), and the exporter,
-which reads the latest one of each namespace at scrape time. They are never mutated after creation: a consumer can keep one while the next is taken.
+which reads the latest one of each namespace at scrape time. They are never mutated after
+creation: a consumer can keep one while the next is taken.
 """
 
 from __future__ import annotations
