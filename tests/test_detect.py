@@ -414,7 +414,9 @@ def test_a_namespace_whose_detectors_cannot_be_built_does_not_stop_the_others_of
     pipeline._build = build  # type: ignore[method-assign]
     pipeline.on_samples([NamespaceSample(21, 1.0, 0.0), NamespaceSample(22, 1.0, 0.0)])
     assert 21 not in pipeline._detectors and [d.kind for d in pipeline._detectors[22]] == list(DETECTORS)
-    assert pipeline._previous.keys() == {22} and supervisor.failures["sample-listener"] == 1
+    assert pipeline._previous.keys() == {22} and supervisor.failures["detector"] == 1
+    pipeline.on_samples([NamespaceSample(21, 2.0, 0.0)])  # tried again at each sample, logged once, counted each time
+    assert supervisor.failures["detector"] == 2 and pipeline._broken == {(21, "build")}
 
 
 # -- onsets and detection latency: a fault at t=10 under steady traffic, sampled once a second ------

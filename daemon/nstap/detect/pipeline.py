@@ -105,7 +105,7 @@ class DetectionPipeline:
                 try:
                     detectors = self._build(sample.netns, ns)
                 except Exception as exc:  # noqa: BLE001 - one namespace's detectors must not stop the batch's others
-                    self.supervisor.failed("sample-listener", exc, netns=sample.netns)
+                    self._failed(sample.netns, "build", exc)
                     continue
             previous = self._previous.get(sample.netns)
             self._previous[sample.netns] = sample
@@ -118,12 +118,7 @@ class DetectionPipeline:
                 try:
                     finding = detector.observe(sample)
                 except Exception as exc:  # noqa: BLE001 - one detector's bug must not stop sampling or the others
-                    key = (sample.netns, detector.kind)
-                    if key not in self._broken:  # logged once per namespace and kind, counted every time
-                        self._broken.add(key)
-                        self.supervisor.failed("detector", exc, kind=detector.kind, netns=sample.netns)
-                    else:
-                        self.supervisor.count("detector")
+                    self._failed(sample.netns, detector.kind, exc)
                     continue
                 if finding is not None:
                     findings.append(finding)
@@ -136,6 +131,16 @@ class DetectionPipeline:
                 self.tracker.quiet(sample.netns, seen, sample.taken_at, DETECTORS)
             except Exception as exc:  # noqa: BLE001 - as the sample store does for each of its subscribers
                 self.supervisor.failed("sample-listener", exc, netns=sample.netns)
+
+    def _failed(self, netns: int, kind: str, exc: Exception) -> None:
+        """A detector of ``netns`` failed (``kind`` "build": building them did): logged once per
+        namespace and kind, counted every time."""
+        key = (netns, kind)
+        if key not in self._broken:
+            self._broken.add(key)
+            self.supervisor.failed("detector", exc, kind=kind, netns=netns)
+        else:
+            self.supervisor.count("detector")
 
     def _build(self, netns: int, ns: WatchedNamespace) -> list[Detector]:
         labels = self._labels_of[netns] = detect_labels(ns)
