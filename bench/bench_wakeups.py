@@ -58,15 +58,10 @@ def samples_taken(port: int) -> float:
 
 
 def worktree(rev: str, where: Path) -> Path:
-    """A checkout of ``rev`` with this tree's compiled scanner (built from the same source, or
-    its pure-Python fallback runs: say so)."""
+    """A checkout of ``rev`` with its compiled parts built from its own sources (by this tree's
+    venv: Debian's gcc and Python headers, as ``make`` builds them)."""
     sh("git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(where), rev)
-    for built in (ROOT / "daemon/nstap/netns").glob("_scan*.so"):
-        target = where / "daemon/nstap/netns" / built.name
-        if (where / "daemon/nstap/netns/_scan.c").read_bytes() == (ROOT / "daemon/nstap/netns/_scan.c").read_bytes():
-            shutil.copy(built, target)
-        else:
-            print(f"[bench] {rev}: _scan.c differs from this tree's: its pure-Python scanner runs", flush=True)
+    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=where, check=True, capture_output=True)
     return where / "daemon"
 
 
