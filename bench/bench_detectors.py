@@ -5,7 +5,8 @@ The daemon runs every namespace's detectors over each of its samples, once a sec
 CPU's caches hold other work, and the same Python costs more than in a tight loop. This feeds
 synthetic samples shaped like a busybox web server's under one HTTP request a second (the
 protocol counters nstap exports, ``lo`` and ``eth0`` with the host end of the veth, one listener,
-three kernel drop reasons; no retransmission, nothing that trips) to the default detectors of
+three kernel drop reasons, DNS totals with no lookup as the DNS reader hands them (the same object
+while nothing changed); no retransmission, nothing that trips) to the default detectors of
 ``--namespaces`` namespaces, round after round, and reports CPU µs per sample (thread time):
 
 * ``warm``: one namespace's detectors over its samples back to back;
@@ -48,6 +49,7 @@ def main() -> int:
         parser.error("--rounds must be more than --warmup")
     sys.path.insert(0, str(args.daemon))
     from nstap.detect import build_detectors
+    from nstap.dns.lookups import BOUNDS, Lookups
     from nstap.detect.incidents import IncidentTracker
     from nstap.detect.pipeline import DetectionPipeline
     from nstap.registry import ContainerRegistry
@@ -58,13 +60,15 @@ def main() -> int:
     keys = [c.key for c in PROTOCOL_COUNTERS]
     growth = {"tcp_segments_received": 7, "tcp_segments_sent": 7, "tcp_passive_opens": 1, "tcp_active_opens": 0}
     interfaces = (("lo", "container"), ("eth0", "container"), ("veth0", "host"))
+    idle_dns: dict = {}
 
     def sample(netns: int, i: int) -> NamespaceSample:
         protocols = {k: 1000 + i * growth.get(k, 0) for k in keys}
         links = tuple(InterfaceCounters(n, side, "", True, 1500, 600 * i, 7 * i, 0, 0, 900 * i, 7 * i, 0, 0) for n, side in interfaces)
         sockets = SocketSample({"tcp": 1, "tcp6": 1, "udp": 0}, {"listen": 1, "time_wait": 1}, 0.0, 0, (ListenQueue("80", 0, 128, 1),), 1.0)
         drops = {"NOT_SPECIFIED": i, "TCP_OLD_DATA": 0, "NO_SOCKET": 0}
-        return NamespaceSample._make((netns, 1000.0 + i, 0.0001, links, protocols, sockets, (), 1.0, None, drops, None, None))
+        dns = idle_dns.setdefault(netns, Lookups({}, (0,) * len(BOUNDS), 0, 0.0))  # the DNS reader hands an unchanged one again
+        return NamespaceSample._make((netns, 1000.0 + i, 0.0001, links, protocols, sockets, (), 1.0, None, drops, dns, None))
 
     clock = time.thread_time
     evict = bytearray(EVICT_BYTES)

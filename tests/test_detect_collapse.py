@@ -198,6 +198,23 @@ def test_syn_retransmissions_that_are_not_a_listeners(table, why: str) -> None:
     assert first(HalfOpenDetector(3, 2, 0.5), table) == (None, None), why
 
 
+def test_counters_that_went_back_start_the_window_again() -> None:
+    """A counter that went down (the namespace's counters started again) ends the window: measured
+    across it, handshakes completed would be hundreds below zero and the SYN-ACKs retransmitted
+    beside them a share above all; the connections it opened itself, as many below zero, would
+    hide SYN-ACKs retransmitted right after."""
+    reset = 20
+    passive = [NamespaceSample(1, float(t), 0.0, protocols={"tcp_syn_retransmits": 3 * t, "tcp_passive_opens": 10 * (t if t < reset else t - reset), "tcp_active_opens": 0},
+                               sockets=listener()) for t in range(30)]
+    assert first(HalfOpenDetector(3, 2, 0.5), passive) == (None, None)  # 3 a second beside 10 handshakes: not half-open
+    # Nothing completes; the namespace's own connections (400 so far) start again from zero just
+    # before its listener's SYN-ACKs are retransmitted: half-open, seen at the first interval of them.
+    active = [NamespaceSample(1, float(t), 0.0, protocols={"tcp_syn_retransmits": 3 * max(t - reset, 0), "tcp_passive_opens": 5, "tcp_active_opens": 400 if t < reset else 0},
+                              sockets=listener()) for t in range(30)]
+    at, f = first(HalfOpenDetector(3, 2, 0.5), active)
+    assert at == reset + 1 and f.numbers["syn_ack_retransmits"] == 3
+
+
 def test_a_walk_that_saw_syn_recv_settles_it() -> None:
     at, f = first(HalfOpenDetector(3, 2, 0.5), synack_table(active=5, syn_recv=3))
     assert at == FAULT + 1 and f.numbers["syn_recv"] == 3
@@ -287,6 +304,36 @@ def test_completed_connections_collapse_while_retransmissions_go_on() -> None:
     at, f = first(CollapseDetector(0.8, 2, 20, 2, 0.2), collapse_table(errors_after=2))
     check_timing(at, f)
     assert f.numbers["connections_per_second"] == 0 and f.numbers["usual_connections_per_second"] == pytest.approx(10)
+
+
+@pytest.mark.parametrize(
+    "fallen, errors",
+    [
+        ("connections", "tcp_retransmitted_segments"),  # long-lived connections keep their segments; new ones stop
+        ("segments", "tcp_retransmitted_segments"),  # connections still complete, then nothing flows on them
+        ("connections", "tcp_listen_drops"),
+        ("connections", "tcp_syn_retransmits"),
+        ("connections", "kernel:TCP_LISTEN_OVERFLOW"),
+    ],
+)
+def test_either_rate_falling_with_any_trouble_is_a_collapse(fallen: str, errors: str) -> None:
+    out, passive, segs, trouble = [], 0, 0, 0
+    for t in range(FAULT + 5):
+        passive += 10 if t < FAULT or fallen != "connections" else (5 if t == FAULT else 0)
+        segs += 100 if t < FAULT or fallen != "segments" else (50 if t == FAULT else 0)
+        trouble += 0 if t < FAULT else 2
+        counters = {"tcp_passive_opens": passive, "tcp_segments_received": segs}
+        drops = None
+        if errors.startswith("kernel:"):
+            drops = {errors.removeprefix("kernel:"): trouble, "NOT_SPECIFIED": 50 * t}  # a quiet reason does not count
+        else:
+            counters[errors] = trouble
+        out.append(NamespaceSample(1, float(t), 0.0, protocols=counters, kernel_drops=drops))
+    at, f = first(CollapseDetector(0.8, 2, 20, 2, 0.2), out)
+    check_timing(at, f)
+    quiet = [s._replace(kernel_drops={"NOT_SPECIFIED": s.kernel_drops["NOT_SPECIFIED"]}) if s.kernel_drops else s for s in out]
+    if errors.startswith("kernel:"):
+        assert first(CollapseDetector(0.8, 2, 20, 2, 0.2), quiet) == (None, None)
 
 
 def test_a_collapse_that_begins_late_in_an_interval() -> None:

@@ -30,9 +30,12 @@ TROUBLE = ("tcp_retransmitted_segments", "tcp_syn_retransmits", "tcp_listen_drop
 
 def trouble(protocols: Mapping[str, int], drops: Mapping[str, int] | None) -> int:
     """Retransmissions, listen drops and kernel drops of a reason that is not quiet, so far."""
-    total = sum(protocols.get(k, 0) for k in TROUBLE)
+    get = protocols.get
+    total = get(TROUBLE[0], 0) + get(TROUBLE[1], 0) + get(TROUBLE[2], 0)  # once per sample of every namespace: no generator
     if drops:
-        total += sum(n for reason, n in drops.items() if reason not in QUIET_REASONS)
+        for reason, n in drops.items():
+            if reason not in QUIET_REASONS:
+                total += n
     return total
 
 
@@ -75,10 +78,15 @@ class CollapseDetector:
         rates = (increase(now[1], before[1]) / seconds, increase(now[2], before[2]) / seconds)
         errors = increase(now[3], before[3])
         usual = list(self.usual)
-        known = self.intervals >= WARMUP
-        floors = (self.min_connections, self.min_segments)
-        departed = known and any(u >= m and r < DEPART * u for r, u, m in zip(rates, usual, floors))
-        fallen = known and any(u >= m and r <= (1 - self.fall) * u for r, u, m in zip(rates, usual, floors))
+        departed = fallen = False
+        if self.intervals >= WARMUP:  # written out for the two rates: this runs for every sample of every namespace
+            (connections, segments), (usual_connections, usual_segments) = rates, usual
+            if usual_connections >= self.min_connections:
+                departed = connections < DEPART * usual_connections
+                fallen = connections <= (1 - self.fall) * usual_connections
+            if usual_segments >= self.min_segments:
+                departed = departed or segments < DEPART * usual_segments
+                fallen = fallen or segments <= (1 - self.fall) * usual_segments
         self._learn(rates, departed, errors)
         if not departed:
             self._departed_since, self._errors_since_departure = None, 0
@@ -114,4 +122,5 @@ class CollapseDetector:
             weight = self.alpha / 4
         else:
             return
-        self.usual = [u + weight * (r - u) for u, r in zip(self.usual, rates)]
+        usual = self.usual
+        self.usual = [usual[0] + weight * (rates[0] - usual[0]), usual[1] + weight * (rates[1] - usual[1])]

@@ -126,13 +126,19 @@ class DnsFailureDetector:
         self.baseline = baseline
         self._points: deque[tuple[float, Lookups, int, int]] = deque()  # the window's samples: (time, lookups, failed, total)
         self._coarse: deque[tuple[float, int, int]] = deque()  # the baseline's: (time, failed, total), every BASELINE_EVERY s
+        self._lookups: Lookups | None = None
+        self._counts = (0, 0)  # (failed, total) of _lookups
 
     def observe(self, sample: NamespaceSample) -> Finding | None:
         lookups = sample.dns
         if lookups is None:
             return None
         now = sample.taken_at
-        failed, total = lookups.failed(), lookups.total()
+        if lookups is self._lookups:  # the same totals as the last sample's (Tally reuses an unchanged one)
+            failed, total = self._counts
+        else:
+            failed, total = self._counts = lookups.failed(), lookups.total()
+            self._lookups = lookups
         points, coarse = self._points, self._coarse
         if points and (failed < points[-1][2] or total < points[-1][3]):
             points.clear()  # counts that went back: start again

@@ -37,7 +37,7 @@ class InterfaceErrorDetector:
             key = (i.name, i.side)
             counts = now[key] = (i.rx_errors, i.rx_drops, i.tx_errors, i.tx_drops)
             old = before.get(key)
-            if old is None:
+            if old is None or old == counts:  # the usual case: nothing to add up
                 continue
             deltas = [increase(n, o) for n, o in zip(counts, old)]
             if sum(deltas) >= self.min_increase:

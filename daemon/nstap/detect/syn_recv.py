@@ -52,7 +52,7 @@ class HalfOpenDetector:
         point = (now, p["tcp_syn_retransmits"], p["tcp_passive_opens"], p.get("tcp_active_opens", 0))
         points = self._points
         previous = points[-1] if points else None
-        if previous is not None and any(a < b for a, b in zip(point[1:], previous[1:])):
+        if previous is not None and (point[1] < previous[1] or point[2] < previous[2] or point[3] < previous[3]):
             points.clear()  # counters went back: start again
             previous = None
         points.append(point)
