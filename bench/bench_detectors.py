@@ -49,9 +49,9 @@ def main() -> int:
         parser.error("--rounds must be more than --warmup")
     sys.path.insert(0, str(args.daemon))
     from nstap.detect import build_detectors
-    from nstap.dns.lookups import BOUNDS, Lookups
     from nstap.detect.incidents import IncidentTracker
     from nstap.detect.pipeline import DetectionPipeline
+    from nstap.dns.lookups import BOUNDS, Lookups
     from nstap.registry import ContainerRegistry
     from nstap.runtime.records import ContainerRecord
     from nstap.samplers.protocols import PROTOCOL_COUNTERS
