@@ -1086,9 +1086,10 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         "scrape_ms_max": ms(max(s for s, _ in scrapes)) if scrapes else None,
         "scrape_kib": round(statistics.median(b for _, b in scrapes) / 1024, 1) if scrapes else None,
         "scrape_jitter": args.scrape_jitter,
-        # Bodies rendered ahead of the scrapes in the window (metrics.render_ahead), served or not.
+        # Bodies rendered ahead of the scrapes in the window (metrics.render_ahead), served or not,
+        # and the scrapes expected that found none made for them.
         "renders_ahead": {r: metric_sum(text1, f'nstap_metrics_renders_ahead_total{{result="{r}"}}') - metric_sum(text0, f'nstap_metrics_renders_ahead_total{{result="{r}"}}')
-                          for r in ("served", "unused")},
+                          for r in ("served", "unused", "missed")},
         "socket_walks": int(delta("nstap_socket_walk_cpu_seconds_count")),
         "first_sample_s_median": round(statistics.median(first_sample), 2) if first_sample else None,
         "first_sample_s_max": round(max(first_sample), 2) if first_sample else None,

@@ -66,10 +66,11 @@ def test_a_body_is_rendered_once_per_expected_scrape_and_served_only_while_it_ho
         a.round_done()
         assert a.due(now=150.0, period=1.0) is None  # not before the next round ends
         assert a.due(now=159.5, period=1.0) is True  # gzip, as it asked
-        assert a.due(now=159.5, period=1.0) is None  # once: a body is there
         loop = asyncio.get_running_loop()
         body: asyncio.Future[Part] = loop.create_future()
         a.started(tag(a.round), body)
+        assert a.due(now=159.5, period=1.0) is None  # a body is there
+        a.scraped(who, 160.0, True)  # it comes
         assert a.body(tag(a.round, compress=False)) is None  # another encoding
         assert a.body(tag(a.round, generation=2)) is None  # a namespace came or went
         assert a.body(tag(a.round, namespaces={5: "renamed"})) is None  # names or owners changed
@@ -78,16 +79,81 @@ def test_a_body_is_rendered_once_per_expected_scrape_and_served_only_while_it_ho
         assert not a.serve(tag(a.round, generation=2))
         a.round_done()
         assert not a.serve(tag(a.round - 1)) and a.body(tag(a.round - 1)) is None
-        assert a.due(now=160.5, period=1.0) is None  # rendered for already
-        # The next one is missed (no scrape came): its body counts as unused.
-        a.scraped(who, 160.0, True)
-        assert a.due(now=174.6, period=1.0) is True
+        assert a.due(now=160.5, period=1.0) is None  # it came: the next is expected at 175
+        # That one does not come: its two bodies count as unused, and no third is made.
+        assert a.due(now=173.7, period=1.0) is None  # 1.3 periods before it is expected
+        assert a.due(now=173.9, period=1.0) is True  # within 1 + EARLY periods
         a.started(tag(a.round), loop.create_future())
         a.round_done()
-        assert counts == ["served", "unused"]
+        assert a.due(now=174.9, period=1.0) is True  # not come by the next round: once more
+        a.started(tag(a.round), loop.create_future())
+        a.round_done()
+        assert a.due(now=175.0, period=1.0) is None  # RENDERS at most
+        assert counts == ["served", "unused", "unused"]
         # Long gone: a scrape expected more than half a period ago is not rendered for.
         a.scraped(who, 175.0, True)
+        assert counts == ["served", "unused", "unused", "missed"]  # expected, and found no body
         assert a.due(now=190.6, period=1.0) is None
+
+    asyncio.run(run())
+
+
+def arrivals(a: RenderAhead, who: tuple[str, str], times: list[float]) -> None:
+    for t in times:
+        a.scraped(who, t, True)
+
+
+@pytest.mark.parametrize("late", [0.0, 0.03, 0.08, 0.13])
+@pytest.mark.parametrize("phase", [i / 20 for i in range(20)])
+def test_every_scrape_of_a_steady_cadence_finds_a_body_when_its_arrivals_were_seen_late(late: float, phase: float) -> None:
+    """Prometheus scrapes at 0, 15, 30, 45 s; the event loop saw the third arrival ``late``
+    (busy with a round: tens of milliseconds at 1,000 containers), so it expects the fourth up to
+    1.5 x ``late`` after it comes. Rounds end every second at ``phase``: whichever round comes
+    just before the scrape, a body made for it is there when it arrives, and one or two are made.
+    (Before EARLY: the round that would have made it ended just after the scrape, 1 in 16 at
+    1,000 containers.)"""
+
+    async def run() -> None:
+        counts: list[str] = []
+        a = RenderAhead(counts.append)
+        loop = asyncio.get_running_loop()
+        who = ("127.0.0.1", "Prometheus/2.42.0")
+        arrivals(a, who, [0.0, 15.0, 30.0 + late])
+        renders = 0
+        for now in [40.0 + phase + i for i in range(8)]:
+            if now > 45.0 and counts[-1:] != ["served"]:
+                arrivals(a, who, [45.0])
+                assert a.serve(tag(a.round)), (now, counts)
+            a.round_done()
+            if a.due(now, 1.0) is not None:
+                renders += 1
+                a.started(tag(a.round), loop.create_future())
+        assert "missed" not in counts and counts.count("served") == 1
+        assert 1 <= renders <= ahead.RENDERS
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("early", [0.0, 0.1])
+def test_a_scrape_that_comes_late_finds_the_body_made_again_from_the_next_round(early: float) -> None:
+    async def run() -> None:
+        counts: list[str] = []
+        a = RenderAhead(counts.append)
+        loop = asyncio.get_running_loop()
+        who = ("127.0.0.1", "Prometheus/2.42.0")
+        arrivals(a, who, [0.0, 15.0, 30.0])  # the next expected at 45
+        a.round_done()
+        assert a.due(43.9 + early, 1.0) is True
+        a.started(tag(a.round), loop.create_future())
+        a.round_done()  # 44.9 + early: the scrape has not come
+        assert counts == ["unused"]
+        assert a.due(44.9 + early, 1.0) is True
+        a.started(tag(a.round), loop.create_future())
+        arrivals(a, who, [45.2])  # 200 ms late
+        assert a.body(tag(a.round)) is not None and a.serve(tag(a.round))
+        assert counts == ["unused", "served"]
+
+    asyncio.run(run())
 
     asyncio.run(run())
 

@@ -142,9 +142,10 @@ class Instruments:
         self.renders_ahead = Counter(
             "nstap_metrics_renders_ahead",
             "Bodies of /metrics rendered after a sampling round for a scrape expected before the next one ended (metrics.render_ahead), "
-            "by what became of each: served, or unused (the scrape came later, asked another encoding, or a namespace came or went).",
+            "by what became of each: served, or unused (the scrape came later, asked another encoding, or a namespace came or went); "
+            "and missed: a scrape expected from a steady cadence that came when no body was made for it (rendered at once).",
             ["result"],
             registry=registry,
         )
-        for result in ("served", "unused"):
+        for result in ("served", "unused", "missed"):
             self.renders_ahead.labels(result=result)
