@@ -288,6 +288,7 @@ class App:
             self.prometheus.register(self.uploader)
         causes.nat, causes.ebpf = nat, ebpf
         pool.ticker.early_hooks.append(ebpf.new_round)  # its counts ready for the tick's samples
+        pool.ticker.done_hooks.append(ebpf.after_round)  # the sweep of gone namespaces' entries, between rounds
         pool.subscribe(lambda: ebpf.follow(set(pool.watched())))  # entries of namespaces no longer watched are deleted
         no_drops: dict[str, int] = {}  # a namespace without drops since the program loaded: counted, none
         pool.kernel_drops = lambda inode: ebpf.counts.get(inode, no_drops) if ebpf.up else None

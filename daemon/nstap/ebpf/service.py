@@ -11,33 +11,43 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import structlog
 
 from .collector import DropCollector, EbpfUnavailable
+from ..gate import ROUND
 from ..threads import worker_threads
 from .loader import LOAD_TIMEOUT, LOADER, load_in_child
 
 log = structlog.get_logger("nstap.ebpf")
 
-SWEEP_EVERY = 10.0  # seconds between sweeps of the entries of namespaces that no longer exist (a /proc scan: ~ms)
+SWEEP_EVERY = 10.0  # seconds between sweeps of the entries of namespaces that no longer exist
+SWEEP_OVERDUE = 6  # a sweep given up at the round's gate this many SWEEP_EVERYs runs through it (a round that leaves no room)
+STOP_EVERY = 64  # processes stat'ed between looks at whether to give up
 
 
-def live_netns(proc_root: str = "/proc") -> set[int]:
-    """Inodes of the network namespaces some process is in now (a stat per process: some 3,000
-    beside 1,000 containers). Not held at the round's gate: it runs in the read whose counts the
-    next tick's samples take, and a read that waited out the round was a sample late (the
-    kernel_drops detector skips a sample with the read before's counts: a detection a sample late)."""
-    inodes = set()
+def live_netns(proc_root: str = "/proc", wanted: Collection[int] | None = None, stop: Callable[[], bool] | None = None) -> set[int] | None:
+    """Inodes of the network namespaces some process is in now: a stat per process, some 3,000
+    beside 1,000 containers (80-130 ms in a worker thread on a busy host). With ``wanted``, done
+    as soon as all of those are found; with ``stop``, given up (None) when it says so."""
+    inodes: set[int] = set()
+    missing = set(wanted) if wanted is not None else None
     with os.scandir(proc_root) as entries:
-        for entry in entries:
+        for i, entry in enumerate(entries):
+            if stop is not None and i % STOP_EVERY == 0 and stop():
+                return None
             if entry.name.isdigit():
                 try:
-                    inodes.add(os.stat(f"{proc_root}/{entry.name}/ns/net").st_ino)
+                    inode = os.stat(f"{proc_root}/{entry.name}/ns/net").st_ino
                 except OSError:
-                    pass  # gone meanwhile, or a kernel thread
+                    continue  # gone meanwhile, or a kernel thread
+                inodes.add(inode)
+                if missing is not None:
+                    missing.discard(inode)
+                    if not missing:
+                        break
     return inodes
 
 
@@ -58,6 +68,7 @@ class EbpfService:
         self._closed = False
         self._thread = worker_threads("nstap-ebpf")  # map reads and deletes, off the event loop
         self._reading: asyncio.Future | None = None
+        self._sweeping: asyncio.Future | None = None
         self._watched: set[int] = set()
         self._lost_logged = 0
         self._swept_at = time.monotonic()
@@ -111,13 +122,30 @@ class EbpfService:
         counts = collector.read()
         if collector.flows_due(at):
             collector.read_flows()
-        if time.monotonic() - self._swept_at >= SWEEP_EVERY:
-            self._swept_at = time.monotonic()
-            counts = self._sweep(collector, counts)
         return at, counts
 
-    def _sweep(self, collector: DropCollector, counts: dict[int, dict[str, int]]) -> dict[int, dict[str, int]]:
-        """Delete the entries of unwatched namespaces that no longer exist (in the eBPF thread).
+    def after_round(self) -> None:
+        """A sampling round is done: every SWEEP_EVERY, the sweep of gone namespaces' entries
+        (:meth:`_sweep`), in the eBPF thread in the time before the next tick's read.
+
+        It ran inside the read, right before a tick: beside 1,000 containers its /proc scan took
+        80-130 ms while the event loop's thread waited for the GIL, and the tick after it was 10-41 ms
+        late every 20 s or so (a trace of every tick, 2026-12-05). Now it gives up when the
+        round's gate closes before the tick (tried again after the next round; after
+        SWEEP_OVERDUE periods it runs through)."""
+        collector = self.collector
+        if collector is None or self._closed or self._sweeping is not None:
+            return
+        since = time.monotonic() - self._swept_at
+        if since < SWEEP_EVERY:
+            return
+        stop = None if since >= SWEEP_OVERDUE * SWEEP_EVERY else (lambda: ROUND.closed)
+        self._sweeping = asyncio.get_running_loop().run_in_executor(self._thread, self._sweep, collector, self.counts, stop)
+        self._sweeping.add_done_callback(self._swept)
+
+    def _sweep(self, collector: DropCollector, counts: Mapping[int, Mapping[str, int]], stop: Callable[[], bool] | None = None) -> set[int] | None:
+        """Delete the entries of unwatched namespaces that no longer exist (in the eBPF thread):
+        those deleted, or None if ``stop`` said to give up first.
 
         A watched namespace's entries go when its watcher does (follow); those of a namespace
         nstap never watched (a build step's, an ``ip netns`` one, a container gone before its
@@ -129,12 +157,27 @@ class EbpfService:
         unwatched |= {key[0] for key in collector.flow_keys() if key[0] and key[0] not in watched}
         unwatched.discard(self._home)  # the daemon's own (the host's): alive, and the rest is often nothing
         if not unwatched:
-            return counts
-        dead = unwatched - live_netns()
-        if not dead:
-            return counts
-        self.swept_total += collector.forget(dead)
-        return {inode: reasons for inode, reasons in counts.items() if inode not in dead}
+            return set()
+        live = live_netns(wanted=unwatched, stop=stop)
+        if live is None:
+            return None
+        dead = unwatched - live
+        if dead:
+            self.swept_total += collector.forget(dead)
+        return dead
+
+    def _swept(self, sweeping: asyncio.Future) -> None:
+        self._sweeping = None
+        if sweeping.cancelled():
+            return
+        exc = sweeping.exception()
+        if exc is not None:
+            log.warning("ebpf_sweep_failed", error=f"{type(exc).__name__}: {exc}")
+        elif (dead := sweeping.result()) is None:
+            return  # given up at the gate: after the next round
+        elif dead:
+            self.counts = {inode: reasons for inode, reasons in self.counts.items() if inode not in dead}
+        self._swept_at = time.monotonic()
 
     def _read_done(self, reading: asyncio.Future) -> None:
         collector = self.collector
