@@ -8,10 +8,10 @@ scrape is known to a few milliseconds: the cadence of each (its address and User
 arrivals) is learnt here, and after every sampling round, if a scraper's next scrape falls before
 the next round ends, the render thread makes the body from the state at the end of that round.
 
-An arrival is known to the event loop's lateness (tens of milliseconds at 1,000 containers), so
-the expected time of the next is too: a scrape that comes just before the round that would have
-rendered for it ends found no body (1 in 16 at 1,000 containers in the bench of 2026-12-05). So the
-body is made at the last round that ends at least :data:`EARLY` of a period before the scrape is
+An arrival is taken when the event loop gets to it (tens of milliseconds late at 1,000
+containers), so the next is expected that late too: a scrape that came just before the round that
+would have rendered for it ended found no body (one of the four in a 1,000-container bench run at
+3f7b83d). So the body is made at the last round that ends at least :data:`EARLY` of a period before the scrape is
 expected, and if the next round ends and the scrape has not come, it is made again from that
 round (at most :data:`RENDERS` bodies per expected scrape). A scrape from a steady cadence that
 finds no body made for it counts as missed.
