@@ -21,6 +21,13 @@ if command -v dockerd >/dev/null && ! answers "$docker_sock"; then
     systemctl start docker
   else
     mkdir -p "$log_dir"
+    # The pid file of the containerd a killed dockerd started: dockerd reuses a containerd still
+    # running, and one whose pid now belongs to another process kept it waiting for good
+    # ("containerd is still running", then "timeout waiting for containerd to start").
+    pidfile=/var/run/docker/containerd/containerd.pid
+    if [ -f "$pidfile" ] && [ "$(cat "/proc/$(cat "$pidfile")/comm" 2>/dev/null)" != containerd ]; then
+      rm -f "$pidfile"
+    fi
     setsid dockerd >>"$log_dir/dockerd.log" 2>&1 < /dev/null &
   fi
   wait_for "$docker_sock" dockerd 60
