@@ -26,12 +26,13 @@ PARAMS = {
 WARMUP = 3  # intervals of history before a rate counts as usual
 DEPART = 0.75  # an interval below this share of the usual rate has departed from it (where the onset is)
 TROUBLE = ("tcp_retransmitted_segments", "tcp_syn_retransmits", "tcp_listen_drops")
+_RETRANSMITTED, _SYN_RETRANSMITS, _LISTEN_DROPS = TROUBLE  # named for trouble(), written out (a TROUBLE of another length fails here)
 
 
 def trouble(protocols: Mapping[str, int], drops: Mapping[str, int] | None) -> int:
     """Retransmissions, listen drops and kernel drops of a reason that is not quiet, so far."""
     get = protocols.get
-    total = get(TROUBLE[0], 0) + get(TROUBLE[1], 0) + get(TROUBLE[2], 0)  # once per sample of every namespace: no generator
+    total = get(_RETRANSMITTED, 0) + get(_SYN_RETRANSMITS, 0) + get(_LISTEN_DROPS, 0)  # once per sample of every namespace: no generator
     if drops:
         for reason, n in drops.items():
             if reason not in QUIET_REASONS:
