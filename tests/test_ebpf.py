@@ -306,12 +306,6 @@ class MapCreateAttr(ctypes.Structure):
                 ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
 
 
-def split(keys: bytes, values: bytes, key_size: int, value_size: int) -> dict[bytes, bytes]:
-    """BpfMap.raw()'s two runs back into {key: value} (each run a whole number of entries, as many of each)."""
-    assert len(keys) % key_size == 0 and len(values) == len(keys) // key_size * value_size, (len(keys), len(values))
-    return {keys[i : i + key_size]: values[i // key_size * value_size : (i // key_size + 1) * value_size] for i in range(0, len(keys), key_size)}
-
-
 @pytest.mark.parametrize("map_type", [1, 9], ids=["hash", "lru_hash"])
 def test_bpf_map_reads_batched_or_key_by_key_and_deletes(map_type: int, monkeypatch) -> None:
     assert maps.syscall_number("x86_64") == 321 and maps.syscall_number("aarch64") == 280
@@ -332,10 +326,6 @@ def test_bpf_map_reads_batched_or_key_by_key_and_deletes(map_type: int, monkeypa
         calls.clear()
         assert dict(bpf_map.items()) == want and bpf_map.found == 1000
         assert calls == [maps.BPF_MAP_LOOKUP_BATCH], calls
-        # raw(): the same entries, keys end to end and values end to end in the same order (what
-        # DropCollector.read decodes with iter_unpack), in one call too.
-        calls.clear()
-        assert split(*bpf_map.raw(), 8, 16) == want and calls == [maps.BPF_MAP_LOOKUP_BATCH], calls
         # A kernel without batch lookups (EINVAL): key by key, the same answer, and batch is not asked again.
         calls.clear()
 
@@ -348,7 +338,6 @@ def test_bpf_map_reads_batched_or_key_by_key_and_deletes(map_type: int, monkeypa
         monkeypatch.setattr(maps, "bpf", no_batch)
         assert dict(bpf_map.items()) == want and not bpf_map.batch
         assert dict(bpf_map.items()) == want and calls.count(maps.BPF_MAP_LOOKUP_BATCH) == 1
-        assert split(*bpf_map.raw(), 8, 16) == want and calls.count(maps.BPF_MAP_LOOKUP_BATCH) == 1
         monkeypatch.setattr(maps, "bpf", real)
         bpf_map.batch = True
         gone = [key for key in want if DROP_KEY.unpack(key)[0] == 1003]

@@ -118,44 +118,21 @@ class BpfMap:
 
     def items(self) -> list[tuple[bytes, bytes]]:
         """Every (key, value) now: batched, or key by key on kernels without batch lookups."""
-        raw = self._raw_batch()
-        if raw is None:
-            return self._items_one_by_one()
-        keys, values = raw
-        ks, vs = self.key_size, self.value_size
-        return [(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs]) for i in range(len(keys) // ks)]
-
-    def raw(self) -> tuple[bytes, bytes]:
-        """Every key and every value now, the keys end to end in one bytes and the values in
-        another, in the same order (for ``struct.iter_unpack``: a map of thousands of entries is
-        decoded without a Python object per entry until the caller makes its own)."""
-        raw = self._raw_batch()
-        if raw is not None:
-            return raw
-        items = self._items_one_by_one()
-        return b"".join(key for key, _ in items), b"".join(value for _, value in items)
+        if self.batch:
+            try:
+                return self._items_batch()
+            except OSError as exc:
+                if exc.errno not in NO_BATCH:
+                    raise
+                self.batch = False
+        return self._items_one_by_one()
 
     def keys(self) -> list[bytes]:
         """Every key now."""
         return [key for key, _ in self.items()]
 
-    def _raw_batch(self) -> tuple[bytes, bytes] | None:
-        """Every key and value in batched lookups, or None on a kernel without them (``batch`` is
-        cleared: not asked again)."""
-        if not self.batch:
-            return None
-        try:
-            return self._lookup_batches()
-        except OSError as exc:
-            if exc.errno not in NO_BATCH:
-                raise
-            self.batch = False
-            return None
-
-    def _lookup_batches(self) -> tuple[bytes, bytes]:
-        key_runs: list[bytes] = []
-        value_runs: list[bytes] = []
-        found = 0
+    def _items_batch(self) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
         size = min(max(BATCH, 2 * self.found), max(self.max_entries, 1))
         keys = ctypes.create_string_buffer(size * self.key_size)
         values = ctypes.create_string_buffer(size * self.value_size)
@@ -179,12 +156,12 @@ class BpfMap:
                     continue
                 else:
                     raise
-            key_runs.append(keys.raw[: attr.count * self.key_size])
-            value_runs.append(values.raw[: attr.count * self.value_size])
-            found += attr.count
+            k, v = keys.raw, values.raw
+            ks, vs = self.key_size, self.value_size
+            out.extend((k[i * ks : (i + 1) * ks], v[i * vs : (i + 1) * vs]) for i in range(attr.count))
             if done:
-                self.found = found
-                return b"".join(key_runs), b"".join(value_runs)
+                self.found = len(out)
+                return out
             ctypes.memmove(token_in, token_out, len(token_out))
             first = False
 
