@@ -932,7 +932,7 @@ def test_a_slow_early_read_keeps_the_lead_long_for_a_minute_of_quick_ones() -> N
     """Defect: the lead remembered the last 16 early reads (8 rounds of the eBPF and DNS reads).
     At 1,000 containers the reads took 25 ms at the median and 50-150 ms one time in ten to a
     hundred: 8 rounds after a slow read the lead was back at 45 ms, and the next slow read was
-    still running at its tick, which came 20-60 ms late (4 ticks of 300). A slow read now keeps
+    still running at its tick, which came 21-42 ms late (2 of the 3 late ticks of a trace). A slow read now keeps
     the lead for about a minute of rounds at a 1 s interval (LEADS reads), then quick reads bring
     it back to EARLY."""
     from nstap.watcher import Ticker

@@ -396,7 +396,7 @@ class Ticker:
         again bring it back to EARLY once they are all that is remembered (LEADS reads). A slow
         read is remembered for about a minute: at 1,000 containers reads took 25 ms at the median
         and 50-150 ms one time in ten to a hundred, and with 16 reads (8 rounds) remembered the
-        lead had fallen back to 45 ms when the next slow one came, and its tick was 20-60 ms late.
+        lead had fallen back to 45 ms when the next slow one came, and its tick was 21-42 ms late.
         """
         early = min(self.EARLY, self.interval / 10)
         took = max(self._early_took, default=0.0)
