@@ -732,9 +732,22 @@ def test_a_hostile_container_cannot_starve_the_others(nstap, containers: Contain
     # Its capture storm was capped (and once at the cap, refused); the victim still got its capture
     # (checked above). Its expensive samples were spaced out (sampling_slowed) when they cost
     # more than the budget.
-    # (Reaching exactly 6 needs no refusal: only a 7th event would be refused.)
-    events = sum(s.value for s in m1.find("nstap_anomalies_total", container_id=hostile[:12]))
-    assert hostile_captures <= 6 and (events <= 6 or refused >= 1), (hostile_captures, events, refused)
+    # Every one of its anomalies either has a capture (its own, or one running capture shared by
+    # the anomalies one fault trips at once: anomaly_capture_shared) or was refused and counted:
+    # 10 events, 6 captures and no refusal was a run in which 4 shared a capture (the check was
+    # "more than 6 events, so some refusal"). A capture still being started has no id yet: waited for.
+    assert hostile_captures <= 6, hostile_captures
+
+    def unaccounted() -> tuple[list[dict], float]:
+        rows = d.api(f"/api/v1/anomalies?container={hostile[:12]}&limit=1000")[1]["anomalies"]
+        refusals = sum(s.value for s in d.scrape().find("nstap_captures_refused_total"))
+        return [a for a in rows if not a["capture_id"]], refusals
+
+    uncaptured, refusals = unaccounted()
+    if len(uncaptured) > refusals:
+        time.sleep(5)
+        uncaptured, refusals = unaccounted()
+    assert len(uncaptured) <= refusals, (uncaptured, refusals)
     assert every == 0.5 or d.events("sampling_slowed", container=f"hostile-{RUN_ID}")
     # The daemon stayed within its budget: the loop was never held up, and the hostile namespace
     # cost what a few ordinary ones do.
