@@ -133,7 +133,7 @@ def test_churn_of_docker_and_podman_containers_leaks_nothing(nstap, containers: 
         return {
             "fds": sum(kinds.values()),
             "kinds": kinds,
-            "tasks": d.scrape().value("nstap_asyncio_tasks"),
+            "tasks": d.steady_tasks(),
             "threads": d.status("Threads"),
             "tcpdumps": len(d.children("tcpdump")),
             "rss_kib": d.status("VmRSS"),
@@ -165,7 +165,7 @@ def test_churn_of_docker_and_podman_containers_leaks_nothing(nstap, containers: 
     assert after["kinds"] == before["kinds"], (before["kinds"], after["kinds"])
     # Connections to the runtime sockets idle in their pools: never more than the pools hold.
     assert unix_after <= unix_before + 2 * POOL_LIMIT, (unix_before, unix_after)
-    assert after["tasks"] == before["tasks"]
+    assert after["tasks"] <= before["tasks"], (before["tasks"], after["tasks"])  # (fewer: a one-shot of the start, dns-load, ended meanwhile)
     assert after["threads"] <= before["threads"] and after["tcpdumps"] == 0
     assert after["rss_kib"] <= before["rss_kib"] * 1.10, (before["rss_kib"], after["rss_kib"])
     assert after["metrics"].value("nstap_task_failures_total", task="watcher") == 0
@@ -392,7 +392,7 @@ def test_docker_churn_with_ebpf_on_reused_namespace_inodes(nstap, containers: Co
         time.sleep(2)  # watchers' handles closed, the loader child reaped
         kinds = d.fd_kinds()
         return {
-            "kinds": kinds, "fds": sum(kinds.values()), "tasks": d.scrape().value("nstap_asyncio_tasks"),
+            "kinds": kinds, "fds": sum(kinds.values()), "tasks": d.steady_tasks(),
             "threads": d.status("Threads"), "thread_names": d.thread_names(), "children": len(d.children()), "rss_kib": d.status("VmRSS"),
         }
 
@@ -445,7 +445,7 @@ def test_docker_churn_with_ebpf_on_reused_namespace_inodes(nstap, containers: Co
     assert not backwards, backwards[:3]
     assert after["kinds"] == before["kinds"], (before["kinds"], after["kinds"])
     assert unix_after <= unix_before + 2 * POOL_LIMIT, (unix_before, unix_after)  # idle pooled runtime connections
-    assert after["tasks"] == before["tasks"] and after["children"] == before["children"], (before, after)
+    assert after["tasks"] <= before["tasks"] and after["children"] == before["children"], (before, after)  # (tasks: see the churn test)
     # Threads exactly as they were, by name (the pools start their workers when they are made: the
     # 5,000-cycle run before that ended with one more thread than after its first tenth).
     assert after["threads"] == before["threads"] and after["thread_names"] == before["thread_names"], (before["thread_names"], after["thread_names"])
