@@ -12,7 +12,7 @@ import ctypes
 import errno
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # bpf(2) has no libc wrapper: the syscall number, by architecture.
 SYSCALL_BPF = {
@@ -109,6 +109,12 @@ class BpfMap:
     max_entries: int
     batch: bool = True  # BPF_MAP_LOOKUP_BATCH works on this kernel (cleared at its first refusal)
     found: int = 0  # entries the last read returned (the next one asks for twice as many at once)
+    # A batch read's buffers, kept from one read to the next (see _batch_buffers).
+    _room: int = field(default=0, repr=False)
+    _keys: ctypes.Array | None = field(default=None, repr=False)
+    _values: ctypes.Array | None = field(default=None, repr=False)
+    _tokens: tuple[ctypes.Array, ctypes.Array] | None = field(default=None, repr=False)
+    _scratch: tuple[ctypes.Array, ctypes.Array, ctypes.Array] | None = field(default=None, repr=False)  # key, next key, value
 
     @classmethod
     def from_fd(cls, fd: int, name: str) -> BpfMap:
@@ -131,14 +137,37 @@ class BpfMap:
         """Every key now."""
         return [key for key, _ in self.items()]
 
+    def _batch_buffers(self, size: int) -> tuple[ctypes.Array, ctypes.Array]:
+        """Key and value buffers for ``size`` entries at least: those of the last read, unless it
+        needs more (then for the next power of two of entries, at most the map's size).
+
+        A ctypes buffer of a length no live buffer has makes a new array *type* (ctypes keeps only
+        a weak reference to it), and the type with its descriptors is cyclic garbage once the
+        buffer goes: each read left 2-6 of them for the interpreter's young collections. So the
+        buffers of every call (:meth:`_scratch_buffers` too) are kept with the map; a map is used
+        by one thread at a time (its service's)."""
+        if size > self._room or self._keys is None or self._values is None:
+            room = min(1 << max(size - 1, 1).bit_length(), max(self.max_entries, size))
+            self._keys = (ctypes.c_char * (room * self.key_size))()
+            self._values = (ctypes.c_char * (room * self.value_size))()
+            self._room = room
+        return self._keys, self._values
+
+    def _scratch_buffers(self) -> tuple[ctypes.Array, ctypes.Array, ctypes.Array]:
+        """A key, a next key and a value buffer, kept with the map (see _batch_buffers)."""
+        if self._scratch is None:
+            self._scratch = ((ctypes.c_char * self.key_size)(), (ctypes.c_char * self.key_size)(), (ctypes.c_char * self.value_size)())
+        return self._scratch
+
     def _items_batch(self) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         size = min(max(BATCH, 2 * self.found), max(self.max_entries, 1))
-        keys = ctypes.create_string_buffer(size * self.key_size)
-        values = ctypes.create_string_buffer(size * self.value_size)
+        keys, values = self._batch_buffers(size)
+        size = self._room
         # The batch token: a bucket number for hash maps, a key for others; as large as either.
-        token_in = ctypes.create_string_buffer(max(8, self.key_size))
-        token_out = ctypes.create_string_buffer(max(8, self.key_size))
+        if self._tokens is None:
+            self._tokens = ((ctypes.c_char * max(8, self.key_size))(), (ctypes.c_char * max(8, self.key_size))())
+        token_in, token_out = self._tokens
         first = True
         while True:
             attr = BatchAttr(in_batch=0 if first else ctypes.addressof(token_in), out_batch=ctypes.addressof(token_out),
@@ -150,9 +179,8 @@ class BpfMap:
                 if exc.errno == errno.ENOENT:  # the end (entries may still have been returned)
                     done = True
                 elif exc.errno == errno.ENOSPC and size < self.max_entries:  # a bucket larger than the buffer
-                    size = min(size * 4, self.max_entries)
-                    keys = ctypes.create_string_buffer(size * self.key_size)
-                    values = ctypes.create_string_buffer(size * self.value_size)
+                    keys, values = self._batch_buffers(min(size * 4, self.max_entries))
+                    size = self._room
                     continue
                 else:
                     raise
@@ -167,9 +195,7 @@ class BpfMap:
 
     def _items_one_by_one(self) -> list[tuple[bytes, bytes]]:
         found: dict[bytes, bytes] = {}
-        key = ctypes.create_string_buffer(self.key_size)
-        next_key = ctypes.create_string_buffer(self.key_size)
-        value = ctypes.create_string_buffer(self.value_size)
+        key, next_key, value = self._scratch_buffers()
         first = True
         # An entry deleted under the walk sends GET_NEXT_KEY back to the first key: bounded, and
         # the dict takes the repeats.
@@ -193,8 +219,8 @@ class BpfMap:
 
     def lookup(self, key: bytes) -> bytes | None:
         """The value of ``key``, or None."""
-        value = ctypes.create_string_buffer(self.value_size)
-        kbuf = ctypes.create_string_buffer(self._key(key), self.key_size)
+        kbuf, _, value = self._scratch_buffers()
+        kbuf.raw = self._key(key)
         try:
             bpf(BPF_MAP_LOOKUP_ELEM, ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(value)))
         except OSError as exc:
@@ -205,15 +231,17 @@ class BpfMap:
 
     def update(self, key: bytes, value: bytes) -> None:
         """Set ``key`` to ``value`` (BPF_ANY)."""
-        kbuf = ctypes.create_string_buffer(self._key(key), self.key_size)
         if len(value) != self.value_size:
             raise ValueError(f"{self.name}: a value is {self.value_size} bytes, not {len(value)}")
-        vbuf = ctypes.create_string_buffer(value, self.value_size)
+        kbuf, _, vbuf = self._scratch_buffers()
+        kbuf.raw = self._key(key)
+        vbuf.raw = value
         bpf(BPF_MAP_UPDATE_ELEM, ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf)))
 
     def delete(self, key: bytes) -> bool:
         """Delete ``key``; False if it was not there (an LRU map may have evicted it)."""
-        kbuf = ctypes.create_string_buffer(self._key(key), self.key_size)
+        kbuf = self._scratch_buffers()[0]
+        kbuf.raw = self._key(key)
         try:
             bpf(BPF_MAP_DELETE_ELEM, ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf)))
         except OSError as exc:
