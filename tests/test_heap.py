@@ -81,7 +81,7 @@ async def test_young_collections_wait_for_young_net_allocations_and_still_free_y
         gc.collect(0)
         young = gc.get_stats()[0]["collections"]
         samples = [(Node(), [i]) for i in range(1000)]
-        for _ in range(50):  # 50 "rounds" of 1,000 samples (4,000 tracked objects), each replacing the last
+        for _ in range(50):  # 50 "rounds" of 1,000 samples (3,000 tracked objects), each replacing the last
             samples = [(Node(), [i]) for i in range(1000)]
         assert gc.get_stats()[0]["collections"] == young
         a, b = Node(), Node()
