@@ -18,6 +18,10 @@ feature on, 1 s interval) in a cgroup of its own for the measured window while s
 * the same reads at the daemon's cadence (``bench/nspaced.c``: one round over every container
   per interval, 10 rounds): nslimit measures them warm, back to back; read once a second they
   find the CPU's caches cold and cost more, and no sampler of that cadence can go below that;
+* the floor of this design with every default feature on: the daemon's own reads (sockstat6 too,
+  listeners asked for by id) in C at its cadence (``nspaced --daemon-reads``), plus everything the
+  daemon spent outside its event loop (its other threads, its children), as a multiple of nslimit:
+  what it would cost if the event loop did nothing but those reads;
 * where the time goes, per container-sample: per thread (the kernel's accounting), the children,
   and within the event-loop thread a split into samplers / detectors / tick bookkeeping /
   exporter / eBPF map reads / NAT bookkeeping / captures / other, from a 50 Hz non-blocking ``py-spy record``
@@ -822,18 +826,22 @@ def nslimit(pids: list[int], rounds: int) -> dict | None:
     }
 
 
-def nspaced(pids: list[int], rounds: int) -> dict | None:
+def nspaced(pids: list[int], rounds: int, daemon_reads: bool = False) -> dict | None:
     """nslimit's reads at the daemon's cadence (``bench/nspaced.c``): one round over every
     container per interval, CPU µs per namespace-sample. nslimit reads the same files back to back
     and measures them warm; the daemon reads each namespace once an interval, when the CPU's
-    caches hold other work, and no sampler of that cadence can go below this."""
+    caches hold other work, and no sampler of that cadence can go below this.
+
+    With ``daemon_reads``, the reads the daemon itself makes per sample instead (sockstat6 as well,
+    and each listener asked for by its id where nslimit dumps the listening hash)."""
     if not shutil.which("gcc"):
         log("no gcc: no paced lower bound")
         return None
     binary = Path(tempfile.gettempdir()) / f"nstap-nspaced-{os.getpid()}"
+    mode = ["--daemon-reads"] if daemon_reads else []
     try:
         run("gcc", "-O2", "-o", str(binary), str(ROOT / "bench" / "nspaced.c"))
-        out = run(str(binary), str(rounds), str(INTERVAL), *map(str, pids), timeout=rounds * INTERVAL + 120)
+        out = run(str(binary), *mode, str(rounds), str(INTERVAL), *map(str, pids), timeout=rounds * INTERVAL + 120)
     finally:
         binary.unlink(missing_ok=True)
     return {"bound_us": float(re.search(r"paced_us ([\d.]+)", out).group(1)), "containers": len(pids), "rounds": rounds}
@@ -979,6 +987,7 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         daemon.stop()
         lower = nslimit(pids[:NSLIMIT_CONTAINERS], args.nslimit_rounds)
         paced = nspaced(pids, args.paced_rounds) if args.paced_rounds else None
+        paced_daemon = nspaced(pids, args.paced_rounds, daemon_reads=True) if args.paced_rounds else None
         # The stack's remaining callbacks remove the cgroup, the probes and the work directory.
 
     # --- the figures ---
@@ -1014,6 +1023,11 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
 
     bound_ms = lower["bound_us"] / 1000 if lower else None
     paced_ms = paced["bound_us"] / 1000 if paced else None
+    paced_daemon_ms = paced_daemon["bound_us"] / 1000 if paced_daemon else None
+    # The floor of this design with every default feature on: the daemon's own reads, in C, at its
+    # cadence, and everything it spends outside the event loop as measured (its other threads,
+    # children): what it would cost if the loop did nothing but those reads.
+    floor_ms = paced_daemon_ms + per_cs(cpu_all - loop_cpu) / 1000 if paced_daemon_ms and samples else None
     memory_goal_mib = MEMORY_BASE_MIB + MEMORY_PER_CONTAINER_KIB * containers_watched / 1024
     requests = http1["ok"] - http0["ok"]
     variant = []
@@ -1062,6 +1076,10 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         "paced_bound_ms": round(paced_ms, 4) if paced_ms else None,
         "multiple_of_paced_bound": round(per_cs(cpu_all) / 1000 / paced_ms, 2) if paced_ms else None,
         "nspaced": paced,
+        "paced_daemon_reads_ms": round(paced_daemon_ms, 4) if paced_daemon_ms else None,
+        "nspaced_daemon_reads": paced_daemon,
+        "floor_ms": round(floor_ms, 4) if floor_ms else None,
+        "floor_multiple_of_lower_bound": round(floor_ms / bound_ms, 2) if floor_ms and bound_ms else None,
         "breakdown_us_per_container_sample": {
             "all": round(per_cs(cpu_all), 2),
             "process": round(per_cs(cpu_proc), 2),
@@ -1221,6 +1239,12 @@ def breakdown_table(results: list[dict]) -> Iterator[str]:
     ) + " |"
     yield "| the same reads once a second (nspaced) | " + " | ".join(
         f"{r['paced_bound_ms'] * 1000:.1f}" if r.get("paced_bound_ms") is not None else "n/a" for r in results
+    ) + " |"
+    yield "| the daemon's own reads once a second (nspaced --daemon-reads) | " + " | ".join(
+        f"{r['paced_daemon_reads_ms'] * 1000:.1f}" if r.get("paced_daemon_reads_ms") is not None else "n/a" for r in results
+    ) + " |"
+    yield "| floor: those reads + everything outside the event loop (×nslimit) | " + " | ".join(
+        f"{r['floor_ms'] * 1000:.1f} (×{r['floor_multiple_of_lower_bound']})" if r.get("floor_ms") is not None else "n/a" for r in results
     ) + " |"
 
 

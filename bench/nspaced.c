@@ -9,7 +9,12 @@
 // (getrusage around each; the sleep between them is not counted): what no sampler that reads
 // these files once per interval can go below on this machine.
 //
-// usage: nspaced ROUNDS INTERVAL_S PID...   prints "paced_us X (n=.. rounds=..)": CPU µs per namespace-sample
+// With --daemon-reads it does instead what the daemon reads per sample: the same four files and
+// sockstat6, and each listener asked for by its id (one send per family, one hash probe each) in
+// place of the LISTEN dump (the listeners are found by one dump per family before the rounds): the
+// floor of the daemon's own reads at its cadence, below which no sampler of its design can go.
+//
+// usage: nspaced [--daemon-reads] ROUNDS INTERVAL_S PID...   prints "paced_us X (n=.. rounds=..)": CPU µs per namespace-sample
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/inet_diag.h>
@@ -33,13 +38,27 @@ static double cpu_us(void) {
 
 static char buf[1 << 16];
 
-static long dump(int fd, unsigned states) {  // as nslimit's
-    struct { struct nlmsghdr h; struct inet_diag_req_v2 r; } q;
+struct diag_req {
+    struct nlmsghdr h;
+    struct inet_diag_req_v2 r;
+};
+
+#define MAX_LISTENERS 8  // the daemon asks for up to 8 known listeners by id (sockets.py MAX_LOOKUPS)
+
+struct lookups {  // one family's listeners of one namespace, asked for by id in one send
+    int n;
+    struct diag_req q[MAX_LISTENERS];
+};
+
+// A LISTEN dump of one family (nslimit's, for AF_INET6); with `found`, each listener's id is kept
+// as an exact request for the rounds.
+static long dump_family(int fd, int family, unsigned states, struct lookups *found) {
+    struct diag_req q;
     memset(&q, 0, sizeof q);
     q.h.nlmsg_len = sizeof q;
     q.h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
     q.h.nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP;
-    q.r.sdiag_family = AF_INET6;
+    q.r.sdiag_family = family;
     q.r.sdiag_protocol = IPPROTO_TCP;
     q.r.idiag_states = states;
     if (send(fd, &q, sizeof q, 0) < 0) return 0;
@@ -49,32 +68,67 @@ static long dump(int fd, unsigned states) {  // as nslimit's
         if (len <= 0) return n;
         for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
             if (h->nlmsg_type == NLMSG_DONE || h->nlmsg_type == NLMSG_ERROR) return n;
+            if (found != NULL && found->n < MAX_LISTENERS) {
+                struct inet_diag_msg *m = NLMSG_DATA(h);
+                struct diag_req *r = &found->q[found->n];
+                memset(r, 0, sizeof *r);
+                r->h.nlmsg_len = sizeof *r;
+                r->h.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+                r->h.nlmsg_flags = NLM_F_REQUEST;
+                r->h.nlmsg_seq = found->n + 1;
+                r->r.sdiag_family = family;
+                r->r.sdiag_protocol = IPPROTO_TCP;
+                r->r.idiag_states = states;
+                r->r.id = m->id;
+                found->n++;
+            }
             n++;
         }
     }
 }
 
+static long dump(int fd, unsigned states) { return dump_family(fd, AF_INET6, states, NULL); }  // as nslimit's
+
+static long lookup(int fd, const struct lookups *l) {  // as netlink.lookup_inet: one send, every answer read
+    if (l->n == 0) return 0;
+    if (send(fd, l->q, l->n * sizeof l->q[0], 0) < 0) return 0;
+    long n = 0;
+    while (n < l->n) {
+        ssize_t len = recv(fd, buf, sizeof buf, 0);
+        if (len <= 0) return n;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) n++;
+    }
+    return n;
+}
+
 int main(int argc, char **argv) {
+    int daemon_reads = argc > 1 && strcmp(argv[1], "--daemon-reads") == 0;
+    if (daemon_reads) {
+        argv++;
+        argc--;
+    }
     if (argc < 4) {
-        fprintf(stderr, "usage: nspaced ROUNDS INTERVAL_S PID...\n");
+        fprintf(stderr, "usage: nspaced [--daemon-reads] ROUNDS INTERVAL_S PID...\n");
         return 2;
     }
     int rounds = atoi(argv[1]), n = argc - 3;
     double interval = atof(argv[2]);
-    const char *files[] = {"dev", "snmp", "netstat", "sockstat"};
+    const char *files[] = {"dev", "snmp", "netstat", "sockstat", "sockstat6"};
+    int nfiles = daemon_reads ? 5 : 4;
     struct rlimit lim;
     if (getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {  // 5 descriptors per namespace
         lim.rlim_cur = lim.rlim_max;
         setrlimit(RLIMIT_NOFILE, &lim);
     }
-    int (*fds)[4] = calloc(n, sizeof *fds);
+    int (*fds)[5] = calloc(n, sizeof *fds);
     int *nl = calloc(n, sizeof *nl);
+    struct lookups (*listeners)[2] = calloc(n, sizeof *listeners);  // AF_INET, AF_INET6
     int self = open("/proc/self/ns/net", O_RDONLY);
     int opened = 0;
     for (int i = 0; i < n; i++) {
         char p[128];
         int ok = 1;
-        for (int f = 0; f < 4; f++) {
+        for (int f = 0; f < nfiles; f++) {
             snprintf(p, sizeof p, "/proc/%s/net/%s", argv[i + 3], files[f]);
             fds[i][f] = open(p, O_RDONLY);
             ok = ok && fds[i][f] >= 0;
@@ -91,6 +145,10 @@ int main(int argc, char **argv) {
             fprintf(stderr, "nspaced: cannot open the files or namespace of pid %s\n", argv[i + 3]);
             return 1;
         }
+        if (daemon_reads) {
+            dump_family(nl[i], AF_INET, 1 << 10, &listeners[i][0]);
+            dump_family(nl[i], AF_INET6, 1 << 10, &listeners[i][1]);
+        }
         opened++;
     }
     long lines = 0;
@@ -104,11 +162,14 @@ int main(int argc, char **argv) {
         clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &at, NULL);
         double a = cpu_us();
         for (int i = 0; i < n; i++) {  // one namespace's reads, then the next, as the daemon does
-            for (int f = 0; f < 4; f++) {
+            for (int f = 0; f < nfiles; f++) {
                 ssize_t len = pread(fds[i][f], buf, sizeof buf, 0);
                 for (ssize_t k = 0; k < len; k++) lines += buf[k] == '\n';
             }
-            lines += dump(nl[i], 1 << 10);
+            if (daemon_reads)
+                lines += lookup(nl[i], &listeners[i][0]) + lookup(nl[i], &listeners[i][1]);
+            else
+                lines += dump(nl[i], 1 << 10);
         }
         spent += cpu_us() - a;
     }
