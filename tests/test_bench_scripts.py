@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +53,33 @@ def test_the_loop_split_names_each_sampler() -> None:
     assert bench.loop_part(detectors) == ("detectors", "")
     assert bench.loop_part(tick) == ("tick bookkeeping", "")
     assert bench.sampler_of([*tick, "enabled_samplers (nstap/samplers/__init__.py:80)"]) == "other"
+
+
+def _listeners(pid: int, table: str) -> int:
+    """The LISTEN sockets of the container's namespace in /proc/net/tcp or tcp6 (state 0A)."""
+    lines = (Path(f"/proc/{pid}/net") / table).read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[3] == "0A")
+
+
+def _newlines(pid: int, name: str) -> int:
+    return (Path(f"/proc/{pid}/net") / name).read_bytes().count(b"\n")
+
+
+def test_nspaced_makes_the_daemons_reads_with_daemon_reads(containers, docker_image: str, tmp_path: Path) -> None:
+    """bench/nspaced.c, on a real container: by default nslimit's reads (four files and the IPv6
+    LISTEN dump) once per round; with --daemon-reads the daemon's (sockstat6 too, and each listener
+    of either family asked for by its id). It counts the lines and answers it read: compared with
+    what the namespace holds, that shows it made those reads and no others."""
+    binary = tmp_path / "nspaced"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(binary), str(ROOT / "bench" / "nspaced.c")], check=True, timeout=120)
+    pid = containers.pid("docker", containers.docker(docker_image, "httpd", "-f", "-p", "80"))
+    files = sum(_newlines(pid, name) for name in ("dev", "snmp", "netstat", "sockstat"))
+    v4, v6 = _listeners(pid, "tcp"), _listeners(pid, "tcp6")
+    assert v4 + v6 == 1  # httpd's
+    rounds = 3
+    for mode, per_round in (([], files + v6), (["--daemon-reads"], files + _newlines(pid, "sockstat6") + v4 + v6)):
+        out = subprocess.run([str(binary), *mode, str(rounds), "0.05", str(pid)], capture_output=True, text=True, timeout=60, check=True).stdout
+        m = re.match(r"paced_us ([\d.]+) \(n=1 rounds=3 interval=0.05 lines=(\d+)\)", out)
+        assert m, out
+        assert float(m.group(1)) > 0
+        assert int(m.group(2)) == rounds * per_round, (mode, out)
