@@ -53,6 +53,12 @@ def plot(results: list[dict], out: Path) -> None:
     paced = [(r["containers"], r["paced_bound_ms"] * 1000) for r in results if r.get("paced_bound_ms")]
     if paced:
         cpu.plot([b[0] for b in paced], [b[1] for b in paced], "s--", color="C2", alpha=0.6, label="the same reads once a second (nspaced)")
+    floor = [(r["containers"], r["floor_ms"] * 1000) for r in results if r.get("floor_ms")]
+    if floor:
+        cpu.plot([b[0] for b in floor], [b[1] for b in floor], "^:", color="C4", label="floor: the daemon's reads in C + all outside its loop")
+    goal = [(r["containers"], r["lower_bound_ms"] * 1000 * 1.6) for r in results if r.get("lower_bound_ms")]
+    if goal:
+        cpu.plot([b[0] for b in goal], [b[1] for b in goal], ":", color="C3", label="goal: 1.6 × nslimit")
     for r, y in zip(results, every, strict=True):
         if r.get("multiple_of_lower_bound"):
             label = f"×{r['multiple_of_lower_bound']:.1f}"
