@@ -80,7 +80,7 @@ class RuntimeEndpoint(Strict):
 class SocketWalk(Strict):
     """How much CPU the per-state TCP socket walks may use."""
 
-    budget_ms: float = Field(0.05, ge=0.0, le=100.0, description="average CPU ms per container-sample")
+    budget_ms: float = Field(0.05, ge=0.0, le=100.0, description="CPU ms per container-sample, for all namespaces' walks together at every round (0: each namespace walks every max_interval)")
     max_interval: float = Field(300.0, ge=1.0, le=3600.0, description="longest seconds between walks (the budget decides below it)")
 
 

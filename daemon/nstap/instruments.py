@@ -111,6 +111,12 @@ class Instruments:
             (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
             registry,
         )
+        self.walks_deferred = Counter(
+            "nstap_socket_walks_deferred",
+            "Samples at which a namespace's per-state TCP socket walk was due but waited for the host's walk budget "
+            "(socket_walk.budget_ms per container-sample, held at every round; see nstap.walks).",
+            registry=registry,
+        )
         self.tick_lag = LoopHistogram(
             "nstap_tick_lag_seconds",
             "How late each sampling tick started (event-loop lateness: anything that blocks the loop shows here).",

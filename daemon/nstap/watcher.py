@@ -29,6 +29,7 @@ from .samplers.sockets import SocketSampler
 from .samples import NamespaceSample, SampleStore
 from .supervisor import TaskSupervisor
 from .threads import worker_threads
+from .walks import WalkPacer
 
 if TYPE_CHECKING:
     from .dns.lookups import Lookups
@@ -66,6 +67,7 @@ class NamespaceWatcher:
         self.samplers: list[Sampler] = []
         self._sockets: SocketSampler | None = None
         self._walk: asyncio.Future | None = None
+        self._walk_charged = 0.0  # what the host's walk budget was charged for the walk in flight
         self._failing: dict[str, str] = {}  # sampler -> last error logged, to log once per streak
         self._syn_retransmits: int | None = None
         self._sample_failing = False
@@ -278,11 +280,20 @@ class NamespaceWatcher:
             if exc is None:
                 result = walk.result()
                 sockets.walk_done(result)
+                self.pool.walks.done(self._walk_charged, result[2])
                 self.pool.instruments.walk_duration.observe(result[2])
             else:
                 sockets.walk_failed()
+                self.pool.walks.done(self._walk_charged, self._walk_charged)
                 self._sampler_failed("socket_walk", exc)
         if "sockets" not in self._failing and sockets.walk_due():
+            # Due by this namespace's own schedule; it starts when the host's walk budget allows
+            # (nstap.walks), or is asked again at the next sample.
+            charged = self.pool.walks.admit(sockets.walk_cost, sockets.urgent)
+            if charged is None:
+                self.pool.instruments.walks_deferred.inc()
+                return
+            self._walk_charged = charged
             self._walk = asyncio.get_running_loop().run_in_executor(self.pool.walk_executor, sockets.walk)
 
     async def _detach(self) -> None:
@@ -363,6 +374,11 @@ class Ticker:
     def discard(self, watcher: NamespaceWatcher) -> None:
         """Stop sampling ``watcher``."""
         self._watchers.pop(watcher, None)
+
+    @property
+    def watching(self) -> int:
+        """How many watchers each tick samples."""
+        return len(self._watchers)
 
     def _arm(self) -> None:
         # The round's slot is the next multiple of the interval after the last one. A round that
@@ -538,8 +554,10 @@ class WatcherPool:
             instruments.sampler_errors.labels(name)
         self.supervisor = supervisor or TaskSupervisor()
         self.walk_executor = worker_threads("nstap-walk")
+        self.walks = WalkPacer(context.walk_budget)  # every namespace's walks within the budget, each round
         host = context.host_links
         self.ticker = Ticker(self.interval, host.new_round if host is not None else None, instruments.tick_lag, context.sample_budget)
+        self.ticker.hooks.append(lambda: self.walks.new_round(self.ticker.watching))
         self.watchers: dict[int, WatcherSlot] = {}
         self._attached: dict[int, NamespaceWatcher] = {}
         self._listeners: list[Callable[[], None]] = []

@@ -152,6 +152,7 @@ class SocketSampler:
         self._walked_at = -1.0  # 0.0: exact as of each sample; > 0: when the last walk counted them
         self._syn_retrans = 0
         self._walk_cost: float | None = None
+        self.urgent = False  # a walk was asked for by walk_soon (SYNs retried), not by the schedule
         self._next_walk = clock()
         self._walked_clock = float("-inf")
         self.walk_interval = interval
@@ -275,6 +276,12 @@ class SocketSampler:
     def walk_soon(self) -> None:
         """Walk at the next sample even if the budget would wait (at most every 2 intervals)."""
         self._next_walk = min(self._next_walk, max(self._clock(), self._walked_clock + 2 * self._interval))
+        self.urgent = True
+
+    @property
+    def walk_cost(self) -> float | None:
+        """CPU seconds this namespace's walks have cost lately (None: never walked)."""
+        return self._walk_cost
 
     def walk_due(self) -> bool:
         """True when the latest sample found sockets to walk and the budget allows a walk now."""
@@ -291,6 +298,7 @@ class SocketSampler:
         self._walked_at = time.time()
         self._walked_clock = self._clock()
         self._syn_retrans = syn_retrans
+        self.urgent = False
         self._last = None
         self._walk_cost = cost if self._walk_cost is None else 0.7 * self._walk_cost + 0.3 * cost
         self.walk_interval = walk_interval(self._walk_cost, self._budget, self._interval, self._max_walk_interval)
@@ -299,3 +307,4 @@ class SocketSampler:
     def walk_failed(self) -> None:
         """A walk failed: try again after the longest interval rather than every sample."""
         self._next_walk = self._clock() + self._max_walk_interval
+        self.urgent = False
