@@ -75,6 +75,20 @@ def test_a_fault_walk_is_never_refused_but_is_paid_for() -> None:
     assert pacer.admit(0.001) is not None
 
 
+def test_a_cheap_walk_is_not_held_back_by_another_namespaces_dear_one() -> None:
+    """A namespace with a small hash of its own walks every interval at ~16 µs, within one sample's
+    budget; another's walk of the host's hash (7 ms) puts the credit in debt for many rounds, and
+    the cheap one goes on regardless (charged), where the dear ones wait."""
+    pacer = WalkPacer(0.00005)
+    pacer.new_round(10)  # 0.5 ms a round
+    assert pacer.admit(0.007) is not None  # -> -6.5 ms
+    for _ in range(5):
+        pacer.new_round(10)
+        assert pacer.admit(0.000016) == 0.000016
+        assert pacer.admit(0.007) is None
+        assert pacer.admit(None) is None  # never walked: charged the typical walk, so it waits too
+
+
 def test_the_credit_stays_within_its_bounds() -> None:
     """Whatever the walks cost and however many are urgent, the credit stays between BANKED rounds'
     credit and DEBT_ROUNDS rounds' debt: the pacer's state does not grow with time."""

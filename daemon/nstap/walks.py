@@ -19,7 +19,9 @@ rounds' credit is kept while nothing is due. A due walk that finds no credit wai
 sample of its namespace, and each such wait is counted (``nstap_socket_walks_deferred_total``). A
 walk asked for because a namespace's SYNs are being retried (SocketSampler.walk_soon: a fault, not a
 schedule) is never refused, as before, but is charged like the others, so the scheduled ones
-make up for it. The credit stays between BANKED rounds' credit and DEBT_ROUNDS rounds' debt (a
+make up for it. Nor is a walk that costs no more than one sample's budget (a namespace with a
+small hash of its own, ``tcp_child_ehash_entries``: about 16 us, walked every interval): such
+walks cannot make a wave, and another namespace's dear walks must not hold them back. The credit stays between BANKED rounds' credit and DEBT_ROUNDS rounds' debt (a
 storm of such walks is forgotten after that long): the pacer's state is three floats.
 """
 
@@ -47,10 +49,12 @@ class WalkPacer:
     def admit(self, estimate: float | None, urgent: bool = False) -> float | None:
         """Whether a due walk may start now: the CPU seconds it was charged (hand them to
         :meth:`done`), or None if it must wait. ``estimate``: its namespace's recent walk cost,
-        None if never walked; ``urgent``: asked for by a fault, never refused."""
+        None if never walked; ``urgent``: asked for by a fault. Neither those nor a walk whose
+        estimate is within one sample's budget are refused."""
         if self.budget <= 0:  # no budget to share: each namespace's own spacing (max_interval) alone
             return 0.0
-        if not urgent and self.credit <= 0:
+        cheap = estimate is not None and estimate <= self.budget
+        if not urgent and not cheap and self.credit <= 0:
             return None
         charged = self.typical if estimate is None else estimate
         self._charge(charged)
