@@ -197,6 +197,8 @@ class SocketSampler:
             if sockets > len(found):
                 walk.append(family)
         self.walk_families = tuple(walk)
+        if not walk:
+            self.urgent = False  # a fault's walk asked for when there is nothing to walk is not kept for later
         if not walk and self._walked_at:  # every TCP socket in use is a listener: no other state, exactly
             self._walked = dict.fromkeys(WALKED_STATES, 0)
             self._walked_at = 0.0  # "as of this sample"
