@@ -332,6 +332,7 @@ class Daemon:
         self.args = args
         self.proc: subprocess.Popen | None = None
         self.killed = False  # the last run ended with kill(): its exit code is not checked
+        self.session = False  # True: in a session of its own, as systemd or a container runtime starts it
 
     def start(self) -> Daemon:
         """Start the process and wait until /metrics answers."""
@@ -342,6 +343,7 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            start_new_session=self.session,
         )
         wait_until(self._answers, 20, message=f"nstap /metrics on port {self.metrics_port} (log: {self.log_path})")
         return self
@@ -530,11 +532,12 @@ def nstap(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[.
     marker = request.node.get_closest_marker("daemon_log_allows")
     allowed = set(marker.args) if marker else set()
 
-    def start(config: dict[str, Any] | None = None, *args: str, tls_cafile: str | None = None, basic_auth: tuple[str, str] | None = None) -> Daemon:
+    def start(config: dict[str, Any] | None = None, *args: str, tls_cafile: str | None = None, basic_auth: tuple[str, str] | None = None,
+              session: bool = False) -> Daemon:
         workdir = tmp_path / f"nstap{len(started)}"
         workdir.mkdir()
         daemon = Daemon(workdir, config or {}, list(args))
-        daemon.tls_cafile, daemon.basic_auth = tls_cafile, basic_auth
+        daemon.tls_cafile, daemon.basic_auth, daemon.session = tls_cafile, basic_auth, session
         started.append(daemon)
         return daemon.start()
 

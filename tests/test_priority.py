@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 DAEMON = Path(__file__).resolve().parent.parent / "daemon"
 
 SCRIPT = r"""
@@ -60,3 +62,56 @@ def test_a_refusal_is_logged_with_its_fix() -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "not set" in out, out
     assert "nice_not_set" in out and "CAP_SYS_NICE" in out and "set nice: 0" in out, out
+
+
+AUTOGROUP_SCRIPT = r"""
+import json, os, sys
+from nstap.priority import apply_nice, autogroup_nice, set_autogroup_nice
+before = autogroup_nice()
+done, why = set_autogroup_nice(int(sys.argv[1]))
+print(json.dumps({"leader": os.getsid(0) == os.getpid(), "before": before, "set": done, "why": why, "after": autogroup_nice(),
+                  "applied": apply_nice(int(sys.argv[1]))}))
+"""
+
+
+def autogroup_run(nice: int, *prefix: str, session: bool = True) -> tuple[dict, str]:
+    proc = subprocess.run([*prefix, sys.executable, "-c", AUTOGROUP_SCRIPT, str(nice)], capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": str(DAEMON), "PATH": "/usr/bin:/bin"}, start_new_session=session)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    return json.loads(lines[-1]), proc.stdout + proc.stderr
+
+
+def needs_autogroups() -> None:
+    if not Path("/proc/self/autogroup").exists() or Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
+        pytest.skip("this kernel has no autogroups, or they are off: a thread's nice weighs against every thread of its CPU cgroup")
+
+
+def test_a_daemon_leading_its_session_gives_its_autogroup_the_nice() -> None:
+    """With autogroups on, the threads' nice weighs only inside the session's group: the daemon
+    leading its own session (a service, a container, setsid) sets the group's nice as well."""
+    needs_autogroups()
+    out, _ = autogroup_run(-5)
+    assert out["leader"] and out["before"] == 0, out  # a new session starts a new autogroup, at 0
+    assert out["set"] and out["why"] == "" and out["after"] == -5 and out["applied"], out
+    out, _ = autogroup_run(3)
+    assert out["set"] and out["after"] == 3, out
+
+
+def test_a_daemon_sharing_its_session_leaves_the_autogroup_alone() -> None:
+    """Started from a shell, the daemon shares the shell's session: that group's priority is not
+    its to change. It says so (``autogroup_shared``) and sets its threads' nice as before."""
+    needs_autogroups()
+    mine = Path("/proc/self/autogroup").read_text()
+    out, text = autogroup_run(-5, session=False)
+    assert not out["leader"] and not out["set"] and "shares its session" in out["why"], out
+    assert out["after"] == out["before"] and out["applied"], out
+    assert "autogroup_shared" in text, text
+    assert Path("/proc/self/autogroup").read_text() == mine  # this test's own session untouched
+
+
+def test_without_cap_sys_nice_the_autogroup_keeps_its_nice() -> None:
+    needs_autogroups()
+    out, text = autogroup_run(-5, "setpriv", "--bounding-set", "-sys_nice")
+    assert not out["set"] and out["after"] == 0 and "CAP_SYS_NICE" in out["why"], out
+    assert "nice_not_set" in text, text  # the threads' refusal, logged with its fix

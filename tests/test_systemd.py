@@ -80,6 +80,14 @@ def test_journal_native_protocol(tmp_path: Path) -> None:
     sock.close()
 
 
+def autogroup_nice(pid: int) -> int | None:
+    """The nice of ``pid``'s session autogroup; None on a kernel without autogroups (or with them off)."""
+    path = Path(f"/proc/{pid}/autogroup")
+    if not path.exists() or Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
+        return None
+    return int(path.read_text().split()[-1])
+
+
 def thread_nices(pid: int) -> list[int]:
     """The nice value of each thread of ``pid``."""
     out = []
@@ -97,13 +105,14 @@ def test_ready_watchdog_status_and_reload(nstap, containers: Containers, docker_
     listener = NotifyListener(tmp_path / "notify")
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     monkeypatch.setenv("WATCHDOG_USEC", "3000000")
-    d: Daemon = nstap({"interval": 1.0})
+    d: Daemon = nstap({"interval": 1.0}, session=True)  # a session of its own, as systemd starts a service
     ready = wait_until(lambda: listener.with_key("READY"), 20, message="READY=1")[0]
     # READY=1 came after the running container's watcher attached and with what it watches.
     attached = [e for e in d.events("watcher_attached") if e["container_id"] == cid[:12]]
     assert attached and ready[1]["READY"] == "1" and ready[1]["STATUS"].startswith("watching ") and "docker up" in ready[1]["STATUS"]
     assert int(ready[1]["MAINPID"]) == d.pid
     assert set(thread_nices(d.pid)) == {-5}  # the default priority (nstap.priority), every thread of the daemon
+    assert autogroup_nice(d.pid) in (None, -5)  # and its session's autogroup, where the kernel has them
     # Pings from the loop, several per WatchdogSec.
     time.sleep(3.5)
     pings = [at for at, m in listener.drain() if m.get("WATCHDOG") == "1"]
@@ -128,6 +137,7 @@ def test_ready_watchdog_status_and_reload(nstap, containers: Containers, docker_
     assert event["applied"] == ["interval", "nice"] and event["needs_restart"] == ["api_listen"]
     nices = thread_nices(d.pid)
     assert set(nices) == {2} and len(nices) > 5, nices  # every thread, the workers started before the reload too
+    assert autogroup_nice(d.pid) in (None, 2)
     assert wait_until(lambda: listener.with_key("RELOADING"), 5)
     stamps = []
     for _ in range(10):

@@ -386,7 +386,7 @@ class Config(Strict):
     interval: float = Field(1.0, ge=0.1, le=300.0, description="seconds between samples")
     nice: int = Field(
         DEFAULT_NICE, ge=-20, le=19,
-        description="CPU priority (Linux nice) of the daemon's threads and children: below 0 its ticks keep time on a saturated host (needs CAP_SYS_NICE); 0 as other processes",
+        description="CPU priority (Linux nice) of the daemon's threads and children, and of its session's autogroup when it leads its session: below 0 its ticks keep time on a saturated host (needs CAP_SYS_NICE); 0 as other processes",
     )
     metrics_listen: str = Field("0.0.0.0:9880", description="HOST:PORT of /metrics")
     api_listen: str = Field("127.0.0.1:9881", description="HOST:PORT of the local API")
