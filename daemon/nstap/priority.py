@@ -20,8 +20,9 @@ without one for the service, or v2 with the controller off, as systemd leaves it
 asks) is such a group, weighed as one against every other session: the daemon's threads at -5
 then compete only with one another, and the host's other sessions (the containers' shims,
 dockerd, an HTTP client) take the CPU as if it were at 0. Beside 1,000 containers the event
-loop's thread then waited on the run queue for 0.13-0.26 s of each round (the median: its
-``schedstat``) and ticks came up to 380 ms late (docs/performance.md, "The daemon's autogroup").
+loop's thread then waited on the run queue for 0.14-0.23 s of each round (the median: its
+``schedstat``) and ticks came up to 1 s late; with the group at -5 too, no tick of 180 was later
+than 25 ms (docs/performance.md, "The daemon's autogroup").
 So when the daemon leads its session (as a service, in a container, under ``setsid``), its
 autogroup takes the same nice (``/proc/self/autogroup``, :func:`set_autogroup_nice`). A daemon
 started from a shell shares the shell's session, whose priority is not the daemon's to change:
