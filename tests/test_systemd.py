@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import Containers, Daemon, wait_until
+from nstap import priority
 from nstap.systemd import JournalHandler, Notifier, journal_message
 
 HTTPD = ("httpd", "-f", "-p", "80", "-h", "/")
@@ -82,10 +83,9 @@ def test_journal_native_protocol(tmp_path: Path) -> None:
 
 def autogroup_nice(pid: int) -> int | None:
     """The nice of ``pid``'s session autogroup; None on a kernel without autogroups (or with them off)."""
-    path = Path(f"/proc/{pid}/autogroup")
-    if not path.exists() or Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
+    if Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() != "1":
         return None
-    return int(path.read_text().split()[-1])
+    return priority.autogroup_nice(f"/proc/{pid}/autogroup")
 
 
 def thread_nices(pid: int) -> list[int]:
