@@ -496,6 +496,8 @@ async def test_the_budget_judges_the_namespace_cpu_not_the_daemon_busy_elsewhere
     ns = namespace_for(netns)
     seen: list[float] = []
     store.subscribe(lambda s: seen.append(time.monotonic()))
+    ticks: list[float] = []
+    pool.ticker.hooks.append(lambda: ticks.append(time.monotonic()))
     stop = threading.Event()
     hogs = [threading.Thread(target=gil_hog, args=(stop,)) for _ in range(2)]
     with capture_logs() as logs:
@@ -512,9 +514,12 @@ async def test_the_budget_judges_the_namespace_cpu_not_the_daemon_busy_elsewhere
             await pool.stop()
     watcher_events = [e for e in logs if e["event"] in ("sampling_slowed", "sampling_restored")]
     assert not watcher_events, watcher_events
-    # Sampled on every 0.1 s tick (late ticks included: the hogs hold the GIL for 5 ms slices).
-    gaps = [b - a for a, b in zip(seen, seen[1:])]
-    assert len(seen) >= 25 and max(gaps) < 0.25, (len(seen), max(gaps))
+    # Sampled on every tick the pool ran (the first sample, at attach, comes before them). How
+    # many ticks ran is the host's business: the hogs hold the GIL for 5 ms slices, and on a
+    # busy CI host 24 of 30 came within the 3 s. A namespace judged expensive would be sampled on
+    # every second tick or fewer.
+    assert len(ticks) >= 10, ticks
+    assert len(seen) >= len(ticks) + 1, (len(seen), len(ticks))
 
 
 async def watched_beside(opener: NamespaceOpener, netns: NsUnderTest, burner: Burner) -> tuple[WatcherPool, NamespaceWatcher, list[float]]:
