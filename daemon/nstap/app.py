@@ -380,9 +380,11 @@ class App:
         gc.freeze()
         self.full_collections.take_over()
         ticker = parts.pool.ticker
-        ticker.done_hooks.append(lambda: self.full_collections.after_round(ticker.room()))
         api = self.api
         assert api is not None
+        # A full collection waits for a round that leaves it room before the next tick and before
+        # the next scrape (or while one is answered): it holds the event loop's thread.
+        ticker.done_hooks.append(lambda: self.full_collections.after_round(min(ticker.room(), api.quiet(ticker.interval))))
         ticker.done_hooks.append(lambda: api.after_round(ticker.interval))
         if cfg.detect.enabled:
             parts.pipeline.start(self.store)

@@ -96,7 +96,8 @@ class FullCollections:
     reads and the tick itself. So one runs only when the room the ticker reports is at least
     ROOM_FACTOR times the wall time of the longest of the latest collections; otherwise it waits
     for a round that leaves more, for at most OVERDUE periods (a host whose rounds fill every
-    interval still gets one then).
+    interval still gets one then). The daemon passes the room before the next scrape too
+    (ApiServer.quiet): a collection that ran while a scrape was answered held its response back.
 
     Young collections start after YOUNG net new tracked objects, not the interpreter's 700. A
     young collection walks every tracked object made since the last one that is still alive,

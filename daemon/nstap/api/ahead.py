@@ -39,6 +39,7 @@ that reads one member only (curl) gets it all.
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 import zlib
 from collections import OrderedDict, deque
@@ -129,6 +130,18 @@ class RenderAhead:
             self.count("missed")  # expected, and nothing made for it (or dropped before it came)
         cadence.arrivals.append(now)
         cadence.compress = compress
+
+    def quiet(self, now: float, period: float) -> float:
+        """Seconds until the next scrape of a steady cadence is expected (0 for one expected at most
+        :data:`LATE` periods ago that has not come yet: it may be waiting for the event loop
+        already); infinite if none is. Work that would hold up the event loop's thread for long
+        (a full garbage collection) waits for a round that leaves it this much room."""
+        room = math.inf
+        for cadence in self._scrapers.values():
+            at = cadence.next()
+            if at is not None and at >= now - LATE * period:
+                room = min(room, max(at - now, 0.0))
+        return room
 
     def round_done(self) -> None:
         """A sampling round completed: the body made before it is out of date."""
