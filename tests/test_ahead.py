@@ -65,7 +65,7 @@ def test_a_body_is_rendered_once_per_expected_scrape_and_served_only_while_it_ho
         who = ("127.0.0.1", "Prometheus/2.42.0")
         for i in range(1, 4):
             a.scraped(who, 100.0 + 15 * i, True)  # the next expected at 160
-        a.round_done()
+        a.round_done(150.0, 1.0)
         assert a.due(now=150.0, period=1.0) is None  # not before the next round ends
         assert a.due(now=159.5, period=1.0) is True  # gzip, as it asked
         loop = asyncio.get_running_loop()
@@ -79,21 +79,31 @@ def test_a_body_is_rendered_once_per_expected_scrape_and_served_only_while_it_ho
         assert a.body(tag(a.round)) is body and a.body(tag(a.round)) is body  # every scrape of this round
         assert a.serve(tag(a.round)) and a.serve(tag(a.round))
         assert not a.serve(tag(a.round, generation=2))
-        a.round_done()
+        a.round_done(160.5, 1.0)  # served: not held, whatever the time
         assert not a.serve(tag(a.round - 1)) and a.body(tag(a.round - 1)) is None
+        assert not a.serve(tag(a.round)) and a.body(tag(a.round)) is None
         assert a.due(now=160.5, period=1.0) is None  # it came: the next is expected at 175
-        # That one does not come: its two bodies count as unused, and no third is made.
+        # That one does not come. Its first body is made 1 + EARLY periods before it is expected,
+        # made again from the round that ends more than EARLY before, held over the round that
+        # ends as it is expected, and no third is made.
         assert a.due(now=173.7, period=1.0) is None  # 1.3 periods before it is expected
         assert a.due(now=173.9, period=1.0) is True  # within 1 + EARLY periods
         a.started(tag(a.round), loop.create_future())
-        a.round_done()
-        assert a.due(now=174.9, period=1.0) is True  # not come by the next round: once more
-        a.started(tag(a.round), loop.create_future())
-        a.round_done()
-        assert a.due(now=175.0, period=1.0) is None  # RENDERS at most
+        a.round_done(174.75, 1.0)  # a round late by 0.05: more than EARLY before the scrape
+        assert counts == ["served", "unused"]
+        assert a.due(now=174.75, period=1.0) is True  # not come by the next round: once more
+        body = loop.create_future()
+        a.started(tag(a.round), body)
+        a.round_done(175.4, 1.0)  # a round that ends as it is expected (0.4 after): held
+        assert counts == ["served", "unused"]
+        assert a.body(tag(a.round)) is body and a.body(tag(a.round - 1)) is body
+        assert a.due(now=175.4, period=1.0) is None  # RENDERS at most (and it holds one)
+        a.round_done(175.45, 1.0)  # held over one round at most (a late round and the next one can both end then)
         assert counts == ["served", "unused", "unused"]
+        assert a.body(tag(a.round)) is None and a.body(tag(a.round - 1)) is None
         # Long gone: a scrape expected more than half a period ago is not rendered for.
-        a.scraped(who, 175.0, True)
+        assert a.due(now=176.4, period=1.0) is None
+        a.scraped(who, 176.4, True)
         assert counts == ["served", "unused", "unused", "missed"]  # expected, and found no body
         assert a.due(now=190.6, period=1.0) is None
 
@@ -126,7 +136,7 @@ def test_every_scrape_of_a_steady_cadence_finds_a_body_when_its_arrivals_were_se
             if now > 45.0 and counts[-1:] != ["served"]:
                 arrivals(a, who, [45.0])
                 assert a.serve(tag(a.round)), (now, counts)
-            a.round_done()
+            a.round_done(now, 1.0)
             if a.due(now, 1.0) is not None:
                 renders += 1
                 a.started(tag(a.round), loop.create_future())
@@ -136,23 +146,54 @@ def test_every_scrape_of_a_steady_cadence_finds_a_body_when_its_arrivals_were_se
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("early", [0.0, 0.1])
-def test_a_scrape_that_comes_late_finds_the_body_made_again_from_the_next_round(early: float) -> None:
+@pytest.mark.parametrize("ends", [44.85, 45.0, 45.3, 45.5])
+def test_a_scrape_that_comes_late_is_served_the_body_held_for_it(ends: float) -> None:
+    """The round after the body was made ends as the scrape is expected (at ``ends``: from EARLY
+    before to LATE after): the scrape is on its way or queued behind the round. Made again from
+    that round, the scrape waited for it (201 ms of a 249 ms scrape at 1,000 containers); the body
+    made for it is held over that round instead, and served when it comes. Not over another."""
+
     async def run() -> None:
         counts: list[str] = []
         a = RenderAhead(counts.append)
         loop = asyncio.get_running_loop()
         who = ("127.0.0.1", "Prometheus/2.42.0")
         arrivals(a, who, [0.0, 15.0, 30.0])  # the next expected at 45
-        a.round_done()
-        assert a.due(43.9 + early, 1.0) is True
+        a.round_done(ends - 1.0, 1.0)
+        assert a.due(ends - 1.0, 1.0) is True
+        body = loop.create_future()
+        a.started(tag(a.round), body)
+        a.round_done(ends, 1.0)  # it has not come: held
+        assert counts == [] and a.due(ends, 1.0) is None
+        arrivals(a, who, [ends + 0.03])
+        assert a.body(tag(a.round)) is body and a.serve(tag(a.round))
+        assert counts == ["served"]
+        a.round_done(ends + 1.0, 1.0)
+        assert a.body(tag(a.round)) is None and a.body(tag(a.round - 1)) is None
+
+    asyncio.run(run())
+
+
+def test_a_body_is_made_again_from_a_round_that_ends_early_enough_and_then_held() -> None:
+    """A round that ends more than EARLY before the scrape (rounds late, or a body made early)
+    makes the body again from its samples, the fresher; the round after that holds it."""
+
+    async def run() -> None:
+        counts: list[str] = []
+        a = RenderAhead(counts.append)
+        loop = asyncio.get_running_loop()
+        who = ("127.0.0.1", "Prometheus/2.42.0")
+        arrivals(a, who, [0.0, 15.0, 30.0])  # the next expected at 45
+        a.round_done(43.85, 1.0)
+        assert a.due(43.85, 1.0) is True
         a.started(tag(a.round), loop.create_future())
-        a.round_done()  # 44.9 + early: the scrape has not come
-        assert counts == ["unused"]
-        assert a.due(44.9 + early, 1.0) is True
-        a.started(tag(a.round), loop.create_future())
-        arrivals(a, who, [45.2])  # 200 ms late
-        assert a.body(tag(a.round)) is not None and a.serve(tag(a.round))
+        a.round_done(44.7, 1.0)  # 0.3 periods before: made again
+        assert counts == ["unused"] and a.due(44.7, 1.0) is True
+        body = loop.create_future()
+        a.started(tag(a.round), body)
+        a.round_done(45.3, 1.0)  # it has not come: held
+        arrivals(a, who, [45.35])
+        assert a.body(tag(a.round)) is body and a.serve(tag(a.round))
         assert counts == ["unused", "served"]
 
     asyncio.run(run())

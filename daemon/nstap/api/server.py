@@ -181,8 +181,8 @@ class ApiServer:
         ahead = self.ahead
         if ahead is None:
             return
-        ahead.round_done()
         loop = asyncio.get_running_loop()
+        ahead.round_done(loop.time(), period)
         compress = ahead.due(loop.time(), period)
         if compress is None:
             return
