@@ -146,6 +146,16 @@ def test_every_scrape_of_a_steady_cadence_finds_a_body_when_its_arrivals_were_se
     asyncio.run(run())
 
 
+def expecting_at_45() -> tuple[RenderAhead, list[str], tuple[str, str]]:
+    """A RenderAhead whose one scraper came at 0, 15 and 30 s (the next expected at 45); what it
+    counts; the scraper."""
+    counts: list[str] = []
+    a = RenderAhead(counts.append)
+    who = ("127.0.0.1", "Prometheus/2.42.0")
+    arrivals(a, who, [0.0, 15.0, 30.0])
+    return a, counts, who
+
+
 @pytest.mark.parametrize("ends", [44.85, 45.0, 45.3, 45.5])
 def test_a_scrape_that_comes_late_is_served_the_body_held_for_it(ends: float) -> None:
     """The round after the body was made ends as the scrape is expected (at ``ends``: from EARLY
@@ -154,11 +164,8 @@ def test_a_scrape_that_comes_late_is_served_the_body_held_for_it(ends: float) ->
     made for it is held over that round instead, and served when it comes. Not over another."""
 
     async def run() -> None:
-        counts: list[str] = []
-        a = RenderAhead(counts.append)
+        a, counts, who = expecting_at_45()
         loop = asyncio.get_running_loop()
-        who = ("127.0.0.1", "Prometheus/2.42.0")
-        arrivals(a, who, [0.0, 15.0, 30.0])  # the next expected at 45
         a.round_done(ends - 1.0, 1.0)
         assert a.due(ends - 1.0, 1.0) is True
         body = loop.create_future()
@@ -179,11 +186,8 @@ def test_a_body_is_made_again_from_a_round_that_ends_early_enough_and_then_held(
     makes the body again from its samples, the fresher; the round after that holds it."""
 
     async def run() -> None:
-        counts: list[str] = []
-        a = RenderAhead(counts.append)
+        a, counts, who = expecting_at_45()
         loop = asyncio.get_running_loop()
-        who = ("127.0.0.1", "Prometheus/2.42.0")
-        arrivals(a, who, [0.0, 15.0, 30.0])  # the next expected at 45
         a.round_done(43.85, 1.0)
         assert a.due(43.85, 1.0) is True
         a.started(tag(a.round), loop.create_future())
