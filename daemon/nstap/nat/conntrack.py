@@ -229,13 +229,21 @@ class ConntrackReader:
             for flow in self.dump():
                 yield flow.proto, flow.orig_src, flow.reply_src, flow.status, flow.tcp_state
             return
+        for _data, entries in self._batches(offsets=False):
+            yield from entries
+
+    def _batches(self, offsets: bool) -> Iterator[tuple[bytes, list[tuple]]]:
+        """The dump, one received batch at a time with its entries reduced in C (each entry's
+        message offset in the batch as well, with ``offsets``)."""
+        assert _summaries is not None
         if self._sock is None:
             self._sock = netlink.open_socket(netlink.NETLINK_NETFILTER)
         try:
             seq = netlink.send(self._sock, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
             while True:
-                entries, end = _summaries(netlink.receive(self._sock), seq)
-                yield from entries
+                data = netlink.receive(self._sock)
+                entries, end = _summaries(data, seq, offsets)
+                yield data, entries
                 if end < 0:
                     raise netlink.NetlinkError(-end, "netlink: " + os.strerror(-end))
                 if end:
@@ -245,6 +253,27 @@ class ConntrackReader:
                 self._sock.close()  # a half-read dump would make the next one fail: start afresh
                 self._sock = None
             raise
+
+    def matching(self, addresses: set[bytes]) -> Iterator[Flow]:
+        """The entries from or to ``addresses`` (packed), whole: what a capture's evidence lists.
+
+        Every entry of the table comes in the dump; each batch is reduced in C first and only the
+        matching messages are parsed into a Flow (at 50,000 entries: the dump alone costs about
+        95 ms of CPU, this about 110, a Flow for every entry 320). Without the extension, from
+        :meth:`dump`. Waits out each sampling round like the other loops over the table."""
+        pause = ROUND.pause  # in a worker thread (the evidence): it waits out each sampling round (see nstap.gate)
+        if _summaries is None:
+            for n, flow in enumerate(self.dump()):
+                if n & 1023 == 1023:
+                    pause()
+                if flow.orig_src in addresses or flow.reply_src in addresses:
+                    yield flow
+            return
+        for data, entries in self._batches(offsets=True):
+            pause()
+            for _proto, orig_src, reply_src, _status, _state, off in entries:
+                if orig_src in addresses or reply_src in addresses:
+                    yield parse_flow(data, off)
 
     def dump(self) -> Iterator[Flow]:
         """Every entry of the table (both families), parsed by hand as the dump is read: a caller

@@ -431,7 +431,8 @@ class NatMonitor:
     async def conntrack_of(self, addresses: list[str], limit: int) -> dict[str, Any]:
         """The conntrack entries from or to ``addresses`` now (for a capture's evidence)."""
         def read() -> dict[str, Any]:
-            listed, count = flows_of(self._conntrack.dump(), {pack(a) for a in addresses}, limit)
+            packed = {pack(a) for a in addresses}
+            listed, count = flows_of(self._conntrack.matching(packed), packed, limit)
             return {"count": count, "listed": listed}
         try:
             return await self._thread(read)

@@ -147,12 +147,14 @@ static void ct_tuple(const unsigned char *pos, const unsigned char *end, const u
     }
 }
 
-/* conntrack_summaries(data, seq) -> (list of (proto, orig_src, reply_src, status, tcp_state), end)
- *   end: 0 more messages to come, 1 the dump is done, < 0 the kernel's error (-errno). */
+/* conntrack_summaries(data, seq, offsets=False) -> (list of (proto, orig_src, reply_src, status, tcp_state), end)
+ *   end: 0 more messages to come, 1 the dump is done, < 0 the kernel's error (-errno).
+ *   offsets: each tuple ends with the message's offset in data as well (to parse it whole). */
 static PyObject *conntrack_summaries(PyObject *self, PyObject *args) {
     Py_buffer data;
     unsigned int seq;
-    if (!PyArg_ParseTuple(args, "y*I", &data, &seq))
+    int offsets = 0;
+    if (!PyArg_ParseTuple(args, "y*I|p", &data, &seq, &offsets))
         return NULL;
     PyObject *out = PyList_New(0);
     int done = 0;
@@ -210,8 +212,10 @@ static PyObject *conntrack_summaries(PyObject *self, PyObject *args) {
                     }
                     pos += (len + 3) & ~3u;
                 }
-                PyObject *item = Py_BuildValue("(iy#y#Ii)", proto, orig ? (const char *)orig : "", orig_len, reply ? (const char *)reply : "",
-                                               reply_len, status, tcp_state);
+                const char *o = orig ? (const char *)orig : "", *r = reply ? (const char *)reply : "";
+                PyObject *item = offsets ? Py_BuildValue("(iy#y#Iin)", proto, o, orig_len, r, reply_len, status, tcp_state,
+                                                         (Py_ssize_t)(p - (const unsigned char *)data.buf))
+                                         : Py_BuildValue("(iy#y#Ii)", proto, o, orig_len, r, reply_len, status, tcp_state);
                 if (item == NULL || PyList_Append(out, item) < 0) {
                     Py_XDECREF(item);
                     Py_CLEAR(out);
@@ -231,7 +235,7 @@ static PyObject *conntrack_summaries(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS, "scan(data, plan, expected, ntokens, nvalues) -> tuple of ints, or None if the file's shape changed"},
     {"conntrack_summaries", conntrack_summaries, METH_VARARGS,
-     "conntrack_summaries(data, seq) -> ([(proto, orig_src, reply_src, status, tcp_state), ...], end): one recv of a conntrack dump"},
+     "conntrack_summaries(data, seq, offsets=False) -> ([(proto, orig_src, reply_src, status, tcp_state[, offset]), ...], end): one recv of a conntrack dump"},
     {NULL, NULL, 0, NULL},
 };
 
