@@ -3,8 +3,9 @@
 
 Starts N busybox containers in dockerd, each publishing one port; adds R extra DNAT rules to the
 host's nat table (``iptables-restore --noflush``: a chain of their own, jumped to first from
-PREROUTING, so every walk passes it) and E conntrack entries (pyroute2, UDP between documentation
-addresses, 10 minutes' timeout); then runs ``nstap run`` (1 s interval) twice for the same window,
+PREROUTING, so every walk passes it) and E conntrack entries (bench/conntrack_fill.py, UDP between
+documentation addresses, 10 minutes' timeout); measures what listing one container's entries
+costs a capture's evidence (against the dump alone); then runs ``nstap run`` (1 s interval) twice for the same window,
 with ``nat.enabled`` off and on, and reports:
 
 * the daemon's CPU (user+system, threads and waited-for children such as iptables-save) in both
@@ -40,12 +41,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_sampling import CLK_TCK, lag_quantiles, rss_mib  # noqa: E402
 from conftest import free_port  # noqa: E402
+from conntrack_fill import add_entries, remove_entries  # noqa: E402
 from images import ensure_image  # noqa: E402
 
 LABEL = "nstap.bench=nat"
 CHAIN = "NSTAP-BENCH"
 PORT_BASE = 31000
-SOURCES = 50  # conntrack entries come from 198.51.100.1..50, one port per entry
 
 
 def sh(*args: str, check: bool = True) -> str:
@@ -89,32 +90,58 @@ def remove_rules() -> None:
     sh("iptables", "-t", "nat", "-X", CHAIN, check=False)
 
 
-def add_entries(count: int) -> int:
-    from pyroute2 import Conntrack
-    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+def evidence_reads(rounds: int = 5) -> dict:
+    """What listing one container's conntrack entries costs a capture's evidence, in CPU (median
+    of ``rounds``) against the dump alone (its lower bound: the kernel's walk and the copies),
+    the way it is done (the dump reduced in C, only the matching entries parsed) and the way it
+    was (a Flow parsed for every entry)."""
+    import socket
+    import struct
 
-    ct = Conntrack()
-    added = 0
+    from nstap.nat.conntrack import ConntrackReader, flows_of
+    from nstap.netns import netlink
+
+    mine = {socket.inet_aton("198.51.100.7")}  # one of conntrack_fill.SOURCES: 1/50 of the added entries
+    reader = ConntrackReader()
+    sock = netlink.open_socket(netlink.NETLINK_NETFILTER)
+
+    def dump_alone() -> int:
+        seq = netlink.send(sock, (1 << 8) | 1, struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))  # IPCTNL_MSG_CT_GET
+        batches = 0
+        while True:
+            data = netlink.receive(sock)
+            batches += 1
+            done = False
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype, _f, mseq, _p = struct.unpack_from("=LHHLL", data, off)
+                done = done or (mseq == seq and mtype in (netlink.NLMSG_DONE, netlink.NLMSG_ERROR))
+                off += (length + 3) & ~3
+            if done:
+                return batches
+
+    ways = {
+        "dump_alone": dump_alone,
+        "matching_in_c": lambda: flows_of(reader.matching(mine), mine)[1],
+        "flow_per_entry": lambda: flows_of(reader.dump(), mine)[1],
+    }
+    out: dict = {}
     try:
-        for i in range(count):
-            src, port = f"198.51.100.{i % SOURCES + 1}", 1024 + i // SOURCES
-            try:
-                ct.entry(
-                    "add", timeout=600,
-                    tuple_orig=NFCTAttrTuple(saddr=src, daddr="198.51.100.200", proto=17, sport=port, dport=53),
-                    tuple_reply=NFCTAttrTuple(saddr="198.51.100.200", daddr=src, proto=17, sport=53, dport=port),
-                )
-                added += 1
-            except Exception:  # noqa: BLE001 - an entry that exists already
-                continue
+        for name, way in ways.items():
+            took = []
+            for _ in range(rounds):
+                started = time.thread_time()
+                found = way()
+                took.append(time.thread_time() - started)
+            out[f"{name}_ms"] = round(1000 * statistics.median(took), 1)
+            if name != "dump_alone":
+                out[f"{name}_found"] = found
     finally:
-        ct.close()
-    return added
-
-
-def remove_entries() -> None:
-    for i in range(SOURCES):
-        sh("conntrack", "-D", "-s", f"198.51.100.{i + 1}", "-d", "198.51.100.200", check=False)
+        reader.close()
+        sock.close()
+    for name in ("matching_in_c", "flow_per_entry"):
+        out[f"{name}_x_dump"] = round(out[f"{name}_ms"] / out["dump_alone_ms"], 2)
+    return out
 
 
 class Daemon:
@@ -228,6 +255,8 @@ def main() -> int:
         results["start_containers_s"] = round(time.monotonic() - started, 1)
         add_rules(args.rules)
         results["conntrack_added"] = add_entries(args.entries)
+        results["evidence_conntrack"] = evidence_reads()
+        print("evidence's conntrack read:", json.dumps(results["evidence_conntrack"]), flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             for nat in (False, True):
                 workdir = Path(tmp) / ("on" if nat else "off")

@@ -83,3 +83,36 @@ def test_nspaced_makes_the_daemons_reads_with_daemon_reads(containers, docker_im
         assert m, out
         assert float(m.group(1)) > 0
         assert int(m.group(2)) == rounds * per_round, (mode, out)
+
+
+def test_the_nat_benchs_conntrack_entries_are_real_and_removed() -> None:
+    """bench_nat fills the host's conntrack table with hand-built requests (pyroute2, which it used
+    to import, is no longer installed, and `make bench-nat` failed at that step unnoticed): the
+    entries it says it added are in the kernel's table, and it removes them all."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from conntrack_fill import SOURCES, TARGET, add_entries, remove_entries
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import socket
+
+    from nstap.nat.conntrack import ConntrackReader
+
+    def ours() -> list[tuple]:
+        reader = ConntrackReader()
+        try:
+            return [s for s in reader.summaries() if s[2] == socket.inet_aton(TARGET)]
+        finally:
+            reader.close()
+
+    remove_entries()
+    try:
+        assert add_entries(3 * SOURCES) == 3 * SOURCES
+        assert add_entries(SOURCES) == 0  # the same entries again: each answered EEXIST
+        found = ours()
+        assert len(found) == 3 * SOURCES
+        assert {s[1] for s in found} == {socket.inet_aton(f"198.51.100.{i + 1}") for i in range(SOURCES)}
+        assert all(s[0] == socket.IPPROTO_UDP for s in found)
+    finally:
+        remove_entries()
+    assert ours() == []
