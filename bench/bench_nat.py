@@ -9,7 +9,8 @@ costs a capture's evidence (against the dump alone); then runs ``nstap run`` (1 
 with ``nat.enabled`` off and on, and reports:
 
 * the daemon's CPU (user+system, threads and waited-for children such as iptables-save) in both
-  runs: their difference is the NAT path's cost, in % of one core;
+  runs: their difference is the NAT path's cost, in % of one core; and the same per thread kind
+  (the kernel's accounting: the event loop, the NAT thread, the port prober, ...) and children;
 * the NAT read's own figures from /metrics (rules read, read wall time, conntrack flow pass time);
 * how late the sampling ticks started in both runs (``nstap_tick_lag_seconds``);
 * the latency from a rule change (a DNAT inserted first in PREROUTING that shadows one container's
@@ -39,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_sampling import CLK_TCK, lag_quantiles, rss_mib  # noqa: E402
+from bench_sampling import CLK_TCK, group_of, lag_quantiles, rss_mib, thread_cpu  # noqa: E402
 from conftest import free_port  # noqa: E402
 from conntrack_fill import add_entries, remove_entries  # noqa: E402
 from images import ensure_image  # noqa: E402
@@ -57,6 +58,22 @@ def cpu_seconds(pid: int) -> float:
     """user+system of the process, its threads and the children it waited for (iptables-save, nft)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
+def children_seconds(pid: int) -> float:
+    """user+system of the children the process waited for (iptables-save, nft)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[13:15]) / CLK_TCK
+
+
+def by_thread(pid: int, before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float) -> dict[str, float]:
+    """% of one core per thread kind (``nstap-nat``, the event loop's ``MainThread``, ...) between
+    two :func:`bench_sampling.thread_cpu` readings (a thread that exited between them is left out)."""
+    spent: dict[str, float] = {}
+    for tid, (comm, cpu) in after.items():
+        name = "MainThread" if tid == pid else group_of(comm)
+        spent[name] = spent.get(name, 0.0) + cpu - before.get(tid, (comm, 0.0))[1]
+    return {name: round(100 * cpu / seconds, 2) for name, cpu in sorted(spent.items(), key=lambda kv: -kv[1]) if cpu > 0}
 
 
 def scrape(port: int) -> str:
@@ -194,12 +211,15 @@ def measure(nat: bool, containers: int, seconds: float, workdir: Path) -> dict:
         if nat:
             d.wait(lambda t: t.count("nstap_nat_port_forward_info{") >= containers, 120)
         time.sleep(5)  # first reads, attach costs
-        before_text, before_cpu = scrape(d.metrics_port), cpu_seconds(d.proc.pid)
+        pid = d.proc.pid
+        before_text, before_cpu, before_threads, before_children = scrape(d.metrics_port), cpu_seconds(pid), thread_cpu(pid), children_seconds(pid)
         time.sleep(seconds)
-        after_cpu, after_text = cpu_seconds(d.proc.pid), scrape(d.metrics_port)
+        after_cpu, after_threads, after_children, after_text = cpu_seconds(pid), thread_cpu(pid), children_seconds(pid), scrape(d.metrics_port)
         out = {
             "nat": nat,
             "cpu_percent": round(100 * (after_cpu - before_cpu) / seconds, 2),
+            "threads_percent": by_thread(pid, before_threads, after_threads, seconds),
+            "children_percent": round(100 * (after_children - before_children) / seconds, 2),
             "rss_mib": round(rss_mib(d.proc.pid), 1),
             "tick_lag": lag_quantiles(before_text, after_text),
         }
