@@ -622,8 +622,8 @@ def test_conntrack_summaries_in_c_equal_the_python_parse() -> None:
 
 def test_a_captures_conntrack_entries_come_whole_from_the_reduced_dump(monkeypatch) -> None:
     """A capture's evidence lists the entries from or to its container: the dump is reduced in C
-    and only the matching messages are parsed (a Flow for each of 50,000 entries cost 320 ms of
-    CPU, this 120: bench/bench_nat.py). The same flows, every field, as parsing every entry, for
+    and only the matching messages are parsed (a Flow for each of 50,000 entries cost 310-330 ms of
+    CPU, this 110: bench/bench_nat.py). The same flows, every field, as parsing every entry, for
     the original side and the reply side, with and without the extension."""
     from nstap.nat import conntrack
 

@@ -259,7 +259,7 @@ class ConntrackReader:
 
         Every entry of the table comes in the dump; each batch is reduced in C first and only the
         matching messages are parsed into a Flow (at 50,000 entries: the dump alone costs about
-        106 ms of CPU, this 115, a Flow for every entry 308: bench/bench_nat.py). Without the extension, from
+        95 ms of CPU, this 110, a Flow for every entry 310-330: bench/bench_nat.py). Without the extension, from
         :meth:`dump`. Waits out each sampling round like the other loops over the table."""
         pause = ROUND.pause  # in a worker thread (the evidence): it waits out each sampling round (see nstap.gate)
         if _summaries is None:
