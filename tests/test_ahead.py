@@ -304,3 +304,22 @@ async def test_no_full_collection_runs_while_a_scrape_is_answered() -> None:
         held.set()
         fc.give_back()
         await server.stop()
+
+
+def test_a_scrapes_gzip_body_is_its_text_made_ahead_or_at_once() -> None:
+    """The bodies the server sends (samples_body, scrape_body), compressed family by family: a real
+    gzip reads back exactly the text an uncompressed scrape gets, whether the samples' part was
+    made ahead or not."""
+    from test_exporter import fleet_collector
+
+    collector = fleet_collector(30)
+    scrape, own = collector.snapshot(), b"# HELP own x\n# TYPE own gauge\nown 1\n"
+    whole = ahead.scrape_body(collector, scrape, False, own)
+    assert whole == own + collector.exposition(scrape)
+    made_ahead = ahead.scrape_body(collector, scrape, False, own, ahead.samples_body(collector, scrape, False))
+    assert made_ahead == collector.exposition(scrape, "samples") + own + collector.exposition(scrape, "state")
+    for body, text in (
+        (ahead.scrape_body(collector, scrape, True, own), whole),
+        (ahead.scrape_body(collector, scrape, True, own, ahead.samples_body(collector, scrape, True)), made_ahead),
+    ):
+        assert subprocess.run(["gzip", "-dc"], input=body, capture_output=True, check=True).stdout == text

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import platform
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, disable_created_metrics
@@ -180,15 +180,19 @@ except ImportError:  # not built (no compiler at install): the same in Python
 COMPILED = put is not put_py
 
 
-def render(families: Iterable[Family]) -> bytes:
-    """Families in the Prometheus text format 0.0.4 (UTF-8)."""
-    parts: list[bytes | bytearray] = []
+def pieces(families: Iterable[Family]) -> Iterator[bytes | bytearray]:
+    """Families in the Prometheus text format 0.0.4 (UTF-8), piece by piece: each family's HELP
+    and TYPE lines, then its body (the family's own buffer, not a copy)."""
     for fam in families:
         if not fam.body:
             continue
-        parts.append(f"# HELP {fam.name} {fam.help}\n# TYPE {fam.name} {fam.kind}\n".encode())
-        parts.append(fam.body)
-    return b"".join(parts)
+        yield f"# HELP {fam.name} {fam.help}\n# TYPE {fam.name} {fam.kind}\n".encode()
+        yield fam.body
+
+
+def render(families: Iterable[Family]) -> bytes:
+    """Families in the Prometheus text format 0.0.4 (UTF-8)."""
+    return b"".join(pieces(families))
 
 
 class SampleFamilies:
@@ -377,7 +381,25 @@ class ContainerCollector:
     def exposition(self, scrape: ScrapeState | None = None, part: str | None = None) -> bytes:
         """The text exposition of every family, or of one part's (:data:`PARTS`), UTF-8 (from
         ``scrape``, or a snapshot taken now)."""
-        return render(self.families(scrape if scrape is not None else self.snapshot(), part))
+        try:
+            return render(self.families(scrape if scrape is not None else self.snapshot(), part))
+        finally:
+            self._release()
+
+    def write(self, sink: Callable[[bytes | bytearray], Any], scrape: ScrapeState, part: str | None = None) -> None:
+        """:meth:`exposition`, handed to ``sink`` piece by piece (a compressor): never the whole
+        text in one buffer. A piece is valid only during the call that hands it over."""
+        try:
+            for piece in pieces(self.families(scrape, part)):
+                sink(piece)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Empty the families kept from one render to the next once their text is used: at 1,000
+        containers they hold the ~10 MB of the last scrape's sample lines until the next render."""
+        self._samples.clear()
+        self._drops.body.clear()
 
     def render(self, scrape: ScrapeState | None = None) -> str:
         """:meth:`exposition` as text."""

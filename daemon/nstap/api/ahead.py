@@ -37,8 +37,9 @@ are the most recent :data:`SCRAPERS`, so one that sprays from many addresses onl
 others back to a render at arrival, as without this.
 
 gzip: the body ahead is raw deflate ended by a full flush; the scrape's part follows it in a deflate
-stream of its own, in one gzip member whose CRC is chained over both (:func:`gzip_join`): a client
-that reads one member only (curl) gets it all.
+stream of its own, in one gzip member whose CRC is chained over both (:class:`Deflate`): a client
+that reads one member only (curl) gets it all. Both are compressed as the exporter hands over its
+families, never joined into one text first.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ import struct
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
+
+from ..exporter import SAMPLES, STATE
 
 SCRAPERS = 8  # scrapers whose cadence is kept (the most recent ones)
 ARRIVALS = 3  # arrivals kept per scraper: two intervals, which agree for a steady cadence
@@ -79,17 +82,78 @@ class Tag(NamedTuple):
     compress: bool
 
 
+class Deflate:
+    """Text compressed as it is written, piece by piece (the exporter's families: the whole text of
+    a scrape, ~10 MB at 1,000 containers, is never joined into one buffer), after ``first``'s if
+    given: raw deflate at :data:`LEVEL`, with the CRC-32 and length of all the text so far."""
+
+    __slots__ = ("_compressor", "_out", "crc", "size")
+
+    def __init__(self, first: Part | None = None) -> None:
+        self._compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self._out = [first.data] if first is not None else []
+        self.crc, self.size = (first.crc, first.size) if first is not None else (0, 0)
+
+    def write(self, text: bytes | bytearray) -> None:
+        if text:
+            self._out.append(self._compressor.compress(text))
+            self.crc = zlib.crc32(text, self.crc)
+            self.size += len(text)
+
+    def part(self) -> Part:
+        """What was written, ended by a full flush: another deflate stream may follow it."""
+        return Part(b"".join((*self._out, self._compressor.flush(zlib.Z_FULL_FLUSH))), self.crc, self.size)
+
+    def gzip(self) -> bytes:
+        """What was written, as one gzip member."""
+        trailer = struct.pack("<II", self.crc, self.size & 0xFFFFFFFF)
+        return b"".join((GZIP_HEADER, *self._out, self._compressor.flush(), trailer))
+
+
 def deflate_part(text: bytes) -> Part:
     """``text`` as raw deflate ended by a full flush: another deflate stream may follow it."""
-    compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
-    return Part(compressor.compress(text) + compressor.flush(zlib.Z_FULL_FLUSH), zlib.crc32(text), len(text))
+    deflate = Deflate()
+    deflate.write(text)
+    return deflate.part()
 
 
 def gzip_join(first: Part, rest: bytes) -> bytes:
     """One gzip member holding ``first``'s text followed by ``rest``."""
-    compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
-    trailer = struct.pack("<II", zlib.crc32(rest, first.crc), (first.size + len(rest)) & 0xFFFFFFFF)
-    return b"".join((GZIP_HEADER, first.data, compressor.compress(rest), compressor.flush(), trailer))
+    deflate = Deflate(first)
+    deflate.write(rest)
+    return deflate.gzip()
+
+
+def samples_body(collector: Exposition, scrape: Any, compress: bool) -> Part:
+    """The body rendered ahead: the exporter's SAMPLES part, as text or raw deflate."""
+    if not compress:
+        text = collector.exposition(scrape, SAMPLES)
+        return Part(text, 0, len(text))
+    deflate = Deflate()
+    collector.write(deflate.write, scrape, SAMPLES)
+    return deflate.part()
+
+
+def scrape_body(collector: Exposition, scrape: Any, compress: bool, own: bytes, ahead: Part | None = None) -> bytes:
+    """A scrape's whole body: ``ahead`` (the SAMPLES part made ahead, in the same encoding) if
+    given, then ``own`` (the daemon's own metrics) and the exporter's families (the STATE part
+    after ``ahead``, all of them without). gzip at :data:`LEVEL`: at 200 containers 2 MB of text
+    in ~10 ms instead of ~40 ms at the default level, still about 15 times smaller."""
+    part = STATE if ahead is not None else None
+    if not compress:
+        return b"".join((ahead.data if ahead is not None else b"", own, collector.exposition(scrape, part)))
+    deflate = Deflate(ahead)
+    deflate.write(own)
+    collector.write(deflate.write, scrape, part)
+    return deflate.gzip()
+
+
+class Exposition(Protocol):
+    """What the bodies are made from (nstap.exporter.ContainerCollector)."""
+
+    def exposition(self, scrape: Any, part: str | None = None) -> bytes: ...
+
+    def write(self, sink: Callable[[bytes | bytearray], Any], scrape: Any, part: str | None = None) -> None: ...
 
 
 class Cadence:

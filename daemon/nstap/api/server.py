@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -15,11 +14,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ..capture.model import CaptureRefused
 from ..config import parse_listen
-from ..exporter import SAMPLES, STATE, ContainerCollector, ScrapeState
+from ..exporter import ContainerCollector, ScrapeState
 from ..registry import ContainerRegistry
 from ..runtime.records import ContainerRecord
 from ..supervisor import FailureReport, log_failure
-from .ahead import Part, RenderAhead, Tag, deflate_part, gzip_join
+from .ahead import Part, RenderAhead, Tag, samples_body, scrape_body
 from .auth import bearer_ok
 from .endpoints import BASIC, NONE, endpoint, routes
 from .webconfig import WebConfig, basic_auth_middleware
@@ -212,8 +211,7 @@ class ApiServer:
         return Tag(ahead.round, collector.store.generation, collector.registry.namespaces(), collector.disabled, compress)
 
     def _render_ahead(self, scrape: ScrapeState, compress: bool) -> Part:
-        text = self.collector.exposition(scrape, SAMPLES)
-        return deflate_part(text) if compress else Part(text, 0, len(text))
+        return samples_body(self.collector, scrape, compress)
 
     def _rendered_ahead(self, body: asyncio.Future[Part]) -> None:
         if not body.cancelled() and (exc := body.exception()) is not None:
@@ -269,14 +267,10 @@ class ApiServer:
         return await loop.run_in_executor(self._render_thread, self._join, part, self.collector.snapshot(), compress)
 
     def _join(self, part: Part, scrape: ScrapeState, compress: bool) -> bytes:
-        rest = generate_latest(self.prometheus) + self.collector.exposition(scrape, STATE)
-        return gzip_join(part, rest) if compress else part.data + rest
+        return scrape_body(self.collector, scrape, compress, generate_latest(self.prometheus), part)
 
     def _render(self, scrape: ScrapeState, compress: bool) -> bytes:
-        body = generate_latest(self.prometheus) + self.collector.exposition(scrape)
-        # Prometheus asks for gzip. Level 1: 2 MB of text (200 containers) in ~10 ms instead of
-        # ~40 ms at the default level, still about 15 times smaller.
-        return gzip.compress(body, compresslevel=1) if compress else body
+        return scrape_body(self.collector, scrape, compress, generate_latest(self.prometheus))
 
     @endpoint("GET", "/healthz", "Liveness: the listener is up.", listener="metrics", auth=NONE, answers=((200, '{"status": "ok"}'),))
     @endpoint("GET", "/healthz", "Liveness: the listener is up.", auth=NONE, answers=((200, '{"status": "ok"}'),))
