@@ -61,7 +61,7 @@ from .runtime.source import RuntimeSource
 from .samplers import HostLinks, SamplerContext, enabled_samplers
 from .samples import SampleStore
 from .supervisor import TaskSupervisor
-from .watcher import WatcherPool
+from .watcher import Ticker, WatcherPool
 from .threads import worker_threads
 
 log = structlog.get_logger("nstap")
@@ -114,6 +114,13 @@ def capture_settings(cfg: Config) -> CaptureSettings:
         max_per_container_per_hour=cap.max_per_container_per_hour, ring=cap.ring, ring_bytes=cap.ring_bytes,
         ring_segments=cap.ring_segments, ring_seconds=cap.ring_seconds, evidence=cap.evidence,
     )
+
+
+def collect_after_rounds(collections: FullCollections, ticker: Ticker, api: ApiServer) -> None:
+    """The daemon's full collections, after sampling rounds: one waits for a round that leaves it
+    room before the next tick and before the next scrape (or while one is answered), as it holds
+    the event loop's thread."""
+    ticker.done_hooks.append(lambda: collections.after_round(min(ticker.room(), api.quiet(ticker.interval))))
 
 
 @dataclass
@@ -382,9 +389,7 @@ class App:
         ticker = parts.pool.ticker
         api = self.api
         assert api is not None
-        # A full collection waits for a round that leaves it room before the next tick and before
-        # the next scrape (or while one is answered): it holds the event loop's thread.
-        ticker.done_hooks.append(lambda: self.full_collections.after_round(min(ticker.room(), api.quiet(ticker.interval))))
+        collect_after_rounds(self.full_collections, ticker, api)
         ticker.done_hooks.append(lambda: api.after_round(ticker.interval))
         if cfg.detect.enabled:
             parts.pipeline.start(self.store)
