@@ -8,7 +8,9 @@ Reports the best of ``--rounds`` runs of each, in ms of CPU, and the text's line
 no kernel read: this isolates the renderer, which a scrape in the daemon also runs beside the
 sampling rounds (the scrape figures of ``make bench`` include that contention). Then the body a
 scrape gets (the server's own function, in a thread): its CPU, and the process's resident memory
-before the first of those renders, after them, and at its peak while they ran.
+before the first of those renders, after them, and at its peak while they ran; and that body's wall
+time alone and beside a thread busy with Python as the event loop is in a sampling round (the
+render thread waits for the GIL each time it gave it up).
 
     .venv/bin/python bench/bench_render.py [--containers 500] [--rounds 7]
 """
@@ -16,6 +18,8 @@ before the first of those renders, after them, and at its peak while they ran.
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import threading
 import time
@@ -87,10 +91,50 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to VmRSS (proc(5))
 
 
+def wall_times(make, rounds: int, busy: bool) -> list[float]:
+    """Wall seconds of ``make()`` in a thread of its own, ``rounds`` times; with ``busy``, beside a
+    thread that loops over pure Python (~100 µs) and a pread, like the event loop in a round."""
+    out: list[float] = []
+    for _ in range(rounds):
+        stop = threading.Event()
+
+        def loop() -> None:
+            fd = os.open("/proc/self/net/snmp", os.O_RDONLY)
+            try:
+                while not stop.is_set():
+                    total = 0
+                    for i in range(3000):
+                        total += i
+                    os.pread(fd, 65536, 0)
+            finally:
+                os.close(fd)
+
+        other = threading.Thread(target=loop) if busy else None
+        if other is not None:
+            other.start()
+            time.sleep(0.05)
+        took: list[float] = []
+
+        def made() -> None:
+            started = time.perf_counter()
+            make()
+            took.append(time.perf_counter() - started)
+
+        worker = threading.Thread(target=made)
+        worker.start()
+        worker.join()
+        stop.set()
+        if other is not None:
+            other.join()
+        out.append(took[0])
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--containers", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--busy-rounds", type=int, default=15, help="bodies made beside a busy event loop")
     args = parser.parse_args()
     collector = fleet(args.containers)
     own = generate_latest(build_registry())
@@ -111,6 +155,11 @@ def main() -> int:
     thread.start()
     thread.join()
     after = memory()
+    # The same body's wall time, alone and beside a thread that runs Python as the event loop does
+    # in a sampling round (short pure-Python stretches between preads): the render thread waits
+    # for the GIL whenever it gave it up (zlib gives it up for every call).
+    alone = wall_times(lambda: scrape_body(collector, collector.snapshot(), True, own), args.rounds, busy=False)
+    beside = wall_times(lambda: scrape_body(collector, collector.snapshot(), True, own), args.busy_rounds, busy=True)
     render, gzip = [], []
     text = b""
     for _ in range(args.rounds):
@@ -125,7 +174,9 @@ def main() -> int:
     print(f"{args.containers} containers: {lines} lines, {size / 1024:.0f} KiB; "
           f"render {min(render) * 1000:.1f} ms, gzip level 1 {min(gzip) * 1000:.1f} ms of CPU (best of {args.rounds}); "
           f"the server's gzip body ({len(made[0]) / 1024:.0f} KiB) {min(body) * 1000:.1f} ms; "
-          f"resident memory {before:.1f} MiB before its first render, {after['VmRSS']:.1f} after, peak {after['VmHWM']:.1f}")
+          f"resident memory {before:.1f} MiB before its first render, {after['VmRSS']:.1f} after, peak {after['VmHWM']:.1f}; "
+          f"its wall time alone {statistics.median(alone) * 1000:.1f} ms (median), beside a busy event loop "
+          f"{statistics.median(beside) * 1000:.1f} ms median, {max(beside) * 1000:.1f} max ({len(beside)} bodies)")
     return 0
 
 

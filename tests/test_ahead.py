@@ -331,3 +331,33 @@ def test_a_scrapes_gzip_body_is_its_text_made_ahead_or_at_once() -> None:
         (ahead.scrape_body(collector, scrape, True, own, ahead.samples_body(collector, scrape, True)), made_ahead),
     ):
         assert subprocess.run(["gzip", "-dc"], input=body, capture_output=True, check=True).stdout == text
+
+
+def test_a_body_is_compressed_in_chunks_not_piece_by_piece(monkeypatch) -> None:
+    """zlib gives up the GIL at every call, and the render thread waits for it back each time (up
+    to 5 ms beside a busy event loop): a body's many small pieces (two per family) go to zlib in
+    chunks of ahead.CHUNK, and the gzip still reads back as the text."""
+    calls = []
+    real = zlib.compressobj
+
+    class Counting:  # the real compressor, its calls counted
+        def __init__(self, *args) -> None:
+            self.inner = real(*args)
+
+        def compress(self, data):
+            calls.append(len(data))
+            return self.inner.compress(data)
+
+        def flush(self, *args):
+            return self.inner.flush(*args)
+
+    monkeypatch.setattr(ahead.zlib, "compressobj", Counting)
+    monkeypatch.setattr(ahead, "CHUNK", 64 << 10)
+    pieces = [b"# HELP f%d x\n" % i + b"f%d{a=\"b\"} 1\n" % i * (i % 50) for i in range(2000)]
+    deflate = ahead.Deflate()
+    for piece in pieces:
+        deflate.write(piece)
+    text = b"".join(pieces)
+    assert gzip.decompress(deflate.gzip()) == text
+    assert sum(calls) == len(text) and len(calls) <= len(text) // (64 << 10) + 1, (len(calls), len(text))
+    assert all(n >= 64 << 10 for n in calls[:-1])
