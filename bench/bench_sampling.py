@@ -774,7 +774,6 @@ class Fleet:
             run("docker", "network", "rm", *networks, check=False)
         self.networks.clear()
 
-
     @staticmethod
     def _kill_directly(ids: list[str]) -> int:
         """SIGKILL the init process of each of ``ids`` that still runs, found without dockerd (the

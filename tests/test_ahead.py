@@ -315,8 +315,8 @@ async def test_no_full_collection_runs_while_a_scrape_is_answered() -> None:
 
 
 def test_a_scrapes_gzip_body_is_its_text_made_ahead_or_at_once() -> None:
-    """The bodies the server sends (samples_body, scrape_body), compressed family by family: a real
-    gzip reads back exactly the text an uncompressed scrape gets, whether the samples' part was
+    """The bodies the server sends (samples_body, scrape_body), compressed as the exporter hands its
+    families over: a real gzip reads back exactly the text an uncompressed scrape gets, whether the samples' part was
     made ahead or not."""
     from test_exporter import fleet_collector
 
