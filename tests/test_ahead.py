@@ -14,7 +14,20 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nstap.api import ahead
-from nstap.api.ahead import Cadence, Part, RenderAhead, Tag, deflate_part, gzip_join
+from nstap.api.ahead import Cadence, Deflate, Part, RenderAhead, Tag
+
+
+def deflate_part(text: bytes) -> Part:
+    deflate = Deflate()
+    deflate.write(text)
+    return deflate.part()
+
+
+def gzip_join(first: Part, rest: bytes) -> bytes:
+    """The body a scrape served ahead gets: ``first`` (made ahead), then ``rest`` in the same member."""
+    deflate = Deflate(first)
+    deflate.write(rest)
+    return deflate.gzip()
 
 
 @pytest.mark.parametrize("first, rest", [(b"", b""), (b"a 1\n" * 50_000, b"b 2\n"), (bytes(range(256)) * 999, b"# tail\n" * 3000)])

@@ -131,20 +131,6 @@ class Deflate:
         return b"".join((GZIP_HEADER, *self._out, self._compressor.flush(), trailer))
 
 
-def deflate_part(text: bytes) -> Part:
-    """``text`` as raw deflate ended by a full flush: another deflate stream may follow it."""
-    deflate = Deflate()
-    deflate.write(text)
-    return deflate.part()
-
-
-def gzip_join(first: Part, rest: bytes) -> bytes:
-    """One gzip member holding ``first``'s text followed by ``rest``."""
-    deflate = Deflate(first)
-    deflate.write(rest)
-    return deflate.gzip()
-
-
 def samples_body(collector: Exposition, scrape: Any, compress: bool) -> Part:
     """The body rendered ahead: the exporter's SAMPLES part, as text or raw deflate."""
     if not compress:
