@@ -452,6 +452,9 @@ def test_paused_listener_whose_clients_give_up(nstap, containers: Containers, do
     assert "(docker pause)" in text or "freezer" in text, text
 
 
+CONNECT_EVERY = 4  # seconds between the client's connections: more than the detector's window (2 s) plus a sample or two
+
+
 def test_syn_acks_dropped_on_the_client_side(nstap, containers: Containers, docker_image: str) -> None:
     """The client's namespace drops the SYN-ACKs: the server retransmits them, its handshakes
     never complete, and its own half-open detector trips (the client's is tcp_syn_sent_stuck)."""
@@ -459,7 +462,8 @@ def test_syn_acks_dropped_on_the_client_side(nstap, containers: Containers, dock
     server = containers.docker(docker_image, *HTTPD, name="halfopen")
     ip = container_ip(server)
     client = containers.docker(
-        docker_image, "sh", "-c", f"while true; do nc -w 20 {ip} 80 </dev/null >/dev/null 2>&1; sleep 0.2; done", name="halfclient"
+        docker_image, "sh", "-c", f"while true; do nc -w 20 {ip} 80 </dev/null >/dev/null 2>&1; sleep {CONNECT_EVERY}; done",
+        name="halfclient",
     )
     pid = containers.pid("docker", client)
     d.wait_metric(lambda m: m.value("nstap_sample_timestamp_seconds", container_id=server[:12]), 5)
@@ -471,8 +475,9 @@ def test_syn_acks_dropped_on_the_client_side(nstap, containers: Containers, dock
         event = detected(d, server, "tcp_syn_recv_stuck")
     finally:
         in_netns(pid, "iptables", "-D", *rule[2:], check=False)
-    # The window reaches back before the rule went in: the client's last connection before it may
-    # be counted (seen in CI); none completes under the fault.
+    # The window reaches back before the fault's onset (the client's next SYN): the client's last
+    # connection before it may be counted, never two (they are CONNECT_EVERY apart); none completes
+    # under the fault.
     assert event["numbers"]["syn_ack_retransmits"] >= 3 and event["numbers"]["handshakes_completed"] <= 1, event
     # The fault bites at the client's next SYN (its onset); the first SYN-ACK retransmission comes a second later.
     check_onset(event, injected, kernel_delay=1.0, takes_effect_later=True)
