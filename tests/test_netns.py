@@ -180,7 +180,10 @@ async def test_accept_queue_fills_and_overflows(netns: NsUnderTest, opener: Name
         sample = sockets.sample()
         assert [(q.port, q.length, q.limit) for q in sample.listen] == [("8123", 3, 2)]  # backlog + 1
         assert protocols.sample()["tcp_listen_overflows"] > overflows_before
-        # Sockets other than listeners exist now (request sockets): the walk is wanted and counts them.
+        # Sockets other than listeners exist now (request sockets), at a second sample too: the
+        # walk is wanted and counts them.
+        assert not sockets.walk_due()
+        sockets.sample()
         assert sockets.walk_due()
         result = sockets.walk()
         sockets.walk_done(result)
@@ -191,6 +194,75 @@ async def test_accept_queue_fills_and_overflows(netns: NsUnderTest, opener: Name
             c.close()
         listener.kill()
         listener.wait()
+        handles.close()
+
+
+SERVER = """
+import select, socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8125))
+s.listen(8)
+print("listening", flush=True)
+conns = []
+while True:  # holds each connection until its client closes it, then closes it too
+    ready, _, _ = select.select([s, *conns], [], [], 120)
+    if not ready:
+        break
+    for r in ready:
+        if r is s:
+            conns.append(s.accept()[0])
+        elif not r.recv(1):
+            conns.remove(r)
+            r.close()
+"""
+
+
+async def test_a_scheduled_walk_waits_for_sockets_seen_at_two_samples(netns: NsUnderTest, opener: NamespaceOpener) -> None:
+    """A connection seen at one sample only (a request served between two samples) is not worth a
+    walk of the host's hash, which would find it gone; one still there at the next sample is
+    walked; retried SYNs (walk_soon) walk at the first sight."""
+    server = subprocess.Popen([tool("ip"), "netns", "exec", netns.name, sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    handles = await opener.open(netns.pid)
+    clients: list[socket.socket] = []
+
+    def connected() -> None:
+        clients.append(socket.create_connection((netns.ns_ip, 8125), timeout=5))
+        time.sleep(0.2)  # the server accepted it
+
+    def closed() -> None:
+        clients.pop().close()
+        time.sleep(0.2)  # the server closed its end: only the listener is left
+
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        sockets = SocketSampler(handles, interval=1.0, walk_budget=1.0, max_walk_interval=60.0, max_ports=64)
+        sockets.sample()
+        assert not sockets.walk_families and not sockets.walk_due()
+        connected()
+        sockets.sample()
+        assert sockets.walk_families and not sockets.walk_due()  # seen once
+        closed()
+        sockets.sample()
+        assert not sockets.walk_families and not sockets.walk_due()
+        connected()
+        sockets.sample()
+        assert not sockets.walk_due()  # seen once again: the earlier sighting does not count
+        sockets.sample()
+        assert sockets.walk_due()  # still there at the next sample
+        counts, _, _ = sockets.walk()
+        assert counts["established"] == 1, counts
+        closed()
+        sockets.sample()
+        connected()
+        sockets.walk_soon()
+        sockets.sample()
+        assert sockets.walk_due()  # retried SYNs: at once
+    finally:
+        for c in clients:
+            c.close()
+        server.kill()
+        server.wait()
         handles.close()
 
 

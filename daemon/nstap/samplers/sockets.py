@@ -16,7 +16,11 @@ per walk however few sockets there are. So:
   for idle services;
 * otherwise the walk runs in a worker thread on a schedule derived from its measured CPU cost:
   every ``cost / budget`` intervals, clamped to [interval, max_interval]. Namespaces with their own
-  small hash walk every interval; those sharing the host's about once a minute.
+  small hash walk every interval; those sharing the host's about once a minute;
+* a scheduled walk waits until the sockets that are not listeners were there at PERSISTING samples
+  in a row: a connection that lives less than an interval (one request served) is gone before a
+  walk of the host's hash could count it, and at 1,000 containers with one request a second each,
+  such sightings made most of the walks. A walk asked for by retried SYNs does not wait.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ STATE_NAMES = ("listen", "time_wait", *WALKED_STATES)
 TCP_WALK_MASK = sum(1 << s for s in TCP_STATES if s not in (6, 10))
 TCP_LISTEN_MASK = 1 << 10
 SYN_SENT = 2
+PERSISTING = 2  # samples in a row that must find sockets other than listeners before a scheduled walk
 MAX_LOOKUPS = 8  # more known listeners than this: one dump is cheaper than asking for each
 REDISCOVER_AFTER = 10.0  # seconds: dump listeners at least this often while sockets are unexplained
 
@@ -157,6 +162,7 @@ class SocketSampler:
         self._walked_clock = float("-inf")
         self.walk_interval = interval
         self.walk_families: tuple[int, ...] = ()  # families to walk, set by sample()
+        self._unexplained = 0  # samples in a row that found sockets other than listeners
         self._known: dict[int, list[netlink.DiagSocket]] = {}  # family -> listeners found by the last dump
         self._lookups: dict[int, netlink.LookupRequest] = {}
         self._discovered_at: dict[int, float] = {}
@@ -197,6 +203,7 @@ class SocketSampler:
             if sockets > len(found):
                 walk.append(family)
         self.walk_families = tuple(walk)
+        self._unexplained = self._unexplained + 1 if walk else 0
         if not walk:
             self.urgent = False  # a fault's walk asked for when there is nothing to walk is not kept for later
         if not walk and self._walked_at:  # every TCP socket in use is a listener: no other state, exactly
@@ -286,8 +293,9 @@ class SocketSampler:
         return self._walk_cost
 
     def walk_due(self) -> bool:
-        """True when the latest sample found sockets to walk and the budget allows a walk now."""
-        return bool(self.walk_families) and self._clock() >= self._next_walk
+        """True when the latest PERSISTING samples found sockets to walk (the latest alone, if
+        retried SYNs asked for a walk) and this namespace's schedule allows a walk now."""
+        return (self._unexplained >= PERSISTING or (self.urgent and self._unexplained > 0)) and self._clock() >= self._next_walk
 
     def walk(self) -> tuple[dict[str, int], int, float]:
         """Walk the TCP tables of the families that need it (blocking: call from a worker thread)."""
