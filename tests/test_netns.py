@@ -197,15 +197,10 @@ async def test_accept_queue_fills_and_overflows(netns: NsUnderTest, opener: Name
         handles.close()
 
 
-SERVER = """
-import select, socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 8125))
-s.listen(8)
-print("listening", flush=True)
+# LISTENER on port 8125, holding each connection until its client closes it, then closing it too
+SERVER = LISTENER.replace("8123", "8125").replace("time.sleep(120)\n", """import select
 conns = []
-while True:  # holds each connection until its client closes it, then closes it too
+while True:
     ready, _, _ = select.select([s, *conns], [], [], 120)
     if not ready:
         break
@@ -215,7 +210,7 @@ while True:  # holds each connection until its client closes it, then closes it 
         elif not r.recv(1):
             conns.remove(r)
             r.close()
-"""
+""")
 
 
 async def test_a_scheduled_walk_waits_for_sockets_seen_at_two_samples(netns: NsUnderTest, opener: NamespaceOpener) -> None:
