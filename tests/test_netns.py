@@ -221,13 +221,20 @@ async def test_a_scheduled_walk_waits_for_sockets_seen_at_two_samples(netns: NsU
     handles = await opener.open(netns.pid)
     clients: list[socket.socket] = []
 
+    def tcp_in_use(count: int) -> None:
+        """Wait (5 s at most) until the namespace has ``count`` TCP sockets in use (sockstat)."""
+        deadline = time.monotonic() + 5
+        while int(handles.proc["sockstat"].read().split(b"TCP: inuse ")[1].split()[0]) != count:
+            assert time.monotonic() < deadline, handles.proc["sockstat"].read()
+            time.sleep(0.02)
+
     def connected() -> None:
         clients.append(socket.create_connection((netns.ns_ip, 8125), timeout=5))
-        time.sleep(0.2)  # the server accepted it
+        tcp_in_use(2)  # the listener and the connection
 
     def closed() -> None:
         clients.pop().close()
-        time.sleep(0.2)  # the server closed its end: only the listener is left
+        tcp_in_use(1)  # the server closed its end: only the listener is left
 
     try:
         assert server.stdout.readline().strip() == "listening"
