@@ -323,7 +323,7 @@ async def test_once_the_daemon_stops_no_attach_or_detach_starts_and_close_takes_
             await asyncio.to_thread(wait_until, lambda: len(attaches) > 11, 10, 0.005, "attaching")
             dns.stop_following()
             dns.follow({})  # every watcher detached
-            await asyncio.to_thread(lambda: dns._thread.submit(lambda: None).result())  # the thread's work done
+            await asyncio.to_thread(lambda: dns._thread.executor.submit(lambda: None).result())  # the thread's work done
             attached = set(dns._links)
             assert 10 < len(attaches) < 30, len(attaches)  # stopped at the next namespace, not after 50 more
             assert set(first.values()) < attached and len(attached) == len(attaches)  # nothing detached

@@ -741,11 +741,12 @@ async def test_a_firewall_that_changes_all_the_time_is_read_at_a_bounded_rate() 
     assert quiet - quiet_asked < 0.1  # not behind the hostile one's wait
 
 
-async def test_one_trip_to_the_nat_thread_per_quiet_tick_and_conntrack_missing_said(tmp_path: Path) -> None:
-    """Each trip of the NAT monitor to its thread is one more wake-up of the event loop, and a
-    wake-up costs CPU of its own (hundreds of µs on a VM whose caches went cold: see
-    docs/performance.md, "Wake-ups"): a tick with neither rules nor flows due makes one, for the
-    generation id and conntrack's totals together. Each keeps its own error: a host without
+async def test_no_trip_to_the_nat_thread_on_a_quiet_tick_and_conntrack_missing_said(tmp_path: Path) -> None:
+    """Each trip of the NAT monitor to its thread is two more wake-ups, the thread's and the event
+    loop's, and a wake-up costs CPU of its own (hundreds of µs on a VM whose caches went cold: see
+    docs/performance.md, "Wake-ups"): a tick with neither rules nor flows due reads the generation
+    id and conntrack's totals together, on the loop's own thread once they were quick (a
+    QuickJob; its first run is in the thread). Each keeps its own error: a host without
     conntrack (here a /proc without its files; the rules and nftables are this host's) says so."""
     from nstap.config import NatConfig
     from nstap.nat.monitor import NatMonitor
@@ -770,8 +771,10 @@ async def test_one_trip_to_the_nat_thread_per_quiet_tick_and_conntrack_missing_s
 
         real._thread = counted  # type: ignore[method-assign]
         real._flows_due = float("inf")
+        threaded = real._look_job.threaded
         await real.tick()  # rules not due (nat.interval), flows not due
-        assert trips == ["_look"], trips
+        assert trips == [], trips
+        assert real._look_job.threaded == threaded and real._look_job.inline == 1  # its reads on the loop's thread
         assert real.up["conntrack"] == 1 and real.state.conntrack is not None
     finally:
         missing._executor.shutdown()

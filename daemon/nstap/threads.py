@@ -1,4 +1,6 @@
-"""The daemon's worker threads: a fixed set, each named in the kernel as in Python.
+"""The daemon's worker threads: a fixed set, each named in the kernel as in Python; and the jobs
+started once a round that run on the event loop's thread instead while they are quick
+(:class:`QuickJob`).
 
 ``top -H``, ``ps -L`` and /proc/<pid>/task/<tid>/comm then say which thread costs what
 (``nstap-nat_0``, ``nstap-walk_0``, ...): the benchmark's breakdown per thread reads them there.
@@ -6,9 +8,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import ctypes
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 PR_SET_NAME = 15
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -30,3 +40,79 @@ def worker_threads(name: str, workers: int = 1) -> ThreadPoolExecutor:
     for future in [executor.submit(started.wait, 10) for _ in range(workers)]:
         future.result()
     return executor
+
+
+QUICK = 0.002  # seconds: a QuickJob whose latest runs each took less runs on the event loop's thread
+QUICK_RUNS = 8  # latest runs of a QuickJob that say whether it is quick
+
+
+class WorkerThread:
+    """One named worker thread (:func:`worker_threads`) for one part of the daemon, which knows
+    whether a job it was given is still to finish (:attr:`idle`): a :class:`QuickJob` of the same
+    part then runs after it, in the thread, and never beside it."""
+
+    def __init__(self, name: str) -> None:
+        self.executor = worker_threads(name)
+        self._jobs: list[concurrent.futures.Future] = []  # given and not seen finished: pruned at each look
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` in the thread (after the jobs given before it)."""
+        job = self.executor.submit(fn, *args)
+        self._jobs = [j for j in self._jobs if not j.done()]
+        self._jobs.append(job)
+        return asyncio.wrap_future(job)
+
+    @property
+    def idle(self) -> bool:
+        """Whether every job given to the thread has finished (or was cancelled before it began)."""
+        self._jobs = [j for j in self._jobs if not j.done()]
+        return not self._jobs
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.executor.shutdown(wait=wait)
+
+
+class QuickJob:
+    """A job the event loop starts once a round (a map read, a few counters), run on the loop's own
+    thread while its latest QUICK_RUNS runs each took less than ``quick`` seconds and its worker
+    thread is idle, and in that thread otherwise.
+
+    A trip to a worker thread that slept costs two wake-ups, the thread's and then the loop's
+    when the result is handed back, and on a VM whose caches went cold since the last one each
+    costs hundreds of µs of CPU: more than a read of the eBPF drop map beside 50 containers
+    (docs/performance.md, "Wake-ups"). Beside 1,000 containers that read takes tens of
+    milliseconds, which the loop's thread must not spend: it then goes to the thread, and comes
+    back when QUICK_RUNS runs in a row were quick again. Its first run is in the thread. Either
+    way the caller gets a future (done at once when the job ran on the loop's thread).
+    """
+
+    def __init__(self, thread: WorkerThread, fn: Callable[..., T], quick: float = QUICK) -> None:
+        self.thread = thread
+        self.fn = fn
+        self.quick = quick
+        self.took: deque[float] = deque(maxlen=QUICK_RUNS)  # wall seconds of the latest runs, either way
+        self.inline = 0  # runs on the loop's thread
+        self.threaded = 0  # runs in the worker thread
+
+    def start(self, *args: Any) -> asyncio.Future:
+        """Run the job now on this thread, or start it in the worker thread."""
+        took = self.took
+        if self.thread.idle and took and max(took) < self.quick:  # idle first: no run of it is appending to took
+            self.inline += 1
+            future = asyncio.get_running_loop().create_future()
+            try:
+                result = self._timed(*args)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller, as the thread's future would
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            return future
+        self.threaded += 1
+        return self.thread.submit(self._timed, *args)
+
+    def _timed(self, *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            self.took.append(time.perf_counter() - started)

@@ -25,7 +25,7 @@ from ..ebpf.collector import EbpfUnavailable
 from ..ebpf.loader import LOAD_TIMEOUT, LOADER, Handover, load_in_child
 from ..ebpf.maps import BpfMap
 from ..samples import NamespaceSample
-from ..threads import worker_threads
+from ..threads import QuickJob, WorkerThread
 from . import tcx
 from .lookups import HISTORY_EVERY, Lookups, Tally, to_json
 from .program import FUNCTIONS, MAPS, cookie_of
@@ -80,7 +80,8 @@ class DnsService:
         self._interfaces: dict[int, int] = {}  # inode -> interfaces in its last sample (a change: compared with its links)
         self._rescan_soon: set[int] = set()  # namespaces whose interfaces changed (added on the loop, taken by the thread)
         self._rescan_lock = threading.Lock()
-        self._thread = worker_threads("nstap-dns")
+        self._thread = WorkerThread("nstap-dns")
+        self._read_job = QuickJob(self._thread, self._read)  # on the loop's thread while quick, never rescanning (nstap.threads)
         self._home_fd = os.open(proc_root / "thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._reading: asyncio.Future | None = None
         self._names_at = float("-inf")
@@ -169,7 +170,7 @@ class DnsService:
             self._cookies.pop(inode, None)
             self._interfaces.pop(inode, None)
         if new or gone:
-            job = asyncio.get_running_loop().run_in_executor(self._thread, self._follow, new, gone)
+            job = self._thread.submit(self._follow, new, gone)
             job.add_done_callback(self._followed)
 
     def _follow(self, new: dict[int, int], gone: set[int]) -> tuple[dict[int, int], set[int]]:
@@ -266,12 +267,17 @@ class DnsService:
     # -- reading ---------------------------------------------------------------------------------
 
     def new_round(self) -> asyncio.Future | None:
-        """Read the maps in the collector's thread, unless the last read is still going; the
-        samples take the latest read done. Returns the read started (the ticker times it:
+        """Read the maps, unless the last read is still going; the samples take the latest read
+        done. In the collector's thread, or on the loop's thread while the reads are quick and the
+        thread idle (QuickJob); a read that is to look for namespaces' new interfaces (it attaches
+        links inside them) always in the thread. Returns the read started (the ticker times it:
         Ticker.lead)."""
         if not self.up or self._closed or (self._reading is not None and not self._reading.done()):
             return None
-        self._reading = asyncio.get_running_loop().run_in_executor(self._thread, self._read)
+        if self._rescan_soon or time.monotonic() - self._rescanned_at >= RESCAN_EVERY:
+            self._reading = self._thread.submit(self._read, True)
+        else:
+            self._reading = self._read_job.start(False)
         self._reading.add_done_callback(self._read_done)
         return self._reading
 
@@ -286,10 +292,12 @@ class DnsService:
         if self._reading is not None:
             await asyncio.gather(self._reading, return_exceptions=True)
 
-    def _read(self) -> dict[int, Lookups]:
+    def _read(self, rescan: bool = True) -> dict[int, Lookups]:
         """Read what changed. The program counts the DNS packets it handled in dns_changes: a
         round with none, no lookup awaiting its answer and no listing due reads that one counter
-        only (a batched read walks all of a hash map's buckets, used or not: about 30 us a map)."""
+        only (a batched read walks all of a hash map's buckets, used or not: about 30 us a map).
+        With ``rescan`` (in the thread only), namespaces are also given links for the interfaces
+        they gained, when that is due."""
         maps, tally = self._maps, self.tally
         live = {links.cookie for links in self._links.values()}
         stale: set[int] = set()
@@ -330,10 +338,10 @@ class DnsService:
             maps["dns_released"].update(key, value)
         if stale:
             self._forget(stale)
-        if now - self._rescanned_at >= RESCAN_EVERY:
+        if rescan and now - self._rescanned_at >= RESCAN_EVERY:
             self._rescanned_at = now
             self._rescan(set(self._links))
-        elif self._rescan_soon:
+        elif rescan and self._rescan_soon:
             with self._rescan_lock:  # (a swap without it could lose the loop's addition made meanwhile)
                 soon, self._rescan_soon = self._rescan_soon, set()
             self._rescan(soon)

@@ -18,7 +18,7 @@ import structlog
 
 from .collector import DropCollector, EbpfUnavailable
 from ..gate import ROUND
-from ..threads import worker_threads
+from ..threads import QuickJob, WorkerThread
 from .loader import LOAD_TIMEOUT, LOADER, load_in_child
 
 log = structlog.get_logger("nstap.ebpf")
@@ -66,7 +66,8 @@ class EbpfService:
         self.host = HostDrops()
         self._failing = False
         self._closed = False
-        self._thread = worker_threads("nstap-ebpf")  # map reads and deletes, off the event loop
+        self._thread = WorkerThread("nstap-ebpf")  # map reads and deletes, off the event loop
+        self._read_job = QuickJob(self._thread, self._read)  # on the loop's thread while quick (nstap.threads)
         self._reading: asyncio.Future | None = None
         self._sweeping: asyncio.Future | None = None
         self._watched: set[int] = set()
@@ -101,13 +102,14 @@ class EbpfService:
                  loader_pid=collector.loader_pid, loader_peak_rss_mib=round(collector.loader_peak_rss_kib / 1024, 1))
 
     def new_round(self) -> asyncio.Future | None:
-        """Start reading the drop map (one batched lookup; the flow map too when due) in the eBPF
-        thread, unless the last read is still going; the samples use the latest read done.
-        Returns the read started (the ticker times it: Ticker.lead)."""
+        """Start reading the drop map (one batched lookup; the flow map too when due), unless the
+        last read is still going; the samples use the latest read done. In the eBPF thread, or
+        on the loop's thread while the reads are quick and the thread idle (QuickJob). Returns
+        the read started (the ticker times it: Ticker.lead)."""
         collector = self.collector
         if collector is None or self._closed or (self._reading is not None and not self._reading.done()):
             return None
-        self._reading = asyncio.get_running_loop().run_in_executor(self._thread, self._read, collector)
+        self._reading = self._read_job.start(collector)
         self._reading.add_done_callback(self._read_done)
         return self._reading
 
@@ -140,7 +142,7 @@ class EbpfService:
         if since < SWEEP_EVERY:
             return
         stop = None if since >= SWEEP_OVERDUE * SWEEP_EVERY else (lambda: ROUND.closed)
-        self._sweeping = asyncio.get_running_loop().run_in_executor(self._thread, self._sweep, collector, self.counts, stop)
+        self._sweeping = self._thread.submit(self._sweep, collector, self.counts, stop)
         self._sweeping.add_done_callback(self._swept)
 
     def _sweep(self, collector: DropCollector, counts: Mapping[int, Mapping[str, int]], stop: Callable[[], bool] | None = None) -> set[int] | None:
@@ -208,7 +210,7 @@ class EbpfService:
         collector = self.collector
         if gone and collector is not None and not self._closed:
             self.counts = {inode: reasons for inode, reasons in self.counts.items() if inode not in gone}
-            forgetting = asyncio.get_running_loop().run_in_executor(self._thread, collector.forget, gone)
+            forgetting = self._thread.submit(collector.forget, gone)
             forgetting.add_done_callback(self._forgot)
 
     def _forgot(self, forgetting: asyncio.Future) -> None:

@@ -54,7 +54,7 @@ from .conntrack import ConntrackReader, ConntrackTotals, ConntrackUnavailable, f
 from .forwards import DEFAULT_NETWORKS, Forward, HostRules, Masquerade, refresh_counters, verify_all, verify_masquerades
 from .nft import IPTABLES_TABLES, NativeRuleset, native_tables, parse_nft_json
 from .rules import Ruleset, counters, parse_save, shape_of
-from ..threads import worker_threads
+from ..threads import QuickJob, WorkerThread
 
 log = structlog.get_logger("nstap.nat")
 
@@ -159,7 +159,8 @@ class NatMonitor:
         self.reads_total = 0
         self.read_errors_total = 0
         self.proxied = frozenset({"docker"}) if userland_proxy_on(config.userland_proxy) else frozenset()
-        self._executor = worker_threads("nstap-nat")
+        self._executor = WorkerThread("nstap-nat")
+        self._look_job = QuickJob(self._executor, self._look)  # on the loop's thread while quick (nstap.threads)
         self._nfnl: socket.socket | None = None  # the host's nfnetlink socket: generation id, tables
         self._tables_generation = -1
         self._native_tables: list[tuple[str, str]] = []
@@ -203,7 +204,7 @@ class NatMonitor:
             self._fw_next.pop(inode, None)
 
     async def _thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._executor.submit(fn, *args)
 
     # -- the host ----------------------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class NatMonitor:
     async def tick(self) -> None:
         """One round: rules if they changed (or are due), conntrack, findings."""
         now = time.time()
-        probed, totals = await self._thread(self._look)  # one trip to the thread for both: one wake-up of the loop
+        probed, totals = await self._look_job.start()  # both in one trip to the thread, or none while quick
         if isinstance(probed, OSError):  # no nf_tables, or no privilege: the rules are then polled
             self._once("nat_generation_unavailable", error=f"{type(probed).__name__}: {probed}")
             generation, native, legacy = -1, None, False
