@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import NsUnderTest, held_at_a_closed_gate, ping, sh, tool
+from conftest import NsUnderTest, held_at_a_closed_gate, ping, sh, tool, wait_until
 from nstap.instruments import Instruments
 from nstap.netns.handles import NamespaceGone, NamespaceOpener
 from nstap.netns.links import parse_net_dev
@@ -223,10 +223,8 @@ async def test_a_scheduled_walk_waits_for_sockets_seen_at_two_samples(netns: NsU
 
     def tcp_in_use(count: int) -> None:
         """Wait (5 s at most) until the namespace has ``count`` TCP sockets in use (sockstat)."""
-        deadline = time.monotonic() + 5
-        while int(handles.proc["sockstat"].read().split(b"TCP: inuse ")[1].split()[0]) != count:
-            assert time.monotonic() < deadline, handles.proc["sockstat"].read()
-            time.sleep(0.02)
+        in_use = lambda: int(handles.proc["sockstat"].read().split(b"TCP: inuse ")[1].split()[0])  # noqa: E731
+        wait_until(lambda: in_use() == count, 5, 0.02, f"{count} TCP sockets in use in the namespace")
 
     def connected() -> None:
         clients.append(socket.create_connection((netns.ns_ip, 8125), timeout=5))
