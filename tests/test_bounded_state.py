@@ -201,7 +201,7 @@ def test_the_sweep_runs_between_rounds_not_in_the_read_before_a_tick(monkeypatch
         collector = ebpf.collector = Collector()  # type: ignore[assignment]
         try:
             ebpf._swept_at -= service.SWEEP_EVERY
-            at, counts = ebpf._read(collector)  # type: ignore[arg-type]
+            at, counts, _, _ = ebpf._read(collector, 0)  # type: ignore[arg-type]
             assert counts == {gone: {"A": 1}} and scans == []  # the read does not sweep
             ebpf.counts = counts
             ROUND.close()  # the next tick is near

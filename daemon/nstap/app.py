@@ -59,6 +59,7 @@ from .runtime.exits import ProcessExits
 from .runtime.containerd import ContainerdSource
 from .runtime.source import RuntimeSource
 from .samplers import HostLinks, SamplerContext, enabled_samplers
+from .samplers.protocols import RoundCounters
 from .samples import SampleStore
 from .supervisor import TaskSupervisor
 from .watcher import Ticker, WatcherPool
@@ -273,7 +274,7 @@ class App:
         context = SamplerContext(
             interval=cfg.interval, host_links=host_links, walk_budget=cfg.socket_walk.budget_ms / 1000.0,
             max_walk_interval=cfg.socket_walk.max_interval, max_listen_ports=cfg.max_listen_ports, max_interfaces=cfg.max_interfaces,
-            sample_budget=cfg.sample_budget_ms / 1000.0,
+            sample_budget=cfg.sample_budget_ms / 1000.0, round_counters=RoundCounters(),
         )
         self.pool = pool = WatcherPool(self.registry, opener, enabled_samplers(cfg.samplers), context, self.store, self.instruments, self.supervisor)
         engine = CaptureEngine(capture_settings(cfg), store, pool, self.registry, cfg.data_dir, self.supervisor, self.store)
@@ -296,6 +297,10 @@ class App:
         causes.nat, causes.ebpf = nat, ebpf
         pool.ticker.early_hooks.append(ebpf.new_round)  # its counts ready for the tick's samples
         pool.ticker.done_hooks.append(ebpf.after_round)  # the sweep of gone namespaces' entries, between rounds
+        round_counters = context.round_counters
+        if round_counters is not None:  # every namespace's protocol counters, read in one pass with the drops
+            pool.ticker.hooks.append(lambda: ebpf.counters_for(round_counters))
+            pool.ticker.done_hooks.insert(0, round_counters.clear)
         pool.subscribe(lambda: ebpf.follow(set(pool.watched())))  # entries of namespaces no longer watched are deleted
         no_drops: dict[str, int] = {}  # a namespace without drops since the program loaded: counted, none
         pool.kernel_drops = lambda inode: ebpf.counts.get(inode, no_drops) if ebpf.up else None

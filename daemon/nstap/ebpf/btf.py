@@ -18,6 +18,7 @@ VMLINUX = Path("/sys/kernel/btf/vmlinux")
 _TYPE = re.compile(r"^\[(\d+)\] (\w+) '([^']*)'(.*)$")
 _MEMBER = re.compile(r"^\s+'([^']*)' type_id=(\d+) bits_offset=(\d+)")
 _REF = re.compile(r"type_id=(\d+)")
+_ENUMERATOR = re.compile(r"^\s+'([^']*)' val=(-?\d+)")
 _FORWARDING = {"TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"}
 
 
@@ -43,6 +44,7 @@ class Btf:
         self.types: dict[int, tuple[str, str, str]] = {}
         self.members: dict[int, list[tuple[str, int, int]]] = {}
         self.by_name: dict[tuple[str, str], int] = {}
+        self.enums: dict[str, int] = {}  # every enumerator of every enum, by name
         current = -1
         for line in text.splitlines():
             m = _TYPE.match(line)
@@ -56,6 +58,10 @@ class Btf:
             m = _MEMBER.match(line)
             if m and current >= 0:
                 self.members.setdefault(current, []).append((m.group(1), int(m.group(2)), int(m.group(3))))
+                continue
+            m = _ENUMERATOR.match(line)
+            if m:
+                self.enums.setdefault(m.group(1), int(m.group(2)))
 
     def _resolve(self, type_id: int) -> int:
         while type_id in self.types and self.types[type_id][0] in _FORWARDING:

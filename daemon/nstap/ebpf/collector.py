@@ -243,10 +243,18 @@ def need_tracepoints() -> Path:
     return tracing
 
 
-def need_offsets() -> btf_mod.Offsets:
+def need_btf() -> btf_mod.Btf:
+    """The running kernel's BTF."""
+    try:
+        return btf_mod.load()
+    except btf_mod.BtfError as exc:
+        raise EbpfUnavailable(f"kernel BTF: {exc}") from None
+
+
+def need_offsets(btf: btf_mod.Btf | None = None) -> btf_mod.Offsets:
     """The struct offsets, from the running kernel's BTF."""
     try:
-        return btf_mod.offsets(btf_mod.load())
+        return btf_mod.offsets(btf or need_btf())
     except btf_mod.BtfError as exc:
         raise EbpfUnavailable(f"kernel BTF: {exc}") from None
 
@@ -261,14 +269,16 @@ def program_text(tracing: Path, off: btf_mod.Offsets) -> str:
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + PROGRAM
 
 
-def check_prerequisites() -> tuple[Any, Path, btf_mod.Offsets]:
-    """(the bcc module, tracefs, offsets), or EbpfUnavailable naming the first thing missing."""
+def check_prerequisites() -> tuple[Any, Path, btf_mod.Btf]:
+    """(the bcc module, tracefs, the kernel's BTF), or EbpfUnavailable naming the first thing missing."""
     need_root()
     bcc = need_bcc()
     need_headers()
     tracing = need_tracepoints()
     reason_names(tracing)
-    return bcc, tracing, need_offsets()
+    btf = need_btf()
+    need_offsets(btf)
+    return bcc, tracing, btf
 
 
 class DropCollector:

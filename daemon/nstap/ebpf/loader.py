@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from ..subprocesses import reap, spawn
-from .collector import TRACEPOINTS, EbpfUnavailable, check_prerequisites, need_bcc, need_headers, need_root, program_text, reason_names
+from . import mibs
+from .collector import TRACEPOINTS, EbpfUnavailable, check_prerequisites, need_bcc, need_headers, need_offsets, need_root, program_text, reason_names
 
 LOADER = (sys.executable, "-m", "nstap.ebpf.loader")
 LOAD_TIMEOUT = 60.0  # seconds: compiling takes one to three
@@ -161,12 +162,14 @@ def _receive(sock: socket.socket, pid: int, code: int, tail: str) -> Handover:
 # -- the child's side ----------------------------------------------------------------------------
 
 
-def attach() -> tuple[Any, dict[str, Any]]:
-    """Check, compile and attach: (the bcc.BPF object, the report); EbpfUnavailable if anything
-    needed is missing."""
-    bcc, tracing, offsets = check_prerequisites()
+def attach() -> tuple[Any, dict[str, Any], dict[str, int]]:
+    """Check, compile and attach: (the bcc.BPF objects, the report, the MIB pass's descriptor if
+    it loaded); EbpfUnavailable if anything the drop program needs is missing. The MIB pass
+    (:mod:`nstap.ebpf.mibs`) is extra: if it cannot load, the report says why and the daemon
+    reads the protocol counters from the files."""
+    bcc, tracing, btf = check_prerequisites()
     reasons = reason_names(tracing)
-    text = program_text(tracing, offsets)
+    text = program_text(tracing, need_offsets(btf))
     started = time.monotonic()
     try:
         program = bcc.BPF(text=text)
@@ -180,7 +183,25 @@ def attach() -> tuple[Any, dict[str, Any]]:
         "compile_seconds": time.monotonic() - started,
         "bcc_version": getattr(bcc, "__version__", ""),
     }
-    return program, report
+    extra: dict[str, int] = {}
+    started = time.monotonic()
+    try:
+        mib_program, extra["link:mibs"] = mibs.load(bcc, btf, *mib_counters())
+    except mibs.MibUnavailable as exc:
+        report["mibs_error"] = str(exc)
+        mib_program = None
+    else:
+        report["mib_keys"] = mib_counters()[1]
+        report["mibs_seconds"] = time.monotonic() - started
+    return (program, mib_program), report, extra
+
+
+def mib_counters() -> tuple[list[tuple[str, str]], list[str], set[tuple[str, str]]]:
+    """The protocol counters the MIB pass reads: (section, field)s, nstap's names, the gauges."""
+    from ..samplers.protocols import PROTOCOL_COUNTERS  # noqa: PLC0415 - only this child's mode needs it
+
+    return ([(c.section, c.field) for c in PROTOCOL_COUNTERS], [c.key for c in PROTOCOL_COUNTERS],
+            {(c.section, c.field) for c in PROTOCOL_COUNTERS if c.gauge})
 
 
 def handed_fds(program: Any) -> dict[str, int]:
@@ -244,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.program == "dns":
                 program, fds, report = load_dns()
             else:
-                program, report = attach()
-                fds = handed_fds(program)
+                program, report, extra = attach()
+                fds = handed_fds(program[0]) | extra
         except EbpfUnavailable as exc:
             sock.send(json.dumps({"ok": False, "error": str(exc)}).encode())
             code = EXIT_UNAVAILABLE

@@ -20,6 +20,8 @@ from .collector import DropCollector, EbpfUnavailable
 from ..gate import ROUND
 from ..threads import QuickJob, WorkerThread
 from .loader import LOAD_TIMEOUT, LOADER, load_in_child
+from .mibs import MibPass
+from ..samplers.protocols import RoundCounters
 
 log = structlog.get_logger("nstap.ebpf")
 
@@ -75,6 +77,13 @@ class EbpfService:
         self._swept_at = time.monotonic()
         self._home = os.stat("/proc/self/ns/net").st_ino
         self.swept_total = 0  # entries of namespaces that no longer exist, deleted by the sweep
+        # The protocol counters of every namespace in one pass (nstap.ebpf.mibs), read with the drops.
+        self.mibs: MibPass | None = None
+        self.mibs_error = ""
+        self.mib_errors = 0
+        self._mib_counts: dict[int, tuple[int, ...]] = {}
+        self._mib_round = -1  # the round whose early hook started the read of _mib_counts
+        self._round = 0  # early hooks so far
 
     async def load(self) -> None:
         """Compile and attach in a child process (a few seconds, none of them on this process's
@@ -84,9 +93,16 @@ class EbpfService:
             return
         collector = DropCollector()
         started = time.monotonic()
+        mib_pass = None
         try:
-            collector.take(await load_in_child(self.loader, self.load_timeout))
+            handover = await load_in_child(self.loader, self.load_timeout)
+            link = handover.fds.pop("link:mibs", None)
+            if link is not None:
+                mib_pass = MibPass(link, tuple(str(k) for k in handover.report.get("mib_keys") or ()))
+            collector.take(handover)
         except EbpfUnavailable as exc:
+            if mib_pass is not None:
+                mib_pass.close()
             self.error = str(exc)
             if self.mode == "on":
                 raise
@@ -94,10 +110,16 @@ class EbpfService:
             return
         if self._closed:  # the daemon stopped while the child compiled
             collector.close()
+            if mib_pass is not None:
+                mib_pass.close()
             return
         self.collector = collector
+        self.mibs = mib_pass
+        self.mibs_error = "" if mib_pass is not None else str(handover.report.get("mibs_error") or "not handed over")
         self.up = 1
-        log.info("ebpf_loaded", collector="ebpf_drops", compile_seconds=round(collector.compile_seconds, 3),
+        if mib_pass is None:
+            log.warning("ebpf_mibs_unavailable", error=self.mibs_error, fallback="the protocol counters are read from /proc/net/snmp and netstat")
+        log.info("ebpf_loaded", collector="ebpf_drops", mibs=mib_pass is not None, compile_seconds=round(collector.compile_seconds, 3),
                  load_seconds=round(time.monotonic() - started, 3), reasons=len(collector.reasons),
                  loader_pid=collector.loader_pid, loader_peak_rss_mib=round(collector.loader_peak_rss_kib / 1024, 1))
 
@@ -106,10 +128,11 @@ class EbpfService:
         last read is still going; the samples use the latest read done. In the eBPF thread, or
         on the loop's thread while the reads are quick and the thread idle (QuickJob). Returns
         the read started (the ticker times it: Ticker.lead)."""
+        self._round += 1
         collector = self.collector
         if collector is None or self._closed or (self._reading is not None and not self._reading.done()):
             return None
-        self._reading = self._read_job.start(collector)
+        self._reading = self._read_job.start(collector, self._round)
         self._reading.add_done_callback(self._read_done)
         return self._reading
 
@@ -119,12 +142,28 @@ class EbpfService:
         if self._reading is not None:
             await asyncio.gather(self._reading, return_exceptions=True)
 
-    def _read(self, collector: DropCollector) -> tuple[float, dict[int, dict[str, int]]]:
+    def _read(self, collector: DropCollector, round_: int) -> tuple[float, dict[int, dict[str, int]], int, dict[int, tuple[int, ...]] | None]:
         at = time.time()
         counts = collector.read()
+        mib_counts = None
+        if self.mibs is not None:
+            try:
+                mib_counts = self.mibs.read()
+            except OSError as exc:  # the samplers read the files this round
+                self.mib_errors += 1
+                if self.mib_errors == 1 or self.mib_errors % 1000 == 0:
+                    log.warning("ebpf_mibs_read_failed", error=str(exc), failures=self.mib_errors)
         if collector.flows_due(at):
             collector.read_flows()
-        return at, counts
+        return at, counts, round_, mib_counts
+
+    def counters_for(self, target: RoundCounters) -> None:
+        """As the tick starts: ``target`` gets the protocol counters of every namespace read at
+        this round's early hook, or none if that read is not done, failed, or there is no MIB
+        pass (the samplers read the files then)."""
+        fresh = self.mibs is not None and self._mib_round == self._round
+        target.keys = self.mibs.keys if self.mibs is not None else ()
+        target.values = self._mib_counts if fresh else {}
 
     def after_round(self) -> None:
         """A sampling round is done: every SWEEP_EVERY, the sweep of gone namespaces' entries
@@ -193,7 +232,9 @@ class EbpfService:
                 log.warning("ebpf_read_failed", error=f"{type(exc).__name__}: {exc}")
             return
         self._failing = False
-        self.read_at, self.counts = reading.result()
+        self.read_at, self.counts, round_, mib_counts = reading.result()
+        if mib_counts is not None:
+            self._mib_counts, self._mib_round = mib_counts, round_
         self.host.update(self.counts, self._watched)
         if collector.lost > self._lost_logged:
             if not self._lost_logged:
@@ -251,6 +292,9 @@ class EbpfService:
             self.collector.close()
             self.collector = None
             self.up = 0
+        if self.mibs is not None:
+            self.mibs.close()
+            self.mibs = None
 
 
 class HostDrops:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from ..netns.handles import NamespaceHandles
 from .firewall import FirewallSampler
 from .interfaces import HostLinks, InterfaceSampler
-from .protocols import ProtocolSampler
+from .protocols import ProtocolSampler, RoundCounters
 from .sockets import SocketSampler
 
 
@@ -35,6 +35,7 @@ class SamplerContext:
     max_listen_ports: int
     max_interfaces: int = 64
     sample_budget: float = 0.002  # CPU seconds one namespace's sample may cost, sustained, before it is sampled less often
+    round_counters: RoundCounters | None = None  # the protocol counters of every namespace read in one pass (eBPF), per round
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "protocols",
             True,
             "TCP/UDP/IP counters from /proc/net/snmp and /proc/net/netstat",
-            lambda h, ctx: ProtocolSampler(h),
+            lambda h, ctx: ProtocolSampler(h, ctx.round_counters),
         ),
         SamplerSpec(
             "sockets",

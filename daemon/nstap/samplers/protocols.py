@@ -91,12 +91,32 @@ _BY_FILE = {
 }
 
 
+class RoundCounters:
+    """This round's counters of every namespace, read in one pass before the round
+    (:mod:`nstap.ebpf.mibs`): namespace inode -> values in :attr:`keys` order; empty when there is
+    no such pass, or it was not read for this round (the samplers read the files then)."""
+
+    __slots__ = ("keys", "values")
+
+    def __init__(self) -> None:
+        self.keys: tuple[str, ...] = ()
+        self.values: dict[int, tuple[int, ...]] = {}
+
+    def clear(self) -> None:
+        """The round is done: a sample outside it reads the files."""
+        self.values = {}
+
+
 class ProtocolSampler:
-    """The counters of :data:`PROTOCOL_COUNTERS` for one namespace."""
+    """The counters of :data:`PROTOCOL_COUNTERS` for one namespace: from the round's pass when it
+    has this namespace, else from its files."""
 
     name = "protocols"
 
-    def __init__(self, handles: NamespaceHandles) -> None:
+    def __init__(self, handles: NamespaceHandles, round_counters: RoundCounters | None = None) -> None:
+        self._inode = handles.inode
+        self._round = round_counters or RoundCounters()
+        self._passed: tuple[int, ...] | None = None  # the pass's values behind _last, if they came from one
         self._files: list[tuple[ProcFile, tuple[ProtocolCounter, ...]]] = [
             (handles.proc[name], wanted) for name, wanted in _BY_FILE.items()
         ]
@@ -106,8 +126,16 @@ class ProtocolSampler:
         self._last: dict[str, int] = {}
 
     def sample(self) -> dict[str, int]:
-        """Read both files now; the previous dict again when neither changed by a byte (and a
-        file that did not change is not parsed again)."""
+        """The round's pass for this namespace, the previous dict again if it did not change; else
+        read both files now, the previous dict again when neither changed by a byte (and a file
+        that did not change is not parsed again)."""
+        passed = self._round.values.get(self._inode)
+        if passed is not None:
+            if passed != self._passed:
+                self._passed, self._last = passed, dict(zip(self._round.keys, passed))
+                self._raw = [b""] * len(self._files)  # the files' next read is parsed
+            return self._last
+        self._passed = None
         raw = [f.read() for f, _ in self._files]
         if raw == self._raw:
             return self._last
