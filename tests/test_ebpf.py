@@ -417,12 +417,14 @@ def test_daemon_holds_the_program_but_not_bcc(nstap, containers: Containers, doc
     wait_until(lambda: d.events("dns_loaded") or d.events("dns_unavailable"), 20, message="the DNS program's loader done too")
     assert not [p for p in d.children() if "nstap.ebpf.loader" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
     links = [os.readlink(f"/proc/{d.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{d.pid}/fd") if os.path.exists(f"/proc/{d.pid}/fd/{fd}")]
-    # drops, retrans, lost; and the DNS collector's maps (dns: auto)
+    # drops, retrans, lost; the MIB pass's records (nstap.ebpf.mibs); and the DNS collector's maps (dns: auto)
     dns_maps = len(dns_program.MAPS) if d.events("dns_loaded") else 0
-    assert links.count("anon_inode:[perf_event]") == 2 and links.count("anon_inode:bpf-map") == 3 + dns_maps, links
-    # The perf events hold the drop program; the DNS collector holds its two programs (it makes
-    # TCX links with them as namespaces come).
-    assert links.count("anon_inode:bpf-prog") == (2 if dns_maps else 0), links
+    mibs = 1 if loaded["mibs"] else 0
+    assert mibs, d.events("ebpf_mibs_unavailable")  # it loads on this kernel
+    assert links.count("anon_inode:[perf_event]") == 2 and links.count("anon_inode:bpf-map") == 3 + mibs + dns_maps, links
+    # The perf events hold the drop program; the MIB pass is a program the daemon runs; the DNS
+    # collector holds its two programs (it makes TCX links with them as namespaces come).
+    assert links.count("anon_inode:bpf-prog") == mibs + (2 if dns_maps else 0), links
     # It counts (the attachment outlived the child): drops of a container, read through bpf(2).
     cid = containers.docker(docker_image, *HTTPD, name="nobcc")
     ip = containers.inspect("docker", cid)["NetworkSettings"]["IPAddress"]

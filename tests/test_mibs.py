@@ -1,9 +1,9 @@
-"""Every namespace's protocol counters in one pass of a BPF task iterator (``nstap.ebpf.mibs``).
+"""Every namespace's protocol counters in one pass over the kernel's list of namespaces (``nstap.ebpf.mibs``).
 
 Real kernel, real program (compiled by the real loader child), real namespaces: a namespace with
-TCP traffic on its veth and 150 more with a process each (more records than one read of the
-iterator holds, so a record that did not fit is written again by the next read). The pass must
-read what ``/proc/<pid>/net/snmp`` and ``netstat`` say, for every one of them. The samplers' side
+TCP traffic on its veth and 150 more with a process each (three runs of the walk, each going on
+from the node the one before stopped at). The pass must read what ``/proc/<pid>/net/snmp`` and
+``netstat`` say, for every one of them. The samplers' side
 (the round's counters taken only when read for this round, the protocols sampler going from the
 pass to the files and back) runs on the same real service and a real namespace's handles.
 """
@@ -20,11 +20,12 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import NsUnderTest, ping, wait_until
+from nstap.ebpf import mibs
 from nstap.ebpf.service import EbpfService
 from nstap.netns.handles import NamespaceOpener
 from nstap.samplers.protocols import PROTOCOL_COUNTERS, ProtocolSampler, RoundCounters
 
-QUIET = 150  # namespaces with a process and no traffic: 150 records of 240 bytes, more than one read's 32 KiB
+QUIET = 150  # namespaces with a process and no traffic: more than two runs of the walk (BATCH)
 
 
 def files_of(pid: int) -> tuple[int, ...]:
@@ -136,3 +137,16 @@ async def test_the_sampler_takes_the_pass_and_reads_the_files_without_it(service
     finally:
         handles.close()
         opener.close()
+
+
+async def test_a_run_from_a_node_no_longer_linked_stops_the_pass(service: EbpfService) -> None:
+    """A run handed a node that is not in the list any more (its namespace went between two runs)
+    writes nothing and says LOST; a pass cut that way is counted and keeps what it read."""
+    reader = service.mibs
+    assert reader is not None
+    reader._args[0] = 0xFFFF888000000000  # not a list node: its prev cannot be read
+    mibs._bpf(mibs.BPF_PROG_TEST_RUN, reader._attr)
+    assert mibs.OUT_HEAD.unpack_from(reader._view)[1:] == (0, mibs.LOST)
+    home = os.stat("/proc/self/ns/net").st_ino
+    cut = reader.cut
+    assert home in reader.read() and reader.cut == cut  # a whole pass again

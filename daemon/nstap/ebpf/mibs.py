@@ -1,4 +1,4 @@
-"""Every namespace's protocol counters in one pass of a BPF task iterator, once a round.
+"""Every namespace's protocol counters in one pass over the kernel's list of namespaces, once a round.
 
 The protocols sampler's numbers (:data:`nstap.samplers.protocols.PROTOCOL_COUNTERS`) are the
 kernel's per-CPU MIB counters of each namespace (``net->mib``). ``/proc/net/snmp`` and
@@ -7,26 +7,29 @@ kernel's per-CPU MIB counters of each namespace (``net->mib``). ``/proc/net/snmp
 200 containers (``perf record -e cpu-clock``, 2026-12-07: ``netstat_seq_show`` 17 %,
 ``snmp_seq_show`` 8.5 %), for the 28 nstap exports.
 
-Here a BPF program run by a task iterator visits every task, takes its network namespace once
-per pass (an LRU map of the namespaces seen, stamped with the pass's session id) and writes one
-binary record per namespace: its inode and the 28 counters, each summed over every possible CPU
-as the kernel does for the files. One ``read()`` of the iterator's descriptor is the whole round's
-protocol counters.
+Here a raw-tracepoint program run by the daemon with ``BPF_PROG_TEST_RUN`` (under the RCU read
+lock) walks the kernel's list of network namespaces from the daemon's own, the initial one, and
+writes BATCH records per run into a memory-mapped array: each namespace's inode and the 28
+counters, each summed over every possible CPU as the kernel sums them for the files. A run that
+stops at BATCH hands back the list node it stopped at, and the next run goes on from there if that
+node is still linked (LOST otherwise: the pass ends there, and the namespaces after it read their
+files this round). A pass is one system call per BATCH namespaces, no copy, no text.
 
 What the program needs that bcc's headers cannot give (they need not match the running kernel):
 the struct offsets and the counters' enum values come from the kernel's BTF, and each CPU's
 per-CPU base from the kernel itself at load (a per-CPU array map's value address on that CPU less
 its ``__percpu`` pointer, in a raw tracepoint program run on each CPU with ``BPF_PROG_TEST_RUN``).
 Before it is handed over the loader checks the pass against its own namespace's files (each
-counter of the files between two passes around them): any disagreement and the daemon reads the
-files, as it does for a namespace the pass missed (new since the pass) or whenever the pass is not
-fresh for the round. The daemon never imports bcc: it creates the iterator with the ``bpf()``
-system call on the link the loader handed over.
+counter of the files between the same counter in a pass before and a pass after). The protocols
+sampler reads the files whenever the pass is not there for its namespace this round. The daemon
+never imports bcc: the loader hands over the walk program's and the array's descriptors. x86_64
+only (the ``bpf()`` system call's number, the kernel image's address range).
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -65,20 +68,21 @@ MIB_FIELDS: dict[tuple[str, str], tuple[str, str]] = {
     ("TcpExt", "TCPAbortOnTimeout"): ("net_statistics", "LINUX_MIB_TCPABORTONTIMEOUT"),
     ("TcpExt", "TCPRcvQDrop"): ("net_statistics", "LINUX_MIB_TCPRCVQDROP"),
 }
-SEEN_ENTRIES = 16384  # namespaces the program remembers as written in this pass (LRU)
-MAX_RECORDS = 2 * SEEN_ENTRIES  # records one pass reads at most (more only if the LRU map thrashed)
-READ_BYTES = 1 << 20
+SPAN_WORDS = 16  # counters of one MIB read together (one probe read per CPU), at most
+BATCH = 64  # namespaces one run of the walk writes (straight-line code: the verifier's cost grows with it)
+MAX_NAMESPACES = 16384  # namespaces one pass reads at most (its runs: MAX_NAMESPACES / BATCH)
+DONE, MORE, LOST, NOT_INITIAL = 1, 2, 3, 4  # how a run ended: the list's end, BATCH written, its start unlinked, not in init_net
+KERNEL_IMAGE = 0xFFFFFFFF80000000  # x86_64: the kernel's image (init_net, net_namespace_list) is mapped from here
 POSSIBLE = Path("/sys/devices/system/cpu/possible")
 ONLINE = Path("/sys/devices/system/cpu/online")
 
 PROGRAM = r"""
-struct nstap_iter_meta { void *seq; u64 session_id; u64 seq_num; };
-struct bpf_iter__task { struct nstap_iter_meta *meta; void *task; };
 struct rec { u32 inum; u32 pad; u64 v[NV]; };
+struct out { u64 next; u32 n; u32 status; struct rec r[BATCH]; };
 BPF_PERCPU_ARRAY(probe, u64, 1);
 BPF_ARRAY_OF_MAPS(probe_map, "probe", 1);
 BPF_ARRAY(bases, u64, NCPU);
-BPF_TABLE("lru_hash", u32, u64, seen, SEEN_ENTRIES);
+BPF_F_TABLE("array", int, struct out, records, 1, 1024 /* BPF_F_MMAPABLE */);
 
 /* Run on each CPU (BPF_PROG_TEST_RUN): that CPU's per-CPU base, the address of the probe map's
    value there less the map's __percpu pointer. The map comes as a pointer from the map of maps;
@@ -101,36 +105,50 @@ int learn_base(void *ctx) {
   return 0;
 }
 
-int bpf_iter__task(struct bpf_iter__task *ctx) {
-  void *task = ctx->task;
-  if (!task) return 0;
-  u64 nsproxy = 0, net = 0;
-  u32 inum = 0, pid = 0, tgid = 0;
-  bpf_probe_read_kernel(&pid, 4, (char *)task + TASK_PID);
-  bpf_probe_read_kernel(&tgid, 4, (char *)task + TASK_TGID);
-  if (pid != tgid) return 0;  /* a thread: its process's leader is visited too */
-  bpf_probe_read_kernel(&nsproxy, 8, (char *)task + TASK_NSPROXY);
-  if (!nsproxy) return 0;  /* exiting */
-  bpf_probe_read_kernel(&net, 8, (char *)nsproxy + NSPROXY_NET);
-  if (!net) return 0;
-  bpf_probe_read_kernel(&inum, 4, (char *)net + NET_INUM);
-  u64 session = ctx->meta->session_id;
-  u64 *was = seen.lookup(&inum);
-  if (was && *was == session) return 0;
+/* Run by the daemon (BPF_PROG_TEST_RUN, under the RCU read lock): the next BATCH namespaces of
+   the kernel's list (net_namespace_list), from args[0] (a list node a run before stopped at), or
+   from the caller's own namespace, which must be the initial one: it is first in the list, and
+   the list's head, the one node that is not in a struct net, is then the only other node in the
+   kernel's image (where init_net and the head are; every other namespace is allocated). A node
+   handed back that is no longer linked (its namespace went in between) stops the pass: LOST. */
+int walk(struct bpf_raw_tracepoint_args *ctx) {
+  int zero = 0;
+  struct out *o = records.lookup(&zero);
+  if (!o) return 1;
+  o->n = 0;
+  o->next = 0;
+  u64 node = ctx->args[0];
+  if (!node) {
+    void *task = (void *)bpf_get_current_task();
+    u64 nsproxy = 0, net = 0;
+    bpf_probe_read_kernel(&nsproxy, 8, (char *)task + TASK_NSPROXY);
+    if (nsproxy)
+      bpf_probe_read_kernel(&net, 8, (char *)nsproxy + NSPROXY_NET);
+    node = net + NET_LIST;
+    if (!net || node < KERNEL_IMAGE) {
+      o->status = NOT_INITIAL;
+      return 0;
+    }
+  } else {
+    u64 prev = 0, prev_next = 0;
+    bpf_probe_read_kernel(&prev, 8, (void *)(node + 8));
+    bpf_probe_read_kernel(&prev_next, 8, (void *)prev);
+    if (prev_next != node) {
+      o->status = LOST;
+      return 0;
+    }
+  }
   u64 base[NCPU];
   for (int c = 0; c < NCPU; c++) {
     int cc = c;
     u64 *b = bases.lookup(&cc);
     base[c] = b ? *b : 0;
   }
-  struct rec r = {};
-  r.inum = inum;
-  u64 mib, x;
-  READS
-  /* Marked as written only once it is: a record that did not fit in the read's buffer is not
-     written, and this task is visited again for the next read. */
-  if (bpf_seq_write(ctx->meta->seq, &r, sizeof(r)) == 0)
-    seen.update(&inum, &session);
+  u64 net, mib, next, span[SPAN_WORDS];
+  struct rec *r;
+  BODY
+  o->next = node;
+  o->status = MORE;
   return 0;
 }
 """
@@ -138,6 +156,17 @@ int bpf_iter__task(struct bpf_iter__task *ctx) {
 
 class MibUnavailable(Exception):
     """The pass cannot run here, or disagreed with the files; the message says why."""
+
+
+def _clusters(wanted: list[tuple[int, int]]) -> list[tuple[int, list[tuple[int, int]]]]:
+    """(enum value, slot)s sorted by value, cut into runs of at most SPAN_WORDS words: one read each."""
+    out: list[tuple[int, list[tuple[int, int]]]] = []
+    for index, slot in wanted:
+        if out and index - out[-1][0] < SPAN_WORDS:
+            out[-1][1].append((index, slot))
+        else:
+            out.append((index, [(index, slot)]))
+    return out
 
 
 def possible_cpus(possible: Path = POSSIBLE, online: Path = ONLINE) -> int:
@@ -158,27 +187,40 @@ def program_text(btf: Btf, keys: list[tuple[str, str]], ncpu: int) -> str:
     try:
         mib = btf.path("net", "mib")
         defines = {
-            "NV": len(keys), "NCPU": ncpu, "SEEN_ENTRIES": SEEN_ENTRIES,
-            "TASK_NSPROXY": btf.path("task_struct", "nsproxy"), "TASK_PID": btf.path("task_struct", "pid"),
-            "TASK_TGID": btf.path("task_struct", "tgid"), "NSPROXY_NET": btf.path("nsproxy", "net_ns"),
+            "NV": len(keys), "NCPU": ncpu, "SPAN_WORDS": SPAN_WORDS, "BATCH": BATCH, "DONE": DONE, "MORE": MORE, "LOST": LOST,
+            "NOT_INITIAL": NOT_INITIAL,
+            "KERNEL_IMAGE": KERNEL_IMAGE, "NET_LIST": btf.path("net", "list"),
+            "TASK_NSPROXY": btf.path("task_struct", "nsproxy"), "NSPROXY_NET": btf.path("nsproxy", "net_ns"),
             "NET_INUM": btf.path("net", "ns", "inum"), "ARRAY_WORDS": btf.path("bpf_array", "pptrs") // 8 + 1,
         }
-        reads = []
+        groups: dict[str, list[tuple[int, int]]] = {}  # mib member -> (enum value, record slot)
         for n, key in enumerate(keys):
             member, enum = MIB_FIELDS[key]
             if enum not in enums:
                 raise MibUnavailable(f"this kernel has no {enum}")
-            where = mib + btf.path("netns_mib", member)
-            reads.append(
-                f"mib = 0; bpf_probe_read_kernel(&mib, 8, (char *)net + {where}); "
-                f"for (int c = 0; c < NCPU; c++) {{ x = 0; bpf_probe_read_kernel(&x, 8, (void *)(mib + base[c] + {enums[enum] * 8})); r.v[{n}] += x; }}"
-            )
+            groups.setdefault(member, []).append((enums[enum], n))
+        reads = []
+        for member, wanted in groups.items():
+            reads.append(f"mib = 0; bpf_probe_read_kernel(&mib, 8, (char *)net + {mib + btf.path('netns_mib', member)});")
+            for cpu in range(ncpu):
+                for low, cluster in _clusters(sorted(wanted)):
+                    words = cluster[-1][0] - low + 1
+                    reads.append(f"bpf_probe_read_kernel(span, {words * 8}, (void *)(mib + base[{cpu}] + {low * 8}));")
+                    op = "=" if cpu == 0 else "+="
+                    reads.extend(f"r->v[{slot}] {op} span[{index - low}];" for index, slot in cluster)
+        one = " ".join(reads)
+        body = [
+            f"r = &o->r[{i}]; net = node - NET_LIST; r->inum = 0; bpf_probe_read_kernel(&r->inum, 4, (char *)net + NET_INUM); {one} "
+            f"o->n = {i + 1}; next = 0; bpf_probe_read_kernel(&next, 8, (void *)node); "
+            f"if (!next || next >= KERNEL_IMAGE) {{ o->status = DONE; return 0; }} node = next;"
+            for i in range(BATCH)
+        ]
     except (BtfError, KeyError) as exc:
         raise MibUnavailable(f"kernel BTF: {exc}") from None
     if btf.path("bpf_array", "pptrs") % 8:
         raise MibUnavailable("bpf_array.pptrs is not 8-byte aligned")
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
-    return head + PROGRAM.replace("READS", "\n  ".join(reads))
+    return head + PROGRAM.replace("BODY", "\n  ".join(body))
 
 
 class _TestRun(ctypes.Structure):
@@ -191,13 +233,9 @@ class _TestRun(ctypes.Structure):
     ]
 
 
-class _IterCreate(ctypes.Structure):
-    _fields_ = [("link_fd", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
-
-
+OUT_HEAD = struct.Struct("=QII")  # struct out: next, n, status; then BATCH records
 SYS_BPF = 321  # x86_64
 BPF_PROG_TEST_RUN = 10
-BPF_ITER_CREATE = 33
 BPF_F_TEST_RUN_ON_CPU = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -211,38 +249,54 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
 
 
 class MibPass:
-    """The daemon's side: one pass is one iterator created on the link and read to its end."""
+    """The daemon's side: one pass is runs of the walk program, BATCH namespaces each, each run's
+    records read from the memory-mapped array it wrote."""
 
-    def __init__(self, link_fd: int, keys: tuple[str, ...]) -> None:
-        self.link_fd = link_fd
+    def __init__(self, prog_fd: int, records_fd: int, keys: tuple[str, ...]) -> None:
+        self.prog_fd = prog_fd
+        self.records_fd = records_fd
         self.keys = keys  # nstap's names of the record's counters, in order
         self._record = struct.Struct(f"=II{len(keys)}Q")
+        size = OUT_HEAD.size + BATCH * self._record.size
+        self._map = mmap.mmap(records_fd, size + (-size) % mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+        os.close(records_fd)  # the mapping keeps the map (and mmap keeps a descriptor of its own)
+        self.records_fd = -1
+        self._view = memoryview(self._map)
+        self._args = (ctypes.c_uint64 * 1)()
+        self._attr = _TestRun(prog_fd=prog_fd, ctx_size_in=ctypes.sizeof(self._args), ctx_in=ctypes.addressof(self._args))
         self.passes = 0
+        self.cut = 0  # passes that ended before the list's end (a namespace went meanwhile, or too many)
 
     def read(self) -> dict[int, tuple[int, ...]]:
-        """Every namespace's counters now: namespace inode -> the values in :attr:`keys` order."""
-        fd = _bpf(BPF_ITER_CREATE, _IterCreate(self.link_fd, 0))
-        chunks = []
-        size = 0
-        limit = MAX_RECORDS * self._record.size
-        try:
-            while size < limit:
-                chunk = os.read(fd, READ_BYTES)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-        finally:
-            os.close(fd)
-        data = b"".join(chunks)
-        whole = len(data) - len(data) % self._record.size
+        """Every namespace's counters now: namespace inode -> the values in :attr:`keys` order.
+        A pass cut short (LOST, or MAX_NAMESPACES) has the namespaces before the cut."""
+        out: dict[int, tuple[int, ...]] = {}
+        record, view, attr, args = self._record, self._view, self._attr, self._args
+        head = OUT_HEAD.size
+        args[0] = 0
+        for _ in range(MAX_NAMESPACES // BATCH):
+            _bpf(BPF_PROG_TEST_RUN, attr)
+            node, n, status = OUT_HEAD.unpack_from(view)
+            if status == NOT_INITIAL:
+                raise OSError(0, "the daemon is not in the initial network namespace")
+            for rec in record.iter_unpack(view[head : head + n * record.size]):
+                out[rec[0]] = rec[2:]
+            if status != MORE:
+                if status != DONE:
+                    self.cut += 1
+                break
+            args[0] = node
+        else:
+            self.cut += 1
         self.passes += 1
-        return {rec[0]: rec[2:] for rec in self._record.iter_unpack(data[:whole])}
+        return out
 
     def close(self) -> None:
-        if self.link_fd >= 0:
-            os.close(self.link_fd)
-            self.link_fd = -1
+        if self.prog_fd >= 0:
+            self._view.release()
+            self._map.close()
+            os.close(self.prog_fd)
+            self.prog_fd = -1
 
 
 # -- the loader child's side ------------------------------------------------------------------
@@ -277,14 +331,16 @@ def check(mibs: MibPass, keys: list[tuple[str, str]], gauges: set[tuple[str, str
         raise MibUnavailable("the pass disagrees with /proc/net/snmp and netstat: " + "; ".join(wrong[:4]))
 
 
-def load(bcc: Any, btf: Btf, keys: list[tuple[str, str]], names: list[str], gauges: set[tuple[str, str]]) -> tuple[Any, int]:
-    """Compile and load the program, learn each CPU's base, attach the iterator and check a pass:
-    (the bcc.BPF object, the iterator link's descriptor). MibUnavailable if any of it fails."""
+def load(bcc: Any, btf: Btf, keys: list[tuple[str, str]], names: list[str], gauges: set[tuple[str, str]]) -> tuple[Any, dict[str, int]]:
+    """Compile and load the programs, learn each CPU's base and check a pass: (the bcc.BPF object,
+    the walk program's and the records map's descriptors by name). MibUnavailable if any of it
+    fails."""
     ncpu = possible_cpus()
     try:
         program = bcc.BPF(text=program_text(btf, keys, ncpu))
         program["probe_map"][ctypes.c_int(0)] = ctypes.c_int(program["probe"].get_fd())
         learn = program.load_func("learn_base", bcc.BPF.RAW_TRACEPOINT)
+        walk = program.load_func("walk", bcc.BPF.RAW_TRACEPOINT)
     except MibUnavailable:
         raise
     except Exception as exc:  # noqa: BLE001 - bcc raises plain Exception on a failed compile or load
@@ -297,16 +353,15 @@ def load(bcc: Any, btf: Btf, keys: list[tuple[str, str]], names: list[str], gaug
             raise MibUnavailable(f"learning CPU {cpu}'s per-CPU base: {exc.strerror}") from None
         if run.retval:
             raise MibUnavailable(f"learning CPU {cpu}'s per-CPU base failed ({run.retval})")
+    fds = {"prog:mibs": os.dup(walk.fd), "map:mib_records": os.dup(program["records"].get_fd())}
     try:
-        walker = program.load_func("bpf_iter__task", bcc.BPF.TRACING)
-    except Exception as exc:  # noqa: BLE001 - as above
-        raise MibUnavailable(f"the task iterator did not load: {exc}") from None
-    link = bcc.lib.bcc_iter_attach(walker.fd, None, 0)
-    if link < 0:
-        raise MibUnavailable(f"the task iterator did not attach: {os.strerror(ctypes.get_errno())}")
-    try:
-        check(MibPass(link, tuple(names)), keys, gauges)
+        mibs = MibPass(os.dup(fds["prog:mibs"]), os.dup(fds["map:mib_records"]), tuple(names))
+        try:
+            check(mibs, keys, gauges)
+        finally:
+            mibs.close()  # its own copies: those in fds are handed over
     except (MibUnavailable, OSError) as exc:
-        os.close(link)
+        for fd in fds.values():
+            os.close(fd)
         raise MibUnavailable(str(exc)) from None
-    return program, link
+    return program, fds

@@ -96,9 +96,16 @@ class EbpfService:
         mib_pass = None
         try:
             handover = await load_in_child(self.loader, self.load_timeout)
-            link = handover.fds.pop("link:mibs", None)
-            if link is not None:
-                mib_pass = MibPass(link, tuple(str(k) for k in handover.report.get("mib_keys") or ()))
+            prog, records = handover.fds.pop("prog:mibs", None), handover.fds.pop("map:mib_records", None)
+            if prog is not None and records is not None:
+                try:
+                    mib_pass = MibPass(prog, records, tuple(str(k) for k in handover.report.get("mib_keys") or ()))
+                except (OSError, ValueError) as exc:
+                    os.close(prog)
+                    os.close(records)
+                    handover.report["mibs_error"] = f"the MIB records cannot be mapped: {exc}"
+            elif prog is not None or records is not None:
+                os.close(prog if prog is not None else records)
             collector.take(handover)
         except EbpfUnavailable as exc:
             if mib_pass is not None:
