@@ -19,7 +19,9 @@ feature on, 1 s interval) in a cgroup of its own for the measured window while s
   per interval, 10 rounds): nslimit measures them warm, back to back; read once a second they
   find the CPU's caches cold and cost more, and no sampler of that cadence can go below that;
 * the floor of this design with every default feature on: the daemon's own reads (sockstat6 too,
-  listeners asked for by id) in C at its cadence (``nspaced --daemon-reads``), plus everything the
+  listeners asked for by id; snmp and netstat only where the eBPF pass over every namespace's
+  protocol counters did not load, the pass itself then measured at the same cadence) in C at its
+  cadence (``nspaced --daemon-reads``), plus everything the
   daemon spent outside its event loop (its other threads, its children), as a multiple of nslimit:
   what it would cost if the event loop did nothing but those reads;
 * where the time goes, per container-sample: per thread (the kernel's accounting), the children,
@@ -864,25 +866,59 @@ def nslimit(pids: list[int], rounds: int) -> dict | None:
     }
 
 
-def nspaced(pids: list[int], rounds: int, daemon_reads: bool = False) -> dict | None:
+def nspaced(pids: list[int], rounds: int, daemon_reads: bool = False, protocol_files: bool = True) -> dict | None:
     """nslimit's reads at the daemon's cadence (``bench/nspaced.c``): one round over every
     container per interval, CPU µs per namespace-sample. nslimit reads the same files back to back
     and measures them warm; the daemon reads each namespace once an interval, when the CPU's
     caches hold other work, and no sampler of that cadence can go below this.
 
     With ``daemon_reads``, the reads the daemon itself makes per sample instead (sockstat6 as well,
-    and each listener asked for by its id where nslimit dumps the listening hash)."""
+    and each listener asked for by its id where nslimit dumps the listening hash; without
+    ``protocol_files``, not snmp and netstat: the daemon reads their counters in the eBPF pass
+    over every namespace, :func:`mib_pass`)."""
     if not shutil.which("gcc"):
         log("no gcc: no paced lower bound")
         return None
     binary = Path(tempfile.gettempdir()) / f"nstap-nspaced-{os.getpid()}"
-    mode = ["--daemon-reads"] if daemon_reads else []
+    mode = (["--daemon-reads"] + (["--protocol-files"] if protocol_files else [])) if daemon_reads else []
     try:
         run("gcc", "-O2", "-o", str(binary), str(ROOT / "bench" / "nspaced.c"))
         out = run(str(binary), *mode, str(rounds), str(INTERVAL), *map(str, pids), timeout=rounds * INTERVAL + 120)
     finally:
         binary.unlink(missing_ok=True)
     return {"bound_us": float(re.search(r"paced_us ([\d.]+)", out).group(1)), "containers": len(pids), "rounds": rounds}
+
+
+def mib_pass(rounds: int, containers: int) -> dict | None:
+    """The daemon's pass over every namespace's protocol counters (nstap/ebpf/mibs.py), loaded by
+    the daemon's own loader child and run here once per interval for ``rounds`` intervals: its CPU
+    (this thread's) per container-sample. None where it does not load."""
+    from nstap.ebpf.loader import load_in_child  # noqa: PLC0415 - the bench's venv has the daemon
+    from nstap.ebpf.mibs import MibPass  # noqa: PLC0415
+
+    try:
+        handover = asyncio.run(load_in_child())
+    except Exception as exc:  # noqa: BLE001 - EbpfUnavailable, or anything the loader says
+        log(f"no eBPF pass to measure: {exc}")
+        return None
+    try:
+        prog, records = handover.fds.pop("prog:mibs", None), handover.fds.pop("map:mib_records", None)
+        if prog is None or records is None:
+            log(f"no eBPF pass to measure: {handover.report.get('mibs_error')}")
+            return None
+        reader = MibPass(prog, records, tuple(handover.report["mib_keys"]))
+        spent, read = 0.0, 0
+        try:
+            for _ in range(rounds):
+                time.sleep(INTERVAL)
+                started = time.thread_time()
+                read = len(reader.read())
+                spent += time.thread_time() - started
+        finally:
+            reader.close()
+    finally:
+        handover.close()
+    return {"us_per_container_sample": round(spent / rounds / containers * 1e6, 2), "namespaces": read, "rounds": rounds}
 
 
 # --- one size ---------------------------------------------------------------------------------
@@ -1025,7 +1061,10 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         daemon.stop()
         lower = nslimit(pids[:NSLIMIT_CONTAINERS], args.nslimit_rounds)
         paced = nspaced(pids, args.paced_rounds) if args.paced_rounds else None
-        paced_daemon = nspaced(pids, args.paced_rounds, daemon_reads=True) if args.paced_rounds else None
+        # Where the daemon had the eBPF pass over the protocol counters it read no snmp or netstat.
+        mibs_used = not any(f'"{e}"' in daemon.tail(10_000) for e in ("ebpf_unavailable", "ebpf_mibs_unavailable"))
+        paced_daemon = nspaced(pids, args.paced_rounds, daemon_reads=True, protocol_files=not mibs_used) if args.paced_rounds else None
+        passes = mib_pass(args.paced_rounds, len(pids)) if args.paced_rounds and mibs_used else None
         # The stack's remaining callbacks remove the cgroup, the probes and the work directory.
 
     # --- the figures ---
@@ -1065,7 +1104,9 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
     # The floor of this design with every default feature on: the daemon's own reads, in C, at its
     # cadence, and everything it spends outside the event loop as measured (its other threads,
     # children): what it would cost if the loop did nothing but those reads.
-    floor_ms = paced_daemon_ms + per_cs(cpu_all - loop_cpu) / 1000 if paced_daemon_ms and samples else None
+    # With the eBPF pass: its cost per container-sample too (it runs on the loop's thread).
+    pass_ms = passes["us_per_container_sample"] / 1000 if passes else 0.0
+    floor_ms = paced_daemon_ms + pass_ms + per_cs(cpu_all - loop_cpu) / 1000 if paced_daemon_ms and samples else None
     memory_goal_mib = MEMORY_BASE_MIB + MEMORY_PER_CONTAINER_KIB * containers_watched / 1024
     requests = http1["ok"] - http0["ok"]
     variant = []
@@ -1116,6 +1157,7 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         "nspaced": paced,
         "paced_daemon_reads_ms": round(paced_daemon_ms, 4) if paced_daemon_ms else None,
         "nspaced_daemon_reads": paced_daemon,
+        "mib_pass": passes,  # the eBPF pass over every namespace's protocol counters (None: the daemon read the files)
         "floor_ms": round(floor_ms, 4) if floor_ms else None,
         "floor_multiple_of_lower_bound": round(floor_ms / bound_ms, 2) if floor_ms and bound_ms else None,
         "breakdown_us_per_container_sample": {
@@ -1281,7 +1323,10 @@ def breakdown_table(results: list[dict]) -> Iterator[str]:
     yield "| the daemon's own reads once a second (nspaced --daemon-reads) | " + " | ".join(
         f"{r['paced_daemon_reads_ms'] * 1000:.1f}" if r.get("paced_daemon_reads_ms") is not None else "n/a" for r in results
     ) + " |"
-    yield "| floor: those reads + everything outside the event loop (×nslimit) | " + " | ".join(
+    yield "| the eBPF pass over every namespace's protocol counters, once a second | " + " | ".join(
+        f"{r['mib_pass']['us_per_container_sample']:.1f}" if r.get("mib_pass") else "n/a" for r in results
+    ) + " |"
+    yield "| floor: those reads, the pass + everything outside the event loop (×nslimit) | " + " | ".join(
         f"{r['floor_ms'] * 1000:.1f} (×{r['floor_multiple_of_lower_bound']})" if r.get("floor_ms") is not None else "n/a" for r in results
     ) + " |"
 

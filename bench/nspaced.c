@@ -9,12 +9,14 @@
 // (getrusage around each; the sleep between them is not counted): what no sampler that reads
 // these files once per interval can go below on this machine.
 //
-// With --daemon-reads it does instead what the daemon reads per sample: the same four files and
+// With --daemon-reads it does instead what the daemon reads per sample: dev, sockstat and
 // sockstat6, and each listener asked for by its id (one send per family, one hash probe each) in
 // place of the LISTEN dump (the listeners are found by one dump per family before the rounds): the
 // floor of the daemon's own reads at its cadence, below which no sampler of its design can go.
+// snmp and netstat too with --protocol-files: the daemon reads them where the eBPF pass over every
+// namespace's counters (nstap/ebpf/mibs.py) is not loaded; that pass is measured by the bench.
 //
-// usage: nspaced [--daemon-reads] ROUNDS INTERVAL_S PID...   prints "paced_us X (n=.. rounds=..)": CPU µs per namespace-sample
+// usage: nspaced [--daemon-reads [--protocol-files]] ROUNDS INTERVAL_S PID...   prints "paced_us X (n=.. rounds=..)": CPU µs per namespace-sample
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/inet_diag.h>
@@ -107,14 +109,22 @@ int main(int argc, char **argv) {
         argv++;
         argc--;
     }
+    int protocol_files = !daemon_reads;
+    if (daemon_reads && argc > 1 && strcmp(argv[1], "--protocol-files") == 0) {
+        protocol_files = 1;
+        argv++;
+        argc--;
+    }
     if (argc < 4) {
-        fprintf(stderr, "usage: nspaced [--daemon-reads] ROUNDS INTERVAL_S PID...\n");
+        fprintf(stderr, "usage: nspaced [--daemon-reads [--protocol-files]] ROUNDS INTERVAL_S PID...\n");
         return 2;
     }
     int rounds = atoi(argv[1]), n = argc - 3;
     double interval = atof(argv[2]);
-    const char *files[] = {"dev", "snmp", "netstat", "sockstat", "sockstat6"};
-    int nfiles = daemon_reads ? 5 : 4;
+    const char *all[] = {"dev", "sockstat", "snmp", "netstat", "sockstat6"};
+    const char *daemon_files[] = {"dev", "sockstat", "sockstat6"};
+    const char **files = protocol_files ? all : daemon_files;
+    int nfiles = daemon_reads ? (protocol_files ? 5 : 3) : 4;
     struct rlimit lim;
     if (getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {  // 5 descriptors per namespace
         lim.rlim_cur = lim.rlim_max;
