@@ -136,6 +136,7 @@ def test_drop_reasons_attributed_to_the_right_container(nstap, containers: Conta
     assert not {"NO_SOCKET", "NETFILTER_DROP"} & set(drops_of(m, bystander))
     assert not d.events("anomaly_detected", kind="kernel_drops", container_id=bystander[:12])
     assert m.value("nstap_collector_up", collector="ebpf_drops") == 1
+    assert m.value("nstap_collector_up", collector="ebpf_mibs") == 1  # the protocol counters from the pass
 
     # The capture's evidence lists the drops counted in its window.
     done = wait_until(lambda: (lambda r: r if r["state"] != "running" else None)(d.api(f"/api/v1/captures/{cap['id']}")[1]), 20, message="capture ends")
@@ -228,6 +229,7 @@ def test_without_bcc_it_degrades_and_says_how_to_fix(nstap, tmp_path: Path, monk
     event = wait_until(lambda: d.events("ebpf_unavailable"), 10, message="ebpf_unavailable logged")[0]
     assert "bcc is not importable" in event["error"] and "python3-bpfcc" in event["error"]
     m = d.wait_metric(lambda m: m.value("nstap_collector_up", collector="ebpf_drops") == 0 and m, 5)
+    assert m.value("nstap_collector_up", collector="ebpf_mibs") == 0
     assert m.value("nstap_namespaces_watched") is not None  # everything else runs
     status, _ = d.api("/api/v1/containers")
     assert status == 200

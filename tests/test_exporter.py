@@ -77,7 +77,7 @@ class Drops:
     """What the exporter reads of the eBPF service (a stand-in: the real one needs the program loaded,
     which tests/test_ebpf.py does)."""
 
-    up, collector = True, None
+    up, collector, mibs = True, None, None
 
     def host_counts(self) -> dict[str, int]:
         return {"NO_SOCKET": 2}

@@ -117,7 +117,7 @@ def _specimen_scrape() -> Any:
         runtimes=[("docker", "docker", "20.10", True, 0, 0)], tasks=1,
         anomalies_total={(record.name, record.short_id, "docker", "tcp_retransmits", "unknown"): 1},
         incidents=[(record.name, record.short_id, "docker", "tcp_retransmits", "unknown", True)],
-        captures=captures, nat=nat, ebpf=(1, {"NO_SOCKET": 0}, 0), dns=(1, 0),
+        captures=captures, nat=nat, ebpf=(1, {"NO_SOCKET": 0}, 0, 1), dns=(1, 0),
     )
 
 

@@ -87,7 +87,8 @@ class ScrapeState(NamedTuple):
     incidents: list[tuple[str, str, str, str, str, bool]]  # container, id, runtime, kind, cause, active
     captures: CaptureStats | None
     nat: dict[str, Any] | None = None
-    ebpf: tuple[int, dict[str, int], int] | None = None  # collector up, the host's drops by reason, drops not counted (map full)
+    # collector up, the host's drops by reason, drops not counted (map full), the pass over every namespace's protocol counters up
+    ebpf: tuple[int, dict[str, int], int, int] | None = None
     dns: tuple[int, int] | None = None  # the DNS collector: up, entries its program could not make (a map full); None without one
 
 
@@ -358,7 +359,7 @@ class ContainerCollector:
             else [],
             captures=captures,
             nat=self._nat_snapshot(),
-            ebpf=(self.ebpf.up, self.ebpf.host_counts(), self.ebpf.collector.lost if self.ebpf.collector is not None else 0)
+            ebpf=(self.ebpf.up, self.ebpf.host_counts(), self.ebpf.collector.lost if self.ebpf.collector is not None else 0, int(self.ebpf.mibs is not None))
             if self.ebpf is not None else None,
             dns=(self.dns.up, self.dns.lost) if self.dns is not None else None,
         )
@@ -607,7 +608,7 @@ class ContainerCollector:
         """The eBPF collector's host-wide families."""
         if scrape.ebpf is None:
             return []
-        _up, host, lost = scrape.ebpf
+        _up, host, lost, _mibs = scrape.ebpf
         host_drops = Family("nstap_host_kernel_drops_total", "counter", "Packets the kernel dropped outside container namespaces, by drop reason (eBPF).")
         for reason, count in sorted(host.items()):
             host_drops.add(Labels((("reason", reason),)), count)
@@ -660,13 +661,14 @@ class ContainerCollector:
     def _collector_up(self, scrape: ScrapeState) -> list[Family]:
         up = Family(
             "nstap_collector_up", "gauge",
-            "1 when the collector can read what it needs (nat: the NAT rules; conntrack: the table; firewall: the containers' rules; ebpf_drops: the eBPF program; dns: the DNS program).",
+            "1 when the collector can read what it needs (nat: the NAT rules; conntrack: the table; firewall: the containers' rules; ebpf_drops: the eBPF program; ebpf_mibs: the eBPF pass over every namespace's protocol counters, else they are read from /proc/net/snmp and netstat; dns: the DNS program).",
         )
         values = dict(scrape.nat["up"]) if scrape.nat is not None else {}
         if scrape.nat is not None and scrape.nat.get("probe_up") is not None:
             values["port_probe"] = scrape.nat["probe_up"]
         if scrape.ebpf is not None:
             values["ebpf_drops"] = scrape.ebpf[0]
+            values["ebpf_mibs"] = scrape.ebpf[3]
         if scrape.dns is not None:
             values["dns"] = scrape.dns[0]
         for collector, value in sorted(values.items()):
@@ -791,7 +793,7 @@ def family_names() -> list[str]:
 
     captures = CaptureStats([], {}, {}, 0, 0, 0, 0, 0, 0, 0, 0, [], 0, 0, 0, 0, 0)
     nat = {"state": NatState(read_at=1.0, flows_at=1.0, conntrack=ConntrackTotals(0, 0)), "up": {}, "reads": 0, "read_errors": 0, "firewalls": []}
-    empty = ScrapeState([], {}, {}, [], [], 0, {}, [], captures, nat, (0, {}, 0))
+    empty = ScrapeState([], {}, {}, [], [], 0, {}, [], captures, nat, (0, {}, 0, 0))
     collector = ContainerCollector(ContainerRegistry(), SampleStore(), [])
     collector.incidents = _NoIncidents()  # type: ignore[assignment]
     return sorted({f.name for f in collector.families(empty)})
