@@ -906,7 +906,7 @@ def mib_pass(rounds: int, containers: int) -> dict | None:
         if prog is None or records is None:
             log(f"no eBPF pass to measure: {handover.report.get('mibs_error')}")
             return None
-        reader = MibPass(prog, records, tuple(handover.report["mib_keys"]))
+        reader = MibPass(prog, records, tuple(handover.report["mib_keys"]), int(handover.report["mib_batch"]))
         spent, read = 0.0, 0
         try:
             for _ in range(rounds):

@@ -150,3 +150,21 @@ async def test_a_run_from_a_node_no_longer_linked_stops_the_pass(service: EbpfSe
     home = os.stat("/proc/self/ns/net").st_ino
     cut = reader.cut
     assert home in reader.read() and reader.cut == cut  # a whole pass again
+
+
+def test_a_host_of_many_cpus_gets_a_program_the_verifier_takes() -> None:
+    """Each namespace costs a read per CPU and MIB, and a run's batch is straight-line code: on a
+    host of 128 CPUs a batch of 64 would be more than the verifier takes (E2BIG). The program
+    built for 128 CPUs (batch_for: 1) loads; its runs are not made here (this VM has 2 CPUs)."""
+    import bcc
+
+    from nstap.ebpf.btf import load as load_btf
+    from nstap.ebpf.loader import mib_counters
+
+    assert mibs.batch_for(2) == mibs.BATCH and mibs.batch_for(128) == 1
+    keys = mib_counters()[0]
+    program = bcc.BPF(text=mibs.program_text(load_btf(), keys, 128).encode())
+    try:
+        program.load_func(b"walk", bcc.BPF.RAW_TRACEPOINT)
+    finally:
+        program.cleanup()

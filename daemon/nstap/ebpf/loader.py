@@ -186,7 +186,7 @@ def attach() -> tuple[Any, dict[str, Any], dict[str, int]]:
     extra: dict[str, int] = {}
     started = time.monotonic()
     try:
-        mib_program, extra = mibs.load(bcc, btf, *mib_counters())
+        mib_program, extra, report["mib_batch"] = mibs.load(bcc, btf, *mib_counters())
     except mibs.MibUnavailable as exc:
         report["mibs_error"] = str(exc)
         mib_program = None

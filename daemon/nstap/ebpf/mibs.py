@@ -9,11 +9,12 @@ kernel's per-CPU MIB counters of each namespace (``net->mib``). ``/proc/net/snmp
 
 Here a raw-tracepoint program run by the daemon with ``BPF_PROG_TEST_RUN`` (under the RCU read
 lock) walks the kernel's list of network namespaces from the daemon's own, the initial one, and
-writes BATCH records per run into a memory-mapped array: each namespace's inode and the 28
-counters, each summed over every possible CPU as the kernel sums them for the files. A run that
-stops at BATCH hands back the list node it stopped at, and the next run goes on from there if that
-node is still linked (LOST otherwise: the pass ends there, and the namespaces after it read their
-files this round). A pass is one system call per BATCH namespaces, no copy, no text.
+writes a batch of records per run (up to BATCH, fewer on hosts of many CPUs) into a
+memory-mapped array: each namespace's inode and the 28 counters, each summed over every possible
+CPU as the kernel sums them for the files. A run that stops at its batch hands back the list node
+it stopped at, and the next run goes on from there if that node is still linked (LOST otherwise:
+the pass ends there, and the namespaces after it read their files this round). A pass is one
+system call per batch of namespaces, no copy, no text.
 
 What the program needs that bcc's headers cannot give (they need not match the running kernel):
 the struct offsets and the counters' enum values come from the kernel's BTF, and each CPU's
@@ -69,8 +70,9 @@ MIB_FIELDS: dict[tuple[str, str], tuple[str, str]] = {
     ("TcpExt", "TCPRcvQDrop"): ("net_statistics", "LINUX_MIB_TCPRCVQDROP"),
 }
 SPAN_WORDS = 16  # counters of one MIB read together (one probe read per CPU), at most
-BATCH = 64  # namespaces one run of the walk writes (straight-line code: the verifier's cost grows with it)
-MAX_NAMESPACES = 16384  # namespaces one pass reads at most (its runs: MAX_NAMESPACES / BATCH)
+BATCH = 64  # namespaces one run of the walk writes at most (straight-line code: the verifier's cost grows with it)
+BATCH_CPUS = 128  # ... and fewer on a host of many CPUs: batch * CPUs at most this (64 on this 2-CPU VM, 2 on 64 CPUs)
+MAX_NAMESPACES = 16384  # namespaces one pass reads at most
 DONE, MORE, LOST, NOT_INITIAL = 1, 2, 3, 4  # how a run ended: the list's end, BATCH written, its start unlinked, not in init_net
 KERNEL_IMAGE = 0xFFFFFFFF80000000  # x86_64: the kernel's image (init_net, net_namespace_list) is mapped from here
 POSSIBLE = Path("/sys/devices/system/cpu/possible")
@@ -79,9 +81,10 @@ ONLINE = Path("/sys/devices/system/cpu/online")
 PROGRAM = r"""
 struct rec { u32 inum; u32 pad; u64 v[NV]; };
 struct out { u64 next; u32 n; u32 status; struct rec r[BATCH]; };
+struct cpu_bases { u64 b[NCPU]; };
 BPF_PERCPU_ARRAY(probe, u64, 1);
 BPF_ARRAY_OF_MAPS(probe_map, "probe", 1);
-BPF_ARRAY(bases, u64, NCPU);
+BPF_ARRAY(bases, struct cpu_bases, 1);  /* in a map, not on the stack: 512 bytes hold 64 CPUs' */
 BPF_F_TABLE("array", int, struct out, records, 1, 1024 /* BPF_F_MMAPABLE */);
 
 /* Run on each CPU (BPF_PROG_TEST_RUN): that CPU's per-CPU base, the address of the probe map's
@@ -100,8 +103,9 @@ int learn_base(void *ctx) {
   u64 addr = 0;
   bpf_probe_read_kernel(&addr, sizeof(addr), &vp);
   u32 cpu = bpf_get_smp_processor_id();
-  u64 base = addr - pptr;
-  bases.update(&cpu, &base);
+  struct cpu_bases *all = bases.lookup(&zero);
+  if (!all || cpu >= NCPU) return 3;
+  all->b[cpu] = addr - pptr;
   return 0;
 }
 
@@ -138,12 +142,8 @@ int walk(struct bpf_raw_tracepoint_args *ctx) {
       return 0;
     }
   }
-  u64 base[NCPU];
-  for (int c = 0; c < NCPU; c++) {
-    int cc = c;
-    u64 *b = bases.lookup(&cc);
-    base[c] = b ? *b : 0;
-  }
+  struct cpu_bases *bp = bases.lookup(&zero);
+  if (!bp) return 1;
   u64 net, mib, next, span[SPAN_WORDS];
   struct rec *r;
   BODY
@@ -156,6 +156,11 @@ int walk(struct bpf_raw_tracepoint_args *ctx) {
 
 class MibUnavailable(Exception):
     """The pass cannot run here, or disagreed with the files; the message says why."""
+
+
+def batch_for(ncpu: int) -> int:
+    """Namespaces one run writes on a host of ``ncpu`` CPUs: each costs a read per CPU and MIB."""
+    return max(1, min(BATCH, BATCH_CPUS // ncpu))
 
 
 def _clusters(wanted: list[tuple[int, int]]) -> list[tuple[int, list[tuple[int, int]]]]:
@@ -187,9 +192,9 @@ def program_text(btf: Btf, keys: list[tuple[str, str]], ncpu: int) -> str:
     try:
         mib = btf.path("net", "mib")
         defines = {
-            "NV": len(keys), "NCPU": ncpu, "SPAN_WORDS": SPAN_WORDS, "BATCH": BATCH, "DONE": DONE, "MORE": MORE, "LOST": LOST,
+            "NV": len(keys), "NCPU": ncpu, "SPAN_WORDS": SPAN_WORDS, "BATCH": batch_for(ncpu), "DONE": DONE, "MORE": MORE, "LOST": LOST,
             "NOT_INITIAL": NOT_INITIAL,
-            "KERNEL_IMAGE": KERNEL_IMAGE, "NET_LIST": btf.path("net", "list"),
+            "KERNEL_IMAGE": f"{KERNEL_IMAGE:#x}ULL", "NET_LIST": btf.path("net", "list"),
             "TASK_NSPROXY": btf.path("task_struct", "nsproxy"), "NSPROXY_NET": btf.path("nsproxy", "net_ns"),
             "NET_INUM": btf.path("net", "ns", "inum"), "ARRAY_WORDS": btf.path("bpf_array", "pptrs") // 8 + 1,
         }
@@ -205,7 +210,7 @@ def program_text(btf: Btf, keys: list[tuple[str, str]], ncpu: int) -> str:
             for cpu in range(ncpu):
                 for low, cluster in _clusters(sorted(wanted)):
                     words = cluster[-1][0] - low + 1
-                    reads.append(f"bpf_probe_read_kernel(span, {words * 8}, (void *)(mib + base[{cpu}] + {low * 8}));")
+                    reads.append(f"bpf_probe_read_kernel(span, {words * 8}, (void *)(mib + bp->b[{cpu}] + {low * 8}));")
                     op = "=" if cpu == 0 else "+="
                     reads.extend(f"r->v[{slot}] {op} span[{index - low}];" for index, slot in cluster)
         one = " ".join(reads)
@@ -213,7 +218,7 @@ def program_text(btf: Btf, keys: list[tuple[str, str]], ncpu: int) -> str:
             f"r = &o->r[{i}]; net = node - NET_LIST; r->inum = 0; bpf_probe_read_kernel(&r->inum, 4, (char *)net + NET_INUM); {one} "
             f"o->n = {i + 1}; next = 0; bpf_probe_read_kernel(&next, 8, (void *)node); "
             f"if (!next || next >= KERNEL_IMAGE) {{ o->status = DONE; return 0; }} node = next;"
-            for i in range(BATCH)
+            for i in range(batch_for(ncpu))
         ]
     except (BtfError, KeyError) as exc:
         raise MibUnavailable(f"kernel BTF: {exc}") from None
@@ -249,15 +254,16 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> int:
 
 
 class MibPass:
-    """The daemon's side: one pass is runs of the walk program, BATCH namespaces each, each run's
+    """The daemon's side: one pass is runs of the walk program, ``batch`` namespaces each, each run's
     records read from the memory-mapped array it wrote."""
 
-    def __init__(self, prog_fd: int, records_fd: int, keys: tuple[str, ...]) -> None:
+    def __init__(self, prog_fd: int, records_fd: int, keys: tuple[str, ...], batch: int) -> None:
         self.prog_fd = prog_fd
+        self.batch = batch  # records one run writes at most (batch_for the loader's CPUs)
         self.records_fd = records_fd
         self.keys = keys  # nstap's names of the record's counters, in order
         self._record = struct.Struct(f"=II{len(keys)}Q")
-        size = OUT_HEAD.size + BATCH * self._record.size
+        size = OUT_HEAD.size + batch * self._record.size
         self._map = mmap.mmap(records_fd, size + (-size) % mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
         os.close(records_fd)  # the mapping keeps the map (and mmap keeps a descriptor of its own)
         self.records_fd = -1
@@ -274,7 +280,7 @@ class MibPass:
         record, view, attr, args = self._record, self._view, self._attr, self._args
         head = OUT_HEAD.size
         args[0] = 0
-        for _ in range(MAX_NAMESPACES // BATCH):
+        for _ in range(-(-MAX_NAMESPACES // self.batch)):
             _bpf(BPF_PROG_TEST_RUN, attr)
             node, n, status = OUT_HEAD.unpack_from(view)
             if status == NOT_INITIAL:
@@ -331,10 +337,10 @@ def check(mibs: MibPass, keys: list[tuple[str, str]], gauges: set[tuple[str, str
         raise MibUnavailable("the pass disagrees with /proc/net/snmp and netstat: " + "; ".join(wrong[:4]))
 
 
-def load(bcc: Any, btf: Btf, keys: list[tuple[str, str]], names: list[str], gauges: set[tuple[str, str]]) -> tuple[Any, dict[str, int]]:
+def load(bcc: Any, btf: Btf, keys: list[tuple[str, str]], names: list[str], gauges: set[tuple[str, str]]) -> tuple[Any, dict[str, int], int]:
     """Compile and load the programs, learn each CPU's base and check a pass: (the bcc.BPF object,
-    the walk program's and the records map's descriptors by name). MibUnavailable if any of it
-    fails."""
+    the walk program's and the records map's descriptors by name, the records a run writes).
+    MibUnavailable if any of it fails."""
     ncpu = possible_cpus()
     try:
         program = bcc.BPF(text=program_text(btf, keys, ncpu))
@@ -355,7 +361,7 @@ def load(bcc: Any, btf: Btf, keys: list[tuple[str, str]], names: list[str], gaug
             raise MibUnavailable(f"learning CPU {cpu}'s per-CPU base failed ({run.retval})")
     fds = {"prog:mibs": os.dup(walk.fd), "map:mib_records": os.dup(program["records"].get_fd())}
     try:
-        mibs = MibPass(os.dup(fds["prog:mibs"]), os.dup(fds["map:mib_records"]), tuple(names))
+        mibs = MibPass(os.dup(fds["prog:mibs"]), os.dup(fds["map:mib_records"]), tuple(names), batch_for(ncpu))
         try:
             check(mibs, keys, gauges)
         finally:
@@ -364,4 +370,4 @@ def load(bcc: Any, btf: Btf, keys: list[tuple[str, str]], names: list[str], gaug
         for fd in fds.values():
             os.close(fd)
         raise MibUnavailable(str(exc)) from None
-    return program, fds
+    return program, fds, batch_for(ncpu)

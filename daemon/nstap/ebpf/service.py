@@ -99,8 +99,8 @@ class EbpfService:
             prog, records = handover.fds.pop("prog:mibs", None), handover.fds.pop("map:mib_records", None)
             if prog is not None and records is not None:
                 try:
-                    mib_pass = MibPass(prog, records, tuple(str(k) for k in handover.report.get("mib_keys") or ()))
-                except (OSError, ValueError) as exc:
+                    mib_pass = MibPass(prog, records, tuple(str(k) for k in handover.report.get("mib_keys") or ()), int(handover.report["mib_batch"]))
+                except (OSError, ValueError, KeyError, TypeError) as exc:
                     os.close(prog)
                     os.close(records)
                     handover.report["mibs_error"] = f"the MIB records cannot be mapped: {exc}"
