@@ -18,9 +18,10 @@ feature on, 1 s interval) in a cgroup of its own for the measured window while s
 * the same reads at the daemon's cadence (``bench/nspaced.c``: one round over every container
   per interval, 10 rounds): nslimit measures them warm, back to back; read once a second they
   find the CPU's caches cold and cost more, and no sampler of that cadence can go below that;
-* the floor of this design with every default feature on: the daemon's own reads (sockstat6 too,
+* the floor of this design with every default feature on: the daemon's own reads (``dev``,
   listeners asked for by id; snmp and netstat only where the eBPF pass over every namespace's
-  protocol counters did not load, the pass itself then measured at the same cadence) in C at its
+  protocol counters did not load, sockstat and sockstat6 only where it does not read the sockets
+  in use, the pass itself then measured at the same cadence) in C at its
   cadence (``nspaced --daemon-reads``), plus everything the
   daemon spent outside its event loop (its other threads, its children), as a multiple of nslimit:
   what it would cost if the event loop did nothing but those reads;
@@ -866,21 +867,21 @@ def nslimit(pids: list[int], rounds: int) -> dict | None:
     }
 
 
-def nspaced(pids: list[int], rounds: int, daemon_reads: bool = False, protocol_files: bool = True) -> dict | None:
+def nspaced(pids: list[int], rounds: int, daemon_reads: bool = False, protocol_files: bool = True, socket_files: bool = True) -> dict | None:
     """nslimit's reads at the daemon's cadence (``bench/nspaced.c``): one round over every
     container per interval, CPU µs per namespace-sample. nslimit reads the same files back to back
     and measures them warm; the daemon reads each namespace once an interval, when the CPU's
     caches hold other work, and no sampler of that cadence can go below this.
 
-    With ``daemon_reads``, the reads the daemon itself makes per sample instead (sockstat6 as well,
-    and each listener asked for by its id where nslimit dumps the listening hash; without
-    ``protocol_files``, not snmp and netstat: the daemon reads their counters in the eBPF pass
-    over every namespace, :func:`mib_pass`)."""
+    With ``daemon_reads``, the reads the daemon itself makes per sample instead (each listener
+    asked for by its id where nslimit dumps the listening hash; without ``protocol_files``, not
+    snmp and netstat, and without ``socket_files``, not sockstat and sockstat6: the daemon reads
+    those in the eBPF pass over every namespace, :func:`mib_pass`)."""
     if not shutil.which("gcc"):
         log("no gcc: no paced lower bound")
         return None
     binary = Path(tempfile.gettempdir()) / f"nstap-nspaced-{os.getpid()}"
-    mode = (["--daemon-reads"] + (["--protocol-files"] if protocol_files else [])) if daemon_reads else []
+    mode = (["--daemon-reads"] + (["--protocol-files"] if protocol_files else []) + (["--socket-files"] if socket_files else [])) if daemon_reads else []
     try:
         run("gcc", "-O2", "-o", str(binary), str(ROOT / "bench" / "nspaced.c"))
         out = run(str(binary), *mode, str(rounds), str(INTERVAL), *map(str, pids), timeout=rounds * INTERVAL + 120)
@@ -906,13 +907,14 @@ def mib_pass(rounds: int, containers: int) -> dict | None:
         if prog is None or records is None:
             log(f"no eBPF pass to measure: {handover.report.get('mibs_error')}")
             return None
-        reader = MibPass(prog, records, tuple(handover.report["mib_keys"]), int(handover.report["mib_batch"]))
+        report = handover.report
+        reader = MibPass(prog, records, tuple(report["mib_keys"]), int(report["mib_batch"]), tuple(report.get("mib_socket_keys") or ()))
         spent, read = 0.0, 0
         try:
             for _ in range(rounds):
                 time.sleep(INTERVAL)
                 started = time.thread_time()
-                read = len(reader.read())
+                read = len(reader.read()[0])
                 spent += time.thread_time() - started
         finally:
             reader.close()
@@ -1063,7 +1065,11 @@ def measure(args: argparse.Namespace, n: int, fleet: Fleet, settings: HostSettin
         paced = nspaced(pids, args.paced_rounds) if args.paced_rounds else None
         # Where the daemon had the eBPF pass over the protocol counters it read no snmp or netstat.
         mibs_used = not any(f'"{e}"' in daemon.tail(10_000) for e in ("ebpf_unavailable", "ebpf_mibs_unavailable"))
-        paced_daemon = nspaced(pids, args.paced_rounds, daemon_reads=True, protocol_files=not mibs_used) if args.paced_rounds else None
+        mib_sockets_used = mibs_used and '"ebpf_mib_sockets_unavailable"' not in daemon.tail(10_000)
+        paced_daemon = (
+            nspaced(pids, args.paced_rounds, daemon_reads=True, protocol_files=not mibs_used, socket_files=not mib_sockets_used)
+            if args.paced_rounds else None
+        )
         passes = mib_pass(args.paced_rounds, len(pids)) if args.paced_rounds and mibs_used else None
         # The stack's remaining callbacks remove the cgroup, the probes and the work directory.
 

@@ -15,8 +15,11 @@
 // floor of the daemon's own reads at its cadence, below which no sampler of its design can go.
 // snmp and netstat too with --protocol-files: the daemon reads them where the eBPF pass over every
 // namespace's counters (nstap/ebpf/mibs.py) is not loaded; that pass is measured by the bench.
+// sockstat and sockstat6 only with --socket-files: the daemon reads them where that pass does
+// not read the sockets in use (the loader could not learn the protocols' slots).
 //
-// usage: nspaced [--daemon-reads [--protocol-files]] ROUNDS INTERVAL_S PID...   prints "paced_us X (n=.. rounds=..)": CPU µs per namespace-sample
+// usage: nspaced [--daemon-reads [--protocol-files] [--socket-files]] ROUNDS INTERVAL_S PID...
+// prints "paced_us X (n=.. rounds=..)": CPU µs per namespace-sample
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/inet_diag.h>
@@ -109,22 +112,34 @@ int main(int argc, char **argv) {
         argv++;
         argc--;
     }
-    int protocol_files = !daemon_reads;
-    if (daemon_reads && argc > 1 && strcmp(argv[1], "--protocol-files") == 0) {
-        protocol_files = 1;
+    int protocol_files = 0, socket_files = 0;
+    while (daemon_reads && argc > 1 && strncmp(argv[1], "--", 2) == 0) {
+        if (strcmp(argv[1], "--protocol-files") == 0)
+            protocol_files = 1;
+        else if (strcmp(argv[1], "--socket-files") == 0)
+            socket_files = 1;
+        else
+            break;
         argv++;
         argc--;
     }
-    if (argc < 4) {
-        fprintf(stderr, "usage: nspaced [--daemon-reads [--protocol-files]] ROUNDS INTERVAL_S PID...\n");
+    if (argc < 4 || strncmp(argv[1], "--", 2) == 0) {
+        fprintf(stderr, "usage: nspaced [--daemon-reads [--protocol-files] [--socket-files]] ROUNDS INTERVAL_S PID...\n");
         return 2;
     }
     int rounds = atoi(argv[1]), n = argc - 3;
     double interval = atof(argv[2]);
-    const char *all[] = {"dev", "sockstat", "snmp", "netstat", "sockstat6"};
-    const char *daemon_files[] = {"dev", "sockstat", "sockstat6"};
-    const char **files = protocol_files ? all : daemon_files;
-    int nfiles = daemon_reads ? (protocol_files ? 5 : 3) : 4;
+    const char *files[5];
+    int nfiles = 0;
+    files[nfiles++] = "dev";
+    if (!daemon_reads || socket_files)
+        files[nfiles++] = "sockstat";
+    if (!daemon_reads || protocol_files) {
+        files[nfiles++] = "snmp";
+        files[nfiles++] = "netstat";
+    }
+    if (daemon_reads && socket_files)
+        files[nfiles++] = "sockstat6";
     struct rlimit lim;
     if (getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < lim.rlim_max) {  // 5 descriptors per namespace
         lim.rlim_cur = lim.rlim_max;

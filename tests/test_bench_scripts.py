@@ -67,10 +67,11 @@ def _newlines(pid: int, name: str) -> int:
 
 def test_nspaced_makes_the_daemons_reads_with_daemon_reads(containers, docker_image: str, tmp_path: Path) -> None:
     """bench/nspaced.c, on a real container: by default nslimit's reads (four files and the IPv6
-    LISTEN dump) once per round; with --daemon-reads the daemon's (dev, sockstat and sockstat6, and
-    each listener of either family asked for by its id; snmp and netstat too with --protocol-files,
-    the daemon without its eBPF pass). It counts the lines and answers it read: compared with what
-    the namespace holds, that shows it made those reads and no others."""
+    LISTEN dump) once per round; with --daemon-reads the daemon's (dev, and each listener of either
+    family asked for by its id; snmp and netstat too with --protocol-files, sockstat and sockstat6
+    with --socket-files: the daemon without its eBPF pass, or without its sockets part). It counts
+    the lines and answers it read: compared with what the namespace holds, that shows it made
+    those reads and no others."""
     binary = tmp_path / "nspaced"
     subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(binary), str(ROOT / "bench" / "nspaced.c")], check=True, timeout=120)
     pid = containers.pid("docker", containers.docker(docker_image, "httpd", "-f", "-p", "80"))
@@ -79,8 +80,12 @@ def test_nspaced_makes_the_daemons_reads_with_daemon_reads(containers, docker_im
     assert v4 + v6 == 1  # httpd's
     rounds = 3
     protocols = _newlines(pid, "snmp") + _newlines(pid, "netstat")
-    daemon = files - protocols + _newlines(pid, "sockstat6") + v4 + v6
-    for mode, per_round in (([], files + v6), (["--daemon-reads"], daemon), (["--daemon-reads", "--protocol-files"], daemon + protocols)):
+    sockets = _newlines(pid, "sockstat") + _newlines(pid, "sockstat6")
+    daemon = _newlines(pid, "dev") + v4 + v6
+    for mode, per_round in (
+        ([], files + v6), (["--daemon-reads"], daemon), (["--daemon-reads", "--protocol-files"], daemon + protocols),
+        (["--daemon-reads", "--socket-files"], daemon + sockets), (["--daemon-reads", "--socket-files", "--protocol-files"], daemon + sockets + protocols),
+    ):
         out = subprocess.run([str(binary), *mode, str(rounds), "0.05", str(pid)], capture_output=True, text=True, timeout=60, check=True).stdout
         m = re.match(r"paced_us ([\d.]+) \(n=1 rounds=3 interval=0.05 lines=(\d+)\)", out)
         assert m, out

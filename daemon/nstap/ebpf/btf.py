@@ -19,6 +19,7 @@ _TYPE = re.compile(r"^\[(\d+)\] (\w+) '([^']*)'(.*)$")
 _MEMBER = re.compile(r"^\s+'([^']*)' type_id=(\d+) bits_offset=(\d+)")
 _REF = re.compile(r"type_id=(\d+)")
 _ENUMERATOR = re.compile(r"^\s+'([^']*)' val=(-?\d+)")
+_NR_ELEMS = re.compile(r"nr_elems=(\d+)")
 _FORWARDING = {"TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"}
 
 
@@ -108,6 +109,15 @@ class Btf:
             total += offset
             type_id = self._resolve(type_id)
         return total
+
+    def array_length(self, struct: str, name: str) -> int:
+        """How many elements member ``name`` of ``struct`` (an array) holds."""
+        _offset, type_id = self.member(self.struct(struct), name)
+        kind, _name, rest = self.types.get(self._resolve(type_id), ("", "", ""))
+        m = _NR_ELEMS.search(rest)
+        if kind != "ARRAY" or m is None:
+            raise BtfError(f"{struct}.{name} is not an array")
+        return int(m.group(1))
 
 
 def load(path: Path = VMLINUX) -> Btf:

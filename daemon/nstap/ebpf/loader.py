@@ -186,12 +186,15 @@ def attach() -> tuple[Any, dict[str, Any], dict[str, int]]:
     extra: dict[str, int] = {}
     started = time.monotonic()
     try:
-        mib_program, extra, report["mib_batch"] = mibs.load(bcc, btf, *mib_counters())
+        mib_program, extra, report["mib_batch"], socket_keys, sockets_error = mibs.load(bcc, btf, *mib_counters())
     except mibs.MibUnavailable as exc:
         report["mibs_error"] = str(exc)
         mib_program = None
     else:
         report["mib_keys"] = mib_counters()[1]
+        report["mib_socket_keys"] = list(socket_keys)
+        if sockets_error:
+            report["mib_sockets_error"] = sockets_error
         report["mibs_seconds"] = time.monotonic() - started
     return (program, mib_program), report, extra
 

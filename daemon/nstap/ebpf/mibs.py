@@ -30,9 +30,13 @@ only (the ``bpf()`` system call's number, the kernel image's address range).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
+import socket
 import struct
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,16 @@ MIB_FIELDS: dict[tuple[str, str], tuple[str, str]] = {
     ("TcpExt", "TCPAbortOnTimeout"): ("net_statistics", "LINUX_MIB_TCPABORTONTIMEOUT"),
     ("TcpExt", "TCPRcvQDrop"): ("net_statistics", "LINUX_MIB_TCPRCVQDROP"),
 }
+# The sockets in use the sockets sampler reads from sockstat and sockstat6, by protocol: nstap's
+# name (nstap.samplers.sockets.SOCKSTAT_WANTED) and a socket of that protocol, to learn its slot.
+SOCKET_KINDS: tuple[tuple[str, int, int, int], ...] = (
+    ("tcp", socket.AF_INET, socket.SOCK_STREAM, 0), ("udp", socket.AF_INET, socket.SOCK_DGRAM, 0),
+    ("raw", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP), ("tcp6", socket.AF_INET6, socket.SOCK_STREAM, 0),
+    ("udp6", socket.AF_INET6, socket.SOCK_DGRAM, 0), ("raw6", socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6),
+)
+SOCKET_KEYS = (*(kind[0] for kind in SOCKET_KINDS), "time_wait")  # a record's socket values, in order
+LEARN_COUNTS = (3, 5, 7, 9, 11, 13)  # sockets of each kind opened to learn its slot: a count no other moves by
+CLONE_NEWNET = 0x40000000
 SPAN_WORDS = 16  # counters of one MIB read together (one probe read per CPU), at most
 BATCH = 64  # namespaces one run of the walk writes at most (straight-line code: the verifier's cost grows with it)
 BATCH_CPUS = 128  # ... and fewer on a host of many CPUs: batch * CPUs at most this (64 on this 2-CPU VM, 2 on 64 CPUs)
@@ -79,12 +93,16 @@ POSSIBLE = Path("/sys/devices/system/cpu/possible")
 ONLINE = Path("/sys/devices/system/cpu/online")
 
 PROGRAM = r"""
-struct rec { u32 inum; u32 pad; u64 v[NV]; };
+struct rec { u32 inum; u32 pad; u64 v[NV]; s64 s[NSOCK + 1]; };
 struct out { u64 next; u32 n; u32 status; struct rec r[BATCH]; };
-struct cpu_bases { u64 b[NCPU]; };
+struct cpu_bases { u64 b[NCPU]; u32 inuse[NSOCK]; };
+struct scratch { s32 v[INUSE_SLOTS]; u64 span[SPAN_WORDS]; };
+struct inuse_sums { u64 inum; s64 v[INUSE_SLOTS]; };
 BPF_PERCPU_ARRAY(probe, u64, 1);
 BPF_ARRAY_OF_MAPS(probe_map, "probe", 1);
 BPF_ARRAY(bases, struct cpu_bases, 1);  /* in a map, not on the stack: 512 bytes hold 64 CPUs' */
+BPF_ARRAY(scratch, struct scratch, 1);  /* one CPU's sockets in use in every protocol slot, one CPU's counters of a MIB */
+BPF_ARRAY(inuse_sums, struct inuse_sums, 1);
 BPF_F_TABLE("array", int, struct out, records, 1, 1024 /* BPF_F_MMAPABLE */);
 
 /* Run on each CPU (BPF_PROG_TEST_RUN): that CPU's per-CPU base, the address of the probe map's
@@ -106,6 +124,38 @@ int learn_base(void *ctx) {
   struct cpu_bases *all = bases.lookup(&zero);
   if (!all || cpu >= NCPU) return 3;
   all->b[cpu] = addr - pptr;
+  return 0;
+}
+
+/* Run by the loader in a thread of a namespace of its own (BPF_PROG_TEST_RUN): that namespace's
+   sockets in use in every protocol slot (net->core.prot_inuse), summed over every CPU. Which slot
+   is which protocol is set at run time (proto_register): the loader learns it from sockets it
+   opens there (slots_of). */
+int learn_inuse(void *ctx) {
+  int zero = 0;
+  struct cpu_bases *bp = bases.lookup(&zero);
+  struct scratch *sc = scratch.lookup(&zero);
+  struct inuse_sums *sums = inuse_sums.lookup(&zero);
+  if (!bp || !sc || !sums) return 1;
+  void *task = (void *)bpf_get_current_task();
+  u64 nsproxy = 0, net = 0, prot = 0;
+  bpf_probe_read_kernel(&nsproxy, 8, (char *)task + TASK_NSPROXY);
+  if (nsproxy)
+    bpf_probe_read_kernel(&net, 8, (char *)nsproxy + NSPROXY_NET);
+  if (!net) return 2;
+  bpf_probe_read_kernel(&prot, 8, (char *)net + NET_PROT_INUSE);
+  if (!prot) return 3;
+  u32 inum = 0;
+  bpf_probe_read_kernel(&inum, 4, (char *)net + NET_INUM);
+  sums->inum = inum;
+  for (int j = 0; j < INUSE_SLOTS; j++)
+    sums->v[j] = 0;
+  for (int cpu = 0; cpu < NCPU; cpu++) {
+    if (bpf_probe_read_kernel(sc->v, INUSE_BYTES, (void *)(prot + bp->b[cpu] + INUSE_VAL)))
+      return 4;
+    for (int j = 0; j < INUSE_NR; j++)
+      sums->v[j] += sc->v[j];
+  }
   return 0;
 }
 
@@ -143,10 +193,28 @@ int walk(struct bpf_raw_tracepoint_args *ctx) {
     }
   }
   struct cpu_bases *bp = bases.lookup(&zero);
-  if (!bp) return 1;
-  u64 net, mib, next, span[SPAN_WORDS];
-  struct rec *r;
-  BODY
+  struct scratch *sc = scratch.lookup(&zero);
+  if (!bp || !sc) return 1;
+  u64 next, prot;
+  s32 tw;
+  /* One namespace a turn, BATCH turns at most. A loop, not the turns written out: with the
+     sockets' reads, BATCH bodies put the walk's jumps out of a jump's range. */
+#pragma clang loop unroll(disable)
+  for (int i = 0; i < BATCH; i++) {
+    struct rec *r = &o->r[i];
+    u64 net = node - NET_LIST;
+    r->inum = 0;
+    bpf_probe_read_kernel(&r->inum, 4, (char *)net + NET_INUM);
+    READ_NS
+    o->n = i + 1;
+    next = 0;
+    bpf_probe_read_kernel(&next, 8, (void *)node);
+    if (!next || next >= KERNEL_IMAGE) {
+      o->status = DONE;
+      return 0;
+    }
+    node = next;
+  }
   o->next = node;
   o->status = MORE;
   return 0;
@@ -197,35 +265,46 @@ def program_text(btf: Btf, keys: list[tuple[str, str]], ncpu: int) -> str:
             "KERNEL_IMAGE": f"{KERNEL_IMAGE:#x}ULL", "NET_LIST": btf.path("net", "list"),
             "TASK_NSPROXY": btf.path("task_struct", "nsproxy"), "NSPROXY_NET": btf.path("nsproxy", "net_ns"),
             "NET_INUM": btf.path("net", "ns", "inum"), "ARRAY_WORDS": btf.path("bpf_array", "pptrs") // 8 + 1,
+            "NSOCK": len(SOCKET_KINDS), "NET_PROT_INUSE": btf.path("net", "core", "prot_inuse"), "INUSE_VAL": btf.path("prot_inuse", "val"),
+            "NET_TW": btf.path("net", "ipv4", "tcp_death_row", "tw_refcount"),
         }
+        slots = btf.array_length("prot_inuse", "val")
+        width = 1 << max(slots - 1, 0).bit_length()  # a power of two: a slot masked with width - 1 stays in the array
+        defines.update({"INUSE_NR": slots, "INUSE_SLOTS": width, "INUSE_MASK": width - 1, "INUSE_BYTES": slots * 4})
         groups: dict[str, list[tuple[int, int]]] = {}  # mib member -> (enum value, record slot)
         for n, key in enumerate(keys):
             member, enum = MIB_FIELDS[key]
             if enum not in enums:
                 raise MibUnavailable(f"this kernel has no {enum}")
             groups.setdefault(member, []).append((enums[enum], n))
-        reads = []
-        for member, wanted in groups.items():
-            reads.append(f"mib = 0; bpf_probe_read_kernel(&mib, 8, (char *)net + {mib + btf.path('netns_mib', member)});")
-            for cpu in range(ncpu):
-                for low, cluster in _clusters(sorted(wanted)):
-                    words = cluster[-1][0] - low + 1
-                    reads.append(f"bpf_probe_read_kernel(span, {words * 8}, (void *)(mib + bp->b[{cpu}] + {low * 8}));")
-                    op = "=" if cpu == 0 else "+="
-                    reads.extend(f"r->v[{slot}] {op} span[{index - low}];" for index, slot in cluster)
-        one = " ".join(reads)
-        body = [
-            f"r = &o->r[{i}]; net = node - NET_LIST; r->inum = 0; bpf_probe_read_kernel(&r->inum, 4, (char *)net + NET_INUM); {one} "
-            f"o->n = {i + 1}; next = 0; bpf_probe_read_kernel(&next, 8, (void *)node); "
-            f"if (!next || next >= KERNEL_IMAGE) {{ o->status = DONE; return 0; }} node = next;"
-            for i in range(batch_for(ncpu))
-        ]
+        # Each MIB's per-CPU pointer, then for each CPU (a loop: the program's size does not grow
+        # with the host's CPUs) the counters that sit close together in one read each, and the
+        # sockets in use as sockstat and sockstat6 print them (sock_prot_inuse_get: the
+        # protocol's slot summed over every CPU, 0 if negative); then TCP's TIME_WAIT count
+        # (tw_refcount - 1).
+        reads = [f"u64 mib{m} = 0; bpf_probe_read_kernel(&mib{m}, 8, (char *)net + {mib + btf.path('netns_mib', member)});"
+                 for m, member in enumerate(groups)]
+        reads.extend(f"r->v[{n}] = 0;" for n in range(len(keys)))
+        reads.extend(f"r->s[{k}] = 0;" for k in range(len(SOCKET_KINDS)))
+        reads.append("prot = 0; bpf_probe_read_kernel(&prot, 8, (char *)net + NET_PROT_INUSE);")
+        reads.append("#pragma clang loop unroll(disable)\n    for (int cpu = 0; cpu < NCPU; cpu++) { u64 base = bp->b[cpu];")
+        for m, wanted in enumerate(groups.values()):
+            for low, cluster in _clusters(sorted(wanted)):
+                words = cluster[-1][0] - low + 1
+                reads.append(f"bpf_probe_read_kernel(sc->span, {words * 8}, (void *)(mib{m} + base + {low * 8}));")
+                reads.extend(f"r->v[{slot}] += sc->span[{index - low}];" for index, slot in cluster)
+        reads.append("if (prot) { bpf_probe_read_kernel(sc->v, INUSE_BYTES, (void *)(prot + base + INUSE_VAL));")
+        reads.extend(f"r->s[{k}] += sc->v[bp->inuse[{k}] & INUSE_MASK];" for k in range(len(SOCKET_KINDS)))
+        reads.append("} }")
+        reads.extend(f"if (r->s[{k}] < 0) r->s[{k}] = 0;" for k in range(len(SOCKET_KINDS)))
+        reads.append(f"tw = 0; bpf_probe_read_kernel(&tw, 4, (char *)net + NET_TW); r->s[{len(SOCKET_KINDS)}] = (s64)tw - 1;")
+        one = "\n    ".join(reads)
     except (BtfError, KeyError) as exc:
         raise MibUnavailable(f"kernel BTF: {exc}") from None
     if btf.path("bpf_array", "pptrs") % 8:
         raise MibUnavailable("bpf_array.pptrs is not 8-byte aligned")
     head = "".join(f"#define {k} {v}\n" for k, v in defines.items())
-    return head + PROGRAM.replace("BODY", "\n  ".join(body))
+    return head + PROGRAM.replace("READ_NS", one)
 
 
 class _TestRun(ctypes.Structure):
@@ -257,12 +336,14 @@ class MibPass:
     """The daemon's side: one pass is runs of the walk program, ``batch`` namespaces each, each run's
     records read from the memory-mapped array it wrote."""
 
-    def __init__(self, prog_fd: int, records_fd: int, keys: tuple[str, ...], batch: int) -> None:
+    def __init__(self, prog_fd: int, records_fd: int, keys: tuple[str, ...], batch: int, socket_keys: tuple[str, ...] = ()) -> None:
         self.prog_fd = prog_fd
         self.batch = batch  # records one run writes at most (batch_for the loader's CPUs)
         self.records_fd = records_fd
         self.keys = keys  # nstap's names of the record's counters, in order
-        self._record = struct.Struct(f"=II{len(keys)}Q")
+        # SOCKET_KEYS if the loader learnt the protocols' slots, else () and the socket values are not read
+        self.socket_keys = socket_keys
+        self._record = struct.Struct(f"=II{len(keys)}Q{len(SOCKET_KEYS)}q")
         size = OUT_HEAD.size + batch * self._record.size
         self._map = mmap.mmap(records_fd, size + (-size) % mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
         os.close(records_fd)  # the mapping keeps the map (and mmap keeps a descriptor of its own)
@@ -273,12 +354,16 @@ class MibPass:
         self.passes = 0
         self.cut = 0  # passes that ended before the list's end (a namespace went meanwhile, or too many)
 
-    def read(self) -> dict[int, tuple[int, ...]]:
-        """Every namespace's counters now: namespace inode -> the values in :attr:`keys` order.
+    def read(self) -> tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]]:
+        """Every namespace's counters now: namespace inode -> the values in :attr:`keys` order, and
+        namespace inode -> its sockets in :attr:`socket_keys` order (empty without socket keys).
         A pass cut short (LOST, or MAX_NAMESPACES) has the namespaces before the cut."""
         out: dict[int, tuple[int, ...]] = {}
+        sockets: dict[int, tuple[int, ...]] = {}
         record, view, attr, args = self._record, self._view, self._attr, self._args
         head = OUT_HEAD.size
+        split = 2 + len(self.keys)
+        with_sockets = bool(self.socket_keys)
         args[0] = 0
         for _ in range(-(-MAX_NAMESPACES // self.batch)):
             _bpf(BPF_PROG_TEST_RUN, attr)
@@ -286,7 +371,9 @@ class MibPass:
             if status == NOT_INITIAL:
                 raise OSError(0, "the daemon is not in the initial network namespace")
             for rec in record.iter_unpack(view[head : head + n * record.size]):
-                out[rec[0]] = rec[2:]
+                out[rec[0]] = rec[2:split]
+                if with_sockets:
+                    sockets[rec[0]] = rec[split:]
             if status != MORE:
                 if status != DONE:
                     self.cut += 1
@@ -295,7 +382,7 @@ class MibPass:
         else:
             self.cut += 1
         self.passes += 1
-        return out
+        return out, sockets
 
     def close(self) -> None:
         if self.prog_fd >= 0:
@@ -323,9 +410,9 @@ def check(mibs: MibPass, keys: list[tuple[str, str]], gauges: set[tuple[str, str
     """MibUnavailable unless the pass agrees with this process's namespace's files: every counter
     of the files between the same counter in a pass before and a pass after."""
     home = os.stat("/proc/self/ns/net").st_ino
-    before = mibs.read().get(home)
+    before = mibs.read()[0].get(home)
     files = _files()
-    after = mibs.read().get(home)
+    after = mibs.read()[0].get(home)
     if before is None or after is None:
         raise MibUnavailable("the pass did not find the loader's own namespace")
     wrong = [
@@ -337,15 +424,152 @@ def check(mibs: MibPass, keys: list[tuple[str, str]], gauges: set[tuple[str, str
         raise MibUnavailable("the pass disagrees with /proc/net/snmp and netstat: " + "; ".join(wrong[:4]))
 
 
-def load(bcc: Any, btf: Btf, keys: list[tuple[str, str]], names: list[str], gauges: set[tuple[str, str]]) -> tuple[Any, dict[str, int], int]:
+def slots_of(before: list[int], after: list[int], counts: tuple[int, ...] = LEARN_COUNTS) -> list[int]:
+    """The protocol slot each of ``counts`` went to, from a namespace's sockets in use in every
+    slot before and after that many sockets of each kind were opened there (and nothing else): each
+    count in exactly one slot, no other slot moved; MibUnavailable otherwise."""
+    moved = [a - b for a, b in zip(after, before)]
+    slots = []
+    for kind, count in zip(SOCKET_KINDS, counts):
+        where = [i for i, d in enumerate(moved) if d == count]
+        if len(where) != 1:
+            raise MibUnavailable(f"{count} {kind[0]} sockets opened moved {len(where)} protocol slots by {count} (slots moved: {moved})")
+        slots.append(where[0])
+    stray = [i for i, d in enumerate(moved) if d and i not in slots]
+    if stray:
+        raise MibUnavailable(f"protocol slots {stray} moved though no socket of theirs was opened")
+    return slots
+
+
+def sockstat_files(proc: str = "/proc/thread-self/net") -> dict[str, int]:
+    """The calling thread's namespace's sockets in use and TIME_WAIT count, as its sockstat and
+    sockstat6 print them, by SOCKET_KEYS name."""
+    from ..samplers.sockets import SOCKSTAT_WANTED  # noqa: PLC0415 - the loader child's side only
+
+    names = {(section, key): name for section, key, name in SOCKSTAT_WANTED}
+    out: dict[str, int] = {}
+    for name in ("sockstat", "sockstat6"):
+        for line in Path(proc, name).read_text().splitlines():
+            section, _, rest = line.partition(":")
+            words = rest.split()
+            for key, value in zip(words[0::2], words[1::2]):
+                if (section, key) in names:
+                    out[names[(section, key)]] = int(value)
+    return out
+
+
+class _SocketNamespace(threading.Thread):
+    """A thread in a network namespace of its own, with LEARN_COUNTS sockets of each SOCKET_KINDS
+    open (which slot each protocol's count is in: slots_of) and then a TCP connection over ``lo``
+    in TIME_WAIT, and what its sockstat files say about them; it keeps them until released."""
+
+    def __init__(self, learn_fd: int, sums: Any) -> None:
+        super().__init__(name="nstap-mib-sockets", daemon=True)
+        self.learn_fd = learn_fd
+        self.sums = sums  # the inuse_sums map (bcc)
+        self.ready = threading.Event()
+        self.release = threading.Event()
+        self.error: BaseException | None = None
+        self.inum = 0
+        self.slots: list[int] = []
+        self.files: dict[str, int] = {}
+
+    def _sums(self) -> tuple[int, list[int]]:
+        run = _TestRun(prog_fd=self.learn_fd)
+        _bpf(BPF_PROG_TEST_RUN, run)
+        if run.retval:
+            raise MibUnavailable(f"reading a namespace's sockets in use failed ({run.retval})")
+        value = self.sums[ctypes.c_int(0)]
+        return int(value.inum), list(value.v)
+
+    def run(self) -> None:
+        held: list[socket.socket] = []
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET): " + os.strerror(ctypes.get_errno()))
+            inum, before = self._sums()
+            for (_name, family, kind, proto), count in zip(SOCKET_KINDS, LEARN_COUNTS):
+                for _ in range(count):
+                    sock = socket.socket(family, kind, proto)
+                    held.append(sock)
+                    if kind == socket.SOCK_STREAM:
+                        sock.listen(1)  # hashed (counted in use) when it listens
+                    elif kind == socket.SOCK_DGRAM:
+                        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # ... when it binds
+            _, after = self._sums()
+            self.slots = slots_of(before, after)
+            held.extend(_time_wait())
+            self.inum, self.files = inum, sockstat_files()
+        except BaseException as exc:  # noqa: BLE001 - handed to the loader, which says why the sockets are not read
+            self.error = exc
+        finally:
+            self.ready.set()
+            self.release.wait(60)
+            for sock in held:
+                sock.close()
+
+
+def _time_wait() -> list[socket.socket]:
+    """``lo`` up, and one connection over it closed by its client first: in TIME_WAIT (the
+    listener is kept, and returned)."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ctl:
+        flags = struct.unpack("16sh", fcntl.ioctl(ctl, siocgifflags, struct.pack("16sh", b"lo", 0)))[1]
+        fcntl.ioctl(ctl, siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname(), timeout=2)
+    server, _ = listener.accept()
+    client.close()
+    server.close()
+    deadline = time.monotonic() + 2
+    while sockstat_files().get("time_wait") != 1:
+        if time.monotonic() > deadline:
+            raise MibUnavailable("no TCP connection in TIME_WAIT in the namespace learnt from")
+        time.sleep(0.01)
+    return [listener]
+
+
+def learn_sockets(program: Any, learn_fd: int, mibs: MibPass) -> None:
+    """Learn each protocol's slot of sockets in use (in a namespace of a thread of this process),
+    set the slots for the walk, and check that a pass reads what that namespace's sockstat files
+    say; MibUnavailable if any of it fails (the daemon then reads the files)."""
+    learner = _SocketNamespace(learn_fd, program["inuse_sums"])
+    learner.start()
+    try:
+        if not learner.ready.wait(30):
+            raise MibUnavailable("learning the protocols' slots took more than 30 s")
+        if learner.error is not None:
+            error = learner.error
+            raise MibUnavailable(str(error) if isinstance(error, MibUnavailable) else f"learning the protocols' slots: {type(error).__name__}: {error}")
+        bases = program["bases"]
+        value = bases[ctypes.c_int(0)]
+        for k, slot in enumerate(learner.slots):
+            value.inuse[k] = slot
+        bases[ctypes.c_int(0)] = value
+        read = mibs.read()[1].get(learner.inum)
+        want = tuple(learner.files.get(key, -1) for key in SOCKET_KEYS)
+        if read != want:
+            raise MibUnavailable(f"the pass read sockets {dict(zip(SOCKET_KEYS, read or ()))}, sockstat says {learner.files}")
+    finally:
+        learner.release.set()
+        learner.join(10)
+
+
+def load(
+    bcc: Any, btf: Btf, keys: list[tuple[str, str]], names: list[str], gauges: set[tuple[str, str]],
+) -> tuple[Any, dict[str, int], int, tuple[str, ...], str]:
     """Compile and load the programs, learn each CPU's base and check a pass: (the bcc.BPF object,
-    the walk program's and the records map's descriptors by name, the records a run writes).
-    MibUnavailable if any of it fails."""
+    the walk program's and the records map's descriptors by name, the records a run writes, the
+    socket keys and why they are empty if they are). MibUnavailable if the counters' part fails;
+    the sockets' part is left out (no socket keys) if it fails alone."""
     ncpu = possible_cpus()
     try:
         program = bcc.BPF(text=program_text(btf, keys, ncpu))
         program["probe_map"][ctypes.c_int(0)] = ctypes.c_int(program["probe"].get_fd())
         learn = program.load_func("learn_base", bcc.BPF.RAW_TRACEPOINT)
+        learn_inuse = program.load_func("learn_inuse", bcc.BPF.RAW_TRACEPOINT)
         walk = program.load_func("walk", bcc.BPF.RAW_TRACEPOINT)
     except MibUnavailable:
         raise
@@ -361,13 +585,20 @@ def load(bcc: Any, btf: Btf, keys: list[tuple[str, str]], names: list[str], gaug
             raise MibUnavailable(f"learning CPU {cpu}'s per-CPU base failed ({run.retval})")
     fds = {"prog:mibs": os.dup(walk.fd), "map:mib_records": os.dup(program["records"].get_fd())}
     try:
-        mibs = MibPass(os.dup(fds["prog:mibs"]), os.dup(fds["map:mib_records"]), tuple(names), batch_for(ncpu))
+        mibs = MibPass(os.dup(fds["prog:mibs"]), os.dup(fds["map:mib_records"]), tuple(names), batch_for(ncpu), SOCKET_KEYS)
         try:
             check(mibs, keys, gauges)
+            try:
+                learn_sockets(program, learn_inuse.fd, mibs)
+            except (MibUnavailable, OSError) as exc:
+                socket_keys: tuple[str, ...] = ()
+                sockets_error = str(exc)
+            else:
+                socket_keys, sockets_error = SOCKET_KEYS, ""
         finally:
             mibs.close()  # its own copies: those in fds are handed over
     except (MibUnavailable, OSError) as exc:
         for fd in fds.values():
             os.close(fd)
         raise MibUnavailable(str(exc)) from None
-    return program, fds, batch_for(ncpu)
+    return program, fds, batch_for(ncpu), socket_keys, sockets_error

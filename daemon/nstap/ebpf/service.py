@@ -82,6 +82,7 @@ class EbpfService:
         self.mibs_error = ""
         self.mib_errors = 0
         self._mib_counts: dict[int, tuple[int, ...]] = {}
+        self._mib_sockets: dict[int, tuple[int, ...]] = {}
         self._mib_round = -1  # the round whose early hook started the read of _mib_counts
         self._round = 0  # early hooks so far
 
@@ -99,7 +100,11 @@ class EbpfService:
             prog, records = handover.fds.pop("prog:mibs", None), handover.fds.pop("map:mib_records", None)
             if prog is not None and records is not None:
                 try:
-                    mib_pass = MibPass(prog, records, tuple(str(k) for k in handover.report.get("mib_keys") or ()), int(handover.report["mib_batch"]))
+                    report = handover.report
+                    mib_pass = MibPass(
+                        prog, records, tuple(str(k) for k in report.get("mib_keys") or ()), int(report["mib_batch"]),
+                        tuple(str(k) for k in report.get("mib_socket_keys") or ()),
+                    )
                 except (OSError, ValueError, KeyError, TypeError) as exc:
                     os.close(prog)
                     os.close(records)
@@ -126,7 +131,11 @@ class EbpfService:
         self.up = 1
         if mib_pass is None:
             log.warning("ebpf_mibs_unavailable", error=self.mibs_error, fallback="the protocol counters are read from /proc/net/snmp and netstat")
-        log.info("ebpf_loaded", collector="ebpf_drops", mibs=mib_pass is not None, compile_seconds=round(collector.compile_seconds, 3),
+        elif not mib_pass.socket_keys:
+            log.warning("ebpf_mib_sockets_unavailable", error=str(handover.report.get("mib_sockets_error") or "not learnt"),
+                        fallback="the sockets in use are read from /proc/net/sockstat and sockstat6")
+        log.info("ebpf_loaded", collector="ebpf_drops", mibs=mib_pass is not None, mib_sockets=bool(mib_pass and mib_pass.socket_keys),
+                 compile_seconds=round(collector.compile_seconds, 3),
                  load_seconds=round(time.monotonic() - started, 3), reasons=len(collector.reasons),
                  loader_pid=collector.loader_pid, loader_peak_rss_mib=round(collector.loader_peak_rss_kib / 1024, 1))
 
@@ -149,7 +158,9 @@ class EbpfService:
         if self._reading is not None:
             await asyncio.gather(self._reading, return_exceptions=True)
 
-    def _read(self, collector: DropCollector, round_: int) -> tuple[float, dict[int, dict[str, int]], int, dict[int, tuple[int, ...]] | None]:
+    def _read(
+        self, collector: DropCollector, round_: int,
+    ) -> tuple[float, dict[int, dict[str, int]], int, tuple[dict[int, tuple[int, ...]], dict[int, tuple[int, ...]]] | None]:
         at = time.time()
         counts = collector.read()
         mib_counts = None
@@ -165,12 +176,14 @@ class EbpfService:
         return at, counts, round_, mib_counts
 
     def counters_for(self, target: RoundCounters) -> None:
-        """As the tick starts: ``target`` gets the protocol counters of every namespace read at
-        this round's early hook, or none if that read is not done, failed, or there is no MIB
-        pass (the samplers read the files then)."""
+        """As the tick starts: ``target`` gets the protocol counters and sockets in use of every
+        namespace read at this round's early hook, or none if that read is not done, failed, or
+        there is no MIB pass (the samplers read the files then)."""
         fresh = self.mibs is not None and self._mib_round == self._round
         target.keys = self.mibs.keys if self.mibs is not None else ()
         target.values = self._mib_counts if fresh else {}
+        target.socket_keys = self.mibs.socket_keys if self.mibs is not None else ()
+        target.sockets = self._mib_sockets if fresh else {}
 
     def after_round(self) -> None:
         """A sampling round is done: every SWEEP_EVERY, the sweep of gone namespaces' entries
@@ -241,7 +254,7 @@ class EbpfService:
         self._failing = False
         self.read_at, self.counts, round_, mib_counts = reading.result()
         if mib_counts is not None:
-            self._mib_counts, self._mib_round = mib_counts, round_
+            (self._mib_counts, self._mib_sockets), self._mib_round = mib_counts, round_
         self.host.update(self.counts, self._watched)
         if collector.lost > self._lost_logged:
             if not self._lost_logged:

@@ -35,7 +35,7 @@ class SamplerContext:
     max_listen_ports: int
     max_interfaces: int = 64
     sample_budget: float = 0.002  # CPU seconds one namespace's sample may cost, sustained, before it is sampled less often
-    round_counters: RoundCounters | None = None  # the protocol counters of every namespace read in one pass (eBPF), per round
+    round_counters: RoundCounters | None = None  # the protocol counters and sockets in use of every namespace read in one pass (eBPF), per round
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,16 @@ SAMPLERS: dict[str, SamplerSpec] = {
         SamplerSpec(
             "protocols",
             True,
-            "TCP/UDP/IP counters from /proc/net/snmp and /proc/net/netstat",
+            "TCP/UDP/IP counters (the round's eBPF pass, else /proc/net/snmp and /proc/net/netstat)",
             lambda h, ctx: ProtocolSampler(h, ctx.round_counters),
         ),
         SamplerSpec(
             "sockets",
             True,
-            "socket totals, listen queues, per-state counts",
-            lambda h, ctx: SocketSampler(h, ctx.interval, ctx.walk_budget, ctx.max_walk_interval, ctx.max_listen_ports),
+            "socket totals (the round's eBPF pass, else /proc/net/sockstat), listen queues, per-state counts",
+            lambda h, ctx: SocketSampler(
+                h, ctx.interval, ctx.walk_budget, ctx.max_walk_interval, ctx.max_listen_ports, round_counters=ctx.round_counters,
+            ),
         ),
         SamplerSpec(
             "firewall",

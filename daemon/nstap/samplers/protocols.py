@@ -93,18 +93,22 @@ _BY_FILE = {
 
 class RoundCounters:
     """This round's counters of every namespace, read in one pass before the round
-    (:mod:`nstap.ebpf.mibs`): namespace inode -> values in :attr:`keys` order; empty when there is
-    no such pass, or it was not read for this round (the samplers read the files then)."""
+    (:mod:`nstap.ebpf.mibs`): namespace inode -> values in :attr:`keys` order, and namespace inode
+    -> sockets in use in :attr:`socket_keys` order (the socket sampler's); empty when there is no
+    such pass, or it was not read for this round (the samplers read the files then)."""
 
-    __slots__ = ("keys", "values")
+    __slots__ = ("keys", "values", "socket_keys", "sockets")
 
     def __init__(self) -> None:
         self.keys: tuple[str, ...] = ()
         self.values: dict[int, tuple[int, ...]] = {}
+        self.socket_keys: tuple[str, ...] = ()
+        self.sockets: dict[int, tuple[int, ...]] = {}
 
     def clear(self) -> None:
         """The round is done: a sample outside it reads the files."""
         self.values = {}
+        self.sockets = {}
 
 
 class ProtocolSampler:

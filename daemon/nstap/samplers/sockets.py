@@ -3,8 +3,10 @@
 Listeners and their accept queues (length and backlog limit) come from sock_diag. A dump of LISTEN
 sockets walks the whole listening hash (25-50 µs per address family, more when cold), so it is
 done only to discover listeners; every interval the known ones are asked for one by one, one hash
-probe each, all in a single send. /proc/net/sockstat (about 3 µs) gives exact totals every
-interval: sockets in use per protocol and family, and TCP sockets in TIME_WAIT.
+probe each, all in a single send. /proc/net/sockstat and sockstat6 (about 3 µs) give exact totals
+every interval: sockets in use per protocol and family, and TCP sockets in TIME_WAIT. Where the
+eBPF pass over every namespace (:mod:`nstap.ebpf.mibs`) read them for this round, they are taken
+from it instead, and neither file is read.
 
 Counting the other TCP states (established, syn_sent, close_wait, ...) needs a walk of the
 established hash, and unless the namespace has its own (``net.ipv4.tcp_child_ehash_entries`` set
@@ -35,6 +37,7 @@ from ..netns import netlink
 from ..netns.handles import NamespaceHandles
 from ..netns.scan import pairs_plan
 from ..samples import ListenQueue, SocketSample
+from .protocols import RoundCounters
 
 TCP_STATES = {
     1: "established",
@@ -144,7 +147,13 @@ class SocketSampler:
         max_walk_interval: float,
         max_ports: int,
         clock=time.monotonic,
+        round_counters: RoundCounters | None = None,
     ) -> None:
+        self._inode = handles.inode
+        self._round = round_counters or RoundCounters()
+        self._passed: tuple[int, ...] | None = None  # the pass's values behind _last_in_use, if they came from one
+        self._pass_keys: tuple[str, ...] = ()  # the socket keys _pass_places was made for
+        self._pass_places: tuple[tuple[str, ...], int] = ((), -1)  # (in-use keys, TIME_WAIT's place) in a pass's values
         self._diag = handles.diag
         self._walk_socket = handles.diag_walk
         self._sockstat = handles.proc["sockstat"]
@@ -178,20 +187,33 @@ class SocketSampler:
         self._last_listeners: list[list[netlink.DiagSocket]] = []
 
     def sample(self) -> SocketSample:
-        """Read sockstat and the listeners now (no walk: see :meth:`walk_due`).
+        """Sockets in use (the round's pass, else sockstat read now) and the listeners now (no
+        walk: see :meth:`walk_due`).
 
         When nothing read differs from the previous sample (byte for byte), the previous sample
         object is returned again: most namespaces are quiet most of the time.
         """
-        raw = (self._sockstat.read(), self._sockstat6.read() if self._sockstat6 is not None else b"")
-        if raw == self._raw:
-            in_use, time_wait, changed = self._last_in_use, self._last_time_wait, False
+        passed = self._round.sockets.get(self._inode)
+        if passed is not None:
+            if passed == self._passed:
+                in_use, time_wait, changed = self._last_in_use, self._last_time_wait, False
+            else:
+                keys, at = self._places()
+                in_use = dict(zip(keys, passed))
+                time_wait = passed[at]
+                self._passed, self._last_in_use, self._last_time_wait, changed = passed, in_use, time_wait, True
+                self._raw = (b"", b"")  # the files' next read is parsed
         else:
-            in_use = {}
-            time_wait, self._layout4 = parse_sockstat(raw[0], in_use, self._layout4)
-            if raw[1]:
-                _, self._layout6 = parse_sockstat(raw[1], in_use, self._layout6)
-            self._raw, self._last_in_use, self._last_time_wait, changed = raw, in_use, time_wait, True
+            self._passed = None
+            raw = (self._sockstat.read(), self._sockstat6.read() if self._sockstat6 is not None else b"")
+            if raw == self._raw:
+                in_use, time_wait, changed = self._last_in_use, self._last_time_wait, False
+            else:
+                in_use = {}
+                time_wait, self._layout4 = parse_sockstat(raw[0], in_use, self._layout4)
+                if raw[1]:
+                    _, self._layout6 = parse_sockstat(raw[1], in_use, self._layout6)
+                self._raw, self._last_in_use, self._last_time_wait, changed = raw, in_use, time_wait, True
         walk = []
         listeners: list[list[netlink.DiagSocket]] = []
         for family, proto in _FAMILIES:
@@ -230,6 +252,14 @@ class SocketSampler:
         self._last = SocketSample(in_use, states, self._walked_at, self._syn_retrans, listen, self.walk_interval)
         self._last_listeners = listeners
         return self._last
+
+    def _places(self) -> tuple[tuple[str, ...], int]:
+        """The in-use keys (in order, first) and TIME_WAIT's place in the pass's socket values."""
+        keys = self._round.socket_keys
+        if keys is not self._pass_keys:
+            at = keys.index("time_wait")
+            self._pass_keys, self._pass_places = keys, (keys[:at], at)
+        return self._pass_places
 
     def _listeners(self, family: int, in_use: int, grew: bool) -> list[netlink.DiagSocket]:
         """The family's listeners now.
