@@ -303,6 +303,47 @@ async def test_listeners_are_followed_by_lookups_and_rediscovered(netns: NsUnder
         handles.close()
 
 
+def test_a_lookup_answered_as_before_is_not_parsed_again(monkeypatch) -> None:
+    """The kernel answers a lookup of several listeners with one datagram each: each received byte
+    for byte as at the last lookup is not parsed again, and when all are, the last list is the
+    answer (the socket sampler then returns its last sample). Three listeners on the host's
+    loopback, from this process."""
+    from nstap.netns import netlink
+
+    held: list[socket.socket] = []
+    diag = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4)  # NETLINK_SOCK_DIAG
+    try:
+        for _ in range(3):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(4)
+            held.append(listener)
+        ports = [s.getsockname()[1] for s in held]
+        found = {d.port: d for d in netlink.dump_inet(diag, socket.AF_INET, socket.IPPROTO_TCP, 1 << 10) if d.port in ports}
+        request = netlink.LookupRequest(socket.AF_INET, socket.IPPROTO_TCP, 1 << 10, [found[port].sockid for port in ports])
+        parsed: list[int] = []
+        real = netlink._lookup_answers
+        monkeypatch.setattr(netlink, "_lookup_answers", lambda *a: parsed.append(1) or real(*a))
+        first = netlink.lookup_inet(diag, request)
+        assert [a.port for a in first] == ports and len(parsed) == 3  # one datagram per listener
+        parsed.clear()
+        assert netlink.lookup_inet(diag, request) is first and parsed == []
+        # A connection waits in the second one's accept queue: that answer alone is parsed again.
+        held.append(socket.create_connection(("127.0.0.1", ports[1]), timeout=2))
+        wait_until(lambda: netlink.lookup_inet(diag, request)[1].rqueue == 1, 2)
+        parsed.clear()
+        moved = netlink.lookup_inet(diag, request)
+        assert moved is not first and [a.rqueue for a in moved] == [0, 1, 0]
+        assert moved[0] is first[0] and moved[2] is first[2] and parsed == []  # the same parts as the lookup just before
+        held[0].close()  # gone: its answer is None, the others are as they were
+        gone = netlink.lookup_inet(diag, request)
+        assert gone[0] is None and gone[1:] == moved[1:] and parsed == [1]
+    finally:
+        for s in held:
+            s.close()
+        diag.close()
+
+
 async def test_a_port_bound_to_loopback_only_is_told_apart(netns: NsUnderTest, opener: NamespaceOpener) -> None:
     """A port whose every listener is bound to 127.0.0.1 or ::1 is flagged (a published port's
     connections cannot reach it); one that also listens elsewhere, or on every address, is not."""

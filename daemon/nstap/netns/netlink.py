@@ -444,10 +444,12 @@ class LookupRequest:
     so the same sequence numbers can be reused.
     """
 
-    __slots__ = ("data", "first", "last", "reply", "answers")
+    __slots__ = ("data", "first", "last", "parts", "answers")
 
     def __init__(self, family: int, protocol: int, states: int, sockids: list[bytes]) -> None:
-        self.reply = b""  # the previous answer, byte for byte, and what it was parsed into
+        # The previous answer as it was received (one datagram per socket asked for), each part
+        # with what it was parsed into: a part received byte for byte again is not parsed again.
+        self.parts: list[tuple[bytes, dict[int, DiagSocket | None]]] = []
         self.answers: list[DiagSocket | None] = []
         self.first = _next_seq()
         global _seq
@@ -457,42 +459,61 @@ class LookupRequest:
         )
 
 
+def _lookup_answers(data: bytes, first: int, last: int) -> dict[int, DiagSocket | None]:
+    """The answers in one datagram of a lookup: sequence number -> the socket, None if it is gone."""
+    answers: dict[int, DiagSocket | None] = {}
+    off, end = 0, len(data)
+    while off + 16 <= end:
+        length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
+        if length < 16:
+            raise NetlinkError(errno.EPROTO, "truncated netlink message")
+        if first <= mseq <= last:
+            if mtype == NLMSG_ERROR:
+                (code,) = _S32.unpack_from(data, off + 16)
+                if code and code != -errno.ENOENT:
+                    raise NetlinkError(-code, "netlink: " + os.strerror(-code))
+                answers.setdefault(mseq, None)
+            elif mtype == SOCK_DIAG_BY_FAMILY:
+                answers[mseq] = _diag_socket(data, off)
+        off += (length + 3) & ~3
+    return answers
+
+
 def lookup_inet(sock: socket.socket, request: LookupRequest) -> list[DiagSocket | None]:
     """The current state of each socket of ``request`` (None for one that is gone), asked in one send.
 
     An exact lookup costs the kernel one hash probe, where a dump of listeners walks the whole
-    listening hash (tens of thousands of buckets, most of them cold in cache). When the answer
-    is byte for byte the previous one, the previous list object is returned.
+    listening hash (tens of thousands of buckets, most of them cold in cache). The kernel queues
+    one datagram per socket asked for: each that is byte for byte the one at its place in the
+    previous answer is not parsed again, and when all of them are, the previous list object is
+    returned.
     """
     first, last = request.first, request.last
     if last < first:
         return []
     sock.send(request.data)
-    answers: dict[int, DiagSocket | None] = {}
     wanted = last - first + 1
-    chunks = []
-    while len(answers) < wanted:
+    before = request.parts
+    parts: list[tuple[bytes, dict[int, DiagSocket | None]]] = []
+    got = reused = 0
+    while got < wanted:
         try:
             data = sock.recv(_RECV_SIZE)
         except BlockingIOError as exc:
             raise NetlinkError(errno.EAGAIN, "sock_diag lookup stalled") from exc
-        if not chunks and data == request.reply:
-            return request.answers
-        chunks.append(data)
-        off, end = 0, len(data)
-        while off + 16 <= end:
-            length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
-            if length < 16:
-                raise NetlinkError(errno.EPROTO, "truncated netlink message")
-            if first <= mseq <= last:
-                if mtype == NLMSG_ERROR:
-                    (code,) = _S32.unpack_from(data, off + 16)
-                    if code and code != -errno.ENOENT:
-                        raise NetlinkError(-code, "netlink: " + os.strerror(-code))
-                    answers.setdefault(mseq, None)
-                elif mtype == SOCK_DIAG_BY_FAMILY:
-                    answers[mseq] = _diag_socket(data, off)
-            off += (length + 3) & ~3
+        n = len(parts)
+        if n < len(before) and before[n][0] == data:
+            part = before[n]
+            reused += 1
+        else:
+            part = (data, _lookup_answers(data, first, last))
+        parts.append(part)
+        got += len(part[1])
+    if reused == len(parts) == len(before):
+        return request.answers
+    answers: dict[int, DiagSocket | None] = {}
+    for _data, found in parts:
+        answers.update(found)
+    request.parts = parts
     request.answers = [answers[seq] for seq in range(first, last + 1)]
-    request.reply = chunks[0] if len(chunks) == 1 else b""
     return request.answers
