@@ -1,4 +1,4 @@
-"""Every namespace's protocol counters in one pass over the kernel's list of namespaces, once a round.
+"""Every namespace's protocol counters and sockets in use in one pass over the kernel's list of namespaces, once a round.
 
 The protocols sampler's numbers (:data:`nstap.samplers.protocols.PROTOCOL_COUNTERS`) are the
 kernel's per-CPU MIB counters of each namespace (``net->mib``). ``/proc/net/snmp`` and
@@ -11,7 +11,9 @@ Here a raw-tracepoint program run by the daemon with ``BPF_PROG_TEST_RUN`` (unde
 lock) walks the kernel's list of network namespaces from the daemon's own, the initial one, and
 writes a batch of records per run (up to BATCH, fewer on hosts of many CPUs) into a
 memory-mapped array: each namespace's inode and the 28 counters, each summed over every possible
-CPU as the kernel sums them for the files. A run that stops at its batch hands back the list node
+CPU as the kernel sums them for the files; and the sockets sampler's numbers of ``sockstat`` and
+``sockstat6``: the sockets in use per protocol (``net->core.prot_inuse``, per-CPU slots summed as
+``sock_prot_inuse_get`` sums them) and TCP's TIME_WAIT count (``tw_refcount - 1``). A run that stops at its batch hands back the list node
 it stopped at, and the next run goes on from there if that node is still linked (LOST otherwise:
 the pass ends there, and the namespaces after it read their files this round). A pass is one
 system call per batch of namespaces, no copy, no text.
@@ -20,9 +22,13 @@ What the program needs that bcc's headers cannot give (they need not match the r
 the struct offsets and the counters' enum values come from the kernel's BTF, and each CPU's
 per-CPU base from the kernel itself at load (a per-CPU array map's value address on that CPU less
 its ``__percpu`` pointer, in a raw tracepoint program run on each CPU with ``BPF_PROG_TEST_RUN``).
-Before it is handed over the loader checks the pass against its own namespace's files (each
-counter of the files between the same counter in a pass before and a pass after). The protocols
-sampler reads the files whenever the pass is not there for its namespace this round. The daemon
+Which slot of ``prot_inuse`` is which protocol is set at run time (``proto_register``): the loader
+learns it in a thread of a network namespace of its own, from how many sockets of each kind it
+opens there (:func:`slots_of`). Before it is handed over the loader checks the pass against its
+own namespace's files (each counter of the files between the same counter in a pass before and a
+pass after), and the sockets against the learning namespace's ``sockstat`` files (number for
+number; if that fails, only the sockets are left out). The protocols and sockets samplers read
+the files whenever the pass is not there for their namespace this round. The daemon
 never imports bcc: the loader hands over the walk program's and the array's descriptors. x86_64
 only (the ``bpf()`` system call's number, the kernel image's address range).
 """
@@ -84,7 +90,7 @@ SOCKET_KEYS = (*(kind[0] for kind in SOCKET_KINDS), "time_wait")  # a record's s
 LEARN_COUNTS = (3, 5, 7, 9, 11, 13)  # sockets of each kind opened to learn its slot: a count no other moves by
 CLONE_NEWNET = 0x40000000
 SPAN_WORDS = 16  # counters of one MIB read together (one probe read per CPU), at most
-BATCH = 64  # namespaces one run of the walk writes at most (straight-line code: the verifier's cost grows with it)
+BATCH = 64  # namespaces one run of the walk writes at most (the verifier follows every turn of its loops: its cost grows with it)
 BATCH_CPUS = 128  # ... and fewer on a host of many CPUs: batch * CPUs at most this (64 on this 2-CPU VM, 2 on 64 CPUs)
 MAX_NAMESPACES = 16384  # namespaces one pass reads at most
 DONE, MORE, LOST, NOT_INITIAL = 1, 2, 3, 4  # how a run ended: the list's end, BATCH written, its start unlinked, not in init_net
@@ -517,12 +523,16 @@ def _time_wait() -> list[socket.socket]:
         flags = struct.unpack("16sh", fcntl.ioctl(ctl, siocgifflags, struct.pack("16sh", b"lo", 0)))[1]
         fcntl.ioctl(ctl, siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))
     listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = socket.create_connection(listener.getsockname(), timeout=2)
-    server, _ = listener.accept()
-    client.close()
-    server.close()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.create_connection(listener.getsockname(), timeout=2) as client:
+            server, _ = listener.accept()
+            client.close()
+            server.close()
+    except OSError:
+        listener.close()
+        raise
     deadline = time.monotonic() + 2
     while sockstat_files().get("time_wait") != 1:
         if time.monotonic() > deadline:
