@@ -449,18 +449,13 @@ def slots_of(before: list[int], after: list[int], counts: tuple[int, ...] = LEAR
 
 def sockstat_files(proc: str = "/proc/thread-self/net") -> dict[str, int]:
     """The calling thread's namespace's sockets in use and TIME_WAIT count, as its sockstat and
-    sockstat6 print them, by SOCKET_KEYS name."""
-    from ..samplers.sockets import SOCKSTAT_WANTED  # noqa: PLC0415 - the loader child's side only
+    sockstat6 print them, by SOCKET_KEYS name (read as the sockets sampler reads them)."""
+    from ..samplers.sockets import parse_sockstat  # noqa: PLC0415 - the loader child's side only
 
-    names = {(section, key): name for section, key, name in SOCKSTAT_WANTED}
     out: dict[str, int] = {}
-    for name in ("sockstat", "sockstat6"):
-        for line in Path(proc, name).read_text().splitlines():
-            section, _, rest = line.partition(":")
-            words = rest.split()
-            for key, value in zip(words[0::2], words[1::2]):
-                if (section, key) in names:
-                    out[names[(section, key)]] = int(value)
+    time_wait, _ = parse_sockstat(Path(proc, "sockstat").read_bytes(), out)
+    parse_sockstat(Path(proc, "sockstat6").read_bytes(), out)
+    out["time_wait"] = time_wait
     return out
 
 

@@ -152,8 +152,6 @@ class SocketSampler:
         self._inode = handles.inode
         self._round = round_counters or RoundCounters()
         self._passed: tuple[int, ...] | None = None  # the pass's values behind _last_in_use, if they came from one
-        self._pass_keys: tuple[str, ...] = ()  # the socket keys _pass_places was made for
-        self._pass_places: tuple[tuple[str, ...], int] = ((), -1)  # (in-use keys, TIME_WAIT's place) in a pass's values
         self._diag = handles.diag
         self._walk_socket = handles.diag_walk
         self._sockstat = handles.proc["sockstat"]
@@ -198,9 +196,8 @@ class SocketSampler:
             if passed == self._passed:
                 in_use, time_wait, changed = self._last_in_use, self._last_time_wait, False
             else:
-                keys, at = self._places()
-                in_use = dict(zip(keys, passed))
-                time_wait = passed[at]
+                in_use = dict(zip(self._round.socket_keys, passed))
+                time_wait = in_use.pop("time_wait")
                 self._passed, self._last_in_use, self._last_time_wait, changed = passed, in_use, time_wait, True
                 self._raw = (b"", b"")  # the files' next read is parsed
         else:
@@ -252,14 +249,6 @@ class SocketSampler:
         self._last = SocketSample(in_use, states, self._walked_at, self._syn_retrans, listen, self.walk_interval)
         self._last_listeners = listeners
         return self._last
-
-    def _places(self) -> tuple[tuple[str, ...], int]:
-        """The in-use keys (in order, first) and TIME_WAIT's place in the pass's socket values."""
-        keys = self._round.socket_keys
-        if keys is not self._pass_keys:
-            at = keys.index("time_wait")
-            self._pass_keys, self._pass_places = keys, (keys[:at], at)
-        return self._pass_places
 
     def _listeners(self, family: int, in_use: int, grew: bool) -> list[netlink.DiagSocket]:
         """The family's listeners now.
