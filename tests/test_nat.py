@@ -781,6 +781,51 @@ async def test_no_trip_to_the_nat_thread_on_a_quiet_tick_and_conntrack_missing_s
         real._executor.shutdown()
 
 
+async def test_the_rules_are_not_read_again_for_counters_no_forward_has() -> None:
+    """Between changes the host's nat rules were read every nat.interval for the packet counters
+    of the forwards' DNAT rules: two child processes (iptables-save, ip6tables-save) and a parse,
+    a tenth of the daemon's CPU beside 50 containers. Where no container publishes a port there
+    are no such counters, and the generation id says the rules are those of the last read: no
+    read. With a forward, or legacy tables (which do not move the id), the read is due again."""
+    import dataclasses
+
+    from nstap.config import NatConfig
+    from nstap.nat import monitor as nat_monitor
+    from nstap.nat.monitor import NatMonitor
+    from nstap.registry import ContainerRegistry
+    from nstap.supervisor import TaskSupervisor
+
+    monitor = NatMonitor(NatConfig(), 1.0, ContainerRegistry(), lambda inode: None, 1, TaskSupervisor())
+    runs: list[str] = []
+    run_tool = nat_monitor.run_tool
+
+    async def counted(argv, *args, **kwargs):
+        runs.append(argv[0])
+        return await run_tool(argv, *args, **kwargs)
+
+    nat_monitor.run_tool = counted
+    try:
+        await monitor.tick()  # the first read
+        assert monitor.reads_total == 1 and "iptables-save" in runs
+        generation, _native, legacy = monitor._probe()
+        assert generation >= 0 and not legacy, "this host's nat tables are nf_tables ones"
+        monitor._flows_due = float("inf")
+        forward = verify_all([DOCKER], HostRules([parse_save(RECORDED)]), LISTENING)[0]  # a recorded one: its counter is then not found
+        for forwards, read in (((), False), ((forward,), True)):
+            monitor.state = dataclasses.replace(monitor.state, forwards=forwards)
+            monitor._rules_at -= NatConfig().interval + 1  # the interval has passed
+            runs.clear()
+            reads = monitor.reads_total
+            await monitor.tick()
+            assert (monitor.reads_total == reads + 1) is read and bool(runs) is read, (forwards, runs)
+        assert monitor._poll_due(generation, True) and monitor._poll_due(-1, False)
+        monitor.state = dataclasses.replace(monitor.state, forwards=())
+        assert not monitor._poll_due(generation, False)
+    finally:
+        nat_monitor.run_tool = run_tool
+        monitor._executor.shutdown()
+
+
 async def test_the_nat_monitor_ticks_when_the_sampling_ticker_kicks_it() -> None:
     """The monitor's ticks join the wake-up the sampling ticker's early hook makes anyway (each
     wake-up of the loop costs CPU of its own), and it still ticks, every SLACK intervals, while

@@ -216,7 +216,7 @@ class NatConfig(Strict):
     """NAT rules, conntrack and the containers' own firewalls."""
 
     enabled: bool = Field(True, description="read the NAT rules, conntrack and the containers' own firewalls")
-    interval: float = Field(15.0, ge=1.0, le=3600.0, description="longest seconds between reads of the NAT rules (their counters); a change is read at once")
+    interval: float = Field(15.0, ge=1.0, le=3600.0, description="longest seconds between reads of the NAT rules for the counters of published ports (legacy tables: for any change); a change is read at once")
     conntrack_interval: float = Field(30.0, ge=1.0, le=3600.0, description="seconds between per-container conntrack passes (longer when a pass costs more than conntrack_budget)")
     conntrack_budget: float = Field(0.005, gt=0.0, le=0.5, description="share of one core the per-container conntrack pass may use")
     conntrack_full_ratio: float = Field(0.9, gt=0.0, le=1.0, description="conntrack_full above this share of nf_conntrack_max")

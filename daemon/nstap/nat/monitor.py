@@ -6,8 +6,9 @@ bookkeeping), at a cost of a few microseconds when nothing changed:
 * the nftables generation id (a hand-built nfnetlink request on a kept socket, ~5 µs) says whether
   any ruleset changed; the native tables are listed again and the rules read again
   (``iptables-save -t nat -c`` for both families and back ends, ``nft -j`` for native tables) on a
-  change, when the containers changed, and at least every ``nat.interval`` for the counters;
-  changes made with iptables-legacy do not move the id, so those tables are polled;
+  change, when the containers changed, and every ``nat.interval`` for the counters of the
+  forwards' rules while a container publishes a port; changes made with iptables-legacy do not
+  move the id, so those tables are polled;
 * conntrack's size and statistics every interval (three ``pread`` of /proc files kept open); its
   flows per container (one dump parsed by hand) every ``nat.conntrack_interval``, or less often
   when a pass costs more than ``nat.conntrack_budget`` of a core;
@@ -239,11 +240,19 @@ class NatMonitor:
         # Legacy tables do not move the generation id: like a host without nf_tables, they are
         # polled every nat.interval.
         changed = self._dirty or (generation >= 0 and generation != self._generation)
-        if changed or now - self._rules_at >= self.config.interval:
+        if changed or (now - self._rules_at >= self.config.interval and self._poll_due(generation, legacy)):
             self._dirty = False
             await self._read_rules(generation, native or [], legacy, now, changed)
         await self._read_conntrack(now, totals)
         self._report(now)
+
+    def _poll_due(self, generation: int, legacy: bool) -> bool:
+        """Whether the rules are to be read again though nothing said they changed: where no
+        generation id covers them (legacy tables, no nf_tables), or for the packet counters of the
+        forwards' rules. Where no container publishes a port there are no counters to refresh and
+        the id says the rules are those of the last read: two child processes every
+        ``nat.interval`` for nothing (a tenth of the daemon's CPU beside 50 containers)."""
+        return generation < 0 or legacy or self._rules is None or bool(self.state.forwards)
 
     def _look(self) -> tuple[tuple[int, list[tuple[str, str]], bool] | OSError, ConntrackTotals | ConntrackUnavailable]:
         """The interval's two cheap reads, in the thread: :meth:`_probe` and conntrack's totals,
