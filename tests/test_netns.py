@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import math
+import operator
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -950,22 +953,24 @@ async def test_the_done_hooks_are_told_the_room_left_before_the_next_tick() -> N
     """A round's done hooks run after the next tick is armed, and ``room()`` is the time until it
     needs the loop again (its early hooks: EARLY before the tick): short after a round that
     filled most of the interval, long after a short one. The full collection uses it to wait for
-    a round that leaves it room (nstap.heap; tests/test_heap.py)."""
+    a round that leaves it room (nstap.heap; tests/test_heap.py). A tick starts with its early
+    hooks (20 ms before its slot here) when nothing keeps it from it; else at its slot."""
     from nstap.watcher import Ticker
 
-    ticker = Ticker(0.2)
-    assert ticker.room() == math.inf  # nothing armed
-    rooms: list[tuple[float, float]] = []  # (the round's wall time, the room its done hooks were told)
-    loop = asyncio.get_running_loop()
-    started = [0.0]
-    ticker.hooks.append(lambda: started.__setitem__(0, loop.time()))
-    ticker.done_hooks.append(lambda: rooms.append((loop.time() - started[0], ticker.room())))
-    watchers = [FakeWatcher(3.0) for _ in range(30)]  # 90 ms a round
-    await tick_for(ticker, watchers, 1.1)
-    assert len(rooms) >= 3, rooms
-    for took, room in rooms:  # the tick is 200 ms after the last, its early hooks 20 ms before it
-        assert 0.0 <= room <= 0.2 - 0.02 - took + 0.01, rooms
-    assert max(room for _, room in rooms) >= 0.03, rooms  # a round of 90 ms leaves about 90 ms
+    for busy, lead in ((True, 0.02), (False, 0.0)):
+        ticker = Ticker(0.2, idle=lambda busy=busy: not busy)
+        assert ticker.room() == math.inf  # nothing armed
+        rooms: list[tuple[float, float]] = []  # (the round's wall time, the room its done hooks were told)
+        loop = asyncio.get_running_loop()
+        started = [0.0]
+        ticker.hooks.append(lambda started=started: started.__setitem__(0, loop.time()))
+        ticker.done_hooks.append(lambda rooms=rooms, started=started, ticker=ticker: rooms.append((loop.time() - started[0], ticker.room())))
+        watchers = [FakeWatcher(3.0) for _ in range(30)]  # 90 ms a round
+        await tick_for(ticker, watchers, 1.1)
+        assert len(rooms) >= 3, rooms
+        for took, room in rooms:  # the next tick's early hooks are 200 ms after this one's, less the lead
+            assert 0.0 <= room <= 0.2 - lead - took + 0.01, (busy, rooms)
+        assert max(room for _, room in rooms) >= 0.03 + 0.02 - lead, rooms  # a round of 90 ms leaves about 90 ms (or 110)
 
 
 async def test_the_early_hooks_result_is_what_the_ticks_samples_see() -> None:
@@ -980,9 +985,11 @@ async def test_the_early_hooks_result_is_what_the_ticks_samples_see() -> None:
     seen: list[tuple[int, int]] = []  # (tick, the latest read done when the tick's sample ran)
     ticks = 0
 
-    def start_read() -> None:  # what EbpfService.new_round does: a worker thread, a done callback
+    def start_read() -> asyncio.Future:  # what EbpfService.new_round does: a worker thread, a done callback
         n = len(reads) + 1
-        loop.run_in_executor(None, time.sleep, 0.002).add_done_callback(lambda _f: reads.append(n))
+        reading = loop.run_in_executor(None, time.sleep, 0.002)
+        reading.add_done_callback(lambda _f: reads.append(n))
+        return reading
 
     class Watcher(FakeWatcher):
         def sample_guarded(self) -> None:
@@ -994,6 +1001,76 @@ async def test_the_early_hooks_result_is_what_the_ticks_samples_see() -> None:
     await tick_for(ticker, [Watcher(0.0)], 1.1)
     assert len(seen) >= 4, seen
     assert all(tick == read for tick, read in seen), seen
+    assert ticker.joined == 0  # a read still running when its hook returned: the tick waits for its slot
+
+
+async def test_a_tick_starts_with_its_early_hooks_when_their_reads_are_done_and_no_worker_is_busy() -> None:
+    """Each wake-up of the event loop costs CPU of its own (docs/performance.md, "Wake-ups"): the
+    loop woke EARLY before each tick for its early reads and again at the tick. Where those reads
+    ran on the loop's own thread (nstap.threads.QuickJob: done as the hook returns) and no worker
+    thread has a job that the round's gate would have to stop first, the tick starts in the same
+    wake-up, after the reads' done callbacks (its samples see this round's read), its lag counted
+    from then. A worker with a job, or a read not done, and the tick waits for its slot."""
+    from nstap.instruments import LoopHistogram
+    from nstap.threads import worker_threads, workers_idle
+    from nstap.watcher import Ticker
+
+    loop = asyncio.get_running_loop()
+    busy = [False]
+    reads: list[int] = []
+    seen: list[tuple[float, int]] = []  # (when in the interval the tick's sample ran, the latest read done)
+
+    def quick_read() -> asyncio.Future:  # a QuickJob run on the loop's thread: done at once
+        done = loop.create_future()
+        done.set_result(None)
+        done.add_done_callback(lambda _f, n=len(reads) + 1: reads.append(n))
+        return done
+
+    class Watcher(FakeWatcher):
+        def sample_guarded(self) -> None:
+            seen.append((loop.time() % 0.2, reads[-1] if reads else 0))
+
+    lag = LoopHistogram("lag", "test", (0.001, 0.01, 0.1), CollectorRegistry())
+    ticker = Ticker(0.2, lag=lag, idle=lambda: not busy[0])
+    ticker.early_hooks.append(quick_read)
+    await tick_for(ticker, [Watcher(0.0)], 1.1)
+    assert ticker.joined >= 4 and len(seen) >= 4, (ticker.joined, seen)
+    assert all(0.2 - 0.02 - 0.005 <= at < 0.2 for at, _ in seen), seen  # 20 ms before the slot (a tenth of the interval)
+    assert [n for _, n in seen] == list(range(1, len(seen) + 1)), seen  # each tick saw its own read
+    assert lag.count >= 4 and sum(lag.counts[2:]) == 0, lag.counts  # started when due (its early hooks'), not 20 ms "late"
+
+    # A tick that starts with its hooks is late by what kept it from starting then (here a hook
+    # that holds the loop 12 ms), not early by the lead it took.
+    lag = LoopHistogram("lag", "test", (0.001, 0.01, 0.1), CollectorRegistry())
+    ticker = Ticker(0.2, lag=lag, idle=lambda: not busy[0])
+    ticker.early_hooks += [lambda: time.sleep(0.012), quick_read]
+    await tick_for(ticker, [Watcher(0.0)], 0.7)
+    assert ticker.joined >= 2 and lag.counts[2] == lag.count >= 2, lag.counts
+
+    busy[0] = True
+    seen.clear()
+    ticker = Ticker(0.2, idle=lambda: not busy[0])
+    ticker.early_hooks.append(quick_read)
+    await tick_for(ticker, [Watcher(0.0)], 0.7)
+    assert ticker.joined == 0 and len(seen) >= 2 and all(at < 0.01 for at, _ in seen), seen  # at the slot
+
+    # What says that no worker is busy: every job given to the daemon's worker threads, until it
+    # finished, failed or was cancelled before it began.
+    pool = worker_threads("nstap-test")
+    try:
+        assert workers_idle()
+        gate = threading.Event()
+        running = pool.submit(gate.wait, 5)
+        queued = pool.submit(time.sleep, 0)
+        failing = pool.submit(operator.truediv, 1, 0)
+        assert not workers_idle()
+        assert queued.cancel()  # cancelled before it began: no longer counted
+        gate.set()
+        concurrent.futures.wait([running, failing], 5)
+        wait_until(workers_idle, 5)  # (the done callbacks run right after the futures are done)
+        assert isinstance(failing.exception(), ZeroDivisionError)
+    finally:
+        pool.shutdown()
 
 
 async def test_an_early_read_slower_than_the_lead_starts_earlier_and_is_done_at_the_tick() -> None:
@@ -1049,6 +1126,38 @@ async def test_an_early_read_slower_than_the_lead_starts_earlier_and_is_done_at_
     assert all(closed for _, _, closed in seen), seen  # the gate closed before every tick, lead or not
     assert quick_lead == early, quick_lead
     assert not gate.closed
+
+
+async def test_a_read_that_waited_for_its_threads_other_jobs_does_not_move_the_lead() -> None:
+    """Defect: at the daemon's start the first eBPF read waited in its thread behind the program's
+    load (845 ms beside 50 containers): the lead went to a quarter of the interval for a minute
+    (LEADS reads), and the loop woke three times an interval instead of once (the early hooks, the
+    gate, the tick). A read is now timed from when it began in its thread; one that is slow
+    itself still moves the lead."""
+    from nstap.threads import WorkerThread, waited
+    from nstap.watcher import Ticker
+
+    thread = WorkerThread("nstap-test")
+    try:
+        for load, read, moved in ((0.3, 0.001, False), (0.0, 0.03, True)):
+            ticker = Ticker(0.2, idle=lambda: False)
+            early = min(ticker.EARLY, ticker.interval / 10)
+            loads = [load]
+            waits: list[float] = []
+
+            def start_read(loads=loads, load=load, read=read, waits=waits) -> asyncio.Future:
+                if loads and loads.pop():
+                    thread.submit(time.sleep, load)  # the load, given to the thread first
+                reading = thread.submit(time.sleep, read)
+                reading.add_done_callback(lambda f: waits.append(waited(f)))
+                return reading
+
+            ticker.early_hooks.append(start_read)
+            await tick_for(ticker, [FakeWatcher(0.0)], 0.9)
+            assert len(waits) >= 3 and (waits[0] >= 0.25) is (load > 0), waits
+            assert (ticker.lead() > early) is moved, (load, read, ticker.lead(), list(ticker._early_took))
+    finally:
+        thread.shutdown()
 
 
 def test_a_slow_early_read_keeps_the_lead_long_for_a_minute_of_quick_ones() -> None:

@@ -13,6 +13,7 @@ import concurrent.futures
 import ctypes
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,12 +30,49 @@ def name_this_thread() -> None:
     _libc.prctl(PR_SET_NAME, threading.current_thread().name.encode()[:15], 0, 0, 0)
 
 
+class _Jobs:
+    """How many jobs the daemon's worker threads were given and have not finished (queued or
+    running), all executors together: the sampling ticker starts a round at once only when there
+    are none (Ticker._run_early)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.open = 0
+
+    def given(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self.open += 1
+        future.add_done_callback(self._done)  # finished, failed or cancelled before it ran
+
+    def _done(self, _future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self.open -= 1
+
+
+JOBS = _Jobs()
+
+
+def workers_idle() -> bool:
+    """Whether no worker thread of the daemon (:func:`worker_threads`) has a job to run or running."""
+    return JOBS.open == 0
+
+
+class _Workers(ThreadPoolExecutor):
+    """A ThreadPoolExecutor whose jobs are counted in JOBS."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        future = super().submit(fn, *args, **kwargs)
+        JOBS.given(future)
+        return future
+
+
 def worker_threads(name: str, workers: int = 1) -> ThreadPoolExecutor:
     """An executor of ``workers`` threads called ``name_0``, ``name_1``, ... in Python and the kernel,
     all started now: a pool starts a thread on first use, or when jobs overlap, so the daemon's
     thread count would otherwise creep up over days for no work of its own (a 5,000-cycle churn
-    ended with one more than after its first tenth), and a leak would hide among them."""
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=name_this_thread)
+    ended with one more than after its first tenth), and a leak would hide among them. Its jobs
+    are counted (:func:`workers_idle`)."""
+    executor = _Workers(max_workers=workers, thread_name_prefix=name, initializer=name_this_thread)
     # Each job waits until every worker holds one, so each submit finds no idle thread and starts one.
     started = threading.Barrier(workers)
     for future in [executor.submit(started.wait, 10) for _ in range(workers)]:
@@ -44,6 +82,16 @@ def worker_threads(name: str, workers: int = 1) -> ThreadPoolExecutor:
 
 QUICK = 0.002  # seconds: a QuickJob whose latest runs each took less runs on the event loop's thread
 QUICK_RUNS = 8  # latest runs of a QuickJob that say whether it is quick
+
+
+_WAITS: weakref.WeakKeyDictionary[asyncio.Future, list[float]] = weakref.WeakKeyDictionary()  # WorkerThread jobs' waits
+
+
+def waited(future: asyncio.Future) -> float:
+    """Seconds the job behind ``future`` (:meth:`WorkerThread.submit`) waited for the jobs given to
+    its thread before it; 0 for any other future."""
+    wait = _WAITS.get(future)
+    return wait[0] if wait is not None else 0.0
 
 
 class WorkerThread:
@@ -56,11 +104,21 @@ class WorkerThread:
         self._jobs: list[concurrent.futures.Future] = []  # given and not seen finished: pruned at each look
 
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run ``fn(*args)`` in the thread (after the jobs given before it)."""
-        job = self.executor.submit(fn, *args)
+        """Run ``fn(*args)`` in the thread (after the jobs given before it); how long it waited
+        for them is :func:`waited`."""
+        given = time.monotonic()
+        wait = [0.0]
+
+        def run() -> T:
+            wait[0] = time.monotonic() - given
+            return fn(*args)
+
+        job = self.executor.submit(run)
         self._jobs = [j for j in self._jobs if not j.done()]
         self._jobs.append(job)
-        return asyncio.wrap_future(job)
+        future = asyncio.wrap_future(job)
+        _WAITS[future] = wait
+        return future
 
     @property
     def idle(self) -> bool:

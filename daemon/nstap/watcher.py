@@ -28,7 +28,7 @@ from .samplers import Sampler, SamplerContext, SamplerSpec
 from .samplers.sockets import SocketSampler
 from .samples import NamespaceSample, SampleStore
 from .supervisor import TaskSupervisor
-from .threads import worker_threads
+from .threads import waited, worker_threads, workers_idle
 from .walks import WalkPacer
 
 if TYPE_CHECKING:
@@ -329,7 +329,9 @@ class Ticker:
     namespaces a round is a third of a second, which the API, the scrapes and the runtimes' events
     would otherwise wait for. From EARLY before each tick until its round is done the round's gate
     is closed (:mod:`nstap.gate`): Python loops in worker threads wait, so that each of the
-    round's reads gets the GIL back at once instead of after a switch interval.
+    round's reads gets the GIL back at once instead of after a switch interval. When the early
+    hooks' reads are done as they return and no worker thread has a job, the tick starts there and
+    then, EARLY before its slot: one wake-up of the loop an interval instead of two.
     """
 
     SLICE = 0.005
@@ -344,15 +346,18 @@ class Ticker:
         lag: LoopHistogram | None = None,
         budget: float = 0.002,
         gate: RoundGate = ROUND,
+        idle: Callable[[], bool] = workers_idle,
     ) -> None:
         self.interval = interval
+        self.idle = idle  # whether no worker thread has a job: then a round may start with its early hooks
         self.gate = gate  # closed from EARLY before each tick until its round is done (see nstap.gate)
         self.budget = budget  # CPU seconds of one namespace's sample before it counts as costly
         self.on_round = on_round  # called as each tick starts, before the samples
         self.hooks: list[Callable[[], None]] = []  # more of those
         # Called before each tick: work in other threads whose result the tick's samples use (the
         # eBPF map read: started at the tick, its counts were one interval old). A hook that
-        # returns a future (its read) is timed: see lead().
+        # starts a read returns its future: it is timed (see lead()), and the tick starts with the
+        # hooks only when every such read is done (_run_early).
         self.early_hooks: list[Callable[[], object]] = []
         self._early: asyncio.Handle | None = None
         self._gate_close: asyncio.Handle | None = None  # when the early hooks run before the gate closes
@@ -363,7 +368,9 @@ class Ticker:
         self.lag = lag  # how late each tick started, in seconds (a blocked event loop shows here)
         self._watchers: dict[NamespaceWatcher, None] = {}
         self._timer: asyncio.Handle | None = None  # the next tick, or the next slice of this one
-        self._due = 0.0
+        self._due = 0.0  # the slot of the next (or current) tick
+        self._starts = 0.0  # when that tick is to start: its slot, or its early hooks' time when it starts with them
+        self.joined = 0  # ticks that started in their early hooks' wake-up
 
     def add(self, watcher: NamespaceWatcher) -> None:
         """Sample ``watcher`` on every tick from now on."""
@@ -391,7 +398,7 @@ class Ticker:
         slot = ((self._due + self.interval / 2) // self.interval + 1) * self.interval  # (half: the last slot is a float)
         if slot + self.interval <= now:
             slot = (now // self.interval + 1) * self.interval
-        self._due = slot
+        self._due = self._starts = slot
         self._timer = loop.call_at(max(slot, now), self._tick)
         early = min(self.EARLY, self.interval / 10)
         lead = self.lead()
@@ -437,15 +444,29 @@ class Ticker:
             self.gate.close()  # worker threads' Python stops, so that the tick finds the GIL free
         started = loop.time()
         took = self._early_took
+        waiting = False
         for hook in self.early_hooks:
             reading = hook()
             if isinstance(reading, asyncio.Future):
-                reading.add_done_callback(lambda _f: took.append(loop.time() - started))
+                # Timed from its start less what it waited for its thread's other jobs (at the
+                # daemon's start, the program's load): the lead is for reads grown slow.
+                reading.add_done_callback(lambda f: took.append(loop.time() - started - waited(f)))
+                waiting = waiting or not reading.done()
+        # Every read is done already (they ran on this thread: nstap.threads.QuickJob) and no worker
+        # thread has a job that the round's gate would have to stop: the tick starts now, in this
+        # wake-up, EARLY before its slot, instead of the loop sleeping EARLY and waking for it again
+        # (a wake-up costs CPU of its own: docs/performance.md, "Wake-ups"). Its lag counts from
+        # now. (call_soon: after the reads' done callbacks, which hand the tick their results.)
+        if close_gate and not waiting and self._timer is not None and self.idle():
+            self._timer.cancel()
+            self._starts = self._due - min(self.EARLY, self.interval / 10)
+            self._timer = loop.call_soon(self._tick)
+            self.joined += 1
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
         if self.lag is not None:
-            self.lag.observe(max(loop.time() - self._due, 0.0))
+            self.lag.observe(max(loop.time() - self._starts, 0.0))
         if self.on_round is not None:
             self.on_round()
         for hook in self.hooks:
