@@ -1054,6 +1054,21 @@ async def test_a_tick_starts_with_its_early_hooks_when_their_reads_are_done_and_
     await tick_for(ticker, [Watcher(0.0)], 0.7)
     assert ticker.joined == 0 and len(seen) >= 2 and all(at < 0.01 for at, _ in seen), seen  # at the slot
 
+    # A hook that wakes something which gives a worker a job (the NAT monitor's tick, kicked by its
+    # hook, starting a conntrack pass): that job gets the lead to reach the gate, the tick its slot.
+    busy[0] = False
+    seen.clear()
+
+    class Freeing(Watcher):
+        def sample_guarded(self) -> None:
+            super().sample_guarded()
+            busy[0] = False  # the job is done by the tick
+
+    ticker = Ticker(0.2, idle=lambda: not busy[0])
+    ticker.early_hooks += [lambda: loop.call_soon(busy.__setitem__, 0, True), quick_read]
+    await tick_for(ticker, [Freeing(0.0)], 0.7)
+    assert ticker.joined == 0 and len(seen) >= 2 and all(at < 0.01 for at, _ in seen), seen  # at the slot
+
     # What says that no worker is busy: every job given to the daemon's worker threads, until it
     # finished, failed or was cancelled before it began.
     pool = worker_threads("nstap-test")

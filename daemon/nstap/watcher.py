@@ -431,7 +431,9 @@ class Ticker:
         handles = [h for h in (self._early, self._gate_close, self._timer) if h is not None]
         if not handles:
             return math.inf
-        return max(min(h.when() for h in handles) - asyncio.get_running_loop().time(), 0.0)
+        now = asyncio.get_running_loop().time()
+        # (a handle that is not a timer is a tick or slice to run now: no room)
+        return max(min(h.when() if isinstance(h, asyncio.TimerHandle) else now for h in handles) - now, 0.0)
 
     def _close_gate(self) -> None:
         self._gate_close = None
@@ -456,12 +458,23 @@ class Ticker:
         # thread has a job that the round's gate would have to stop: the tick starts now, in this
         # wake-up, EARLY before its slot, instead of the loop sleeping EARLY and waking for it again
         # (a wake-up costs CPU of its own: docs/performance.md, "Wake-ups"). Its lag counts from
-        # now. (call_soon: after the reads' done callbacks, which hand the tick their results.)
+        # now. (call_soon: after the reads' done callbacks, which hand the tick their results, and
+        # after what the hooks woke, which may give a worker a job: see _join.)
         if close_gate and not waiting and self._timer is not None and self.idle():
             self._timer.cancel()
             self._starts = self._due - min(self.EARLY, self.interval / 10)
-            self._timer = loop.call_soon(self._tick)
+            self._timer = loop.call_soon(self._join)
+
+    def _join(self) -> None:
+        """Start the tick in its early hooks' wake-up, unless what they woke gave a worker thread a
+        job meanwhile (the NAT monitor's tick, kicked by its hook, starts a conntrack pass every
+        30 s): then at its slot, that job having had EARLY to reach the round's gate."""
+        if self.idle():
             self.joined += 1
+            self._tick()
+        else:
+            self._starts = self._due
+            self._timer = asyncio.get_running_loop().call_at(self._due, self._tick)
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()
