@@ -31,9 +31,10 @@ def name_this_thread() -> None:
 
 
 class _Jobs:
-    """How many jobs the daemon's worker threads were given and have not finished (queued or
-    running), all executors together: the sampling ticker starts a round at once only when there
-    are none (Ticker._run_early)."""
+    """How many jobs were given and have not finished (queued or running): those of one executor
+    (:attr:`_Workers.jobs`, :attr:`WorkerThread.idle`), and in JOBS those of every executor of the
+    daemon together (the sampling ticker starts a round at once only when there are none:
+    Ticker._run_early)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -58,15 +59,20 @@ def workers_idle() -> bool:
 
 
 class _Workers(ThreadPoolExecutor):
-    """A ThreadPoolExecutor whose jobs are counted in JOBS."""
+    """A ThreadPoolExecutor whose jobs are counted, its own (:attr:`jobs`) and in JOBS."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.jobs = _Jobs()
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         future = super().submit(fn, *args, **kwargs)
+        self.jobs.given(future)
         JOBS.given(future)
         return future
 
 
-def worker_threads(name: str, workers: int = 1) -> ThreadPoolExecutor:
+def worker_threads(name: str, workers: int = 1) -> _Workers:
     """An executor of ``workers`` threads called ``name_0``, ``name_1``, ... in Python and the kernel,
     all started now: a pool starts a thread on first use, or when jobs overlap, so the daemon's
     thread count would otherwise creep up over days for no work of its own (a 5,000-cycle churn
@@ -75,7 +81,7 @@ def worker_threads(name: str, workers: int = 1) -> ThreadPoolExecutor:
     executor = _Workers(max_workers=workers, thread_name_prefix=name, initializer=name_this_thread)
     # Each job waits until every worker holds one, so each submit finds no idle thread and starts one.
     started = threading.Barrier(workers)
-    for future in [executor.submit(started.wait, 10) for _ in range(workers)]:
+    for future in [ThreadPoolExecutor.submit(executor, started.wait, 10) for _ in range(workers)]:  # (not counted as jobs)
         future.result()
     return executor
 
@@ -101,7 +107,6 @@ class WorkerThread:
 
     def __init__(self, name: str) -> None:
         self.executor = worker_threads(name)
-        self._jobs: list[concurrent.futures.Future] = []  # given and not seen finished: pruned at each look
 
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run ``fn(*args)`` in the thread (after the jobs given before it); how long it waited
@@ -114,8 +119,6 @@ class WorkerThread:
             return fn(*args)
 
         job = self.executor.submit(run)
-        self._jobs = [j for j in self._jobs if not j.done()]
-        self._jobs.append(job)
         future = asyncio.wrap_future(job)
         _WAITS[future] = wait
         return future
@@ -123,8 +126,7 @@ class WorkerThread:
     @property
     def idle(self) -> bool:
         """Whether every job given to the thread has finished (or was cancelled before it began)."""
-        self._jobs = [j for j in self._jobs if not j.done()]
-        return not self._jobs
+        return self.executor.jobs.open == 0
 
     def shutdown(self, wait: bool = True) -> None:
         self.executor.shutdown(wait=wait)
