@@ -21,6 +21,7 @@ import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ STAT_KEYS = ("insert_failed", "drop", "early_drop", "invalid", "search_restart")
 TCP_STATES = ("none", "syn_sent", "syn_recv", "established", "fin_wait", "close_wait", "last_ack", "time_wait", "close", "syn_sent2")
 PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 EVIDENCE_LIMIT = 500
+CHUNK = 1024  # entries counted between two looks at the sampling round's gate
 
 Summary = tuple[int, bytes, bytes, int, int]  # protocol, original source, reply source, status, TCP state
 
@@ -322,21 +324,32 @@ def flows_by_container(flows: Iterable[Summary], owners: Mapping[bytes, str]) ->
 
     A flow counts for the container that opened it (original source) and for the one that
     answers it (reply source): a connection between two containers counts for both.
+
+    The summaries are counted as they are first (``Counter.update``, in C, CHUNK at a time): a
+    container's thousands of flows are a few distinct summaries (its address, the peer's, the
+    state), and only those go through the Python that names them. Counting every entry in Python
+    was a sixth of the pass beside 50 containers (4 of 23 ms for 6,000 entries).
     """
-    out: dict[str, Counter[tuple[str, str]]] = {}
+    seen: Counter[Summary] = Counter()
     pause = ROUND.pause  # in the NAT thread: it waits out each sampling round (see nstap.gate)
-    for n, (proto, orig_src, reply_src, status, tcp_state) in enumerate(flows):
-        if n & 1023 == 1023:
-            pause()
+    entries = iter(flows)
+    while True:
+        chunk = list(islice(entries, CHUNK))
+        if not chunk:
+            break
+        seen.update(chunk)
+        pause()
+    out: dict[str, Counter[tuple[str, str]]] = {}
+    for (proto, orig_src, reply_src, status, tcp_state), n in seen.items():
         first = owners.get(orig_src)
         second = owners.get(reply_src)
         if first is None and second is None:
             continue
         key = (PROTOCOLS.get(proto, "other"), state_name(proto, status, tcp_state))
         if first is not None:
-            out.setdefault(first, Counter())[key] += 1
+            out.setdefault(first, Counter())[key] += n
         if second is not None and second != first:
-            out.setdefault(second, Counter())[key] += 1
+            out.setdefault(second, Counter())[key] += n
     return out
 
 
