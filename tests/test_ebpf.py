@@ -309,6 +309,50 @@ class MapCreateAttr(ctypes.Structure):
                 ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
 
 
+def test_the_drop_map_read_parses_only_what_moved(monkeypatch) -> None:
+    """The drop map is read once a round for every namespace and most of its counts did not move:
+    an unchanged read hands back the very same mappings, a read whose keys are the same gives new
+    mappings only to the namespaces whose counts moved, and a new key makes it parse the whole
+    read again. Whatever the path, the counts are those of the map (a real kernel hash map)."""
+    from nstap.ebpf.collector import DropCollector
+
+    fd = maps.bpf(maps.BPF_MAP_CREATE, MapCreateAttr(1, 8, 8, 1024))
+    drops = maps.BpfMap.from_fd(fd, "drops")
+    collector = DropCollector()
+    collector.drops, collector.retrans, collector.reasons = drops, drops, {2: "NO_SOCKET", 5: "QUEUE_PURGE"}
+
+    def put(netns: int, reason: int, count: int) -> None:
+        drops.update(DROP_KEY.pack(netns, reason), count.to_bytes(8, "little"))
+
+    def in_map() -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for key, value in drops.items():
+            netns, reason = DROP_KEY.unpack(key)
+            out.setdefault(netns, {})[collector.reasons.get(reason, str(reason))] = int.from_bytes(value, "little")
+        return out
+
+    try:
+        for netns in range(100, 150):
+            put(netns, 2, netns)
+            put(netns, 5, 1)
+        first = collector.read()
+        assert first == in_map() and first[100] == {"NO_SOCKET": 100, "QUEUE_PURGE": 1}
+        assert collector.read() is first  # nothing moved
+        put(120, 5, 7)
+        put(130, 2, 0)  # a count that went down (deleted and counted again) is read as it is
+        second = collector.read()
+        assert second == in_map() and second[120]["QUEUE_PURGE"] == 7 and second[130]["NO_SOCKET"] == 0
+        assert second[120] is not first[120] and second[130] is not first[130] and first[120]["QUEUE_PURGE"] == 1
+        assert all(second[n] is first[n] for n in range(100, 150) if n not in (120, 130))
+        put(200, 9, 3)  # a new key: a reason without a name, a namespace not seen before
+        third = collector.read()
+        assert third == in_map() and third[200] == {"9": 3}
+        drops.delete(DROP_KEY.pack(200, 9))
+        assert collector.read() == in_map() and 200 not in collector.counts
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("map_type", [1, 9], ids=["hash", "lru_hash"])
 def test_bpf_map_reads_batched_or_key_by_key_and_deletes(map_type: int, monkeypatch) -> None:
     assert maps.syscall_number("x86_64") == 321 and maps.syscall_number("aarch64") == 280

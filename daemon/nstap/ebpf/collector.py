@@ -297,6 +297,12 @@ class DropCollector:
         self.retrans: BpfMap | None = None
         self.lost_map: BpfMap | None = None
         self.lost = 0  # drops the program could not count: its drops map was full
+        # The drop map as last read (keys, values end to end), its keys unpacked, its counts, and
+        # what was made of them: see read().
+        self._raw: tuple[bytes, bytes] = (b"", b"")
+        self._keys: list[tuple[int, str]] = []
+        self._values: list[int] = []
+        self._parsed: dict[int, dict[str, int]] = {}
         self._perf_fds: list[int] = []  # the attachments: closing the last descriptor detaches
         self._flow_history: deque[tuple[float, dict[tuple, int]]] = deque()
         self._flows_at = 0.0
@@ -326,6 +332,7 @@ class DropCollector:
         handover.fds = fds  # what is left was not asked for
         handover.close()
         self._perf_fds, self.drops, self.retrans, self.lost_map, self.reasons = perf_fds, drops, retrans, lost, reasons
+        self._raw, self._keys, self._values, self._parsed = (b"", b""), [], [], {}
         self.compile_seconds = float(report.get("compile_seconds", 0.0))
         self.loader_pid = handover.pid
         self.loader_peak_rss_kib = int(report.get("peak_rss_kib", 0))
@@ -338,18 +345,44 @@ class DropCollector:
         return self.drops, self.retrans
 
     def read(self) -> dict[int, dict[str, int]]:
-        """One batched read of the drop map: drops so far by namespace and reason name."""
+        """One batched read of the drop map: drops so far by namespace and reason name.
+
+        Read once a round for every namespace: most counts did not move since the last read. The
+        whole read is compared with the one before first. The same bytes give the same mapping
+        (the same object, and each namespace's the same object); the same keys in the same order
+        (the usual case: the kernel walks the buckets in order, and no reason was new) give new
+        mappings only for the namespaces one of whose counts moved, the values compared as
+        integers unpacked in C. Only new keys are unpacked and named one by one.
+        """
         drops, _ = self._maps()
-        out: dict[int, dict[str, int]] = {}
-        names = self.reasons
-        for key, value in drops.items():
-            netns, reason = DROP_KEY.unpack(key)
-            out.setdefault(netns, {})[names.get(reason, str(reason))] = DROP_COUNT.unpack(value)[0]
+        raw = drops.raw()
         if self.lost_map is not None:
             self.lost = sum(DROP_COUNT.unpack(value)[0] for _, value in self.lost_map.items())
-        self.counts = out
+        if raw != self._raw:
+            keys, values = raw
+            counts = memoryview(values).cast("Q").tolist() if values else []
+            if keys == self._raw[0]:
+                out = dict(self._parsed)
+                moved: dict[int, dict[str, int]] = {}
+                named = self._keys
+                for i, count, was in zip(range(len(counts)), counts, self._values):
+                    if count != was:
+                        netns, reason = named[i]
+                        reasons = moved.get(netns)
+                        if reasons is None:
+                            reasons = moved[netns] = out[netns] = dict(out[netns])
+                        reasons[reason] = count
+            else:
+                names = self.reasons
+                named = [(netns, names.get(reason, str(reason))) for netns, reason in DROP_KEY.iter_unpack(keys)]
+                out = {}
+                for (netns, reason), count in zip(named, counts):
+                    out.setdefault(netns, {})[reason] = count
+                self._keys = named
+            self._raw, self._values, self._parsed = raw, counts, out
+        self.counts = self._parsed
         self.read_at = time.time()
-        return out
+        return self._parsed
 
     def read_flows(self, now: float | None = None) -> None:
         """Read the flow map (every FLOW_EVERY seconds) and keep a minute of history."""

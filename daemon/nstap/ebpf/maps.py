@@ -124,14 +124,22 @@ class BpfMap:
 
     def items(self) -> list[tuple[bytes, bytes]]:
         """Every (key, value) now: batched, or key by key on kernels without batch lookups."""
+        keys, values = self.raw()
+        ks, vs = self.key_size, self.value_size
+        return [(keys[i * ks : (i + 1) * ks], values[i * vs : (i + 1) * vs]) for i in range(len(keys) // ks)] if ks else []
+
+    def raw(self) -> tuple[bytes, bytes]:
+        """Every key now, end to end, and every value in the same order: what :meth:`items` cuts
+        up, for a reader that compares a whole read with the one before before it parses."""
         if self.batch:
             try:
-                return self._items_batch()
+                return self._raw_batch()
             except OSError as exc:
                 if exc.errno not in NO_BATCH:
                     raise
                 self.batch = False
-        return self._items_one_by_one()
+        found = self._items_one_by_one()
+        return b"".join(k for k, _ in found), b"".join(v for _, v in found)
 
     def keys(self) -> list[bytes]:
         """Every key now."""
@@ -159,8 +167,10 @@ class BpfMap:
             self._scratch = ((ctypes.c_char * self.key_size)(), (ctypes.c_char * self.key_size)(), (ctypes.c_char * self.value_size)())
         return self._scratch
 
-    def _items_batch(self) -> list[tuple[bytes, bytes]]:
-        out: list[tuple[bytes, bytes]] = []
+    def _raw_batch(self) -> tuple[bytes, bytes]:
+        key_parts: list[bytes] = []
+        value_parts: list[bytes] = []
+        found = 0
         size = min(max(BATCH, 2 * self.found), max(self.max_entries, 1))
         keys, values = self._batch_buffers(size)
         size = self._room
@@ -184,12 +194,14 @@ class BpfMap:
                     continue
                 else:
                     raise
-            k, v = keys.raw, values.raw
-            ks, vs = self.key_size, self.value_size
-            out.extend((k[i * ks : (i + 1) * ks], v[i * vs : (i + 1) * vs]) for i in range(attr.count))
+            key_parts.append(ctypes.string_at(keys, attr.count * self.key_size))
+            value_parts.append(ctypes.string_at(values, attr.count * self.value_size))
+            found += attr.count
             if done:
-                self.found = len(out)
-                return out
+                self.found = found
+                if len(key_parts) == 1:
+                    return key_parts[0], value_parts[0]
+                return b"".join(key_parts), b"".join(value_parts)
             ctypes.memmove(token_in, token_out, len(token_out))
             first = False
 
