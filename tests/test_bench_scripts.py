@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, wait_until
 
 BENCHES = sorted(p.name for p in (ROOT / "bench").glob("bench_*.py"))
 
@@ -103,6 +103,8 @@ def test_nspaced_makes_the_daemons_reads_with_daemon_reads(containers, docker_im
     binary = tmp_path / "nspaced"
     subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(binary), str(ROOT / "bench" / "nspaced.c")], check=True, timeout=120)
     pid = containers.pid("docker", containers.docker(docker_image, "httpd", "-f", "-p", "80"))
+    # (docker run returns before httpd listens: 1 run in 5 here counted no listener)
+    wait_until(lambda: _listeners(pid, "tcp") + _listeners(pid, "tcp6") == 1, 10, message="httpd listening")
     files = sum(_newlines(pid, name) for name in ("dev", "snmp", "netstat", "sockstat"))
     v4, v6 = _listeners(pid, "tcp"), _listeners(pid, "tcp6")
     assert v4 + v6 == 1  # httpd's
