@@ -68,6 +68,31 @@ def without(text: str, fragment: str) -> str:
 # -- parsers and the evaluator, on recorded rules ---------------------------------------------
 
 
+def test_flows_are_counted_a_chunk_at_a_time_and_a_table_of_distinct_flows_is_never_held_whole() -> None:
+    """The per-container pass counts the dump's summaries in C before it names them; on a host
+    whose table is 200,000 distinct flows of no container (a NAT gateway's clients) what it holds
+    at once stays the containers' counts and one chunk, not the table. The counts are exact."""
+    import tracemalloc
+
+    mine, peer = socket.inet_aton("172.17.0.2"), socket.inet_aton("10.0.0.1")
+
+    def table():
+        for i in range(200_000):
+            yield 17, (0x0A000000 + i + 2).to_bytes(4, "big"), (0xC0000000 + i).to_bytes(4, "big"), 0, 0
+            if i % 100 == 0:
+                yield 6, mine, peer, 0, 3  # the container's own: 2,000 established
+                yield 6, peer, mine, 8, 7  # answered by it: 2,000 in TIME_WAIT
+
+    tracemalloc.start()
+    try:
+        counted = flows_by_container(table(), {mine: "c1"})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert counted == {"c1": {("tcp", "established"): 2000, ("tcp", "time_wait"): 2000}}
+    assert peak < 2 << 20, peak  # holding the table's 200,000 summaries took 41 MiB
+
+
 def test_recorded_rules_of_both_runtimes_are_ok() -> None:
     rules = parse_save(RECORDED)
     assert rules.family == 4 and rules.backend == "iptables-nft" and not rules.errors
